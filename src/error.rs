@@ -1,0 +1,137 @@
+//! The crate's error type.
+//!
+//! [`Error`] is opaque: match on [`Error::kind`] or use the `is_*` helpers;
+//! the underlying cause, when there is one, is reachable through
+//! [`std::error::Error::source`]. Errors a *client* sees on the wire are a
+//! separate set of codes: see [`crate::protocol::ErrorCode`] and
+//! [`crate::protocol::CloseCode`].
+
+use std::fmt;
+
+/// Shorthand for results whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What kind of failure an [`Error`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The hub is shutting down (or shut down) and takes no new work.
+    ShuttingDown,
+    /// The connection is not (or no longer) connected to this hub.
+    NotConnected,
+    /// A value could not be encoded or decoded.
+    Protocol,
+    /// A room name breaks the naming rules.
+    InvalidRoom,
+    /// The backplane failed to carry a message between nodes.
+    Backplane,
+    /// A transport (socket) failed.
+    Transport,
+    /// An I/O error outside a connection (binding a listener, …).
+    Io,
+    /// The configuration is invalid.
+    Config,
+}
+
+/// The error type of every fallible switchboard API.
+pub struct Error {
+    kind: ErrorKind,
+    message: Option<String>,
+    source: Option<Cause>,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind) -> Error {
+        Error { kind, message: None, source: None }
+    }
+
+    pub(crate) fn msg(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error { kind, message: Some(message.into()), source: None }
+    }
+
+    /// Builds an error of `kind` around `cause`. Meant for host
+    /// implementations of [`Backplane`](crate::Backplane) and
+    /// [`Transport`](crate::Transport), which must report failures as this type.
+    pub fn with_source(kind: ErrorKind, cause: impl Into<Cause>) -> Error {
+        Error { kind, message: None, source: Some(cause.into()) }
+    }
+
+    /// What kind of error this is.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The hub is shutting down.
+    pub fn is_shutting_down(&self) -> bool {
+        self.kind == ErrorKind::ShuttingDown
+    }
+
+    /// The connection is gone.
+    pub fn is_not_connected(&self) -> bool {
+        self.kind == ErrorKind::NotConnected
+    }
+
+    /// The backplane failed.
+    pub fn is_backplane(&self) -> bool {
+        self.kind == ErrorKind::Backplane
+    }
+
+    /// Encoding or decoding failed.
+    pub fn is_protocol(&self) -> bool {
+        self.kind == ErrorKind::Protocol
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Error");
+        d.field("kind", &self.kind);
+        if let Some(m) = &self.message {
+            d.field("message", m);
+        }
+        if let Some(s) = &self.source {
+            d.field("source", s);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            ErrorKind::ShuttingDown => "hub is shutting down",
+            ErrorKind::NotConnected => "connection is not connected",
+            ErrorKind::Protocol => "protocol error",
+            ErrorKind::InvalidRoom => "invalid room name",
+            ErrorKind::Backplane => "backplane error",
+            ErrorKind::Transport => "transport error",
+            ErrorKind::Io => "i/o error",
+            ErrorKind::Config => "invalid configuration",
+        };
+        f.write_str(what)?;
+        if let Some(m) = &self.message {
+            write!(f, ": {m}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl From<crate::protocol::ProtocolError> for Error {
+    fn from(e: crate::protocol::ProtocolError) -> Error {
+        Error::with_source(ErrorKind::Protocol, e)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Error {
+        Error::with_source(ErrorKind::Io, e)
+    }
+}

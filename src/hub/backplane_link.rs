@@ -1,0 +1,138 @@
+//! Keeps the hub's backplane subscriptions in step with its local rooms.
+//!
+//! One manager task per hub (started with the first join) owns every room
+//! subscription. Joins and leaves only *mark* a room as needing a look and
+//! wake the manager; the manager then makes "subscribed" equal "the room has
+//! local members" for each marked room, one room at a time, so a subscribe
+//! racing an unsubscribe of the same room can never leave the two out of
+//! step. A join waits for that step before it is answered, so a member never
+//! misses a message published on another node after its join reply.
+//!
+//! Marks are kept in a map keyed by room (bounded by the number of rooms),
+//! not a queue: churn on one room costs one entry.
+
+use super::{Hub, HubInner, TaskGuard};
+use crate::backplane::message::RoomMessage;
+use crate::backplane::{Backplane, Subscription};
+use crate::error::{Error, ErrorKind, Result};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+
+type Waiter = oneshot::Sender<std::result::Result<(), String>>;
+
+pub(crate) struct BackplaneLink {
+    pub(crate) backplane: Arc<dyn Backplane>,
+    pending: Mutex<HashMap<String, Vec<Waiter>>>,
+    notify: Notify,
+    started: OnceLock<()>,
+    closed: AtomicBool,
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl BackplaneLink {
+    pub(crate) fn new(backplane: Arc<dyn Backplane>) -> BackplaneLink {
+        BackplaneLink {
+            backplane,
+            pending: Mutex::new(HashMap::new()),
+            notify: Notify::new(),
+            started: OnceLock::new(),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    fn start(self: &Arc<Self>, hub: &Hub) {
+        self.started.get_or_init(|| {
+            tokio::spawn(manage(self.clone(), Arc::downgrade(&hub.inner)));
+        });
+    }
+
+    /// Marks `room` and waits until the manager has brought its subscription
+    /// in step.
+    pub(crate) async fn ensure(self: &Arc<Self>, hub: &Hub, room: &str, _created: bool) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().entry(room.to_owned()).or_default().push(tx);
+        self.start(hub);
+        self.notify.notify_one();
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::msg(ErrorKind::Backplane, e)),
+            Err(_) => Err(Error::msg(ErrorKind::Backplane, "backplane manager stopped")),
+        }
+    }
+
+    /// Marks `room` for a look without waiting (after a last leave).
+    pub(crate) fn mark(self: &Arc<Self>, hub: &Hub, room: &str) {
+        self.pending.lock().entry(room.to_owned()).or_default();
+        self.start(hub);
+        self.notify.notify_one();
+    }
+
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+}
+
+async fn manage(link: Arc<BackplaneLink>, hub: Weak<HubInner>) {
+    let mut subs: HashMap<String, AbortOnDrop> = HashMap::new();
+    loop {
+        link.notify.notified().await;
+        if link.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let work = std::mem::take(&mut *link.pending.lock());
+        let Some(inner) = hub.upgrade() else { return };
+        for (room, waiters) in work {
+            let want = inner.rooms.contains(&room);
+            let result = if want && !subs.contains_key(&room) {
+                match link.backplane.subscribe(&room).await {
+                    Ok(sub) => {
+                        let task = tokio::spawn(forward(sub, room.clone(), Arc::downgrade(&inner), TaskGuard::new(&inner)));
+                        subs.insert(room.clone(), AbortOnDrop(task));
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::warn!(room, error = %e, "backplane subscribe failed");
+                        Err(e.to_string())
+                    }
+                }
+            } else {
+                if !want {
+                    subs.remove(&room);
+                }
+                Ok(())
+            };
+            for w in waiters {
+                let _ = w.send(result.clone());
+            }
+        }
+        // No strong reference is kept while idle, so the hub can drop.
+        drop(inner);
+    }
+}
+
+async fn forward(mut sub: Subscription, room: String, hub: Weak<HubInner>, _guard: TaskGuard) {
+    while let Some(item) = sub.next().await {
+        let Some(inner) = hub.upgrade() else { return };
+        match item {
+            Ok(bytes) => match RoomMessage::decode(bytes) {
+                Some(msg) => Hub { inner }.deliver_remote(&room, msg),
+                None => tracing::warn!(room, "ignoring malformed backplane message"),
+            },
+            Err(e) => tracing::warn!(room, error = %e, "backplane subscription reported a problem"),
+        }
+    }
+    tracing::warn!(room, "backplane subscription ended");
+}

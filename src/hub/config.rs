@@ -1,0 +1,114 @@
+use std::time::Duration;
+
+/// What a hub does when a connection's outbound queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OverflowPolicy {
+    /// Close the connection with 4000 "slow consumer" (a reconnect code) and
+    /// discard its queue. The client reconnects and, where the room keeps
+    /// history, recovers. The default: a client never silently misses events.
+    #[default]
+    Disconnect,
+    /// Drop the oldest queued messages to make room and tell the client with
+    /// a `lagged` envelope (`{"dropped": n}`) before the next message written.
+    DropOldest,
+}
+
+/// Hub configuration. Every field has a safe default, written in its docs.
+///
+/// ```
+/// use std::time::Duration;
+/// use switchboard::{HubConfig, OverflowPolicy};
+/// let config = HubConfig::default()
+///     .heartbeat_interval(Duration::from_secs(10))
+///     .overflow(OverflowPolicy::DropOldest);
+/// assert_eq!(config.max_message_size, 64 * 1024);
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HubConfig {
+    /// How often the server pings a connection. Default 25 s; zero turns
+    /// heartbeats off.
+    pub heartbeat_interval: Duration,
+    /// How long after a ping the connection must have shown a sign of life
+    /// (any frame) before it is closed with 4001. Default 10 s.
+    pub heartbeat_timeout: Duration,
+    /// Largest inbound message, in bytes; a larger one closes the connection
+    /// with 1009. Default 64 KiB.
+    pub max_message_size: usize,
+    /// Bound on a connection's outbound queue, in bytes of queued frames.
+    /// Default 1 MiB.
+    pub outbound_queue_bytes: usize,
+    /// What happens when the outbound queue is full. Default
+    /// [`OverflowPolicy::Disconnect`].
+    pub overflow: OverflowPolicy,
+    /// Calls and joins a connection may have in flight; more get a 429 error
+    /// and are not processed. Default 16.
+    pub max_inflight: usize,
+    /// Longest a handler (or join authorization) may run before the caller
+    /// gets a 408 error and the handler is cancelled. Default 10 s.
+    pub handler_timeout: Duration,
+    /// Rooms one connection may be in at once; more get a 413 error.
+    /// Default 128.
+    pub max_rooms_per_connection: usize,
+    /// How long a closing connection may take to drain its queue and finish
+    /// the close handshake before it is dropped. Default 5 s.
+    pub close_timeout: Duration,
+    /// Connections closed per step during shutdown (the hub yields between
+    /// steps). Default 256.
+    pub shutdown_batch: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            heartbeat_interval: Duration::from_secs(25),
+            heartbeat_timeout: Duration::from_secs(10),
+            max_message_size: 64 * 1024,
+            outbound_queue_bytes: 1024 * 1024,
+            overflow: OverflowPolicy::Disconnect,
+            max_inflight: 16,
+            handler_timeout: Duration::from_secs(10),
+            max_rooms_per_connection: 128,
+            close_timeout: Duration::from_secs(5),
+            shutdown_batch: 256,
+        }
+    }
+}
+
+macro_rules! setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty,)*) => {
+        impl HubConfig {
+            $(
+                $(#[$doc])*
+                pub fn $name(mut self, value: $ty) -> Self {
+                    self.$name = value;
+                    self
+                }
+            )*
+        }
+    };
+}
+
+setters! {
+    /// Sets [`HubConfig::heartbeat_interval`].
+    heartbeat_interval: Duration,
+    /// Sets [`HubConfig::heartbeat_timeout`].
+    heartbeat_timeout: Duration,
+    /// Sets [`HubConfig::max_message_size`].
+    max_message_size: usize,
+    /// Sets [`HubConfig::outbound_queue_bytes`].
+    outbound_queue_bytes: usize,
+    /// Sets [`HubConfig::overflow`].
+    overflow: OverflowPolicy,
+    /// Sets [`HubConfig::max_inflight`].
+    max_inflight: usize,
+    /// Sets [`HubConfig::handler_timeout`].
+    handler_timeout: Duration,
+    /// Sets [`HubConfig::max_rooms_per_connection`].
+    max_rooms_per_connection: usize,
+    /// Sets [`HubConfig::close_timeout`].
+    close_timeout: Duration,
+    /// Sets [`HubConfig::shutdown_batch`].
+    shutdown_batch: usize,
+}

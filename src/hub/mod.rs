@@ -1,0 +1,868 @@
+//! The hub: the host's handle on rooms, connections, handlers and shutdown.
+
+mod backplane_link;
+mod config;
+mod heartbeat;
+pub(crate) mod session;
+
+pub use config::{HubConfig, OverflowPolicy};
+
+use crate::auth::{Authenticate, AuthorizeJoin, Identity, JoinRequest, Rejection};
+use crate::backplane::message::RoomMessage;
+use crate::backplane::Backplane;
+use crate::error::{Error, ErrorKind, Result};
+use crate::handler::{CallError, Handler, TypedHandler};
+use crate::protocol::{CloseCode, ErrorCode, Format, Kind, Parts, Payload, ProtocolError};
+use crate::room::{validate_room_name, Member, Rooms};
+use crate::transport::{Handshake, Transport};
+use backplane_link::BackplaneLink;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use parking_lot::RwLock;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use session::Session;
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// Identifies a connection within its hub. Never reused by a hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionId(u64);
+
+impl ConnectionId {
+    /// The number behind the id (also what `hello` tells the client).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Where a connection is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ConnectionState {
+    /// Accepted; `hello` not yet sent.
+    Connecting = 0,
+    /// Exchanging messages.
+    Open = 1,
+    /// A close was decided; draining the queue and closing.
+    Closing = 2,
+    /// Gone.
+    Closed = 3,
+}
+
+impl ConnectionState {
+    fn from_u8(v: u8) -> ConnectionState {
+        match v {
+            0 => ConnectionState::Connecting,
+            1 => ConnectionState::Open,
+            2 => ConnectionState::Closing,
+            _ => ConnectionState::Closed,
+        }
+    }
+}
+
+/// Why a connection ended, as given to the `on_disconnect` hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// The client sent a close frame.
+    ClientClosed {
+        /// Its close code, if it gave one.
+        code: Option<CloseCode>,
+        /// Its reason text.
+        reason: String,
+    },
+    /// The connection dropped without a close frame (or a write failed).
+    ConnectionLost,
+    /// No sign of life within the heartbeat timeout (close 4001).
+    HeartbeatTimeout,
+    /// The outbound queue overflowed under the disconnect policy (close 4000).
+    SlowConsumer,
+    /// The hub shut down (close 1001).
+    ServerShutdown,
+    /// The host closed it with [`Hub::disconnect`].
+    Host(CloseCode),
+    /// The client broke the transport's rules: too big (1009), invalid
+    /// UTF-8 (1007), protocol error (1002).
+    ProtocolViolation(CloseCode),
+}
+
+/// A host's view of one live connection (from hooks and [`Hub::connection`]).
+#[derive(Clone)]
+pub struct Connection(Arc<Session>);
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection").field("id", &self.0.id).field("identity", &self.0.identity).finish()
+    }
+}
+
+impl Connection {
+    /// Its id.
+    pub fn id(&self) -> ConnectionId {
+        self.0.id
+    }
+
+    /// Its identity.
+    pub fn identity(&self) -> &Identity {
+        &self.0.identity
+    }
+
+    /// The user id of its identity.
+    pub fn user_id(&self) -> Option<&str> {
+        self.0.identity.user_id()
+    }
+
+    /// Its envelope format.
+    pub fn format(&self) -> Format {
+        self.0.format
+    }
+
+    /// Its lifecycle state.
+    pub fn state(&self) -> ConnectionState {
+        self.0.state()
+    }
+
+    /// The rooms it is in.
+    pub fn rooms(&self) -> Vec<String> {
+        self.0.rooms.lock().iter().map(|r| r.to_string()).collect()
+    }
+
+    /// Bytes queued for it and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.0.outbox.queued_bytes()
+    }
+
+    /// The most bytes ever queued for it at once (never above
+    /// [`HubConfig::outbound_queue_bytes`]).
+    pub fn peak_queued_bytes(&self) -> usize {
+        self.0.outbox.peak_bytes()
+    }
+
+    /// Messages dropped for it under the drop-oldest policy.
+    pub fn dropped_messages(&self) -> u64 {
+        self.0.outbox.dropped()
+    }
+}
+
+/// Counts for observability and leak tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct HubStats {
+    /// Live connections (any state before closed).
+    pub connections: usize,
+    /// Rooms with at least one local member.
+    pub rooms: usize,
+    /// Live tasks belonging to connections and rooms: connection readers and
+    /// writers, in-flight calls and joins, backplane room subscriptions.
+    pub tasks: usize,
+    /// Distinct user ids with at least one connection.
+    pub users: usize,
+}
+
+type ConnectHook = Arc<dyn Fn(&Connection) + Send + Sync>;
+type DisconnectHook = Arc<dyn Fn(&Connection, &DisconnectReason) + Send + Sync>;
+type RoomHook = Arc<dyn Fn(&Connection, &str) + Send + Sync>;
+
+#[derive(Default)]
+struct Hooks {
+    connect: Option<ConnectHook>,
+    disconnect: Option<DisconnectHook>,
+    join: Option<RoomHook>,
+    leave: Option<RoomHook>,
+}
+
+pub(crate) struct HubInner {
+    pub(crate) node: u64,
+    pub(crate) config: HubConfig,
+    pub(crate) handlers: HashMap<Arc<str>, Arc<dyn Handler>>,
+    authenticate: Option<Box<dyn Authenticate>>,
+    authorize_join: Option<Box<dyn AuthorizeJoin>>,
+    hooks: Hooks,
+    pub(crate) rooms: Rooms,
+    sessions: RwLock<HashMap<ConnectionId, Arc<Session>>>,
+    users: RwLock<HashMap<Arc<str>, Vec<ConnectionId>>>,
+    next_id: AtomicU64,
+    pub(crate) tasks: AtomicUsize,
+    heartbeat: OnceLock<mpsc::Sender<Weak<Session>>>,
+    pub(crate) backplane: Option<Arc<BackplaneLink>>,
+    shutting_down: AtomicBool,
+    shutdown: CancellationToken,
+    sessions_changed: Notify,
+}
+
+impl Drop for HubInner {
+    fn drop(&mut self) {
+        if let Some(link) = &self.backplane {
+            link.close();
+        }
+    }
+}
+
+/// Counts a task in [`HubStats::tasks`] for as long as it lives.
+pub(crate) struct TaskGuard(Weak<HubInner>);
+
+impl TaskGuard {
+    pub(crate) fn new(inner: &Arc<HubInner>) -> TaskGuard {
+        inner.tasks.fetch_add(1, Ordering::Relaxed);
+        TaskGuard(Arc::downgrade(inner))
+    }
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.tasks.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The host's handle: rooms, connections, publishing, shutdown.
+///
+/// Cheap to clone (an `Arc`); every clone is the same hub. Build one with
+/// [`Hub::builder`].
+#[derive(Clone)]
+pub struct Hub {
+    pub(crate) inner: Arc<HubInner>,
+}
+
+impl fmt::Debug for Hub {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hub").field("node", &self.inner.node).field("stats", &self.stats()).finish()
+    }
+}
+
+/// Builds a [`Hub`]: configuration, handlers, auth hooks, lifecycle hooks,
+/// backplane.
+#[must_use]
+pub struct HubBuilder {
+    config: HubConfig,
+    handlers: HashMap<Arc<str>, Arc<dyn Handler>>,
+    authenticate: Option<Box<dyn Authenticate>>,
+    authorize_join: Option<Box<dyn AuthorizeJoin>>,
+    hooks: Hooks,
+    backplane: Option<Arc<dyn Backplane>>,
+}
+
+impl fmt::Debug for HubBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HubBuilder")
+            .field("config", &self.config)
+            .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HubBuilder {
+    /// Replaces the configuration.
+    pub fn config(mut self, config: HubConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Registers a typed handler for `event`: the payload is deserialized
+    /// into `Req` (a 422 error if it does not fit), the `Resp` is the reply.
+    /// A second handler for the same event replaces the first.
+    pub fn on<F, Fut, Req, Resp>(self, event: &str, handler: F) -> Self
+    where
+        F: Fn(crate::Call, Req) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Resp, CallError>> + Send + 'static,
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+    {
+        self.handler(event, TypedHandler::new(handler))
+    }
+
+    /// Registers an untyped [`Handler`] for `event`.
+    pub fn handler(mut self, event: &str, handler: impl Handler) -> Self {
+        self.handlers.insert(Arc::from(event), Arc::new(handler));
+        self
+    }
+
+    /// Sets the authenticator run before each upgrade (default: everyone is
+    /// admitted, anonymous).
+    pub fn authenticate(mut self, auth: impl Authenticate) -> Self {
+        self.authenticate = Some(Box::new(auth));
+        self
+    }
+
+    /// Sets the join authorizer (default: every valid room may be joined).
+    pub fn authorize_join(mut self, auth: impl AuthorizeJoin) -> Self {
+        self.authorize_join = Some(Box::new(auth));
+        self
+    }
+
+    /// Called when a connection is open (after `hello` is queued). Runs on
+    /// the connection's task: keep it short, spawn for anything slow.
+    pub fn on_connect(mut self, f: impl Fn(&Connection) + Send + Sync + 'static) -> Self {
+        self.hooks.connect = Some(Arc::new(f));
+        self
+    }
+
+    /// Called once when a connection has ended, with the reason.
+    pub fn on_disconnect(mut self, f: impl Fn(&Connection, &DisconnectReason) + Send + Sync + 'static) -> Self {
+        self.hooks.disconnect = Some(Arc::new(f));
+        self
+    }
+
+    /// Called after a connection joined a room.
+    pub fn on_join(mut self, f: impl Fn(&Connection, &str) + Send + Sync + 'static) -> Self {
+        self.hooks.join = Some(Arc::new(f));
+        self
+    }
+
+    /// Called after a connection left a room (by request or by disconnecting).
+    pub fn on_leave(mut self, f: impl Fn(&Connection, &str) + Send + Sync + 'static) -> Self {
+        self.hooks.leave = Some(Arc::new(f));
+        self
+    }
+
+    /// Links this hub to others through `backplane` (default: none, a single
+    /// node).
+    pub fn backplane(mut self, backplane: impl Backplane) -> Self {
+        self.backplane = Some(Arc::new(backplane));
+        self
+    }
+
+    /// Builds the hub. Needs no runtime; tasks start with the first connection.
+    pub fn build(self) -> Hub {
+        let node = random_u64();
+        Hub {
+            inner: Arc::new(HubInner {
+                node,
+                config: self.config,
+                handlers: self.handlers,
+                authenticate: self.authenticate,
+                authorize_join: self.authorize_join,
+                hooks: self.hooks,
+                rooms: Rooms::new(),
+                sessions: RwLock::default(),
+                users: RwLock::default(),
+                next_id: AtomicU64::new(1),
+                tasks: AtomicUsize::new(0),
+                heartbeat: OnceLock::new(),
+                backplane: self.backplane.map(|b| Arc::new(BackplaneLink::new(b))),
+                shutting_down: AtomicBool::new(false),
+                shutdown: CancellationToken::new(),
+                sessions_changed: Notify::new(),
+            }),
+        }
+    }
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    RandomState::new().hash_one(t) | 1
+}
+
+/// The future returned by [`Hub::publish`]: resolves when the backplane
+/// accepted the message (local members were queued when it was created).
+#[must_use = "local delivery already happened; await this to learn whether other nodes got it"]
+pub struct Publish(PublishState);
+
+enum PublishState {
+    Done(Option<Error>),
+    Backplane(futures::future::BoxFuture<'static, Result<()>>),
+}
+
+impl fmt::Debug for Publish {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publish").finish_non_exhaustive()
+    }
+}
+
+impl Future for Publish {
+    type Output = Result<()>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<()>> {
+        match &mut self.0 {
+            PublishState::Done(e) => std::task::Poll::Ready(match e.take() {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }),
+            PublishState::Backplane(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Encodes one publish at most once per format, however many recipients.
+struct Encoded<'a> {
+    room: Option<&'a str>,
+    event: &'a str,
+    payload: &'a mut dyn FnMut(Format) -> std::result::Result<Option<Payload>, ProtocolError>,
+    frames: [Option<Bytes>; 2],
+}
+
+impl Encoded<'_> {
+    fn get(&mut self, format: Format) -> std::result::Result<Bytes, ProtocolError> {
+        if let Some(b) = &self.frames[format.index()] {
+            return Ok(b.clone());
+        }
+        let payload = (self.payload)(format)?;
+        let parts = Parts {
+            room: self.room,
+            event: Some(self.event),
+            data: payload.as_ref().map(|p| p.bytes().as_ref()),
+            ..Parts::new(Kind::Event)
+        };
+        let bytes = parts.encode(format);
+        self.frames[format.index()] = Some(bytes.clone());
+        Ok(bytes)
+    }
+}
+
+const MAX_EVENT_NAME_LEN: usize = 128;
+
+fn check_event(event: &str) -> Result<()> {
+    if event.is_empty() || event.len() > MAX_EVENT_NAME_LEN {
+        return Err(Error::msg(ErrorKind::Protocol, "event name must be 1 to 128 bytes"));
+    }
+    Ok(())
+}
+
+impl Hub {
+    /// A builder with the default configuration.
+    pub fn builder() -> HubBuilder {
+        HubBuilder {
+            config: HubConfig::default(),
+            handlers: HashMap::new(),
+            authenticate: None,
+            authorize_join: None,
+            hooks: Hooks::default(),
+            backplane: None,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &HubConfig {
+        &self.inner.config
+    }
+
+    /// This hub's node id (random per hub; used to tell nodes apart on the
+    /// backplane).
+    pub fn node_id(&self) -> u64 {
+        self.inner.node
+    }
+
+    /// Current counts.
+    pub fn stats(&self) -> HubStats {
+        HubStats {
+            connections: self.inner.sessions.read().len(),
+            rooms: self.inner.rooms.count(),
+            tasks: self.inner.tasks.load(Ordering::Relaxed),
+            users: self.inner.users.read().len(),
+        }
+    }
+
+    /// Runs the authenticator on a handshake. Transports call this *before*
+    /// upgrading, and answer a rejection with its HTTP status. During
+    /// shutdown every handshake is rejected with 503.
+    /// The returned future does not borrow the handshake.
+    pub fn authenticate(&self, handshake: &Handshake) -> BoxFuture<'static, std::result::Result<Identity, Rejection>> {
+        if self.is_shutting_down() {
+            return Box::pin(async { Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")) });
+        }
+        match &self.inner.authenticate {
+            Some(a) => a.authenticate(handshake),
+            None => Box::pin(async { Ok(Identity::anonymous()) }),
+        }
+    }
+
+    /// Authenticates and then serves a connection of any [`Transport`] until
+    /// it ends. For transports that have no HTTP step to reject at; a
+    /// rejected handshake is returned as `Err` and the transport dropped.
+    pub async fn connect<T: Transport>(&self, transport: T, handshake: Handshake) -> std::result::Result<(), Rejection> {
+        let identity = self.authenticate(&handshake).await?;
+        self.serve(transport, &handshake, identity).await;
+        Ok(())
+    }
+
+    /// Serves an authenticated connection until it ends. Resolves after the
+    /// connection is closed and forgotten (rooms left, hooks run).
+    pub async fn serve<T: Transport>(&self, transport: T, handshake: &Handshake, identity: Identity) {
+        let id = ConnectionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
+        let native_ping = transport.native_ping();
+        let session = Arc::new(Session::new(id, handshake.format(), identity, native_ping, self));
+        self.register(&session);
+        if self.is_shutting_down() {
+            session.close(DisconnectReason::ServerShutdown, CloseCode::GOING_AWAY, "server shutting down", true);
+        }
+        session::run(self.clone(), session, transport).await;
+    }
+
+    fn register(&self, session: &Arc<Session>) {
+        self.inner.sessions.write().insert(session.id, session.clone());
+        if let Some(user) = session.identity.user_arc() {
+            self.inner.users.write().entry(user.clone()).or_default().push(session.id);
+        }
+    }
+
+    pub(crate) fn deregister(&self, session: &Session) {
+        self.inner.sessions.write().remove(&session.id);
+        if let Some(user) = session.identity.user_arc() {
+            let mut users = self.inner.users.write();
+            if let Some(ids) = users.get_mut(user) {
+                ids.retain(|i| *i != session.id);
+                if ids.is_empty() {
+                    users.remove(user);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn session_ended(&self) {
+        self.inner.sessions_changed.notify_waiters();
+    }
+
+    pub(crate) async fn register_heartbeat(&self, session: &Arc<Session>) {
+        let cfg = &self.inner.config;
+        if cfg.heartbeat_interval.is_zero() {
+            return;
+        }
+        let tx = self.inner.heartbeat.get_or_init(|| heartbeat::spawn(cfg.heartbeat_interval, cfg.heartbeat_timeout));
+        let _ = tx.send(Arc::downgrade(session)).await;
+    }
+
+    pub(crate) fn send_hello(&self, session: &Session) {
+        #[derive(Serialize)]
+        struct Hello {
+            version: u32,
+            connection_id: u64,
+            node: String,
+            heartbeat_interval_ms: u64,
+            heartbeat_timeout_ms: u64,
+            max_message_size: usize,
+            max_rooms: usize,
+            max_inflight: usize,
+        }
+        let cfg = &self.inner.config;
+        let hello = Hello {
+            version: crate::protocol::VERSION,
+            connection_id: session.id.0,
+            node: format!("{:016x}", self.inner.node),
+            heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+            heartbeat_timeout_ms: cfg.heartbeat_timeout.as_millis() as u64,
+            max_message_size: cfg.max_message_size,
+            max_rooms: cfg.max_rooms_per_connection,
+            max_inflight: cfg.max_inflight,
+        };
+        let payload = Payload::encode(session.format, &hello).unwrap_or_else(|_| Payload::null(session.format));
+        session.send_parts(&Parts { data: Some(payload.bytes()), ..Parts::new(Kind::Hello) });
+    }
+
+    pub(crate) fn hook_connect(&self, session: &Arc<Session>) {
+        if let Some(h) = &self.inner.hooks.connect {
+            h(&Connection(session.clone()));
+        }
+    }
+
+    pub(crate) fn hook_disconnect(&self, session: &Arc<Session>, reason: &DisconnectReason) {
+        if let Some(h) = &self.inner.hooks.disconnect {
+            h(&Connection(session.clone()), reason);
+        }
+    }
+
+    /// A live connection by id.
+    pub fn connection(&self, id: ConnectionId) -> Option<Connection> {
+        self.inner.sessions.read().get(&id).cloned().map(Connection)
+    }
+
+    /// Joins a connection to a room, as if it had sent `join` (the join
+    /// authorizer is not asked: the host decided). Errors if the room name
+    /// is invalid or the connection's room limit is reached.
+    pub async fn join(&self, id: ConnectionId, room: &str) -> std::result::Result<(), CallError> {
+        let session = self.inner.sessions.read().get(&id).cloned();
+        let session = session.ok_or_else(|| CallError::with_code(ErrorCode::BAD_REQUEST, "not connected"))?;
+        validate_room_name(room).map_err(CallError::bad_request)?;
+        self.add_member(&session, room).await
+    }
+
+    /// Removes a connection from a room; `false` if it was not a member.
+    pub fn leave(&self, id: ConnectionId, room: &str) -> bool {
+        let session = self.inner.sessions.read().get(&id).cloned();
+        session.is_some_and(|s| self.leave_session(&s, room))
+    }
+
+    pub(crate) async fn join_session(
+        &self,
+        session: &Arc<Session>,
+        room: &str,
+        params: Option<Payload>,
+    ) -> std::result::Result<(), CallError> {
+        if let Some(auth) = &self.inner.authorize_join {
+            let req = JoinRequest {
+                room: room.to_owned(),
+                params,
+                identity: session.identity.clone(),
+                connection: session.id,
+            };
+            auth.authorize(req).await?;
+        }
+        self.add_member(session, room).await
+    }
+
+    async fn add_member(&self, session: &Arc<Session>, room: &str) -> std::result::Result<(), CallError> {
+        if self.is_shutting_down() {
+            return Err(CallError::with_code(ErrorCode::UNAVAILABLE, "server is shutting down"));
+        }
+        let created = {
+            let mut rooms = session.rooms.lock();
+            if rooms.iter().any(|r| &**r == room) {
+                return Ok(());
+            }
+            if rooms.len() >= self.inner.config.max_rooms_per_connection {
+                return Err(CallError::with_code(ErrorCode::TOO_MANY_ROOMS, "room limit reached"));
+            }
+            if session.cancel.is_cancelled() {
+                return Err(CallError::with_code(ErrorCode::UNAVAILABLE, "connection is closing"));
+            }
+            let (name, created) = self.inner.rooms.join(room, session);
+            rooms.push(name);
+            created
+        };
+        if let Some(link) = &self.inner.backplane {
+            if let Err(e) = link.ensure(self, room, created).await {
+                self.leave_session(session, room);
+                return Err(CallError::with_code(ErrorCode::UNAVAILABLE, format!("backplane: {e}")));
+            }
+        }
+        if let Some(h) = &self.inner.hooks.join {
+            h(&Connection(session.clone()), room);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn leave_session(&self, session: &Arc<Session>, room: &str) -> bool {
+        let removed = {
+            let mut rooms = session.rooms.lock();
+            let Some(pos) = rooms.iter().position(|r| &**r == room) else { return false };
+            rooms.swap_remove(pos);
+            self.inner.rooms.leave(room, session.id)
+        };
+        if removed == Some(true) {
+            if let Some(link) = &self.inner.backplane {
+                link.mark(self, room);
+            }
+        }
+        if let Some(h) = &self.inner.hooks.leave {
+            h(&Connection(session.clone()), room);
+        }
+        true
+    }
+
+    pub(crate) fn leave_all(&self, session: &Arc<Session>) {
+        let rooms: Vec<Arc<str>> = session.rooms.lock().clone();
+        for room in rooms {
+            self.leave_session(session, &room);
+        }
+    }
+
+    /// Number of local members of a room (0 if it does not exist).
+    pub fn room_len(&self, room: &str) -> usize {
+        self.inner.rooms.get(room).map_or(0, |r| r.members.read().len())
+    }
+
+    /// The local members of a room.
+    pub fn room_members(&self, room: &str) -> Vec<Member> {
+        let Some(r) = self.inner.rooms.get(room) else { return Vec::new() };
+        let members = r.members.read();
+        let mut out: Vec<Member> = members
+            .values()
+            .map(|s| Member { connection: s.id, user_id: s.identity.user_arc().cloned() })
+            .collect();
+        out.sort_by_key(|m| m.connection);
+        out
+    }
+
+    /// Names of the rooms that currently have local members.
+    pub fn room_exists(&self, room: &str) -> bool {
+        self.inner.rooms.contains(room)
+    }
+
+    /// Publishes `event` with `data` to every member of `room`, on this node
+    /// and (through the backplane) on every other. The data is serialized at
+    /// most once per envelope format, whatever the number of members.
+    ///
+    /// Local members are queued *when this is called*; the returned future
+    /// resolves once the backplane accepted the message (at once without a
+    /// backplane). It errors when the room or event name is invalid, the data
+    /// does not serialize (nothing is delivered then), or the backplane fails
+    /// (local members were served). The future is `'static` and `Send`, so
+    /// it can be spawned.
+    pub fn publish<T: Serialize + ?Sized>(&self, room: &str, event: &str, data: &T) -> Publish {
+        Publish(self.publish_now(room, event, data, 0))
+    }
+
+    /// Like [`Hub::publish`], skipping the connection `except` (typically the
+    /// sender), here and on other nodes.
+    pub fn publish_except<T: Serialize + ?Sized>(&self, room: &str, event: &str, data: &T, except: ConnectionId) -> Publish {
+        Publish(self.publish_now(room, event, data, except.0))
+    }
+
+    fn publish_now<T: Serialize + ?Sized>(&self, room: &str, event: &str, data: &T, exclude: u64) -> PublishState {
+        if let Err(why) = validate_room_name(room) {
+            return PublishState::Done(Some(Error::msg(ErrorKind::InvalidRoom, why)));
+        }
+        if let Err(e) = check_event(event) {
+            return PublishState::Done(Some(e));
+        }
+        let mut payloads: [Option<Payload>; 2] = [None, None];
+        let mut payload_fn = |format: Format| -> std::result::Result<Option<Payload>, ProtocolError> {
+            if let Some(p) = &payloads[format.index()] {
+                return Ok(Some(p.clone()));
+            }
+            let p = Payload::encode(format, data)?;
+            payloads[format.index()] = Some(p.clone());
+            Ok(Some(p))
+        };
+        let mut encoded = Encoded { room: Some(room), event, payload: &mut payload_fn, frames: [None, None] };
+        if let Err(e) = self.deliver_local(room, exclude, &mut encoded) {
+            return PublishState::Done(Some(e.into()));
+        }
+        let Some(link) = &self.inner.backplane else { return PublishState::Done(None) };
+        let payload = match payloads[Format::Json.index()].take() {
+            Some(p) => p,
+            None => match Payload::encode(Format::Json, data) {
+                Ok(p) => p,
+                Err(e) => return PublishState::Done(Some(e.into())),
+            },
+        };
+        let msg = RoomMessage::encode(self.inner.node, exclude, event, Some(&payload));
+        PublishState::Backplane(link.backplane.publish(room, msg))
+    }
+
+    /// Queues the event to every local member of `room` but `exclude`.
+    fn deliver_local(&self, room: &str, exclude: u64, encoded: &mut Encoded<'_>) -> std::result::Result<usize, ProtocolError> {
+        let Some(room) = self.inner.rooms.get(room) else { return Ok(0) };
+        // Read lock held while queueing: queueing never awaits or blocks on
+        // a peer, so publishers to the same room proceed in parallel.
+        let members = room.members.read();
+        let mut delivered = 0;
+        for (id, session) in members.iter() {
+            if id.0 == exclude {
+                continue;
+            }
+            session.push_encoded(encoded.get(session.format)?);
+            delivered += 1;
+        }
+        Ok(delivered)
+    }
+
+    /// Delivers a message that arrived over the backplane to local members.
+    pub(crate) fn deliver_remote(&self, room: &str, msg: RoomMessage) {
+        if msg.origin == self.inner.node {
+            return;
+        }
+        let source = msg.payload;
+        let mut payload_fn = |format: Format| match &source {
+            Some(p) => p.to_format(format).map(Some),
+            None => Ok(None),
+        };
+        let mut encoded = Encoded { room: Some(room), event: &msg.event, payload: &mut payload_fn, frames: [None, None] };
+        if let Err(e) = self.deliver_local(room, msg.exclude, &mut encoded) {
+            tracing::warn!(room, error = %e, "dropping undeliverable backplane message");
+        }
+    }
+
+    /// Sends `event` straight to one connection of this node (an `event`
+    /// envelope without `room`). Errors if it is not connected here.
+    pub fn send<T: Serialize + ?Sized>(&self, id: ConnectionId, event: &str, data: &T) -> Result<()> {
+        check_event(event)?;
+        let session = self.inner.sessions.read().get(&id).cloned();
+        let session = session.ok_or_else(|| Error::new(ErrorKind::NotConnected))?;
+        let payload = Payload::encode(session.format, data)?;
+        session.send_parts(&Parts { event: Some(event), data: Some(payload.bytes()), ..Parts::new(Kind::Event) });
+        Ok(())
+    }
+
+    /// Sends `event` to every connection of `user` on this node; returns how
+    /// many connections it was queued to. Serializes once per format.
+    pub fn send_to_user<T: Serialize + ?Sized>(&self, user: &str, event: &str, data: &T) -> Result<usize> {
+        check_event(event)?;
+        let sessions: Vec<Arc<Session>> = {
+            let users = self.inner.users.read();
+            let sessions = self.inner.sessions.read();
+            users.get(user).map(|ids| ids.iter().filter_map(|i| sessions.get(i).cloned()).collect()).unwrap_or_default()
+        };
+        let mut payload_fn = |format: Format| Payload::encode(format, data).map(Some);
+        let mut encoded = Encoded { room: None, event, payload: &mut payload_fn, frames: [None, None] };
+        for s in &sessions {
+            s.push_encoded(encoded.get(s.format)?);
+        }
+        Ok(sessions.len())
+    }
+
+    /// Closes a connection with `code` and `reason` after what is already
+    /// queued for it has been written. `false` if it is not connected here.
+    pub fn disconnect(&self, id: ConnectionId, code: CloseCode, reason: &str) -> bool {
+        let session = self.inner.sessions.read().get(&id).cloned();
+        match session {
+            Some(s) => {
+                s.close(DisconnectReason::Host(code), code, reason, false);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether [`Hub::shutdown`] has started.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Resolves when shutdown starts; accept loops select on it to stop
+    /// accepting.
+    pub fn shutdown_started(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.inner.shutdown.clone().cancelled_owned()
+    }
+
+    /// Shuts down gracefully: stops accepting (new handshakes get 503),
+    /// closes every connection with 1001 "going away" in batches of
+    /// [`HubConfig::shutdown_batch`] after its queue drains, and waits until
+    /// all are gone or `deadline` passes, when the rest are dropped. Resolves
+    /// when no connection is left.
+    pub async fn shutdown(&self, deadline: Duration) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+        self.inner.shutdown.cancel();
+        let sessions: Vec<Arc<Session>> = self.inner.sessions.read().values().cloned().collect();
+        for batch in sessions.chunks(self.inner.config.shutdown_batch.max(1)) {
+            for s in batch {
+                s.close(DisconnectReason::ServerShutdown, CloseCode::GOING_AWAY, "server shutting down", false);
+            }
+            tokio::task::yield_now().await;
+        }
+        if tokio::time::timeout(deadline, self.wait_empty()).await.is_err() {
+            let rest: Vec<Arc<Session>> = self.inner.sessions.read().values().cloned().collect();
+            for s in rest {
+                s.kill.cancel();
+            }
+            self.wait_empty().await;
+        }
+    }
+
+    async fn wait_empty(&self) {
+        loop {
+            let changed = self.inner.sessions_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.inner.sessions.read().is_empty() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+

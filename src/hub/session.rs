@@ -1,0 +1,561 @@
+//! One connection: its bounded outbound queue, its writer, its reader.
+//!
+//! Tasks per connection: the reader runs in the task that called
+//! [`Hub::serve`](crate::Hub::serve); the writer is one spawned task; each
+//! in-flight call or join is a short-lived task bounded by the connection's
+//! semaphore. Heartbeats are driven by the hub's shared timer wheel (see
+//! `heartbeat.rs`), not by a task here.
+
+use super::{ConnectionState, DisconnectReason, Hub, OverflowPolicy, TaskGuard};
+use crate::auth::Identity;
+use crate::handler::Call;
+use crate::protocol::{CloseCode, Envelope, ErrorCode, Format, Kind, Parts, Payload};
+use crate::room::validate_room_name;
+use crate::transport::{CloseFrame, Frame, Transport, TransportError};
+use crate::ConnectionId;
+use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Shared state of one connection. Reachable from rooms (for fan-out), the
+/// hub's session index, the heartbeat wheel (weakly) and handler calls.
+pub(crate) struct Session {
+    pub(crate) id: ConnectionId,
+    pub(crate) format: Format,
+    pub(crate) identity: Identity,
+    pub(crate) native_ping: bool,
+    pub(crate) outbox: Outbox,
+    /// Rooms this connection is in. Locked only for quick reads and edits;
+    /// the room registry is always locked *after* this one when both are held.
+    pub(crate) rooms: Mutex<Vec<Arc<str>>>,
+    state: AtomicU8,
+    /// Set by any inbound frame; cleared when the heartbeat sends a ping.
+    pub(crate) alive: AtomicBool,
+    /// Tells the reader to stop (a close was decided).
+    pub(crate) cancel: CancellationToken,
+    /// Tells the session to stop waiting for a graceful drain.
+    pub(crate) kill: CancellationToken,
+    reason: Mutex<Option<DisconnectReason>>,
+    pub(crate) inflight: Arc<Semaphore>,
+}
+
+impl Session {
+    pub(crate) fn new(id: ConnectionId, format: Format, identity: Identity, native_ping: bool, hub: &Hub) -> Session {
+        let cfg = &hub.inner.config;
+        Session {
+            id,
+            format,
+            identity,
+            native_ping,
+            outbox: Outbox::new(cfg.outbound_queue_bytes, cfg.overflow),
+            rooms: Mutex::new(Vec::new()),
+            state: AtomicU8::new(ConnectionState::Connecting as u8),
+            alive: AtomicBool::new(true),
+            cancel: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            reason: Mutex::new(None),
+            inflight: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
+        }
+    }
+
+    pub(crate) fn state(&self) -> ConnectionState {
+        ConnectionState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    fn set_state(&self, s: ConnectionState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+
+    pub(crate) fn is_member(&self, room: &str) -> bool {
+        self.rooms.lock().iter().any(|r| &**r == room)
+    }
+
+    /// Queues an encoded envelope (a text or binary frame by format).
+    pub(crate) fn push_encoded(&self, bytes: bytes::Bytes) {
+        let frame = if self.format.is_binary() { Frame::Binary(bytes) } else { Frame::Text(bytes) };
+        self.push(frame);
+    }
+
+    /// Queues a data frame under the overflow policy.
+    pub(crate) fn push(&self, frame: Frame) {
+        if let Push::Overflow = self.outbox.push(frame) {
+            self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
+        }
+    }
+
+    pub(crate) fn send_parts(&self, parts: &Parts<'_>) {
+        self.push_encoded(parts.encode(self.format));
+    }
+
+    pub(crate) fn send_error(&self, reference: Option<u64>, code: u32, message: &str) {
+        self.send_parts(&Parts { reference, code: Some(code), message: Some(message), ..Parts::new(Kind::Error) });
+    }
+
+    pub(crate) fn send_reply(&self, reference: u64, data: &Payload) {
+        let data = match data.to_format(self.format) {
+            Ok(d) => d,
+            Err(e) => return self.send_error(Some(reference), ErrorCode::INTERNAL.0, &e.to_string()),
+        };
+        self.send_parts(&Parts { reference: Some(reference), data: Some(data.bytes()), ..Parts::new(Kind::Reply) });
+    }
+
+    /// Sends a heartbeat ping: a transport ping when the transport has one,
+    /// the protocol's `ping` envelope otherwise. Bypasses the byte bound
+    /// (at most one is outstanding).
+    pub(crate) fn send_ping(&self) {
+        let frame = if self.native_ping {
+            Frame::Ping(bytes::Bytes::new())
+        } else {
+            let bytes = Parts::new(Kind::Ping).encode(self.format);
+            if self.format.is_binary() {
+                Frame::Binary(bytes)
+            } else {
+                Frame::Text(bytes)
+            }
+        };
+        self.outbox.push_control(frame);
+    }
+
+    /// Decides to close. The first reason wins. `discard` drops what is still
+    /// queued (slow consumer, errors); otherwise the writer sends it first
+    /// (shutdown, host close). `code` is sent in a close frame.
+    pub(crate) fn close(&self, reason: DisconnectReason, code: CloseCode, text: &str, discard: bool) {
+        self.close_with(reason, Some(CloseFrame { code, reason: text.to_owned() }), discard);
+    }
+
+    pub(crate) fn close_with(&self, reason: DisconnectReason, frame: Option<CloseFrame>, discard: bool) {
+        {
+            let mut r = self.reason.lock();
+            if r.is_some() {
+                return;
+            }
+            *r = Some(reason);
+        }
+        if self.state() != ConnectionState::Closed {
+            self.set_state(ConnectionState::Closing);
+        }
+        self.outbox.close(frame, discard);
+        self.cancel.cancel();
+    }
+
+    pub(crate) fn reason(&self) -> Option<DisconnectReason> {
+        self.reason.lock().clone()
+    }
+}
+
+pub(crate) enum Push {
+    Queued,
+    Dropped,
+    Overflow,
+    Closed,
+}
+
+/// The bounded outbound queue, drained by the connection's single writer.
+///
+/// **Bound:** the bytes of queued data frames *plus* the batch the writer is
+/// currently writing never exceed `limit`; a frame that does not fit triggers
+/// the overflow policy. Control frames (heartbeat ping, close) are not
+/// counted: there is at most one ping outstanding and one close.
+///
+/// The lock is a plain mutex held only to move frames in or out; no await
+/// happens under it, and publishers never wait on a slow connection.
+pub(crate) struct Outbox {
+    state: Mutex<OutState>,
+    notify: Notify,
+    limit: usize,
+    policy: OverflowPolicy,
+}
+
+#[derive(Default)]
+struct OutState {
+    queue: VecDeque<Frame>,
+    bytes: usize,
+    peak: usize,
+    /// Dropped since the last `lagged` notice (drop-oldest policy).
+    lagged: u64,
+    dropped_total: u64,
+    /// Close decided: no more data is accepted.
+    closing: bool,
+    /// The close frame still to send (taken by the writer).
+    close_frame: Option<CloseFrame>,
+}
+
+fn data_len(frame: &Frame) -> usize {
+    match frame {
+        Frame::Text(b) | Frame::Binary(b) => b.len(),
+        _ => 0,
+    }
+}
+
+impl Outbox {
+    fn new(limit: usize, policy: OverflowPolicy) -> Outbox {
+        Outbox { state: Mutex::new(OutState::default()), notify: Notify::new(), limit, policy }
+    }
+
+    fn push(&self, frame: Frame) -> Push {
+        let len = data_len(&frame);
+        let mut st = self.state.lock();
+        if st.closing {
+            return Push::Closed;
+        }
+        if st.bytes + len > self.limit {
+            match self.policy {
+                OverflowPolicy::Disconnect => return Push::Overflow,
+                OverflowPolicy::DropOldest => {
+                    while st.bytes + len > self.limit {
+                        let Some(old) = st.queue.pop_front() else { break };
+                        st.bytes -= data_len(&old);
+                        st.lagged += 1;
+                        st.dropped_total += 1;
+                    }
+                    if st.bytes + len > self.limit {
+                        // The writer's in-flight batch holds the rest: drop the new one.
+                        st.lagged += 1;
+                        st.dropped_total += 1;
+                        drop(st);
+                        self.notify.notify_one();
+                        return Push::Dropped;
+                    }
+                }
+            }
+        }
+        st.bytes += len;
+        st.peak = st.peak.max(st.bytes);
+        st.queue.push_back(frame);
+        drop(st);
+        self.notify.notify_one();
+        Push::Queued
+    }
+
+    fn push_control(&self, frame: Frame) {
+        let mut st = self.state.lock();
+        if st.closing {
+            return;
+        }
+        st.queue.push_back(frame);
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    fn close(&self, frame: Option<CloseFrame>, discard: bool) {
+        let mut st = self.state.lock();
+        st.closing = true;
+        st.close_frame = frame;
+        if discard {
+            let freed: usize = st.queue.drain(..).map(|f| data_len(&f)).sum();
+            st.bytes -= freed;
+        }
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+
+    pub(crate) fn peak_bytes(&self) -> usize {
+        self.state.lock().peak
+    }
+
+    pub(crate) fn dropped(&self) -> u64 {
+        self.state.lock().dropped_total
+    }
+}
+
+/// The writer: takes everything queued in one go, feeds it to the sink, and
+/// flushes once per batch (coalescing many small frames into few writes).
+async fn write_loop<S>(session: Arc<Session>, mut sink: S) -> bool
+where
+    S: Sink<Frame, Error = TransportError> + Unpin,
+{
+    let mut batch = VecDeque::new();
+    loop {
+        let (batch_bytes, lagged, close, closing) = {
+            let mut st = session.outbox.state.lock();
+            std::mem::swap(&mut st.queue, &mut batch);
+            let bytes: usize = batch.iter().map(data_len).sum();
+            (bytes, std::mem::take(&mut st.lagged), st.close_frame.take(), st.closing)
+        };
+        if batch.is_empty() && lagged == 0 && close.is_none() {
+            if closing {
+                return false;
+            }
+            session.outbox.notify.notified().await;
+            continue;
+        }
+        let result: Result<(), TransportError> = async {
+            if lagged > 0 {
+                let data = lagged_payload(session.format, lagged);
+                let bytes = Parts { data: Some(data.bytes()), ..Parts::new(Kind::Lagged) }.encode(session.format);
+                let frame = if session.format.is_binary() { Frame::Binary(bytes) } else { Frame::Text(bytes) };
+                sink.feed(frame).await?;
+            }
+            for frame in batch.drain(..) {
+                sink.feed(frame).await?;
+            }
+            sink.flush().await
+        }
+        .await;
+        batch.clear();
+        session.outbox.state.lock().bytes -= batch_bytes;
+        if let Err(e) = result {
+            tracing::debug!(connection = %session.id, error = %e, "write failed");
+            session.close_with(DisconnectReason::ConnectionLost, None, true);
+            return false;
+        }
+        if let Some(frame) = close {
+            let sent = sink.send(Frame::Close(Some(frame))).await.is_ok();
+            return sent;
+        }
+    }
+}
+
+fn lagged_payload(format: Format, dropped: u64) -> Payload {
+    #[derive(serde::Serialize)]
+    struct Lag {
+        dropped: u64,
+    }
+    Payload::encode(format, &Lag { dropped }).unwrap_or_else(|_| Payload::null(format))
+}
+
+/// Runs a connection to its end. Called by [`Hub::serve`].
+pub(crate) async fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) {
+    let _task = TaskGuard::new(&hub.inner);
+    let (sink, mut stream) = transport.split();
+    let writer = {
+        let guard = TaskGuard::new(&hub.inner);
+        let session = session.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            write_loop(session, sink).await
+        })
+    };
+    hub.send_hello(&session);
+    session.set_state(ConnectionState::Open);
+    hub.register_heartbeat(&session).await;
+    hub.hook_connect(&session);
+
+    let mut calls = JoinSet::new();
+    let peer_closed = read_loop(&hub, &session, &mut stream, &mut calls).await;
+
+    // Closing: stop handlers, leave rooms (so nothing more is queued), then
+    // let the writer drain what is queued and send the close frame.
+    calls.abort_all();
+    hub.leave_all(&session);
+    hub.deregister(&session);
+    let close_timeout = hub.inner.config.close_timeout;
+    let mut writer = writer;
+    let sent_close = tokio::select! {
+        r = &mut writer => r.unwrap_or(false),
+        _ = session.kill.cancelled() => { writer.abort(); false }
+        _ = tokio::time::sleep(close_timeout) => { writer.abort(); false }
+    };
+    if sent_close && !peer_closed {
+        // Wait (bounded) for the peer's close frame so the close handshake
+        // completes cleanly; anything else it sends now is ignored.
+        let drain = async { while let Some(Ok(frame)) = stream.next().await { if let Frame::Close(_) = frame { break } } };
+        tokio::select! {
+            _ = drain => {}
+            _ = session.kill.cancelled() => {}
+            _ = tokio::time::sleep(close_timeout) => {}
+        }
+    }
+    drop(stream);
+    drop(calls);
+    session.set_state(ConnectionState::Closed);
+    let reason = session.reason().unwrap_or(DisconnectReason::ConnectionLost);
+    hub.hook_disconnect(&session, &reason);
+    hub.session_ended();
+}
+
+/// Reads frames until the peer leaves or a close is decided. Returns whether
+/// the peer closed (sent a close frame or ended the stream).
+async fn read_loop<S>(hub: &Hub, session: &Arc<Session>, stream: &mut S, calls: &mut JoinSet<()>) -> bool
+where
+    S: Stream<Item = Result<Frame, TransportError>> + Unpin,
+{
+    loop {
+        tokio::select! {
+            biased;
+            _ = session.cancel.cancelled() => return false,
+            Some(_) = calls.join_next(), if !calls.is_empty() => {}
+            item = stream.next() => match item {
+                None => {
+                    session.close_with(DisconnectReason::ConnectionLost, None, true);
+                    return true;
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(connection = %session.id, error = %e, "read failed");
+                    match e.close_code() {
+                        Some(code) => {
+                            session.close(DisconnectReason::ProtocolViolation(code), code, &e.to_string(), true);
+                            return false;
+                        }
+                        None => {
+                            session.close_with(DisconnectReason::ConnectionLost, None, true);
+                            return true;
+                        }
+                    }
+                }
+                Some(Ok(frame)) => {
+                    session.alive.store(true, Ordering::Relaxed);
+                    match frame {
+                        Frame::Close(cf) => {
+                            let (code, text) = match &cf {
+                                Some(c) => (Some(c.code), c.reason.clone()),
+                                None => (None, String::new()),
+                            };
+                            // Echo the peer's code, as RFC 6455 asks.
+                            let echo = CloseFrame { code: code.unwrap_or(CloseCode::NORMAL), reason: String::new() };
+                            session.close_with(DisconnectReason::ClientClosed { code, reason: text }, Some(echo), false);
+                            return true;
+                        }
+                        Frame::Ping(_) | Frame::Pong(_) => {}
+                        Frame::Text(bytes) => on_message(hub, session, calls, false, bytes),
+                        Frame::Binary(bytes) => on_message(hub, session, calls, true, bytes),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, binary: bool, bytes: bytes::Bytes) {
+    let cfg = &hub.inner.config;
+    if bytes.len() > cfg.max_message_size {
+        // Transports that enforce the limit themselves never get here.
+        session.close(DisconnectReason::ProtocolViolation(CloseCode::TOO_BIG), CloseCode::TOO_BIG, "message too big", true);
+        return;
+    }
+    if binary != session.format.is_binary() {
+        let msg = if binary { "binary frame on a JSON connection" } else { "text frame on a MessagePack connection" };
+        return session.send_error(None, ErrorCode::UNSUPPORTED_FRAME.0, msg);
+    }
+    let env = match Envelope::decode(session.format, &bytes) {
+        Ok(env) => env,
+        Err(e) => return session.send_error(None, e.code().0, &e.to_string()),
+    };
+    match env.kind {
+        Kind::Ping => session.send_parts(&Parts { reference: env.reference, ..Parts::new(Kind::Pong) }),
+        Kind::Pong => {}
+        Kind::Join => on_join(hub, session, calls, env),
+        Kind::Leave => on_leave(hub, session, env),
+        Kind::Call => on_call(hub, session, calls, env),
+        other => session.send_error(
+            env.reference,
+            ErrorCode::BAD_REQUEST.0,
+            &format!("message type `{other}` is not sent by clients"),
+        ),
+    }
+}
+
+fn room_field(session: &Session, env: &Envelope) -> Option<String> {
+    let Some(room) = env.room.as_deref() else {
+        session.send_error(env.reference, ErrorCode::BAD_REQUEST.0, &format!("`{}` needs a `room`", env.kind));
+        return None;
+    };
+    if let Err(why) = validate_room_name(room) {
+        session.send_error(env.reference, ErrorCode::BAD_REQUEST.0, why);
+        return None;
+    }
+    Some(room.to_owned())
+}
+
+fn room_reply(session: &Session, reference: Option<u64>, room: &str) {
+    if let Some(r) = reference {
+        #[derive(serde::Serialize)]
+        struct JoinReply<'a> {
+            room: &'a str,
+        }
+        if let Ok(p) = Payload::encode(session.format, &JoinReply { room }) {
+            session.send_reply(r, &p);
+        }
+    }
+}
+
+fn acquire(session: &Session, reference: Option<u64>) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    match session.inflight.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(_) => {
+            session.send_error(reference, ErrorCode::TOO_MANY_REQUESTS.0, "too many requests in flight");
+            None
+        }
+    }
+}
+
+fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Envelope) {
+    let Some(room) = room_field(session, &env) else { return };
+    if session.is_member(&room) {
+        return room_reply(session, env.reference, &room);
+    }
+    let Some(permit) = acquire(session, env.reference) else { return };
+    let (hub, session) = (hub.clone(), session.clone());
+    let guard = TaskGuard::new(&hub.inner);
+    calls.spawn(async move {
+        let _guard = guard;
+        let _permit = permit;
+        let timeout = hub.inner.config.handler_timeout;
+        match tokio::time::timeout(timeout, hub.join_session(&session, &room, env.data)).await {
+            Err(_) => session.send_error(env.reference, ErrorCode::TIMEOUT.0, "join timed out"),
+            Ok(Err(e)) => session.send_error(env.reference, e.code(), e.message()),
+            Ok(Ok(())) => room_reply(&session, env.reference, &room),
+        }
+    });
+}
+
+fn on_leave(hub: &Hub, session: &Arc<Session>, env: Envelope) {
+    let Some(room) = room_field(session, &env) else { return };
+    if hub.leave_session(session, &room) {
+        room_reply(session, env.reference, &room);
+    } else {
+        session.send_error(env.reference, ErrorCode::NOT_JOINED.0, "not a member of this room");
+    }
+}
+
+fn on_call(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Envelope) {
+    let reference = env.reference;
+    let Some(event) = env.event.as_deref() else {
+        return session.send_error(reference, ErrorCode::BAD_REQUEST.0, "`call` needs an `event`");
+    };
+    let room = match env.room.as_deref() {
+        None => None,
+        Some(r) => match session.rooms.lock().iter().find(|j| &***j == r) {
+            Some(joined) => Some(joined.clone()),
+            None => return session.send_error(reference, ErrorCode::NOT_JOINED.0, "not a member of this room"),
+        },
+    };
+    let Some((event, handler)) = hub.inner.handlers.get_key_value(event) else {
+        let msg = format!("no handler for event `{}`", crate::protocol::truncate(event));
+        return session.send_error(reference, ErrorCode::UNKNOWN_EVENT.0, &msg);
+    };
+    let Some(permit) = acquire(session, reference) else { return };
+    let call = Call { hub: hub.clone(), session: session.clone(), room, event: event.clone() };
+    let handler = handler.clone();
+    let data = env.data;
+    // The handler is invoked inside the task, so even a panic in its
+    // synchronous part is caught and answered with a 500.
+    let fut = async move { handler.call(call, data).await };
+    let session = session.clone();
+    let timeout = hub.inner.config.handler_timeout;
+    let guard = TaskGuard::new(&hub.inner);
+    calls.spawn(async move {
+        let _guard = guard;
+        let _permit = permit;
+        match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
+            Err(_) => session.send_error(reference, ErrorCode::TIMEOUT.0, "handler timed out"),
+            Ok(Err(_panic)) => session.send_error(reference, ErrorCode::INTERNAL.0, "handler failed"),
+            Ok(Ok(Err(e))) => session.send_error(reference, e.code(), e.message()),
+            Ok(Ok(Ok(payload))) => {
+                if let Some(r) = reference {
+                    session.send_reply(r, &payload);
+                }
+            }
+        }
+    });
+}

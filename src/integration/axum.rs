@@ -1,0 +1,116 @@
+//! Mount the WebSocket endpoint in an axum router (feature `axum`).
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use switchboard::Hub;
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let hub = Hub::builder().build();
+//! let app: Router = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .route("/ws", switchboard::integration::axum::route(hub.clone()));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+//! # }
+//! ```
+//!
+//! The upgrade goes through hyper directly (not axum's own `WebSocket`
+//! type): the request is validated and negotiated exactly as the standalone
+//! listener does, the hub's authenticator runs before any upgrade (a refusal
+//! is its HTTP status), and the upgraded connection is handed to the same
+//! tokio-tungstenite transport. The peer address is known when the app is
+//! served with `into_make_service_with_connect_info::<SocketAddr>()`.
+
+use crate::hub::Hub;
+use crate::transport::ws::{negotiate, Refusal, WsConfig, WsTransport};
+use crate::transport::Handshake;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request};
+use axum::response::Response;
+use axum::routing::{get, MethodRouter};
+use http::{header, HeaderValue, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+
+/// A `GET` route that upgrades to a switchboard WebSocket on `hub`, with the
+/// default [`WsConfig`]. Usable in a router with any state type.
+pub fn route<S>(hub: Hub) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    route_with_config(hub, WsConfig::default())
+}
+
+/// [`route`] with a custom [`WsConfig`].
+pub fn route_with_config<S>(hub: Hub, config: WsConfig) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    get(move |req: Request| {
+        let (hub, config) = (hub.clone(), config.clone());
+        async move { upgrade(hub, config, req).await }
+    })
+}
+
+fn refusal(r: Refusal) -> Response {
+    let mut res = Response::new(Body::from(r.message));
+    *res.status_mut() = r.status;
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    for (k, v) in r.headers {
+        res.headers_mut().insert(k, HeaderValue::from_static(v));
+    }
+    res
+}
+
+/// Handles one upgrade request: validate, authenticate, answer `101`, and
+/// serve the connection on a spawned task once hyper hands it over.
+pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
+    let negotiated = match negotiate(req.method(), req.headers()) {
+        Ok(n) => n,
+        Err(r) => return refusal(r),
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return refusal(Refusal {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            headers: Vec::new(),
+            message: "connection cannot be upgraded (HTTP/2 or no upgrade support)".into(),
+        });
+    };
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let (parts, _body) = req.into_parts();
+    let mut hs = Handshake::new().with_uri(parts.uri).with_headers(parts.headers);
+    if let Some(p) = peer {
+        hs = hs.with_peer(p);
+    }
+    if let Some(p) = negotiated.subprotocol {
+        hs = hs.with_subprotocol(p);
+    }
+    let identity = match hub.authenticate(&hs).await {
+        Ok(id) => id,
+        Err(rej) => {
+            return refusal(Refusal { status: rej.status(), headers: Vec::new(), message: rej.message().to_owned() })
+        }
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let max = hub.config().max_message_size;
+                let transport = WsTransport::from_upgraded(TokioIo::new(upgraded), &config, max).await;
+                hub.serve(transport, &hs, identity).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&negotiated.accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(p) = negotiated.subprotocol {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    res
+}

@@ -1,0 +1,99 @@
+//! JSON envelope codec. Decoding borrows from the frame: the `data` field is
+//! located with serde_json's `RawValue` and kept as a zero-copy slice of the
+//! frame's `Bytes`.
+
+use super::{Envelope, Format, Kind, Parts, Payload, ProtocolError};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::io::Write;
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(rename = "ref", default)]
+    reference: Option<u64>,
+    #[serde(borrow, default)]
+    room: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    event: Option<Cow<'a, str>>,
+    #[serde(default)]
+    code: Option<u32>,
+    #[serde(borrow, default)]
+    message: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
+    let wire: Wire<'_> = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ProtocolError::Invalid(e.to_string()),
+        _ => ProtocolError::Malformed(e.to_string()),
+    })?;
+    let kind_name = wire.kind.ok_or_else(|| ProtocolError::Invalid("missing field `type`".into()))?;
+    let kind = Kind::parse(&kind_name).ok_or_else(|| ProtocolError::UnknownType(truncate(&kind_name)))?;
+    let data = wire.data.map(|raw| {
+        // The RawValue borrows from `bytes`: slice the same allocation
+        // instead of copying the payload.
+        let text = raw.get();
+        let start = text.as_ptr() as usize - bytes.as_ptr() as usize;
+        Payload { format: Format::Json, bytes: bytes.slice(start..start + text.len()) }
+    });
+    Ok(Envelope {
+        kind,
+        reference: wire.reference,
+        room: wire.room.map(Cow::into_owned),
+        event: wire.event.map(Cow::into_owned),
+        code: wire.code,
+        message: wire.message.map(Cow::into_owned),
+        data,
+    })
+}
+
+/// Keeps error messages that echo client input short.
+pub(crate) fn truncate(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+pub(super) fn encode(p: &Parts<'_>) -> Bytes {
+    let mut out = Vec::with_capacity(48 + p.data.map_or(0, <[u8]>::len));
+    out.extend_from_slice(b"{\"type\":\"");
+    out.extend_from_slice(p.kind.as_str().as_bytes());
+    out.push(b'"');
+    if let Some(r) = p.reference {
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, ",\"ref\":{r}");
+    }
+    string_field(&mut out, "room", p.room);
+    string_field(&mut out, "event", p.event);
+    if let Some(c) = p.code {
+        let _ = write!(out, ",\"code\":{c}");
+    }
+    string_field(&mut out, "message", p.message);
+    if let Some(d) = p.data {
+        out.extend_from_slice(b",\"data\":");
+        out.extend_from_slice(d);
+    }
+    out.push(b'}');
+    Bytes::from(out)
+}
+
+fn string_field(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
+    if let Some(v) = value {
+        out.extend_from_slice(b",\"");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\":");
+        // Serializing a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, v);
+    }
+}

@@ -1,0 +1,422 @@
+//! The wire protocol, version 1: envelopes, payloads, codecs, and the codes a
+//! client sees.
+//!
+//! Every message on a connection is one [`Envelope`]. It is encoded in one of
+//! two [`Format`]s, chosen per connection at the handshake (the WebSocket
+//! subprotocols `switchboard.v1.json` and `switchboard.v1.msgpack`; JSON when
+//! the client offers neither). JSON envelopes travel in text frames,
+//! MessagePack envelopes in binary frames.
+//!
+//! The full specification, with a worked example of every message, is
+//! `docs/protocol.md`; this module is its implementation and is what the
+//! bundled clients use too.
+//!
+//! Payloads ([`Payload`]) are kept as the raw encoded bytes of the `data`
+//! field: decoding an envelope never decodes the payload, and a payload is
+//! only turned into a Rust type by the handler that wants it.
+
+mod codes;
+mod json;
+mod msgpack;
+
+pub use codes::{CloseCode, ErrorCode};
+pub(crate) use json::truncate;
+
+use bytes::Bytes;
+use serde::{de::DeserializeOwned, Serialize};
+use std::fmt;
+
+/// Protocol version spoken by this crate.
+pub const VERSION: u32 = 1;
+
+/// Subprotocol name for JSON envelopes in text frames.
+pub const SUBPROTOCOL_JSON: &str = "switchboard.v1.json";
+/// Subprotocol name for MessagePack envelopes in binary frames.
+pub const SUBPROTOCOL_MSGPACK: &str = "switchboard.v1.msgpack";
+
+/// Maximum nesting depth accepted in a MessagePack payload (JSON uses
+/// serde_json's own limit of 128).
+pub const MAX_DEPTH: usize = 128;
+
+/// How envelopes are encoded on one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Format {
+    /// JSON text (`switchboard.v1.json`), sent in text frames. The default.
+    #[default]
+    Json,
+    /// MessagePack (`switchboard.v1.msgpack`), sent in binary frames.
+    MsgPack,
+}
+
+impl Format {
+    /// The subprotocol name that selects this format.
+    pub fn subprotocol(self) -> &'static str {
+        match self {
+            Format::Json => SUBPROTOCOL_JSON,
+            Format::MsgPack => SUBPROTOCOL_MSGPACK,
+        }
+    }
+
+    /// The format a subprotocol name selects, if it is one of ours.
+    pub fn from_subprotocol(name: &str) -> Option<Format> {
+        match name.trim() {
+            SUBPROTOCOL_JSON => Some(Format::Json),
+            SUBPROTOCOL_MSGPACK => Some(Format::MsgPack),
+            _ => None,
+        }
+    }
+
+    /// Whether envelopes in this format travel in binary frames.
+    pub fn is_binary(self) -> bool {
+        matches!(self, Format::MsgPack)
+    }
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Format::Json => 0,
+            Format::MsgPack => 1,
+        }
+    }
+}
+
+/// The `type` of an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Kind {
+    /// Server → client, first message on every connection.
+    Hello,
+    /// Client → server: join a room (`room`, optional `data` params); replied to.
+    Join,
+    /// Client → server: leave a room; replied to.
+    Leave,
+    /// Client → server: invoke the handler for `event` (optionally in `room`).
+    /// Replied to when it carries a `ref`.
+    Call,
+    /// Server → client: successful answer to the request with the same `ref`.
+    Reply,
+    /// Server → client: failure, with `code` and `message`; carries the `ref`
+    /// of the failed request when there was one.
+    Error,
+    /// Server → client: an event pushed to a room (with `room`) or straight
+    /// to this connection (without).
+    Event,
+    /// Application-level ping (either direction); answered by `pong`.
+    Ping,
+    /// Answer to `ping`, echoing its `ref`.
+    Pong,
+    /// Server → client: the server dropped `data.dropped` messages for this
+    /// connection because it read too slowly (drop-oldest overflow policy).
+    Lagged,
+}
+
+impl Kind {
+    /// The wire name (`"join"`, `"reply"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Hello => "hello",
+            Kind::Join => "join",
+            Kind::Leave => "leave",
+            Kind::Call => "call",
+            Kind::Reply => "reply",
+            Kind::Error => "error",
+            Kind::Event => "event",
+            Kind::Ping => "ping",
+            Kind::Pong => "pong",
+            Kind::Lagged => "lagged",
+        }
+    }
+
+    /// Parses a wire name.
+    pub fn parse(name: &str) -> Option<Kind> {
+        Some(match name {
+            "hello" => Kind::Hello,
+            "join" => Kind::Join,
+            "leave" => Kind::Leave,
+            "call" => Kind::Call,
+            "reply" => Kind::Reply,
+            "error" => Kind::Error,
+            "event" => Kind::Event,
+            "ping" => Kind::Ping,
+            "pong" => Kind::Pong,
+            "lagged" => Kind::Lagged,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An encoded value: the `data` field of an envelope, kept as bytes in the
+/// format it arrived in (or was produced in).
+///
+/// Cloning is a reference-count bump. Converting to the other format
+/// transcodes once.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Payload {
+    format: Format,
+    bytes: Bytes,
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.format {
+            Format::Json => write!(f, "Payload(json {})", String::from_utf8_lossy(&self.bytes)),
+            Format::MsgPack => write!(f, "Payload(msgpack {} bytes)", self.bytes.len()),
+        }
+    }
+}
+
+impl Payload {
+    /// Serializes `value` into a payload of the given format.
+    pub fn encode<T: Serialize + ?Sized>(format: Format, value: &T) -> Result<Payload, ProtocolError> {
+        let bytes = match format {
+            Format::Json => serde_json::to_vec(value).map_err(|e| ProtocolError::Encode(e.to_string()))?,
+            Format::MsgPack => rmp_serde::to_vec_named(value).map_err(|e| ProtocolError::Encode(e.to_string()))?,
+        };
+        Ok(Payload { format, bytes: Bytes::from(bytes) })
+    }
+
+    /// Wraps bytes that are already a complete value in `format`.
+    ///
+    /// The bytes are checked: JSON must parse, MessagePack must be exactly one
+    /// well-formed value no deeper than [`MAX_DEPTH`].
+    pub fn from_encoded(format: Format, bytes: Bytes) -> Result<Payload, ProtocolError> {
+        match format {
+            Format::Json => {
+                serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+                    .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+            }
+            Format::MsgPack => {
+                let mut rest: &[u8] = &bytes;
+                msgpack::skip_value(&mut rest, 0)?;
+                if !rest.is_empty() {
+                    return Err(ProtocolError::Malformed("trailing bytes after value".into()));
+                }
+            }
+        }
+        Ok(Payload { format, bytes })
+    }
+
+    /// `null` in the given format.
+    pub fn null(format: Format) -> Payload {
+        let bytes: &'static [u8] = match format {
+            Format::Json => b"null",
+            Format::MsgPack => &[0xc0],
+        };
+        Payload { format, bytes: Bytes::from_static(bytes) }
+    }
+
+    /// The format of the bytes.
+    pub fn format(&self) -> Format {
+        self.format
+    }
+
+    /// The encoded bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Whether this is the encoded `null` (or nil).
+    pub fn is_null(&self) -> bool {
+        match self.format {
+            Format::Json => self.bytes.as_ref() == b"null",
+            Format::MsgPack => self.bytes.as_ref() == [0xc0],
+        }
+    }
+
+    /// Deserializes the payload into `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, ProtocolError> {
+        match self.format {
+            Format::Json => serde_json::from_slice(&self.bytes).map_err(|e| ProtocolError::Payload(e.to_string())),
+            Format::MsgPack => rmp_serde::from_slice(&self.bytes).map_err(|e| ProtocolError::Payload(e.to_string())),
+        }
+    }
+
+    /// The same value in `format`: free when it already is, one transcode
+    /// otherwise.
+    pub fn to_format(&self, format: Format) -> Result<Payload, ProtocolError> {
+        if format == self.format {
+            return Ok(self.clone());
+        }
+        match self.format {
+            Format::Json => {
+                let mut de = serde_json::Deserializer::from_slice(&self.bytes);
+                let mut out = Vec::with_capacity(self.bytes.len());
+                let mut ser = rmp_serde::Serializer::new(&mut out).with_struct_map();
+                transcode(&mut de, &mut ser)?;
+                Ok(Payload { format, bytes: out.into() })
+            }
+            Format::MsgPack => {
+                // MessagePack is richer than JSON (binary, non-string keys):
+                // go through serde_json::Value, which rejects what JSON cannot hold.
+                let value: serde_json::Value =
+                    rmp_serde::from_slice(&self.bytes).map_err(|e| ProtocolError::Payload(e.to_string()))?;
+                Payload::encode(format, &value)
+            }
+        }
+    }
+}
+
+fn transcode<'de, D, S>(de: D, ser: S) -> Result<(), ProtocolError>
+where
+    D: serde::Deserializer<'de>,
+    S: serde::Serializer,
+{
+    // A JSON value deserializes into serde_json::Value without loss, and
+    // Value serializes into any format.
+    let value = <serde_json::Value as serde::Deserialize>::deserialize(de)
+        .map_err(|e| ProtocolError::Payload(e.to_string()))?;
+    value.serialize(ser).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    Ok(())
+}
+
+/// One protocol message.
+///
+/// Fields a [`Kind`] does not use are `None`. Unknown fields on the wire are
+/// ignored (forward compatibility); a missing required field is an error.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// The `type` field.
+    pub kind: Kind,
+    /// The `ref` field: a client-chosen number that correlates a request with
+    /// its `reply` or `error`.
+    pub reference: Option<u64>,
+    /// The `room` field.
+    pub room: Option<String>,
+    /// The `event` field.
+    pub event: Option<String>,
+    /// The `code` field of an `error` (see [`ErrorCode`]).
+    pub code: Option<u32>,
+    /// The `message` field of an `error`: human-readable text.
+    pub message: Option<String>,
+    /// The `data` field.
+    pub data: Option<Payload>,
+}
+
+impl Envelope {
+    /// An envelope of `kind` with every other field empty.
+    pub fn new(kind: Kind) -> Envelope {
+        Envelope { kind, reference: None, room: None, event: None, code: None, message: None, data: None }
+    }
+
+    /// Sets `ref`.
+    pub fn with_ref(mut self, reference: u64) -> Self {
+        self.reference = Some(reference);
+        self
+    }
+
+    /// Sets `room`.
+    pub fn with_room(mut self, room: impl Into<String>) -> Self {
+        self.room = Some(room.into());
+        self
+    }
+
+    /// Sets `event`.
+    pub fn with_event(mut self, event: impl Into<String>) -> Self {
+        self.event = Some(event.into());
+        self
+    }
+
+    /// Sets `data`.
+    pub fn with_data(mut self, data: Payload) -> Self {
+        self.data = Some(data);
+        self
+    }
+
+    /// An `error` envelope.
+    pub fn error(reference: Option<u64>, code: u32, message: impl Into<String>) -> Envelope {
+        Envelope { code: Some(code), message: Some(message.into()), reference, ..Envelope::new(Kind::Error) }
+    }
+
+    /// Decodes one envelope from a frame's bytes.
+    pub fn decode(format: Format, bytes: &Bytes) -> Result<Envelope, ProtocolError> {
+        match format {
+            Format::Json => json::decode(bytes),
+            Format::MsgPack => msgpack::decode(bytes),
+        }
+    }
+
+    /// Encodes the envelope; `data` is transcoded if it is in the other format.
+    pub fn encode(&self, format: Format) -> Result<Bytes, ProtocolError> {
+        let data = match &self.data {
+            Some(p) => Some(p.to_format(format)?),
+            None => None,
+        };
+        let parts = Parts {
+            kind: self.kind,
+            reference: self.reference,
+            room: self.room.as_deref(),
+            event: self.event.as_deref(),
+            code: self.code,
+            message: self.message.as_deref(),
+            data: data.as_ref().map(|p| p.bytes.as_ref()),
+        };
+        Ok(parts.encode(format))
+    }
+}
+
+/// Borrowed view of an envelope used by the encoders; `data` must already be
+/// in the target format. This is what the hot path uses to encode without
+/// building an owned [`Envelope`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Parts<'a> {
+    pub kind: Kind,
+    pub reference: Option<u64>,
+    pub room: Option<&'a str>,
+    pub event: Option<&'a str>,
+    pub code: Option<u32>,
+    pub message: Option<&'a str>,
+    pub data: Option<&'a [u8]>,
+}
+
+impl<'a> Parts<'a> {
+    pub(crate) fn new(kind: Kind) -> Parts<'a> {
+        Parts { kind, reference: None, room: None, event: None, code: None, message: None, data: None }
+    }
+
+    pub(crate) fn encode(&self, format: Format) -> Bytes {
+        match format {
+            Format::Json => json::encode(self),
+            Format::MsgPack => msgpack::encode(self),
+        }
+    }
+}
+
+/// Why bytes could not be decoded as a protocol message or payload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// Not a well-formed document (bad JSON or MessagePack), or not an object/map.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// Well-formed, but a field is missing or has the wrong type.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    /// The `type` is not one this version knows.
+    #[error("unknown message type `{0}`")]
+    UnknownType(String),
+    /// The payload does not have the shape the handler expects.
+    #[error("invalid payload: {0}")]
+    Payload(String),
+    /// A value could not be serialized.
+    #[error("encode failed: {0}")]
+    Encode(String),
+}
+
+impl ProtocolError {
+    /// The wire error code a client receives for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProtocolError::Payload(_) => ErrorCode::INVALID_PAYLOAD,
+            ProtocolError::Encode(_) => ErrorCode::INTERNAL,
+            _ => ErrorCode::BAD_REQUEST,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,110 @@
+use super::*;
+
+fn sample() -> Vec<Envelope> {
+    vec![
+        Envelope::new(Kind::Ping),
+        Envelope::new(Kind::Join).with_ref(1).with_room("lobby").with_data(Payload::encode(Format::Json, &serde_json::json!({"a": 1})).unwrap()),
+        Envelope::new(Kind::Call).with_ref(u64::MAX).with_event("say \"hi\"\n").with_room("r/ü"),
+        Envelope::error(Some(7), 404, "no handler for event `x`"),
+        Envelope::new(Kind::Event).with_room("r").with_event("e").with_data(Payload::encode(Format::Json, &vec![1, 2, 3]).unwrap()),
+    ]
+}
+
+#[test]
+fn round_trip_both_formats() {
+    for format in [Format::Json, Format::MsgPack] {
+        for env in sample() {
+            let bytes = env.encode(format).unwrap();
+            let back = Envelope::decode(format, &bytes).unwrap();
+            assert_eq!(back.kind, env.kind);
+            assert_eq!(back.reference, env.reference);
+            assert_eq!(back.room, env.room);
+            assert_eq!(back.event, env.event);
+            assert_eq!(back.code, env.code);
+            assert_eq!(back.message, env.message);
+            let a: Option<serde_json::Value> = back.data.map(|d| d.decode().unwrap());
+            let b: Option<serde_json::Value> = env.data.map(|d| d.decode().unwrap());
+            assert_eq!(a, b);
+        }
+    }
+}
+
+#[test]
+fn json_data_is_a_zero_copy_slice() {
+    let frame = Bytes::from_static(br#"{"type":"call","ref":3,"event":"x","data":{"k":[1,2]}}"#);
+    let env = Envelope::decode(Format::Json, &frame).unwrap();
+    let data = env.data.unwrap();
+    assert_eq!(data.bytes().as_ref(), br#"{"k":[1,2]}"#);
+    assert_eq!(data.bytes().as_ptr(), frame[frame.len() - 12..].as_ptr());
+}
+
+#[test]
+fn json_errors_are_classified() {
+    type Check = fn(&ProtocolError) -> bool;
+    let cases: &[(&[u8], Check)] = &[
+        (b"{not json", |e| matches!(e, ProtocolError::Malformed(_))),
+        (b"[1,2]", |e| matches!(e, ProtocolError::Invalid(_))),
+        (br#"{"ref":1}"#, |e| matches!(e, ProtocolError::Invalid(_))),
+        (br#"{"type":"frobnicate"}"#, |e| matches!(e, ProtocolError::UnknownType(_))),
+        (br#"{"type":"call","ref":"one"}"#, |e| matches!(e, ProtocolError::Invalid(_))),
+        (br#"{"type":"call","ref":-1}"#, |e| matches!(e, ProtocolError::Invalid(_))),
+    ];
+    for (input, check) in cases {
+        let err = Envelope::decode(Format::Json, &Bytes::copy_from_slice(input)).unwrap_err();
+        assert!(check(&err), "{} -> {err:?}", String::from_utf8_lossy(input));
+        assert_eq!(err.code(), ErrorCode::BAD_REQUEST);
+    }
+}
+
+#[test]
+fn unknown_fields_are_ignored() {
+    let env = Envelope::decode(Format::Json, &Bytes::from_static(br#"{"type":"ping","future":{"x":1}}"#)).unwrap();
+    assert_eq!(env.kind, Kind::Ping);
+}
+
+#[test]
+fn msgpack_rejects_garbage_without_panicking() {
+    let inputs: &[&[u8]] = &[
+        &[],
+        &[0xc1],
+        &[0x81],
+        &[0x81, 0xa4, b't', b'y', b'p', b'e'],
+        &[0xdf, 0xff, 0xff, 0xff, 0xff],
+        &[0x81, 0xa4, b'd', b'a', b't', b'a', 0xdd, 0xff, 0xff, 0xff, 0xff],
+        &[0x93, 1, 2, 3],
+        &[0x81, 0x01, 0x02],
+    ];
+    for input in inputs {
+        let err = Envelope::decode(Format::MsgPack, &Bytes::copy_from_slice(input)).unwrap_err();
+        assert_eq!(err.code(), ErrorCode::BAD_REQUEST, "{input:?}");
+    }
+}
+
+#[test]
+fn msgpack_depth_limit() {
+    let mut deep = vec![0x82, 0xa4, b't', b'y', b'p', b'e', 0xa4, b'c', b'a', b'l', b'l', 0xa4, b'd', b'a', b't', b'a'];
+    deep.extend(std::iter::repeat_n(0x91u8, 10_000));
+    deep.push(0xc0);
+    let err = Envelope::decode(Format::MsgPack, &Bytes::from(deep)).unwrap_err();
+    assert!(err.to_string().contains("nesting"), "{err}");
+}
+
+#[test]
+fn payload_transcodes_between_formats() {
+    let v = serde_json::json!({"name": "ä\"", "n": [1, -2, 3.5, null, true]});
+    let j = Payload::encode(Format::Json, &v).unwrap();
+    let m = j.to_format(Format::MsgPack).unwrap();
+    assert_eq!(m.decode::<serde_json::Value>().unwrap(), v);
+    let j2 = m.to_format(Format::Json).unwrap();
+    assert_eq!(j2.decode::<serde_json::Value>().unwrap(), v);
+}
+
+#[test]
+fn close_code_ranges() {
+    assert!(CloseCode::GOING_AWAY.should_reconnect());
+    assert!(CloseCode::SLOW_CONSUMER.should_reconnect());
+    assert!(CloseCode::HEARTBEAT_TIMEOUT.should_reconnect());
+    assert!(!CloseCode::NORMAL.should_reconnect());
+    assert!(!CloseCode::POLICY.should_reconnect());
+    assert!(!CloseCode::KICKED.should_reconnect());
+}

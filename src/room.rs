@@ -1,0 +1,137 @@
+//! Rooms: named groups of connections that receive the same events.
+//!
+//! A room exists while it has members: it is created by the first join and
+//! removed with the last leave (or disconnect). Publishing goes to a room's
+//! members only — there is no "broadcast to everyone".
+//!
+//! **Room names** are 1 to 128 bytes of `A–Z a–z 0–9` and `_ - . : / @ # = + ~`
+//! ([`validate_room_name`]). The set is chosen so a name is safe as a Redis
+//! channel, a NATS subject token and a URL path segment without escaping.
+
+use crate::hub::session::Session;
+use crate::ConnectionId;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+
+/// Longest room name, in bytes.
+pub const MAX_ROOM_NAME_LEN: usize = 128;
+
+/// Checks a room name against the naming rules; `Err` says why it is invalid.
+pub fn validate_room_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("room name is empty");
+    }
+    if name.len() > MAX_ROOM_NAME_LEN {
+        return Err("room name is longer than 128 bytes");
+    }
+    let ok = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:/@#=+~".contains(&b));
+    if !ok {
+        return Err("room name has a character outside A-Z a-z 0-9 _ - . : / @ # = + ~");
+    }
+    Ok(())
+}
+
+/// One member of a room, as seen from the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// The member's connection.
+    pub connection: ConnectionId,
+    /// The user id of the connection's identity, if any.
+    pub user_id: Option<Arc<str>>,
+}
+
+pub(crate) type MemberMap = HashMap<ConnectionId, Arc<Session>>;
+
+/// The members of one room. Publishers hold the read lock while they queue
+/// to each member (queueing never awaits); joins and leaves take the write
+/// lock briefly.
+#[derive(Default)]
+pub(crate) struct Room {
+    pub(crate) members: RwLock<MemberMap>,
+}
+
+/// Every room of a hub, sharded by name hash so that joins in different
+/// rooms do not contend and publishers only take a shard's read lock long
+/// enough to clone the room's `Arc`.
+pub(crate) struct Rooms {
+    hasher: RandomState,
+    shards: Box<[Shard]>,
+}
+
+type Shard = RwLock<HashMap<Arc<str>, Arc<Room>>>;
+
+const SHARDS: usize = 64;
+
+impl Rooms {
+    pub(crate) fn new() -> Rooms {
+        Rooms { hasher: RandomState::new(), shards: (0..SHARDS).map(|_| RwLock::default()).collect() }
+    }
+
+    fn shard(&self, name: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(name) as usize) % SHARDS]
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<Room>> {
+        self.shard(name).read().get(name).cloned()
+    }
+
+    /// Adds a member; returns `(room name, created)` where `created` says the
+    /// room did not exist before. Membership changes happen under the shard's
+    /// write lock so that a room being emptied cannot be joined through a
+    /// stale `Arc` and leak.
+    pub(crate) fn join(&self, name: &str, session: &Arc<Session>) -> (Arc<str>, bool) {
+        let mut shard = self.shard(name).write();
+        if let Some((key, room)) = shard.get_key_value(name) {
+            room.members.write().insert(session.id, session.clone());
+            return (key.clone(), false);
+        }
+        let key: Arc<str> = Arc::from(name);
+        let mut room = Room::default();
+        room.members.get_mut().insert(session.id, session.clone());
+        shard.insert(key.clone(), Arc::new(room));
+        (key, true)
+    }
+
+    /// Removes a member; returns `Some(removed_room)` when it was a member,
+    /// with `true` when the room is now gone.
+    pub(crate) fn leave(&self, name: &str, id: ConnectionId) -> Option<bool> {
+        let mut shard = self.shard(name).write();
+        let room = shard.get(name)?;
+        let mut members = room.members.write();
+        members.remove(&id)?;
+        let empty = members.is_empty();
+        drop(members);
+        if empty {
+            shard.remove(name);
+        }
+        Some(empty)
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.shard(name).read().contains_key(name)
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.shards.iter().map(|s| s.read().len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_room_name("lobby").is_ok());
+        assert!(validate_room_name("org:42/chan_1.a-b@c#d=e+f~g").is_ok());
+        assert!(validate_room_name(&"a".repeat(128)).is_ok());
+        assert!(validate_room_name(&"a".repeat(129)).is_err());
+        assert!(validate_room_name("").is_err());
+        assert!(validate_room_name("has space").is_err());
+        assert!(validate_room_name("$sys").is_err());
+        assert!(validate_room_name("wild*").is_err());
+        assert!(validate_room_name("ünï").is_err());
+    }
+}

@@ -1,0 +1,112 @@
+//! An in-process transport: two bounded channels of [`Frame`]s.
+//!
+//! [`pair`] returns the server half (a [`Transport`] to give to
+//! [`Hub::connect`](crate::Hub::connect)) and a [`MemoryPeer`] that plays the
+//! client. Used by the crate's own tests and benchmarks, and handy for a
+//! host's tests of its handlers.
+
+use super::{Frame, Transport, TransportError};
+use futures::channel::mpsc;
+use futures::{Sink, SinkExt, Stream, StreamExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// Server half of an in-memory connection.
+#[derive(Debug)]
+pub struct MemoryTransport {
+    to_peer: mpsc::Sender<Frame>,
+    from_peer: mpsc::Receiver<Result<Frame, TransportError>>,
+    native_ping: bool,
+}
+
+/// Client half of an in-memory connection.
+#[derive(Debug)]
+pub struct MemoryPeer {
+    to_server: mpsc::Sender<Result<Frame, TransportError>>,
+    from_server: mpsc::Receiver<Frame>,
+}
+
+/// A connected pair; each direction buffers at most `capacity` frames.
+pub fn pair(capacity: usize) -> (MemoryTransport, MemoryPeer) {
+    let (to_peer, from_server) = mpsc::channel(capacity);
+    let (to_server, from_peer) = mpsc::channel(capacity);
+    (MemoryTransport { to_peer, from_peer, native_ping: true }, MemoryPeer { to_server, from_server })
+}
+
+impl MemoryTransport {
+    /// Makes the transport report no native ping, so heartbeats use the
+    /// protocol's `ping` envelope (as SSE-like transports do).
+    pub fn without_native_ping(mut self) -> Self {
+        self.native_ping = false;
+        self
+    }
+}
+
+impl MemoryPeer {
+    /// Sends a frame to the server; `Err` when the server half is gone.
+    pub async fn send(&mut self, frame: Frame) -> Result<(), TransportError> {
+        self.to_server.send(Ok(frame)).await.map_err(|_| TransportError::Closed)
+    }
+
+    /// Makes the server's reader see an error (e.g. a too-big message).
+    pub async fn send_error(&mut self, error: TransportError) -> Result<(), TransportError> {
+        self.to_server.send(Err(error)).await.map_err(|_| TransportError::Closed)
+    }
+
+    /// The next frame from the server; `None` once the server dropped its half.
+    pub async fn recv(&mut self) -> Option<Frame> {
+        self.from_server.next().await
+    }
+
+    /// Ends the client side, as if the socket was dropped without a close frame.
+    pub fn disconnect(self) {}
+}
+
+/// Writing half of a [`MemoryTransport`].
+#[derive(Debug)]
+pub struct MemorySink(mpsc::Sender<Frame>);
+
+/// Reading half of a [`MemoryTransport`].
+#[derive(Debug)]
+pub struct MemoryStream(mpsc::Receiver<Result<Frame, TransportError>>);
+
+impl Transport for MemoryTransport {
+    type Sink = MemorySink;
+    type Stream = MemoryStream;
+
+    fn split(self) -> (MemorySink, MemoryStream) {
+        (MemorySink(self.to_peer), MemoryStream(self.from_peer))
+    }
+
+    fn native_ping(&self) -> bool {
+        self.native_ping
+    }
+}
+
+impl Sink<Frame> for MemorySink {
+    type Error = TransportError;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        self.0.poll_ready(cx).map_err(|_| TransportError::Closed)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Frame) -> Result<(), TransportError> {
+        self.0.start_send(item).map_err(|_| TransportError::Closed)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        Pin::new(&mut self.0).poll_flush(cx).map_err(|_| TransportError::Closed)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        Pin::new(&mut self.0).poll_close(cx).map_err(|_| TransportError::Closed)
+    }
+}
+
+impl Stream for MemoryStream {
+    type Item = Result<Frame, TransportError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.0.poll_next_unpin(cx)
+    }
+}

@@ -1,0 +1,232 @@
+//! Transports move frames; they know nothing of rooms or envelopes.
+//!
+//! A [`Transport`] is a duplex of [`Frame`]s split into a sink (written by the
+//! session's single writer task) and a stream (read by the session's reader).
+//! What the connection's opening saw — peer address, URI, headers, the
+//! negotiated subprotocol — travels beside it as a [`Handshake`].
+//!
+//! Implementations shipped here:
+//! - [`ws`] (feature `ws`): WebSocket on tokio-tungstenite, standalone on a
+//!   `TcpListener` or (feature `axum`) inside an axum router.
+//! - [`memory`]: an in-process pair, for tests and benchmarks.
+//!
+//! A host can write its own: implement [`Transport`] and hand it to
+//! [`Hub::connect`](crate::Hub::connect).
+
+pub mod memory;
+#[cfg(feature = "ws")]
+pub mod ws;
+
+use crate::protocol::{CloseCode, Format};
+use bytes::Bytes;
+use futures::{Sink, Stream};
+use http::{HeaderMap, Uri};
+use std::net::SocketAddr;
+
+/// One frame on a transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A text message. Transports guarantee inbound text is valid UTF-8, and
+    /// switchboard only ever sends UTF-8 text.
+    Text(Bytes),
+    /// A binary message.
+    Binary(Bytes),
+    /// A transport-level ping (WebSocket ping); transports without native
+    /// pings never see one.
+    Ping(Bytes),
+    /// A transport-level pong.
+    Pong(Bytes),
+    /// Close, with an optional code and reason.
+    Close(Option<CloseFrame>),
+}
+
+/// The code and reason of a close frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseFrame {
+    /// The close code.
+    pub code: CloseCode,
+    /// A short human-readable reason (at most 123 bytes on WebSocket).
+    pub reason: String,
+}
+
+/// Why a transport failed to read or write a frame.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// An inbound message exceeded the configured maximum size (close 1009).
+    #[error("message exceeds the maximum size")]
+    MessageTooBig,
+    /// An inbound text message was not valid UTF-8 (close 1007).
+    #[error("invalid UTF-8 in a text message")]
+    InvalidUtf8,
+    /// The peer broke the transport's protocol (close 1002).
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    /// The connection is closed.
+    #[error("connection closed")]
+    Closed,
+    /// An I/O error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl TransportError {
+    /// The close code the session sends in reply to this error, if the
+    /// connection is still writable.
+    pub fn close_code(&self) -> Option<CloseCode> {
+        match self {
+            TransportError::MessageTooBig => Some(CloseCode::TOO_BIG),
+            TransportError::InvalidUtf8 => Some(CloseCode::INVALID_DATA),
+            TransportError::Protocol(_) => Some(CloseCode::PROTOCOL_ERROR),
+            TransportError::Closed | TransportError::Io(_) => None,
+        }
+    }
+}
+
+/// A connection that moves [`Frame`]s.
+///
+/// The session splits it once: the sink goes to the connection's single
+/// writer (which feeds many frames and flushes once), the stream to its
+/// reader. Both halves must be independent enough that a writer blocked on a
+/// slow peer does not stop the reader.
+pub trait Transport: Send + 'static {
+    /// The writing half.
+    type Sink: Sink<Frame, Error = TransportError> + Send + Unpin + 'static;
+    /// The reading half. `None` means the peer went away.
+    type Stream: Stream<Item = Result<Frame, TransportError>> + Send + Unpin + 'static;
+
+    /// Splits the transport into its two halves.
+    fn split(self) -> (Self::Sink, Self::Stream);
+
+    /// Whether the transport has its own ping/pong frames. When it does not,
+    /// heartbeats use the protocol's `ping` envelope instead. Default: `true`.
+    fn native_ping(&self) -> bool {
+        true
+    }
+}
+
+/// What the opening of a connection saw, before any frame.
+#[derive(Debug, Clone, Default)]
+pub struct Handshake {
+    peer: Option<SocketAddr>,
+    uri: Uri,
+    headers: HeaderMap,
+    subprotocol: Option<String>,
+}
+
+impl Handshake {
+    /// An empty handshake (no peer, URI `/`, no headers, no subprotocol).
+    pub fn new() -> Handshake {
+        Handshake::default()
+    }
+
+    /// Sets the peer address.
+    pub fn with_peer(mut self, peer: SocketAddr) -> Self {
+        self.peer = Some(peer);
+        self
+    }
+
+    /// Sets the request URI.
+    pub fn with_uri(mut self, uri: Uri) -> Self {
+        self.uri = uri;
+        self
+    }
+
+    /// Sets the request headers.
+    pub fn with_headers(mut self, headers: HeaderMap) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Sets the negotiated subprotocol.
+    pub fn with_subprotocol(mut self, subprotocol: impl Into<String>) -> Self {
+        self.subprotocol = Some(subprotocol.into());
+        self
+    }
+
+    /// The peer's address, when the transport knows it (axum only knows it
+    /// when the app serves with `into_make_service_with_connect_info`).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// The request URI.
+    pub fn uri(&self) -> &Uri {
+        &self.uri
+    }
+
+    /// The request headers.
+    pub fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// The negotiated subprotocol, if any.
+    pub fn subprotocol(&self) -> Option<&str> {
+        self.subprotocol.as_deref()
+    }
+
+    /// The envelope format the subprotocol selects (JSON when none).
+    pub fn format(&self) -> Format {
+        self.subprotocol.as_deref().and_then(Format::from_subprotocol).unwrap_or_default()
+    }
+
+    /// The first value of query parameter `name`, percent-decoded.
+    pub fn query(&self, name: &str) -> Option<String> {
+        self.uri.query()?.split('&').find_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k)? == name).then(|| percent_decode(v)).flatten()
+        })
+    }
+
+    /// The value of cookie `name` from the `Cookie` headers.
+    pub fn cookie(&self, name: &str) -> Option<String> {
+        self.headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
+            line.split(';').find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == name).then(|| v.trim_matches('"').to_owned())
+            })
+        })
+    }
+
+    /// A header's value as text, if present and visible ASCII.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name)?.to_str().ok()
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_and_cookie() {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::COOKIE, "a=1; session=xyz; b=2".parse().unwrap());
+        let hs = Handshake::new().with_uri("/ws?name=J%C3%BCrgen+K&x&token=abc".parse().unwrap()).with_headers(headers);
+        assert_eq!(hs.query("name").as_deref(), Some("Jürgen K"));
+        assert_eq!(hs.query("x").as_deref(), Some(""));
+        assert_eq!(hs.query("token").as_deref(), Some("abc"));
+        assert_eq!(hs.query("missing"), None);
+        assert_eq!(hs.cookie("session").as_deref(), Some("xyz"));
+        assert_eq!(hs.cookie("nope"), None);
+    }
+}

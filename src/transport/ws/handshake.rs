@@ -1,0 +1,150 @@
+//! The server side of the WebSocket opening handshake (RFC 6455 §4.2),
+//! shared by the standalone listener and the axum integration so both
+//! accept, negotiate and reject exactly alike.
+
+use crate::protocol::Format;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+
+/// What a valid upgrade request negotiated.
+#[derive(Debug)]
+pub(crate) struct Negotiated {
+    /// `Sec-WebSocket-Accept` value.
+    pub accept: String,
+    /// The subprotocol chosen (the client's first offer that we speak), if any.
+    pub subprotocol: Option<&'static str>,
+}
+
+/// A refused handshake: status, extra headers, body.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub status: StatusCode,
+    pub headers: Vec<(&'static str, &'static str)>,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: &str) -> Refusal {
+        Refusal { status, headers: Vec::new(), message: message.to_owned() }
+    }
+}
+
+fn header_has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Validates an upgrade request and negotiates the subprotocol.
+///
+/// - not an upgrade at all (a plain GET) → 426 Upgrade Required;
+/// - wrong method → 405; a version other than 13 → 426 with
+///   `Sec-WebSocket-Version: 13`; a missing or malformed key → 400.
+/// - Subprotocol: the first of the client's offers that is ours
+///   (`switchboard.v1.json`, `switchboard.v1.msgpack`); when it offers none of
+///   ours, none is selected and the connection speaks JSON.
+pub(crate) fn negotiate(method: &Method, headers: &HeaderMap) -> Result<Negotiated, Refusal> {
+    use http::header::{CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE};
+    if !header_has_token(headers, UPGRADE, "websocket") || !header_has_token(headers, CONNECTION, "upgrade") {
+        let mut r = Refusal::new(StatusCode::UPGRADE_REQUIRED, "this endpoint only speaks WebSocket");
+        r.headers.push(("upgrade", "websocket"));
+        r.headers.push(("connection", "upgrade"));
+        return Err(r);
+    }
+    if method != Method::GET {
+        return Err(Refusal::new(StatusCode::METHOD_NOT_ALLOWED, "WebSocket upgrades use GET"));
+    }
+    if headers.get(SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        let mut r = Refusal::new(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version");
+        r.headers.push(("sec-websocket-version", "13"));
+        return Err(r);
+    }
+    let key = headers.get(SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();
+    // A key is 16 random bytes in base64: 24 characters ending in "==".
+    if key.len() != 24 || !key.ends_with(b"==") {
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, "missing or malformed Sec-WebSocket-Key"));
+    }
+    let subprotocol = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|offer| Format::from_subprotocol(offer).map(Format::subprotocol));
+    Ok(Negotiated { accept: tokio_tungstenite::tungstenite::handshake::derive_accept_key(key), subprotocol })
+}
+
+/// The raw `101 Switching Protocols` response.
+pub(crate) fn switching_protocols(n: &Negotiated) -> String {
+    let mut out = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {}\r\n",
+        n.accept
+    );
+    if let Some(p) = n.subprotocol {
+        out.push_str("sec-websocket-protocol: ");
+        out.push_str(p);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out
+}
+
+/// A raw plain-text HTTP error response that closes the connection.
+pub(crate) fn refusal_response(r: &Refusal) -> String {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n",
+        r.status.as_u16(),
+        r.status.canonical_reason().unwrap_or(""),
+        r.message.len()
+    );
+    for (k, v) in &r.headers {
+        out.push_str(k);
+        out.push_str(": ");
+        out.push_str(v);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(&r.message);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade_headers() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("connection", "keep-alive, Upgrade".parse().unwrap());
+        h.insert("sec-websocket-version", "13".parse().unwrap());
+        h.insert("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==".parse().unwrap());
+        h
+    }
+
+    #[test]
+    fn rfc_sample_key() {
+        let n = negotiate(&Method::GET, &upgrade_headers()).unwrap();
+        assert_eq!(n.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        assert_eq!(n.subprotocol, None);
+    }
+
+    #[test]
+    fn picks_first_offer_we_speak() {
+        let mut h = upgrade_headers();
+        h.insert("sec-websocket-protocol", "chat, switchboard.v1.msgpack, switchboard.v1.json".parse().unwrap());
+        assert_eq!(negotiate(&Method::GET, &h).unwrap().subprotocol, Some("switchboard.v1.msgpack"));
+    }
+
+    #[test]
+    fn refusals() {
+        assert_eq!(negotiate(&Method::GET, &HeaderMap::new()).unwrap_err().status, StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(negotiate(&Method::POST, &upgrade_headers()).unwrap_err().status, StatusCode::METHOD_NOT_ALLOWED);
+        let mut h = upgrade_headers();
+        h.insert("sec-websocket-version", "8".parse().unwrap());
+        assert_eq!(negotiate(&Method::GET, &h).unwrap_err().status, StatusCode::UPGRADE_REQUIRED);
+        let mut h = upgrade_headers();
+        h.insert("sec-websocket-key", "short".parse().unwrap());
+        assert_eq!(negotiate(&Method::GET, &h).unwrap_err().status, StatusCode::BAD_REQUEST);
+    }
+}

@@ -1,0 +1,377 @@
+//! WebSocket transport on tokio-tungstenite (feature `ws`).
+//!
+//! Two ways in:
+//! - **Standalone**: [`serve`] runs an accept loop on a `TcpListener` (and
+//!   [`accept`] serves one accepted socket). The handshake is read and
+//!   answered here, so the hub's async authenticator runs *before* the
+//!   upgrade and a refusal is a plain HTTP status on the same socket.
+//! - **Inside axum** (feature `axum`): see [`crate::integration::axum`]; it
+//!   validates the same way and upgrades through hyper, so both paths end in
+//!   the same tungstenite stream and the same session code.
+//!
+//! tungstenite does the framing and the RFC 6455 rules (fragmentation,
+//! UTF-8 validation of text, masking, control frames, the close handshake,
+//! automatic pongs). Its default buffers (128 KiB read buffer per
+//! connection) are far too large for a server holding many mostly idle
+//! connections, so [`WsConfig`] defaults to small ones.
+
+mod handshake;
+
+#[cfg(feature = "axum")]
+pub(crate) use handshake::{negotiate, Refusal};
+
+use super::{CloseFrame, Frame, Handshake, Transport, TransportError};
+use crate::hub::Hub;
+use crate::protocol::CloseCode;
+use futures::stream::{SplitSink, SplitStream};
+use futures::{Sink, Stream, StreamExt};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use pin_project::pin_project;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::{self, protocol::Role, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// WebSocket settings. The message size limit comes from
+/// [`HubConfig::max_message_size`](crate::HubConfig::max_message_size).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WsConfig {
+    /// tungstenite's read buffer, allocated per connection. Default 4 KiB
+    /// (tungstenite's own default is 128 KiB).
+    pub read_buffer_size: usize,
+    /// Bytes tungstenite gathers before writing to the socket; the writer
+    /// flushes after every batch anyway. Default 8 KiB.
+    pub write_buffer_size: usize,
+    /// Longest time a client may take to send its upgrade request (standalone
+    /// listener). Default 10 s.
+    pub handshake_timeout: Duration,
+    /// Largest upgrade request head accepted (standalone listener); a larger
+    /// one gets 431. Default 8 KiB.
+    pub max_handshake_size: usize,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        WsConfig {
+            read_buffer_size: 4 * 1024,
+            write_buffer_size: 8 * 1024,
+            handshake_timeout: Duration::from_secs(10),
+            max_handshake_size: 8 * 1024,
+        }
+    }
+}
+
+impl WsConfig {
+    /// Sets [`WsConfig::read_buffer_size`].
+    pub fn read_buffer_size(mut self, v: usize) -> Self {
+        self.read_buffer_size = v;
+        self
+    }
+
+    /// Sets [`WsConfig::write_buffer_size`].
+    pub fn write_buffer_size(mut self, v: usize) -> Self {
+        self.write_buffer_size = v;
+        self
+    }
+
+    /// Sets [`WsConfig::handshake_timeout`].
+    pub fn handshake_timeout(mut self, v: Duration) -> Self {
+        self.handshake_timeout = v;
+        self
+    }
+
+    /// Sets [`WsConfig::max_handshake_size`].
+    pub fn max_handshake_size(mut self, v: usize) -> Self {
+        self.max_handshake_size = v;
+        self
+    }
+
+    pub(crate) fn tungstenite(&self, max_message_size: usize) -> tungstenite::protocol::WebSocketConfig {
+        tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(self.read_buffer_size)
+            .write_buffer_size(self.write_buffer_size)
+            .max_message_size(Some(max_message_size))
+            .max_frame_size(Some(max_message_size))
+    }
+}
+
+/// A server-side WebSocket connection as a [`Transport`].
+#[derive(Debug)]
+pub struct WsTransport<S> {
+    ws: WebSocketStream<S>,
+}
+
+impl<S> WsTransport<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// Wraps a stream whose handshake is already done (server role).
+    pub async fn from_upgraded(io: S, config: &WsConfig, max_message_size: usize) -> Self {
+        WsTransport { ws: WebSocketStream::from_raw_socket(io, Role::Server, Some(config.tungstenite(max_message_size))).await }
+    }
+}
+
+impl<S> Transport for WsTransport<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Sink = WsSink<S>;
+    type Stream = WsStream<S>;
+
+    fn split(self) -> (WsSink<S>, WsStream<S>) {
+        let (sink, stream) = self.ws.split();
+        (WsSink { inner: sink }, WsStream { inner: stream })
+    }
+}
+
+/// Writing half of a [`WsTransport`].
+#[pin_project]
+#[derive(Debug)]
+pub struct WsSink<S> {
+    #[pin]
+    inner: SplitSink<WebSocketStream<S>, Message>,
+}
+
+/// Reading half of a [`WsTransport`].
+#[pin_project]
+#[derive(Debug)]
+pub struct WsStream<S> {
+    #[pin]
+    inner: SplitStream<WebSocketStream<S>>,
+}
+
+fn to_message(frame: Frame) -> Result<Message, TransportError> {
+    Ok(match frame {
+        Frame::Text(b) => Message::Text(b.try_into().map_err(|_| TransportError::InvalidUtf8)?),
+        Frame::Binary(b) => Message::Binary(b),
+        Frame::Ping(b) => Message::Ping(b),
+        Frame::Pong(b) => Message::Pong(b),
+        Frame::Close(None) => Message::Close(None),
+        Frame::Close(Some(c)) => {
+            // Close reasons are limited to 123 bytes by RFC 6455.
+            let mut end = c.reason.len().min(123);
+            while !c.reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            Message::Close(Some(tungstenite::protocol::CloseFrame {
+                code: c.code.0.into(),
+                reason: c.reason[..end].to_owned().into(),
+            }))
+        }
+    })
+}
+
+fn map_error(e: tungstenite::Error) -> TransportError {
+    use tungstenite::Error as E;
+    match e {
+        E::Capacity(_) => TransportError::MessageTooBig,
+        E::Utf8(_) => TransportError::InvalidUtf8,
+        E::Protocol(p) => TransportError::Protocol(p.to_string()),
+        E::Io(io) => TransportError::Io(io),
+        E::ConnectionClosed | E::AlreadyClosed => TransportError::Closed,
+        other => TransportError::Protocol(other.to_string()),
+    }
+}
+
+impl<S> Sink<Frame> for WsSink<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Error = TransportError;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        self.project().inner.poll_ready(cx).map_err(map_error)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Frame) -> Result<(), TransportError> {
+        self.project().inner.start_send(to_message(item)?).map_err(map_error)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        self.project().inner.poll_flush(cx).map_err(map_error)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        self.project().inner.poll_close(cx).map_err(map_error)
+    }
+}
+
+impl<S> Stream for WsStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    type Item = Result<Frame, TransportError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut inner = self.project().inner;
+        loop {
+            let item = match inner.as_mut().poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(item)) => item,
+            };
+            let frame = match item {
+                Ok(Message::Text(t)) => Frame::Text(t.into()),
+                Ok(Message::Binary(b)) => Frame::Binary(b),
+                Ok(Message::Ping(b)) => Frame::Ping(b),
+                Ok(Message::Pong(b)) => Frame::Pong(b),
+                Ok(Message::Close(c)) => Frame::Close(c.map(|c| CloseFrame { code: CloseCode(c.code.into()), reason: c.reason.to_string() })),
+                // Raw frames are never produced when reading.
+                Ok(Message::Frame(_)) => continue,
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => return Poll::Ready(None),
+                Err(e) => return Poll::Ready(Some(Err(map_error(e)))),
+            };
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+}
+
+/// Accepts WebSocket connections on `listener` and serves each on its own
+/// task, until the hub starts shutting down. Connections already accepted
+/// keep running; [`Hub::shutdown`] closes them.
+pub async fn serve(listener: TcpListener, hub: Hub, config: WsConfig) -> std::io::Result<()> {
+    let stop = hub.shutdown_started();
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut stop => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Running out of file descriptors and similar are
+                    // transient: log, back off briefly, keep accepting.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (hub, config) = (hub.clone(), config.clone());
+        tokio::spawn(async move {
+            if let Err(e) = accept(stream, peer, &hub, &config).await {
+                tracing::debug!(%peer, error = %e, "handshake failed");
+            }
+        });
+    }
+}
+
+/// Serves one accepted TCP connection: reads the upgrade request, runs the
+/// hub's authenticator, answers `101` or an HTTP error, then serves the
+/// WebSocket until it closes.
+pub async fn accept(stream: TcpStream, peer: SocketAddr, hub: &Hub, config: &WsConfig) -> std::io::Result<()> {
+    let max = hub.config().max_message_size;
+    if let Some((transport, hs, identity)) = handshake(stream, peer, config, max, |hs| hub.authenticate(hs)).await? {
+        hub.serve(transport, &hs, identity).await;
+    }
+    Ok(())
+}
+
+/// Performs the server handshake on an accepted socket without a hub:
+/// `Ok(None)` when the request was refused (and answered with an HTTP
+/// error). For using the transport on its own, as `examples/echo.rs` does.
+pub async fn upgrade(
+    stream: TcpStream,
+    peer: SocketAddr,
+    config: &WsConfig,
+    max_message_size: usize,
+) -> std::io::Result<Option<(WsTransport<TcpStream>, Handshake)>> {
+    let admitted = handshake(stream, peer, config, max_message_size, |_| async { Ok(crate::Identity::anonymous()) }).await?;
+    Ok(admitted.map(|(t, hs, _)| (t, hs)))
+}
+
+async fn handshake<F, Fut>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    config: &WsConfig,
+    max_message_size: usize,
+    authenticate: F,
+) -> std::io::Result<Option<(WsTransport<TcpStream>, Handshake, crate::Identity)>>
+where
+    F: FnOnce(&Handshake) -> Fut,
+    Fut: std::future::Future<Output = Result<crate::Identity, crate::Rejection>>,
+{
+    let _ = stream.set_nodelay(true);
+    let head = tokio::time::timeout(config.handshake_timeout, read_head(&mut stream, config.max_handshake_size)).await;
+    let refuse = |r: handshake::Refusal| handshake::refusal_response(&r);
+    let (method, uri, headers, leftover) = match head {
+        Err(_) => return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out")),
+        Ok(Err(HeadError::Io(e))) => return Err(e),
+        Ok(Err(HeadError::Refused(r))) => {
+            stream.write_all(refuse(r).as_bytes()).await?;
+            return Ok(None);
+        }
+        Ok(Ok(h)) => h,
+    };
+    let negotiated = match handshake::negotiate(&method, &headers) {
+        Ok(n) => n,
+        Err(r) => {
+            stream.write_all(refuse(r).as_bytes()).await?;
+            return Ok(None);
+        }
+    };
+    let mut hs = Handshake::new().with_peer(peer).with_uri(uri).with_headers(headers);
+    if let Some(p) = negotiated.subprotocol {
+        hs = hs.with_subprotocol(p);
+    }
+    let identity = match authenticate(&hs).await {
+        Ok(id) => id,
+        Err(rej) => {
+            let r = handshake::Refusal { status: rej.status(), headers: Vec::new(), message: rej.message().to_owned() };
+            stream.write_all(refuse(r).as_bytes()).await?;
+            return Ok(None);
+        }
+    };
+    stream.write_all(handshake::switching_protocols(&negotiated).as_bytes()).await?;
+    let cfg = config.tungstenite(max_message_size);
+    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(cfg)).await;
+    Ok(Some((WsTransport { ws }, hs, identity)))
+}
+
+enum HeadError {
+    Io(std::io::Error),
+    Refused(handshake::Refusal),
+}
+
+type Head = (Method, Uri, HeaderMap, Vec<u8>);
+
+/// Reads an HTTP/1.1 request head; returns it with any bytes read past it.
+async fn read_head(stream: &mut TcpStream, max: usize) -> Result<Head, HeadError> {
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await.map_err(HeadError::Io)?;
+        if n == 0 {
+            return Err(HeadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut raw_headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut raw_headers);
+        let refuse = |status, msg: &str| {
+            HeadError::Refused(handshake::Refusal { status, headers: Vec::new(), message: msg.to_owned() })
+        };
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+                    .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad method"))?;
+                let uri: Uri = req.path.unwrap_or("/").parse().map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad request target"))?;
+                let mut headers = HeaderMap::with_capacity(req.headers.len());
+                for h in req.headers.iter() {
+                    let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad header"))?;
+                    let value = HeaderValue::from_bytes(h.value).map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad header"))?;
+                    headers.append(name, value);
+                }
+                return Ok((method, uri, headers, buf[len..].to_vec()));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < max => continue,
+            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+                return Err(refuse(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"))
+            }
+            Err(_) => return Err(refuse(http::StatusCode::BAD_REQUEST, "malformed HTTP request")),
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! Shared helpers for the end-to-end tests: a real server on 127.0.0.1:0
+//! and a real tokio-tungstenite client that speaks the JSON protocol.
+#![allow(dead_code)]
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+use switchboard::transport::ws::{self, WsConfig};
+use switchboard::Hub;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for an expected message before failing. Generous:
+/// it only bounds a failing test, a passing one never waits it out.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A standalone WebSocket server for `hub` on a free loopback port.
+pub async fn serve(hub: &Hub) -> SocketAddr {
+    serve_with(hub, WsConfig::default()).await
+}
+
+pub async fn serve_with(hub: &Hub, config: WsConfig) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(ws::serve(listener, hub.clone(), config));
+    addr
+}
+
+/// A protocol client over a real WebSocket.
+pub struct Client {
+    pub ws: Ws,
+    pub hello: Value,
+    next_ref: u64,
+    /// Messages read while waiting for something else.
+    pending: std::collections::VecDeque<Value>,
+}
+
+pub async fn connect(addr: SocketAddr) -> Client {
+    connect_path(addr, "/").await
+}
+
+pub async fn connect_path(addr: SocketAddr, path: &str) -> Client {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}{path}")).await.expect("connect");
+    Client::start(ws).await
+}
+
+/// Connects offering a subprotocol.
+pub async fn connect_protocol(addr: SocketAddr, protocol: &str) -> (Ws, Option<String>) {
+    let mut req = format!("ws://{addr}/").into_client_request().unwrap();
+    req.headers_mut().insert("sec-websocket-protocol", protocol.parse().unwrap());
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.expect("connect");
+    let chosen = resp.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap().to_owned());
+    (ws, chosen)
+}
+
+impl Client {
+    pub async fn start(mut ws: Ws) -> Client {
+        let hello = next_json(&mut ws).await;
+        assert_eq!(hello["type"], "hello", "first message must be hello: {hello}");
+        Client { ws, hello, next_ref: 1, pending: Default::default() }
+    }
+
+    pub fn connection_id(&self) -> u64 {
+        self.hello["data"]["connection_id"].as_u64().unwrap()
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.expect("send");
+    }
+
+    pub async fn send_raw(&mut self, m: Message) {
+        self.ws.send(m).await.expect("send");
+    }
+
+    pub fn next_ref(&mut self) -> u64 {
+        self.next_ref += 1;
+        self.next_ref
+    }
+
+    /// The next JSON message (from what was set aside first).
+    pub async fn recv(&mut self) -> Value {
+        if let Some(v) = self.pending.pop_front() {
+            return v;
+        }
+        next_json(&mut self.ws).await
+    }
+
+    /// Waits for the reply or error with `r`, setting other messages aside.
+    pub async fn reply_to(&mut self, r: u64) -> Value {
+        if let Some(pos) = self.pending.iter().position(|v| v["ref"] == r && (v["type"] == "reply" || v["type"] == "error")) {
+            return self.pending.remove(pos).unwrap();
+        }
+        loop {
+            let v = next_json(&mut self.ws).await;
+            if v["ref"] == r && (v["type"] == "reply" || v["type"] == "error") {
+                return v;
+            }
+            self.pending.push_back(v);
+        }
+    }
+
+    /// Waits for the next `event` message, setting others aside.
+    pub async fn event(&mut self) -> Value {
+        if let Some(pos) = self.pending.iter().position(|v| v["type"] == "event") {
+            return self.pending.remove(pos).unwrap();
+        }
+        loop {
+            let v = next_json(&mut self.ws).await;
+            if v["type"] == "event" {
+                return v;
+            }
+            self.pending.push_back(v);
+        }
+    }
+
+    pub async fn request(&mut self, mut v: Value) -> Value {
+        let r = self.next_ref();
+        v["ref"] = json!(r);
+        self.send(v).await;
+        self.reply_to(r).await
+    }
+
+    pub async fn join(&mut self, room: &str) -> Value {
+        self.request(json!({"type": "join", "room": room})).await
+    }
+
+    pub async fn join_ok(&mut self, room: &str) {
+        let r = self.join(room).await;
+        assert_eq!(r["type"], "reply", "join {room}: {r}");
+    }
+
+    pub async fn call(&mut self, event: &str, data: Value) -> Value {
+        self.request(json!({"type": "call", "event": event, "data": data})).await
+    }
+
+    pub async fn call_in(&mut self, room: &str, event: &str, data: Value) -> Value {
+        self.request(json!({"type": "call", "room": room, "event": event, "data": data})).await
+    }
+
+    /// Reads until the server closes; returns the close code (None if the
+    /// socket ended without a close frame).
+    pub async fn closed(&mut self) -> Option<u16> {
+        expect_close(&mut self.ws).await
+    }
+
+    /// Asserts nothing arrives for a short while (used only to check absence
+    /// after a later message proved the earlier one would have arrived).
+    pub fn pending_events(&self) -> usize {
+        self.pending.iter().filter(|v| v["type"] == "event").count()
+    }
+}
+
+pub async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for a message");
+        match msg.expect("stream ended").expect("read error") {
+            Message::Text(t) => return serde_json::from_str(&t).expect("server sent invalid JSON"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+pub async fn expect_close(ws: &mut Ws) -> Option<u16> {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for close");
+        match msg {
+            None | Some(Err(_)) => return None,
+            Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+pub fn code(c: u16) -> CloseCode {
+    CloseCode::from(c)
+}
+
+/// Polls `f` until it is true, yielding in between (for state that settles
+/// asynchronously after a socket closes). Fails after `WAIT`.
+pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
