@@ -25,7 +25,12 @@ async fn main() -> std::io::Result<()> {
         .build();
 
     let app = Router::new()
-        .route("/", get(|State(s): State<AppState>| async move { format!("visit {}", s.visits.fetch_add(1, Ordering::Relaxed) + 1) }))
+        .route(
+            "/",
+            get(|State(s): State<AppState>| async move {
+                format!("visit {}", s.visits.fetch_add(1, Ordering::Relaxed) + 1)
+            }),
+        )
         .route("/ws", switchboard::integration::axum::route(hub.clone()))
         .with_state(AppState::default());
 

@@ -30,7 +30,9 @@ async fn accept_loop(listener: TcpListener, max: usize) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else { continue };
         tokio::spawn(async move {
-            let Ok(Some((transport, _handshake))) = ws::upgrade(stream, peer, &WsConfig::default(), max).await else { return };
+            let Ok(Some((transport, _handshake))) = ws::upgrade(stream, peer, &WsConfig::default(), max).await else {
+                return;
+            };
             let (mut sink, mut stream) = transport.split();
             while let Some(Ok(frame)) = stream.next().await {
                 match frame {
@@ -67,7 +69,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

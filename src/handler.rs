@@ -96,13 +96,15 @@ impl Call {
     /// Publishes `event` to the call's room, the caller included. An error
     /// when the call names no room, or when the backplane fails.
     pub async fn broadcast<T: Serialize + ?Sized>(&self, event: &str, data: &T) -> crate::Result<()> {
-        let room = self.room.as_deref().ok_or_else(|| crate::Error::msg(crate::ErrorKind::InvalidRoom, "call has no room"))?;
+        let room =
+            self.room.as_deref().ok_or_else(|| crate::Error::msg(crate::ErrorKind::InvalidRoom, "call has no room"))?;
         self.hub.publish(room, event, data).await
     }
 
     /// Publishes `event` to the call's room, except to the caller.
     pub async fn broadcast_others<T: Serialize + ?Sized>(&self, event: &str, data: &T) -> crate::Result<()> {
-        let room = self.room.as_deref().ok_or_else(|| crate::Error::msg(crate::ErrorKind::InvalidRoom, "call has no room"))?;
+        let room =
+            self.room.as_deref().ok_or_else(|| crate::Error::msg(crate::ErrorKind::InvalidRoom, "call has no room"))?;
         self.hub.publish_except(room, event, data, self.session.id).await
     }
 }
@@ -193,7 +195,9 @@ where
         let payload = payload.unwrap_or_else(|| Payload::null(format));
         let req: Req = match payload.decode() {
             Ok(r) => r,
-            Err(e) => return Box::pin(async move { Err(CallError::with_code(ErrorCode::INVALID_PAYLOAD, e.to_string())) }),
+            Err(e) => {
+                return Box::pin(async move { Err(CallError::with_code(ErrorCode::INVALID_PAYLOAD, e.to_string())) })
+            }
         };
         let fut = (self.f)(call, req);
         Box::pin(async move {

@@ -4,8 +4,8 @@ pub mod auth;
 pub mod backplane;
 pub mod error;
 pub mod handler;
-pub mod integration;
 mod hub;
+pub mod integration;
 pub mod protocol;
 pub mod room;
 pub mod transport;
@@ -15,6 +15,7 @@ pub use backplane::{Backplane, MemoryBackplane, Subscription};
 pub use error::{Error, ErrorKind, Result};
 pub use handler::{Call, CallError, Handler};
 pub use hub::{
-    Connection, ConnectionId, ConnectionState, DisconnectReason, Hub, HubBuilder, HubConfig, HubStats, OverflowPolicy, Publish,
+    Connection, ConnectionId, ConnectionState, DisconnectReason, Hub, HubBuilder, HubConfig, HubStats, OverflowPolicy,
+    Publish,
 };
 pub use transport::{Frame, Handshake, Transport};

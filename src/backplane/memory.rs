@@ -53,7 +53,11 @@ impl MemoryBackplane {
     /// A backplane whose subscriptions buffer up to `capacity` messages.
     pub fn with_capacity(capacity: usize) -> MemoryBackplane {
         MemoryBackplane {
-            inner: Arc::new(Inner { capacity: capacity.max(1), next_id: AtomicU64::new(1), topics: Mutex::new(HashMap::new()) }),
+            inner: Arc::new(Inner {
+                capacity: capacity.max(1),
+                next_id: AtomicU64::new(1),
+                topics: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
@@ -99,7 +103,11 @@ impl Backplane for MemoryBackplane {
         // futures' channel holds `capacity + 1` messages per sender.
         let (tx, rx) = mpsc::channel(self.inner.capacity.saturating_sub(1));
         let dropped = Arc::new(AtomicU64::new(0));
-        self.inner.topics.lock().entry(topic.to_owned()).or_default().push(Subscriber { id, tx, dropped: dropped.clone() });
+        self.inner.topics.lock().entry(topic.to_owned()).or_default().push(Subscriber {
+            id,
+            tx,
+            dropped: dropped.clone(),
+        });
         let guard = Unsubscribe { inner: self.inner.clone(), topic: topic.to_owned(), id };
         let stream = futures::stream::unfold((rx, dropped, guard), |(mut rx, dropped, guard)| async move {
             let lost = dropped.swap(0, Ordering::Relaxed);

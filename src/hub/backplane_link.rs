@@ -99,7 +99,8 @@ async fn manage(link: Arc<BackplaneLink>, hub: Weak<HubInner>) {
             let result = if want && !subs.contains_key(&room) {
                 match link.backplane.subscribe(&room).await {
                     Ok(sub) => {
-                        let task = tokio::spawn(forward(sub, room.clone(), Arc::downgrade(&inner), TaskGuard::new(&inner)));
+                        let task =
+                            tokio::spawn(forward(sub, room.clone(), Arc::downgrade(&inner), TaskGuard::new(&inner)));
                         subs.insert(room.clone(), AbortOnDrop(task));
                         Ok(())
                     }

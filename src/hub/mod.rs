@@ -473,7 +473,9 @@ impl Hub {
     /// The returned future does not borrow the handshake.
     pub fn authenticate(&self, handshake: &Handshake) -> BoxFuture<'static, std::result::Result<Identity, Rejection>> {
         if self.is_shutting_down() {
-            return Box::pin(async { Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")) });
+            return Box::pin(async {
+                Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))
+            });
         }
         match &self.inner.authenticate {
             Some(a) => a.authenticate(handshake),
@@ -484,7 +486,11 @@ impl Hub {
     /// Authenticates and then serves a connection of any [`Transport`] until
     /// it ends. For transports that have no HTTP step to reject at; a
     /// rejected handshake is returned as `Err` and the transport dropped.
-    pub async fn connect<T: Transport>(&self, transport: T, handshake: Handshake) -> std::result::Result<(), Rejection> {
+    pub async fn connect<T: Transport>(
+        &self,
+        transport: T,
+        handshake: Handshake,
+    ) -> std::result::Result<(), Rejection> {
         let identity = self.authenticate(&handshake).await?;
         self.serve(transport, &handshake, identity).await;
         Ok(())
@@ -679,10 +685,8 @@ impl Hub {
     pub fn room_members(&self, room: &str) -> Vec<Member> {
         let Some(r) = self.inner.rooms.get(room) else { return Vec::new() };
         let members = r.members.read();
-        let mut out: Vec<Member> = members
-            .values()
-            .map(|s| Member { connection: s.id, user_id: s.identity.user_arc().cloned() })
-            .collect();
+        let mut out: Vec<Member> =
+            members.values().map(|s| Member { connection: s.id, user_id: s.identity.user_arc().cloned() }).collect();
         out.sort_by_key(|m| m.connection);
         out
     }
@@ -708,7 +712,13 @@ impl Hub {
 
     /// Like [`Hub::publish`], skipping the connection `except` (typically the
     /// sender), here and on other nodes.
-    pub fn publish_except<T: Serialize + ?Sized>(&self, room: &str, event: &str, data: &T, except: ConnectionId) -> Publish {
+    pub fn publish_except<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        event: &str,
+        data: &T,
+        except: ConnectionId,
+    ) -> Publish {
         Publish(self.publish_now(room, event, data, except.0))
     }
 
@@ -745,7 +755,12 @@ impl Hub {
     }
 
     /// Queues the event to every local member of `room` but `exclude`.
-    fn deliver_local(&self, room: &str, exclude: u64, encoded: &mut Encoded<'_>) -> std::result::Result<usize, ProtocolError> {
+    fn deliver_local(
+        &self,
+        room: &str,
+        exclude: u64,
+        encoded: &mut Encoded<'_>,
+    ) -> std::result::Result<usize, ProtocolError> {
         let Some(room) = self.inner.rooms.get(room) else { return Ok(0) };
         // Read lock held while queueing: queueing never awaits or blocks on
         // a peer, so publishers to the same room proceed in parallel.
@@ -771,7 +786,8 @@ impl Hub {
             Some(p) => p.to_format(format).map(Some),
             None => Ok(None),
         };
-        let mut encoded = Encoded { room: Some(room), event: &msg.event, payload: &mut payload_fn, frames: [None, None] };
+        let mut encoded =
+            Encoded { room: Some(room), event: &msg.event, payload: &mut payload_fn, frames: [None, None] };
         if let Err(e) = self.deliver_local(room, msg.exclude, &mut encoded) {
             tracing::warn!(room, error = %e, "dropping undeliverable backplane message");
         }
@@ -865,4 +881,3 @@ impl Hub {
         }
     }
 }
-

@@ -359,7 +359,13 @@ pub(crate) async fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport
     if sent_close && !peer_closed {
         // Wait (bounded) for the peer's close frame so the close handshake
         // completes cleanly; anything else it sends now is ignored.
-        let drain = async { while let Some(Ok(frame)) = stream.next().await { if let Frame::Close(_) = frame { break } } };
+        let drain = async {
+            while let Some(Ok(frame)) = stream.next().await {
+                if let Frame::Close(_) = frame {
+                    break;
+                }
+            }
+        };
         tokio::select! {
             _ = drain => {}
             _ = session.kill.cancelled() => {}
@@ -430,7 +436,12 @@ fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, binary
     let cfg = &hub.inner.config;
     if bytes.len() > cfg.max_message_size {
         // Transports that enforce the limit themselves never get here.
-        session.close(DisconnectReason::ProtocolViolation(CloseCode::TOO_BIG), CloseCode::TOO_BIG, "message too big", true);
+        session.close(
+            DisconnectReason::ProtocolViolation(CloseCode::TOO_BIG),
+            CloseCode::TOO_BIG,
+            "message too big",
+            true,
+        );
         return;
     }
     if binary != session.format.is_binary() {

@@ -3,10 +3,16 @@ use super::*;
 fn sample() -> Vec<Envelope> {
     vec![
         Envelope::new(Kind::Ping),
-        Envelope::new(Kind::Join).with_ref(1).with_room("lobby").with_data(Payload::encode(Format::Json, &serde_json::json!({"a": 1})).unwrap()),
+        Envelope::new(Kind::Join)
+            .with_ref(1)
+            .with_room("lobby")
+            .with_data(Payload::encode(Format::Json, &serde_json::json!({"a": 1})).unwrap()),
         Envelope::new(Kind::Call).with_ref(u64::MAX).with_event("say \"hi\"\n").with_room("r/ü"),
         Envelope::error(Some(7), 404, "no handler for event `x`"),
-        Envelope::new(Kind::Event).with_room("r").with_event("e").with_data(Payload::encode(Format::Json, &vec![1, 2, 3]).unwrap()),
+        Envelope::new(Kind::Event)
+            .with_room("r")
+            .with_event("e")
+            .with_data(Payload::encode(Format::Json, &vec![1, 2, 3]).unwrap()),
     ]
 }
 

@@ -112,7 +112,9 @@ where
 {
     /// Wraps a stream whose handshake is already done (server role).
     pub async fn from_upgraded(io: S, config: &WsConfig, max_message_size: usize) -> Self {
-        WsTransport { ws: WebSocketStream::from_raw_socket(io, Role::Server, Some(config.tungstenite(max_message_size))).await }
+        WsTransport {
+            ws: WebSocketStream::from_raw_socket(io, Role::Server, Some(config.tungstenite(max_message_size))).await,
+        }
     }
 }
 
@@ -220,10 +222,14 @@ where
                 Ok(Message::Binary(b)) => Frame::Binary(b),
                 Ok(Message::Ping(b)) => Frame::Ping(b),
                 Ok(Message::Pong(b)) => Frame::Pong(b),
-                Ok(Message::Close(c)) => Frame::Close(c.map(|c| CloseFrame { code: CloseCode(c.code.into()), reason: c.reason.to_string() })),
+                Ok(Message::Close(c)) => {
+                    Frame::Close(c.map(|c| CloseFrame { code: CloseCode(c.code.into()), reason: c.reason.to_string() }))
+                }
                 // Raw frames are never produced when reading.
                 Ok(Message::Frame(_)) => continue,
-                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => return Poll::Ready(None),
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return Poll::Ready(None)
+                }
                 Err(e) => return Poll::Ready(Some(Err(map_error(e)))),
             };
             return Poll::Ready(Some(Ok(frame)));
@@ -280,7 +286,8 @@ pub async fn upgrade(
     config: &WsConfig,
     max_message_size: usize,
 ) -> std::io::Result<Option<(WsTransport<TcpStream>, Handshake)>> {
-    let admitted = handshake(stream, peer, config, max_message_size, |_| async { Ok(crate::Identity::anonymous()) }).await?;
+    let admitted =
+        handshake(stream, peer, config, max_message_size, |_| async { Ok(crate::Identity::anonymous()) }).await?;
     Ok(admitted.map(|(t, hs, _)| (t, hs)))
 }
 
@@ -358,11 +365,17 @@ async fn read_head(stream: &mut TcpStream, max: usize) -> Result<Head, HeadError
             Ok(httparse::Status::Complete(len)) => {
                 let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
                     .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad method"))?;
-                let uri: Uri = req.path.unwrap_or("/").parse().map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad request target"))?;
+                let uri: Uri = req
+                    .path
+                    .unwrap_or("/")
+                    .parse()
+                    .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad request target"))?;
                 let mut headers = HeaderMap::with_capacity(req.headers.len());
                 for h in req.headers.iter() {
-                    let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad header"))?;
-                    let value = HeaderValue::from_bytes(h.value).map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad header"))?;
+                    let name = HeaderName::from_bytes(h.name.as_bytes())
+                        .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad header"))?;
+                    let value = HeaderValue::from_bytes(h.value)
+                        .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad header"))?;
                     headers.append(name, value);
                 }
                 return Ok((method, uri, headers, buf[len..].to_vec()));
