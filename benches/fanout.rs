@@ -1,1 +1,80 @@
-fn main() {}
+//! Fan-out and codec benchmarks.
+//!
+//! - `fanout/publish/N`: one `Hub::publish` of a ~100-byte event to a room of
+//!   N members over the in-memory transport, until every member received it.
+//!   The event is serialized once however large N is; time per delivery is
+//!   the figure to watch (throughput is reported in deliveries).
+//! - `codec/*`: envelope encode and decode, JSON and MessagePack.
+//!
+//! Run: `cargo bench --bench fanout`.
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use futures::future::join_all;
+use switchboard::protocol::{Envelope, Format, Kind, Payload};
+use switchboard::transport::memory::{self, MemoryPeer};
+use switchboard::transport::{Frame, Handshake};
+use switchboard::{Hub, HubConfig};
+
+async fn joined_peers(hub: &Hub, room: &str, n: usize) -> Vec<MemoryPeer> {
+    let mut peers = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (transport, mut peer) = memory::pair(1024);
+        let h = hub.clone();
+        tokio::spawn(async move {
+            let _ = h.connect(transport, Handshake::new()).await;
+        });
+        let join = format!(r#"{{"type":"join","ref":1,"room":"{room}"}}"#);
+        peer.send(Frame::Text(Bytes::from(join))).await.unwrap();
+        // hello, then the join reply
+        peer.recv().await.unwrap();
+        peer.recv().await.unwrap();
+        peers.push(peer);
+    }
+    peers
+}
+
+fn fanout(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut group = c.benchmark_group("fanout/publish");
+    group.sample_size(20);
+    let payload = serde_json::json!({"seq": 1, "text": "a chat message of about one hundred bytes, give or take a few"});
+    for n in [100usize, 1_000] {
+        let hub = Hub::builder().config(HubConfig::default().heartbeat_interval(std::time::Duration::ZERO)).build();
+        let mut peers = rt.block_on(joined_peers(&hub, "bench", n));
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                rt.block_on(async {
+                    hub.publish("bench", "msg", &payload).await.unwrap();
+                    join_all(peers.iter_mut().map(|p| p.recv())).await;
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn codec(c: &mut Criterion) {
+    let mut group = c.benchmark_group("codec");
+    let small = serde_json::json!({"text": "hello", "n": 42});
+    let big = serde_json::json!({"blob": "x".repeat(4096)});
+    for (name, value) in [("small", &small), ("4k", &big)] {
+        for format in [Format::Json, Format::MsgPack] {
+            let env = Envelope::new(Kind::Event)
+                .with_room("lobby")
+                .with_event("msg")
+                .with_data(Payload::encode(format, value).unwrap());
+            let bytes = env.encode(format).unwrap();
+            group.throughput(Throughput::Bytes(bytes.len() as u64));
+            group.bench_function(format!("encode/{format:?}/{name}"), |b| b.iter(|| env.encode(format).unwrap()));
+            group.bench_function(format!("decode/{format:?}/{name}"), |b| {
+                b.iter(|| Envelope::decode(format, &bytes).unwrap())
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fanout, codec);
+criterion_main!(benches);

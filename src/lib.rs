@@ -1,5 +1,100 @@
-//! placeholder
-#![allow(missing_docs)]
+//! Real-time features for Rust web servers: rooms, request/reply, heartbeats
+//! and bounded fan-out over WebSocket, with a pluggable backplane for running
+//! several server instances.
+//!
+//! A host application builds a [`Hub`], registers handlers for the events
+//! its clients send, mounts a transport (WebSocket standalone or inside
+//! axum), and publishes events to rooms. Clients speak a small, documented,
+//! versioned protocol (`docs/protocol.md`) in JSON or MessagePack.
+//!
+//! # A tour
+//!
+//! ```no_run
+//! use serde::Deserialize;
+//! use switchboard::{Call, CallError, Hub, HubConfig, Identity, Rejection};
+//!
+//! #[derive(Deserialize)]
+//! struct Say {
+//!     text: String,
+//! }
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let hub = Hub::builder()
+//!     .config(HubConfig::default().max_rooms_per_connection(16))
+//!     // Runs before the upgrade; a rejection is an HTTP status.
+//!     .authenticate(|hs: &switchboard::Handshake| {
+//!         let user = hs.query("user");
+//!         async move { user.map(Identity::user).ok_or_else(|| Rejection::unauthorized("who are you?")) }
+//!     })
+//!     // A client `call` with event "say" in a room it joined.
+//!     .on("say", |call: Call, say: Say| async move {
+//!         let from = call.user_id().unwrap_or("?").to_owned();
+//!         call.broadcast("said", &serde_json::json!({ "from": from, "text": say.text }))
+//!             .await
+//!             .map_err(|e| CallError::internal(e.to_string()))?;
+//!         Ok(())
+//!     })
+//!     .build();
+//!
+//! // The server pushes to a room whenever it likes:
+//! hub.publish("lobby", "notice", &"maintenance at noon").await.ok();
+//!
+//! // Standalone WebSocket server (feature `ws`):
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! switchboard::transport::ws::serve(listener, hub.clone(), Default::default()).await
+//! # }
+//! ```
+//!
+//! Inside an axum app (feature `axum`), mount
+//! [`integration::axum::route`] at a path instead.
+//!
+//! # What you get
+//!
+//! - **Rooms** created on first join and removed on last leave; publish to a
+//!   room (optionally excluding the sender), send to one connection or to all
+//!   connections of a user. Never a broadcast to everyone.
+//! - **Request/reply**: typed handlers per event name with a per-connection
+//!   concurrency bound and a timeout; unknown events, bad payloads and
+//!   failures get numbered error replies.
+//! - **Lifecycle**: connecting → open → closing → closed with hooks;
+//!   heartbeats on one shared timer wheel per hub; graceful shutdown.
+//! - **Bounded everything**: each connection's outbound queue is bounded in
+//!   bytes with a documented overflow policy ([`OverflowPolicy`]).
+//! - **Encode once per broadcast**: a publish is serialized once per envelope
+//!   format and the same buffer is queued to every member.
+//! - **Scaling out** through a [`Backplane`]: [`MemoryBackplane`] links hubs
+//!   in one process; a host can write its own (Redis support comes later).
+//!
+//! # Layout
+//!
+//! | module | what it holds |
+//! |---|---|
+//! | [`hub`](Hub) (root re-exports) | [`Hub`], [`HubBuilder`], [`HubConfig`], connections, stats, shutdown |
+//! | [`handler`] | [`Call`] context, [`CallError`], the [`Handler`] trait |
+//! | [`auth`] | [`Identity`], [`Authenticate`], [`AuthorizeJoin`], [`Rejection`] |
+//! | [`room`] | room naming rules, [`room::Member`] |
+//! | [`protocol`] | envelopes, payloads, JSON and MessagePack codecs, error and close codes |
+//! | [`transport`] | the [`Transport`] trait, [`Frame`], [`Handshake`]; `ws` and `memory` implementations |
+//! | [`backplane`] | the [`Backplane`] trait and [`MemoryBackplane`] |
+//! | [`integration`] | framework adapters (`axum`) |
+//! | `testing` | conformance suites for host implementations (feature `testing`) |
+//! | [`error`] | [`Error`], [`ErrorKind`], [`Result`] |
+//!
+//! Longer guides live in the repository's `docs/`: `protocol.md` (the wire
+//! protocol), `architecture.md` (layers, data path, bounds, locks).
+//!
+//! # Features
+//!
+//! | feature | default | enables |
+//! |---|---|---|
+//! | `ws` | yes | WebSocket transport on tokio-tungstenite ([`transport::ws`]) |
+//! | `axum` | yes | mounting the WebSocket endpoint in an axum router ([`integration::axum`]) |
+//! | `testing` | no | `switchboard::testing`: conformance suites for your own [`Backplane`] |
+//!
+//! Logging goes through `tracing` (always on; silent without a subscriber).
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod auth;
 pub mod backplane;
 pub mod error;
@@ -8,6 +103,8 @@ mod hub;
 pub mod integration;
 pub mod protocol;
 pub mod room;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod transport;
 
 pub use auth::{Authenticate, AuthorizeJoin, Identity, JoinRequest, Rejection};

@@ -28,7 +28,7 @@
 //!
 //! [`MemoryBackplane`] links hubs in one process. A host's own backplane is a
 //! type implementing this trait; `examples/custom-backplane.rs` and the
-//! conformance suite in [`crate::testing`] (feature `testing`) show how.
+//! conformance suite in `switchboard::testing` (feature `testing`) show how.
 
 mod memory;
 pub(crate) mod message;

@@ -362,7 +362,7 @@ impl HubBuilder {
     }
 }
 
-fn random_u64() -> u64 {
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     RandomState::new().hash_one(t) | 1
@@ -788,7 +788,10 @@ impl Hub {
         };
         let mut encoded =
             Encoded { room: Some(room), event: &msg.event, payload: &mut payload_fn, frames: [None, None] };
-        if let Err(e) = self.deliver_local(room, msg.exclude, &mut encoded) {
+        // `msg.exclude` is a connection id of the origin node, which already
+        // skipped it; ids are per hub, so here it would name an unrelated
+        // connection that happens to have the same number.
+        if let Err(e) = self.deliver_local(room, 0, &mut encoded) {
             tracing::warn!(room, error = %e, "dropping undeliverable backplane message");
         }
     }
