@@ -116,3 +116,8 @@ pub use hub::{
     Publish,
 };
 pub use transport::{Frame, Handshake, Transport};
+
+/// Compiles the README's code blocks as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
