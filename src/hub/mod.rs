@@ -100,8 +100,11 @@ pub enum DisconnectReason {
 }
 
 /// A host's view of one live connection (from hooks and [`Hub::connection`]).
+///
+/// Holds a handle on its hub ([`Connection::hub`]), so hooks can publish or
+/// look things up without capturing the hub they are registered on.
 #[derive(Clone)]
-pub struct Connection(Arc<Session>);
+pub struct Connection(Arc<Session>, Hub);
 
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -113,6 +116,11 @@ impl Connection {
     /// Its id.
     pub fn id(&self) -> ConnectionId {
         self.0.id
+    }
+
+    /// The hub it belongs to.
+    pub fn hub(&self) -> &Hub {
+        &self.1
     }
 
     /// Its identity.
@@ -571,19 +579,19 @@ impl Hub {
 
     pub(crate) fn hook_connect(&self, session: &Arc<Session>) {
         if let Some(h) = &self.inner.hooks.connect {
-            h(&Connection(session.clone()));
+            h(&Connection(session.clone(), self.clone()));
         }
     }
 
     pub(crate) fn hook_disconnect(&self, session: &Arc<Session>, reason: &DisconnectReason) {
         if let Some(h) = &self.inner.hooks.disconnect {
-            h(&Connection(session.clone()), reason);
+            h(&Connection(session.clone(), self.clone()), reason);
         }
     }
 
     /// A live connection by id.
     pub fn connection(&self, id: ConnectionId) -> Option<Connection> {
-        self.inner.sessions.read().get(&id).cloned().map(Connection)
+        self.inner.sessions.read().get(&id).cloned().map(|s| Connection(s, self.clone()))
     }
 
     /// Joins a connection to a room, as if it had sent `join` (the join
@@ -646,7 +654,7 @@ impl Hub {
             }
         }
         if let Some(h) = &self.inner.hooks.join {
-            h(&Connection(session.clone()), room);
+            h(&Connection(session.clone(), self.clone()), room);
         }
         Ok(())
     }
@@ -664,7 +672,7 @@ impl Hub {
             }
         }
         if let Some(h) = &self.inner.hooks.leave {
-            h(&Connection(session.clone()), room);
+            h(&Connection(session.clone(), self.clone()), room);
         }
         true
     }
@@ -691,7 +699,7 @@ impl Hub {
         out
     }
 
-    /// Names of the rooms that currently have local members.
+    /// Whether `room` currently has local members.
     pub fn room_exists(&self, room: &str) -> bool {
         self.inner.rooms.contains(room)
     }

@@ -202,8 +202,12 @@ fn percent_decode(s: &str) -> Option<String> {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
+                // Exactly two hex digits (from_str_radix alone would accept "+1").
+                let hex = bytes.get(i + 1..i + 3)?;
+                if !hex.iter().all(u8::is_ascii_hexdigit) {
+                    return None;
+                }
+                out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
                 i += 2;
             }
             b => out.push(b),
@@ -226,6 +230,9 @@ mod tests {
         assert_eq!(hs.query("x").as_deref(), Some(""));
         assert_eq!(hs.query("token").as_deref(), Some("abc"));
         assert_eq!(hs.query("missing"), None);
+        let bad = Handshake::new().with_uri("/ws?name=%+1&ok=%41".parse().unwrap());
+        assert_eq!(bad.query("name"), None, "a sign is not a hex digit");
+        assert_eq!(bad.query("ok").as_deref(), Some("A"));
         assert_eq!(hs.cookie("session").as_deref(), Some("xyz"));
         assert_eq!(hs.cookie("nope"), None);
     }

@@ -1,0 +1,188 @@
+// Drives the chat example (examples/chat) in headless Chromium: two users in
+// two browser contexts chat in "lobby", and markup sent as a message must be
+// shown as text, never run.
+//
+//   node tests/browser/chat.mjs http://127.0.0.1:3000
+//
+// Run by tests/browser.rs against an in-process server. Needs Chromium at
+// $CHROMIUM_PATH or /usr/bin/chromium and `npm ci` here: both come from
+// `bash .ci/install-browser.sh`. Exits 0 after printing
+// "browser chat test passed", 1 with a reason otherwise.
+
+import { chromium } from "playwright-core";
+
+const base = (process.argv[2] || "").replace(/\/+$/, "");
+const TIMEOUT = 15_000; // every single wait
+const OVERALL = 120_000; // the whole script
+const XSS = "<img src=x onerror=alert(1)>";
+
+let browser = null;
+const dialogs = [];
+const pageErrors = [];
+
+async function fail(message) {
+  console.error(`browser chat test FAILED: ${message}`);
+  if (dialogs.length) console.error(`dialogs opened: ${dialogs.join("; ")}`);
+  if (pageErrors.length) console.error(`page errors: ${pageErrors.join("; ")}`);
+  try {
+    await browser?.close();
+  } catch {}
+  process.exit(1);
+}
+
+/** Runs one named step; any exception fails the test with the step's name. */
+async function step(what, fn) {
+  try {
+    return await fn();
+  } catch (e) {
+    await fail(`${what}: ${e && e.message ? e.message.split("\n")[0] : e}`);
+  }
+}
+
+async function openUser(name) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  page.setDefaultTimeout(TIMEOUT);
+  page.on("dialog", async (d) => {
+    dialogs.push(`${name}: ${d.type()}(${JSON.stringify(d.message())})`);
+    await d.dismiss().catch(() => {});
+  });
+  page.on("pageerror", (e) => pageErrors.push(`${name}: ${e.message}`));
+  await page.goto(`${base}/`);
+  await page.fill("#name", name);
+  await page.click("#connect");
+  await page.waitForFunction(() => document.querySelector("#status")?.textContent === "connected", null, { timeout: TIMEOUT });
+  return page;
+}
+
+async function join(page, room) {
+  await page.fill("#room", room);
+  await page.click("#join");
+  await page.waitForFunction((r) => document.querySelector("#current-room")?.textContent === r, room, { timeout: TIMEOUT });
+}
+
+async function waitMembers(page, names) {
+  await page.waitForFunction(
+    (want) => {
+      const have = [...document.querySelectorAll("#members li")].map((li) => li.textContent);
+      return want.every((n) => have.includes(n));
+    },
+    names,
+    { timeout: TIMEOUT },
+  );
+}
+
+async function say(page, text) {
+  await page.fill("#text", text);
+  await page.click("#send");
+}
+
+/** Waits for a message from `from` with exactly `text` in the shown room. */
+async function waitMessage(page, from, text) {
+  await page.waitForFunction(
+    ([f, t]) =>
+      [...document.querySelectorAll("#messages .message")].some(
+        (m) => m.querySelector(".from")?.textContent === f && m.querySelector(".text")?.textContent === t,
+      ),
+    [from, text],
+    { timeout: TIMEOUT },
+  );
+}
+
+async function texts(page) {
+  return page.$$eval("#messages .message .text", (els) => els.map((e) => e.textContent));
+}
+
+async function main() {
+  if (!/^https?:\/\//.test(base)) await fail("usage: node chat.mjs http://HOST:PORT");
+  const executablePath = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
+  browser = await step(`launch ${executablePath} (run \`bash .ci/install-browser.sh\`)`, () =>
+    chromium.launch({
+      executablePath,
+      args: [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-component-update",
+        "--disable-sync",
+      ],
+    }),
+  );
+
+  const alice = await step("alice connects", () => openUser("alice"));
+  const bob = await step("bob connects", () => openUser("bob"));
+  await step("alice joins lobby", () => join(alice, "lobby"));
+  await step("bob joins lobby", () => join(bob, "lobby"));
+  await step("alice sees alice and bob in #members", () => waitMembers(alice, ["alice", "bob"]));
+  await step("bob sees alice and bob in #members", () => waitMembers(bob, ["alice", "bob"]));
+
+  await step("alice sends 'hello bob'", () => say(alice, "hello bob"));
+  await step("bob sees 'hello bob' from alice", () => waitMessage(bob, "alice", "hello bob"));
+  await step("alice sees her own message", () => waitMessage(alice, "alice", "hello bob"));
+
+  await step("alice sends markup", () => say(alice, XSS));
+  await step("bob sees the markup as text", () => waitMessage(bob, "alice", XSS));
+  await step("alice sees the markup as text", () => waitMessage(alice, "alice", XSS));
+  // Give a wrongly inserted <img> time to fail loading and fire onerror.
+  await new Promise((r) => setTimeout(r, 1000));
+  for (const [name, page] of [["alice", alice], ["bob", bob]]) {
+    const imgs = await step(`count img in ${name}'s #messages`, () => page.$$eval("#messages img", (e) => e.length));
+    if (imgs !== 0) await fail(`${name}'s #messages contains ${imgs} <img> element(s): user text was parsed as HTML`);
+  }
+  if (dialogs.length) await fail("a dialog was opened: user text ran as script");
+
+  // A message the server refuses: the error envelope (code + message) is shown.
+  await step("alice sends a 2001-character message", () => say(alice, "x".repeat(2001)));
+  await step("alice is shown the 400 error", () =>
+    alice.waitForFunction(() => /error 400: .*2000/.test(document.querySelector("#errors")?.textContent || ""), null, {
+      timeout: TIMEOUT,
+    }),
+  );
+
+  // Rooms are separate: a message in "dev" reaches neither bob nor lobby's view.
+  await step("alice joins dev", () => join(alice, "dev"));
+  await step("alice alone in dev", () =>
+    alice.waitForFunction(
+      () => [...document.querySelectorAll("#members li")].map((li) => li.textContent).join(",") === "alice",
+      null,
+      { timeout: TIMEOUT },
+    ),
+  );
+  await step("alice sends in dev", () => say(alice, "only in dev"));
+  await step("alice sees it in dev", () => waitMessage(alice, "alice", "only in dev"));
+  await step("alice switches back to lobby", async () => {
+    await alice.click('#rooms button[data-room="lobby"]');
+    await alice.waitForFunction(() => document.querySelector("#current-room")?.textContent === "lobby", null, {
+      timeout: TIMEOUT,
+    });
+  });
+  await step("alice's lobby shows the lobby messages", () => waitMessage(alice, "alice", "hello bob"));
+  await step("bob says in lobby", () => say(bob, "last one"));
+  await step("alice sees bob's message", () => waitMessage(alice, "bob", "last one"));
+  for (const [name, page] of [["alice", alice], ["bob", bob]]) {
+    const shown = await step(`read ${name}'s lobby`, () => texts(page));
+    if (shown.includes("only in dev")) await fail(`${name}'s lobby shows a message sent to dev`);
+  }
+
+  // Bob leaves: alice's member list follows.
+  await step("bob closes his page", () => bob.context().close());
+  await step("alice sees bob gone from #members", () =>
+    alice.waitForFunction(
+      () => [...document.querySelectorAll("#members li")].map((li) => li.textContent).join(",") === "alice",
+      null,
+      { timeout: TIMEOUT },
+    ),
+  );
+
+  if (dialogs.length) await fail("a dialog was opened");
+  if (pageErrors.length) await fail("uncaught errors in the page");
+  await browser.close();
+  console.log("browser chat test passed");
+  process.exit(0);
+}
+
+setTimeout(() => fail(`did not finish within ${OVERALL / 1000} s`), OVERALL).unref();
+main().catch((e) => fail(e && e.stack ? e.stack : String(e)));
