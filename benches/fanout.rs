@@ -8,6 +8,9 @@
 //!
 //! Run: `cargo bench --bench fanout`.
 
+// criterion's macros generate undocumented functions.
+#![allow(missing_docs)]
+
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures::future::join_all;
@@ -38,7 +41,8 @@ fn fanout(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut group = c.benchmark_group("fanout/publish");
     group.sample_size(20);
-    let payload = serde_json::json!({"seq": 1, "text": "a chat message of about one hundred bytes, give or take a few"});
+    let payload =
+        serde_json::json!({"seq": 1, "text": "a chat message of about one hundred bytes, give or take a few"});
     for n in [100usize, 1_000] {
         let hub = Hub::builder().config(HubConfig::default().heartbeat_interval(std::time::Duration::ZERO)).build();
         let mut peers = rt.block_on(joined_peers(&hub, "bench", n));
@@ -76,5 +80,9 @@ fn codec(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, fanout, codec);
+criterion_group! {
+    name = benches;
+    config = Criterion::default();
+    targets = fanout, codec
+}
 criterion_main!(benches);

@@ -52,7 +52,8 @@ pub async fn backplane<B: Backplane + Clone>(a: B, b: B) {
 
     // 1. Delivery across nodes, binary-safe.
     let mut sub_b = b.subscribe(&t("one")).await.expect("subscribe");
-    let payloads = [Bytes::from_static(b"hello"), Bytes::from_static(&[0, 255, 10, 13, 0]), Bytes::from(vec![7u8; 64 * 1024])];
+    let payloads =
+        [Bytes::from_static(b"hello"), Bytes::from_static(&[0, 255, 10, 13, 0]), Bytes::from(vec![7u8; 64 * 1024])];
     for p in &payloads {
         a.publish(&t("one"), p.clone()).await.expect("publish");
         let got = next(&mut sub_b, "1. cross-node delivery").await;

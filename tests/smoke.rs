@@ -1,3 +1,4 @@
+//! Smoke test: one join, one call, one broadcast over a real socket.
 mod support;
 use serde_json::json;
 use support::*;

@@ -27,8 +27,8 @@
 //! the gap is reported rather than hidden.
 //!
 //! [`MemoryBackplane`] links hubs in one process. A host's own backplane is a
-//! type implementing this trait; `examples/custom-backplane.rs` and the
-//! conformance suite in `switchboard::testing` (feature `testing`) show how.
+//! type implementing this trait; the conformance suite in
+//! `switchboard::testing` (feature `testing`) checks it behaves like ours.
 
 mod memory;
 pub(crate) mod message;

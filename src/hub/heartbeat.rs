@@ -11,9 +11,11 @@
 //!   again by the reader), the next ping is due `interval` after the previous
 //!   one; otherwise the connection is closed with code 4001.
 //!
-//! So a silent peer is closed exactly `interval + timeout` after its last
-//! sign of life at the latest, and a live one costs one timer entry and one
-//! ping per interval — no sleeping future per connection.
+//! So a peer silent from the start is closed exactly `interval + timeout`
+//! after it connected, and any silent peer at most `max(interval, timeout) +
+//! timeout` after its last sign of life; a live one costs one timer entry and
+//! one ping per interval — no sleeping future per connection. The task runs
+//! on the runtime of the hub's first connection.
 
 use super::session::Session;
 use super::DisconnectReason;

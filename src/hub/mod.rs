@@ -18,6 +18,7 @@ use crate::transport::{Handshake, Transport};
 use backplane_link::BackplaneLink;
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -25,6 +26,7 @@ use session::Session;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -406,6 +408,30 @@ impl Future for Publish {
     }
 }
 
+/// Runs a host hook; a panic in it is logged and contained, so the
+/// connection's own bookkeeping (rooms, registry, counts) still completes.
+fn run_hook(name: &str, f: impl FnOnce()) {
+    if std::panic::catch_unwind(AssertUnwindSafe(f)).is_err() {
+        tracing::error!(hook = name, "a hook panicked; the panic was contained");
+    }
+}
+
+/// Takes back a membership whose join did not complete (see `add_member`).
+struct Rollback<'a> {
+    hub: &'a Hub,
+    session: &'a Arc<Session>,
+    room: &'a str,
+    armed: bool,
+}
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.hub.remove_member(self.session, self.room, false);
+        }
+    }
+}
+
 /// Encodes one publish at most once per format, however many recipients.
 struct Encoded<'a> {
     room: Option<&'a str>,
@@ -485,9 +511,15 @@ impl Hub {
                 Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))
             });
         }
-        match &self.inner.authenticate {
-            Some(a) => a.authenticate(handshake),
-            None => Box::pin(async { Ok(Identity::anonymous()) }),
+        let Some(auth) = &self.inner.authenticate else { return Box::pin(async { Ok(Identity::anonymous()) }) };
+        // A panicking authenticator refuses with 500 instead of dropping the
+        // socket without an answer.
+        let failed = || Rejection::new(http::StatusCode::INTERNAL_SERVER_ERROR, "authentication failed");
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| auth.authenticate(handshake))) {
+            Ok(fut) => {
+                Box::pin(async move { AssertUnwindSafe(fut).catch_unwind().await.unwrap_or_else(|_| Err(failed())) })
+            }
+            Err(_) => Box::pin(async move { Err(failed()) }),
         }
     }
 
@@ -579,13 +611,13 @@ impl Hub {
 
     pub(crate) fn hook_connect(&self, session: &Arc<Session>) {
         if let Some(h) = &self.inner.hooks.connect {
-            h(&Connection(session.clone(), self.clone()));
+            run_hook("connect", || h(&Connection(session.clone(), self.clone())));
         }
     }
 
     pub(crate) fn hook_disconnect(&self, session: &Arc<Session>, reason: &DisconnectReason) {
         if let Some(h) = &self.inner.hooks.disconnect {
-            h(&Connection(session.clone(), self.clone()), reason);
+            run_hook("disconnect", || h(&Connection(session.clone(), self.clone()), reason));
         }
     }
 
@@ -647,19 +679,26 @@ impl Hub {
             rooms.push(name);
             created
         };
+        // Until the join is complete (subscription in step, hook run), a
+        // failure — or the caller dropping this future, e.g. on a timeout —
+        // takes the membership back without an `on_leave` for a join that
+        // never finished.
+        let mut rollback = Rollback { hub: self, session, room, armed: true };
         if let Some(link) = &self.inner.backplane {
             if let Err(e) = link.ensure(self, room, created).await {
-                self.leave_session(session, room);
                 return Err(CallError::with_code(ErrorCode::UNAVAILABLE, format!("backplane: {e}")));
             }
         }
+        rollback.armed = false;
         if let Some(h) = &self.inner.hooks.join {
-            h(&Connection(session.clone(), self.clone()), room);
+            run_hook("join", || h(&Connection(session.clone(), self.clone()), room));
         }
         Ok(())
     }
 
-    pub(crate) fn leave_session(&self, session: &Arc<Session>, room: &str) -> bool {
+    /// Removes a membership; with `hook`, runs `on_leave`. `false` if the
+    /// session was not a member.
+    fn remove_member(&self, session: &Arc<Session>, room: &str, hook: bool) -> bool {
         let removed = {
             let mut rooms = session.rooms.lock();
             let Some(pos) = rooms.iter().position(|r| &**r == room) else { return false };
@@ -671,10 +710,16 @@ impl Hub {
                 link.mark(self, room);
             }
         }
-        if let Some(h) = &self.inner.hooks.leave {
-            h(&Connection(session.clone(), self.clone()), room);
+        if hook {
+            if let Some(h) = &self.inner.hooks.leave {
+                run_hook("leave", || h(&Connection(session.clone(), self.clone()), room));
+            }
         }
         true
+    }
+
+    pub(crate) fn leave_session(&self, session: &Arc<Session>, room: &str) -> bool {
+        self.remove_member(session, room, true)
     }
 
     pub(crate) fn leave_all(&self, session: &Arc<Session>) {
@@ -751,9 +796,12 @@ impl Hub {
             return PublishState::Done(Some(e.into()));
         }
         let Some(link) = &self.inner.backplane else { return PublishState::Done(None) };
-        let payload = match payloads[Format::Json.index()].take() {
+        // Other nodes get whichever encoding exists already (JSON first), so
+        // the value is serialized no more often than local delivery needed.
+        let [json, msgpack] = payloads;
+        let payload = match json.or(msgpack) {
             Some(p) => p,
-            None => match Payload::encode(Format::Json, data) {
+            None => match Payload::encode(Format::Json, data).or_else(|_| Payload::encode(Format::MsgPack, data)) {
                 Ok(p) => p,
                 Err(e) => return PublishState::Done(Some(e.into())),
             },
@@ -774,14 +822,30 @@ impl Hub {
         // a peer, so publishers to the same room proceed in parallel.
         let members = room.members.read();
         let mut delivered = 0;
+        let mut failed: [Option<ProtocolError>; 2] = [None, None];
         for (id, session) in members.iter() {
             if id.0 == exclude {
                 continue;
             }
-            session.push_encoded(encoded.get(session.format)?);
-            delivered += 1;
+            // A value one format cannot represent (a map with non-string
+            // keys in JSON) still reaches the members using the other one;
+            // the error is returned once every member was tried.
+            let slot = &mut failed[session.format.index()];
+            if slot.is_some() {
+                continue;
+            }
+            match encoded.get(session.format) {
+                Ok(bytes) => {
+                    session.push_encoded(bytes);
+                    delivered += 1;
+                }
+                Err(e) => *slot = Some(e),
+            }
         }
-        Ok(delivered)
+        match failed {
+            [Some(e), _] | [None, Some(e)] => Err(e),
+            [None, None] => Ok(delivered),
+        }
     }
 
     /// Delivers a message that arrived over the backplane to local members.
@@ -826,10 +890,23 @@ impl Hub {
         };
         let mut payload_fn = |format: Format| Payload::encode(format, data).map(Some);
         let mut encoded = Encoded { room: None, event, payload: &mut payload_fn, frames: [None, None] };
+        // As in a room publish: a format that cannot encode the value skips
+        // its connections, the others are served, the error is returned.
+        let mut error = None;
+        let mut sent = 0;
         for s in &sessions {
-            s.push_encoded(encoded.get(s.format)?);
+            match encoded.get(s.format) {
+                Ok(bytes) => {
+                    s.push_encoded(bytes);
+                    sent += 1;
+                }
+                Err(e) => error = Some(e),
+            }
         }
-        Ok(sessions.len())
+        match error {
+            Some(e) => Err(e.into()),
+            None => Ok(sent),
+        }
     }
 
     /// Closes a connection with `code` and `reason` after what is already

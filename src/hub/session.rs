@@ -175,6 +175,10 @@ pub(crate) struct Outbox {
 #[derive(Default)]
 struct OutState {
     queue: VecDeque<Frame>,
+    /// The pending heartbeat ping, written before the queue. Kept apart so it
+    /// is never counted in `bytes` (a protocol ping is a text or binary
+    /// frame) nor dropped as data under the drop-oldest policy.
+    ping: Option<Frame>,
     bytes: usize,
     peak: usize,
     /// Dropped since the last `lagged` notice (drop-oldest policy).
@@ -238,7 +242,7 @@ impl Outbox {
         if st.closing {
             return;
         }
-        st.queue.push_back(frame);
+        st.ping = Some(frame);
         drop(st);
         self.notify.notify_one();
     }
@@ -276,13 +280,13 @@ where
 {
     let mut batch = VecDeque::new();
     loop {
-        let (batch_bytes, lagged, close, closing) = {
+        let (ping, batch_bytes, lagged, close, closing) = {
             let mut st = session.outbox.state.lock();
             std::mem::swap(&mut st.queue, &mut batch);
             let bytes: usize = batch.iter().map(data_len).sum();
-            (bytes, std::mem::take(&mut st.lagged), st.close_frame.take(), st.closing)
+            (st.ping.take(), bytes, std::mem::take(&mut st.lagged), st.close_frame.take(), st.closing)
         };
-        if batch.is_empty() && lagged == 0 && close.is_none() {
+        if ping.is_none() && batch.is_empty() && lagged == 0 && close.is_none() {
             if closing {
                 return false;
             }
@@ -290,6 +294,9 @@ where
             continue;
         }
         let result: Result<(), TransportError> = async {
+            if let Some(ping) = ping {
+                sink.feed(ping).await?;
+            }
             if lagged > 0 {
                 let data = lagged_payload(session.format, lagged);
                 let bytes = Parts { data: Some(data.bytes()), ..Parts::new(Kind::Lagged) }.encode(session.format);
@@ -337,7 +344,14 @@ pub(crate) async fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport
         })
     };
     hub.send_hello(&session);
-    session.set_state(ConnectionState::Open);
+    // Open, unless a close was already decided (e.g. shutdown began while
+    // this connection was being set up): states never go backwards.
+    let _ = session.state.compare_exchange(
+        ConnectionState::Connecting as u8,
+        ConnectionState::Open as u8,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
     hub.register_heartbeat(&session).await;
     hub.hook_connect(&session);
 
@@ -348,7 +362,6 @@ pub(crate) async fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport
     // let the writer drain what is queued and send the close frame.
     calls.abort_all();
     hub.leave_all(&session);
-    hub.deregister(&session);
     let close_timeout = hub.inner.config.close_timeout;
     let mut writer = writer;
     let sent_close = tokio::select! {
@@ -374,6 +387,9 @@ pub(crate) async fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport
     }
     drop(stream);
     drop(calls);
+    // Only now is the connection gone: until here it was Closing, still
+    // counted and reachable (so `shutdown` waits for its drain and close).
+    hub.deregister(&session);
     session.set_state(ConnectionState::Closed);
     let reason = session.reason().unwrap_or(DisconnectReason::ConnectionLost);
     hub.hook_disconnect(&session, &reason);
@@ -419,7 +435,9 @@ where
                             };
                             // Echo the peer's code, as RFC 6455 asks.
                             let echo = CloseFrame { code: code.unwrap_or(CloseCode::NORMAL), reason: String::new() };
-                            session.close_with(DisconnectReason::ClientClosed { code, reason: text }, Some(echo), false);
+                            // The peer will read nothing more after its close:
+                            // what is still queued is dropped.
+                            session.close_with(DisconnectReason::ClientClosed { code, reason: text }, Some(echo), true);
                             return true;
                         }
                         Frame::Ping(_) | Frame::Pong(_) => {}
@@ -450,7 +468,9 @@ fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, binary
     }
     let env = match Envelope::decode(session.format, &bytes) {
         Ok(env) => env,
-        Err(e) => return session.send_error(None, e.code().0, &e.to_string()),
+        Err(e) => {
+            return session.send_error(Envelope::reference_of(session.format, &bytes), e.code().0, &e.to_string())
+        }
     };
     match env.kind {
         Kind::Ping => session.send_parts(&Parts { reference: env.reference, ..Parts::new(Kind::Pong) }),
@@ -512,10 +532,14 @@ fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Enve
         let _guard = guard;
         let _permit = permit;
         let timeout = hub.inner.config.handler_timeout;
-        match tokio::time::timeout(timeout, hub.join_session(&session, &room, env.data)).await {
+        // A panic in the host's join authorizer is answered with a 500, as a
+        // panicking handler is; uncaught, the join would never be answered.
+        let join = AssertUnwindSafe(hub.join_session(&session, &room, env.data)).catch_unwind();
+        match tokio::time::timeout(timeout, join).await {
             Err(_) => session.send_error(env.reference, ErrorCode::TIMEOUT.0, "join timed out"),
-            Ok(Err(e)) => session.send_error(env.reference, e.code(), e.message()),
-            Ok(Ok(())) => room_reply(&session, env.reference, &room),
+            Ok(Err(_panic)) => session.send_error(env.reference, ErrorCode::INTERNAL.0, "join failed"),
+            Ok(Ok(Err(e))) => session.send_error(env.reference, e.code(), e.message()),
+            Ok(Ok(Ok(()))) => room_reply(&session, env.reference, &room),
         }
     });
 }

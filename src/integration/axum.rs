@@ -85,10 +85,14 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
     if let Some(p) = negotiated.subprotocol {
         hs = hs.with_subprotocol(p);
     }
-    let identity = match hub.authenticate(&hs).await {
-        Ok(id) => id,
-        Err(rej) => {
+    let identity = match tokio::time::timeout(config.handshake_timeout, hub.authenticate(&hs)).await {
+        Ok(Ok(id)) => id,
+        Ok(Err(rej)) => {
             return refusal(Refusal { status: rej.status(), headers: Vec::new(), message: rej.message().to_owned() })
+        }
+        Err(_) => {
+            let message = "authentication timed out".to_owned();
+            return refusal(Refusal { status: StatusCode::SERVICE_UNAVAILABLE, headers: Vec::new(), message });
         }
     };
     tokio::spawn(async move {

@@ -16,13 +16,15 @@ impl ErrorCode {
     /// 400: the frame is not a valid envelope (bad JSON/MessagePack, wrong
     /// shape, unknown `type`, missing field, invalid room name).
     pub const BAD_REQUEST: ErrorCode = ErrorCode(400);
-    /// 401: the connection has no identity and the action needs one.
+    /// 401: the connection has no identity and the action needs one. Not
+    /// sent by the crate itself; for host handlers and authorizers.
     pub const UNAUTHORIZED: ErrorCode = ErrorCode(401);
     /// 403: the host refused the join or the call.
     pub const FORBIDDEN: ErrorCode = ErrorCode(403);
     /// 404: no handler is registered for the event.
     pub const UNKNOWN_EVENT: ErrorCode = ErrorCode(404);
-    /// 405: the call names a room this connection has not joined.
+    /// 405: the call names a room this connection has not joined, or a
+    /// `leave` names a room it is not in.
     pub const NOT_JOINED: ErrorCode = ErrorCode(405);
     /// 408: the handler did not finish within the handler timeout.
     pub const TIMEOUT: ErrorCode = ErrorCode(408);
@@ -38,7 +40,8 @@ impl ErrorCode {
     /// 500: the handler failed unexpectedly (panicked, or its reply could not
     /// be encoded).
     pub const INTERNAL: ErrorCode = ErrorCode(500);
-    /// 503: the server is shutting down and takes no new work.
+    /// 503: the server is shutting down (or the backplane is unavailable)
+    /// and the join cannot be done.
     pub const UNAVAILABLE: ErrorCode = ErrorCode(503);
 
     /// Short snake_case name of a protocol code, `None` for host codes.
@@ -75,7 +78,7 @@ impl fmt::Display for ErrorCode {
 ///
 /// | range | meaning |
 /// |---|---|
-/// | 1001, 1006, 1009, 1011, 1012, 1013 | reconnect |
+/// | 1001, 1006, 1009, 1011, 1012, 1013, 1014 | reconnect |
 /// | 1000, 1002, 1003, 1007, 1008 | do not reconnect |
 /// | 4000–4499 | switchboard: reconnect |
 /// | 4500–4999 | switchboard: do not reconnect |

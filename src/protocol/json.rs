@@ -2,7 +2,7 @@
 //! located with serde_json's `RawValue` and kept as a zero-copy slice of the
 //! frame's `Bytes`.
 
-use super::{Envelope, Format, Kind, Parts, Payload, ProtocolError};
+use super::{Envelope, Format, Kind, Parts, Payload, ProtocolError, MAX_DEPTH};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -34,6 +34,9 @@ pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
     })?;
     let kind_name = wire.kind.ok_or_else(|| ProtocolError::Invalid("missing field `type`".into()))?;
     let kind = Kind::parse(&kind_name).ok_or_else(|| ProtocolError::UnknownType(truncate(&kind_name)))?;
+    if let Some(raw) = wire.data {
+        check_depth(raw.get().as_bytes())?;
+    }
     let data = wire.data.map(|raw| {
         // The RawValue borrows from `bytes`: slice the same allocation
         // instead of copying the payload.
@@ -50,6 +53,51 @@ pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
         message: wire.message.map(Cow::into_owned),
         data,
     })
+}
+
+/// Refuses `data` nested deeper than [`MAX_DEPTH`] (serde_json skips a raw
+/// value without a depth limit, so the envelope decoder checks it: a handler
+/// that later deserializes the payload recursively must not blow the stack).
+/// One pass over the bytes, tracking strings so brackets inside them do not
+/// count.
+fn check_depth(json: &[u8]) -> Result<(), ProtocolError> {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(ProtocolError::Malformed(format!("nesting deeper than {MAX_DEPTH}")));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The `ref` of a JSON envelope that failed to decode, if it has a valid one.
+pub(super) fn reference_of(bytes: &[u8]) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct RefOnly {
+        #[serde(rename = "ref", default, deserialize_with = "lenient_ref")]
+        reference: Option<u64>,
+    }
+    fn lenient_ref<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Ok(Option::<serde_json::Value>::deserialize(d)?.and_then(|v| v.as_u64()))
+    }
+    serde_json::from_slice::<RefOnly>(bytes).ok()?.reference
 }
 
 /// Keeps error messages that echo client input short.

@@ -34,8 +34,8 @@ pub const SUBPROTOCOL_JSON: &str = "switchboard.v1.json";
 /// Subprotocol name for MessagePack envelopes in binary frames.
 pub const SUBPROTOCOL_MSGPACK: &str = "switchboard.v1.msgpack";
 
-/// Maximum nesting depth accepted in a MessagePack payload (JSON uses
-/// serde_json's own limit of 128).
+/// Maximum nesting depth of arrays and maps in an envelope's `data`, in both
+/// formats; a deeper one is refused when the envelope is decoded (400).
 pub const MAX_DEPTH: usize = 128;
 
 /// How envelopes are encoded on one connection.
@@ -337,6 +337,16 @@ impl Envelope {
         match format {
             Format::Json => json::decode(bytes),
             Format::MsgPack => msgpack::decode(bytes),
+        }
+    }
+
+    /// Best effort: the `ref` of a frame that [`Envelope::decode`] refused,
+    /// when the frame is readable that far and its `ref` is a valid
+    /// unsigned integer, so the error reply can still be correlated.
+    pub fn reference_of(format: Format, bytes: &[u8]) -> Option<u64> {
+        match format {
+            Format::Json => json::reference_of(bytes),
+            Format::MsgPack => msgpack::reference_of(bytes),
         }
     }
 

@@ -124,8 +124,16 @@ pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
     };
     let mut env = Envelope::new(Kind::Ping);
     let mut kind: Option<Kind> = None;
+    // Known keys seen so far: a duplicate is refused, as JSON refuses it.
+    let mut seen = 0u8;
     for _ in 0..len {
         let key = read_str(&mut buf)?.ok_or_else(|| ProtocolError::Invalid("msgpack: nil key".into()))?;
+        if let Some(bit) = KEYS.iter().position(|k| *k == key) {
+            if seen & (1 << bit) != 0 {
+                return Err(ProtocolError::Invalid(format!("duplicate field `{key}`")));
+            }
+            seen |= 1 << bit;
+        }
         match key {
             "type" => {
                 let name = read_str(&mut buf)?.ok_or_else(|| ProtocolError::Invalid("`type` is nil".into()))?;
@@ -157,6 +165,28 @@ pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
     }
     env.kind = kind.ok_or_else(|| ProtocolError::Invalid("missing field `type`".into()))?;
     Ok(env)
+}
+
+const KEYS: [&str; 7] = ["type", "ref", "room", "event", "code", "message", "data"];
+
+/// The `ref` of a MessagePack envelope that failed to decode, if the map is
+/// readable up to a valid one.
+pub(super) fn reference_of(bytes: &[u8]) -> Option<u64> {
+    let mut buf = bytes;
+    let len = match byte(&mut buf).ok()? {
+        m @ 0x80..=0x8f => u64::from(m & 0x0f),
+        0xde => be(&mut buf, 2).ok()?,
+        0xdf => be(&mut buf, 4).ok()?,
+        _ => return None,
+    };
+    for _ in 0..len {
+        let key = read_str(&mut buf).ok()??;
+        if key == "ref" {
+            return read_uint(&mut buf).ok()?;
+        }
+        skip_value(&mut buf, 1).ok()?;
+    }
+    None
 }
 
 pub(super) fn encode(p: &Parts<'_>) -> Bytes {

@@ -114,3 +114,47 @@ fn close_code_ranges() {
     assert!(!CloseCode::POLICY.should_reconnect());
     assert!(!CloseCode::KICKED.should_reconnect());
 }
+
+#[test]
+fn json_depth_limit_and_strings() {
+    let ok = format!(r#"{{"type":"call","data":{}"[[[[\"]]]]"{}}}"#, "[".repeat(128), "]".repeat(128));
+    assert!(Envelope::decode(Format::Json, &Bytes::from(ok)).is_ok());
+    let deep = format!(r#"{{"type":"call","data":{}{}}}"#, "[".repeat(129), "]".repeat(129));
+    let err = Envelope::decode(Format::Json, &Bytes::from(deep)).unwrap_err();
+    assert!(err.to_string().contains("nesting"), "{err}");
+}
+
+#[test]
+fn reference_is_recovered_from_refused_frames() {
+    let cases: &[(&[u8], Option<u64>)] = &[
+        (br#"{"type":"frobnicate","ref":3}"#, Some(3)),
+        (br#"{"ref":1}"#, Some(1)),
+        (br#"{"type":"call","ref":2,"event":7}"#, Some(2)),
+        (br#"{"type":"call","ref":"x"}"#, None),
+        (br#"{"type":"call","ref":-1}"#, None),
+        (b"{not json", None),
+    ];
+    for (input, want) in cases {
+        assert!(Envelope::decode(Format::Json, &Bytes::copy_from_slice(input)).is_err());
+        assert_eq!(Envelope::reference_of(Format::Json, input), *want, "{}", String::from_utf8_lossy(input));
+    }
+    let unknown = Parts { reference: Some(9), ..Parts::new(Kind::Ping) }.encode(Format::MsgPack);
+    let mut bytes = unknown.to_vec();
+    // Rename the type "ping" to "pong"-like garbage: "pxng".
+    let pos = bytes.windows(4).position(|w| w == b"ping").unwrap();
+    bytes[pos + 1] = b'x';
+    assert!(Envelope::decode(Format::MsgPack, &Bytes::from(bytes.clone())).is_err());
+    assert_eq!(Envelope::reference_of(Format::MsgPack, &bytes), Some(9));
+}
+
+#[test]
+fn msgpack_duplicate_keys_are_refused() {
+    let mut out = Vec::new();
+    rmp::encode::write_map_len(&mut out, 2).unwrap();
+    for _ in 0..2 {
+        rmp::encode::write_str(&mut out, "type").unwrap();
+        rmp::encode::write_str(&mut out, "ping").unwrap();
+    }
+    let err = Envelope::decode(Format::MsgPack, &Bytes::from(out)).unwrap_err();
+    assert!(err.to_string().contains("duplicate"), "{err}");
+}

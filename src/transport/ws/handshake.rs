@@ -43,8 +43,8 @@ fn header_has_token(headers: &HeaderMap, name: http::header::HeaderName, token: 
 /// - wrong method → 405; a version other than 13 → 426 with
 ///   `Sec-WebSocket-Version: 13`; a missing or malformed key → 400.
 /// - Subprotocol: the first of the client's offers that is ours
-///   (`switchboard.v1.json`, `switchboard.v1.msgpack`); when it offers none of
-///   ours, none is selected and the connection speaks JSON.
+///   (`switchboard.v1.json`, `switchboard.v1.msgpack`); no offer at all →
+///   none selected, the connection speaks JSON; offers but none of ours → 400.
 pub(crate) fn negotiate(method: &Method, headers: &HeaderMap) -> Result<Negotiated, Refusal> {
     use http::header::{CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE};
     if !header_has_token(headers, UPGRADE, "websocket") || !header_has_token(headers, CONNECTION, "upgrade") {
@@ -66,12 +66,22 @@ pub(crate) fn negotiate(method: &Method, headers: &HeaderMap) -> Result<Negotiat
     if key.len() != 24 || !key.ends_with(b"==") {
         return Err(Refusal::new(StatusCode::BAD_REQUEST, "missing or malformed Sec-WebSocket-Key"));
     }
-    let subprotocol = headers
+    let mut offers = headers
         .get_all(SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .find_map(|offer| Format::from_subprotocol(offer).map(Format::subprotocol));
+        .peekable();
+    let offered_any = offers.peek().is_some();
+    let subprotocol = offers.find_map(|offer| Format::from_subprotocol(offer).map(Format::subprotocol));
+    if offered_any && subprotocol.is_none() {
+        // Answering 101 without selecting one of the offers makes browsers
+        // fail the connection (1006) with no reason given: say why instead.
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "no supported subprotocol offered: offer switchboard.v1.json or switchboard.v1.msgpack",
+        ));
+    }
     Ok(Negotiated { accept: tokio_tungstenite::tungstenite::handshake::derive_accept_key(key), subprotocol })
 }
 
@@ -93,11 +103,16 @@ pub(crate) fn switching_protocols(n: &Negotiated) -> String {
 /// A raw plain-text HTTP error response that closes the connection.
 pub(crate) fn refusal_response(r: &Refusal) -> String {
     let mut out = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n",
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
         r.status.as_u16(),
         r.status.canonical_reason().unwrap_or(""),
         r.message.len()
     );
+    // The socket is closed after this response; a 426 says `connection:
+    // upgrade` instead (with `upgrade: websocket`), never both.
+    if !r.headers.iter().any(|(k, _)| *k == "connection") {
+        out.push_str("connection: close\r\n");
+    }
     for (k, v) in &r.headers {
         out.push_str(k);
         out.push_str(": ");
@@ -134,6 +149,21 @@ mod tests {
         let mut h = upgrade_headers();
         h.insert("sec-websocket-protocol", "chat, switchboard.v1.msgpack, switchboard.v1.json".parse().unwrap());
         assert_eq!(negotiate(&Method::GET, &h).unwrap().subprotocol, Some("switchboard.v1.msgpack"));
+    }
+
+    #[test]
+    fn foreign_subprotocols_only_is_refused() {
+        let mut h = upgrade_headers();
+        h.insert("sec-websocket-protocol", "chat, mqtt".parse().unwrap());
+        assert_eq!(negotiate(&Method::GET, &h).unwrap_err().status, StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn one_connection_header_in_426() {
+        let r = negotiate(&Method::GET, &HeaderMap::new()).unwrap_err();
+        let text = refusal_response(&r);
+        assert_eq!(text.matches("connection:").count(), 1, "{text}");
+        assert!(text.contains("connection: upgrade"), "{text}");
     }
 
     #[test]

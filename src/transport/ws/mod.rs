@@ -48,7 +48,8 @@ pub struct WsConfig {
     /// flushes after every batch anyway. Default 8 KiB.
     pub write_buffer_size: usize,
     /// Longest time a client may take to send its upgrade request (standalone
-    /// listener). Default 10 s.
+    /// listener), and longest the hub's authenticator may take (both paths;
+    /// over it the upgrade is refused with 503). Default 10 s.
     pub handshake_timeout: Duration,
     /// Largest upgrade request head accepted (standalone listener); a larger
     /// one gets 431. Default 8 KiB.
@@ -230,6 +231,11 @@ where
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                     return Poll::Ready(None)
                 }
+                // The peer dropped the connection without a close frame: the
+                // stream ended (connection lost), not a protocol violation.
+                Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => {
+                    return Poll::Ready(None)
+                }
                 Err(e) => return Poll::Ready(Some(Err(map_error(e)))),
             };
             return Poll::Ready(Some(Ok(frame)));
@@ -325,9 +331,17 @@ where
     if let Some(p) = negotiated.subprotocol {
         hs = hs.with_subprotocol(p);
     }
-    let identity = match authenticate(&hs).await {
-        Ok(id) => id,
-        Err(rej) => {
+    // The authenticator gets the same bound as reading the request.
+    let identity = match tokio::time::timeout(config.handshake_timeout, authenticate(&hs)).await {
+        Ok(Ok(id)) => id,
+        Err(_) => {
+            let msg = "authentication timed out".to_owned();
+            let r =
+                handshake::Refusal { status: http::StatusCode::SERVICE_UNAVAILABLE, headers: Vec::new(), message: msg };
+            stream.write_all(refuse(r).as_bytes()).await?;
+            return Ok(None);
+        }
+        Ok(Err(rej)) => {
             let r = handshake::Refusal { status: rej.status(), headers: Vec::new(), message: rej.message().to_owned() };
             stream.write_all(refuse(r).as_bytes()).await?;
             return Ok(None);
@@ -362,6 +376,9 @@ async fn read_head(stream: &mut TcpStream, max: usize) -> Result<Head, HeadError
             HeadError::Refused(handshake::Refusal { status, headers: Vec::new(), message: msg.to_owned() })
         };
         match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) if len > max => {
+                return Err(refuse(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"))
+            }
             Ok(httparse::Status::Complete(len)) => {
                 let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
                     .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad method"))?;
