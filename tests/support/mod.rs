@@ -93,7 +93,9 @@ impl Client {
 
     /// Waits for the reply or error with `r`, setting other messages aside.
     pub async fn reply_to(&mut self, r: u64) -> Value {
-        if let Some(pos) = self.pending.iter().position(|v| v["ref"] == r && (v["type"] == "reply" || v["type"] == "error")) {
+        if let Some(pos) =
+            self.pending.iter().position(|v| v["ref"] == r && (v["type"] == "reply" || v["type"] == "error"))
+        {
             return self.pending.remove(pos).unwrap();
         }
         loop {
@@ -190,4 +192,93 @@ pub async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for tests/rooms.rs and tests/lifecycle.rs (appended).
+
+/// The hub-side id of the member of `room` whose `hello` said `wire_id`
+/// (the client must have joined `room`).
+pub fn member_id(hub: &Hub, room: &str, wire_id: u64) -> switchboard::ConnectionId {
+    hub.room_members(room)
+        .into_iter()
+        .map(|m| m.connection)
+        .find(|c| c.get() == wire_id)
+        .unwrap_or_else(|| panic!("connection {wire_id} is not a member of {room}"))
+}
+
+/// Reads until the server closes; returns the close frame's code and reason
+/// (`None` if the socket ended without a close frame). After the close
+/// frame it keeps reading, so tungstenite sends the close reply, until the
+/// server ends the socket.
+pub async fn expect_close_frame(ws: &mut Ws) -> Option<(u16, String)> {
+    let frame = loop {
+        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for close");
+        match msg {
+            None | Some(Err(_)) => return None,
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+            Some(Ok(_)) => continue,
+        }
+    };
+    while let Some(Ok(_)) = tokio::time::timeout(WAIT, ws.next()).await.expect("socket not ended after close") {}
+    frame
+}
+
+/// Sends `v` as a MessagePack envelope in a binary frame.
+pub async fn send_msgpack(ws: &mut Ws, v: &Value) {
+    let bytes = rmp_serde::to_vec_named(v).expect("encode msgpack");
+    ws.send(Message::binary(bytes)).await.expect("send");
+}
+
+/// The next MessagePack envelope (binary frame), decoded into JSON values.
+pub async fn next_msgpack(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for a message");
+        match msg.expect("stream ended").expect("read error") {
+            Message::Binary(b) => return rmp_serde::from_slice(&b).expect("server sent invalid MessagePack"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame on a MessagePack connection: {other:?}"),
+        }
+    }
+}
+
+/// An axum app with the hub mounted at `/ws` (and a plain route at `/`),
+/// served with connect info on a free loopback port.
+pub async fn serve_axum(hub: &Hub) -> SocketAddr {
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "plain route" }))
+        .route("/ws", switchboard::integration::axum::route(hub.clone()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
+    });
+    addr
+}
+
+/// Attempts a WebSocket upgrade at `url` that the server must refuse with an
+/// HTTP response; returns its status.
+pub async fn refused_status(url: &str) -> u16 {
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => resp.status().as_u16(),
+        Err(e) => panic!("{url}: expected an HTTP refusal, got error {e}"),
+        Ok(_) => panic!("{url}: expected an HTTP refusal, but the upgrade succeeded"),
+    }
+}
+
+/// Sends a plain `GET` (no upgrade headers) and returns the response status.
+pub async fn plain_get_status(addr: SocketAddr, path: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 512];
+    while !head.windows(2).any(|w| w == b"\r\n") {
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await.expect("timed out reading response").unwrap();
+        assert!(n > 0, "connection closed before a status line: {:?}", String::from_utf8_lossy(&head));
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line: {line}"))
 }
