@@ -5,6 +5,9 @@
 //! cargo run --example axum-integration --features axum -- --addr 127.0.0.1:3000
 //! ```
 
+#[path = "common/cli.rs"]
+mod cli;
+
 use axum::{extract::State, routing::get, Router};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,17 +37,13 @@ async fn main() -> std::io::Result<()> {
         .route("/ws", switchboard::integration::axum::route(hub.clone()))
         .with_state(AppState::default());
 
-    let addr: SocketAddr = std::env::args()
-        .skip_while(|a| a != "--addr")
-        .nth(1)
-        .map(|a| a.parse().expect("--addr HOST:PORT"))
-        .unwrap_or_else(|| "127.0.0.1:3000".parse().unwrap());
+    let addr = cli::addr_arg("axum-integration");
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("axum-integration listening on http://{}/ (WebSocket at /ws)", listener.local_addr()?);
     let shutdown_hub = hub.clone();
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            cli::shutdown_signal().await;
             shutdown_hub.shutdown(Duration::from_secs(5)).await;
         })
         .await

@@ -6,22 +6,24 @@
 //! cargo run --example echo -- --addr 127.0.0.1:9001
 //! ```
 
+#[path = "common/cli.rs"]
+mod cli;
+
 use futures::{SinkExt, StreamExt};
-use std::net::SocketAddr;
 use switchboard::transport::ws::{self, WsConfig};
 use switchboard::transport::{Frame, Transport};
 use tokio::net::TcpListener;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = addr_arg();
+    let addr = cli::addr_arg("echo");
     let listener = TcpListener::bind(addr).await?;
     println!("echo listening on ws://{}/", listener.local_addr()?);
     // Autobahn sends messages up to 16 MiB.
     let max = 16 * 1024 * 1024;
     tokio::select! {
         _ = accept_loop(listener, max) => {}
-        _ = shutdown_signal() => println!("echo stopped"),
+        _ = cli::shutdown_signal() => println!("echo stopped"),
     }
     Ok(())
 }
@@ -54,28 +56,4 @@ async fn accept_loop(listener: TcpListener, max: usize) {
             }
         });
     }
-}
-
-fn addr_arg() -> SocketAddr {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == "--addr")
-        .and_then(|i| args.get(i + 1))
-        .map(|a| a.parse().expect("--addr HOST:PORT"))
-        .unwrap_or_else(|| "127.0.0.1:3000".parse().unwrap())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
