@@ -37,21 +37,19 @@ async fn accept_loop(listener: TcpListener, max: usize) {
             };
             let (mut sink, mut stream) = transport.split();
             while let Some(Ok(frame)) = stream.next().await {
-                match frame {
-                    Frame::Text(_) | Frame::Binary(_) => {
-                        if sink.send(frame).await.is_err() {
-                            return;
-                        }
-                    }
-                    // tungstenite answers pings and close frames itself;
-                    // flushing lets its queued replies out.
-                    Frame::Close(_) => {
+                // The transport leaves answering pings and closes to its user.
+                let reply = match frame {
+                    Frame::Text(_) | Frame::Binary(_) => frame,
+                    Frame::Ping(payload) => Frame::Pong(payload),
+                    Frame::Pong(_) => continue,
+                    Frame::Close(close) => {
+                        let _ = sink.send(Frame::Close(close)).await;
                         let _ = sink.close().await;
                         return;
                     }
-                    Frame::Ping(_) | Frame::Pong(_) => {
-                        let _ = sink.flush().await;
-                    }
+                };
+                if sink.send(reply).await.is_err() {
+                    return;
                 }
             }
         });

@@ -179,6 +179,10 @@ struct OutState {
     /// is never counted in `bytes` (a protocol ping is a text or binary
     /// frame) nor dropped as data under the drop-oldest policy.
     ping: Option<Frame>,
+    /// The pending answer to the peer's latest transport ping (RFC 6455 lets
+    /// a pong answer only the most recent ping, so one slot bounds a ping
+    /// flood). Not counted in `bytes` either.
+    pong: Option<Frame>,
     bytes: usize,
     peak: usize,
     /// Dropped since the last `lagged` notice (drop-oldest policy).
@@ -237,12 +241,15 @@ impl Outbox {
         Push::Queued
     }
 
-    fn push_control(&self, frame: Frame) {
+    pub(crate) fn push_control(&self, frame: Frame) {
         let mut st = self.state.lock();
         if st.closing {
             return;
         }
-        st.ping = Some(frame);
+        match frame {
+            Frame::Pong(_) => st.pong = Some(frame),
+            _ => st.ping = Some(frame),
+        }
         drop(st);
         self.notify.notify_one();
     }
@@ -280,13 +287,13 @@ where
 {
     let mut batch = VecDeque::new();
     loop {
-        let (ping, batch_bytes, lagged, close, closing) = {
+        let (ping, pong, batch_bytes, lagged, close, closing) = {
             let mut st = session.outbox.state.lock();
             std::mem::swap(&mut st.queue, &mut batch);
             let bytes: usize = batch.iter().map(data_len).sum();
-            (st.ping.take(), bytes, std::mem::take(&mut st.lagged), st.close_frame.take(), st.closing)
+            (st.ping.take(), st.pong.take(), bytes, std::mem::take(&mut st.lagged), st.close_frame.take(), st.closing)
         };
-        if ping.is_none() && batch.is_empty() && lagged == 0 && close.is_none() {
+        if ping.is_none() && pong.is_none() && batch.is_empty() && lagged == 0 && close.is_none() {
             if closing {
                 return false;
             }
@@ -294,6 +301,9 @@ where
             continue;
         }
         let result: Result<(), TransportError> = async {
+            if let Some(pong) = pong {
+                sink.feed(pong).await?;
+            }
             if let Some(ping) = ping {
                 sink.feed(ping).await?;
             }
@@ -440,7 +450,10 @@ where
                             session.close_with(DisconnectReason::ClientClosed { code, reason: text }, Some(echo), true);
                             return true;
                         }
-                        Frame::Ping(_) | Frame::Pong(_) => {}
+                        // Transports leave answering pings to the session, so
+                        // the pong goes out through the one writer, in order.
+                        Frame::Ping(payload) => session.outbox.push_control(Frame::Pong(payload)),
+                        Frame::Pong(_) => {}
                         Frame::Text(bytes) => on_message(hub, session, calls, false, bytes),
                         Frame::Binary(bytes) => on_message(hub, session, calls, true, bytes),
                     }

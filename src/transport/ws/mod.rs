@@ -15,26 +15,22 @@
 //! connection) are far too large for a server holding many mostly idle
 //! connections, so [`WsConfig`] defaults to small ones.
 
+mod conn;
 mod handshake;
+
+pub use conn::{WsSink, WsStream, WsTransport};
 
 #[cfg(feature = "axum")]
 pub(crate) use handshake::{negotiate, Refusal};
 
-use super::{CloseFrame, Frame, Handshake, Transport, TransportError};
+use super::Handshake;
 use crate::hub::Hub;
-use crate::protocol::CloseCode;
-use futures::stream::{SplitSink, SplitStream};
-use futures::{Sink, Stream, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
-use pin_project::pin_project;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::{self, protocol::Role, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite;
 
 /// WebSocket settings. The message size limit comes from
 /// [`HubConfig::max_message_size`](crate::HubConfig::max_message_size).
@@ -101,148 +97,6 @@ impl WsConfig {
     }
 }
 
-/// A server-side WebSocket connection as a [`Transport`].
-#[derive(Debug)]
-pub struct WsTransport<S> {
-    ws: WebSocketStream<S>,
-}
-
-impl<S> WsTransport<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    /// Wraps a stream whose handshake is already done (server role).
-    pub async fn from_upgraded(io: S, config: &WsConfig, max_message_size: usize) -> Self {
-        WsTransport {
-            ws: WebSocketStream::from_raw_socket(io, Role::Server, Some(config.tungstenite(max_message_size))).await,
-        }
-    }
-}
-
-impl<S> Transport for WsTransport<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    type Sink = WsSink<S>;
-    type Stream = WsStream<S>;
-
-    fn split(self) -> (WsSink<S>, WsStream<S>) {
-        let (sink, stream) = self.ws.split();
-        (WsSink { inner: sink }, WsStream { inner: stream })
-    }
-}
-
-/// Writing half of a [`WsTransport`].
-#[pin_project]
-#[derive(Debug)]
-pub struct WsSink<S> {
-    #[pin]
-    inner: SplitSink<WebSocketStream<S>, Message>,
-}
-
-/// Reading half of a [`WsTransport`].
-#[pin_project]
-#[derive(Debug)]
-pub struct WsStream<S> {
-    #[pin]
-    inner: SplitStream<WebSocketStream<S>>,
-}
-
-fn to_message(frame: Frame) -> Result<Message, TransportError> {
-    Ok(match frame {
-        Frame::Text(b) => Message::Text(b.try_into().map_err(|_| TransportError::InvalidUtf8)?),
-        Frame::Binary(b) => Message::Binary(b),
-        Frame::Ping(b) => Message::Ping(b),
-        Frame::Pong(b) => Message::Pong(b),
-        Frame::Close(None) => Message::Close(None),
-        Frame::Close(Some(c)) => {
-            // Close reasons are limited to 123 bytes by RFC 6455.
-            let mut end = c.reason.len().min(123);
-            while !c.reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            Message::Close(Some(tungstenite::protocol::CloseFrame {
-                code: c.code.0.into(),
-                reason: c.reason[..end].to_owned().into(),
-            }))
-        }
-    })
-}
-
-fn map_error(e: tungstenite::Error) -> TransportError {
-    use tungstenite::Error as E;
-    match e {
-        E::Capacity(_) => TransportError::MessageTooBig,
-        E::Utf8(_) => TransportError::InvalidUtf8,
-        E::Protocol(p) => TransportError::Protocol(p.to_string()),
-        E::Io(io) => TransportError::Io(io),
-        E::ConnectionClosed | E::AlreadyClosed => TransportError::Closed,
-        other => TransportError::Protocol(other.to_string()),
-    }
-}
-
-impl<S> Sink<Frame> for WsSink<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    type Error = TransportError;
-
-    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        self.project().inner.poll_ready(cx).map_err(map_error)
-    }
-
-    fn start_send(self: Pin<&mut Self>, item: Frame) -> Result<(), TransportError> {
-        self.project().inner.start_send(to_message(item)?).map_err(map_error)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        self.project().inner.poll_flush(cx).map_err(map_error)
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        self.project().inner.poll_close(cx).map_err(map_error)
-    }
-}
-
-impl<S> Stream for WsStream<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    type Item = Result<Frame, TransportError>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let mut inner = self.project().inner;
-        loop {
-            let item = match inner.as_mut().poll_next(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Ready(Some(item)) => item,
-            };
-            let frame = match item {
-                Ok(Message::Text(t)) => Frame::Text(t.into()),
-                Ok(Message::Binary(b)) => Frame::Binary(b),
-                Ok(Message::Ping(b)) => Frame::Ping(b),
-                Ok(Message::Pong(b)) => Frame::Pong(b),
-                Ok(Message::Close(c)) => {
-                    Frame::Close(c.map(|c| CloseFrame { code: CloseCode(c.code.into()), reason: c.reason.to_string() }))
-                }
-                // Raw frames are never produced when reading.
-                Ok(Message::Frame(_)) => continue,
-                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                    return Poll::Ready(None)
-                }
-                // The peer dropped the connection without a close frame: the
-                // stream ended (connection lost), not a protocol violation.
-                Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => {
-                    return Poll::Ready(None)
-                }
-                Err(e) => return Poll::Ready(Some(Err(map_error(e)))),
-            };
-            return Poll::Ready(Some(Ok(frame)));
-        }
-    }
-}
-
 /// Accepts WebSocket connections on `listener` and serves each on its own
 /// task, until the hub starts shutting down. Connections already accepted
 /// keep running; [`Hub::shutdown`] closes them.
@@ -291,7 +145,7 @@ pub async fn upgrade(
     peer: SocketAddr,
     config: &WsConfig,
     max_message_size: usize,
-) -> std::io::Result<Option<(WsTransport<TcpStream>, Handshake)>> {
+) -> std::io::Result<Option<(WsTransport, Handshake)>> {
     let admitted =
         handshake(stream, peer, config, max_message_size, |_| async { Ok(crate::Identity::anonymous()) }).await?;
     Ok(admitted.map(|(t, hs, _)| (t, hs)))
@@ -303,7 +157,7 @@ async fn handshake<F, Fut>(
     config: &WsConfig,
     max_message_size: usize,
     authenticate: F,
-) -> std::io::Result<Option<(WsTransport<TcpStream>, Handshake, crate::Identity)>>
+) -> std::io::Result<Option<(WsTransport, Handshake, crate::Identity)>>
 where
     F: FnOnce(&Handshake) -> Fut,
     Fut: std::future::Future<Output = Result<crate::Identity, crate::Rejection>>,
@@ -348,9 +202,9 @@ where
         }
     };
     stream.write_all(handshake::switching_protocols(&negotiated).as_bytes()).await?;
-    let cfg = config.tungstenite(max_message_size);
-    let ws = WebSocketStream::from_partially_read(stream, leftover, Role::Server, Some(cfg)).await;
-    Ok(Some((WsTransport { ws }, hs, identity)))
+    let (read, write) = stream.into_split();
+    let transport = WsTransport::from_halves(Box::new(read), Box::new(write), leftover, config, max_message_size).await;
+    Ok(Some((transport, hs, identity)))
 }
 
 enum HeadError {

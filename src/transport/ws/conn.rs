@@ -1,0 +1,316 @@
+//! The WebSocket connection itself: tungstenite reads, we write.
+//!
+//! **Reading** goes through tungstenite, which enforces RFC 6455 on what the
+//! client sends (masking, fragmentation, UTF-8 in text, control-frame rules,
+//! size limits). Its *own* writes — the automatic pong and close replies it
+//! produces while reading — go to a sink that discards them: the session
+//! answers pings and closes through the writer below, so every byte sent on
+//! the socket comes from one place, in order.
+//!
+//! **Writing** does not go through tungstenite. Server frames are unmasked,
+//! so a frame is a 2–10 byte header followed by the payload unchanged: the
+//! writer builds the header and queues the payload `Bytes` as is — for a
+//! room publish, the very buffer every other member shares — then writes the
+//! whole batch with vectored writes on flush. A delivery costs a header, a
+//! reference count and a slot in an `IoSlice` array: no UTF-8 re-check, no
+//! copy into a per-connection buffer.
+
+use super::WsConfig;
+use crate::protocol::CloseCode;
+use crate::transport::{CloseFrame, Frame, Transport, TransportError};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::{Sink, Stream};
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::{self, protocol::Role, Message};
+use tokio_tungstenite::WebSocketStream;
+
+type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A server-side WebSocket connection as a [`Transport`].
+pub struct WsTransport {
+    read: WebSocketStream<ReadSide>,
+    write: BoxWrite,
+}
+
+impl std::fmt::Debug for WsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsTransport").finish_non_exhaustive()
+    }
+}
+
+impl WsTransport {
+    /// Wraps a stream whose handshake is already done (server role), e.g. a
+    /// hyper upgrade. The stream is split with `tokio::io::split`.
+    pub async fn from_upgraded<S>(io: S, config: &WsConfig, max_message_size: usize) -> WsTransport
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (r, w) = tokio::io::split(io);
+        WsTransport::from_halves(Box::new(r), Box::new(w), Vec::new(), config, max_message_size).await
+    }
+
+    /// Builds the transport from the two halves of an upgraded connection
+    /// and the bytes already read past the handshake.
+    pub(crate) async fn from_halves(
+        read: BoxRead,
+        write: BoxWrite,
+        leftover: Vec<u8>,
+        config: &WsConfig,
+        max_message_size: usize,
+    ) -> WsTransport {
+        let cfg = config.tungstenite(max_message_size);
+        let read = WebSocketStream::from_partially_read(ReadSide(read), leftover, Role::Server, Some(cfg)).await;
+        WsTransport { read, write }
+    }
+}
+
+impl Transport for WsTransport {
+    type Sink = WsSink;
+    type Stream = WsStream;
+
+    fn split(self) -> (WsSink, WsStream) {
+        (WsSink { io: self.write, bufs: VecDeque::new(), scratch: BytesMut::new() }, WsStream { inner: self.read })
+    }
+}
+
+/// The read half as tungstenite sees it: reads from the socket, and
+/// discards what tungstenite writes (its automatic replies; see the module
+/// docs).
+struct ReadSide(BoxRead);
+
+impl AsyncRead for ReadSide {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ReadSide {
+    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Writing half of a [`WsTransport`]: frames queued by `start_send` are
+/// written by `poll_flush` in as few vectored writes as the socket takes.
+pub struct WsSink {
+    io: BoxWrite,
+    /// Headers and payloads not yet written, in order.
+    bufs: VecDeque<Bytes>,
+    /// Where headers are built; split off per frame, so one allocation
+    /// serves many headers.
+    scratch: BytesMut,
+}
+
+impl std::fmt::Debug for WsSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsSink").field("queued_buffers", &self.bufs.len()).finish_non_exhaustive()
+    }
+}
+
+/// Buffers handed to one `write_vectored` call at most (Linux allows 1024).
+const MAX_SLICES: usize = 256;
+
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// Writes a final, unmasked frame header (RFC 6455 §5.2).
+fn put_header(out: &mut BytesMut, opcode: u8, len: usize) {
+    out.reserve(10);
+    out.put_u8(0x80 | opcode);
+    if len < 126 {
+        out.put_u8(len as u8);
+    } else if len <= usize::from(u16::MAX) {
+        out.put_u8(126);
+        out.put_u16(len as u16);
+    } else {
+        out.put_u8(127);
+        out.put_u64(len as u64);
+    }
+}
+
+/// Control frame payloads are limited to 125 bytes (RFC 6455 §5.5).
+fn control_payload(b: Bytes) -> Bytes {
+    if b.len() > 125 {
+        b.slice(..125)
+    } else {
+        b
+    }
+}
+
+fn close_payload(frame: Option<CloseFrame>) -> Bytes {
+    let Some(c) = frame else { return Bytes::new() };
+    // Code (2 bytes) + reason: at most 123 bytes of reason, cut at a char
+    // boundary so it stays valid UTF-8.
+    let mut end = c.reason.len().min(123);
+    while !c.reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = BytesMut::with_capacity(2 + end);
+    out.put_u16(c.code.0);
+    out.put_slice(&c.reason.as_bytes()[..end]);
+    out.freeze()
+}
+
+impl WsSink {
+    fn queue(&mut self, opcode: u8, payload: Bytes) {
+        put_header(&mut self.scratch, opcode, payload.len());
+        self.bufs.push_back(self.scratch.split().freeze());
+        if !payload.is_empty() {
+            self.bufs.push_back(payload);
+        }
+    }
+}
+
+impl Sink<Frame> for WsSink {
+    type Error = TransportError;
+
+    fn poll_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        // The session bounds what it feeds between flushes (its outbound
+        // queue), so the sink accepts a batch without writing in between.
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, frame: Frame) -> Result<(), TransportError> {
+        match frame {
+            // Text is UTF-8 by the `Frame` contract (switchboard only sends
+            // what it encoded); it is not checked again per recipient.
+            Frame::Text(b) => self.queue(OP_TEXT, b),
+            Frame::Binary(b) => self.queue(OP_BINARY, b),
+            Frame::Ping(b) => self.queue(OP_PING, control_payload(b)),
+            Frame::Pong(b) => self.queue(OP_PONG, control_payload(b)),
+            Frame::Close(c) => self.queue(OP_CLOSE, close_payload(c)),
+        }
+        Ok(())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        let this = &mut *self;
+        while !this.bufs.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let n = this.bufs.iter().take(MAX_SLICES).zip(slices.iter_mut()).map(|(b, s)| *s = IoSlice::new(b)).count();
+            let written = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, &slices[..n]))?;
+            if written == 0 {
+                return Poll::Ready(Err(TransportError::Io(io::ErrorKind::WriteZero.into())));
+            }
+            let mut left = written;
+            while left > 0 {
+                let front = this.bufs.front_mut().expect("wrote more than was queued");
+                if front.len() <= left {
+                    left -= front.len();
+                    this.bufs.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+        ready!(Pin::new(&mut this.io).poll_flush(cx))?;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        ready!(self.as_mut().poll_flush(cx))?;
+        ready!(Pin::new(&mut self.io).poll_shutdown(cx))?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Reading half of a [`WsTransport`].
+pub struct WsStream {
+    inner: WebSocketStream<ReadSide>,
+}
+
+impl std::fmt::Debug for WsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsStream").finish_non_exhaustive()
+    }
+}
+
+fn map_error(e: tungstenite::Error) -> TransportError {
+    use tungstenite::Error as E;
+    match e {
+        E::Capacity(_) => TransportError::MessageTooBig,
+        E::Utf8(_) => TransportError::InvalidUtf8,
+        E::Protocol(p) => TransportError::Protocol(p.to_string()),
+        E::Io(io) => TransportError::Io(io),
+        E::ConnectionClosed | E::AlreadyClosed => TransportError::Closed,
+        other => TransportError::Protocol(other.to_string()),
+    }
+}
+
+impl Stream for WsStream {
+    type Item = Result<Frame, TransportError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            let item = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
+                None => return Poll::Ready(None),
+                Some(item) => item,
+            };
+            let frame = match item {
+                Ok(Message::Text(t)) => Frame::Text(t.into()),
+                Ok(Message::Binary(b)) => Frame::Binary(b),
+                Ok(Message::Ping(b)) => Frame::Ping(b),
+                Ok(Message::Pong(b)) => Frame::Pong(b),
+                Ok(Message::Close(c)) => {
+                    Frame::Close(c.map(|c| CloseFrame { code: CloseCode(c.code.into()), reason: c.reason.to_string() }))
+                }
+                // Raw frames are never produced when reading.
+                Ok(Message::Frame(_)) => continue,
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    return Poll::Ready(None)
+                }
+                // The peer dropped the connection without a close frame: the
+                // stream ended (connection lost), not a protocol violation.
+                Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => {
+                    return Poll::Ready(None)
+                }
+                Err(e) => return Poll::Ready(Some(Err(map_error(e)))),
+            };
+            return Poll::Ready(Some(Ok(frame)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_for_each_length_class() {
+        let mut b = BytesMut::new();
+        put_header(&mut b, OP_TEXT, 5);
+        assert_eq!(&b[..], [0x81, 5]);
+        b.clear();
+        put_header(&mut b, OP_BINARY, 126);
+        assert_eq!(&b[..], [0x82, 126, 0, 126]);
+        b.clear();
+        put_header(&mut b, OP_TEXT, 70_000);
+        assert_eq!(&b[..], [0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+    }
+
+    #[test]
+    fn close_reason_is_cut_at_a_char_boundary() {
+        let reason = "é".repeat(100); // 200 bytes
+        let p = close_payload(Some(CloseFrame { code: CloseCode(4000), reason }));
+        assert!(p.len() <= 125);
+        assert_eq!(&p[..2], [0x0f, 0xa0]);
+        assert!(std::str::from_utf8(&p[2..]).is_ok());
+    }
+}
