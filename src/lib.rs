@@ -99,6 +99,7 @@ pub mod auth;
 pub mod backplane;
 pub mod error;
 pub mod handler;
+pub mod history;
 mod hub;
 pub mod integration;
 pub mod protocol;

@@ -152,3 +152,97 @@ async fn recv_event(peer: &mut memory::MemoryPeer, what: &str) -> serde_json::Va
         }
     }
 }
+
+/// Runs the [`HistoryStore`](crate::history::HistoryStore) conformance
+/// suite. Checks, in order:
+///
+/// 1. appends get consecutive offsets from 1 in one epoch, also when 200 are
+///    made concurrently;
+/// 2. reading after a position returns exactly the later events, oldest
+///    first, `complete`, with the top position;
+/// 3. a read cut by its limit is not `complete`; one from another epoch or
+///    beyond the top returns nothing and is not `complete`;
+/// 4. events beyond `max_len` are trimmed, and a read that would need them
+///    is not `complete`;
+/// 5. an idempotency key stores once and returns the original position;
+/// 6. rooms are separate streams.
+pub async fn history<H: crate::history::HistoryStore + Clone>(store: H) {
+    use crate::history::{Append, Retention, StreamPosition};
+    let tag = format!("hist{:x}", crate::hub::random_u64());
+    let room = |n: &str| format!("{tag}-{n}");
+    let retention = Retention::default().max_len(50);
+    let append = |event: &str, key: Option<&str>| Append {
+        event: event.to_owned(),
+        data: Some(crate::protocol::Payload::encode(crate::protocol::Format::Json, &event).expect("encode")),
+        idempotency_key: key.map(str::to_owned),
+        retention,
+    };
+
+    // 1. Consecutive offsets, also under concurrency.
+    let first = store.append(&room("a"), append("e1", None)).await.expect("append");
+    assert_eq!(first.position.offset, 1, "1. the first offset is 1");
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let (store, room) = (store.clone(), room("c"));
+            let a = append(&format!("c{i}"), None);
+            tokio::spawn(async move { store.append(&room, a).await.expect("append").position.offset })
+        })
+        .collect();
+    let mut offsets = Vec::new();
+    for t in tasks {
+        offsets.push(t.await.expect("task"));
+    }
+    offsets.sort_unstable();
+    assert_eq!(offsets, (1..=200).collect::<Vec<u64>>(), "1. concurrent appends got duplicate or missing offsets");
+
+    // 2. Exact reads.
+    for i in 2..=5 {
+        let a = store.append(&room("a"), append(&format!("e{i}"), None)).await.expect("append");
+        assert_eq!(a.position.offset, i, "1. offsets must be consecutive");
+        assert_eq!(a.position.epoch, first.position.epoch, "1. the epoch changed without a reason");
+    }
+    let read = store.read(&room("a"), Some(first.position.clone()), 100).await.expect("read");
+    assert!(read.complete, "2. a read of retained events must be complete");
+    let got: Vec<(u64, String)> = read.publications.iter().map(|p| (p.offset, p.event.clone())).collect();
+    assert_eq!(got, (2..=5).map(|i| (i, format!("e{i}"))).collect::<Vec<_>>(), "2. wrong events");
+    assert_eq!(read.top.offset, 5, "2. wrong top");
+    let data: String = read.publications[0].data.as_ref().expect("2. data kept").decode().expect("decode");
+    assert_eq!(data, "e2", "2. payload changed");
+
+    // 3. Limits, foreign epochs, offsets beyond the top.
+    let read = store.read(&room("a"), Some(first.position.clone()), 2).await.expect("read");
+    assert!(!read.complete && read.publications.len() == 2, "3. a read cut by its limit is not complete");
+    for bad in [
+        StreamPosition { offset: 1, epoch: format!("{}x", first.position.epoch).into() },
+        StreamPosition { offset: 99, epoch: first.position.epoch.clone() },
+    ] {
+        let read = store.read(&room("a"), Some(bad.clone()), 100).await.expect("read");
+        assert!(!read.complete && read.publications.is_empty(), "3. {bad:?} must not replay");
+    }
+
+    // 4. Trimming beyond max_len.
+    let small = Retention::default().max_len(3);
+    let mut last = None;
+    for i in 0..6 {
+        let a = Append { retention: small, ..append(&format!("t{i}"), None) };
+        last = Some(store.append(&room("t"), a).await.expect("append").position);
+    }
+    let epoch = last.expect("appended").epoch;
+    let read = store.read(&room("t"), Some(StreamPosition { offset: 1, epoch: epoch.clone() }), 100).await.expect("read");
+    assert!(!read.complete, "4. offsets 2 and 3 were trimmed: the read must not be complete");
+    let read = store.read(&room("t"), Some(StreamPosition { offset: 3, epoch }), 100).await.expect("read");
+    assert!(read.complete, "4. offsets 4..=6 are retained");
+    assert_eq!(read.publications.len(), 3);
+
+    // 5. Idempotency.
+    let a = store.append(&room("i"), append("x", Some("key-1"))).await.expect("append");
+    let b = store.append(&room("i"), append("x", Some("key-1"))).await.expect("append");
+    assert!(!a.duplicate && b.duplicate, "5. the retry must be reported as a duplicate");
+    assert_eq!(a.position, b.position, "5. the duplicate must return the original position");
+    let c = store.append(&room("i"), append("y", Some("key-2"))).await.expect("append");
+    assert_eq!(c.position.offset, 2, "5. a duplicate must not take an offset");
+
+    // 6. Rooms are separate.
+    let other = store.append(&room("other"), append("o", None)).await.expect("append");
+    assert_eq!(other.position.offset, 1, "6. each room has its own offsets");
+}

@@ -20,3 +20,8 @@ async fn support_eventually(mut f: impl FnMut() -> bool) {
     }
     panic!("backplane topics were not released");
 }
+
+#[tokio::test]
+async fn memory_history_conforms() {
+    switchboard::testing::history(switchboard::history::MemoryHistory::new()).await;
+}

@@ -1,0 +1,150 @@
+//! Room history: the recent events of recoverable rooms, with stream
+//! positions, so a client that reconnects receives exactly what it missed —
+//! or is told plainly that it cannot.
+//!
+//! A recoverable room's events form a **stream**: every event gets the next
+//! **offset** (1, 2, 3, … with no gaps), and the stream has an **epoch**, an
+//! opaque string that changes whenever the stream's history was lost (the
+//! store restarted, or the room's stream expired and was created anew).
+//! Together they are a [`StreamPosition`]. A position from another epoch
+//! says nothing about this one.
+//!
+//! A [`HistoryStore`] keeps, per room, the newest events within the room's
+//! [`Retention`] (a count and an age). Reading "everything after position P"
+//! answers with the events *and* whether that is everything: when the epoch
+//! differs, or events after P were already trimmed, [`HistoryRead::complete`]
+//! is `false` — a partial replay is never presented as complete.
+//!
+//! The contract, which [`MemoryHistory`] implements and
+//! `switchboard::testing::history` (feature `testing`) checks:
+//!
+//! - [`HistoryStore::append`] assigns the offset atomically with storing the
+//!   event: concurrent appends to one room get distinct, consecutive offsets.
+//!   With an idempotency key already seen in the room's retained history, it
+//!   stores nothing and returns the original position (`duplicate: true`).
+//! - [`HistoryStore::read`] returns retained events with offset greater than
+//!   `since.offset`, oldest first, at most `limit`, plus the stream's current
+//!   top position.
+//!
+//! The store is where a Redis implementation (streams plus an atomic
+//! publish script) and a host's own fit; hubs sharing a store share streams.
+
+mod memory;
+
+pub use memory::MemoryHistory;
+
+use crate::error::Result;
+use crate::protocol::Payload;
+use futures::future::BoxFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A point in a room's stream: the offset of the last event seen, in an
+/// epoch. Offset 0 means "before the first event".
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StreamPosition {
+    /// Offset of the last event covered (0: none).
+    pub offset: u64,
+    /// The stream's epoch.
+    pub epoch: Arc<str>,
+}
+
+/// One stored event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publication {
+    /// Its offset in the room's stream.
+    pub offset: u64,
+    /// The event name.
+    pub event: String,
+    /// The payload, if any.
+    pub data: Option<Payload>,
+    /// When it was appended, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+}
+
+/// How much history a room keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Retention {
+    /// Most events kept; older ones are trimmed. Default 1000.
+    pub max_len: usize,
+    /// Oldest event kept; older ones expire. Default 5 minutes.
+    pub max_age: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { max_len: 1000, max_age: Duration::from_secs(300) }
+    }
+}
+
+impl Retention {
+    /// Sets [`Retention::max_len`].
+    pub fn max_len(mut self, n: usize) -> Self {
+        self.max_len = n;
+        self
+    }
+
+    /// Sets [`Retention::max_age`].
+    pub fn max_age(mut self, age: Duration) -> Self {
+        self.max_age = age;
+        self
+    }
+}
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct Append {
+    /// The event name.
+    pub event: String,
+    /// The payload.
+    pub data: Option<Payload>,
+    /// A retried publish with the same key (within the retained history) is
+    /// stored once.
+    pub idempotency_key: Option<String>,
+    /// The room's retention, applied by the store on this append.
+    pub retention: Retention,
+}
+
+/// The result of an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The event's position (for a duplicate, the original's).
+    pub position: StreamPosition,
+    /// `true` when the idempotency key was seen before and nothing was stored.
+    pub duplicate: bool,
+}
+
+/// The result of a read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRead {
+    /// Retained events after the requested position, oldest first.
+    pub publications: Vec<Publication>,
+    /// The stream's position now (its newest offset and its epoch).
+    pub top: StreamPosition,
+    /// Whether `publications` is *everything* after the requested position:
+    /// same epoch, nothing after it trimmed, and not cut by `limit`.
+    pub complete: bool,
+}
+
+/// Where room history lives. See the [module docs](self).
+pub trait HistoryStore: Send + Sync + 'static {
+    /// Appends an event to `room`'s stream, assigning its offset atomically.
+    fn append(&self, room: &str, append: Append) -> BoxFuture<'static, Result<Appended>>;
+
+    /// Reads retained events of `room` after `since` (at most `limit`).
+    /// With `since == None`, reads the newest `limit` events (a first join
+    /// showing recent history); `complete` then says whether they are all
+    /// the stream ever had.
+    fn read(&self, room: &str, since: Option<StreamPosition>, limit: usize) -> BoxFuture<'static, Result<HistoryRead>>;
+}
+
+impl<H: HistoryStore + ?Sized> HistoryStore for Arc<H> {
+    fn append(&self, room: &str, append: Append) -> BoxFuture<'static, Result<Appended>> {
+        (**self).append(room, append)
+    }
+
+    fn read(&self, room: &str, since: Option<StreamPosition>, limit: usize) -> BoxFuture<'static, Result<HistoryRead>> {
+        (**self).read(room, since, limit)
+    }
+}
