@@ -418,3 +418,32 @@ async fn refused_upgrade_leaves_nothing_behind() {
     drop(ws);
     eventually("all gone", || hub.stats() == Default::default()).await;
 }
+
+/// A client that pipelines calls into one room (a publisher) has them
+/// handled in order: its broadcasts reach the others in the order it sent
+/// them, even though handlers run in their own tasks. Handlers here yield a
+/// varying number of times, which reorders them if they ran concurrently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_one_room_are_handled_in_order() {
+    let hub = Hub::builder()
+        .config(switchboard::HubConfig::default().max_inflight(512))
+        .on("pub", |call: Call, n: u64| async move {
+            for _ in 0..(n % 4) {
+                tokio::task::yield_now().await;
+            }
+            call.broadcast_others("pub", &n).await.map_err(|e| CallError::internal(e.to_string()))
+        })
+        .build();
+    let addr = serve(&hub).await;
+    let mut publisher = connect(addr).await;
+    let mut reader = connect(addr).await;
+    publisher.join_ok("r").await;
+    reader.join_ok("r").await;
+    for n in 0..150u64 {
+        publisher.send(json!({"type": "call", "room": "r", "event": "pub", "data": n})).await;
+    }
+    for n in 0..150u64 {
+        let e = reader.event().await;
+        assert_eq!(e["data"], json!(n), "broadcast {n} arrived out of order");
+    }
+}

@@ -6,7 +6,7 @@ use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A [`HistoryStore`] in memory. Clone it to share it between hubs in one
 /// process; a new `MemoryHistory` (a restarted process) starts new epochs.
@@ -173,7 +173,7 @@ impl HistoryStore for MemoryHistory {
     }
 }
 
-/// Retention as milliseconds (for tests of expiry without waiting).
+/// Appends with an explicit clock (tests of expiry without waiting).
 #[cfg(test)]
 fn append_at(h: &MemoryHistory, room: &str, event: &str, key: Option<&str>, retention: Retention, now: u64) -> Appended {
     let a = Append { event: event.into(), data: None, idempotency_key: key.map(Into::into), retention };
@@ -183,6 +183,7 @@ fn append_at(h: &MemoryHistory, room: &str, event: &str, key: Option<&str>, rete
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const R: Retention = Retention { max_len: 3, max_age: Duration::from_secs(10) };
 

@@ -43,6 +43,13 @@ pub(crate) struct Session {
     pub(crate) kill: CancellationToken,
     reason: Mutex<Option<DisconnectReason>>,
     pub(crate) inflight: Arc<Semaphore>,
+    /// Per room this connection called into: a receiver that resolves when
+    /// its latest call there finished. The next call in the room waits for
+    /// it, so calls naming a room are handled one after another in the order
+    /// they arrived (a publisher's broadcasts stay in order), while calls in
+    /// different rooms or without a room run concurrently. At most one entry
+    /// per room joined; removed on leave.
+    pub(crate) call_order: Mutex<Vec<(Arc<str>, tokio::sync::oneshot::Receiver<()>)>>,
 }
 
 impl Session {
@@ -61,6 +68,7 @@ impl Session {
             kill: CancellationToken::new(),
             reason: Mutex::new(None),
             inflight: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
+            call_order: Mutex::new(Vec::new()),
         }
     }
 
@@ -583,6 +591,23 @@ fn on_call(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Enve
         return session.send_error(reference, ErrorCode::UNKNOWN_EVENT.0, &msg);
     };
     let Some(permit) = acquire(session, reference) else { return };
+    // Chain calls in the same room: this one starts when the previous one
+    // there finished (its sender dropped, completed or aborted).
+    let (done, previous) = match &room {
+        Some(r) => {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let mut order = session.call_order.lock();
+            let previous = match order.iter_mut().find(|(name, _)| name == r) {
+                Some((_, slot)) => Some(std::mem::replace(slot, rx)),
+                None => {
+                    order.push((r.clone(), rx));
+                    None
+                }
+            };
+            (Some(tx), previous)
+        }
+        None => (None, None),
+    };
     let call = Call { hub: hub.clone(), session: session.clone(), room, event: event.clone() };
     let handler = handler.clone();
     let data = env.data;
@@ -595,6 +620,10 @@ fn on_call(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Enve
     calls.spawn(async move {
         let _guard = guard;
         let _permit = permit;
+        let _done = done;
+        if let Some(previous) = previous {
+            let _ = previous.await;
+        }
         match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
             Err(_) => session.send_error(reference, ErrorCode::TIMEOUT.0, "handler timed out"),
             Ok(Err(_panic)) => session.send_error(reference, ErrorCode::INTERNAL.0, "handler failed"),
