@@ -1,0 +1,710 @@
+//! The load generator: `run` (fan-out) and `idle` (held connections).
+
+use crate::client::{self, Client, Lean};
+use crate::procfs;
+use crate::server::{Kind, ROOM};
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+
+/// Options shared by `run` and `idle`.
+#[derive(Debug, Clone)]
+pub struct ConnOpts {
+    pub kind: Kind,
+    /// Source addresses 127.0.0.2 … 127.0.0.(1+n) the connections are spread over.
+    pub source_ips: usize,
+    /// Connection attempts in flight at once.
+    pub concurrency: usize,
+    /// Subscribers that use a full tokio-tungstenite client.
+    pub checked: usize,
+    /// Heartbeat interval for the server (`None`: its default).
+    pub heartbeat_ms: Option<u64>,
+    /// `max_inflight` for the switchboard server.
+    pub max_inflight: Option<usize>,
+    /// Server runtime worker threads (`Some(0)`: a current-thread runtime).
+    pub server_threads: Option<usize>,
+}
+
+/// `load run` options.
+#[derive(Debug, Clone)]
+pub struct RunOpts {
+    pub conn: ConnOpts,
+    pub subscribers: usize,
+    pub messages: u64,
+    /// Messages per second; `None` is flat out (bounded by `window`).
+    pub rate: Option<f64>,
+    /// Size of the publisher's JSON payload, in bytes.
+    pub payload: usize,
+    /// Flat out: most messages the publisher is ahead of the average subscriber.
+    pub window: u64,
+    pub timeout: Option<Duration>,
+    /// Runs `perf <args> -p <server pid>` during the publishing phase.
+    pub perf: Option<String>,
+}
+
+/// A `perf` process attached to the server while it is under load.
+struct Perf(Option<std::process::Child>);
+
+impl Perf {
+    fn start(args: Option<&str>, pid: u32) -> Perf {
+        let Some(args) = args else { return Perf(None) };
+        let mut cmd = std::process::Command::new("perf");
+        cmd.args(args.split_whitespace()).args(["-p", &pid.to_string()]).stdin(Stdio::null());
+        match cmd.spawn() {
+            Ok(child) => {
+                // Give perf time to attach before the load starts.
+                std::thread::sleep(Duration::from_millis(300));
+                Perf(Some(child))
+            }
+            Err(e) => {
+                eprintln!("load: could not start perf: {e}");
+                Perf(None)
+            }
+        }
+    }
+
+    /// Stops perf the way Ctrl-C does, so it writes its output.
+    fn stop(mut self) {
+        if let Some(mut child) = self.0.take() {
+            use nix::sys::signal::{kill, Signal};
+            let _ = kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGINT);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Perf {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+        }
+    }
+}
+
+/// A server child process, killed when dropped (also on panic).
+pub struct ServerProc {
+    child: Child,
+    pub pid: u32,
+    pub addr: SocketAddr,
+}
+
+impl ServerProc {
+    pub async fn spawn(opts: &ConnOpts) -> io::Result<ServerProc> {
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["server", "--kind", opts.kind.name(), "--addr", "127.0.0.1:0"]);
+        if let Some(h) = opts.heartbeat_ms {
+            cmd.args(["--heartbeat-ms", &h.to_string()]);
+        }
+        if let Some(n) = opts.max_inflight {
+            cmd.args(["--max-inflight", &n.to_string()]);
+        }
+        if let Some(n) = opts.server_threads {
+            cmd.args(["--threads", &n.to_string()]);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::null()).kill_on_drop(true).spawn()?;
+        let pid = child.id().ok_or_else(|| io::Error::other("server exited at once"))?;
+        let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .map_err(|_| io::Error::other("server did not say ready"))??
+            .ok_or_else(|| io::Error::other("server exited before ready"))?;
+        let addr = line
+            .strip_prefix("ready ")
+            .and_then(|a| a.trim().parse().ok())
+            .ok_or_else(|| io::Error::other(format!("unexpected server line: {line}")))?;
+        Ok(ServerProc { child, pid, addr })
+    }
+
+    pub fn cpu(&self) -> f64 {
+        procfs::cpu_seconds(self.pid).unwrap_or(f64::NAN)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn source_ip(i: usize, n: usize) -> Option<IpAddr> {
+    (n > 0).then(|| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % n) as u8)))
+}
+
+fn self_cpu() -> f64 {
+    procfs::cpu_seconds(std::process::id()).unwrap_or(f64::NAN)
+}
+
+/// Opens a client and waits for the server's first message (`hello` or
+/// `welcome`): from then on it receives what is published.
+async fn open(addr: SocketAddr, opts: &ConnOpts, i: usize, checked: bool) -> io::Result<Client> {
+    let mut c = Client::connect(addr, source_ip(i, opts.source_ips), checked, 0x9E37_79B9 ^ i as u32).await?;
+    c.next_data(|_| ()).await?.ok_or_else(|| io::Error::other("closed before the first message"))?;
+    Ok(c)
+}
+
+/// Sends `join` and waits for its reply (switchboard only).
+async fn join(c: &mut Client) -> io::Result<()> {
+    let msg = format!(r#"{{"type":"join","ref":1,"room":"{ROOM}"}}"#);
+    c.text(msg.as_bytes()).await?;
+    loop {
+        let kind = c
+            .next_data(|m| {
+                if client::find(m, br#""type":"reply""#).is_some() {
+                    Ok(true)
+                } else if client::find(m, br#""type":"error""#).is_some() {
+                    Err(String::from_utf8_lossy(m).into_owned())
+                } else {
+                    Ok(false)
+                }
+            })
+            .await?
+            .ok_or_else(|| io::Error::other("closed while joining"))?;
+        match kind {
+            Ok(true) => return Ok(()),
+            Ok(false) => continue,
+            Err(e) => return Err(io::Error::other(format!("join refused: {e}"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    Connect,
+    Join,
+    Go,
+}
+
+/// What subscribers share with the driver.
+struct Shared {
+    base: Instant,
+    n: u64,
+    m: u64,
+    delivered: AtomicU64,
+    reordered: AtomicU64,
+    done_subs: AtomicU64,
+    all_done: Notify,
+    first_send_ns: AtomicU64,
+    last_delivery_ns: AtomicU64,
+    /// The publisher sleeps until `delivered` reaches this.
+    wake_at: AtomicU64,
+    progress: Notify,
+    frame_len: AtomicUsize,
+    hist: Mutex<Histogram<u64>>,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.base.elapsed().as_nanos() as u64
+    }
+}
+
+/// Latency percentiles, in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    pub mean_us: f64,
+}
+
+/// Result of one `run`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub kind: Kind,
+    pub subscribers: usize,
+    pub messages: u64,
+    pub rate: Option<f64>,
+    pub payload_bytes: usize,
+    /// Flat out: messages the publisher may run ahead of the subscribers.
+    pub window: Option<u64>,
+    /// The switchboard server's `max_inflight`.
+    pub max_inflight: Option<usize>,
+    /// Subscribers on a full tokio-tungstenite client.
+    pub checked_subscribers: usize,
+    /// Size of a frame's payload as a subscriber receives it (switchboard
+    /// wraps the payload in an `event` envelope).
+    pub received_message_bytes: usize,
+    pub connect_s: f64,
+    pub connects_per_s: f64,
+    pub join_s: Option<f64>,
+    pub publish_s: f64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub deliveries_per_s: f64,
+    pub lost: u64,
+    pub reordered: u64,
+    pub publisher_errors: u64,
+    pub client_errors: u64,
+    pub timed_out: bool,
+    pub latency: Latency,
+    pub server_connect_cpu_s: f64,
+    pub server_cpu_s: f64,
+    pub server_cpu_s_per_million: f64,
+    pub server_cpu_pct_of_core: f64,
+    pub server_rss_connected_kib: u64,
+    pub server_peak_rss_kib: u64,
+    pub generator_cpu_s: f64,
+    pub generator_cpu_s_per_million: f64,
+}
+
+impl RunReport {
+    /// Whether every message arrived, once and in order.
+    pub fn clean(&self) -> bool {
+        self.lost == 0 && self.reordered == 0 && self.publisher_errors == 0 && self.client_errors == 0
+    }
+}
+
+/// The publisher's JSON payload, padded to `size` bytes.
+fn payload(seq: u64, sent_ns: u64, size: usize) -> String {
+    let head = format!(r#"{{"seq":{seq},"sent_ns":{sent_ns},"pad":""#);
+    let pad = size.saturating_sub(head.len() + 2);
+    let mut s = String::with_capacity(size);
+    s.push_str(&head);
+    s.extend(std::iter::repeat_n('x', pad));
+    s.push_str("\"}");
+    s
+}
+
+/// One fan-out run: a fresh server process, N subscribers, one publisher.
+pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
+    let n = opts.subscribers;
+    let m = opts.messages;
+    procfs::raise_nofile(n as u64 + 256);
+    let server = ServerProc::spawn(&opts.conn).await?;
+    let addr = server.addr;
+    let sh = Arc::new(Shared {
+        base: Instant::now(),
+        n: n as u64,
+        m,
+        delivered: AtomicU64::new(0),
+        reordered: AtomicU64::new(0),
+        done_subs: AtomicU64::new(0),
+        all_done: Notify::new(),
+        first_send_ns: AtomicU64::new(0),
+        last_delivery_ns: AtomicU64::new(0),
+        wake_at: AtomicU64::new(u64::MAX),
+        progress: Notify::new(),
+        frame_len: AtomicUsize::new(0),
+        hist: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).map_err(io::Error::other)?),
+    });
+    let client_errors = Arc::new(AtomicU64::new(0));
+
+    // Connect every subscriber, then (switchboard) join them all.
+    let (phase_tx, phase_rx) = watch::channel(Phase::Connect);
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<io::Result<()>>();
+    let sem = Arc::new(Semaphore::new(opts.conn.concurrency.max(1)));
+    let server_cpu0 = server.cpu();
+    let t_connect = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (sh, conn, sem, ready, mut phase) =
+            (sh.clone(), opts.conn.clone(), sem.clone(), ready_tx.clone(), phase_rx.clone());
+        let errors = client_errors.clone();
+        tasks.spawn(async move {
+            let permit = sem.acquire_owned().await;
+            let opened = open(addr, &conn, i, i < conn.checked).await;
+            drop(permit);
+            let mut c = match opened {
+                Ok(c) => {
+                    let _ = ready.send(Ok(()));
+                    c
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            if conn.kind == Kind::Switchboard {
+                if phase.wait_for(|p| *p >= Phase::Join).await.is_err() {
+                    return;
+                }
+                let joined = join(&mut c).await;
+                let failed = joined.is_err();
+                let _ = ready.send(joined);
+                if failed {
+                    return;
+                }
+            }
+            if let Err(e) = subscribe(&mut c, &sh).await {
+                if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                    eprintln!("load: subscriber {i}: {e}");
+                }
+            }
+        });
+    }
+    drop(ready_tx);
+    wait_all(&mut ready_rx, n, "connect").await?;
+    let connect_s = t_connect.elapsed().as_secs_f64();
+    let join_s = if opts.conn.kind == Kind::Switchboard {
+        let t = Instant::now();
+        let _ = phase_tx.send(Phase::Join);
+        wait_all(&mut ready_rx, n, "join").await?;
+        Some(t.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+    let server_connect_cpu_s = server.cpu() - server_cpu0;
+    let _ = phase_tx.send(Phase::Go);
+
+    // The publisher: a lean client; it reads its own socket on the side
+    // (errors, pings) and writes the messages.
+    let publisher = Lean::handshake(client::tcp(addr, None).await?, addr, 0xC0FF_EE11).await?;
+    let (mut prd, mut pwr) = (publisher.rd, publisher.wr);
+    let first = prd.frame().await?.ok_or_else(|| io::Error::other("publisher closed"))?;
+    debug_assert!(first.0 == client::OP_TEXT);
+    let publisher_errors = Arc::new(AtomicU64::new(0));
+    if opts.conn.kind == Kind::Switchboard {
+        pwr.text(format!(r#"{{"type":"join","ref":1,"room":"{ROOM}"}}"#).as_bytes()).await?;
+        loop {
+            let (op, r) = prd.frame().await?.ok_or_else(|| io::Error::other("publisher closed while joining"))?;
+            if op == client::OP_TEXT && client::find(prd.data(r), br#""type":"reply""#).is_some() {
+                break;
+            }
+        }
+    }
+    let (pong_tx, mut pong_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let perr = publisher_errors.clone();
+    let publisher_reader = tokio::spawn(async move {
+        while let Ok(Some((op, r))) = prd.frame().await {
+            let data = prd.data(r).to_vec();
+            match op {
+                client::OP_PING => {
+                    let _ = pong_tx.send(data);
+                }
+                client::OP_TEXT if client::find(&data, br#""type":"error""#).is_some() => {
+                    let seen = perr.fetch_add(1, Ordering::Relaxed);
+                    if seen < 3 {
+                        eprintln!("load: publisher got {}", String::from_utf8_lossy(&data));
+                    }
+                }
+                client::OP_CLOSE => break,
+                _ => {}
+            }
+        }
+    });
+
+    let server_rss_connected_kib = procfs::rss_kib(server.pid).unwrap_or(0);
+    let timeout = opts.timeout.unwrap_or_else(|| match opts.rate {
+        Some(r) => Duration::from_secs_f64(m as f64 / r * 1.5 + 20.0),
+        None => Duration::from_secs_f64(30.0 + (n as f64 * m as f64) / 100_000.0),
+    });
+    let perf = Perf::start(opts.perf.as_deref(), server.pid);
+    let server_cpu1 = server.cpu();
+    let gen_cpu1 = self_cpu();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let t_publish = Instant::now();
+    let publish = {
+        let sh = sh.clone();
+        let (kind, size, rate, window) = (opts.conn.kind, opts.payload, opts.rate, opts.window);
+        async move {
+            let mut tick = rate.map(|r| {
+                let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / r));
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                t
+            });
+            for seq in 0..m {
+                while let Ok(p) = pong_rx.try_recv() {
+                    pwr.send(client::OP_PONG, &p).await?;
+                }
+                match &mut tick {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None if seq >= window => {
+                        let need = (seq - window) * sh.n;
+                        while sh.delivered.load(Ordering::Relaxed) < need {
+                            sh.wake_at.store(need, Ordering::Relaxed);
+                            if sh.delivered.load(Ordering::Relaxed) >= need {
+                                break;
+                            }
+                            let _ = tokio::time::timeout(Duration::from_millis(100), sh.progress.notified()).await;
+                        }
+                        sh.wake_at.store(u64::MAX, Ordering::Relaxed);
+                    }
+                    None => {}
+                }
+                let sent = sh.now_ns();
+                if seq == 0 {
+                    sh.first_send_ns.store(sent, Ordering::Relaxed);
+                }
+                let p = payload(seq, sent, size);
+                let msg = match kind {
+                    Kind::Switchboard => format!(r#"{{"type":"call","room":"{ROOM}","event":"pub","data":{p}}}"#),
+                    _ => p,
+                };
+                pwr.text(msg.as_bytes()).await?;
+            }
+            Ok::<_, io::Error>(pwr)
+        }
+    };
+    let pwr_keep;
+    let mut timed_out = false;
+    tokio::select! {
+        r = publish => {
+            pwr_keep = Some(r?);
+            if sh.done_subs.load(Ordering::Relaxed) < sh.n
+                && tokio::time::timeout_at(deadline, wait_done(&sh)).await.is_err() {
+                timed_out = true;
+            }
+        }
+        _ = tokio::time::sleep_until(deadline) => { timed_out = true; pwr_keep = None; }
+    }
+    let publish_s = t_publish.elapsed().as_secs_f64();
+    let server_cpu_s = server.cpu() - server_cpu1;
+    let gen_cpu_s = self_cpu() - gen_cpu1;
+    let server_peak_rss_kib = procfs::hwm_kib(server.pid).unwrap_or(0);
+    perf.stop();
+    server.stop().await;
+    drop(pwr_keep);
+    publisher_reader.abort();
+    tasks.abort_all();
+
+    let delivered = sh.delivered.load(Ordering::Relaxed);
+    let expected = n as u64 * m;
+    let first = sh.first_send_ns.load(Ordering::Relaxed);
+    let last = sh.last_delivery_ns.load(Ordering::Relaxed);
+    let span = (last.saturating_sub(first)) as f64 / 1e9;
+    let hist = sh.hist.lock();
+    let latency = Latency {
+        p50_us: hist.value_at_quantile(0.50),
+        p90_us: hist.value_at_quantile(0.90),
+        p99_us: hist.value_at_quantile(0.99),
+        max_us: hist.max(),
+        mean_us: hist.mean(),
+    };
+    let per_million = |cpu: f64| if delivered > 0 { cpu / delivered as f64 * 1e6 } else { f64::NAN };
+    Ok(RunReport {
+        kind: opts.conn.kind,
+        subscribers: n,
+        messages: m,
+        rate: opts.rate,
+        payload_bytes: opts.payload,
+        window: opts.rate.is_none().then_some(opts.window),
+        max_inflight: (opts.conn.kind == Kind::Switchboard).then_some(opts.conn.max_inflight).flatten(),
+        checked_subscribers: opts.conn.checked.min(n),
+        received_message_bytes: sh.frame_len.load(Ordering::Relaxed),
+        connect_s,
+        connects_per_s: n as f64 / connect_s,
+        join_s,
+        publish_s,
+        expected,
+        delivered,
+        deliveries_per_s: if span > 0.0 { delivered as f64 / span } else { 0.0 },
+        lost: expected.saturating_sub(delivered),
+        reordered: sh.reordered.load(Ordering::Relaxed),
+        publisher_errors: publisher_errors.load(Ordering::Relaxed),
+        client_errors: client_errors.load(Ordering::Relaxed),
+        timed_out,
+        latency,
+        server_connect_cpu_s,
+        server_cpu_s,
+        server_cpu_s_per_million: per_million(server_cpu_s),
+        server_cpu_pct_of_core: server_cpu_s / publish_s * 100.0,
+        server_rss_connected_kib,
+        server_peak_rss_kib,
+        generator_cpu_s: gen_cpu_s,
+        generator_cpu_s_per_million: per_million(gen_cpu_s),
+    })
+}
+
+/// Waits for `n` results from the subscribers; the first error ends the run.
+async fn wait_all(rx: &mut mpsc::UnboundedReceiver<io::Result<()>>, n: usize, what: &str) -> io::Result<()> {
+    let mut left = n;
+    while left > 0 {
+        match rx.recv().await {
+            Some(Ok(())) => left -= 1,
+            Some(Err(e)) => return Err(io::Error::other(format!("{what} failed ({} done): {e}", n - left))),
+            None => return Err(io::Error::other(format!("{what}: subscribers gone"))),
+        }
+    }
+    Ok(())
+}
+
+async fn wait_done(sh: &Shared) {
+    loop {
+        let notified = sh.all_done.notified();
+        if sh.done_subs.load(Ordering::Relaxed) >= sh.n {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+    }
+}
+
+/// A subscriber's receive loop: latency, order, completion.
+async fn subscribe(c: &mut Client, sh: &Shared) -> io::Result<()> {
+    let mut next_seq = 0u64;
+    let mut received = 0u64;
+    loop {
+        let got = c
+            .next_data(|msg| {
+                let seq = client::number_after(msg, br#""seq":"#)?;
+                let sent = client::number_after(msg, br#""sent_ns":"#)?;
+                Some((seq, sent, msg.len()))
+            })
+            .await?;
+        let Some(got) = got else { return Ok(()) };
+        let Some((seq, sent, len)) = got else { continue };
+        let now = sh.now_ns();
+        if received == 0 {
+            sh.frame_len.store(len, Ordering::Relaxed);
+        }
+        if seq >= next_seq {
+            // A gap (seq > next_seq) is a loss unless the missing messages
+            // arrive later, when they count as reordered.
+            next_seq = seq + 1;
+        } else {
+            sh.reordered.fetch_add(1, Ordering::Relaxed);
+        }
+        received += 1;
+        sh.hist.lock().saturating_record(now.saturating_sub(sent) / 1000);
+        sh.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
+        let d = sh.delivered.fetch_add(1, Ordering::Relaxed) + 1;
+        if d >= sh.wake_at.load(Ordering::Relaxed) {
+            sh.progress.notify_one();
+        }
+        if received == sh.m && sh.done_subs.fetch_add(1, Ordering::Relaxed) + 1 == sh.n {
+            sh.all_done.notify_one();
+        }
+    }
+}
+
+/// `load idle` options.
+#[derive(Debug, Clone)]
+pub struct IdleOpts {
+    pub conn: ConnOpts,
+    pub connections: usize,
+    pub seconds: f64,
+}
+
+/// Result of one `idle` run.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleReport {
+    pub kind: Kind,
+    pub connections: usize,
+    pub seconds: f64,
+    pub heartbeat_ms: Option<u64>,
+    pub connect_s: f64,
+    pub server_rss_before_kib: u64,
+    pub server_rss_connected_kib: u64,
+    pub server_rss_after_kib: u64,
+    pub rss_per_connection_bytes: f64,
+    pub server_cpu_idle_s: f64,
+    pub server_cpu_pct_of_core: f64,
+    /// `server_cpu_pct_of_core` scaled to a 25 s heartbeat interval.
+    pub server_cpu_pct_at_25s: Option<f64>,
+    pub pings_received: u64,
+    pub server_cpu_us_per_ping: f64,
+    pub generator_cpu_s: f64,
+}
+
+/// Holds N connections for T seconds.
+pub async fn idle(opts: &IdleOpts) -> io::Result<IdleReport> {
+    let n = opts.connections;
+    procfs::raise_nofile(n as u64 + 256);
+    let server = ServerProc::spawn(&opts.conn).await?;
+    let addr = server.addr;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = procfs::rss_kib(server.pid).unwrap_or(0);
+    let pings = Arc::new(AtomicU64::new(0));
+    let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<io::Result<()>>();
+    let sem = Arc::new(Semaphore::new(opts.conn.concurrency.max(1)));
+    let t = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (conn, sem, ready, pings) = (opts.conn.clone(), sem.clone(), ready_tx.clone(), pings.clone());
+        tasks.spawn(async move {
+            let permit = sem.acquire_owned().await;
+            let opened = async {
+                let mut c =
+                    Lean::handshake(client::tcp(addr, source_ip(i, conn.source_ips)).await?, addr, i as u32).await?;
+                c.next_data(|_| ()).await?.ok_or_else(|| io::Error::other("closed before the first message"))?;
+                let mut c = Client::Lean(Box::new(c));
+                if conn.kind == Kind::Switchboard {
+                    join(&mut c).await?;
+                }
+                Ok::<_, io::Error>(c)
+            }
+            .await;
+            drop(permit);
+            let Client::Lean(mut c) = (match opened {
+                Ok(c) => {
+                    let _ = ready.send(Ok(()));
+                    c
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            }) else {
+                return;
+            };
+            // Read forever: answer pings, count them.
+            while let Ok(Some((op, r))) = c.rd.frame().await {
+                match op {
+                    client::OP_PING => {
+                        pings.fetch_add(1, Ordering::Relaxed);
+                        let p = c.rd.data(r).to_vec();
+                        if c.wr.send(client::OP_PONG, &p).await.is_err() {
+                            return;
+                        }
+                    }
+                    client::OP_CLOSE => return,
+                    _ => {}
+                }
+            }
+        });
+    }
+    drop(ready_tx);
+    let mut left = n;
+    while left > 0 {
+        match ready_rx.recv().await {
+            Some(Ok(())) => left -= 1,
+            Some(Err(e)) => return Err(io::Error::other(format!("connect failed after {}: {e}", n - left))),
+            None => return Err(io::Error::other("connections gone")),
+        }
+    }
+    let connect_s = t.elapsed().as_secs_f64();
+    // Let the last handshakes' transient allocations settle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_connected = procfs::rss_kib(server.pid).unwrap_or(0);
+    let cpu0 = server.cpu();
+    let gen0 = self_cpu();
+    let pings0 = pings.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(opts.seconds)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = server.cpu() - cpu0;
+    let gen = self_cpu() - gen0;
+    let pings_received = pings.load(Ordering::Relaxed) - pings0;
+    let rss_after = procfs::rss_kib(server.pid).unwrap_or(0);
+    server.stop().await;
+    tasks.abort_all();
+    let pct = cpu / secs * 100.0;
+    Ok(IdleReport {
+        kind: opts.conn.kind,
+        connections: n,
+        seconds: secs,
+        heartbeat_ms: opts.conn.heartbeat_ms,
+        connect_s,
+        server_rss_before_kib: rss_before,
+        server_rss_connected_kib: rss_connected,
+        server_rss_after_kib: rss_after,
+        rss_per_connection_bytes: (rss_after as f64 - rss_before as f64) * 1024.0 / n as f64,
+        server_cpu_idle_s: cpu,
+        server_cpu_pct_of_core: pct,
+        server_cpu_pct_at_25s: opts.conn.heartbeat_ms.map(|h| pct * h as f64 / 25_000.0),
+        pings_received,
+        server_cpu_us_per_ping: if pings_received > 0 { cpu / pings_received as f64 * 1e6 } else { f64::NAN },
+        generator_cpu_s: gen,
+    })
+}

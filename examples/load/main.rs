@@ -1,0 +1,592 @@
+//! End-to-end load tool: switchboard against a raw tokio-tungstenite
+//! broadcast server, as separate processes on loopback.
+//!
+//! ```text
+//! cargo run --release --example load -- smoke
+//! cargo run --release --example load -- run --kind switchboard --subscribers 1000 --messages 2000
+//! cargo run --release --example load -- compare --subscribers 1000 --messages 2000 --runs 3
+//! cargo run --release --example load -- compare --subscribers 8000 --messages 500 --rate 50
+//! cargo run --release --example load -- idle --kind switchboard --connections 8000 --seconds 20 --heartbeat-ms 1000
+//! cargo run --release --example load -- compare-idle --connections 8000 --seconds 20
+//! cargo run --release --example load -- server --kind raw --addr 127.0.0.1:9000
+//! ```
+//!
+//! Every run starts a fresh server (`load server`, this same binary) as a
+//! child process, opens the connections from this process, and reads the
+//! server's CPU time and memory from `/proc`. Server and generator share the
+//! machine's cores, so absolute figures depend on the machine and on what
+//! else runs; the ratios between kinds measured in one `compare` are the
+//! figures to read. See `docs/performance.md`.
+
+mod bench;
+mod client;
+mod procfs;
+mod server;
+
+use bench::{ConnOpts, IdleOpts, IdleReport, RunOpts, RunReport};
+use serde::Serialize;
+use server::{Kind, ServerOpts};
+use std::collections::HashMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const USAGE: &str = "\
+usage: load <command> [options]
+
+commands:
+  server   --kind switchboard|raw|raw-select [--addr 127.0.0.1:0] [--heartbeat-ms N] [--max-inflight N] [--threads N]
+  run      --kind K --subscribers N --messages M [--rate R] [--payload 100] [--json out.json]
+  idle     --kind K --connections N --seconds T [--heartbeat-ms 1000] [--json out.json]
+  compare  --subscribers N --messages M [--rate R] [--runs 3] [--kinds raw,switchboard,raw-select] [--json out.json]
+  compare-idle --connections N --seconds T [--heartbeat-ms 1000] [--runs 1] [--kinds raw,switchboard] [--json out.json]
+  smoke    (200 subscribers x 200 messages flat out per kind; fails on any loss or reordering)
+  sizes    (bytes of the per-connection task futures each server spawns; what idle RSS is made of)
+
+generator options (run, idle, compare, compare-idle):
+  --source-ips N     spread connections over 127.0.0.2 .. 127.0.0.(N+1) (default 4; 0 = no bind)
+  --concurrency N    connection attempts in flight (default 64)
+  --checked N        subscribers using a full tokio-tungstenite client (default 8)
+  --window N         flat out: messages the publisher may run ahead of the subscribers (default 64)
+  --timeout S        give up waiting for deliveries after S seconds
+  --gen-threads N    generator runtime threads (default 1: a current-thread runtime)
+  --perf \"ARGS\"     run: attach `perf ARGS -p <server pid>` while publishing (e.g. \"record -g -o sb.data\")
+  --max-inflight N   switchboard server's HubConfig::max_inflight (default 256; the hub's default is 16)
+  --server-threads N server runtime worker threads (default: tokio's, one per CPU; 0 = current-thread runtime)
+";
+
+/// `--key value` options after the command.
+struct Args {
+    cmd: String,
+    flags: HashMap<String, String>,
+}
+
+impl Args {
+    fn parse() -> Result<Args, String> {
+        let mut it = std::env::args().skip(1);
+        let cmd = it.next().ok_or("no command")?;
+        let mut flags = HashMap::new();
+        while let Some(k) = it.next() {
+            let key = k.strip_prefix("--").ok_or_else(|| format!("unexpected argument `{k}`"))?.to_owned();
+            let value = it.next().ok_or_else(|| format!("`--{key}` needs a value"))?;
+            flags.insert(key, value);
+        }
+        Ok(Args { cmd, flags })
+    }
+
+    fn get<T: std::str::FromStr>(&self, key: &str) -> Result<Option<T>, String> {
+        self.flags.get(key).map(|v| v.parse::<T>().map_err(|_| format!("bad value `{v}` for --{key}"))).transpose()
+    }
+
+    fn or<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, String> {
+        Ok(self.get(key)?.unwrap_or(default))
+    }
+
+    fn need<T: std::str::FromStr>(&self, key: &str) -> Result<T, String> {
+        self.get(key)?.ok_or_else(|| format!("--{key} is required"))
+    }
+
+    fn kind(&self) -> Result<Kind, String> {
+        let k: String = self.need("kind")?;
+        Kind::parse(&k).ok_or_else(|| format!("unknown kind `{k}`"))
+    }
+
+    fn kinds(&self, default: &str) -> Result<Vec<Kind>, String> {
+        let list: String = self.or("kinds", default.to_owned())?;
+        list.split(',').map(|k| Kind::parse(k.trim()).ok_or_else(|| format!("unknown kind `{k}`"))).collect()
+    }
+
+    fn conn(&self, kind: Kind, default_heartbeat: Option<u64>) -> Result<ConnOpts, String> {
+        Ok(ConnOpts {
+            kind,
+            source_ips: self.or("source-ips", 4)?,
+            concurrency: self.or("concurrency", 64)?,
+            checked: self.or("checked", 8)?,
+            heartbeat_ms: self.get("heartbeat-ms")?.or(default_heartbeat),
+            // A flat-out publisher pipelines up to `--window` calls; the hub's
+            // default bound (16) would refuse some with 429 (see docs).
+            max_inflight: Some(self.or("max-inflight", 256)?),
+            server_threads: self.get("server-threads")?,
+        })
+    }
+
+    fn run_opts(&self, kind: Kind) -> Result<RunOpts, String> {
+        Ok(RunOpts {
+            conn: self.conn(kind, None)?,
+            subscribers: self.need("subscribers")?,
+            messages: self.need("messages")?,
+            rate: self.get("rate")?,
+            payload: self.or("payload", 100)?,
+            window: self.or("window", 64)?,
+            timeout: self.get::<f64>("timeout")?.map(Duration::from_secs_f64),
+            perf: self.get("perf")?,
+        })
+    }
+
+    fn idle_opts(&self, kind: Kind) -> Result<IdleOpts, String> {
+        Ok(IdleOpts {
+            conn: self.conn(kind, Some(1000))?,
+            connections: self.need("connections")?,
+            seconds: self.need("seconds")?,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match Args::parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("load: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match dispatch(&args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("load: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(args: &Args) -> Result<ExitCode, String> {
+    if args.cmd == "server" {
+        let opts = ServerOpts {
+            kind: args.kind()?,
+            addr: args.or("addr", "127.0.0.1:0".parse().expect("address"))?,
+            heartbeat: args.get::<u64>("heartbeat-ms")?.map(Duration::from_millis),
+            max_inflight: args.get("max-inflight")?,
+        };
+        let rt = match args.get::<usize>("threads")? {
+            Some(0) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+            Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+            None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        }
+        .map_err(|e| e.to_string())?;
+        rt.block_on(server::run(opts)).map_err(|e| e.to_string())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let threads: usize = args.or("gen-threads", 1)?;
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
+    .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        match args.cmd.as_str() {
+            "run" => cmd_run(args).await,
+            "idle" => cmd_idle(args).await,
+            "compare" => cmd_compare(args).await,
+            "compare-idle" => cmd_compare_idle(args).await,
+            "smoke" => cmd_smoke(args).await,
+            "sizes" => cmd_sizes().await,
+            other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
+        }
+    })
+}
+
+#[derive(Serialize)]
+struct Output<'a, R, S> {
+    command: String,
+    machine: procfs::Machine,
+    note: &'static str,
+    runs: &'a [R],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    summary: Option<S>,
+}
+
+const NOTE: &str = "server and load generator are separate processes on loopback sharing the same cores; \
+                    absolute figures are noisy, ratios between kinds measured in one session are the figures to read";
+
+fn write_json<R: Serialize, S: Serialize>(args: &Args, runs: &[R], summary: Option<S>) -> Result<(), String> {
+    let Some(path) = args.get::<String>("json")? else { return Ok(()) };
+    let out = Output {
+        command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        machine: procfs::machine(),
+        note: NOTE,
+        runs,
+        summary,
+    };
+    let text = serde_json::to_string_pretty(&out).map_err(|e| e.to_string())?;
+    std::fs::write(&path, text + "\n").map_err(|e| format!("{path}: {e}"))?;
+    eprintln!("load: wrote {path}");
+    Ok(())
+}
+
+fn print_machine() {
+    let m = procfs::machine();
+    println!(
+        "machine: {} CPUs ({}), {} MiB RAM, kernel {}, open files {}/{}; server and generator share these CPUs",
+        m.nproc, m.cpu_model, m.mem_total_mib, m.kernel, m.nofile_soft, m.nofile_hard
+    );
+}
+
+async fn cmd_run(args: &Args) -> Result<ExitCode, String> {
+    let opts = args.run_opts(args.kind()?)?;
+    print_machine();
+    let r = bench::run(&opts).await.map_err(|e| e.to_string())?;
+    print_runs(std::slice::from_ref(&r));
+    write_json::<_, ()>(args, std::slice::from_ref(&r), None)?;
+    Ok(if r.clean() && !r.timed_out { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn cmd_idle(args: &Args) -> Result<ExitCode, String> {
+    let opts = args.idle_opts(args.kind()?)?;
+    print_machine();
+    let r = bench::idle(&opts).await.map_err(|e| e.to_string())?;
+    print_idle(std::slice::from_ref(&r));
+    write_json::<_, ()>(args, std::slice::from_ref(&r), None)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_smoke(args: &Args) -> Result<ExitCode, String> {
+    print_machine();
+    let mut reports = Vec::new();
+    for kind in args.kinds("switchboard,raw,raw-select")? {
+        let opts = RunOpts {
+            conn: args.conn(kind, None)?,
+            subscribers: args.or("subscribers", 200)?,
+            messages: args.or("messages", 200)?,
+            rate: None,
+            payload: 100,
+            window: args.or("window", 64)?,
+            timeout: Some(Duration::from_secs(args.or("timeout", 5)?)),
+            perf: None,
+        };
+        reports.push(bench::run(&opts).await.map_err(|e| format!("{}: {e}", kind.name()))?);
+    }
+    print_runs(&reports);
+    write_json::<_, ()>(args, &reports, None)?;
+    let bad: Vec<&RunReport> = reports.iter().filter(|r| !r.clean() || r.timed_out).collect();
+    for r in &bad {
+        eprintln!(
+            "load smoke: {} lost {} reordered {} publisher errors {} client errors {}{}",
+            r.kind.name(),
+            r.lost,
+            r.reordered,
+            r.publisher_errors,
+            r.client_errors,
+            if r.timed_out { " (timed out)" } else { "" }
+        );
+    }
+    Ok(if bad.is_empty() {
+        println!("smoke: ok");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Medians of one kind's runs.
+#[derive(Debug, Clone, Serialize)]
+struct RunMedian {
+    kind: Kind,
+    runs: usize,
+    connects_per_s: f64,
+    deliveries_per_s: f64,
+    lost_total: u64,
+    reordered_total: u64,
+    publisher_errors_total: u64,
+    p50_us: f64,
+    p90_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    server_cpu_s_per_million: f64,
+    server_peak_rss_kib: f64,
+    generator_cpu_s_per_million: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Ratios {
+    kind: Kind,
+    /// Higher is better for switchboard: its figure over raw's.
+    deliveries_per_s: f64,
+    connects_per_s: f64,
+    /// Lower is better: its figure over raw's.
+    p50: f64,
+    p99: f64,
+    server_cpu_per_delivery: f64,
+    server_peak_rss: f64,
+}
+
+#[derive(Serialize)]
+struct CompareSummary {
+    medians: Vec<RunMedian>,
+    ratios_to_raw: Vec<Ratios>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
+    let kinds = args.kinds("raw,switchboard,raw-select")?;
+    let runs: usize = args.or("runs", 3)?;
+    print_machine();
+    let mut reports: Vec<RunReport> = Vec::new();
+    for i in 0..runs {
+        for &kind in &kinds {
+            let opts = args.run_opts(kind)?;
+            eprintln!("load: run {}/{runs} {}", i + 1, kind.name());
+            let r = bench::run(&opts).await.map_err(|e| format!("{}: {e}", kind.name()))?;
+            print_runs(std::slice::from_ref(&r));
+            reports.push(r);
+        }
+    }
+    println!("\nall runs:");
+    print_runs(&reports);
+    let medians: Vec<RunMedian> = kinds
+        .iter()
+        .map(|&kind| {
+            let rs: Vec<&RunReport> = reports.iter().filter(|r| r.kind == kind).collect();
+            let med = |f: &dyn Fn(&RunReport) -> f64| median(rs.iter().map(|r| f(r)).collect());
+            RunMedian {
+                kind,
+                runs: rs.len(),
+                connects_per_s: med(&|r| r.connects_per_s),
+                deliveries_per_s: med(&|r| r.deliveries_per_s),
+                lost_total: rs.iter().map(|r| r.lost).sum(),
+                reordered_total: rs.iter().map(|r| r.reordered).sum(),
+                publisher_errors_total: rs.iter().map(|r| r.publisher_errors).sum(),
+                p50_us: med(&|r| r.latency.p50_us as f64),
+                p90_us: med(&|r| r.latency.p90_us as f64),
+                p99_us: med(&|r| r.latency.p99_us as f64),
+                max_us: med(&|r| r.latency.max_us as f64),
+                server_cpu_s_per_million: med(&|r| r.server_cpu_s_per_million),
+                server_peak_rss_kib: med(&|r| r.server_peak_rss_kib as f64),
+                generator_cpu_s_per_million: med(&|r| r.generator_cpu_s_per_million),
+            }
+        })
+        .collect();
+    println!("\nmedians of {runs} run(s):");
+    println!(
+        "{:<12} {:>10} {:>11} {:>6} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>9} {:>11}",
+        "kind",
+        "connect/s",
+        "deliv/s",
+        "lost",
+        "reord",
+        "perr",
+        "p50 us",
+        "p90 us",
+        "p99 us",
+        "max us",
+        "srv s/Mdel",
+        "srv MiB",
+        "gen s/Mdel"
+    );
+    for m in &medians {
+        println!(
+            "{:<12} {:>10.0} {:>11.0} {:>6} {:>6} {:>5} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>11.3} {:>9.1} {:>11.3}",
+            m.kind.name(),
+            m.connects_per_s,
+            m.deliveries_per_s,
+            m.lost_total,
+            m.reordered_total,
+            m.publisher_errors_total,
+            m.p50_us,
+            m.p90_us,
+            m.p99_us,
+            m.max_us,
+            m.server_cpu_s_per_million,
+            m.server_peak_rss_kib / 1024.0,
+            m.generator_cpu_s_per_million
+        );
+    }
+    let mut ratios = Vec::new();
+    if let Some(raw) = medians.iter().find(|m| m.kind == Kind::Raw) {
+        println!("\nratios to raw (deliv/s and connect/s: higher is better; latency, CPU, RSS: lower is better):");
+        println!(
+            "{:<12} {:>8} {:>10} {:>8} {:>8} {:>12} {:>8}",
+            "kind", "deliv/s", "connect/s", "p50", "p99", "cpu/deliv", "rss"
+        );
+        for m in medians.iter().filter(|m| m.kind != Kind::Raw) {
+            let r = Ratios {
+                kind: m.kind,
+                deliveries_per_s: m.deliveries_per_s / raw.deliveries_per_s,
+                connects_per_s: m.connects_per_s / raw.connects_per_s,
+                p50: m.p50_us / raw.p50_us,
+                p99: m.p99_us / raw.p99_us,
+                server_cpu_per_delivery: m.server_cpu_s_per_million / raw.server_cpu_s_per_million,
+                server_peak_rss: m.server_peak_rss_kib / raw.server_peak_rss_kib,
+            };
+            println!(
+                "{:<12} {:>7.2}x {:>9.2}x {:>7.2}x {:>7.2}x {:>11.2}x {:>7.2}x",
+                m.kind.name(),
+                r.deliveries_per_s,
+                r.connects_per_s,
+                r.p50,
+                r.p99,
+                r.server_cpu_per_delivery,
+                r.server_peak_rss
+            );
+            ratios.push(r);
+        }
+    }
+    let clean = reports.iter().all(|r| r.clean() && !r.timed_out);
+    write_json(args, &reports, Some(CompareSummary { medians, ratios_to_raw: ratios }))?;
+    Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+async fn cmd_compare_idle(args: &Args) -> Result<ExitCode, String> {
+    let kinds = args.kinds("raw,switchboard")?;
+    let runs: usize = args.or("runs", 1)?;
+    print_machine();
+    let mut reports: Vec<IdleReport> = Vec::new();
+    for i in 0..runs {
+        for &kind in &kinds {
+            eprintln!("load: idle run {}/{runs} {}", i + 1, kind.name());
+            let r = bench::idle(&args.idle_opts(kind)?).await.map_err(|e| format!("{}: {e}", kind.name()))?;
+            print_idle(std::slice::from_ref(&r));
+            reports.push(r);
+        }
+    }
+    println!("\nall runs:");
+    print_idle(&reports);
+    let mut summary = Vec::new();
+    let raw_rss = median(reports.iter().filter(|r| r.kind == Kind::Raw).map(|r| r.rss_per_connection_bytes).collect());
+    let raw_cpu = median(reports.iter().filter(|r| r.kind == Kind::Raw).map(|r| r.server_cpu_pct_of_core).collect());
+    println!("\nmedians:");
+    println!(
+        "{:<12} {:>12} {:>10} {:>12} {:>10} {:>10}",
+        "kind", "B/conn", "x raw", "cpu % core", "x raw", "% at 25 s"
+    );
+    for &kind in &kinds {
+        let rs: Vec<&IdleReport> = reports.iter().filter(|r| r.kind == kind).collect();
+        let rss = median(rs.iter().map(|r| r.rss_per_connection_bytes).collect());
+        let cpu = median(rs.iter().map(|r| r.server_cpu_pct_of_core).collect());
+        let at25 = median(rs.iter().filter_map(|r| r.server_cpu_pct_at_25s).collect());
+        println!(
+            "{:<12} {:>12.0} {:>9.2}x {:>12.2} {:>9.2}x {:>10.3}",
+            kind.name(),
+            rss,
+            rss / raw_rss,
+            cpu,
+            cpu / raw_cpu,
+            at25
+        );
+        summary.push(serde_json::json!({
+            "kind": kind, "rss_per_connection_bytes": rss, "rss_ratio_to_raw": rss / raw_rss,
+            "server_cpu_pct_of_core": cpu, "cpu_ratio_to_raw": cpu / raw_cpu, "server_cpu_pct_at_25s": at25,
+        }));
+    }
+    write_json(args, &reports, Some(summary))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_sizes() -> Result<ExitCode, String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let hub = switchboard::Hub::builder().build();
+    let config = switchboard::transport::ws::WsConfig::default();
+    let accept = switchboard::transport::ws::accept(stream, addr, &hub, &config);
+    println!(
+        "switchboard: transport::ws::accept future (the reader task of a connection): {} bytes",
+        std::mem::size_of_val(&accept)
+    );
+    drop(accept);
+    for (name, size) in server::future_sizes() {
+        println!("{name}: {size} bytes");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_runs(reports: &[RunReport]) {
+    println!(
+        "{:<12} {:>6} {:>6} {:>5} {:>7} {:>9} {:>7} {:>10} {:>6} {:>5} {:>4} {:>7} {:>7} {:>7} {:>8} {:>7} {:>9} {:>8} {:>7}",
+        "kind",
+        "subs",
+        "msgs",
+        "rate",
+        "conn s",
+        "conn/s",
+        "join s",
+        "deliv/s",
+        "lost",
+        "reord",
+        "perr",
+        "p50 us",
+        "p90 us",
+        "p99 us",
+        "max us",
+        "srv cpu",
+        "s/Mdeliv",
+        "srv MiB",
+        "gen cpu"
+    );
+    for r in reports {
+        println!(
+            "{:<12} {:>6} {:>6} {:>5} {:>7.2} {:>9.0} {:>7} {:>10.0} {:>6} {:>5} {:>4} {:>7} {:>7} {:>7} {:>8} {:>7.2} {:>9.3} {:>8.1} {:>7.2}{}",
+            r.kind.name(),
+            r.subscribers,
+            r.messages,
+            r.rate.map_or("max".into(), |x| format!("{x}")),
+            r.connect_s,
+            r.connects_per_s,
+            r.join_s.map_or("-".into(), |x| format!("{x:.2}")),
+            r.deliveries_per_s,
+            r.lost,
+            r.reordered,
+            r.publisher_errors,
+            r.latency.p50_us,
+            r.latency.p90_us,
+            r.latency.p99_us,
+            r.latency.max_us,
+            r.server_cpu_s,
+            r.server_cpu_s_per_million,
+            r.server_peak_rss_kib as f64 / 1024.0,
+            r.generator_cpu_s,
+            if r.timed_out { "  TIMED OUT" } else { "" }
+        );
+    }
+}
+
+fn print_idle(reports: &[IdleReport]) {
+    println!(
+        "{:<12} {:>6} {:>6} {:>7} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10} {:>8} {:>8} {:>7}",
+        "kind",
+        "conns",
+        "secs",
+        "hb ms",
+        "conn s",
+        "rss0 KiB",
+        "rss1 KiB",
+        "rss2 KiB",
+        "B/conn",
+        "cpu s",
+        "cpu % core",
+        "%@25s",
+        "us/ping",
+        "gen s"
+    );
+    for r in reports {
+        println!(
+            "{:<12} {:>6} {:>6.1} {:>7} {:>8.2} {:>9} {:>9} {:>9} {:>8.0} {:>8.3} {:>10.2} {:>8} {:>8.1} {:>7.2}",
+            r.kind.name(),
+            r.connections,
+            r.seconds,
+            r.heartbeat_ms.map_or("-".into(), |h| h.to_string()),
+            r.connect_s,
+            r.server_rss_before_kib,
+            r.server_rss_connected_kib,
+            r.server_rss_after_kib,
+            r.rss_per_connection_bytes,
+            r.server_cpu_idle_s,
+            r.server_cpu_pct_of_core,
+            r.server_cpu_pct_at_25s.map_or("-".into(), |x| format!("{x:.3}")),
+            r.server_cpu_us_per_ping,
+            r.generator_cpu_s
+        );
+    }
+}

@@ -1,0 +1,498 @@
+//! The servers under test, run as `load server --kind K`:
+//!
+//! - `switchboard`: a [`Hub`] behind the standalone `transport::ws::serve`
+//!   listener; clients join room `bench`; a `pub` call is published to the
+//!   room, the caller excluded (`Call::broadcast_others`).
+//! - `raw`: the fastest honest broadcast server on tokio-tungstenite we know
+//!   (see [`raw`]): tungstenite does the handshake and reads client frames,
+//!   each broadcast is framed once, and one writer task per connection writes
+//!   everything queued for it with one vectored write.
+//! - `raw-select`: the textbook form: one task per connection, `select!` over
+//!   the socket and a `tokio::sync::broadcast` receiver, `feed` + `flush`.
+//!
+//! Both raw servers speak no protocol: the server sends one text message
+//! `welcome` when a connection is registered (so a client knows it will
+//! receive broadcasts, as `hello` tells a switchboard client), the first
+//! connection that sends a text message becomes the publisher, and every
+//! text message it sends goes to every other connection.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{SinkExt, StreamExt};
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use switchboard::transport::ws::{self, WsConfig};
+use switchboard::{Call, CallError, Hub, HubConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::broadcast;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+
+/// The room every switchboard client joins.
+pub const ROOM: &str = "bench";
+/// The raw servers' greeting.
+pub const WELCOME: &[u8] = b"welcome";
+/// Largest message any server accepts (switchboard's default).
+const MAX_MESSAGE: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Switchboard,
+    Raw,
+    RawSelect,
+}
+
+impl Kind {
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "switchboard" | "sb" => Kind::Switchboard,
+            "raw" => Kind::Raw,
+            "raw-select" => Kind::RawSelect,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Switchboard => "switchboard",
+            Kind::Raw => "raw",
+            Kind::RawSelect => "raw-select",
+        }
+    }
+}
+
+/// Server options (`load server ...`).
+#[derive(Debug, Clone)]
+pub struct ServerOpts {
+    pub kind: Kind,
+    pub addr: SocketAddr,
+    /// Heartbeat interval; `None` keeps switchboard's default (25 s) and
+    /// gives the raw servers none.
+    pub heartbeat: Option<Duration>,
+    /// Calls a switchboard connection may have in flight (`max_inflight`).
+    pub max_inflight: Option<usize>,
+}
+
+/// A listener with a backlog large enough for thousands of connects in a
+/// burst (the kernel caps it at `net.core.somaxconn`).
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Runs a server until the process is killed. Prints `ready <addr>` on
+/// stdout once it listens.
+pub async fn run(opts: ServerOpts) -> io::Result<()> {
+    crate::procfs::raise_nofile(u64::MAX);
+    let listener = listen(opts.addr)?;
+    let addr = listener.local_addr()?;
+    match opts.kind {
+        Kind::Switchboard => {
+            let hub = switchboard_hub(&opts);
+            println!("ready {addr}");
+            ws::serve(listener, hub, WsConfig::default()).await
+        }
+        Kind::Raw => {
+            println!("ready {addr}");
+            raw::serve(listener, opts.heartbeat).await
+        }
+        Kind::RawSelect => {
+            println!("ready {addr}");
+            raw_select::serve(listener, opts.heartbeat).await
+        }
+    }
+}
+
+fn switchboard_hub(opts: &ServerOpts) -> Hub {
+    let mut config = HubConfig::default();
+    if let Some(h) = opts.heartbeat {
+        // Keep the default proportions (25 s interval, 10 s timeout): a
+        // timeout at or above the interval would ping only once per timeout.
+        config = config.heartbeat_interval(h).heartbeat_timeout(h * 2 / 5);
+    }
+    if let Some(n) = opts.max_inflight {
+        config = config.max_inflight(n);
+    }
+    Hub::builder()
+        .config(config)
+        // What a host writes to relay a client's message to the rest of the
+        // room: the payload is kept as raw JSON (validated, not re-parsed
+        // into a value) and published once to everyone but the sender.
+        .on("pub", |call: Call, data: Box<serde_json::value::RawValue>| async move {
+            call.broadcast_others("pub", &*data).await.map_err(|e| CallError::internal(e.to_string()))
+        })
+        .build()
+}
+
+/// The tungstenite settings both raw servers use: switchboard's
+/// `WsConfig` defaults (4 KiB read buffer, 8 KiB write buffer) and the same
+/// message limit, so the three servers buffer alike.
+fn raw_ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
+
+/// Frames a server-to-client message: FIN + opcode, unmasked length
+/// (7, 7+16 or 7+64 bits), payload. RFC 6455 §5.2.
+pub fn server_frame(opcode: u8, payload: &[u8]) -> Bytes {
+    let len = payload.len();
+    let mut out = BytesMut::with_capacity(len + 10);
+    out.put_u8(0x80 | opcode);
+    if len < 126 {
+        out.put_u8(len as u8);
+    } else if len <= u16::MAX as usize {
+        out.put_u8(126);
+        out.put_u16(len as u16);
+    } else {
+        out.put_u8(127);
+        out.put_u64(len as u64);
+    }
+    out.put_slice(payload);
+    out.freeze()
+}
+
+/// Sizes of the raw servers' per-connection task futures (`load sizes`).
+pub fn future_sizes() -> Vec<(&'static str, usize)> {
+    raw::future_sizes()
+}
+
+pub mod raw {
+    //! The fast raw server.
+    //!
+    //! The socket is shared (`Arc<TcpStream>`) between tungstenite, which
+    //! reads from it through [`SharedIo`], and the connection's writer task,
+    //! which writes with `try_write_vectored`. tungstenite never writes to
+    //! the socket after the handshake: the few frames it produces itself
+    //! (pong replies, the close reply) are handed to the writer's queue as
+    //! whole frames, so they can never interleave with broadcast frames.
+
+    use super::*;
+    use parking_lot::Mutex;
+    use std::sync::atomic::AtomicBool;
+    use tokio::sync::Notify;
+
+    /// A connection's outbound queue: frames waiting for its writer.
+    #[derive(Default)]
+    struct Outq {
+        frames: Mutex<Vec<Bytes>>,
+        notify: Notify,
+        closed: AtomicBool,
+    }
+
+    impl Outq {
+        fn push(&self, frame: Bytes) {
+            self.frames.lock().push(frame);
+            self.notify.notify_one();
+        }
+
+        fn close(&self) {
+            self.closed.store(true, Ordering::Release);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Broadcast state: every connection's queue, and who the publisher is.
+    #[derive(Default)]
+    struct State {
+        conns: RwLock<HashMap<u64, Arc<Outq>>>,
+        publisher: AtomicU64,
+        next_id: AtomicU64,
+    }
+
+    pub async fn serve(listener: TcpListener, heartbeat: Option<Duration>) -> io::Result<()> {
+        let state = Arc::new(State { next_id: AtomicU64::new(1), ..State::default() });
+        if let Some(every) = heartbeat {
+            tokio::spawn(heartbeats(state.clone(), every));
+        }
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("raw: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let _ = connection(stream, state).await;
+            });
+        }
+    }
+
+    /// One shared timer: every interval, the same pre-framed empty ping is
+    /// queued to every connection.
+    async fn heartbeats(state: Arc<State>, every: Duration) {
+        let ping = server_frame(0x9, b"");
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            for q in state.conns.read().values() {
+                q.push(ping.clone());
+            }
+        }
+    }
+
+    /// The socket as tungstenite sees it: reads go to the socket; writes go
+    /// to the socket during the handshake and to the writer's queue after.
+    struct SharedIo {
+        tcp: Arc<TcpStream>,
+        queue: Option<Arc<Outq>>,
+    }
+
+    impl AsyncRead for SharedIo {
+        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            loop {
+                ready!(self.tcp.poll_read_ready(cx))?;
+                match self.tcp.try_read(buf.initialize_unfilled()) {
+                    Ok(n) => {
+                        buf.advance(n);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+        }
+    }
+
+    impl AsyncWrite for SharedIo {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            match &self.queue {
+                // tungstenite writes whole frames from its buffer; taking all
+                // of it keeps frames whole.
+                Some(q) => {
+                    q.push(Bytes::copy_from_slice(buf));
+                    Poll::Ready(Ok(buf.len()))
+                }
+                None => loop {
+                    ready!(self.tcp.poll_write_ready(cx))?;
+                    match self.tcp.try_write(buf) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        r => return Poll::Ready(r),
+                    }
+                },
+            }
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    async fn connection(stream: TcpStream, state: Arc<State>) -> io::Result<()> {
+        stream.set_nodelay(true)?;
+        let tcp = Arc::new(stream);
+        let io = SharedIo { tcp: tcp.clone(), queue: None };
+        let mut ws = tokio_tungstenite::accept_async_with_config(io, Some(raw_ws_config()))
+            .await
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let queue = Arc::new(Outq::default());
+        ws.get_mut().queue = Some(queue.clone());
+        let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+        state.conns.write().insert(id, queue.clone());
+        queue.push(server_frame(0x1, WELCOME));
+        let writer = tokio::spawn(write_loop(tcp, queue.clone()));
+
+        while let Some(msg) = ws.next().await {
+            match msg {
+                Ok(Message::Text(text)) => {
+                    let publisher = match state.publisher.compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire) {
+                        Ok(_) => id,
+                        Err(p) => p,
+                    };
+                    if publisher == id {
+                        // Framed once; every recipient gets the same bytes.
+                        let frame = server_frame(0x1, text.as_bytes());
+                        for (other, q) in state.conns.read().iter() {
+                            if *other != id {
+                                q.push(frame.clone());
+                            }
+                        }
+                    }
+                }
+                // Pings are answered by tungstenite on the next read (through
+                // the queue); a close is answered the same way, and the next
+                // read ends the stream.
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        state.conns.write().remove(&id);
+        // The writer finishes what is queued, then ends.
+        queue.close();
+        let _ = writer.await;
+        Ok(())
+    }
+
+    pub(super) fn future_sizes() -> Vec<(&'static str, usize)> {
+        /// The size of the future an async fn returns, without calling it.
+        fn returned<A, B, F: std::future::Future>(_: impl FnOnce(A, B) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        vec![
+            ("raw: connection future (reader task)", returned(connection)),
+            ("raw: write_loop future (writer task)", returned(write_loop)),
+        ]
+    }
+
+    /// Takes everything queued and writes it with as few vectored writes as
+    /// the socket allows (usually one).
+    async fn write_loop(tcp: Arc<TcpStream>, queue: Arc<Outq>) {
+        let mut batch: Vec<Bytes> = Vec::new();
+        loop {
+            std::mem::swap(&mut *queue.frames.lock(), &mut batch);
+            if batch.is_empty() {
+                if queue.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                queue.notify.notified().await;
+                continue;
+            }
+            if write_all(&tcp, &batch).await.is_err() {
+                return;
+            }
+            batch.clear();
+        }
+    }
+
+    async fn write_all(tcp: &TcpStream, batch: &[Bytes]) -> io::Result<()> {
+        const MAX_IOV: usize = 64;
+        let (mut idx, mut off) = (0usize, 0usize);
+        while idx < batch.len() {
+            tcp.writable().await?;
+            let mut iov = [io::IoSlice::new(&[]); MAX_IOV];
+            let mut n_iov = 0;
+            for (k, b) in batch[idx..].iter().take(MAX_IOV).enumerate() {
+                iov[k] = io::IoSlice::new(if k == 0 { &b[off..] } else { &b[..] });
+                n_iov += 1;
+            }
+            match tcp.try_write_vectored(&iov[..n_iov]) {
+                Ok(mut n) => {
+                    while n > 0 {
+                        let left = batch[idx].len() - off;
+                        if n >= left {
+                            n -= left;
+                            idx += 1;
+                            off = 0;
+                        } else {
+                            off += n;
+                            n = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+pub mod raw_select {
+    //! The textbook raw server: one task per connection selecting over its
+    //! socket and a broadcast receiver, tungstenite framing every message
+    //! for every connection, `feed` what is waiting and `flush` once.
+
+    use super::*;
+
+    /// Messages the broadcast channel keeps for a slow receiver; past that
+    /// it lags (and loses messages, which the load generator reports).
+    const CAPACITY: usize = 4096;
+
+    pub async fn serve(listener: TcpListener, heartbeat: Option<Duration>) -> io::Result<()> {
+        let (tx, _) = broadcast::channel::<Message>(CAPACITY);
+        let publisher = Arc::new(AtomicU64::new(0));
+        let next_id = AtomicU64::new(1);
+        let (ping_tx, _) = broadcast::channel::<()>(1);
+        if let Some(every) = heartbeat {
+            let ping_tx = ping_tx.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let _ = ping_tx.send(());
+                }
+            });
+        }
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("raw-select: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx, pings, publisher) = (tx.clone(), tx.subscribe(), ping_tx.subscribe(), publisher.clone());
+            tokio::spawn(async move {
+                let _ = connection(stream, id, tx, rx, pings, publisher).await;
+            });
+        }
+    }
+
+    async fn connection(
+        stream: TcpStream,
+        id: u64,
+        tx: broadcast::Sender<Message>,
+        mut rx: broadcast::Receiver<Message>,
+        mut pings: broadcast::Receiver<()>,
+        publisher: Arc<AtomicU64>,
+    ) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        stream.set_nodelay(true)?;
+        let mut ws = tokio_tungstenite::accept_async_with_config(stream, Some(raw_ws_config())).await?;
+        ws.send(Message::text(std::str::from_utf8(WELCOME).unwrap_or("welcome"))).await?;
+        loop {
+            tokio::select! {
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Text(text))) => {
+                        let p = match publisher.compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire) {
+                            Ok(_) => id,
+                            Err(p) => p,
+                        };
+                        if p == id {
+                            let _ = tx.send(Message::Text(text));
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => return Ok(()),
+                },
+                got = rx.recv() => match got {
+                    Ok(msg) => {
+                        if publisher.load(Ordering::Relaxed) == id {
+                            continue;
+                        }
+                        ws.feed(msg).await?;
+                        while let Ok(more) = rx.try_recv() {
+                            ws.feed(more).await?;
+                        }
+                        ws.flush().await?;
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => eprintln!("raw-select: connection {id} lagged {n}"),
+                    Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                },
+                Ok(()) = pings.recv() => ws.send(Message::Ping(Bytes::new())).await?,
+            }
+        }
+    }
+}
