@@ -703,7 +703,6 @@ impl Hub {
             let mut rooms = session.rooms.lock();
             let Some(pos) = rooms.iter().position(|r| &**r == room) else { return false };
             rooms.swap_remove(pos);
-            session.call_order.lock().retain(|(r, _)| &**r != room);
             self.inner.rooms.leave(room, session.id)
         };
         if removed == Some(true) {

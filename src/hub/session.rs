@@ -8,7 +8,7 @@
 
 use super::{ConnectionState, DisconnectReason, Hub, OverflowPolicy, TaskGuard};
 use crate::auth::Identity;
-use crate::handler::Call;
+use crate::handler::{Call, CallError};
 use crate::protocol::{CloseCode, Envelope, ErrorCode, Format, Kind, Parts, Payload};
 use crate::room::validate_room_name;
 use crate::transport::{CloseFrame, Frame, Transport, TransportError};
@@ -43,13 +43,14 @@ pub(crate) struct Session {
     pub(crate) kill: CancellationToken,
     reason: Mutex<Option<DisconnectReason>>,
     pub(crate) inflight: Arc<Semaphore>,
-    /// Per room this connection called into: a receiver that resolves when
-    /// its latest call there finished. The next call in the room waits for
-    /// it, so calls naming a room are handled one after another in the order
-    /// they arrived (a publisher's broadcasts stay in order), while calls in
-    /// different rooms or without a room run concurrently. At most one entry
-    /// per room joined; removed on leave.
-    pub(crate) call_order: Mutex<Vec<(Arc<str>, tokio::sync::oneshot::Receiver<()>)>>,
+    /// Calls naming a room wait here, per room, for that room's worker task:
+    /// one task per room with work drains its queue in arrival order, so a
+    /// publisher's broadcasts stay in order and run back to back (writers
+    /// then batch them), while calls in different rooms or without a room
+    /// run concurrently. An entry exists only while its room has work; the
+    /// queued calls hold in-flight permits, so the total is bounded by
+    /// `max_inflight`.
+    pub(crate) call_queues: Mutex<Vec<RoomCalls>>,
 }
 
 impl Session {
@@ -68,7 +69,7 @@ impl Session {
             kill: CancellationToken::new(),
             reason: Mutex::new(None),
             inflight: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
-            call_order: Mutex::new(Vec::new()),
+            call_queues: Mutex::new(Vec::new()),
         }
     }
 
@@ -591,48 +592,94 @@ fn on_call(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Enve
         return session.send_error(reference, ErrorCode::UNKNOWN_EVENT.0, &msg);
     };
     let Some(permit) = acquire(session, reference) else { return };
-    // Chain calls in the same room: this one starts when the previous one
-    // there finished (its sender dropped, completed or aborted).
-    let (done, previous) = match &room {
-        Some(r) => {
-            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-            let mut order = session.call_order.lock();
-            let previous = match order.iter_mut().find(|(name, _)| name == r) {
-                Some((_, slot)) => Some(std::mem::replace(slot, rx)),
-                None => {
-                    order.push((r.clone(), rx));
-                    None
-                }
-            };
-            (Some(tx), previous)
-        }
-        None => (None, None),
-    };
+    let queued_room = room.clone();
     let call = Call { hub: hub.clone(), session: session.clone(), room, event: event.clone() };
     let handler = handler.clone();
     let data = env.data;
     // The handler is invoked inside the task, so even a panic in its
     // synchronous part is caught and answered with a 500.
-    let fut = async move { handler.call(call, data).await };
-    let session = session.clone();
-    let timeout = hub.inner.config.handler_timeout;
-    let guard = TaskGuard::new(&hub.inner);
-    calls.spawn(async move {
-        let _guard = guard;
-        let _permit = permit;
-        let _done = done;
-        if let Some(previous) = previous {
-            let _ = previous.await;
-        }
-        match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
-            Err(_) => session.send_error(reference, ErrorCode::TIMEOUT.0, "handler timed out"),
-            Ok(Err(_panic)) => session.send_error(reference, ErrorCode::INTERNAL.0, "handler failed"),
-            Ok(Ok(Err(e))) => session.send_error(reference, e.code(), e.message()),
-            Ok(Ok(Ok(payload))) => {
-                if let Some(r) = reference {
-                    session.send_reply(r, &payload);
-                }
+    let make: MakeCall = Box::new(move || handler.call(call, data));
+    let queued = QueuedCall { make, reference, _permit: permit };
+    let Some(room) = queued_room else {
+        let session = session.clone();
+        let guard = TaskGuard::new(&hub.inner);
+        let timeout = hub.inner.config.handler_timeout;
+        calls.spawn(async move {
+            let _guard = guard;
+            run_call(&session, timeout, queued).await;
+        });
+        return;
+    };
+    let start_worker = {
+        let mut queues = session.call_queues.lock();
+        match queues.iter_mut().find(|q| q.room == room) {
+            Some(q) => {
+                q.calls.push_back(queued);
+                false
+            }
+            None => {
+                queues.push(RoomCalls { room: room.clone(), calls: VecDeque::from([queued]) });
+                true
             }
         }
-    });
+    };
+    if start_worker {
+        let session = session.clone();
+        let guard = TaskGuard::new(&hub.inner);
+        let timeout = hub.inner.config.handler_timeout;
+        calls.spawn(async move {
+            let _guard = guard;
+            room_worker(session, room, timeout).await;
+        });
+    }
+}
+
+/// A call waiting to run: how to start its handler, its `ref`, its permit.
+pub(crate) struct QueuedCall {
+    make: MakeCall,
+    reference: Option<u64>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+type MakeCall = Box<dyn FnOnce() -> futures::future::BoxFuture<'static, Result<Payload, CallError>> + Send>;
+
+/// The queued calls of one room of one connection.
+pub(crate) struct RoomCalls {
+    room: Arc<str>,
+    calls: VecDeque<QueuedCall>,
+}
+
+/// Runs `room`'s queued calls one after another until the queue is empty,
+/// then removes it (a call queued after that starts a new worker).
+async fn room_worker(session: Arc<Session>, room: Arc<str>, timeout: std::time::Duration) {
+    loop {
+        let next = {
+            let mut queues = session.call_queues.lock();
+            let Some(pos) = queues.iter().position(|q| q.room == room) else { return };
+            match queues[pos].calls.pop_front() {
+                Some(call) => call,
+                None => {
+                    queues.swap_remove(pos);
+                    return;
+                }
+            }
+        };
+        run_call(&session, timeout, next).await;
+    }
+}
+
+/// Runs one call's handler under the timeout, catching panics, and answers.
+async fn run_call(session: &Session, timeout: std::time::Duration, queued: QueuedCall) {
+    let QueuedCall { make, reference, _permit } = queued;
+    let fut = async move { make().await };
+    match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
+        Err(_) => session.send_error(reference, ErrorCode::TIMEOUT.0, "handler timed out"),
+        Ok(Err(_panic)) => session.send_error(reference, ErrorCode::INTERNAL.0, "handler failed"),
+        Ok(Ok(Err(e))) => session.send_error(reference, e.code(), e.message()),
+        Ok(Ok(Ok(payload))) => {
+            if let Some(r) = reference {
+                session.send_reply(r, &payload);
+            }
+        }
+    }
 }
