@@ -25,6 +25,41 @@
 //! [`HubConfig`](crate::HubConfig)); a slow handler delays its own reply and
 //! nothing else. A payload that does not deserialize into the handler's type
 //! gets a 422 error and the handler is not called; a panic becomes a 500.
+//!
+//! A payload can also be **validated** before the handler runs
+//! ([`HubBuilder::on_validated`](crate::HubBuilder::on_validated)): the
+//! validator returns [`FieldErrors`], which reach the client as a 422 error
+//! whose `data` lists every field's problems:
+//!
+//! ```
+//! use serde::Deserialize;
+//! use switchboard::handler::FieldErrors;
+//! use switchboard::{Call, Hub};
+//!
+//! #[derive(Deserialize)]
+//! struct Say { text: String }
+//!
+//! let hub = Hub::builder()
+//!     .on_validated(
+//!         "say",
+//!         |say: &Say| {
+//!             let mut errors = FieldErrors::new();
+//!             if say.text.trim().is_empty() {
+//!                 errors.add("text", "required", "must not be empty");
+//!             }
+//!             if say.text.len() > 500 {
+//!                 errors.add("text", "length", "at most 500 bytes");
+//!             }
+//!             errors.into_result()
+//!         },
+//!         |_call: Call, say: Say| async move { Ok(say.text.len()) },
+//!     )
+//!     .build();
+//! # drop(hub);
+//! ```
+//!
+//! With the `validator` or `garde` crates, convert their error report into
+//! [`FieldErrors`] in the validator closure.
 
 use crate::hub::session::Session;
 use crate::hub::Hub;
@@ -114,13 +149,25 @@ impl Call {
 pub struct CallError {
     code: u32,
     message: String,
+    data: Option<serde_json::Value>,
 }
 
 impl CallError {
     /// An error with a host code (use 1000 and above for application codes;
     /// below 1000 are the protocol's, see [`ErrorCode`]).
     pub fn new(code: u32, message: impl Into<String>) -> CallError {
-        CallError { code, message: message.into() }
+        CallError { code, message: message.into(), data: None }
+    }
+
+    /// Attaches structured details, sent as the error envelope's `data`.
+    pub fn with_data(mut self, data: serde_json::Value) -> CallError {
+        self.data = Some(data);
+        self
+    }
+
+    /// The structured details, if any.
+    pub fn data(&self) -> Option<&serde_json::Value> {
+        self.data.as_ref()
     }
 
     /// An error with one of the protocol's codes.
@@ -162,6 +209,70 @@ impl fmt::Display for CallError {
 
 impl std::error::Error for CallError {}
 
+/// One problem with one field of a payload, from a validator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// The field's name or path (`"text"`, `"items[2].name"`).
+    pub field: String,
+    /// A short machine-readable code (`"required"`, `"length"`, `"range"`).
+    pub code: String,
+    /// Human-readable text.
+    pub message: String,
+}
+
+/// What a payload validator found wrong, field by field. Empty means valid.
+///
+/// Sent to the client as `error 422` with `message` "validation failed" and
+/// `data` `{"fields": [{"field": …, "code": …, "message": …}, …]}`, in the
+/// order the errors were added.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldErrors(Vec<FieldError>);
+
+impl FieldErrors {
+    /// No errors.
+    pub fn new() -> FieldErrors {
+        FieldErrors::default()
+    }
+
+    /// Adds a problem with `field`.
+    pub fn add(&mut self, field: impl Into<String>, code: impl Into<String>, message: impl Into<String>) -> &mut Self {
+        self.0.push(FieldError { field: field.into(), code: code.into(), message: message.into() });
+        self
+    }
+
+    /// Whether nothing was found wrong.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The problems, in the order added.
+    pub fn errors(&self) -> &[FieldError] {
+        &self.0
+    }
+
+    /// `Ok(())` when empty, else `Err(self)`: the usual end of a validator.
+    pub fn into_result(self) -> Result<(), FieldErrors> {
+        if self.is_empty() {
+            Ok(())
+        } else {
+            Err(self)
+        }
+    }
+}
+
+impl FromIterator<FieldError> for FieldErrors {
+    fn from_iter<I: IntoIterator<Item = FieldError>>(iter: I) -> Self {
+        FieldErrors(iter.into_iter().collect())
+    }
+}
+
+impl From<FieldErrors> for CallError {
+    fn from(errors: FieldErrors) -> CallError {
+        CallError::with_code(ErrorCode::INVALID_PAYLOAD, "validation failed")
+            .with_data(serde_json::json!({ "fields": errors.0 }))
+    }
+}
+
 /// An untyped handler: the payload as received, the reply as encoded.
 /// Implemented for the typed closures [`HubBuilder::on`](crate::HubBuilder::on)
 /// accepts; implement it directly to handle raw payloads.
@@ -171,21 +282,29 @@ pub trait Handler: Send + Sync + 'static {
     fn call(&self, call: Call, payload: Option<Payload>) -> BoxFuture<'static, Result<Payload, CallError>>;
 }
 
-/// Adapts `Fn(Call, Req) -> Future<Output = Result<Resp, CallError>>` to [`Handler`].
-pub(crate) struct TypedHandler<F, Req, Resp> {
+/// A validator that accepts everything (what [`HubBuilder::on`](crate::HubBuilder::on) uses).
+pub(crate) fn no_validation<Req>(_: &Req) -> Result<(), FieldErrors> {
+    Ok(())
+}
+
+/// Adapts `Fn(Call, Req) -> Future<Output = Result<Resp, CallError>>` to
+/// [`Handler`], with a validator run between deserializing and calling.
+pub(crate) struct TypedHandler<F, V, Req, Resp> {
     f: F,
+    validate: V,
     _types: PhantomData<fn(Req) -> Resp>,
 }
 
-impl<F, Req, Resp> TypedHandler<F, Req, Resp> {
-    pub(crate) fn new(f: F) -> Self {
-        TypedHandler { f, _types: PhantomData }
+impl<F, V, Req, Resp> TypedHandler<F, V, Req, Resp> {
+    pub(crate) fn new(f: F, validate: V) -> Self {
+        TypedHandler { f, validate, _types: PhantomData }
     }
 }
 
-impl<F, Fut, Req, Resp> Handler for TypedHandler<F, Req, Resp>
+impl<F, V, Fut, Req, Resp> Handler for TypedHandler<F, V, Req, Resp>
 where
     F: Fn(Call, Req) -> Fut + Send + Sync + 'static,
+    V: Fn(&Req) -> Result<(), FieldErrors> + Send + Sync + 'static,
     Fut: Future<Output = Result<Resp, CallError>> + Send + 'static,
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
@@ -199,6 +318,9 @@ where
                 return Box::pin(async move { Err(CallError::with_code(ErrorCode::INVALID_PAYLOAD, e.to_string())) })
             }
         };
+        if let Err(errors) = (self.validate)(&req) {
+            return Box::pin(async move { Err(errors.into()) });
+        }
         let fut = (self.f)(call, req);
         Box::pin(async move {
             let resp = fut.await?;

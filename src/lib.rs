@@ -60,6 +60,10 @@
 //!   heartbeats on one shared timer wheel per hub; graceful shutdown.
 //! - **Bounded everything**: each connection's outbound queue is bounded in
 //!   bytes with a documented overflow policy ([`OverflowPolicy`]).
+//! - **Safe to expose**: origin check, connection limits per hub and per
+//!   address, a connection rate and a per-connection message rate, payload
+//!   validation, and optional JWT authentication with in-band `refresh`
+//!   ([`security`], `docs/security.md`).
 //! - **Encode once per broadcast**: a publish is serialized once per envelope
 //!   format and the same buffer is queued to every member.
 //! - **Scaling out** through a [`Backplane`]: [`MemoryBackplane`] links hubs
@@ -71,7 +75,8 @@
 //! |---|---|
 //! | [`hub`](Hub) (root re-exports) | [`Hub`], [`HubBuilder`], [`HubConfig`], connections, stats, shutdown |
 //! | [`handler`] | [`Call`] context, [`CallError`], the [`Handler`] trait |
-//! | [`auth`] | [`Identity`], [`Authenticate`], [`AuthorizeJoin`], [`Rejection`] |
+//! | [`auth`] | [`Identity`], [`Authenticate`], [`AuthorizeJoin`], [`Refresh`], [`Rejection`]; `auth::jwt` (feature `jwt`) |
+//! | [`security`] | admission ([`SecurityConfig`]: origin check, connection limits, trusted proxies), [`RateLimit`] |
 //! | [`room`] | room naming rules, [`room::Member`] |
 //! | [`protocol`] | envelopes, payloads, JSON and MessagePack codecs, error and close codes |
 //! | [`transport`] | the [`Transport`] trait, [`Frame`], [`Handshake`]; `ws` and `memory` implementations |
@@ -81,7 +86,8 @@
 //! | [`error`] | [`Error`], [`ErrorKind`], [`Result`] |
 //!
 //! Longer guides live in the repository's `docs/`: `protocol.md` (the wire
-//! protocol), `architecture.md` (layers, data path, bounds, locks).
+//! protocol), `architecture.md` (layers, data path, bounds, locks),
+//! `security.md` (threat model, limits and their defaults, proxies).
 //!
 //! # Features
 //!
@@ -89,6 +95,7 @@
 //! |---|---|---|
 //! | `ws` | yes | WebSocket transport on tokio-tungstenite ([`transport::ws`]) |
 //! | `axum` | yes | mounting the WebSocket endpoint in an axum router ([`integration::axum`]) |
+//! | `jwt` | no | JSON Web Token authentication and `refresh` (`auth::jwt`, the `jsonwebtoken` crate) |
 //! | `testing` | no | `switchboard::testing`: conformance suites for your own [`Backplane`] |
 //!
 //! Logging goes through `tracing` (always on; silent without a subscriber).
@@ -104,18 +111,20 @@ mod hub;
 pub mod integration;
 pub mod protocol;
 pub mod room;
+pub mod security;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transport;
 
-pub use auth::{Authenticate, AuthorizeJoin, Identity, JoinRequest, Rejection};
+pub use auth::{Authenticate, AuthorizeJoin, Identity, JoinRequest, Refresh, Rejection};
 pub use backplane::{Backplane, MemoryBackplane, Subscription};
 pub use error::{Error, ErrorKind, Result};
-pub use handler::{Call, CallError, Handler};
+pub use handler::{Call, CallError, FieldErrors, Handler};
 pub use hub::{
     Connection, ConnectionId, ConnectionState, DisconnectReason, Hub, HubBuilder, HubConfig, HubStats, OverflowPolicy,
     Publish,
 };
+pub use security::{Admission, OriginPolicy, RateLimit, SecurityConfig};
 pub use transport::{Frame, Handshake, Transport};
 
 /// Compiles the README's code blocks as doctests.

@@ -11,9 +11,22 @@
 //!
 //! Both are traits with a blanket implementation for closures, so a host can
 //! pass an `async` closure or write a type of its own.
+//!
+//! An identity may carry an **expiry** ([`Identity::with_expiry`]): the
+//! connection is closed with 4003 ("token expired: refresh and reconnect")
+//! when it passes, unless the client renews it first with a `refresh`
+//! message, which the hub's [`Refresh`] hook checks. It may also restrict
+//! which rooms the connection may join ([`Identity::with_rooms`]) and
+//! override the hub's message rate limit ([`Identity::with_rate_limit`]).
+//! The `jwt` feature's [`jwt::JwtAuth`] fills all of this from a token's
+//! claims.
+
+#[cfg(feature = "jwt")]
+pub mod jwt;
 
 use crate::handler::CallError;
 use crate::protocol::Payload;
+use crate::security::RateLimit;
 use crate::transport::Handshake;
 use crate::ConnectionId;
 use futures::future::BoxFuture;
@@ -22,6 +35,7 @@ use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 /// Who is on the other end of a connection, as the authenticator decided.
 ///
@@ -31,6 +45,9 @@ use std::sync::Arc;
 pub struct Identity {
     user: Option<Arc<str>>,
     data: Option<Arc<dyn Any + Send + Sync>>,
+    expires_at: Option<SystemTime>,
+    rooms: Option<Arc<[String]>>,
+    rate_limit: Option<Option<RateLimit>>,
 }
 
 impl Identity {
@@ -41,7 +58,7 @@ impl Identity {
 
     /// An identity for user `id`.
     pub fn user(id: impl Into<Arc<str>>) -> Identity {
-        Identity { user: Some(id.into()), data: None }
+        Identity { user: Some(id.into()), ..Identity::default() }
     }
 
     /// Attaches host data (claims, a session record, …), read back with
@@ -64,11 +81,78 @@ impl Identity {
     pub fn data<T: Any + Send + Sync>(&self) -> Option<&T> {
         self.data.as_deref()?.downcast_ref()
     }
+
+    /// Makes the credentials expire at `at` (wall-clock time, as a token's
+    /// `exp`): the connection is closed with 4003 then, unless a `refresh`
+    /// renews it. Default: never.
+    pub fn with_expiry(mut self, at: SystemTime) -> Identity {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// When the credentials expire, if they do.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at
+    }
+
+    /// Time left until [`Identity::expires_at`] (zero once it passed).
+    pub(crate) fn expires_in(&self) -> Option<Duration> {
+        self.expires_at.map(|at| at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+    }
+
+    /// Restricts the rooms a client may join (its own `join`s; the host's
+    /// [`Hub::join`](crate::Hub::join) is not restricted). A pattern ending
+    /// in `*` matches every room starting with what precedes it (`team:42:*`);
+    /// any other pattern matches that room only. Other joins get `403`.
+    /// Default: every room (subject to the join authorizer).
+    pub fn with_rooms<I, S>(mut self, patterns: I) -> Identity
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.rooms = Some(patterns.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The room patterns set with [`Identity::with_rooms`], if any.
+    pub fn rooms(&self) -> Option<&[String]> {
+        self.rooms.as_deref()
+    }
+
+    /// Whether this identity may join `room` by its own `join`.
+    pub fn allows_room(&self, room: &str) -> bool {
+        match &self.rooms {
+            None => true,
+            Some(patterns) => patterns.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => room.starts_with(prefix),
+                None => p == room,
+            }),
+        }
+    }
+
+    /// Overrides the hub's message rate limit
+    /// ([`HubConfig::rate_limit`](crate::HubConfig::rate_limit)) for this
+    /// connection: `Some` for another limit, `None` for none (trusted
+    /// services). Default: the hub's.
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Identity {
+        self.rate_limit = Some(limit);
+        self
+    }
+
+    /// The rate limit for this connection, given the hub's default.
+    pub(crate) fn rate_limit_or(&self, hub_default: Option<RateLimit>) -> Option<RateLimit> {
+        self.rate_limit.unwrap_or(hub_default)
+    }
 }
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity").field("user", &self.user).field("has_data", &self.data.is_some()).finish()
+        f.debug_struct("Identity")
+            .field("user", &self.user)
+            .field("has_data", &self.data.is_some())
+            .field("expires_at", &self.expires_at)
+            .field("rooms", &self.rooms)
+            .finish()
     }
 }
 
@@ -78,12 +162,25 @@ impl fmt::Debug for Identity {
 pub struct Rejection {
     status: StatusCode,
     message: String,
+    retry_after: Option<Duration>,
 }
 
 impl Rejection {
     /// A rejection with any status.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Rejection {
-        Rejection { status, message: message.into() }
+        Rejection { status, message: message.into(), retry_after: None }
+    }
+
+    /// Adds a `retry-after` header (in whole seconds, rounded up) to the
+    /// response.
+    pub fn with_retry_after(mut self, after: Duration) -> Rejection {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The `retry-after` hint, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
     }
 
     /// 401 Unauthorized.
@@ -149,5 +246,27 @@ where
 {
     fn authorize(&self, request: JoinRequest) -> BoxFuture<'static, Result<(), CallError>> {
         Box::pin(self(request))
+    }
+}
+
+/// Checks the token of a client's `refresh` message and produces the
+/// renewed identity. See the [module docs](self).
+///
+/// The hub keeps the connection's user id: a renewed identity for another
+/// user is refused with `403`. From the renewed identity it takes the
+/// expiry and the room restriction. An `Err` is sent to the client (use
+/// `401` for a bad or expired token); the connection keeps its old expiry.
+pub trait Refresh: Send + Sync + 'static {
+    /// Verifies `token` for the connection whose identity is `current`.
+    fn refresh(&self, current: &Identity, token: String) -> BoxFuture<'static, Result<Identity, CallError>>;
+}
+
+impl<F, Fut> Refresh for F
+where
+    F: Fn(&Identity, String) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Identity, CallError>> + Send + 'static,
+{
+    fn refresh(&self, current: &Identity, token: String) -> BoxFuture<'static, Result<Identity, CallError>> {
+        Box::pin(self(current, token))
     }
 }

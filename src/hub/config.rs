@@ -1,3 +1,4 @@
+use crate::security::RateLimit;
 use std::time::Duration;
 
 /// What a hub does when a connection's outbound queue is full.
@@ -57,6 +58,28 @@ pub struct HubConfig {
     /// Connections closed per step during shutdown (the hub yields between
     /// steps). Default 256.
     pub shutdown_batch: usize,
+    /// Inbound message rate per connection (every text or binary message
+    /// counts, valid or not). A message over it is answered with `error 420`
+    /// (`data: {"retry_after_ms": n}`) and not processed. An
+    /// [`Identity`](crate::Identity) may override it. `None` turns it off.
+    /// Default 50 messages per second with a burst of 200 (more than
+    /// [`HubConfig::max_rooms_per_connection`], so a reconnecting client can
+    /// rejoin every room at once).
+    pub rate_limit: Option<RateLimit>,
+    /// How many over-limit messages a connection may send in quick
+    /// succession before it is closed with 1008 (policy violation). Each
+    /// refused message takes a token from a second bucket of this size that
+    /// refills at the rate limit's own rate, so a client sending at most
+    /// twice its rate only gets errors for the excess, while one that keeps
+    /// sending faster is closed. Default 10.
+    pub max_rate_violations: u32,
+    /// Largest `data` of a `join` (the join params), in encoded bytes; a
+    /// larger one gets a 400 error. Default 4 KiB.
+    pub max_join_params_size: usize,
+    /// Deepest nesting of arrays and maps in a message's `data`; deeper gets
+    /// a 400 error before any handler sees it, so a payload cannot exhaust
+    /// the stack. At most (and by default) 128, the decoder's own bound.
+    pub max_payload_depth: usize,
 }
 
 impl Default for HubConfig {
@@ -72,6 +95,10 @@ impl Default for HubConfig {
             max_rooms_per_connection: 128,
             close_timeout: Duration::from_secs(5),
             shutdown_batch: 256,
+            rate_limit: Some(RateLimit::per_second(50).burst(200)),
+            max_rate_violations: 10,
+            max_join_params_size: 4 * 1024,
+            max_payload_depth: crate::protocol::MAX_DEPTH,
         }
     }
 }
@@ -111,4 +138,12 @@ setters! {
     close_timeout: Duration,
     /// Sets [`HubConfig::shutdown_batch`].
     shutdown_batch: usize,
+    /// Sets [`HubConfig::rate_limit`].
+    rate_limit: Option<RateLimit>,
+    /// Sets [`HubConfig::max_rate_violations`].
+    max_rate_violations: u32,
+    /// Sets [`HubConfig::max_join_params_size`].
+    max_join_params_size: usize,
+    /// Sets [`HubConfig::max_payload_depth`].
+    max_payload_depth: usize,
 }

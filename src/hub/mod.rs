@@ -7,13 +7,14 @@ pub(crate) mod session;
 
 pub use config::{HubConfig, OverflowPolicy};
 
-use crate::auth::{Authenticate, AuthorizeJoin, Identity, JoinRequest, Rejection};
+use crate::auth::{Authenticate, AuthorizeJoin, Identity, JoinRequest, Refresh, Rejection};
 use crate::backplane::message::RoomMessage;
 use crate::backplane::Backplane;
 use crate::error::{Error, ErrorKind, Result};
-use crate::handler::{CallError, Handler, TypedHandler};
+use crate::handler::{CallError, FieldErrors, Handler, TypedHandler};
 use crate::protocol::{CloseCode, ErrorCode, Format, Kind, Parts, Payload, ProtocolError};
 use crate::room::{validate_room_name, Member, Rooms};
+use crate::security::{Admission, AdmissionState, SecurityConfig};
 use crate::transport::{Handshake, Transport};
 use backplane_link::BackplaneLink;
 use bytes::Bytes;
@@ -96,6 +97,10 @@ pub enum DisconnectReason {
     ServerShutdown,
     /// The host closed it with [`Hub::disconnect`].
     Host(CloseCode),
+    /// The client kept sending over its message rate limit (close 1008).
+    RateLimited,
+    /// The connection's credentials expired without a `refresh` (close 4003).
+    TokenExpired,
     /// The client broke the transport's rules: too big (1009), invalid
     /// UTF-8 (1007), protocol error (1002).
     ProtocolViolation(CloseCode),
@@ -180,6 +185,11 @@ pub struct HubStats {
     pub tasks: usize,
     /// Distinct user ids with at least one connection.
     pub users: usize,
+    /// Admission slots held ([`SecurityConfig::max_connections`]): upgrades
+    /// admitted and not yet ended, including handshakes in progress.
+    pub admitted: usize,
+    /// Distinct client addresses (IPv6: /64 networks) holding admission slots.
+    pub client_addresses: usize,
 }
 
 type ConnectHook = Arc<dyn Fn(&Connection) + Send + Sync>;
@@ -200,6 +210,9 @@ pub(crate) struct HubInner {
     pub(crate) handlers: HashMap<Arc<str>, Arc<dyn Handler>>,
     authenticate: Option<Box<dyn Authenticate>>,
     authorize_join: Option<Box<dyn AuthorizeJoin>>,
+    pub(crate) refresh: Option<Box<dyn Refresh>>,
+    pub(crate) security: SecurityConfig,
+    admission: Arc<AdmissionState>,
     hooks: Hooks,
     pub(crate) rooms: Rooms,
     sessions: RwLock<HashMap<ConnectionId, Arc<Session>>>,
@@ -262,6 +275,8 @@ pub struct HubBuilder {
     handlers: HashMap<Arc<str>, Arc<dyn Handler>>,
     authenticate: Option<Box<dyn Authenticate>>,
     authorize_join: Option<Box<dyn AuthorizeJoin>>,
+    refresh: Option<Box<dyn Refresh>>,
+    security: SecurityConfig,
     hooks: Hooks,
     backplane: Option<Arc<dyn Backplane>>,
 }
@@ -270,6 +285,7 @@ impl fmt::Debug for HubBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HubBuilder")
             .field("config", &self.config)
+            .field("security", &self.security)
             .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
@@ -292,7 +308,23 @@ impl HubBuilder {
         Req: DeserializeOwned + Send + 'static,
         Resp: Serialize + Send + 'static,
     {
-        self.handler(event, TypedHandler::new(handler))
+        self.handler(event, TypedHandler::new(handler, crate::handler::no_validation::<Req>))
+    }
+
+    /// Like [`HubBuilder::on`], with a validator run on the deserialized
+    /// payload before the handler: when it returns [`FieldErrors`], the
+    /// client gets `error 422` "validation failed" with `data`
+    /// `{"fields": [{"field", "code", "message"}, …]}` and the handler is not
+    /// called. See the [`handler`](crate::handler) module for an example.
+    pub fn on_validated<V, F, Fut, Req, Resp>(self, event: &str, validate: V, handler: F) -> Self
+    where
+        V: Fn(&Req) -> std::result::Result<(), FieldErrors> + Send + Sync + 'static,
+        F: Fn(crate::Call, Req) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<Resp, CallError>> + Send + 'static,
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+    {
+        self.handler(event, TypedHandler::new(handler, validate))
     }
 
     /// Registers an untyped [`Handler`] for `event`.
@@ -311,6 +343,27 @@ impl HubBuilder {
     /// Sets the join authorizer (default: every valid room may be joined).
     pub fn authorize_join(mut self, auth: impl AuthorizeJoin) -> Self {
         self.authorize_join = Some(Box::new(auth));
+        self
+    }
+
+    /// Sets the hook that checks a client's `refresh` token (default: none;
+    /// a `refresh` then gets `error 400`, and `hello` does not offer it).
+    pub fn refresh(mut self, refresh: impl Refresh) -> Self {
+        self.refresh = Some(Box::new(refresh));
+        self
+    }
+
+    /// Authenticates with JSON Web Tokens (feature `jwt`): sets both the
+    /// authenticator and the `refresh` hook to `auth`.
+    #[cfg(feature = "jwt")]
+    pub fn jwt(self, auth: crate::auth::jwt::JwtAuth) -> Self {
+        self.authenticate(auth.clone()).refresh(auth)
+    }
+
+    /// Replaces the admission policy: origin check, connection limits,
+    /// connection rate, trusted proxies (default: [`SecurityConfig::default`]).
+    pub fn security(mut self, security: SecurityConfig) -> Self {
+        self.security = security;
         self
     }
 
@@ -356,6 +409,9 @@ impl HubBuilder {
                 handlers: self.handlers,
                 authenticate: self.authenticate,
                 authorize_join: self.authorize_join,
+                refresh: self.refresh,
+                admission: Arc::new(AdmissionState::new(&self.security)),
+                security: self.security,
                 hooks: self.hooks,
                 rooms: Rooms::new(),
                 sessions: RwLock::default(),
@@ -458,7 +514,7 @@ impl Encoded<'_> {
     }
 }
 
-const MAX_EVENT_NAME_LEN: usize = 128;
+pub(crate) const MAX_EVENT_NAME_LEN: usize = 128;
 
 fn check_event(event: &str) -> Result<()> {
     if event.is_empty() || event.len() > MAX_EVENT_NAME_LEN {
@@ -475,6 +531,8 @@ impl Hub {
             handlers: HashMap::new(),
             authenticate: None,
             authorize_join: None,
+            refresh: None,
+            security: SecurityConfig::default(),
             hooks: Hooks::default(),
             backplane: None,
         }
@@ -498,7 +556,38 @@ impl Hub {
             rooms: self.inner.rooms.count(),
             tasks: self.inner.tasks.load(Ordering::Relaxed),
             users: self.inner.users.read().len(),
+            admitted: self.inner.admission.total(),
+            client_addresses: self.inner.admission.addresses(),
         }
+    }
+
+    /// The admission policy.
+    pub fn security(&self) -> &SecurityConfig {
+        &self.inner.security
+    }
+
+    /// Decides whether an upgrade request may proceed, before the
+    /// authenticator and the upgrade: shutdown (503), the client's address
+    /// (from the peer, or from a trusted proxy's forwarded-for header; a
+    /// malformed one is 400), the `Origin` check (403), the connection limit
+    /// (503), the per-address limit (429) and the connection rate (429 with
+    /// `retry-after`). Both the standalone listener and the axum route call
+    /// it; a host's own transport should too.
+    ///
+    /// On success the handshake's [`Handshake::client_ip`] is set, and the
+    /// returned [`Admission`] holds the connection's slots until dropped:
+    /// keep it alive as long as the connection.
+    pub fn admit(&self, handshake: &mut Handshake) -> std::result::Result<Admission, Rejection> {
+        if self.is_shutting_down() {
+            return Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"));
+        }
+        let peer = handshake.peer_addr().map(|p| p.ip());
+        let (ticket, client) =
+            crate::security::admit(&self.inner.security, &self.inner.admission, peer, handshake.headers())?;
+        if let Some(ip) = client {
+            handshake.set_client_ip(ip);
+        }
+        Ok(ticket)
     }
 
     /// Runs the authenticator on a handshake. Transports call this *before*
@@ -593,8 +682,21 @@ impl Hub {
             max_message_size: usize,
             max_rooms: usize,
             max_inflight: usize,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            rate_limit: Option<RateHello>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            expires_in_ms: Option<u64>,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            refresh: bool,
+        }
+        #[derive(Serialize)]
+        struct RateHello {
+            messages: u32,
+            per_ms: u64,
+            burst: u32,
         }
         let cfg = &self.inner.config;
+        let rate = session.identity.rate_limit_or(cfg.rate_limit);
         let hello = Hello {
             version: crate::protocol::VERSION,
             connection_id: session.id.0,
@@ -604,6 +706,15 @@ impl Hub {
             max_message_size: cfg.max_message_size,
             max_rooms: cfg.max_rooms_per_connection,
             max_inflight: cfg.max_inflight,
+            rate_limit: rate.map(|r| RateHello {
+                messages: r.messages,
+                per_ms: r.per.as_millis().try_into().unwrap_or(u64::MAX),
+                burst: r.burst,
+            }),
+            expires_in_ms: session
+                .deadline()
+                .map(|d| d.saturating_duration_since(tokio::time::Instant::now()).as_millis() as u64),
+            refresh: self.inner.refresh.is_some(),
         };
         let payload = Payload::encode(session.format, &hello).unwrap_or_else(|_| Payload::null(session.format));
         session.send_parts(&Parts { data: Some(payload.bytes()), ..Parts::new(Kind::Hello) });

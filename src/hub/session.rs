@@ -11,6 +11,7 @@ use crate::auth::Identity;
 use crate::handler::{Call, CallError};
 use crate::protocol::{CloseCode, Envelope, ErrorCode, Format, Kind, Parts, Payload};
 use crate::room::validate_room_name;
+use crate::security::Limiter;
 use crate::transport::{CloseFrame, Frame, Transport, TransportError};
 use crate::ConnectionId;
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
@@ -51,6 +52,34 @@ pub(crate) struct Session {
     /// queued calls hold in-flight permits, so the total is bounded by
     /// `max_inflight`.
     pub(crate) call_queues: Mutex<Vec<RoomCalls>>,
+    /// Inbound message rate (`None`: unlimited). Checked by the reader only.
+    rate: Option<Rate>,
+    /// The credentials in force: the identity's expiry and room
+    /// restriction, replaced by a successful `refresh`. Locked briefly by the
+    /// reader, joins and refreshes; never across an await.
+    grant: Mutex<Grant>,
+}
+
+/// A connection's message bucket, and the bucket of its refusals: when
+/// that one is empty too, the connection is closed with 1008.
+struct Rate {
+    messages: Limiter,
+    violations: Limiter,
+}
+
+/// Expiry and room restriction of the credentials in force.
+#[derive(Clone)]
+pub(crate) struct Grant {
+    pub(crate) identity: Identity,
+    /// When the credentials expire, on tokio's clock.
+    pub(crate) deadline: Option<tokio::time::Instant>,
+}
+
+impl Grant {
+    pub(crate) fn new(identity: Identity) -> Grant {
+        let deadline = identity.expires_in().map(|left| tokio::time::Instant::now() + left);
+        Grant { identity, deadline }
+    }
 }
 
 impl Session {
@@ -59,7 +88,6 @@ impl Session {
         Session {
             id,
             format,
-            identity,
             native_ping,
             outbox: Outbox::new(cfg.outbound_queue_bytes, cfg.overflow),
             rooms: Mutex::new(Vec::new()),
@@ -70,7 +98,25 @@ impl Session {
             reason: Mutex::new(None),
             inflight: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
             call_queues: Mutex::new(Vec::new()),
+            rate: identity.rate_limit_or(cfg.rate_limit).map(|limit| Rate {
+                messages: Limiter::new(&limit),
+                // Same refill rate as the messages: a client sending up to
+                // twice its rate gets errors for the excess but stays.
+                violations: Limiter::new(&limit.burst(cfg.max_rate_violations.max(1))),
+            }),
+            grant: Mutex::new(Grant::new(identity.clone())),
+            identity,
         }
+    }
+
+    /// When the credentials in force expire (tokio clock), if they do.
+    pub(crate) fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.grant.lock().deadline
+    }
+
+    /// Whether the credentials in force allow a client `join` of `room`.
+    fn allows_room(&self, room: &str) -> bool {
+        self.grant.lock().identity.allows_room(room)
     }
 
     pub(crate) fn state(&self) -> ConnectionState {
@@ -104,6 +150,27 @@ impl Session {
 
     pub(crate) fn send_error(&self, reference: Option<u64>, code: u32, message: &str) {
         self.send_parts(&Parts { reference, code: Some(code), message: Some(message), ..Parts::new(Kind::Error) });
+    }
+
+    /// An `error` with structured `data` (rate-limit hints, field errors).
+    pub(crate) fn send_error_data(&self, reference: Option<u64>, code: u32, message: &str, data: &serde_json::Value) {
+        let Ok(data) = Payload::encode(self.format, data) else { return self.send_error(reference, code, message) };
+        let parts = Parts {
+            reference,
+            code: Some(code),
+            message: Some(message),
+            data: Some(data.bytes()),
+            ..Parts::new(Kind::Error)
+        };
+        self.send_parts(&parts);
+    }
+
+    /// A handler's or authorizer's error, with its `data` when it has some.
+    pub(crate) fn send_call_error(&self, reference: Option<u64>, e: &CallError) {
+        match e.data() {
+            Some(data) => self.send_error_data(reference, e.code(), e.message(), data),
+            None => self.send_error(reference, e.code(), e.message()),
+        }
     }
 
     pub(crate) fn send_reply(&self, reference: u64, data: &Payload) {
@@ -421,7 +488,21 @@ async fn read_loop<S>(hub: &Hub, session: &Arc<Session>, stream: &mut S, calls: 
 where
     S: Stream<Item = Result<Frame, TransportError>> + Unpin,
 {
+    // The credentials' expiry. A `refresh` (a task in `calls`) moves the
+    // deadline; the loop re-reads it every turn, and a finished refresh
+    // wakes the loop through `join_next`, so the timer is re-armed before
+    // the old deadline can fire.
+    let mut armed = session.deadline();
+    let expiry = tokio::time::sleep_until(armed.unwrap_or_else(tokio::time::Instant::now));
+    tokio::pin!(expiry);
     loop {
+        let deadline = session.deadline();
+        if deadline != armed {
+            armed = deadline;
+            if let Some(d) = armed {
+                expiry.as_mut().reset(d);
+            }
+        }
         tokio::select! {
             biased;
             _ = session.cancel.cancelled() => return false,
@@ -467,9 +548,38 @@ where
                         Frame::Binary(bytes) => on_message(hub, session, calls, true, bytes),
                     }
                 }
+            },
+            _ = &mut expiry, if armed.is_some() => {
+                session.close(
+                    DisconnectReason::TokenExpired,
+                    CloseCode::TOKEN_EXPIRED,
+                    "token expired: refresh and reconnect",
+                    false,
+                );
+                return false;
             }
         }
     }
+}
+
+/// Takes a token from the connection's message bucket. `false`: the
+/// message must not be processed (it was answered with 420, or the
+/// connection is being closed with 1008 for refusing to slow down).
+fn within_rate(session: &Session, bytes: &[u8]) -> bool {
+    let Some(rate) = &session.rate else { return true };
+    let Err(wait) = rate.messages.check() else { return true };
+    if rate.violations.check().is_err() {
+        session.close(DisconnectReason::RateLimited, CloseCode::POLICY, "rate limit exceeded", false);
+        return false;
+    }
+    let retry_after_ms = u64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u64::MAX).max(1);
+    session.send_error_data(
+        Envelope::reference_of(session.format, bytes),
+        ErrorCode::RATE_LIMITED.0,
+        "rate limit exceeded",
+        &serde_json::json!({ "retry_after_ms": retry_after_ms }),
+    );
+    false
 }
 
 fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, binary: bool, bytes: bytes::Bytes) {
@@ -484,6 +594,9 @@ fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, binary
         );
         return;
     }
+    if !within_rate(session, &bytes) {
+        return;
+    }
     if binary != session.format.is_binary() {
         let msg = if binary { "binary frame on a JSON connection" } else { "text frame on a MessagePack connection" };
         return session.send_error(None, ErrorCode::UNSUPPORTED_FRAME.0, msg);
@@ -494,12 +607,19 @@ fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, binary
             return session.send_error(Envelope::reference_of(session.format, &bytes), e.code().0, &e.to_string())
         }
     };
+    if let Some(data) = &env.data {
+        if cfg.max_payload_depth < crate::protocol::MAX_DEPTH && data.exceeds_depth(cfg.max_payload_depth) {
+            let msg = format!("`data` nested deeper than {}", cfg.max_payload_depth);
+            return session.send_error(env.reference, ErrorCode::BAD_REQUEST.0, &msg);
+        }
+    }
     match env.kind {
         Kind::Ping => session.send_parts(&Parts { reference: env.reference, ..Parts::new(Kind::Pong) }),
         Kind::Pong => {}
         Kind::Join => on_join(hub, session, calls, env),
         Kind::Leave => on_leave(hub, session, env),
         Kind::Call => on_call(hub, session, calls, env),
+        Kind::Refresh => on_refresh(hub, session, calls, env),
         other => session.send_error(
             env.reference,
             ErrorCode::BAD_REQUEST.0,
@@ -547,6 +667,14 @@ fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Enve
     if session.is_member(&room) {
         return room_reply(session, env.reference, &room);
     }
+    let max_params = hub.inner.config.max_join_params_size;
+    if env.data.as_ref().is_some_and(|d| d.bytes().len() > max_params) {
+        let msg = format!("join params larger than {max_params} bytes");
+        return session.send_error(env.reference, ErrorCode::BAD_REQUEST.0, &msg);
+    }
+    if !session.allows_room(&room) {
+        return session.send_error(env.reference, ErrorCode::FORBIDDEN.0, "token does not allow this room");
+    }
     let Some(permit) = acquire(session, env.reference) else { return };
     let (hub, session) = (hub.clone(), session.clone());
     let guard = TaskGuard::new(&hub.inner);
@@ -560,7 +688,7 @@ fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Enve
         match tokio::time::timeout(timeout, join).await {
             Err(_) => session.send_error(env.reference, ErrorCode::TIMEOUT.0, "join timed out"),
             Ok(Err(_panic)) => session.send_error(env.reference, ErrorCode::INTERNAL.0, "join failed"),
-            Ok(Ok(Err(e))) => session.send_error(env.reference, e.code(), e.message()),
+            Ok(Ok(Err(e))) => session.send_call_error(env.reference, &e),
             Ok(Ok(Ok(()))) => room_reply(&session, env.reference, &room),
         }
     });
@@ -580,6 +708,9 @@ fn on_call(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Enve
     let Some(event) = env.event.as_deref() else {
         return session.send_error(reference, ErrorCode::BAD_REQUEST.0, "`call` needs an `event`");
     };
+    if event.is_empty() || event.len() > crate::hub::MAX_EVENT_NAME_LEN {
+        return session.send_error(reference, ErrorCode::BAD_REQUEST.0, "event name must be 1 to 128 bytes");
+    }
     let room = match env.room.as_deref() {
         None => None,
         Some(r) => match session.rooms.lock().iter().find(|j| &***j == r) {
@@ -675,11 +806,61 @@ async fn run_call(session: &Session, timeout: std::time::Duration, queued: Queue
     match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
         Err(_) => session.send_error(reference, ErrorCode::TIMEOUT.0, "handler timed out"),
         Ok(Err(_panic)) => session.send_error(reference, ErrorCode::INTERNAL.0, "handler failed"),
-        Ok(Ok(Err(e))) => session.send_error(reference, e.code(), e.message()),
+        Ok(Ok(Err(e))) => session.send_call_error(reference, &e),
         Ok(Ok(Ok(payload))) => {
             if let Some(r) = reference {
                 session.send_reply(r, &payload);
             }
         }
     }
+}
+
+/// `refresh`: checks the new token with the hub's [`Refresh`](crate::auth::Refresh)
+/// hook (as a task, like a call: it may be slow) and, when it is for the
+/// same user, makes its expiry and room restriction the connection's.
+fn on_refresh(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Envelope) {
+    let reference = env.reference;
+    if hub.inner.refresh.is_none() {
+        return session.send_error(reference, ErrorCode::BAD_REQUEST.0, "this server does not accept `refresh`");
+    }
+    #[derive(serde::Deserialize)]
+    struct Token {
+        token: String,
+    }
+    let Some(Ok(Token { token })) = env.data.as_ref().map(Payload::decode::<Token>) else {
+        let msg = "`refresh` needs `data: {\"token\": \"…\"}`";
+        return session.send_error(reference, ErrorCode::BAD_REQUEST.0, msg);
+    };
+    let Some(permit) = acquire(session, reference) else { return };
+    let (hub, session) = (hub.clone(), session.clone());
+    let guard = TaskGuard::new(&hub.inner);
+    calls.spawn(async move {
+        let _guard = guard;
+        let _permit = permit;
+        let Some(refresh) = &hub.inner.refresh else { return };
+        let current = session.grant.lock().identity.clone();
+        let checked = AssertUnwindSafe(async { refresh.refresh(&current, token).await }).catch_unwind();
+        let renewed = match tokio::time::timeout(hub.inner.config.handler_timeout, checked).await {
+            Err(_) => return session.send_error(reference, ErrorCode::TIMEOUT.0, "refresh timed out"),
+            Ok(Err(_panic)) => return session.send_error(reference, ErrorCode::INTERNAL.0, "refresh failed"),
+            Ok(Ok(Err(e))) => return session.send_call_error(reference, &e),
+            Ok(Ok(Ok(identity))) => identity,
+        };
+        if renewed.user_id() != session.identity.user_id() {
+            return session.send_error(reference, ErrorCode::FORBIDDEN.0, "token is for another user");
+        }
+        let grant = Grant::new(renewed);
+        let expires_in_ms =
+            grant.deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()).as_millis() as u64);
+        *session.grant.lock() = grant;
+        if let Some(r) = reference {
+            #[derive(serde::Serialize)]
+            struct Renewed {
+                expires_in_ms: Option<u64>,
+            }
+            if let Ok(p) = Payload::encode(session.format, &Renewed { expires_in_ms }) {
+                session.send_reply(r, &p);
+            }
+        }
+    });
 }

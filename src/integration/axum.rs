@@ -57,7 +57,9 @@ fn refusal(r: Refusal) -> Response {
     *res.status_mut() = r.status;
     res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     for (k, v) in r.headers {
-        res.headers_mut().insert(k, HeaderValue::from_static(v));
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            res.headers_mut().insert(k, v);
+        }
     }
     res
 }
@@ -85,17 +87,24 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
     if let Some(p) = negotiated.subprotocol {
         hs = hs.with_subprotocol(p);
     }
+    // The same admission as the standalone listener, before the
+    // authenticator and the upgrade.
+    let admission = match hub.admit(&mut hs) {
+        Ok(a) => a,
+        Err(rej) => return refusal(Refusal::from_rejection(&rej)),
+    };
     let identity = match tokio::time::timeout(config.handshake_timeout, hub.authenticate(&hs)).await {
         Ok(Ok(id)) => id,
-        Ok(Err(rej)) => {
-            return refusal(Refusal { status: rej.status(), headers: Vec::new(), message: rej.message().to_owned() })
-        }
+        Ok(Err(rej)) => return refusal(Refusal::from_rejection(&rej)),
         Err(_) => {
             let message = "authentication timed out".to_owned();
             return refusal(Refusal { status: StatusCode::SERVICE_UNAVAILABLE, headers: Vec::new(), message });
         }
     };
     tokio::spawn(async move {
+        // Held until the connection ends, whichever way: the task's end
+        // (or its cancellation) drops it and frees the slots.
+        let _admission = admission;
         match on_upgrade.await {
             Ok(upgraded) => {
                 let max = hub.config().max_message_size;

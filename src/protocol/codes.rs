@@ -32,6 +32,12 @@ impl ErrorCode {
     pub const TOO_MANY_ROOMS: ErrorCode = ErrorCode(413);
     /// 415: a binary frame on a JSON connection, or text on a MessagePack one.
     pub const UNSUPPORTED_FRAME: ErrorCode = ErrorCode(415);
+    /// 420: the message was over the connection's rate limit and was **not
+    /// processed**; the error's `data` is `{"retry_after_ms": n}`. (420 is
+    /// unassigned in the HTTP registry; it is not 429, which means "too many
+    /// requests in flight", because the remedy differs: wait `n` ms, not for
+    /// a reply.)
+    pub const RATE_LIMITED: ErrorCode = ErrorCode(420);
     /// 422: the payload does not have the shape the handler expects.
     pub const INVALID_PAYLOAD: ErrorCode = ErrorCode(422);
     /// 429: too many requests in flight on this connection; the request was
@@ -55,6 +61,7 @@ impl ErrorCode {
             408 => "timeout",
             413 => "too_many_rooms",
             415 => "unsupported_frame",
+            420 => "rate_limited",
             422 => "invalid_payload",
             429 => "too_many_requests",
             500 => "internal",
@@ -95,7 +102,8 @@ impl CloseCode {
     pub const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
     /// 1007: a text frame was not valid UTF-8.
     pub const INVALID_DATA: CloseCode = CloseCode(1007);
-    /// 1008: policy violation.
+    /// 1008: policy violation: the client kept sending over its rate limit
+    /// (or the host chose this code). Do not reconnect on your own.
     pub const POLICY: CloseCode = CloseCode(1008);
     /// 1009: a message exceeded the maximum message size.
     pub const TOO_BIG: CloseCode = CloseCode(1009);
@@ -107,6 +115,9 @@ impl CloseCode {
     pub const HEARTBEAT_TIMEOUT: CloseCode = CloseCode(4001);
     /// 4002: the host asked the client to reconnect (e.g. rebalancing).
     pub const RECONNECT: CloseCode = CloseCode(4002);
+    /// 4003: the connection's credentials expired (for example a JWT's `exp`)
+    /// and no `refresh` renewed them: get a fresh token and reconnect.
+    pub const TOKEN_EXPIRED: CloseCode = CloseCode(4003);
     /// 4500: the host ended the session and the client must not come back on
     /// its own (kicked, banned, logged out).
     pub const KICKED: CloseCode = CloseCode(4500);

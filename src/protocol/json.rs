@@ -61,6 +61,11 @@ pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
 /// One pass over the bytes, tracking strings so brackets inside them do not
 /// count.
 fn check_depth(json: &[u8]) -> Result<(), ProtocolError> {
+    check_depth_max(json, MAX_DEPTH)
+}
+
+/// [`check_depth`] with another bound.
+pub(super) fn check_depth_max(json: &[u8], max: usize) -> Result<(), ProtocolError> {
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &b in json {
         if in_string {
@@ -76,8 +81,8 @@ fn check_depth(json: &[u8]) -> Result<(), ProtocolError> {
             b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
-                if depth > MAX_DEPTH {
-                    return Err(ProtocolError::Malformed(format!("nesting deeper than {MAX_DEPTH}")));
+                if depth > max {
+                    return Err(ProtocolError::Malformed(format!("nesting deeper than {max}")));
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),

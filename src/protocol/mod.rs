@@ -107,6 +107,9 @@ pub enum Kind {
     /// Server → client: the server dropped `data.dropped` messages for this
     /// connection because it read too slowly (drop-oldest overflow policy).
     Lagged,
+    /// Client → server: renews the connection's credentials before they
+    /// expire (`data: {"token": "…"}`); replied to.
+    Refresh,
 }
 
 impl Kind {
@@ -123,6 +126,7 @@ impl Kind {
             Kind::Ping => "ping",
             Kind::Pong => "pong",
             Kind::Lagged => "lagged",
+            Kind::Refresh => "refresh",
         }
     }
 
@@ -139,6 +143,7 @@ impl Kind {
             "ping" => Kind::Ping,
             "pong" => Kind::Pong,
             "lagged" => Kind::Lagged,
+            "refresh" => Kind::Refresh,
             _ => return None,
         })
     }
@@ -225,6 +230,18 @@ impl Payload {
         match self.format {
             Format::Json => self.bytes.as_ref() == b"null",
             Format::MsgPack => self.bytes.as_ref() == [0xc0],
+        }
+    }
+
+    /// Whether arrays and maps nest deeper than `max` levels (the value
+    /// itself is level 1 when it is an array or map).
+    pub fn exceeds_depth(&self, max: usize) -> bool {
+        match self.format {
+            Format::Json => json::check_depth_max(&self.bytes, max).is_err(),
+            Format::MsgPack => {
+                let mut rest: &[u8] = &self.bytes;
+                msgpack::skip_value_max(&mut rest, 0, max).is_err()
+            }
         }
     }
 

@@ -36,8 +36,13 @@ fn len_usize(v: u64) -> Result<usize, ProtocolError> {
 
 /// Skips one complete value, refusing nesting deeper than [`MAX_DEPTH`].
 pub(super) fn skip_value(buf: &mut &[u8], depth: usize) -> Result<(), ProtocolError> {
-    if depth > MAX_DEPTH {
-        return Err(ProtocolError::Malformed(format!("nesting deeper than {MAX_DEPTH}")));
+    skip_value_max(buf, depth, MAX_DEPTH)
+}
+
+/// [`skip_value`] with another depth bound.
+pub(super) fn skip_value_max(buf: &mut &[u8], depth: usize, max: usize) -> Result<(), ProtocolError> {
+    if depth > max {
+        return Err(ProtocolError::Malformed(format!("nesting deeper than {max}")));
     }
     let m = byte(buf)?;
     let (items, skip): (u64, u64) = match m {
@@ -72,7 +77,7 @@ pub(super) fn skip_value(buf: &mut &[u8], depth: usize) -> Result<(), ProtocolEr
     // Every item is at least one byte, so a huge declared count on a short
     // buffer fails fast at the end of input.
     for _ in 0..items {
-        skip_value(buf, depth + 1)?;
+        skip_value_max(buf, depth + 1, max)?;
     }
     Ok(())
 }

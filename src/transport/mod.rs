@@ -21,7 +21,7 @@ use crate::protocol::{CloseCode, Format};
 use bytes::Bytes;
 use futures::{Sink, Stream};
 use http::{HeaderMap, Uri};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// One frame on a transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +112,7 @@ pub struct Handshake {
     uri: Uri,
     headers: HeaderMap,
     subprotocol: Option<String>,
+    client_ip: Option<IpAddr>,
 }
 
 impl Handshake {
@@ -148,6 +149,17 @@ impl Handshake {
     /// when the app serves with `into_make_service_with_connect_info`).
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer
+    }
+
+    /// The client's address: the peer's, or, when the peer is one of the
+    /// hub's [trusted proxies](crate::security::SecurityConfig::trusted_proxies),
+    /// the address it forwarded (set by [`Hub::admit`](crate::Hub::admit)).
+    pub fn client_ip(&self) -> Option<IpAddr> {
+        self.client_ip.or_else(|| self.peer.map(|p| p.ip()))
+    }
+
+    pub(crate) fn set_client_ip(&mut self, ip: IpAddr) {
+        self.client_ip = Some(ip);
     }
 
     /// The request URI.

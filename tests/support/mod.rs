@@ -282,3 +282,99 @@ pub async fn plain_get_status(addr: SocketAddr, path: &str) -> u16 {
     let line = String::from_utf8_lossy(&head);
     line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("bad status line: {line}"))
 }
+
+// ---------------------------------------------------------------------------
+// Helpers for tests/abuse.rs and tests/jwt.rs (appended).
+
+/// Attempts an upgrade at `ws://{addr}{path}` with extra request headers:
+/// `Ok` with a started client (its `hello` read), or `Err` with the HTTP
+/// refusal's status, headers and body.
+pub async fn try_connect(
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Client, (u16, http::HeaderMap, String)> {
+    let mut req = format!("ws://{addr}{path}").into_client_request().unwrap();
+    for (k, v) in headers {
+        req.headers_mut().append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    match tokio_tungstenite::connect_async(req).await {
+        Ok((ws, _)) => Ok(Client::start(ws).await),
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            Err((resp.status().as_u16(), resp.headers().clone(), body))
+        }
+        Err(e) => panic!("{path}: expected an upgrade or an HTTP refusal, got {e}"),
+    }
+}
+
+/// [`try_connect`] that must be refused; returns the status and body.
+pub async fn refused_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    match try_connect(addr, path, headers).await {
+        Ok(_) => panic!("{path} {headers:?}: expected a refusal, but the upgrade succeeded"),
+        Err((status, _, body)) => (status, body),
+    }
+}
+
+/// The next message, which must be an `error` with `code` and `reference`;
+/// returns it.
+pub async fn expect_error_code(c: &mut Client, code: u32, reference: Option<u64>) -> Value {
+    let v = c.recv().await;
+    assert_eq!(v["type"], "error", "expected error {code}: {v}");
+    assert_eq!(v["code"], code, "{v}");
+    match reference {
+        Some(r) => assert_eq!(v["ref"], r, "{v}"),
+        None => assert!(v.get("ref").is_none(), "unexpected ref in {v}"),
+    }
+    v
+}
+
+/// A JSON protocol client over the in-memory transport (for tests that run
+/// on paused time). Serves `peer`'s other half on `hub` in a spawned task.
+pub struct MemClient {
+    pub peer: switchboard::transport::memory::MemoryPeer,
+    pub hello: Value,
+}
+
+impl MemClient {
+    pub async fn connect(hub: &Hub, handshake: switchboard::Handshake) -> Result<MemClient, switchboard::Rejection> {
+        let (transport, peer) = switchboard::transport::memory::pair(1024);
+        let identity = hub.authenticate(&handshake).await?;
+        let served = hub.clone();
+        tokio::spawn(async move { served.serve(transport, &handshake, identity).await });
+        let mut c = MemClient { peer, hello: Value::Null };
+        c.hello = c.recv().await;
+        assert_eq!(c.hello["type"], "hello", "{}", c.hello);
+        Ok(c)
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.peer.send(switchboard::Frame::Text(v.to_string().into())).await.expect("send");
+    }
+
+    /// The next envelope; panics on a close or the end.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            match self.recv_frame().await {
+                Some(switchboard::Frame::Text(b)) => return serde_json::from_slice(&b).expect("invalid JSON"),
+                Some(switchboard::Frame::Ping(_)) => continue,
+                other => panic!("expected a message, got {other:?}"),
+            }
+        }
+    }
+
+    pub async fn recv_frame(&mut self) -> Option<switchboard::Frame> {
+        tokio::time::timeout(WAIT, self.peer.recv()).await.expect("timed out waiting for the server")
+    }
+
+    /// The close frame's code (skipping other frames).
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            match self.recv_frame().await {
+                None => return None,
+                Some(switchboard::Frame::Close(c)) => return c.map(|c| c.code.0),
+                Some(_) => continue,
+            }
+        }
+    }
+}

@@ -3,7 +3,9 @@
 //! accept, negotiate and reject exactly alike.
 
 use crate::protocol::Format;
+use crate::Rejection;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use std::borrow::Cow;
 
 /// What a valid upgrade request negotiated.
 #[derive(Debug)]
@@ -18,13 +20,25 @@ pub(crate) struct Negotiated {
 #[derive(Debug)]
 pub(crate) struct Refusal {
     pub status: StatusCode,
-    pub headers: Vec<(&'static str, &'static str)>,
+    pub headers: Vec<(&'static str, Cow<'static, str>)>,
     pub message: String,
 }
 
 impl Refusal {
-    fn new(status: StatusCode, message: &str) -> Refusal {
+    pub(crate) fn new(status: StatusCode, message: &str) -> Refusal {
         Refusal { status, headers: Vec::new(), message: message.to_owned() }
+    }
+
+    /// The response for a rejection by admission or the authenticator: its
+    /// status and message, and `retry-after` (whole seconds, rounded up)
+    /// when it has a hint.
+    pub(crate) fn from_rejection(rej: &Rejection) -> Refusal {
+        let mut r = Refusal::new(rej.status(), rej.message());
+        if let Some(after) = rej.retry_after() {
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            r.headers.push(("retry-after", secs.max(1).to_string().into()));
+        }
+        r
     }
 }
 
@@ -49,8 +63,8 @@ pub(crate) fn negotiate(method: &Method, headers: &HeaderMap) -> Result<Negotiat
     use http::header::{CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE};
     if !header_has_token(headers, UPGRADE, "websocket") || !header_has_token(headers, CONNECTION, "upgrade") {
         let mut r = Refusal::new(StatusCode::UPGRADE_REQUIRED, "this endpoint only speaks WebSocket");
-        r.headers.push(("upgrade", "websocket"));
-        r.headers.push(("connection", "upgrade"));
+        r.headers.push(("upgrade", "websocket".into()));
+        r.headers.push(("connection", "upgrade".into()));
         return Err(r);
     }
     if method != Method::GET {
@@ -58,7 +72,7 @@ pub(crate) fn negotiate(method: &Method, headers: &HeaderMap) -> Result<Negotiat
     }
     if headers.get(SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
         let mut r = Refusal::new(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version");
-        r.headers.push(("sec-websocket-version", "13"));
+        r.headers.push(("sec-websocket-version", "13".into()));
         return Err(r);
     }
     let key = headers.get(SEC_WEBSOCKET_KEY).map(HeaderValue::as_bytes).unwrap_or_default();

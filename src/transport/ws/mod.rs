@@ -23,6 +23,12 @@ pub use conn::{WsSink, WsStream, WsTransport};
 #[cfg(feature = "axum")]
 pub(crate) use handshake::{negotiate, Refusal};
 
+/// The handshake negotiation, for the `handshake` fuzz target.
+#[cfg(fuzzing)]
+pub(crate) fn negotiate_for_fuzzing(method: &Method, headers: &HeaderMap) -> bool {
+    handshake::negotiate(method, headers).is_ok()
+}
+
 use super::Handshake;
 use crate::hub::Hub;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
@@ -127,12 +133,19 @@ pub async fn serve(listener: TcpListener, hub: Hub, config: WsConfig) -> std::io
 }
 
 /// Serves one accepted TCP connection: reads the upgrade request, runs the
-/// hub's authenticator, answers `101` or an HTTP error, then serves the
-/// WebSocket until it closes.
+/// hub's admission ([`Hub::admit`]: origin, connection limits and rate) and
+/// authenticator, answers `101` or an HTTP error, then serves the WebSocket
+/// until it closes.
 pub async fn accept(stream: TcpStream, peer: SocketAddr, hub: &Hub, config: &WsConfig) -> std::io::Result<()> {
     let max = hub.config().max_message_size;
-    if let Some((transport, hs, identity)) = handshake(stream, peer, config, max, |hs| hub.authenticate(hs)).await? {
+    let admit = |hs: &mut Handshake| hub.admit(hs).map(Some);
+    if let Some((transport, hs, identity, admission)) =
+        handshake(stream, peer, config, max, admit, |hs| hub.authenticate(hs)).await?
+    {
         hub.serve(transport, &hs, identity).await;
+        // The connection's admission slots are freed only now (and on any
+        // early exit of this task, by the drop).
+        drop(admission);
     }
     Ok(())
 }
@@ -147,18 +160,23 @@ pub async fn upgrade(
     max_message_size: usize,
 ) -> std::io::Result<Option<(WsTransport, Handshake)>> {
     let admitted =
-        handshake(stream, peer, config, max_message_size, |_| async { Ok(crate::Identity::anonymous()) }).await?;
-    Ok(admitted.map(|(t, hs, _)| (t, hs)))
+        handshake(stream, peer, config, max_message_size, |_| Ok(None), |_| async { Ok(crate::Identity::anonymous()) })
+            .await?;
+    Ok(admitted.map(|(t, hs, _, _)| (t, hs)))
 }
 
-async fn handshake<F, Fut>(
+type Admitted = (WsTransport, Handshake, crate::Identity, Option<crate::security::Admission>);
+
+async fn handshake<A, F, Fut>(
     mut stream: TcpStream,
     peer: SocketAddr,
     config: &WsConfig,
     max_message_size: usize,
+    admit: A,
     authenticate: F,
-) -> std::io::Result<Option<(WsTransport, Handshake, crate::Identity)>>
+) -> std::io::Result<Option<Admitted>>
 where
+    A: FnOnce(&mut Handshake) -> Result<Option<crate::security::Admission>, crate::Rejection>,
     F: FnOnce(&Handshake) -> Fut,
     Fut: std::future::Future<Output = Result<crate::Identity, crate::Rejection>>,
 {
@@ -185,6 +203,15 @@ where
     if let Some(p) = negotiated.subprotocol {
         hs = hs.with_subprotocol(p);
     }
+    // Admission before the authenticator: a refused client costs no
+    // authentication work, and a reconnect storm is cut off here.
+    let admission = match admit(&mut hs) {
+        Ok(a) => a,
+        Err(rej) => {
+            stream.write_all(refuse(handshake::Refusal::from_rejection(&rej)).as_bytes()).await?;
+            return Ok(None);
+        }
+    };
     // The authenticator gets the same bound as reading the request.
     let identity = match tokio::time::timeout(config.handshake_timeout, authenticate(&hs)).await {
         Ok(Ok(id)) => id,
@@ -196,15 +223,14 @@ where
             return Ok(None);
         }
         Ok(Err(rej)) => {
-            let r = handshake::Refusal { status: rej.status(), headers: Vec::new(), message: rej.message().to_owned() };
-            stream.write_all(refuse(r).as_bytes()).await?;
+            stream.write_all(refuse(handshake::Refusal::from_rejection(&rej)).as_bytes()).await?;
             return Ok(None);
         }
     };
     stream.write_all(handshake::switching_protocols(&negotiated).as_bytes()).await?;
     let (read, write) = stream.into_split();
     let transport = WsTransport::from_halves(Box::new(read), Box::new(write), leftover, config, max_message_size).await;
-    Ok(Some((transport, hs, identity)))
+    Ok(Some((transport, hs, identity, admission)))
 }
 
 enum HeadError {
@@ -212,7 +238,7 @@ enum HeadError {
     Refused(handshake::Refusal),
 }
 
-type Head = (Method, Uri, HeaderMap, Vec<u8>);
+pub(crate) type Head = (Method, Uri, HeaderMap, Vec<u8>);
 
 /// Reads an HTTP/1.1 request head; returns it with any bytes read past it.
 async fn read_head(stream: &mut TcpStream, max: usize) -> Result<Head, HeadError> {
@@ -224,38 +250,45 @@ async fn read_head(stream: &mut TcpStream, max: usize) -> Result<Head, HeadError
             return Err(HeadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut raw_headers = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut raw_headers);
-        let refuse = |status, msg: &str| {
-            HeadError::Refused(handshake::Refusal { status, headers: Vec::new(), message: msg.to_owned() })
-        };
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) if len > max => {
-                return Err(refuse(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"))
-            }
-            Ok(httparse::Status::Complete(len)) => {
-                let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
-                    .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad method"))?;
-                let uri: Uri = req
-                    .path
-                    .unwrap_or("/")
-                    .parse()
-                    .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad request target"))?;
-                let mut headers = HeaderMap::with_capacity(req.headers.len());
-                for h in req.headers.iter() {
-                    let name = HeaderName::from_bytes(h.name.as_bytes())
-                        .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad header"))?;
-                    let value = HeaderValue::from_bytes(h.value)
-                        .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad header"))?;
-                    headers.append(name, value);
-                }
-                return Ok((method, uri, headers, buf[len..].to_vec()));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < max => continue,
-            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-                return Err(refuse(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"))
-            }
-            Err(_) => return Err(refuse(http::StatusCode::BAD_REQUEST, "malformed HTTP request")),
+        if let Some(head) = parse_head(&buf, max).map_err(HeadError::Refused)? {
+            return Ok(head);
         }
+    }
+}
+
+/// Parses what has arrived of a request head: `Ok(None)` while it is
+/// incomplete and under `max` bytes. Synchronous and socket-free, so the
+/// fuzz target `handshake` drives it directly.
+pub(crate) fn parse_head(buf: &[u8], max: usize) -> Result<Option<Head>, handshake::Refusal> {
+    let mut raw_headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut raw_headers);
+    let refuse = |status, msg: &str| handshake::Refusal::new(status, msg);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) if len > max => {
+            Err(refuse(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"))
+        }
+        Ok(httparse::Status::Complete(len)) => {
+            let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+                .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad method"))?;
+            let uri: Uri = req
+                .path
+                .unwrap_or("/")
+                .parse()
+                .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad request target"))?;
+            let mut headers = HeaderMap::with_capacity(req.headers.len());
+            for h in req.headers.iter() {
+                let name = HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad header"))?;
+                let value = HeaderValue::from_bytes(h.value)
+                    .map_err(|_| refuse(http::StatusCode::BAD_REQUEST, "bad header"))?;
+                headers.append(name, value);
+            }
+            Ok(Some((method, uri, headers, buf[len..].to_vec())))
+        }
+        Ok(httparse::Status::Partial) if buf.len() < max => Ok(None),
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+            Err(refuse(http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request head too large"))
+        }
+        Err(_) => Err(refuse(http::StatusCode::BAD_REQUEST, "malformed HTTP request")),
     }
 }

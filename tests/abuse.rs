@@ -1,0 +1,498 @@
+//! Abuse resistance, end to end: message rate limits, connection admission
+//! (per-address and total limits, connection rate, trusted proxies), the
+//! origin check, payload validation and payload limits.
+//!
+//! Like `bad_input.rs`, every test keeps a *bystander* in room `lobby` and
+//! proves after each abuse that it still gets every event, in order, and that
+//! the hub holds what it should. Rate limits are configured so that the
+//! outcome never depends on speed (a refill of one token per hour), or run
+//! on paused time over the in-memory transport.
+
+mod support;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+use support::*;
+use switchboard::handler::FieldErrors;
+use switchboard::security::{OriginPolicy, RateLimit, SecurityConfig};
+use switchboard::transport::Handshake;
+use switchboard::{Call, CallError, Hub, HubBuilder, HubConfig, HubStats, Identity};
+use tokio_tungstenite::tungstenite::Message;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Handlers, and an authenticator: `?trusted` connections have no rate
+/// limit (the per-identity override); everyone else has the hub's.
+fn builder() -> HubBuilder {
+    Hub::builder()
+        .authenticate(|hs: &Handshake| {
+            let trusted = hs.query("trusted").is_some();
+            async move {
+                let id = Identity::anonymous();
+                Ok(if trusted { id.with_rate_limit(None) } else { id })
+            }
+        })
+        .on("echo", |_: Call, v: Value| async move { Ok(v) })
+        .on("shout", |call: Call, v: Value| async move {
+            call.broadcast("tick", &v).await.map_err(|e| CallError::internal(e.to_string()))?;
+            Ok(Value::Null)
+        })
+        .on("count", |_: Call, v: Vec<u8>| async move { Ok(v.len()) })
+        .on_validated(
+            "signup",
+            |s: &Signup| {
+                let mut errors = FieldErrors::new();
+                if s.name.is_empty() {
+                    errors.add("name", "required", "must not be empty");
+                }
+                if !s.email.contains('@') {
+                    errors.add("email", "format", "must be an email address");
+                }
+                if !(13..=130).contains(&s.age) {
+                    errors.add("age", "range", "must be between 13 and 130");
+                }
+                errors.into_result()
+            },
+            |_: Call, s: Signup| async move { Ok(json!({ "welcome": s.name })) },
+        )
+}
+
+#[derive(serde::Deserialize)]
+struct Signup {
+    name: String,
+    email: String,
+    age: u32,
+}
+
+struct Fixture {
+    hub: Hub,
+    addr: SocketAddr,
+    bystander: Client,
+    seq: u64,
+}
+
+impl Fixture {
+    async fn start(builder: HubBuilder) -> Fixture {
+        let hub = builder.build();
+        let addr = serve(&hub).await;
+        Fixture::with(hub, addr).await
+    }
+
+    async fn with(hub: Hub, addr: SocketAddr) -> Fixture {
+        let mut bystander = connect_path(addr, "/?trusted").await;
+        bystander.join_ok("lobby").await;
+        let mut f = Fixture { hub, addr, bystander, seq: 0 };
+        f.tick().await;
+        f
+    }
+
+    /// The bystander gets two more events, next in line and in order.
+    async fn tick(&mut self) {
+        self.seq += 1;
+        let published = self.seq;
+        self.hub.publish("lobby", "tick", &json!({ "seq": published })).await.expect("publish");
+        self.seq += 1;
+        let shouted = self.seq;
+        let r = self.bystander.call_in("lobby", "shout", json!({ "seq": shouted })).await;
+        assert_eq!(r["type"], "reply", "bystander's call failed: {r}");
+        for seq in [published, shouted] {
+            let e = self.bystander.event().await;
+            assert_eq!(e, json!({"type": "event", "room": "lobby", "event": "tick", "data": {"seq": seq}}));
+        }
+        assert_eq!(self.bystander.pending_events(), 0, "bystander got extra events");
+    }
+
+    async fn finish(self) {
+        drop(self.bystander);
+        eventually("hub empty", || self.hub.stats() == HubStats::default()).await;
+    }
+}
+
+/// Asserts `v` is the `rate_limited` error for `r` and returns its hint.
+fn retry_after_ms(v: &Value, r: u64) -> u64 {
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["code"], 420, "{v}");
+    assert_eq!(v["ref"], r, "{v}");
+    assert_eq!(v["message"], "rate limit exceeded", "{v}");
+    v["data"]["retry_after_ms"].as_u64().unwrap_or_else(|| panic!("no retry_after_ms in {v}"))
+}
+
+// ---------------------------------------------------------------------------
+// Message rate limit
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn flood_beyond_the_rate_limit_gets_420_then_1008_and_the_room_keeps_flowing() {
+    // Five messages at once, then one per hour: whatever the machine's
+    // speed, the sixth message onwards is over the limit. Three refusals are
+    // tolerated; the fourth closes the connection.
+    let config = HubConfig::default().rate_limit(Some(RateLimit::new(1, HOUR).burst(5))).max_rate_violations(3);
+    let mut f = Fixture::start(builder().config(config)).await;
+    let mut c = connect(f.addr).await;
+    assert_eq!(c.hello["data"]["rate_limit"], json!({"messages": 1, "per_ms": 3_600_000, "burst": 5}));
+    c.join_ok("lobby").await; // one token
+    f.tick().await;
+    let _ = c.event().await;
+    let _ = c.event().await;
+
+    // A flood of 200 pings in one write (answered in arrival order).
+    for r in 1..=200u64 {
+        c.ws.feed(Message::text(json!({"type": "ping", "ref": r}).to_string())).await.unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    for r in 1..=4u64 {
+        assert_eq!(c.recv().await, json!({"type": "pong", "ref": r}));
+    }
+    for r in 5..=7u64 {
+        let wait = retry_after_ms(&c.recv().await, r);
+        assert!((3_000_000..=3_600_000).contains(&wait), "retry_after_ms {wait}");
+    }
+    // The fourth refusal: closed for policy violation, after what was
+    // already queued; nothing else came, the rest was never processed.
+    assert_eq!(expect_close_frame(&mut c.ws).await, Some((1008, "rate limit exceeded".to_owned())));
+    assert_eq!(c.pending_events(), 0);
+    eventually("the flooder is gone", || f.hub.stats().connections == 1).await;
+    // The bystander lost nothing, in order, and its (trusted) calls still work.
+    for _ in 0..3 {
+        f.tick().await;
+    }
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn rate_limited_message_is_not_processed_and_the_hint_is_exact() {
+    tokio::time::pause();
+    let config = HubConfig::default()
+        .heartbeat_interval(Duration::ZERO)
+        .rate_limit(Some(RateLimit::per_second(10).burst(3)))
+        .max_rate_violations(3);
+    let hub = builder().config(config).build();
+    let mut c = MemClient::connect(&hub, Handshake::new()).await.unwrap();
+    assert_eq!(c.hello["data"]["rate_limit"], json!({"messages": 10, "per_ms": 1000, "burst": 3}));
+    for r in 1..=3 {
+        c.send(json!({"type": "join", "ref": r, "room": format!("r{r}")})).await;
+        assert_eq!(c.recv().await["type"], "reply");
+    }
+    // Over the limit: refused, with the exact wait, and not processed.
+    c.send(json!({"type": "join", "ref": 4, "room": "r4"})).await;
+    assert_eq!(retry_after_ms(&c.recv().await, 4), 100);
+    assert_eq!(hub.room_len("r4"), 0, "a refused join was processed");
+    // Any message counts, even a bad one; its ref is echoed when readable.
+    c.send(json!({"type": "frobnicate", "ref": 5})).await;
+    assert_eq!(retry_after_ms(&c.recv().await, 5), 100);
+    tokio::time::advance(Duration::from_millis(60)).await;
+    c.send(json!({"type": "ping", "ref": 6})).await;
+    assert_eq!(retry_after_ms(&c.recv().await, 6), 40);
+    // Waiting as told works; by then one refusal was forgiven too.
+    tokio::time::advance(Duration::from_millis(40)).await;
+    c.send(json!({"type": "ping", "ref": 7})).await;
+    assert_eq!(c.recv().await, json!({"type": "pong", "ref": 7}));
+    // Sending on regardless: one more refusal is tolerated, the next closes.
+    c.send(json!({"type": "ping", "ref": 8})).await;
+    assert_eq!(retry_after_ms(&c.recv().await, 8), 100);
+    c.send(json!({"type": "ping", "ref": 9})).await;
+    assert_eq!(c.closed().await, Some(1008));
+}
+
+#[tokio::test]
+async fn identity_can_override_the_rate_limit() {
+    tokio::time::pause();
+    let config = HubConfig::default().heartbeat_interval(Duration::ZERO).rate_limit(Some(RateLimit::new(1, HOUR)));
+    let hub = builder().config(config).build();
+    let trusted = Handshake::new().with_uri("/?trusted".parse().unwrap());
+    let mut c = MemClient::connect(&hub, trusted).await.unwrap();
+    assert!(c.hello["data"].get("rate_limit").is_none(), "{}", c.hello);
+    for r in 1..=500 {
+        c.send(json!({"type": "ping", "ref": r})).await;
+        assert_eq!(c.recv().await, json!({"type": "pong", "ref": r}));
+    }
+    let mut limited = MemClient::connect(&hub, Handshake::new()).await.unwrap();
+    limited.send(json!({"type": "ping", "ref": 1})).await;
+    assert_eq!(limited.recv().await, json!({"type": "pong", "ref": 1}));
+    limited.send(json!({"type": "ping", "ref": 2})).await;
+    retry_after_ms(&limited.recv().await, 2);
+}
+
+// ---------------------------------------------------------------------------
+// Admission: per-address limit, total limit, connection rate, proxies
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn too_many_connections_per_ip_get_429_and_slots_return_after_churn() {
+    // Loopback is exempt by default; this hub counts it like any address.
+    let security = SecurityConfig::default().per_ip_exempt(vec![]).max_connections_per_ip(4).connection_rate(None);
+    let mut f = Fixture::start(builder().security(security)).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect(f.addr).await); // with the bystander: 4
+    }
+    assert_eq!((f.hub.stats().admitted, f.hub.stats().client_addresses), (4, 1));
+    assert_eq!(refused_with(f.addr, "/", &[]).await, (429, "too many connections from this address".into()));
+    f.tick().await;
+    // A slot comes back when a connection ends, however it ends.
+    drop(held.pop());
+    eventually("slot released", || f.hub.stats().admitted == 3).await;
+    held.push(connect(f.addr).await);
+    assert_eq!(refused_with(f.addr, "/", &[]).await.0, 429);
+    held.clear();
+    eventually("slots released", || f.hub.stats().admitted == 1).await;
+
+    // Churn: connections closed cleanly, dropped, refused, and cut off
+    // mid-handshake; afterwards only the bystander's slot is held.
+    for i in 0..60 {
+        eventually("only the bystander's slot", || f.hub.stats().admitted == 1).await;
+        let mut c = connect(f.addr).await;
+        match i % 3 {
+            0 => {
+                c.ws.close(None).await.unwrap();
+                while let Some(Ok(_)) = c.ws.next().await {}
+            }
+            1 => drop(c),
+            _ => {
+                let others = [connect(f.addr).await, connect(f.addr).await];
+                assert_eq!(refused_with(f.addr, "/", &[]).await.0, 429);
+                drop((c, others));
+            }
+        }
+    }
+    for _ in 0..20 {
+        let mut tcp = tokio::net::TcpStream::connect(f.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    }
+    eventually("counts back to the bystander", || {
+        let s = f.hub.stats();
+        (s.admitted, s.client_addresses, s.connections) == (1, 1, 1)
+    })
+    .await;
+    f.tick().await;
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn total_connection_limit_gets_503_and_connection_rate_gets_429_with_retry_after() {
+    let security = SecurityConfig::default().max_connections(3).connection_rate(None);
+    let mut f = Fixture::start(builder().security(security)).await;
+    let a = connect(f.addr).await;
+    let b = connect(f.addr).await;
+    assert_eq!(refused_with(f.addr, "/", &[]).await, (503, "server is at its connection limit".into()));
+    f.tick().await;
+    drop((a, b));
+    eventually("slots released", || f.hub.stats().admitted == 1).await;
+    drop(f);
+
+    // Five connections at once, then one per hour.
+    let security = SecurityConfig::default().connection_rate(Some(RateLimit::new(1, HOUR).burst(5)));
+    let mut f = Fixture::start(builder().security(security)).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect(f.addr).await);
+    }
+    let (status, headers, body) = try_connect(f.addr, "/", &[]).await.err().expect("refused");
+    assert_eq!((status, body.as_str()), (429, "too many new connections, retry later"));
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((3000..=3600).contains(&retry), "retry-after {retry}");
+    // Connections already in are untouched.
+    f.tick().await;
+    for c in &mut held {
+        assert_eq!(c.call("echo", json!(1)).await["data"], 1);
+    }
+    drop(held);
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn trusted_proxy_forwarded_for_counts_each_client_and_is_ignored_otherwise() {
+    let security = SecurityConfig::default()
+        .max_connections_per_ip(2)
+        .connection_rate(None)
+        .trusted_proxies(vec!["127.0.0.0/8".parse().unwrap()]);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let hub = builder()
+        .security(security)
+        .authenticate(move |hs: &Handshake| {
+            record.lock().unwrap().push(hs.client_ip());
+            async { Ok(Identity::anonymous().with_rate_limit(None)) }
+        })
+        .build();
+    let addr = serve(&hub).await;
+    let mut f = Fixture::with(hub, addr).await;
+    let xff = |ip: &'static str| [("x-forwarded-for", ip)];
+    // The client spoofs an address in front; the proxy appended the real one.
+    let a1 = try_connect(addr, "/", &[("x-forwarded-for", "198.51.100.9, 203.0.113.1")]).await.unwrap();
+    let a2 = try_connect(addr, "/", &xff("203.0.113.1")).await.unwrap();
+    assert_eq!(refused_with(addr, "/", &xff("203.0.113.1")).await.0, 429);
+    // Another client behind the same proxy is not affected.
+    let b1 = try_connect(addr, "/", &xff("203.0.113.2, 127.0.0.1")).await.unwrap();
+    assert_eq!(f.hub.stats().client_addresses, 2, "the bystander (loopback) is exempt");
+    // Garbage where the proxy writes: 400.
+    assert_eq!(refused_with(addr, "/", &xff("203.0.113.3, not-an-ip")).await.0, 400);
+    let ips: Vec<String> = seen.lock().unwrap().iter().map(|ip| ip.unwrap().to_string()).collect();
+    assert_eq!(ips, ["127.0.0.1", "203.0.113.1", "203.0.113.1", "203.0.113.2"]);
+    f.tick().await;
+    drop((a1, a2, b1));
+    eventually("slots released", || f.hub.stats().client_addresses == 0).await;
+    f.finish().await;
+
+    // Without trusted proxies the header is ignored: every connection is
+    // the peer's (here exempt loopback), whatever it claims.
+    let hub = builder().security(SecurityConfig::default().max_connections_per_ip(1)).build();
+    let addr = serve(&hub).await;
+    let _c1 = try_connect(addr, "/", &xff("203.0.113.1")).await.unwrap();
+    let _c2 = try_connect(addr, "/", &xff("203.0.113.1")).await.unwrap();
+    assert_eq!(hub.stats().client_addresses, 0);
+}
+
+// ---------------------------------------------------------------------------
+// Origin check, on the standalone listener and the axum route
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn cross_origin_upgrade_is_refused_with_403_and_same_origin_is_accepted() {
+    let hub = builder().build();
+    let standalone = serve(&hub).await;
+    let axum = serve_axum(&hub).await;
+    let mut f = Fixture::with(hub.clone(), standalone).await;
+    for (addr, path) in [(standalone, "/"), (axum, "/ws")] {
+        let same = format!("http://{addr}");
+        let mut c = try_connect(addr, path, &[("origin", &same)]).await.expect("same origin accepted");
+        assert_eq!(c.call("echo", json!("ok")).await["data"], "ok");
+        // No Origin at all: a non-browser client, accepted.
+        assert!(try_connect(addr, path, &[]).await.is_ok());
+        for evil in ["http://evil.example", "null", "http://127.0.0.1:1", "http://localhost"] {
+            assert_eq!(
+                refused_with(addr, path, &[("origin", evil)]).await,
+                (403, "cross-origin WebSocket refused".into()),
+                "{path} origin {evil}"
+            );
+        }
+        f.tick().await;
+    }
+    eventually("refusals hold no slot", || hub.stats().admitted == 1).await;
+    drop(f);
+
+    // An allowlist, and the explicit opt-out.
+    let list = SecurityConfig::default().origin(OriginPolicy::AllowList(vec!["https://app.example.com".into()]));
+    let hub = builder().security(list).build();
+    let addr = serve(&hub).await;
+    assert!(try_connect(addr, "/", &[("origin", "https://app.example.com")]).await.is_ok());
+    let same = format!("http://{addr}");
+    assert_eq!(refused_with(addr, "/", &[("origin", &same)]).await, (403, "origin not allowed".into()));
+    let any = builder().security(SecurityConfig::default().origin(OriginPolicy::Any)).build();
+    let addr = serve_axum(&any).await;
+    assert!(try_connect(addr, "/ws", &[("origin", "http://evil.example")]).await.is_ok());
+}
+
+// ---------------------------------------------------------------------------
+// Validation and payload limits
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn validation_errors_come_back_field_by_field() {
+    let mut f = Fixture::start(builder()).await;
+    let mut c = connect(f.addr).await;
+    let bad = c.call("signup", json!({"name": "", "email": "nope", "age": 7})).await;
+    assert_eq!(
+        bad,
+        json!({"type": "error", "ref": bad["ref"], "code": 422, "message": "validation failed", "data": {"fields": [
+            {"field": "name", "code": "required", "message": "must not be empty"},
+            {"field": "email", "code": "format", "message": "must be an email address"},
+            {"field": "age", "code": "range", "message": "must be between 13 and 130"},
+        ]}})
+    );
+    let one = c.call("signup", json!({"name": "ann", "email": "ann@example.com", "age": 200})).await;
+    assert_eq!(
+        one["data"],
+        json!({"fields": [{"field": "age", "code": "range", "message": "must be between 13 and 130"}]})
+    );
+    // The wrong shape is still a plain 422 before validation.
+    let shape = c.call("signup", json!({"name": 1})).await;
+    assert_eq!((shape["code"].as_u64(), shape.get("data")), (Some(422), None), "{shape}");
+    let ok = c.call("signup", json!({"name": "ann", "email": "ann@example.com", "age": 30})).await;
+    assert_eq!(ok["data"], json!({"welcome": "ann"}));
+    f.tick().await;
+    drop(c);
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn deep_nesting_huge_arrays_long_names_and_big_params_get_their_errors() {
+    let config = HubConfig::default().max_payload_depth(8).max_join_params_size(64);
+    let mut f = Fixture::start(builder().config(config)).await;
+    let mut c = connect(f.addr).await;
+    let nested = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+
+    // At the configured depth: accepted; one more: 400 with the ref.
+    let ok = format!(r#"{{"type":"call","ref":1,"event":"echo","data":{}}}"#, nested(8));
+    c.send_raw(Message::text(ok)).await;
+    assert_eq!(c.recv().await["type"], "reply");
+    let deep = format!(r#"{{"type":"call","ref":2,"event":"echo","data":{}}}"#, nested(9));
+    c.send_raw(Message::text(deep)).await;
+    let e = expect_error_code(&mut c, 400, Some(2)).await;
+    assert_eq!(e["message"], "`data` nested deeper than 8");
+    // 30,000 levels: refused by the decoder without recursing.
+    let abyss = format!(r#"{{"type":"call","ref":3,"event":"echo","data":{}}}"#, nested(30_000));
+    c.send_raw(Message::text(abyss)).await;
+    expect_error_code(&mut c, 400, Some(3)).await;
+    f.tick().await;
+
+    // A huge flat array within the size limit is fine...
+    let zeros = vec![0u8; 30_000];
+    let r = c.call("count", json!(zeros)).await;
+    assert_eq!(r["data"], 30_000);
+    // ...and one claiming 2^32 elements in MessagePack is malformed (400).
+    let (mut ws, _) = connect_protocol(f.addr, "switchboard.v1.msgpack").await;
+    let _hello = next_msgpack(&mut ws).await;
+    let mut huge = Vec::new();
+    rmp::encode::write_map_len(&mut huge, 4).unwrap();
+    for (k, v) in [("type", "call"), ("event", "count")] {
+        rmp::encode::write_str(&mut huge, k).unwrap();
+        rmp::encode::write_str(&mut huge, v).unwrap();
+    }
+    rmp::encode::write_str(&mut huge, "ref").unwrap();
+    rmp::encode::write_uint(&mut huge, 4).unwrap();
+    rmp::encode::write_str(&mut huge, "data").unwrap();
+    huge.extend([0xdd, 0xff, 0xff, 0xff, 0xff, 0x00]);
+    ws.send(Message::binary(huge)).await.unwrap();
+    let e = next_msgpack(&mut ws).await;
+    assert_eq!((e["type"].as_str(), e["code"].as_u64(), e["ref"].as_u64()), (Some("error"), Some(400), Some(4)), "{e}");
+    // Nested MessagePack past the configured depth too.
+    let mut deep = Vec::new();
+    rmp::encode::write_map_len(&mut deep, 4).unwrap();
+    for (k, v) in [("type", "call"), ("event", "echo")] {
+        rmp::encode::write_str(&mut deep, k).unwrap();
+        rmp::encode::write_str(&mut deep, v).unwrap();
+    }
+    rmp::encode::write_str(&mut deep, "ref").unwrap();
+    rmp::encode::write_uint(&mut deep, 5).unwrap();
+    rmp::encode::write_str(&mut deep, "data").unwrap();
+    deep.extend(std::iter::repeat_n(0x91u8, 20));
+    deep.push(0x01);
+    ws.send(Message::binary(deep)).await.unwrap();
+    let e = next_msgpack(&mut ws).await;
+    assert_eq!((e["code"].as_u64(), e["ref"].as_u64()), (Some(400), Some(5)), "{e}");
+    drop(ws);
+
+    // Event names: 1 to 128 bytes.
+    let long = "e".repeat(129);
+    c.send(json!({"type": "call", "ref": 6, "event": long})).await;
+    let e = expect_error_code(&mut c, 400, Some(6)).await;
+    assert_eq!(e["message"], "event name must be 1 to 128 bytes");
+    c.send(json!({"type": "call", "ref": 7, "event": ""})).await;
+    expect_error_code(&mut c, 400, Some(7)).await;
+    // Room names: at most 128 bytes (as before).
+    c.send(json!({"type": "join", "ref": 8, "room": "r".repeat(129)})).await;
+    expect_error_code(&mut c, 400, Some(8)).await;
+    // Join params: at most 64 bytes here.
+    c.send(json!({"type": "join", "ref": 9, "room": "x", "data": {"invite": "i".repeat(100)}})).await;
+    let e = expect_error_code(&mut c, 400, Some(9)).await;
+    assert_eq!(e["message"], "join params larger than 64 bytes");
+    assert_eq!(f.hub.room_len("x"), 0);
+    c.send(json!({"type": "join", "ref": 10, "room": "x", "data": {"invite": "short"}})).await;
+    assert_eq!(c.recv().await["type"], "reply");
+    f.tick().await;
+    drop(c);
+    f.finish().await;
+}
