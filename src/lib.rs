@@ -105,6 +105,9 @@
 pub mod auth;
 pub mod backplane;
 pub mod error;
+#[cfg(all(fuzzing, feature = "ws"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod handler;
 pub mod history;
 mod hub;
