@@ -123,6 +123,10 @@ fn switchboard_hub(opts: &ServerOpts) -> Hub {
     if let Some(n) = opts.max_inflight {
         config = config.max_inflight(n);
     }
+    // The publisher sends as fast as the server keeps up, far beyond the
+    // default per-connection rate limit (50/s, burst 200), which protects a
+    // public server from one client; a benchmark measures fan-out instead.
+    config = config.rate_limit(None);
     Hub::builder()
         .config(config)
         // What a host writes to relay a client's message to the rest of the
