@@ -68,6 +68,10 @@
 //!   format and the same buffer is queued to every member.
 //! - **Scaling out** through a [`Backplane`]: [`MemoryBackplane`] links hubs
 //!   in one process; a host can write its own (Redis support comes later).
+//! - **Presence**: who is in a room, per user across tabs and nodes, with
+//!   batched join/leave diffs, counts for large rooms, ephemeral flags such
+//!   as "typing" that expire by themselves, and a [`PresenceStore`] trait
+//!   ([`presence`], `docs/presence.md`).
 //!
 //! # Layout
 //!
@@ -81,6 +85,7 @@
 //! | [`protocol`] | envelopes, payloads, JSON and MessagePack codecs, error and close codes |
 //! | [`transport`] | the [`Transport`] trait, [`Frame`], [`Handshake`]; `ws` and `memory` implementations |
 //! | [`backplane`] | the [`Backplane`] trait and [`MemoryBackplane`] |
+//! | [`presence`] | [`PresenceConfig`], the [`PresenceStore`] trait and [`MemoryPresence`], presence entries and events (`docs/presence.md`) |
 //! | [`integration`] | framework adapters (`axum`) |
 //! | `testing` | conformance suites for host implementations (feature `testing`) |
 //! | [`error`] | [`Error`], [`ErrorKind`], [`Result`] |
@@ -112,6 +117,7 @@ pub mod handler;
 pub mod history;
 mod hub;
 pub mod integration;
+pub mod presence;
 pub mod protocol;
 pub mod room;
 pub mod security;
@@ -127,6 +133,7 @@ pub use hub::{
     Connection, ConnectionId, ConnectionState, DisconnectReason, Hub, HubBuilder, HubConfig, HubStats, OverflowPolicy,
     Publish,
 };
+pub use presence::{MemoryPresence, PresenceConfig, PresenceStore};
 pub use security::{Admission, OriginPolicy, RateLimit, SecurityConfig};
 pub use transport::{Frame, Handshake, Transport};
 

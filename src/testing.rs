@@ -23,6 +23,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use std::time::Duration;
 
+pub use crate::presence::conformance::presence_store;
+
 /// How long the suite waits for a message before declaring it lost.
 const WAIT: Duration = Duration::from_secs(5);
 

@@ -221,6 +221,7 @@ pub(crate) struct HubInner {
     pub(crate) tasks: AtomicUsize,
     heartbeat: OnceLock<mpsc::Sender<Weak<Session>>>,
     pub(crate) backplane: Option<Arc<BackplaneLink>>,
+    pub(crate) presence: Option<crate::presence::PresenceHub>,
     shutting_down: AtomicBool,
     shutdown: CancellationToken,
     sessions_changed: Notify,
@@ -279,6 +280,7 @@ pub struct HubBuilder {
     security: SecurityConfig,
     hooks: Hooks,
     backplane: Option<Arc<dyn Backplane>>,
+    pub(crate) presence: crate::presence::Setup,
 }
 
 impl fmt::Debug for HubBuilder {
@@ -419,6 +421,7 @@ impl HubBuilder {
                 next_id: AtomicU64::new(1),
                 tasks: AtomicUsize::new(0),
                 heartbeat: OnceLock::new(),
+                presence: self.presence.build(node, self.backplane.is_some()),
                 backplane: self.backplane.map(|b| Arc::new(BackplaneLink::new(b))),
                 shutting_down: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
@@ -535,6 +538,7 @@ impl Hub {
             security: SecurityConfig::default(),
             hooks: Hooks::default(),
             backplane: None,
+            presence: Default::default(),
         }
     }
 
@@ -683,6 +687,8 @@ impl Hub {
             max_rooms: usize,
             max_inflight: usize,
             #[serde(skip_serializing_if = "Option::is_none")]
+            presence: Option<crate::presence::HelloInfo>,
+            #[serde(skip_serializing_if = "Option::is_none")]
             rate_limit: Option<RateHello>,
             #[serde(skip_serializing_if = "Option::is_none")]
             expires_in_ms: Option<u64>,
@@ -706,6 +712,7 @@ impl Hub {
             max_message_size: cfg.max_message_size,
             max_rooms: cfg.max_rooms_per_connection,
             max_inflight: cfg.max_inflight,
+            presence: self.presence_hello(),
             rate_limit: rate.map(|r| RateHello {
                 messages: r.messages,
                 per_ms: r.per.as_millis().try_into().unwrap_or(u64::MAX),
@@ -744,7 +751,9 @@ impl Hub {
         let session = self.inner.sessions.read().get(&id).cloned();
         let session = session.ok_or_else(|| CallError::with_code(ErrorCode::BAD_REQUEST, "not connected"))?;
         validate_room_name(room).map_err(CallError::bad_request)?;
-        self.add_member(&session, room).await
+        self.add_member(&session, room).await?;
+        self.presence_joined(&session, room);
+        Ok(())
     }
 
     /// Removes a connection from a room; `false` if it was not a member.
@@ -800,6 +809,13 @@ impl Hub {
                 return Err(CallError::with_code(ErrorCode::UNAVAILABLE, format!("backplane: {e}")));
             }
         }
+        // The room's presence view (and other nodes' metas) is ready before
+        // the reply, so the state sent right after it is complete.
+        if let Some(presence) = &self.inner.presence {
+            if let Err(e) = presence.prepare(self, room).await {
+                return Err(CallError::with_code(ErrorCode::UNAVAILABLE, e));
+            }
+        }
         rollback.armed = false;
         if let Some(h) = &self.inner.hooks.join {
             run_hook("join", || h(&Connection(session.clone(), self.clone()), room));
@@ -820,6 +836,9 @@ impl Hub {
             if let Some(link) = &self.inner.backplane {
                 link.mark(self, room);
             }
+        }
+        if let Some(presence) = &self.inner.presence {
+            presence.leave(self, session, room, removed == Some(true));
         }
         if hook {
             if let Some(h) = &self.inner.hooks.leave {
@@ -1066,6 +1085,7 @@ impl Hub {
             }
             self.wait_empty().await;
         }
+        self.presence_flush().await;
     }
 
     async fn wait_empty(&self) {

@@ -619,6 +619,7 @@ fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, binary
         Kind::Join => on_join(hub, session, calls, env),
         Kind::Leave => on_leave(hub, session, env),
         Kind::Call => on_call(hub, session, calls, env),
+        Kind::Presence => hub.presence_request(session, env),
         Kind::Refresh => on_refresh(hub, session, calls, env),
         other => session.send_error(
             env.reference,
@@ -689,7 +690,11 @@ fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Enve
             Err(_) => session.send_error(env.reference, ErrorCode::TIMEOUT.0, "join timed out"),
             Ok(Err(_panic)) => session.send_error(env.reference, ErrorCode::INTERNAL.0, "join failed"),
             Ok(Ok(Err(e))) => session.send_call_error(env.reference, &e),
-            Ok(Ok(Ok(()))) => room_reply(&session, env.reference, &room),
+            Ok(Ok(Ok(()))) => {
+                room_reply(&session, env.reference, &room);
+                // Presence state goes right after the reply, never before.
+                hub.presence_joined(&session, &room);
+            }
         }
     });
 }

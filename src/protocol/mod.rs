@@ -104,6 +104,14 @@ pub enum Kind {
     Ping,
     /// Answer to `ping`, echoing its `ref`.
     Pong,
+    /// Client → server: updates this connection's presence meta in `room`
+    /// (`data: {"meta": {…}, "ephemeral": {…}}`); replied to.
+    Presence,
+    /// Server → client: the whole presence of `room` (after the join reply,
+    /// and again whenever the client must start over).
+    PresenceState,
+    /// Server → client: the presence changes of `room` in one batch window.
+    PresenceDiff,
     /// Server → client: the server dropped `data.dropped` messages for this
     /// connection because it read too slowly (drop-oldest overflow policy).
     Lagged,
@@ -125,6 +133,9 @@ impl Kind {
             Kind::Event => "event",
             Kind::Ping => "ping",
             Kind::Pong => "pong",
+            Kind::Presence => "presence",
+            Kind::PresenceState => "presence_state",
+            Kind::PresenceDiff => "presence_diff",
             Kind::Lagged => "lagged",
             Kind::Refresh => "refresh",
         }
@@ -142,6 +153,9 @@ impl Kind {
             "event" => Kind::Event,
             "ping" => Kind::Ping,
             "pong" => Kind::Pong,
+            "presence" => Kind::Presence,
+            "presence_state" => Kind::PresenceState,
+            "presence_diff" => Kind::PresenceDiff,
             "lagged" => Kind::Lagged,
             "refresh" => Kind::Refresh,
             _ => return None,

@@ -1,0 +1,1272 @@
+//! The presence engine of one hub.
+//!
+//! **State.** One [`RoomView`] per presence room with local members: every
+//! meta of the room (this node's and other nodes'), the local connections
+//! that receive its presence messages, the changes pending for the next
+//! diff. A view's state sits behind one mutex, held only for in-memory work
+//! (no await under it): joins, leaves, updates, remote changes, flushes and
+//! expiries of one room are serialized, rooms are independent. Views are
+//! indexed by an `RwLock`ed map, written only when a room's first local
+//! member arrives or its last one leaves.
+//!
+//! **Lock order:** session rooms → view index → view state → a session's
+//! outbox. The local-key index and the inboxes below are leaf locks.
+//!
+//! **Tasks** (two per hub, started with the first presence join; they hold
+//! only weak references and stop when the hub is dropped):
+//!
+//! - the **timer** task owns a `DelayQueue` with at most one flush entry per
+//!   room with pending changes (armed by the first change of a window) and
+//!   at most one expiry entry per meta with ephemeral flags;
+//! - the **sync** task writes this node's changes to the [`PresenceStore`]
+//!   and publishes them to the backplane, rewrites all of this node's
+//!   entries every `ttl / 3`, and then reconciles each view with the store
+//!   (entries of vanished nodes become leaves). It reads the *current* state
+//!   of each changed meta when it runs, so its inbox is a set of
+//!   `(room, connection)` marks, bounded by this node's memberships.
+//!
+//! **Remote changes** arrive through one forwarder task per view (the
+//! view's backplane subscription); a view that is still loading from the
+//! store buffers them and applies them after the store's snapshot.
+
+use super::config::PresenceConfig;
+use super::wire::{self, Count, DiffData, NodeBatch, StateData, UpdateReply, UpdateRequest, WireChange, WireEntry};
+use super::{
+    conn_ref, Map, PresenceCause, PresenceCount, PresenceEntry, PresenceEvent, PresenceMeta, PresenceQuery,
+    PresenceRecord, PresenceStats, PresenceStore, StoreChange,
+};
+use crate::backplane::Subscription;
+use crate::hub::session::Session;
+use crate::hub::{Hub, HubInner, TaskGuard};
+use crate::protocol::{Envelope, ErrorCode, Format, Kind, Parts, Payload};
+use crate::room::validate_room_name;
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
+
+pub(crate) type MetaFn = Arc<dyn Fn(&crate::Connection, &str) -> Option<Map> + Send + Sync>;
+pub(crate) type PresenceHook = Arc<dyn Fn(&Hub, &PresenceEvent) + Send + Sync>;
+
+/// A meta's identity: (node, connection on that node).
+type Id = (u64, u64);
+
+/// Most remote changes a loading view buffers; beyond, they are dropped and
+/// the next reconciliation with the store repairs the view.
+const MAX_BUFFERED: usize = 4096;
+
+/// One connection's meta in one room.
+#[derive(Debug, Clone)]
+pub(crate) struct Meta {
+    pub key: Arc<str>,
+    pub conn_ref: Arc<str>,
+    pub joined_at: u64,
+    /// The host's part (this node's metas only): keys the client may not set.
+    pub host: Map,
+    /// What clients see: the client's part with the host's part over it.
+    pub meta: Map,
+    /// Ephemeral flags and when each expires.
+    pub ephemeral: BTreeMap<String, (Value, Instant)>,
+}
+
+impl Meta {
+    /// Whether clients would see the same thing (deadlines aside).
+    fn same_view(&self, other: &Meta) -> bool {
+        self.joined_at == other.joined_at
+            && self.meta == other.meta
+            && self.ephemeral.len() == other.ephemeral.len()
+            && self.ephemeral.iter().zip(&other.ephemeral).all(|((ka, (va, _)), (kb, (vb, _)))| ka == kb && va == vb)
+    }
+
+    fn from_record(record: PresenceRecord, ephemeral: BTreeMap<String, (Value, Instant)>) -> Meta {
+        Meta {
+            key: record.key.into(),
+            conn_ref: conn_ref(record.node, record.connection).into(),
+            joined_at: record.joined_at,
+            host: Map::new(),
+            meta: record.meta,
+            ephemeral,
+        }
+    }
+
+    fn from_wire(node: u64, conn: u64, entry: WireEntry, now: Instant) -> Meta {
+        let ephemeral = entry
+            .ephemeral
+            .into_iter()
+            .map(|(k, (v, ttl_ms))| (k, (v, later(now, Duration::from_millis(ttl_ms)))))
+            .collect();
+        Meta {
+            key: entry.key.into(),
+            conn_ref: conn_ref(node, conn).into(),
+            joined_at: entry.joined_at,
+            host: Map::new(),
+            meta: entry.meta,
+            ephemeral,
+        }
+    }
+
+    fn to_wire(&self, now: Instant) -> WireEntry {
+        WireEntry {
+            key: self.key.to_string(),
+            joined_at: self.joined_at,
+            meta: self.meta.clone(),
+            ephemeral: self
+                .ephemeral
+                .iter()
+                .map(|(k, (v, d))| (k.clone(), (v.clone(), d.saturating_duration_since(now).as_millis() as u64)))
+                .collect(),
+        }
+    }
+
+    fn to_record(&self, room: &str, id: Id) -> PresenceRecord {
+        PresenceRecord {
+            room: room.to_owned(),
+            key: self.key.to_string(),
+            node: id.0,
+            connection: id.1,
+            joined_at: self.joined_at,
+            meta: self.meta.clone(),
+        }
+    }
+
+    fn to_public(&self, id: Id) -> PresenceMeta {
+        PresenceMeta {
+            conn_ref: self.conn_ref.to_string(),
+            node: id.0,
+            connection: id.1,
+            joined_at: self.joined_at,
+            meta: self.meta.clone(),
+            ephemeral: self.ephemeral.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect(),
+        }
+    }
+}
+
+/// A per-meta token bucket for client updates.
+#[derive(Debug, Clone)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn full(burst: u32, now: Instant) -> Bucket {
+        Bucket { tokens: f64::from(burst.max(1)), last: now }
+    }
+
+    /// Takes a token, or says how long until one is back.
+    fn take(&mut self, now: Instant, rate: u32, burst: u32) -> Result<(), Duration> {
+        let rate = f64::from(rate.max(1));
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(f64::from(burst.max(1)));
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
+        }
+    }
+}
+
+struct Slot {
+    meta: Meta,
+    /// The token of this meta's expiry entry in the timer wheel, if any (an
+    /// entry with another token is stale and does nothing).
+    expiry: Option<u64>,
+    /// This node's metas only: the client's update bucket.
+    bucket: Option<Bucket>,
+}
+
+/// A change waiting for the next diff, coalesced per meta.
+struct Pending {
+    /// Whether the meta was in the view when the window began.
+    existed_before: bool,
+    /// The meta as it was when it was removed (sent in `leaves`).
+    removed: Option<Meta>,
+}
+
+#[derive(Default)]
+struct SetOutcome {
+    inserted: bool,
+    key_joined: bool,
+    changed: bool,
+}
+
+pub(crate) struct RoomState {
+    slots: HashMap<Id, Slot>,
+    /// Metas per key.
+    keys: HashMap<Arc<str>, usize>,
+    /// Local connections that got the state and get the diffs.
+    receivers: HashMap<u64, Weak<Session>>,
+    pending: HashMap<Id, Pending>,
+    /// Send the whole state at the next flush (mode switch, too many changes).
+    full_pending: bool,
+    counts_mode: bool,
+    flush_armed: bool,
+    /// The count last broadcast.
+    last_count: Option<Count>,
+    /// The store's snapshot has been merged (always, without a backplane).
+    loaded: bool,
+    buffer: Vec<NodeBatch>,
+    buffered: usize,
+    /// During a reconciliation: metas a backplane change touched meanwhile.
+    reconciling: Option<HashSet<Id>>,
+    next_token: u64,
+}
+
+type Events = Vec<(Arc<str>, bool, PresenceCause)>;
+
+impl RoomState {
+    fn new(loaded: bool) -> RoomState {
+        RoomState {
+            slots: HashMap::new(),
+            keys: HashMap::new(),
+            receivers: HashMap::new(),
+            pending: HashMap::new(),
+            full_pending: false,
+            counts_mode: false,
+            flush_armed: false,
+            last_count: None,
+            loaded,
+            buffer: Vec::new(),
+            buffered: 0,
+            reconciling: None,
+            next_token: 0,
+        }
+    }
+
+    fn count(&self) -> Count {
+        Count { keys: self.keys.len(), connections: self.slots.len() }
+    }
+
+    /// Notes a change of one meta for the next diff.
+    fn record(&mut self, id: Id, before: Option<Meta>, present: bool, cfg: &PresenceConfig) {
+        if self.counts_mode || self.full_pending {
+            return;
+        }
+        if let Some(p) = self.pending.get_mut(&id) {
+            p.removed = if present { None } else { before.or(p.removed.take()) };
+            return;
+        }
+        if self.pending.len() >= cfg.max_pending {
+            // Overflow: the next flush sends the whole state instead.
+            self.full_pending = true;
+            self.pending.clear();
+            return;
+        }
+        let existed_before = before.is_some();
+        self.pending.insert(id, Pending { existed_before, removed: if present { None } else { before } });
+    }
+
+    fn set(&mut self, id: Id, meta: Meta, cfg: &PresenceConfig) -> SetOutcome {
+        if let Some(slot) = self.slots.get_mut(&id) {
+            if slot.meta.same_view(&meta) {
+                // Only deadlines moved.
+                slot.meta.ephemeral = meta.ephemeral;
+                return SetOutcome::default();
+            }
+            let before = std::mem::replace(&mut slot.meta, meta);
+            self.record(id, Some(before), true, cfg);
+            return SetOutcome { changed: true, ..SetOutcome::default() };
+        }
+        let n = self.keys.entry(meta.key.clone()).or_insert(0);
+        *n += 1;
+        let key_joined = *n == 1;
+        self.slots.insert(id, Slot { meta, expiry: None, bucket: None });
+        self.record(id, None, true, cfg);
+        SetOutcome { inserted: true, key_joined, changed: true }
+    }
+
+    /// Removes a meta; returns its key and whether the key left.
+    fn unset(&mut self, id: Id, cfg: &PresenceConfig) -> Option<(Arc<str>, bool)> {
+        let slot = self.slots.remove(&id)?;
+        let key = slot.meta.key.clone();
+        let left = match self.keys.get_mut(&key) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.keys.remove(&key);
+                true
+            }
+        };
+        self.record(id, Some(slot.meta), false, cfg);
+        Some((key, left))
+    }
+
+    /// Whether this change is the first of a window (the caller schedules
+    /// the flush).
+    fn arm_flush(&mut self) -> bool {
+        !std::mem::replace(&mut self.flush_armed, true)
+    }
+
+    /// The expiry entry to schedule for a meta (token, when its earliest
+    /// ephemeral flag expires), unless one is scheduled already.
+    fn arm_expiry(&mut self, id: Id) -> Option<(u64, Instant)> {
+        let slot = self.slots.get_mut(&id)?;
+        if slot.expiry.is_some() {
+            return None;
+        }
+        let at = slot.meta.ephemeral.values().map(|(_, d)| *d).min()?;
+        self.next_token += 1;
+        slot.expiry = Some(self.next_token);
+        Some((self.next_token, at))
+    }
+
+    /// An expiry entry fired: drops the meta's expired flags. Returns whether
+    /// the view changed, and the entry to schedule next.
+    fn expire(&mut self, id: Id, token: u64, now: Instant, cfg: &PresenceConfig) -> (bool, Option<(u64, Instant)>) {
+        let Some(slot) = self.slots.get_mut(&id) else { return (false, None) };
+        if slot.expiry != Some(token) {
+            return (false, None);
+        }
+        slot.expiry = None;
+        let before_len = slot.meta.ephemeral.len();
+        let before = slot.meta.clone();
+        slot.meta.ephemeral.retain(|_, (_, d)| *d > now);
+        let changed = slot.meta.ephemeral.len() != before_len;
+        if changed {
+            self.record(id, Some(before), true, cfg);
+        }
+        (changed, self.arm_expiry(id))
+    }
+
+    /// Switches between member lists and counts as the key count crosses
+    /// the thresholds (with hysteresis); a switch makes everyone get the
+    /// state again.
+    fn update_mode(&mut self, cfg: &PresenceConfig) {
+        let keys = self.keys.len();
+        let limit = cfg.counts_only_above;
+        let want = if self.counts_mode { keys > limit - limit / 4 } else { keys > limit };
+        if want != self.counts_mode {
+            self.counts_mode = want;
+            self.full_pending = true;
+            self.pending.clear();
+        }
+    }
+
+    fn state_data(&self) -> StateData<'_> {
+        state_data(&self.slots, self.count(), self.counts_mode)
+    }
+
+    /// The end of a batch window: sends the room's members one diff (or the
+    /// whole state, or the new count).
+    fn flush(&mut self, room: &str, cfg: &PresenceConfig) {
+        self.flush_armed = false;
+        self.update_mode(cfg);
+        let count = self.count();
+        let pending = std::mem::take(&mut self.pending);
+        if std::mem::take(&mut self.full_pending) {
+            let data = state_data(&self.slots, count, self.counts_mode);
+            broadcast(&mut self.receivers, Kind::PresenceState, room, &data);
+        } else if self.counts_mode {
+            if self.last_count == Some(count) {
+                return;
+            }
+            let data = DiffData { count, joins: None, leaves: None };
+            broadcast(&mut self.receivers, Kind::PresenceDiff, room, &data);
+        } else {
+            let mut joins = Vec::new();
+            let mut leaves = Vec::new();
+            for (id, p) in &pending {
+                match self.slots.get(id) {
+                    Some(slot) => joins.push(&slot.meta),
+                    None if p.existed_before => leaves.extend(p.removed.as_ref()),
+                    None => {} // joined and left within the window
+                }
+            }
+            if joins.is_empty() && leaves.is_empty() && self.last_count == Some(count) {
+                return;
+            }
+            let data = DiffData {
+                count,
+                joins: Some(wire::group(joins.into_iter())),
+                leaves: Some(wire::group(leaves.into_iter())),
+            };
+            broadcast(&mut self.receivers, Kind::PresenceDiff, room, &data);
+        }
+        self.last_count = Some(count);
+    }
+
+    /// Applies another node's changes.
+    fn apply_batch(
+        &mut self,
+        batch: NodeBatch,
+        cfg: &PresenceConfig,
+        events: &mut Events,
+        expiries: &mut Vec<(Id, (u64, Instant))>,
+    ) -> bool {
+        let now = Instant::now();
+        let mut changed = false;
+        for c in batch.changes {
+            let id = (batch.node, c.conn);
+            if let Some(touched) = &mut self.reconciling {
+                touched.insert(id);
+            }
+            match c.entry {
+                Some(entry) => {
+                    let out = self.set(id, Meta::from_wire(batch.node, c.conn, entry, now), cfg);
+                    changed |= out.changed;
+                    if out.key_joined {
+                        events.push((self.slots[&id].meta.key.clone(), true, PresenceCause::Remote));
+                    }
+                    if let Some(armed) = self.arm_expiry(id) {
+                        expiries.push((id, armed));
+                    }
+                }
+                None => {
+                    if let Some((key, left)) = self.unset(id, cfg) {
+                        changed = true;
+                        if left {
+                            events.push((key, false, PresenceCause::Remote));
+                        }
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    /// Makes the other nodes' part of the view equal to the store's records,
+    /// except for metas a backplane change touched during the listing.
+    fn reconcile(
+        &mut self,
+        own: u64,
+        records: Vec<PresenceRecord>,
+        touched: &HashSet<Id>,
+        cfg: &PresenceConfig,
+        events: &mut Events,
+    ) -> bool {
+        let stored: HashMap<Id, PresenceRecord> = records
+            .into_iter()
+            .filter(|r| r.node != own)
+            .map(|r| ((r.node, r.connection), r))
+            .filter(|(id, _)| !touched.contains(id))
+            .collect();
+        let stale: Vec<Id> = self
+            .slots
+            .keys()
+            .filter(|id| id.0 != own && !stored.contains_key(id) && !touched.contains(id))
+            .copied()
+            .collect();
+        let mut changed = false;
+        for id in stale {
+            if let Some((key, left)) = self.unset(id, cfg) {
+                changed = true;
+                if left {
+                    events.push((key, false, PresenceCause::Expired));
+                }
+            }
+        }
+        for (id, record) in stored {
+            let ephemeral = match self.slots.get(&id) {
+                Some(slot) if slot.meta.meta == record.meta && *slot.meta.key == *record.key => continue,
+                Some(slot) => slot.meta.ephemeral.clone(),
+                None => BTreeMap::new(),
+            };
+            let out = self.set(id, Meta::from_record(record, ephemeral), cfg);
+            changed |= out.changed;
+            if out.key_joined {
+                events.push((self.slots[&id].meta.key.clone(), true, PresenceCause::Remote));
+            }
+        }
+        changed
+    }
+}
+
+fn state_data(slots: &HashMap<Id, Slot>, count: Count, counts_mode: bool) -> StateData<'_> {
+    let presences = (!counts_mode).then(|| wire::group(slots.values().map(|s| &s.meta)));
+    StateData { count, presences }
+}
+
+/// Queues a presence envelope to every receiver, encoded at most once per
+/// format; forgets receivers that are gone.
+fn broadcast<T: Serialize>(receivers: &mut HashMap<u64, Weak<Session>>, kind: Kind, room: &str, data: &T) {
+    let mut frames: [Option<Option<Bytes>>; 2] = [None, None];
+    receivers.retain(|_, weak| {
+        let Some(session) = weak.upgrade() else { return false };
+        let slot = &mut frames[session.format.index()];
+        if let Some(bytes) = slot.get_or_insert_with(|| encode(kind, room, data, session.format)) {
+            session.push_encoded(bytes.clone());
+        }
+        true
+    });
+}
+
+fn encode<T: Serialize>(kind: Kind, room: &str, data: &T, format: Format) -> Option<Bytes> {
+    match Payload::encode(format, data) {
+        Ok(p) => Some(Parts { room: Some(room), data: Some(p.bytes()), ..Parts::new(kind) }.encode(format)),
+        Err(e) => {
+            tracing::warn!(room, error = %e, "presence message does not encode");
+            None
+        }
+    }
+}
+
+/// One presence room's view on this node.
+pub(crate) struct RoomView {
+    room: Arc<str>,
+    state: Mutex<RoomState>,
+    /// Loads the store's snapshot once (backplane only).
+    loader: tokio::sync::OnceCell<()>,
+    /// The forwarder of `$presence:<room>`, aborted with the view.
+    subscription: Mutex<Option<AbortOnDrop>>,
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A timer entry. It holds its view weakly: a timer of a view that was
+/// dropped (and maybe replaced by a new one for the same room) does nothing.
+enum TimerCmd {
+    Flush(Weak<RoomView>),
+    Expire(Weak<RoomView>, Id, u64),
+}
+
+/// What the hub shares with its presence tasks.
+struct Shared {
+    /// Timers to schedule: at most one flush per room and one expiry per
+    /// meta are in flight (`RoomState::flush_armed`, `Slot::expiry`).
+    timers: Mutex<Vec<(TimerCmd, Instant)>>,
+    timers_notify: Notify,
+    /// This node's metas to write and publish: room → connection → whether
+    /// the store needs the write (ephemeral-only changes do not).
+    outgoing: Mutex<HashMap<Arc<str>, HashMap<u64, bool>>>,
+    outgoing_notify: Notify,
+    stop: CancellationToken,
+}
+
+/// A hub's presence: configuration, store, hooks, views, tasks.
+pub(crate) struct PresenceHub {
+    pub(crate) config: PresenceConfig,
+    node: u64,
+    /// Whether the hub has a backplane (other nodes to tell).
+    backplane: bool,
+    store: Arc<dyn PresenceStore>,
+    meta_fn: Option<MetaFn>,
+    on_join: Option<PresenceHook>,
+    on_leave: Option<PresenceHook>,
+    views: RwLock<HashMap<Arc<str>, Arc<RoomView>>>,
+    /// This node's metas per key, across rooms (for `is_user_online`).
+    local_keys: Mutex<HashMap<Arc<str>, usize>>,
+    shared: Arc<Shared>,
+    /// Serializes store writes (a flush racing the sync task at shutdown).
+    write_lock: tokio::sync::Mutex<()>,
+    started: OnceLock<()>,
+}
+
+impl Drop for PresenceHub {
+    fn drop(&mut self) {
+        self.shared.stop.cancel();
+    }
+}
+
+/// `hello`'s `presence` field.
+#[derive(Serialize)]
+pub(crate) struct HelloInfo {
+    ephemeral_ttl_ms: u64,
+    max_meta_bytes: usize,
+    update_rate: u32,
+    update_burst: u32,
+}
+
+/// `now + d`, at most a year ahead (a peer node or a host setting may ask
+/// for absurd durations, and `Instant` addition would panic).
+fn later(now: Instant, d: Duration) -> Instant {
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    now + d.min(YEAR)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl PresenceHub {
+    pub(crate) fn new(
+        config: PresenceConfig,
+        node: u64,
+        backplane: bool,
+        store: Arc<dyn PresenceStore>,
+        meta_fn: Option<MetaFn>,
+        on_join: Option<PresenceHook>,
+        on_leave: Option<PresenceHook>,
+    ) -> PresenceHub {
+        PresenceHub {
+            config,
+            node,
+            backplane,
+            store,
+            meta_fn,
+            on_join,
+            on_leave,
+            views: RwLock::default(),
+            local_keys: Mutex::default(),
+            shared: Arc::new(Shared {
+                timers: Mutex::default(),
+                timers_notify: Notify::new(),
+                outgoing: Mutex::default(),
+                outgoing_notify: Notify::new(),
+                stop: CancellationToken::new(),
+            }),
+            write_lock: tokio::sync::Mutex::new(()),
+            started: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn enabled(&self, room: &str) -> bool {
+        self.config.rooms.matches(room)
+    }
+
+    pub(crate) fn hello(&self) -> HelloInfo {
+        HelloInfo {
+            ephemeral_ttl_ms: self.config.ephemeral_ttl.as_millis() as u64,
+            max_meta_bytes: self.config.max_meta_bytes,
+            update_rate: self.config.update_rate,
+            update_burst: self.config.update_burst,
+        }
+    }
+
+    fn view(&self, room: &str) -> Option<Arc<RoomView>> {
+        self.views.read().get(room).cloned()
+    }
+
+    fn start(&self, hub: &Hub) {
+        self.started.get_or_init(|| {
+            let weak = Arc::downgrade(&hub.inner);
+            tokio::spawn(timer_task(weak.clone(), self.shared.clone()));
+            tokio::spawn(sync_task(weak, self.shared.clone(), self.config.refresh_interval()));
+        });
+    }
+
+    fn schedule(&self, cmds: impl IntoIterator<Item = (TimerCmd, Instant)>) {
+        let mut timers = self.shared.timers.lock();
+        let before = timers.len();
+        timers.extend(cmds);
+        let added = timers.len() > before;
+        drop(timers);
+        if added {
+            self.shared.timers_notify.notify_one();
+        }
+    }
+
+    fn flush_cmd(&self, view: &Arc<RoomView>) -> (TimerCmd, Instant) {
+        (TimerCmd::Flush(Arc::downgrade(view)), later(Instant::now(), self.config.batch_window))
+    }
+
+    fn mark(&self, room: &Arc<str>, conn: u64, store: bool) {
+        *self.shared.outgoing.lock().entry(room.clone()).or_default().entry(conn).or_insert(false) |= store;
+        self.shared.outgoing_notify.notify_one();
+    }
+
+    fn fire(&self, hub: &Hub, room: &str, events: Events) {
+        for (key, joined, cause) in events {
+            let hook = if joined { &self.on_join } else { &self.on_leave };
+            if let Some(h) = hook {
+                let event = PresenceEvent { room: room.to_owned(), key: key.to_string(), cause };
+                if std::panic::catch_unwind(AssertUnwindSafe(|| h(hub, &event))).is_err() {
+                    tracing::error!(room, "a presence hook panicked; the panic was contained");
+                }
+            }
+        }
+    }
+
+    fn local_key(&self, key: &Arc<str>, delta: isize) {
+        let mut keys = self.local_keys.lock();
+        let n = keys.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            keys.remove(key);
+        }
+    }
+
+    /// Before a join is answered: makes sure the room's view exists and
+    /// holds the other nodes' metas (subscribed to their changes, then the
+    /// store's snapshot). Called with the connection already a member.
+    pub(crate) async fn prepare(&self, hub: &Hub, room: &str) -> Result<(), String> {
+        if !self.enabled(room) {
+            return Ok(());
+        }
+        self.start(hub);
+        let backplane = hub.inner.backplane.is_some();
+        let view = self
+            .views
+            .write()
+            .entry(Arc::from(room))
+            .or_insert_with(|| {
+                Arc::new(RoomView {
+                    room: Arc::from(room),
+                    state: Mutex::new(RoomState::new(!backplane)),
+                    loader: tokio::sync::OnceCell::new(),
+                    subscription: Mutex::new(None),
+                })
+            })
+            .clone();
+        if !backplane {
+            return Ok(());
+        }
+        view.loader.get_or_try_init(|| self.load(hub, &view)).await.map(|_| ())
+    }
+
+    async fn load(&self, hub: &Hub, view: &Arc<RoomView>) -> Result<(), String> {
+        let Some(link) = &hub.inner.backplane else { return Ok(()) };
+        // Subscribe first, then list: a change the snapshot misses was
+        // published after the subscription started (nodes write the store
+        // before they publish), so it is in the buffer.
+        let sub = link.backplane.subscribe(&wire::topic(&view.room)).await.map_err(|e| e.to_string())?;
+        let task =
+            tokio::spawn(forward(sub, Arc::downgrade(&hub.inner), Arc::downgrade(view), TaskGuard::new(&hub.inner)));
+        *view.subscription.lock() = Some(AbortOnDrop(task));
+        let records = match self.store.list(PresenceQuery::Room(view.room.to_string())).await {
+            Ok(r) => r,
+            Err(e) => {
+                view.subscription.lock().take();
+                return Err(format!("presence store: {e}"));
+            }
+        };
+        let mut events = Vec::new();
+        let mut expiries = Vec::new();
+        {
+            let mut st = view.state.lock();
+            for record in records.into_iter().filter(|r| r.node != self.node) {
+                let id = (record.node, record.connection);
+                st.set(id, Meta::from_record(record, BTreeMap::new()), &self.config);
+            }
+            for batch in std::mem::take(&mut st.buffer) {
+                st.apply_batch(batch, &self.config, &mut events, &mut expiries);
+            }
+            st.buffered = 0;
+            // Nobody has the state yet: the first receivers get a snapshot.
+            st.pending.clear();
+            st.full_pending = false;
+            st.loaded = true;
+        }
+        self.schedule(
+            expiries.into_iter().map(|(id, (token, at))| (TimerCmd::Expire(Arc::downgrade(view), id, token), at)),
+        );
+        self.fire(hub, &view.room, events);
+        Ok(())
+    }
+
+    /// After a join reply (or a host join): tracks the connection's meta and
+    /// sends it the room's state. Does nothing if it is no longer a member.
+    pub(crate) fn after_join(&self, hub: &Hub, session: &Arc<Session>, room: &str) {
+        if !self.enabled(room) {
+            return;
+        }
+        let Some(view) = self.view(room) else { return };
+        let host = match (&self.meta_fn, hub.connection(session.id)) {
+            (Some(f), Some(conn)) => std::panic::catch_unwind(AssertUnwindSafe(|| f(&conn, room)))
+                .unwrap_or_else(|_| {
+                    tracing::error!(room, "the presence meta hook panicked; using an empty meta");
+                    None
+                })
+                .unwrap_or_default(),
+            _ => Map::new(),
+        };
+        let id = (self.node, session.id.get());
+        let conn_ref: Arc<str> = conn_ref(id.0, id.1).into();
+        let key: Arc<str> = match session.identity.user_id() {
+            Some(user) => user.into(),
+            None => format!("anon:{conn_ref}").into(),
+        };
+        let meta = Meta {
+            key: key.clone(),
+            conn_ref,
+            joined_at: unix_ms(),
+            meta: host.clone(),
+            host,
+            ephemeral: BTreeMap::new(),
+        };
+        let (outcome, flush) = {
+            // Holding the connection's rooms lock: a concurrent leave either
+            // ran before (not a member: nothing is tracked) or runs after
+            // (and finds the meta to remove).
+            let rooms = session.rooms.lock();
+            if !rooms.iter().any(|r| &**r == room) {
+                return;
+            }
+            let mut st = view.state.lock();
+            let outcome = st.set(id, meta, &self.config);
+            if let Some(slot) = st.slots.get_mut(&id) {
+                slot.bucket.get_or_insert_with(|| Bucket::full(self.config.update_burst, Instant::now()));
+            }
+            st.update_mode(&self.config);
+            // The state and the receiver are added under the same lock as
+            // flushes: every diff after this state is queued after it.
+            if let Some(bytes) = encode(Kind::PresenceState, room, &st.state_data(), session.format) {
+                session.push_encoded(bytes);
+            }
+            st.receivers.insert(id.1, Arc::downgrade(session));
+            drop(rooms);
+            (outcome, st.arm_flush())
+        };
+        if flush {
+            self.schedule([self.flush_cmd(&view)]);
+        }
+        if outcome.inserted {
+            self.mark(&view.room, id.1, true);
+            self.local_key(&key, 1);
+        }
+        if outcome.key_joined {
+            self.fire(hub, room, vec![(key, true, PresenceCause::Local)]);
+        }
+    }
+
+    /// After a connection left a room (by request, disconnect or rollback).
+    /// `room_gone`: it was the room's last local member.
+    pub(crate) fn leave(&self, hub: &Hub, session: &Session, room: &str, room_gone: bool) {
+        if !self.enabled(room) {
+            return;
+        }
+        if let Some(view) = self.view(room) {
+            let id = (self.node, session.id.get());
+            let (removed, flush) = {
+                let mut st = view.state.lock();
+                st.receivers.remove(&id.1);
+                match st.unset(id, &self.config) {
+                    Some(r) => (Some(r), st.arm_flush()),
+                    None => (None, false),
+                }
+            };
+            if let Some((key, left)) = removed {
+                if flush {
+                    self.schedule([self.flush_cmd(&view)]);
+                }
+                self.mark(&view.room, id.1, true);
+                self.local_key(&key, -1);
+                if left {
+                    self.fire(hub, room, vec![(key, false, PresenceCause::Local)]);
+                }
+            }
+        }
+        if room_gone {
+            // Under the index's write lock, so a join that made the room
+            // exist again either happened before (the view stays) or
+            // creates a new view after.
+            let mut views = self.views.write();
+            if !hub.inner.rooms.contains(room) {
+                views.remove(room);
+            }
+        }
+    }
+
+    /// A client's `presence` request: updates its own meta in one room.
+    pub(crate) fn request(&self, session: &Arc<Session>, env: Envelope) {
+        let reference = env.reference;
+        let fail = |code: u32, msg: &str| session.send_error(reference, code, msg);
+        let Some(room) = env.room.as_deref() else {
+            return fail(ErrorCode::BAD_REQUEST.0, "`presence` needs a `room`");
+        };
+        if let Err(why) = validate_room_name(room) {
+            return fail(ErrorCode::BAD_REQUEST.0, why);
+        }
+        if !self.enabled(room) {
+            return fail(ErrorCode::BAD_REQUEST.0, "presence is not enabled in this room");
+        }
+        let Some(data) = &env.data else { return fail(ErrorCode::BAD_REQUEST.0, "`presence` needs `data`") };
+        let req: UpdateRequest = match data.decode() {
+            Ok(r) => r,
+            Err(e) => return fail(ErrorCode::INVALID_PAYLOAD.0, &e.to_string()),
+        };
+        if req.meta.is_none() && req.ephemeral.is_none() {
+            return fail(ErrorCode::BAD_REQUEST.0, "`presence` data needs `meta` or `ephemeral`");
+        }
+        let not_joined = || fail(ErrorCode::NOT_JOINED.0, "not a member of this room");
+        let Some(view) = self.view(room) else { return not_joined() };
+        let id = (self.node, session.id.get());
+        let cfg = &self.config;
+        let now = Instant::now();
+        let (conn_ref, store, flush, expiry) = {
+            let mut st = view.state.lock();
+            let Some(slot) = st.slots.get_mut(&id) else {
+                drop(st);
+                return not_joined();
+            };
+            let bucket = slot.bucket.get_or_insert_with(|| Bucket::full(cfg.update_burst, now));
+            if let Err(wait) = bucket.take(now, cfg.update_rate, cfg.update_burst) {
+                drop(st);
+                return rate_limited(session, reference, wait);
+            }
+            let old = &slot.meta;
+            if let Some(k) = req.meta.iter().flat_map(|m| m.keys()).find(|k| old.host.contains_key(*k)) {
+                let msg = format!("meta key `{}` is set by the server", crate::protocol::truncate(k));
+                drop(st);
+                return fail(ErrorCode::FORBIDDEN.0, &msg);
+            }
+            let mut new = old.clone();
+            if let Some(client) = req.meta {
+                new.meta = client;
+                new.meta.extend(old.host.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            for (k, v) in req.ephemeral.into_iter().flatten() {
+                if v.is_null() {
+                    new.ephemeral.remove(&k);
+                } else {
+                    new.ephemeral.insert(k, (v, later(now, cfg.ephemeral_ttl)));
+                }
+            }
+            let client_part: Map = new
+                .meta
+                .iter()
+                .filter(|(k, _)| !old.host.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let flags: Map = new.ephemeral.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+            let size = serde_json::to_vec(&client_part)
+                .map_or(usize::MAX, |v| v.len())
+                .saturating_add(serde_json::to_vec(&flags).map_or(usize::MAX, |v| v.len()));
+            if size > cfg.max_meta_bytes {
+                drop(st);
+                let msg = format!("presence meta and ephemeral flags larger than {} bytes", cfg.max_meta_bytes);
+                return fail(ErrorCode::BAD_REQUEST.0, &msg);
+            }
+            let meta_changed = new.meta != old.meta;
+            let conn_ref = new.conn_ref.clone();
+            let outcome = st.set(id, new, cfg);
+            let expiry = st.arm_expiry(id);
+            let flush = outcome.changed && st.arm_flush();
+            (conn_ref, meta_changed, flush, expiry)
+        };
+        let room_arc = view.room.clone();
+        let mut cmds = Vec::new();
+        if flush {
+            cmds.push(self.flush_cmd(&view));
+        }
+        if let Some((token, at)) = expiry {
+            cmds.push((TimerCmd::Expire(Arc::downgrade(&view), id, token), at));
+        }
+        self.schedule(cmds);
+        // Other nodes need even a deadline-only refresh (they expire flags
+        // on their own clocks); the store only needs meta changes.
+        if store || self.backplane {
+            self.mark(&room_arc, id.1, store);
+        }
+        if let Some(r) = reference {
+            if let Ok(p) = Payload::encode(session.format, &UpdateReply { room, conn_ref: &conn_ref }) {
+                session.send_reply(r, &p);
+            }
+        }
+    }
+}
+
+/// `420 rate_limited` with `retry_after_ms`, as for the connection's
+/// message rate limit.
+fn rate_limited(session: &Session, reference: Option<u64>, wait: Duration) {
+    let retry_after_ms = u64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u64::MAX).max(1);
+    session.send_error_data(
+        reference,
+        ErrorCode::RATE_LIMITED.0,
+        "presence update rate exceeded",
+        &serde_json::json!({ "retry_after_ms": retry_after_ms }),
+    );
+}
+
+impl PresenceHub {
+    /// A room's presence, from this node's view when it has one, from the
+    /// store otherwise (then without ephemeral flags).
+    pub(crate) async fn entries(&self, room: &str) -> crate::Result<Vec<PresenceEntry>> {
+        if let Some(view) = self.view(room) {
+            let st = view.state.lock();
+            if st.loaded {
+                let mut by_key: BTreeMap<&str, Vec<PresenceMeta>> = BTreeMap::new();
+                for (id, slot) in &st.slots {
+                    by_key.entry(&slot.meta.key).or_default().push(slot.meta.to_public(*id));
+                }
+                return Ok(finish(by_key));
+            }
+        }
+        let records = self.store.list(PresenceQuery::Room(room.to_owned())).await?;
+        let mut by_key: BTreeMap<&str, Vec<PresenceMeta>> = BTreeMap::new();
+        for r in &records {
+            let meta = Meta::from_record(r.clone(), BTreeMap::new());
+            by_key.entry(&r.key).or_default().push(meta.to_public((r.node, r.connection)));
+        }
+        Ok(finish(by_key))
+    }
+
+    pub(crate) async fn count(&self, room: &str) -> crate::Result<PresenceCount> {
+        if let Some(view) = self.view(room) {
+            let st = view.state.lock();
+            if st.loaded {
+                let c = st.count();
+                return Ok(PresenceCount { keys: c.keys, connections: c.connections });
+            }
+        }
+        let records = self.store.list(PresenceQuery::Room(room.to_owned())).await?;
+        let keys: HashSet<&str> = records.iter().map(|r| r.key.as_str()).collect();
+        Ok(PresenceCount { keys: keys.len(), connections: records.len() })
+    }
+
+    /// This node's own metas are authoritative locally (the store may lag
+    /// behind them by one sync); other nodes' come from the store.
+    pub(crate) async fn user_online(&self, user: &str) -> crate::Result<bool> {
+        if self.local_keys.lock().contains_key(user) {
+            return Ok(true);
+        }
+        let records = self.store.list(PresenceQuery::Key(user.to_owned())).await?;
+        Ok(records.iter().any(|r| r.node != self.node))
+    }
+
+    pub(crate) fn stats(&self) -> PresenceStats {
+        let views: Vec<Arc<RoomView>> = self.views.read().values().cloned().collect();
+        let mut stats = PresenceStats { rooms: views.len(), ..PresenceStats::default() };
+        for view in views {
+            let st = view.state.lock();
+            stats.metas += st.slots.len();
+            stats.receivers += st.receivers.len();
+            stats.pending += st.pending.len();
+        }
+        stats.unsynced = self.shared.outgoing.lock().values().map(HashMap::len).sum();
+        stats
+    }
+
+    /// Writes this node's changes to the store, then publishes them; with
+    /// `refresh`, rewrites all its entries and reconciles every view.
+    pub(crate) async fn sync(&self, hub: &Hub, refresh: bool) {
+        let write = self.write_lock.lock().await;
+        let work = std::mem::take(&mut *self.shared.outgoing.lock());
+        let now = Instant::now();
+        let mut changes = Vec::new();
+        let mut batches = Vec::new();
+        for (room, conns) in work {
+            let view = self.view(&room);
+            let st = view.as_ref().map(|v| v.state.lock());
+            let mut wire = Vec::with_capacity(conns.len());
+            for (conn, store) in conns {
+                let id = (self.node, conn);
+                match st.as_ref().and_then(|s| s.slots.get(&id)) {
+                    Some(slot) => {
+                        if store {
+                            changes.push(StoreChange::Put(slot.meta.to_record(&room, id)));
+                        }
+                        wire.push(WireChange { conn, entry: Some(slot.meta.to_wire(now)) });
+                    }
+                    None => {
+                        changes.push(StoreChange::Remove { room: room.to_string(), node: self.node, connection: conn });
+                        wire.push(WireChange { conn, entry: None });
+                    }
+                }
+            }
+            drop(st);
+            batches.push((room, wire));
+        }
+        // The store first, then the backplane: a node that lists the store
+        // after subscribing misses nothing (see `load`).
+        if !changes.is_empty() {
+            if let Err(e) = self.store.write(changes, self.config.ttl).await {
+                tracing::warn!(error = %e, "presence store write failed; the next refresh retries");
+            }
+        }
+        if let Some(link) = &hub.inner.backplane {
+            for (room, changes) in batches {
+                let batch = NodeBatch { v: wire::BATCH_VERSION, node: self.node, changes };
+                if let Err(e) = link.backplane.publish(&wire::topic(&room), batch.encode()).await {
+                    tracing::warn!(room = &*room, error = %e, "presence publish failed; other nodes reconcile from the store");
+                }
+            }
+        }
+        if !refresh {
+            return;
+        }
+        let views: Vec<Arc<RoomView>> = self.views.read().values().cloned().collect();
+        let mut records = Vec::new();
+        for view in &views {
+            let st = view.state.lock();
+            records.extend(
+                st.slots
+                    .iter()
+                    .filter(|(id, _)| id.0 == self.node)
+                    .map(|(id, s)| StoreChange::Put(s.meta.to_record(&view.room, *id))),
+            );
+        }
+        if !records.is_empty() {
+            if let Err(e) = self.store.write(records, self.config.ttl).await {
+                tracing::warn!(error = %e, "presence store refresh failed");
+            }
+        }
+        drop(write);
+        if hub.inner.backplane.is_some() {
+            self.reconcile(hub, views).await;
+        }
+    }
+
+    async fn reconcile(&self, hub: &Hub, views: Vec<Arc<RoomView>>) {
+        let views: Vec<Arc<RoomView>> = views
+            .into_iter()
+            .filter(|v| {
+                let mut st = v.state.lock();
+                if st.loaded {
+                    st.reconciling = Some(HashSet::new());
+                }
+                st.loaded
+            })
+            .collect();
+        let mut lists = futures::stream::iter(views.into_iter().map(|view| {
+            let list = self.store.list(PresenceQuery::Room(view.room.to_string()));
+            async move { (view, list.await) }
+        }))
+        .buffer_unordered(16);
+        while let Some((view, result)) = lists.next().await {
+            let mut events = Vec::new();
+            let flush = {
+                let mut st = view.state.lock();
+                let Some(touched) = st.reconciling.take() else { continue };
+                match result {
+                    Ok(records) => {
+                        st.reconcile(self.node, records, &touched, &self.config, &mut events) && st.arm_flush()
+                    }
+                    Err(e) => {
+                        tracing::warn!(room = &*view.room, error = %e, "presence store list failed");
+                        false
+                    }
+                }
+            };
+            if flush {
+                self.schedule([self.flush_cmd(&view)]);
+            }
+            self.fire(hub, &view.room, events);
+        }
+    }
+
+    /// Applies a batch another node published.
+    fn apply_remote(&self, hub: &Hub, view: &Arc<RoomView>, batch: NodeBatch) {
+        let mut events = Vec::new();
+        let mut expiries = Vec::new();
+        let flush = {
+            let mut st = view.state.lock();
+            if !st.loaded {
+                if st.buffered + batch.changes.len() <= MAX_BUFFERED {
+                    st.buffered += batch.changes.len();
+                    st.buffer.push(batch);
+                } else {
+                    tracing::warn!(room = &*view.room, "presence load buffer full; the next refresh reconciles");
+                }
+                return;
+            }
+            st.apply_batch(batch, &self.config, &mut events, &mut expiries) && st.arm_flush()
+        };
+        let mut cmds: Vec<(TimerCmd, Instant)> = expiries
+            .into_iter()
+            .map(|(id, (token, at))| (TimerCmd::Expire(Arc::downgrade(view), id, token), at))
+            .collect();
+        if flush {
+            cmds.push(self.flush_cmd(view));
+        }
+        self.schedule(cmds);
+        self.fire(hub, &view.room, events);
+    }
+
+    fn on_timer(&self, cmd: TimerCmd) -> Option<(TimerCmd, Instant)> {
+        match cmd {
+            TimerCmd::Flush(view) => {
+                let view = view.upgrade()?;
+                view.state.lock().flush(&view.room, &self.config);
+                None
+            }
+            TimerCmd::Expire(weak, id, token) => {
+                let view = weak.upgrade()?;
+                let (flush, next) = {
+                    let mut st = view.state.lock();
+                    let (changed, next) = st.expire(id, token, Instant::now(), &self.config);
+                    (changed && st.arm_flush(), next)
+                };
+                if flush {
+                    self.schedule([self.flush_cmd(&view)]);
+                }
+                next.map(|(token, at)| (TimerCmd::Expire(weak, id, token), at))
+            }
+        }
+    }
+}
+
+fn finish(by_key: BTreeMap<&str, Vec<PresenceMeta>>) -> Vec<PresenceEntry> {
+    by_key
+        .into_iter()
+        .map(|(key, mut metas)| {
+            metas.sort_by(|a, b| (a.joined_at, &a.conn_ref).cmp(&(b.joined_at, &b.conn_ref)));
+            PresenceEntry { key: key.to_owned(), metas }
+        })
+        .collect()
+}
+
+/// The timer task: batch-window flushes and ephemeral expiries.
+async fn timer_task(hub: Weak<HubInner>, shared: Arc<Shared>) {
+    let mut wheel: DelayQueue<TimerCmd> = DelayQueue::new();
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = shared.timers_notify.notified() => {
+                for (cmd, at) in std::mem::take(&mut *shared.timers.lock()) {
+                    wheel.insert_at(cmd, at);
+                }
+            }
+            Some(expired) = futures::future::poll_fn(|cx| wheel.poll_expired(cx)) => {
+                let Some(inner) = hub.upgrade() else { return };
+                let Some(presence) = &inner.presence else { return };
+                if let Some((cmd, at)) = presence.on_timer(expired.into_inner()) {
+                    wheel.insert_at(cmd, at);
+                }
+            }
+        }
+    }
+}
+
+/// The sync task: store writes and backplane publishes of this node's
+/// changes as they come, and a refresh every `ttl / 3`.
+async fn sync_task(hub: Weak<HubInner>, shared: Arc<Shared>, every: Duration) {
+    let mut tick = tokio::time::interval_at(later(Instant::now(), every), every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let refresh = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = shared.outgoing_notify.notified() => false,
+            _ = tick.tick() => true,
+        };
+        let Some(inner) = hub.upgrade() else { return };
+        let hub = Hub { inner };
+        let Some(presence) = &hub.inner.presence else { return };
+        presence.sync(&hub, refresh).await;
+    }
+}
+
+/// Applies the changes other nodes publish on `$presence:<room>` to the
+/// room's view. Aborted when the view is dropped.
+async fn forward(mut sub: Subscription, hub: Weak<HubInner>, view: Weak<RoomView>, _guard: TaskGuard) {
+    while let Some(item) = sub.next().await {
+        let bytes = match item {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence subscription reported a problem; the next refresh reconciles");
+                continue;
+            }
+        };
+        let Some(batch) = NodeBatch::decode(&bytes) else {
+            tracing::warn!("ignoring a malformed presence message");
+            continue;
+        };
+        let (Some(inner), Some(view)) = (hub.upgrade(), view.upgrade()) else { return };
+        if batch.node == inner.node {
+            continue;
+        }
+        let hub = Hub { inner };
+        if let Some(presence) = &hub.inner.presence {
+            presence.apply_remote(&hub, &view, batch);
+        }
+    }
+}
