@@ -230,7 +230,8 @@ pub async fn history<H: crate::history::HistoryStore + Clone>(store: H) {
         last = Some(store.append(&room("t"), a).await.expect("append").position);
     }
     let epoch = last.expect("appended").epoch;
-    let read = store.read(&room("t"), Some(StreamPosition { offset: 1, epoch: epoch.clone() }), 100).await.expect("read");
+    let read =
+        store.read(&room("t"), Some(StreamPosition { offset: 1, epoch: epoch.clone() }), 100).await.expect("read");
     assert!(!read.complete, "4. offsets 2 and 3 were trimmed: the read must not be complete");
     let read = store.read(&room("t"), Some(StreamPosition { offset: 3, epoch }), 100).await.expect("read");
     assert!(read.complete, "4. offsets 4..=6 are retained");

@@ -175,7 +175,14 @@ impl HistoryStore for MemoryHistory {
 
 /// Appends with an explicit clock (tests of expiry without waiting).
 #[cfg(test)]
-fn append_at(h: &MemoryHistory, room: &str, event: &str, key: Option<&str>, retention: Retention, now: u64) -> Appended {
+fn append_at(
+    h: &MemoryHistory,
+    room: &str,
+    event: &str,
+    key: Option<&str>,
+    retention: Retention,
+    now: u64,
+) -> Appended {
     let a = Append { event: event.into(), data: None, idempotency_key: key.map(Into::into), retention };
     h.append_now(room, a, now)
 }
@@ -221,7 +228,8 @@ mod tests {
         let read = h.read_now("r", Some(StreamPosition { offset: 2, epoch: first.epoch.clone() }), 2, 1010);
         assert!(!read.complete);
         // Another epoch, or an offset beyond the top: not complete, nothing replayed.
-        for bad in [StreamPosition { offset: 2, epoch: "other".into() }, StreamPosition { offset: 99, epoch: first.epoch }]
+        for bad in
+            [StreamPosition { offset: 2, epoch: "other".into() }, StreamPosition { offset: 99, epoch: first.epoch }]
         {
             let read = h.read_now("r", Some(bad), 10, 1010);
             assert!(!read.complete && read.publications.is_empty());
