@@ -1,6 +1,7 @@
 //! The chat example in a real browser: serves `examples/chat` in-process and
 //! runs `node tests/browser/chat.mjs`, which drives headless Chromium through
-//! playwright-core (two users chat; markup must be shown as text).
+//! playwright-core (two users chat and see each other online and typing;
+//! markup must be shown as text).
 //!
 //! Needs node, Chromium (`$CHROMIUM_PATH` or `/usr/bin/chromium`) and
 //! `tests/browser/node_modules`: `bash .ci/install-browser.sh` installs them.

@@ -16,7 +16,15 @@
 //!   and the caller the reply `{"ok":true}`;
 //! - `{"type":"call","ref":3,"room":"lobby","event":"members"}` replies
 //!   `{"members":["ann","bob"]}`, and the same payload is published as event
-//!   `members` to the room whenever someone joins or leaves it.
+//!   `members` to the room whenever someone joins or leaves it (for clients
+//!   that do not use presence);
+//! - presence is on in every room: after the join reply the page gets
+//!   `presence_state`, then `presence_diff`s, and shows who is online (a
+//!   user with two tabs is listed once). While its user types it sends
+//!   `{"type":"presence","room":"lobby","data":{"ephemeral":{"typing":true}}}`
+//!   (at most every 2 s), and `{"ephemeral":{"typing":null}}` once the
+//!   message is sent or the input is cleared; a flag that is not refreshed
+//!   expires after 5 s, so "X is typing…" never sticks after a drop.
 
 use axum::http::StatusCode;
 use axum::response::Html;
@@ -29,7 +37,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use switchboard::transport::Handshake;
-use switchboard::{Call, CallError, Connection, Hub, Identity, Rejection};
+use switchboard::{Call, CallError, Connection, Hub, Identity, PresenceConfig, Rejection};
 
 /// The page, served at `/`.
 const INDEX_HTML: &str = include_str!("index.html");
@@ -77,6 +85,8 @@ pub fn app() -> (Router, Hub) {
         })
         .on_join(on_change.clone())
         .on_leave(on_change)
+        // Who is online and who is typing, in every room.
+        .presence(PresenceConfig::default())
         .build();
 
     let router = Router::new()

@@ -1,6 +1,6 @@
 // Drives the chat example (examples/chat) in headless Chromium: two users in
-// two browser contexts chat in "lobby", and markup sent as a message must be
-// shown as text, never run.
+// two browser contexts chat in "lobby", see each other online and typing
+// (presence), and markup sent as a message must be shown as text, never run.
 //
 //   node tests/browser/chat.mjs http://127.0.0.1:3000
 //
@@ -61,15 +61,20 @@ async function join(page, room) {
   await page.waitForFunction((r) => document.querySelector("#current-room")?.textContent === r, room, { timeout: TIMEOUT });
 }
 
-async function waitMembers(page, names) {
+/** Waits until the shown room's online list is exactly `names`, in order. */
+async function waitOnlineExactly(page, names) {
   await page.waitForFunction(
-    (want) => {
-      const have = [...document.querySelectorAll("#members li")].map((li) => li.textContent);
-      return want.every((n) => have.includes(n));
-    },
+    (want) =>
+      [...document.querySelectorAll("#members li[data-online] .name")].map((e) => e.textContent).join(",") ===
+      want.join(","),
     names,
     { timeout: TIMEOUT },
   );
+}
+
+/** Waits until the typing line reads exactly `text` ("" for nobody). */
+async function waitTyping(page, text) {
+  await page.waitForFunction((t) => document.querySelector("#typing")?.textContent === t, text, { timeout: TIMEOUT });
 }
 
 async function say(page, text) {
@@ -116,12 +121,42 @@ async function main() {
   const bob = await step("bob connects", () => openUser("bob"));
   await step("alice joins lobby", () => join(alice, "lobby"));
   await step("bob joins lobby", () => join(bob, "lobby"));
-  await step("alice sees alice and bob in #members", () => waitMembers(alice, ["alice", "bob"]));
-  await step("bob sees alice and bob in #members", () => waitMembers(bob, ["alice", "bob"]));
+  await step("alice sees alice and bob online", () => waitOnlineExactly(alice, ["alice", "bob"]));
+  await step("bob sees alice and bob online", () => waitOnlineExactly(bob, ["alice", "bob"]));
+
+  // Typing: shown to the others, live, and gone when the message is sent.
+  await step("alice types without sending", () => alice.fill("#text", "hello b"));
+  await step("bob sees 'alice is typing…'", () => waitTyping(bob, "alice is typing…"));
+  await step("alice does not see herself typing", () => waitTyping(alice, ""));
 
   await step("alice sends 'hello bob'", () => say(alice, "hello bob"));
   await step("bob sees 'hello bob' from alice", () => waitMessage(bob, "alice", "hello bob"));
   await step("alice sees her own message", () => waitMessage(alice, "alice", "hello bob"));
+  await step("bob no longer sees alice typing once she sent", () => waitTyping(bob, ""));
+
+  // A typing flag that is not refreshed expires by itself (5 s TTL).
+  await step("bob types, then stops", () => bob.fill("#text", "thinking about it"));
+  await step("alice sees 'bob is typing…'", () => waitTyping(alice, "bob is typing…"));
+  await step("bob's typing expires on alice's page", () => waitTyping(alice, ""));
+  await step("bob clears his input", () => bob.fill("#text", ""));
+
+  // A second tab of alice: still one alice in bob's list.
+  const alice2 = await step("alice opens a second tab", () => openUser("alice"));
+  await step("alice's second tab joins lobby", () => join(alice2, "lobby"));
+  await step("bob sees alice once, with two tabs", () =>
+    bob.waitForFunction(
+      () => [...document.querySelectorAll("#members li")].some(
+        (li) => li.querySelector(".name")?.textContent === "alice" && li.querySelector(".tabs")?.textContent === "(2 tabs)",
+      ),
+      null,
+      { timeout: TIMEOUT },
+    ),
+  );
+  await step("bob still lists alice once", () => waitOnlineExactly(bob, ["alice", "bob"]));
+  await step("alice closes her second tab", () => alice2.context().close());
+  await step("bob sees alice with one tab again", () =>
+    bob.waitForFunction(() => !document.querySelector("#members .tabs"), null, { timeout: TIMEOUT }),
+  );
 
   await step("alice sends markup", () => say(alice, XSS));
   await step("bob sees the markup as text", () => waitMessage(bob, "alice", XSS));
@@ -144,13 +179,7 @@ async function main() {
 
   // Rooms are separate: a message in "dev" reaches neither bob nor lobby's view.
   await step("alice joins dev", () => join(alice, "dev"));
-  await step("alice alone in dev", () =>
-    alice.waitForFunction(
-      () => [...document.querySelectorAll("#members li")].map((li) => li.textContent).join(",") === "alice",
-      null,
-      { timeout: TIMEOUT },
-    ),
-  );
+  await step("alice alone in dev", () => waitOnlineExactly(alice, ["alice"]));
   await step("alice sends in dev", () => say(alice, "only in dev"));
   await step("alice sees it in dev", () => waitMessage(alice, "alice", "only in dev"));
   await step("alice switches back to lobby", async () => {
@@ -167,15 +196,9 @@ async function main() {
     if (shown.includes("only in dev")) await fail(`${name}'s lobby shows a message sent to dev`);
   }
 
-  // Bob leaves: alice's member list follows.
+  // Bob leaves: alice's online list follows.
   await step("bob closes his page", () => bob.context().close());
-  await step("alice sees bob gone from #members", () =>
-    alice.waitForFunction(
-      () => [...document.querySelectorAll("#members li")].map((li) => li.textContent).join(",") === "alice",
-      null,
-      { timeout: TIMEOUT },
-    ),
-  );
+  await step("alice sees bob gone from the online list", () => waitOnlineExactly(alice, ["alice"]));
 
   if (dialogs.length) await fail("a dialog was opened");
   if (pageErrors.length) await fail("uncaught errors in the page");
