@@ -496,3 +496,44 @@ async fn deep_nesting_huge_arrays_long_names_and_big_params_get_their_errors() {
     drop(c);
     f.finish().await;
 }
+
+#[tokio::test]
+async fn the_axum_route_applies_the_same_admission_and_releases_its_slots() {
+    let security = SecurityConfig::default()
+        .per_ip_exempt(vec![])
+        .max_connections_per_ip(3)
+        .connection_rate(Some(RateLimit::new(1, HOUR).burst(40)));
+    let hub = builder().security(security).build();
+    let standalone = serve(&hub).await;
+    let axum = serve_axum(&hub).await;
+    let mut f = Fixture::with(hub.clone(), standalone).await;
+    // One address, counted across both entry points.
+    let a = connect_path(axum, "/ws").await;
+    let b = connect_path(axum, "/ws").await;
+    assert_eq!(refused_with(axum, "/ws", &[]).await, (429, "too many connections from this address".into()));
+    assert_eq!(refused_with(standalone, "/", &[]).await.0, 429);
+    assert_eq!((hub.stats().admitted, hub.stats().client_addresses), (3, 1));
+    f.tick().await;
+    // Closed cleanly, dropped: the axum task's slot comes back either way.
+    let mut a = a;
+    a.ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = a.ws.next().await {}
+    drop(b);
+    eventually("axum slots released", || hub.stats().admitted == 1).await;
+    for _ in 0..10 {
+        let c = connect_path(axum, "/ws").await;
+        drop(c);
+        eventually("released", || hub.stats().admitted == 1).await;
+    }
+    // Tokens: bystander 1, a and b 2, 10 more; the refusals took none.
+    // Spend the rest, then the rate refuses on the axum route too.
+    for _ in 0..(40 - 13) {
+        drop(connect_path(axum, "/ws").await);
+        eventually("released", || hub.stats().admitted == 1).await;
+    }
+    let (status, headers, _) = try_connect(axum, "/ws", &[]).await.err().expect("refused");
+    assert_eq!(status, 429);
+    assert!(headers.contains_key("retry-after"));
+    f.tick().await;
+    f.finish().await;
+}
