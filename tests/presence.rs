@@ -672,3 +672,41 @@ async fn presence_updates_are_checked_and_rate_limited() {
 async fn memory_presence_passes_the_conformance_suite() {
     switchboard::testing::presence_store(MemoryPresence::new()).await;
 }
+
+#[tokio::test]
+async fn a_host_join_tracks_presence_once() {
+    let hub = presence_hub().build();
+    let addr = serve(&hub).await;
+    let mut alice = connect_path(addr, "/?user=alice").await;
+    alice.join_ok("a").await;
+    let id = member_id(&hub, "a", alice.connection_id());
+
+    // The host joins her to `r`: no reply, but the state comes.
+    hub.join(id, "r").await.unwrap();
+    let mut model = Model::default();
+    watch(&mut alice, "r", &mut model, |m| m.states == 1 && m.metas("alice") == 1).await;
+    let r = alice.request(json!({"type": "presence", "room": "r", "data": {"meta": {"status": "busy"}}})).await;
+    assert_eq!(r["type"], "reply", "{r}");
+    watch(&mut alice, "r", &mut model, |m| m.meta("alice")["meta"]["status"] == "busy").await;
+    let joined_at = model.meta("alice")["joined_at"].clone();
+
+    // Joining a member again changes nothing: no second state, same meta.
+    hub.join(id, "r").await.unwrap();
+    alice.send(json!({"type": "ping", "ref": 99})).await;
+    loop {
+        let m = alice.recv().await;
+        assert_ne!(m["type"], "presence_state", "a second state: {m}");
+        if m["type"] == "pong" {
+            break;
+        }
+        model.apply(&m);
+    }
+    let entries = hub.presence("r").await.unwrap();
+    assert_eq!(entries.len(), 1);
+    let meta = &entries[0].metas[0];
+    assert_eq!(meta.meta.get("status"), Some(&json!("busy")), "the client's part was lost");
+    assert_eq!(json!(meta.joined_at), joined_at);
+
+    assert!(hub.leave(id, "r"));
+    eventually("alice's presence in r is gone", || hub.presence_stats().rooms == 1).await;
+}

@@ -802,6 +802,10 @@ impl PresenceHub {
                 return;
             }
             let mut st = view.state.lock();
+            if st.slots.contains_key(&id) {
+                // Already tracked (a host join of a member): keep its meta.
+                return;
+            }
             let outcome = st.set(id, meta, &self.config);
             if let Some(slot) = st.slots.get_mut(&id) {
                 slot.bucket.get_or_insert_with(|| Bucket::full(self.config.update_burst, Instant::now()));
