@@ -833,7 +833,8 @@ impl PresenceHub {
     }
 
     /// After a connection left a room (by request, disconnect or rollback).
-    /// `room_gone`: it was the room's last local member.
+    /// `room_gone`: it was the room's last local member (a hint; the room's
+    /// membership is checked again).
     pub(crate) fn leave(&self, hub: &Hub, session: &Session, room: &str, room_gone: bool) {
         if !self.enabled(room) {
             return;
@@ -859,12 +860,18 @@ impl PresenceHub {
                 }
             }
         }
-        if room_gone {
-            // Under the index's write lock, so a join that made the room
-            // exist again either happened before (the view stays) or
-            // creates a new view after.
+        // The view goes when the room has no local members and holds none
+        // of this node's metas. Checked after every leave, not only the one
+        // that emptied the room: that leave's check can run late, after
+        // another connection joined, got a meta and left the room again but
+        // has not removed its meta yet; dropping the view then would strand
+        // that meta (and its store record). Under the index's write lock, so
+        // a join that made the room exist again either happened before (the
+        // view stays) or creates a new view after.
+        if room_gone || !hub.inner.rooms.contains(room) {
             let mut views = self.views.write();
-            if !hub.inner.rooms.contains(room) {
+            let unused = views.get(room).is_some_and(|v| v.state.lock().slots.keys().all(|id| id.0 != self.node));
+            if unused && !hub.inner.rooms.contains(room) {
                 views.remove(room);
             }
         }
