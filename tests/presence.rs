@@ -572,6 +572,9 @@ async fn churn_leaves_no_presence_behind() {
     eventually("all counts zero", || hub.stats() == Default::default()).await;
     eventually("no presence state left", || hub.presence_stats() == Default::default()).await;
     eventually("store emptied", || store.is_empty()).await;
+    for u in 0..7 {
+        assert!(!hub.is_user_online(&format!("u{u}")).await.unwrap(), "u{u} still online after churn");
+    }
     let log = log.lock().unwrap();
     let joins = log.iter().filter(|e| e.0).count();
     assert!(joins > 0);

@@ -686,6 +686,9 @@ impl PresenceHub {
         }
     }
 
+    /// Counts this node's metas per key. Called under the view's lock (the
+    /// index is a leaf lock), so increments and decrements of one meta are
+    /// in order.
     fn local_key(&self, key: &Arc<str>, delta: isize) {
         let mut keys = self.local_keys.lock();
         let n = keys.entry(key.clone()).or_insert(0);
@@ -817,6 +820,11 @@ impl PresenceHub {
                 session.push_encoded(bytes);
             }
             st.receivers.insert(id.1, Arc::downgrade(session));
+            if outcome.inserted {
+                // Under the view's lock, so a racing leave's decrement of the
+                // same meta always comes after this increment.
+                self.local_key(&key, 1);
+            }
             drop(rooms);
             (outcome, st.arm_flush())
         };
@@ -825,7 +833,6 @@ impl PresenceHub {
         }
         if outcome.inserted {
             self.mark(&view.room, id.1, true);
-            self.local_key(&key, 1);
         }
         if outcome.key_joined {
             self.fire(hub, room, vec![(key, true, PresenceCause::Local)]);
@@ -845,7 +852,10 @@ impl PresenceHub {
                 let mut st = view.state.lock();
                 st.receivers.remove(&id.1);
                 match st.unset(id, &self.config) {
-                    Some(r) => (Some(r), st.arm_flush()),
+                    Some((key, left)) => {
+                        self.local_key(&key, -1);
+                        (Some((key, left)), st.arm_flush())
+                    }
                     None => (None, false),
                 }
             };
@@ -854,7 +864,6 @@ impl PresenceHub {
                     self.schedule([self.flush_cmd(&view)]);
                 }
                 self.mark(&view.room, id.1, true);
-                self.local_key(&key, -1);
                 if left {
                     self.fire(hub, room, vec![(key, false, PresenceCause::Local)]);
                 }
