@@ -10,7 +10,8 @@ use proptest::prelude::*;
 use serde_json::Value;
 use switchboard::protocol::{Envelope, Format, Kind, Payload};
 
-const KINDS: [Kind; 11] = [
+const KINDS: [Kind; 12] = [
+    Kind::Gap,
     Kind::Hello,
     Kind::Join,
     Kind::Leave,
@@ -52,16 +53,21 @@ fn envelope(format: Format) -> impl Strategy<Value = Envelope> {
         any::<Option<u32>>(),
         prop::option::of("\\PC{0,40}"),
         prop::option::of(json_value()),
+        (any::<Option<u64>>(), prop::option::of("\\PC{0,20}"), any::<Option<u64>>()),
     )
-        .prop_map(move |(kind, reference, room, event, code, message, data)| Envelope {
-            kind,
-            reference,
-            room,
-            event,
-            code,
-            message,
+        .prop_map(move |(kind, reference, room, event, code, message, data, (offset, epoch, rewind))| {
+            let mut env = Envelope::new(kind);
+            env.reference = reference;
+            env.room = room;
+            env.event = event;
+            env.code = code;
+            env.message = message;
             // `null` data is "absent" on the wire, so it is generated as None.
-            data: data.filter(|d| !d.is_null()).map(|d| Payload::encode(format, &d).unwrap()),
+            env.data = data.filter(|d| !d.is_null()).map(|d| Payload::encode(format, &d).unwrap());
+            env.offset = offset;
+            env.epoch = epoch;
+            env.rewind = rewind;
+            env
         })
 }
 

@@ -25,6 +25,12 @@ struct Wire<'a> {
     message: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
+    #[serde(default)]
+    offset: Option<u64>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
+    #[serde(default)]
+    rewind: Option<u64>,
 }
 
 pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
@@ -52,6 +58,9 @@ pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
         code: wire.code,
         message: wire.message.map(Cow::into_owned),
         data,
+        offset: wire.offset,
+        epoch: wire.epoch.map(Cow::into_owned),
+        rewind: wire.rewind,
     })
 }
 
@@ -133,6 +142,13 @@ pub(super) fn encode(p: &Parts<'_>) -> Bytes {
         let _ = write!(out, ",\"code\":{c}");
     }
     string_field(&mut out, "message", p.message);
+    if let Some(o) = p.offset {
+        let _ = write!(out, ",\"offset\":{o}");
+    }
+    string_field(&mut out, "epoch", p.epoch);
+    if let Some(n) = p.rewind {
+        let _ = write!(out, ",\"rewind\":{n}");
+    }
     if let Some(d) = p.data {
         out.extend_from_slice(b",\"data\":");
         out.extend_from_slice(d);

@@ -118,6 +118,10 @@ pub enum Kind {
     /// Client → server: renews the connection's credentials before they
     /// expire (`data: {"token": "…"}`); replied to.
     Refresh,
+    /// Server → client: events of the recoverable `room` were lost for this
+    /// connection (`data: {"from", "to", "reason", "epoch"}`); the client
+    /// recovers them by rejoining from its last position, or resyncs.
+    Gap,
 }
 
 impl Kind {
@@ -138,6 +142,7 @@ impl Kind {
             Kind::PresenceDiff => "presence_diff",
             Kind::Lagged => "lagged",
             Kind::Refresh => "refresh",
+            Kind::Gap => "gap",
         }
     }
 
@@ -158,6 +163,7 @@ impl Kind {
             "presence_diff" => Kind::PresenceDiff,
             "lagged" => Kind::Lagged,
             "refresh" => Kind::Refresh,
+            "gap" => Kind::Gap,
             _ => return None,
         })
     }
@@ -309,7 +315,10 @@ where
 ///
 /// Fields a [`Kind`] does not use are `None`. Unknown fields on the wire are
 /// ignored (forward compatibility); a missing required field is an error.
+/// Build one with [`Envelope::new`] and the `with_*` setters (fields may be
+/// added in a minor release).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Envelope {
     /// The `type` field.
     pub kind: Kind,
@@ -326,12 +335,33 @@ pub struct Envelope {
     pub message: Option<String>,
     /// The `data` field.
     pub data: Option<Payload>,
+    /// The `offset` field: on an `event` of a recoverable room, the event's
+    /// position in the room's stream; on a `join`, the last offset the
+    /// client saw (with `epoch`), asking to recover what it missed.
+    pub offset: Option<u64>,
+    /// The `epoch` field of a recovering `join`: the stream epoch of
+    /// `offset`.
+    pub epoch: Option<String>,
+    /// The `rewind` field of a `join` without a position: also send up to
+    /// this many of the room's newest retained events before live ones.
+    pub rewind: Option<u64>,
 }
 
 impl Envelope {
     /// An envelope of `kind` with every other field empty.
     pub fn new(kind: Kind) -> Envelope {
-        Envelope { kind, reference: None, room: None, event: None, code: None, message: None, data: None }
+        Envelope {
+            kind,
+            reference: None,
+            room: None,
+            event: None,
+            code: None,
+            message: None,
+            data: None,
+            offset: None,
+            epoch: None,
+            rewind: None,
+        }
     }
 
     /// Sets `ref`.
@@ -355,6 +385,19 @@ impl Envelope {
     /// Sets `data`.
     pub fn with_data(mut self, data: Payload) -> Self {
         self.data = Some(data);
+        self
+    }
+
+    /// Sets `offset` and `epoch`: the stream position a `join` recovers from.
+    pub fn with_position(mut self, offset: u64, epoch: impl Into<String>) -> Self {
+        self.offset = Some(offset);
+        self.epoch = Some(epoch.into());
+        self
+    }
+
+    /// Sets `rewind`.
+    pub fn with_rewind(mut self, n: u64) -> Self {
+        self.rewind = Some(n);
         self
     }
 
@@ -395,6 +438,9 @@ impl Envelope {
             code: self.code,
             message: self.message.as_deref(),
             data: data.as_ref().map(|p| p.bytes.as_ref()),
+            offset: self.offset,
+            epoch: self.epoch.as_deref(),
+            rewind: self.rewind,
         };
         Ok(parts.encode(format))
     }
@@ -412,11 +458,25 @@ pub(crate) struct Parts<'a> {
     pub code: Option<u32>,
     pub message: Option<&'a str>,
     pub data: Option<&'a [u8]>,
+    pub offset: Option<u64>,
+    pub epoch: Option<&'a str>,
+    pub rewind: Option<u64>,
 }
 
 impl<'a> Parts<'a> {
     pub(crate) fn new(kind: Kind) -> Parts<'a> {
-        Parts { kind, reference: None, room: None, event: None, code: None, message: None, data: None }
+        Parts {
+            kind,
+            reference: None,
+            room: None,
+            event: None,
+            code: None,
+            message: None,
+            data: None,
+            offset: None,
+            epoch: None,
+            rewind: None,
+        }
     }
 
     pub(crate) fn encode(&self, format: Format) -> Bytes {

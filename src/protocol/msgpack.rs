@@ -130,7 +130,7 @@ pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
     let mut env = Envelope::new(Kind::Ping);
     let mut kind: Option<Kind> = None;
     // Known keys seen so far: a duplicate is refused, as JSON refuses it.
-    let mut seen = 0u8;
+    let mut seen = 0u16;
     for _ in 0..len {
         let key = read_str(&mut buf)?.ok_or_else(|| ProtocolError::Invalid("msgpack: nil key".into()))?;
         if let Some(bit) = KEYS.iter().position(|k| *k == key) {
@@ -153,6 +153,9 @@ pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
                     .map(|c| u32::try_from(c).map_err(|_| ProtocolError::Invalid("`code` out of range".into())))
                     .transpose()?
             }
+            "offset" => env.offset = read_uint(&mut buf)?,
+            "epoch" => env.epoch = read_str(&mut buf)?.map(str::to_owned),
+            "rewind" => env.rewind = read_uint(&mut buf)?,
             "data" => {
                 let before = buf;
                 skip_value(&mut buf, 1)?;
@@ -172,7 +175,7 @@ pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
     Ok(env)
 }
 
-const KEYS: [&str; 7] = ["type", "ref", "room", "event", "code", "message", "data"];
+const KEYS: [&str; 10] = ["type", "ref", "room", "event", "code", "message", "data", "offset", "epoch", "rewind"];
 
 /// The `ref` of a MessagePack envelope that failed to decode, if the map is
 /// readable up to a valid one.
@@ -202,7 +205,10 @@ pub(super) fn encode(p: &Parts<'_>) -> Bytes {
         + usize::from(p.event.is_some())
         + usize::from(p.code.is_some())
         + usize::from(p.message.is_some())
-        + usize::from(p.data.is_some());
+        + usize::from(p.data.is_some())
+        + usize::from(p.offset.is_some())
+        + usize::from(p.epoch.is_some())
+        + usize::from(p.rewind.is_some());
     // Writes into a Vec cannot fail; the results are ignored on purpose.
     let _ = rmp::encode::write_map_len(&mut out, fields as u32);
     let _ = rmp::encode::write_str(&mut out, "type");
@@ -224,6 +230,16 @@ pub(super) fn encode(p: &Parts<'_>) -> Bytes {
     if let Some(m) = p.message {
         let _ = rmp::encode::write_str(&mut out, "message");
         let _ = rmp::encode::write_str(&mut out, m);
+    }
+    for (name, value) in [("offset", p.offset), ("rewind", p.rewind)] {
+        if let Some(v) = value {
+            let _ = rmp::encode::write_str(&mut out, name);
+            let _ = rmp::encode::write_uint(&mut out, v);
+        }
+    }
+    if let Some(e) = p.epoch {
+        let _ = rmp::encode::write_str(&mut out, "epoch");
+        let _ = rmp::encode::write_str(&mut out, e);
     }
     if let Some(d) = p.data {
         let _ = rmp::encode::write_str(&mut out, "data");
