@@ -101,6 +101,7 @@
 //! | `ws` | yes | WebSocket transport on tokio-tungstenite ([`transport::ws`]) |
 //! | `axum` | yes | mounting the WebSocket endpoint in an axum router ([`integration::axum`]) |
 //! | `jwt` | no | JSON Web Token authentication and `refresh` (`auth::jwt`, the `jsonwebtoken` crate) |
+//! | `redis` | no | [`RedisBackplane`] on Redis pub/sub ([`redis`] module, the redis-rs crate; Rust 1.88) |
 //! | `testing` | no | `switchboard::testing`: conformance suites for your own [`Backplane`] |
 //!
 //! Logging goes through `tracing` (always on; silent without a subscriber).
@@ -119,6 +120,8 @@ mod hub;
 pub mod integration;
 pub mod presence;
 pub mod protocol;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod room;
 pub mod security;
 #[cfg(feature = "testing")]
@@ -134,6 +137,8 @@ pub use hub::{
     Publish,
 };
 pub use presence::{MemoryPresence, PresenceConfig, PresenceStore};
+#[cfg(feature = "redis")]
+pub use redis::{RedisBackplane, RedisConfig};
 pub use security::{Admission, OriginPolicy, RateLimit, SecurityConfig};
 pub use transport::{Frame, Handshake, Transport};
 

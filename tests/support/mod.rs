@@ -2,6 +2,8 @@
 //! and a real tokio-tungstenite client that speaks the JSON protocol.
 #![allow(dead_code)]
 
+pub mod redis;
+
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::net::SocketAddr;

@@ -1,0 +1,301 @@
+//! The Redis integrations against a private `redis-server` (started per
+//! test on a free port by `support::redis`): the backplane conformance
+//! suite, two hubs on real WebSockets sharing rooms through Redis, and the
+//! fault cases (kill -9 and restart, a killed or silently frozen pub/sub
+//! connection, a stalled subscriber).
+
+mod support;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use support::redis::{Proxy, RedisServer, Reply};
+use support::*;
+use switchboard::redis::{RedisBackplane, RedisConfig};
+use switchboard::{Backplane, Hub, Subscription};
+
+/// Settings for tests: fast reconnects, a probe that does not fire under a
+/// loaded machine by accident.
+fn config(url: &str) -> RedisConfig {
+    RedisConfig::new(url)
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
+        .probe(Duration::from_secs(1), Duration::from_secs(5))
+}
+
+async fn connect(url: &str) -> RedisBackplane {
+    RedisBackplane::connect(config(url)).await.expect("connect to the test redis")
+}
+
+/// Polls `f` until it holds; fails after `WAIT`.
+async fn until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn next(sub: &mut Subscription, what: &str) -> switchboard::Result<Bytes> {
+    tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {WAIT:?}"))
+        .unwrap_or_else(|| panic!("{what}: subscription ended"))
+}
+
+async fn next_ok(sub: &mut Subscription, what: &str) -> Bytes {
+    next(sub, what).await.unwrap_or_else(|e| panic!("{what}: unexpected error item: {e}"))
+}
+
+/// Publishes until the backplane accepts (after an outage the command
+/// connection comes back on its own; each attempt fails fast meanwhile).
+async fn publish_until_ok(bp: &RedisBackplane, topic: &str, msg: &'static [u8]) {
+    until("a publish to succeed", || async { bp.publish(topic, Bytes::from_static(msg)).await.is_ok() }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_backplane_conforms() {
+    let server = RedisServer::start().await;
+    let a = connect(&server.url()).await;
+    let b = connect(&server.url()).await;
+    switchboard::testing::backplane(a.clone(), b.clone()).await;
+    // Everything the suite subscribed (topics and its hubs' rooms) is
+    // unsubscribed again, here and on the server: only the two probe
+    // channels are left.
+    until("local channels released", || async { a.stats().channels == 0 && b.stats().channels == 0 }).await;
+    until("server channels released", || async {
+        match server.cmd(&["PUBSUB", "CHANNELS", "switchboard:*"]).await {
+            Reply::Array(chans) => {
+                chans.len() == 2
+                    && chans.iter().all(|c| matches!(c, Reply::Bulk(Some(n)) if n.starts_with(b"switchboard:$probe:")))
+            }
+            other => panic!("PUBSUB CHANNELS: {other:?}"),
+        }
+    })
+    .await;
+    assert_eq!(a.stats().subscriptions + b.stats().subscriptions, 0);
+}
+
+fn event(room: &str, name: &str, data: Value) -> Value {
+    json!({"type": "event", "room": room, "event": name, "data": data})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_share_rooms_and_unsubscribe_when_the_last_member_leaves() {
+    let server = RedisServer::start().await;
+    let (bp1, bp2) = (connect(&server.url()).await, connect(&server.url()).await);
+    let hub1 = Hub::builder().backplane(bp1.clone()).build();
+    let hub2 = Hub::builder().backplane(bp2.clone()).build();
+    let (addr1, addr2) = (serve(&hub1).await, serve(&hub2).await);
+    let mut c1 = support::connect(addr1).await;
+    let mut c2 = support::connect(addr2).await;
+    let mut c3 = support::connect(addr2).await;
+    for c in [&mut c1, &mut c2, &mut c3] {
+        c.join_ok("lobby").await;
+    }
+    // One subscription per node on the server.
+    assert_eq!(server.numsub("switchboard:lobby").await, 2);
+
+    // Both directions, each once.
+    hub1.publish("lobby", "news", &json!(1)).await.expect("publish on node 1");
+    for c in [&mut c1, &mut c2, &mut c3] {
+        assert_eq!(c.event().await, event("lobby", "news", json!(1)));
+    }
+    hub2.publish("lobby", "news", &json!(2)).await.expect("publish on node 2");
+    for c in [&mut c1, &mut c2, &mut c3] {
+        assert_eq!(c.event().await, event("lobby", "news", json!(2)), "a duplicate or a lost event");
+    }
+
+    // Node 2 keeps its subscription while one local member is left.
+    let r = c2.request(json!({"type": "leave", "room": "lobby"})).await;
+    assert_eq!(r["type"], "reply", "{r}");
+    hub1.publish("lobby", "news", &json!(3)).await.unwrap();
+    assert_eq!(c3.event().await, event("lobby", "news", json!(3)));
+    assert_eq!(c1.event().await, event("lobby", "news", json!(3)));
+    assert_eq!(server.numsub("switchboard:lobby").await, 2);
+
+    // The last member of node 2 leaves: node 2 unsubscribes.
+    let r = c3.request(json!({"type": "leave", "room": "lobby"})).await;
+    assert_eq!(r["type"], "reply", "{r}");
+    until("node 2 unsubscribed", || async { server.numsub("switchboard:lobby").await == 1 }).await;
+    assert_eq!(bp2.stats().channels, 0);
+    assert_eq!(bp1.stats().channels, 1);
+
+    // The last member of node 1 disconnects: node 1 unsubscribes too.
+    drop(c1);
+    until("node 1 unsubscribed", || async { server.numsub("switchboard:lobby").await == 0 }).await;
+    assert_eq!(bp1.stats().channels, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_survive_redis_kill_and_restart_under_publishing() {
+    let mut server = RedisServer::start().await;
+    let (bp1, bp2) = (connect(&server.url()).await, connect(&server.url()).await);
+    let hub1 = Hub::builder().backplane(bp1.clone()).build();
+    let hub2 = Hub::builder().backplane(bp2.clone()).build();
+    let (addr1, addr2) = (serve(&hub1).await, serve(&hub2).await);
+    let mut c1 = support::connect(addr1).await;
+    let mut c2 = support::connect(addr2).await;
+    c1.join_ok("live").await;
+    c2.join_ok("live").await;
+
+    // A publisher on node 1, paced, counting outcomes.
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (hub1, ok, failed, stop) = (hub1.clone(), ok.clone(), failed.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) && i < 100_000 {
+                i += 1;
+                match hub1.publish("live", "tick", &i).await {
+                    Ok(()) => ok.fetch_add(1, Ordering::SeqCst),
+                    Err(e) => {
+                        assert!(e.is_backplane(), "a publish failed with an unexpected error: {e}");
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    until("publishing works", || async { ok.load(Ordering::SeqCst) >= 20 }).await;
+    // Node 2 receives them.
+    assert_eq!(c2.event().await["event"], "tick");
+
+    server.kill();
+    // Publishes during the outage fail, and each returns (the publisher
+    // keeps counting).
+    let before = failed.load(Ordering::SeqCst);
+    until("publishes fail during the outage", || async { failed.load(Ordering::SeqCst) >= before + 10 }).await;
+    let err = hub1.publish("live", "during", &0).await.expect_err("a publish during the outage must fail");
+    assert!(err.is_backplane(), "{err}");
+    assert!(!bp2.stats().pubsub_connected);
+
+    server.restart().await;
+    until("both nodes resubscribed", || async {
+        let (s1, s2) = (bp1.stats(), bp2.stats());
+        s1.pubsub_connected && s2.pubsub_connected && s1.pubsub_reconnects >= 1 && s2.pubsub_reconnects >= 1
+    })
+    .await;
+    assert_eq!(server.numsub("switchboard:live").await, 2, "both nodes subscribed the room again");
+    let resumed = ok.load(Ordering::SeqCst);
+    until("publishing works again", || async { ok.load(Ordering::SeqCst) >= resumed + 20 }).await;
+    stop.store(true, Ordering::SeqCst);
+    publisher.await.expect("publisher task");
+
+    // Delivery across, both ways, on the same WebSocket connections.
+    hub1.publish("live", "marker", &"from 1").await.expect("publish after restart");
+    hub2.publish("live", "marker", &"from 2").await.expect("publish after restart");
+    for (c, name) in [(&mut c1, "client on node 1"), (&mut c2, "client on node 2")] {
+        let mut markers = Vec::new();
+        while markers.len() < 2 {
+            let v = c.event().await;
+            if v["event"] == "marker" {
+                markers.push(v["data"].clone());
+            }
+        }
+        markers.sort_by_key(|v| v.to_string());
+        assert_eq!(markers, [json!("from 1"), json!("from 2")], "{name}");
+    }
+    assert_eq!(hub1.stats().connections, 1);
+    assert_eq!(hub2.stats().connections, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_reports_the_gap_of_a_restart() {
+    let mut server = RedisServer::start().await;
+    let (a, b) = (connect(&server.url()).await, connect(&server.url()).await);
+    let mut sub = b.subscribe("t").await.expect("subscribe");
+    a.publish("t", Bytes::from_static(b"before")).await.unwrap();
+    assert_eq!(next_ok(&mut sub, "before the restart").await.as_ref(), b"before");
+
+    server.kill();
+    let err = a.publish("t", Bytes::from_static(b"lost")).await.expect_err("publish while redis is down");
+    assert!(err.is_backplane());
+    let err = b.subscribe("u").await.expect_err("subscribe while redis is down");
+    assert!(err.is_backplane());
+    server.restart().await;
+
+    let gap = next(&mut sub, "after the restart").await.expect_err("the reconnect must be reported as a gap");
+    assert!(gap.is_backplane() && gap.to_string().contains("reconnected"), "{gap}");
+    publish_until_ok(&a, "t", b"after").await;
+    assert_eq!(next_ok(&mut sub, "after the restart").await.as_ref(), b"after");
+    assert_eq!(server.numsub("switchboard:t").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_drops_beyond_its_bound_and_says_how_many() {
+    let server = RedisServer::start().await;
+    let a = connect(&server.url()).await;
+    let b = RedisBackplane::connect(config(&server.url()).subscription_capacity(4)).await.unwrap();
+    let mut sub = b.subscribe("flood").await.expect("subscribe");
+    // Nobody reads while 10 arrive.
+    for i in 0..10u8 {
+        a.publish("flood", Bytes::from(vec![i])).await.unwrap();
+    }
+    until("the overflow to be counted", || async { b.stats().dropped == 6 }).await;
+    for i in 0..4u8 {
+        assert_eq!(next_ok(&mut sub, "queued").await.as_ref(), [i]);
+    }
+    let gap = next(&mut sub, "the gap").await.expect_err("the overflow must be reported");
+    assert!(gap.is_backplane() && gap.to_string().contains("6 messages dropped"), "{gap}");
+    a.publish("flood", Bytes::from_static(b"after")).await.unwrap();
+    assert_eq!(next_ok(&mut sub, "after the gap").await.as_ref(), b"after");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_pubsub_connection_is_replaced() {
+    let server = RedisServer::start().await;
+    let (a, b) = (connect(&server.url()).await, connect(&server.url()).await);
+    let mut sub = b.subscribe("k").await.expect("subscribe");
+    a.publish("k", Bytes::from_static(b"one")).await.unwrap();
+    assert_eq!(next_ok(&mut sub, "before").await.as_ref(), b"one");
+
+    let killed = server.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+    assert_eq!(killed, Reply::Int(2), "both nodes' pub/sub connections");
+    let gap = next(&mut sub, "after CLIENT KILL").await.expect_err("the reconnect must be reported");
+    assert!(gap.to_string().contains("reconnected"), "{gap}");
+    a.publish("k", Bytes::from_static(b"two")).await.unwrap();
+    assert_eq!(next_ok(&mut sub, "after").await.as_ref(), b"two");
+    assert!(b.stats().pubsub_reconnects >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_replaces_a_silently_dead_subscription() {
+    let server = RedisServer::start().await;
+    let proxy = Proxy::start(server.port()).await;
+    let a = connect(&server.url()).await;
+    let probed = config(&proxy.url()).probe(Duration::from_millis(200), Duration::from_secs(1));
+    let b = RedisBackplane::connect(probed).await.expect("connect through the proxy");
+    let mut sub = b.subscribe("q").await.expect("subscribe");
+    a.publish("q", Bytes::from_static(b"one")).await.unwrap();
+    assert_eq!(next_ok(&mut sub, "before").await.as_ref(), b"one");
+
+    // The socket stays open, nothing passes: only the probe can tell.
+    assert_eq!(proxy.freeze_subscribers(), 1);
+    let gap = next(&mut sub, "after the freeze").await.expect_err("the replacement must be reported");
+    assert!(gap.to_string().contains("reconnected"), "{gap}");
+    let stats = b.stats();
+    assert!(stats.probe_failures >= 1 && stats.pubsub_reconnects >= 1, "{stats:?}");
+    a.publish("q", Bytes::from_static(b"two")).await.unwrap();
+    assert_eq!(next_ok(&mut sub, "after").await.as_ref(), b"two");
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_fails_cleanly() {
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = config(&format!("redis://127.0.0.1:{port}/")).connect_timeout(Duration::from_secs(2));
+    let err = RedisBackplane::connect(config).await.expect_err("nothing listens there");
+    assert!(err.is_backplane(), "{err}");
+    let err = RedisBackplane::connect(RedisConfig::new("not a url")).await.expect_err("bad url");
+    assert_eq!(err.kind(), switchboard::ErrorKind::Config);
+}

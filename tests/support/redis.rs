@@ -1,0 +1,303 @@
+//! A private `redis-server` per test (never the shared one on 6379): started
+//! on a free loopback port without persistence, killable with SIGKILL and
+//! restartable on the same port, stopped on drop. Plus a tiny RESP client
+//! for assertions (`PUBSUB NUMSUB`, `CLIENT KILL`, …) and a TCP proxy that
+//! can silently freeze the pub/sub connections passing through it.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How long to wait for a server to answer after starting it.
+const START_WAIT: Duration = Duration::from_secs(10);
+
+/// A `redis-server` child process on `127.0.0.1:port`.
+pub struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+fn binary() -> &'static str {
+    static CHECK: std::sync::Once = std::sync::Once::new();
+    CHECK.call_once(|| {
+        let found = Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            found,
+            "redis-server was not found on PATH: these tests start their own Redis. \
+             Install it (Debian: `apt-get install redis-server`; `.ci/test` does this) and run again."
+        );
+    });
+    "redis-server"
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().unwrap().port()
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers `PING`.
+    pub async fn start() -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("switchboard-redis-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).expect("create a scratch directory for redis-server");
+        // A port found free may be taken before redis binds it: retry.
+        for _ in 0..5 {
+            let mut server = RedisServer { port: free_port(), child: None, dir: dir.clone() };
+            if server.spawn().await {
+                return server;
+            }
+        }
+        panic!("redis-server did not start (see the messages above)");
+    }
+
+    /// Spawns the process on `self.port`; `true` once it answers.
+    async fn spawn(&mut self) -> bool {
+        let port = self.port.to_string();
+        let child = Command::new(binary())
+            .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--loglevel", "warning"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                eprintln!("redis-server on port {} exited at start: {status}", self.port);
+                self.child = None;
+                return false;
+            }
+            if let Ok(mut c) = Resp::connect(self.port).await {
+                if c.cmd(&["PING"]).await.is_ok_and(|v| v == Reply::Status("PONG".into())) {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.kill();
+        false
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// `kill -9`: the server dies at once, with all its data (no
+    /// persistence), and its connections are reset.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill(); // SIGKILL
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (empty: nothing was saved).
+    pub async fn restart(&mut self) {
+        self.kill();
+        for _ in 0..50 {
+            if self.spawn().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("redis-server did not restart on port {}", self.port);
+    }
+
+    /// Sends one command on a fresh connection and returns the reply.
+    pub async fn cmd(&self, args: &[&str]) -> Reply {
+        let mut c = Resp::connect(self.port).await.expect("connect to the test redis-server");
+        c.cmd(args).await.expect("redis command")
+    }
+
+    /// Subscribers of `channel` on the server (`PUBSUB NUMSUB`).
+    pub async fn numsub(&self, channel: &str) -> i64 {
+        match self.cmd(&["PUBSUB", "NUMSUB", channel]).await {
+            Reply::Array(items) if items.len() == 2 => match &items[1] {
+                Reply::Int(n) => *n,
+                other => panic!("NUMSUB: unexpected {other:?}"),
+            },
+            other => panic!("NUMSUB: unexpected {other:?}"),
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A RESP reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Status(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Vec<Reply>),
+}
+
+/// A minimal RESP2 client for test assertions.
+pub struct Resp {
+    io: BufReader<TcpStream>,
+}
+
+impl Resp {
+    pub async fn connect(port: u16) -> std::io::Result<Resp> {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+        Ok(Resp { io: BufReader::new(tcp) })
+    }
+
+    pub async fn cmd(&mut self, args: &[&str]) -> std::io::Result<Reply> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        self.io.get_mut().write_all(&out).await?;
+        tokio::time::timeout(Duration::from_secs(10), self.read())
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply"))?
+    }
+
+    fn read(&mut self) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Reply>> + Send + '_>> {
+        Box::pin(async move {
+            let mut line = String::new();
+            if self.io.read_line(&mut line).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let line = line.trim_end_matches("\r\n");
+            let (kind, rest) = line.split_at(1);
+            let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("bad reply line {line:?}"));
+            Ok(match kind {
+                "+" => Reply::Status(rest.to_owned()),
+                "-" => Reply::Error(rest.to_owned()),
+                ":" => Reply::Int(rest.parse().map_err(|_| bad())?),
+                "$" => {
+                    let n: i64 = rest.parse().map_err(|_| bad())?;
+                    if n < 0 {
+                        Reply::Bulk(None)
+                    } else {
+                        let mut buf = vec![0; n as usize + 2];
+                        self.io.read_exact(&mut buf).await?;
+                        buf.truncate(n as usize);
+                        Reply::Bulk(Some(buf))
+                    }
+                }
+                "*" => {
+                    let n: i64 = rest.parse().map_err(|_| bad())?;
+                    let mut items = Vec::new();
+                    for _ in 0..n.max(0) {
+                        items.push(self.read().await?);
+                    }
+                    Reply::Array(items)
+                }
+                _ => return Err(bad()),
+            })
+        })
+    }
+}
+
+/// A TCP proxy in front of a Redis server. [`Proxy::freeze_subscribers`]
+/// silences the connections that subscribed to something: their sockets
+/// stay open but nothing passes any more, in either direction — a pub/sub
+/// connection that silently stopped delivering.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    conns: Arc<Mutex<Vec<Arc<ProxyConn>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyConn {
+    subscriber: AtomicBool,
+    frozen: AtomicBool,
+}
+
+impl Proxy {
+    pub async fn start(upstream_port: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<Arc<ProxyConn>>>> = Arc::default();
+        let list = conns.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await else { continue };
+                let conn = Arc::new(ProxyConn { subscriber: AtomicBool::new(false), frozen: AtomicBool::new(false) });
+                list.lock().unwrap().push(conn.clone());
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, conn.clone(), true));
+                tokio::spawn(pump(sr, cw, conn, false));
+            }
+        });
+        Proxy { addr, conns, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    /// Freezes every connection that sent a SUBSCRIBE; returns how many.
+    pub fn freeze_subscribers(&self) -> usize {
+        let conns = self.conns.lock().unwrap();
+        let mut n = 0;
+        for c in conns.iter() {
+            if c.subscriber.load(Ordering::SeqCst) && !c.frozen.swap(true, Ordering::SeqCst) {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    conn: Arc<ProxyConn>,
+    client_side: bool,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if client_side && buf[..n].windows(9).any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE")) {
+            conn.subscriber.store(true, Ordering::SeqCst);
+        }
+        if conn.frozen.load(Ordering::SeqCst) {
+            // Swallowed: the peer sees an open, silent connection.
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
