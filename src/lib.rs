@@ -67,7 +67,8 @@
 //! - **Encode once per broadcast**: a publish is serialized once per envelope
 //!   format and the same buffer is queued to every member.
 //! - **Scaling out** through a [`Backplane`]: [`MemoryBackplane`] links hubs
-//!   in one process; a host can write its own (Redis support comes later).
+//!   in one process; `redis::RedisBackplane` (feature `redis`) links hubs on
+//!   several servers through Redis; a host can write its own.
 //! - **Presence**: who is in a room, per user across tabs and nodes, with
 //!   batched join/leave diffs, counts for large rooms, ephemeral flags such
 //!   as "typing" that expire by themselves, and a [`PresenceStore`] trait
@@ -101,7 +102,7 @@
 //! | `ws` | yes | WebSocket transport on tokio-tungstenite ([`transport::ws`]) |
 //! | `axum` | yes | mounting the WebSocket endpoint in an axum router ([`integration::axum`]) |
 //! | `jwt` | no | JSON Web Token authentication and `refresh` (`auth::jwt`, the `jsonwebtoken` crate) |
-//! | `redis` | no | [`RedisBackplane`] on Redis pub/sub ([`redis`] module, the redis-rs crate; Rust 1.88) |
+//! | `redis` | no | `switchboard::redis`: a backplane on Redis pub/sub (the redis-rs crate; Rust 1.88) |
 //! | `testing` | no | `switchboard::testing`: conformance suites for your own [`Backplane`] |
 //!
 //! Logging goes through `tracing` (always on; silent without a subscriber).

@@ -299,3 +299,75 @@ async fn connecting_to_nothing_fails_cleanly() {
     let err = RedisBackplane::connect(RedisConfig::new("not a url")).await.expect_err("bad url");
     assert_eq!(err.kind(), switchboard::ErrorKind::Config);
 }
+
+/// Measures what Redis adds (run by hand, in release mode):
+/// `cargo test --release --all-features --test redis -- --ignored --nocapture measure`.
+/// Prints publish throughput (64 concurrent publishers, pipelined) and
+/// cross-node latency (publish on one handle → message on the other's
+/// subscription) at a moderate rate, for Redis and for the in-process
+/// backplane. Asserts nothing about timings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, run by hand"]
+async fn measure() {
+    let server = RedisServer::start().await;
+    let (a, b) = (connect(&server.url()).await, connect(&server.url()).await);
+    let memory = switchboard::MemoryBackplane::new();
+    println!("{}", latency("redis", &a, &b).await);
+    println!("{}", latency("memory", &memory, &memory).await);
+    println!("{}", throughput("redis", &a).await);
+    println!("{}", throughput("memory", &memory).await);
+}
+
+async fn latency<B: Backplane + Clone>(name: &str, a: &B, b: &B) -> String {
+    const N: u64 = 5_000;
+    let base = std::time::Instant::now();
+    let mut sub = b.subscribe("latency").await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+        for _ in 0..N {
+            let m = next_ok(&mut sub, "latency").await;
+            let sent = u64::from_be_bytes(m[..8].try_into().unwrap());
+            h.record(base.elapsed().as_micros() as u64 - sent).unwrap();
+        }
+        h
+    });
+    // About 2,000 messages a second.
+    let mut tick = tokio::time::interval(Duration::from_micros(500));
+    for _ in 0..N {
+        tick.tick().await;
+        let mut msg = (base.elapsed().as_micros() as u64).to_be_bytes().to_vec();
+        msg.extend_from_slice(&[0u8; 120]);
+        a.publish("latency", Bytes::from(msg)).await.unwrap();
+    }
+    let h = reader.await.unwrap();
+    format!(
+        "{name}: cross-node latency at ~2,000 msg/s, 128-byte messages, {N} samples: p50 {} µs, p99 {} µs, max {} µs",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        h.max()
+    )
+}
+
+async fn throughput<B: Backplane + Clone>(name: &str, a: &B) -> String {
+    const PER_TASK: u64 = 2_000;
+    const TASKS: u64 = 64;
+    let start = std::time::Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                for _ in 0..PER_TASK {
+                    a.publish("throughput", Bytes::from_static(&[0u8; 128])).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    format!(
+        "{name}: {} publishes/s ({TASKS} concurrent publishers, 128-byte messages)",
+        ((TASKS * PER_TASK) as f64 / secs) as u64
+    )
+}

@@ -21,7 +21,7 @@
 //! - a publish is one `PUBLISH <prefix><topic>` on a multiplexed
 //!   connection (concurrent publishes are pipelined); while Redis is
 //!   unreachable it fails at once with an error of kind
-//!   [`ErrorKind::Backplane`](crate::ErrorKind::Backplane);
+//!   [`ErrorKind::Backplane`];
 //! - subscriptions share one pub/sub connection; a channel is subscribed
 //!   while at least one [`Subscription`](crate::Subscription) for it lives;
 //! - every subscription buffers at most
