@@ -564,6 +564,10 @@ async fn session(shared: &Arc<Shared>, (sink, mut stream): PubSub, reconnected: 
         server.extend(snapshot.iter().map(|(t, _)| t.clone()));
     }
     shared.channels.store(server.len(), Ordering::Relaxed);
+    if reconnected {
+        shared.pubsub_reconnects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(channels = server.len(), "redis pub/sub connection re-established");
+    }
     {
         // The gap notice goes ahead of the new connection's messages (those
         // wait in redis-rs's channel until this task reads them).
@@ -576,10 +580,6 @@ async fn session(shared: &Arc<Shared>, (sink, mut stream): PubSub, reconnected: 
             }
             Shared::activate(&mut reg, topic, ids);
         }
-    }
-    if reconnected {
-        shared.pubsub_reconnects.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(channels = server.len(), "redis pub/sub connection re-established");
     }
     shared.up.store(true, Ordering::Release);
 
