@@ -375,3 +375,118 @@ async fn throughput<B: Backplane + Clone>(name: &str, a: &B) -> String {
         ((TASKS * PER_TASK) as f64 / secs) as u64
     )
 }
+
+// ---------------------------------------------------------------------------
+// History on Redis.
+
+use switchboard::history::{Append, HistoryStore, Retention, StreamPosition};
+use switchboard::redis::RedisHistory;
+
+fn appended(event: &str, key: Option<&str>, retention: Retention) -> Append {
+    Append {
+        event: event.to_owned(),
+        data: Some(switchboard::protocol::Payload::encode(switchboard::protocol::Format::Json, &event).unwrap()),
+        idempotency_key: key.map(str::to_owned),
+        retention,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_history_conforms() {
+    let server = RedisServer::start().await;
+    let store = RedisHistory::connect(config(&server.url())).await.expect("connect");
+    switchboard::testing::history(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_append_to_one_gap_free_stream() {
+    let server = RedisServer::start().await;
+    let nodes = [
+        RedisHistory::connect(config(&server.url())).await.unwrap(),
+        RedisHistory::connect(config(&server.url())).await.unwrap(),
+    ];
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let store = nodes[i % 2].clone();
+            tokio::spawn(async move {
+                store.append("shared", appended(&format!("e{i}"), None, Retention::default())).await.unwrap().position
+            })
+        })
+        .collect();
+    let mut positions = Vec::new();
+    for t in tasks {
+        positions.push(t.await.unwrap());
+    }
+    let epoch = positions[0].epoch.clone();
+    assert!(positions.iter().all(|p| p.epoch == epoch), "one epoch for both nodes");
+    let mut offsets: Vec<u64> = positions.iter().map(|p| p.offset).collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets, (1..=200).collect::<Vec<_>>());
+    // Both nodes read the same sequence.
+    let since = Some(StreamPosition { offset: 0, epoch: epoch.clone() });
+    let a = nodes[0].read("shared", since.clone(), 500).await.unwrap();
+    let b = nodes[1].read("shared", since, 500).await.unwrap();
+    assert!(a.complete && b.complete);
+    assert_eq!(a, b);
+    assert_eq!(a.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), (1..=200).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_lost_with_a_redis_restart_gets_a_new_epoch() {
+    let mut server = RedisServer::start().await;
+    let store = RedisHistory::connect(config(&server.url())).await.unwrap();
+    let mut last = None;
+    for i in 0..3 {
+        last = Some(store.append("r", appended(&format!("e{i}"), Some("k"), Retention::default())).await.unwrap());
+    }
+    let old = last.unwrap().position;
+    assert_eq!(old.offset, 1, "the idempotency key stored the event once");
+
+    server.kill();
+    let err = store.append("r", appended("down", None, Retention::default())).await.expect_err("redis is down");
+    assert!(err.is_backplane(), "{err}");
+    server.restart().await;
+
+    // The first calls after the restart may still find the old connection
+    // dead; each fails at once and the connection comes back.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let fresh = loop {
+        match store.append("r", appended("after", Some("k"), Retention::default())).await {
+            Ok(a) => break a,
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "no append after the restart: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_ne!(fresh.position.epoch, old.epoch, "history was lost: the epoch must change");
+    assert_eq!(fresh.position.offset, 1, "a new stream starts at 1");
+    assert!(!fresh.duplicate, "idempotency keys of the lost history are gone too");
+    let read = store.read("r", Some(old), 100).await.unwrap();
+    assert!(!read.complete && read.publications.is_empty(), "a position of the lost epoch must not replay");
+    assert_eq!(read.top, fresh.position);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_expires_by_age_and_leaves_no_keys() {
+    let server = RedisServer::start().await;
+    let store = RedisHistory::connect(config(&server.url())).await.unwrap();
+    let short = Retention::default().max_age(Duration::from_millis(300));
+    let first = store.append("aging", appended("old", Some("key"), short)).await.unwrap().position;
+    let start = StreamPosition { offset: 0, epoch: first.epoch.clone() };
+    let read = store.read("aging", Some(start.clone()), 10).await.unwrap();
+    assert!(read.complete && read.publications.len() == 1);
+    // Once older than max_age the event is not served, and the read says
+    // the history is incomplete.
+    until("the event to expire", || {
+        let (store, start) = (store.clone(), start.clone());
+        async move {
+            let read = store.read("aging", Some(start), 10).await.unwrap();
+            read.publications.is_empty() && !read.complete
+        }
+    })
+    .await;
+    // An idle room's keys go away entirely.
+    until("the room's keys to expire", || async {
+        server.cmd(&["KEYS", "switchboard:history:*"]).await == Reply::Array(vec![])
+    })
+    .await;
+}

@@ -85,7 +85,7 @@ use tokio::time::{Instant, MissedTickBehavior, Sleep};
 /// apart by their node ids).
 ///
 /// Publishing to a topic publishes to the Redis channel
-/// [`RedisConfig::channel_prefix`] + topic.
+/// [`RedisConfig::prefix`] + topic.
 #[derive(Clone)]
 pub struct RedisBackplane {
     shared: Arc<Shared>,
@@ -165,7 +165,7 @@ impl fmt::Debug for RedisBackplane {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBackplane")
             .field("url", &self.shared.config.url)
-            .field("channel_prefix", &self.shared.config.channel_prefix)
+            .field("prefix", &self.shared.config.prefix)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
@@ -178,7 +178,7 @@ impl RedisBackplane {
     pub async fn connect(config: RedisConfig) -> Result<RedisBackplane> {
         let link = Link::connect(&config).await?;
         let client = config.client()?;
-        let probe_channel = format!("{}$probe:{:016x}", config.channel_prefix, crate::hub::random_u64());
+        let probe_channel = format!("{}$probe:{:016x}", config.prefix, crate::hub::random_u64());
         let shared = Arc::new(Shared {
             config,
             client,
@@ -282,7 +282,7 @@ impl Shared {
             probe.received(msg.get_payload_bytes());
             return;
         }
-        let Some(topic) = channel.strip_prefix(self.config.channel_prefix.as_str()) else { return };
+        let Some(topic) = channel.strip_prefix(self.config.prefix.as_str()) else { return };
         let reg = self.registry.lock();
         let Some(entries) = reg.topics.get(topic) else { return };
         let bytes = Bytes::copy_from_slice(msg.get_payload_bytes());

@@ -1,12 +1,14 @@
 //! Redis support (feature `redis`): a [`Backplane`](crate::Backplane) on
-//! Redis pub/sub, so hubs on several servers share rooms.
+//! Redis pub/sub, so hubs on several servers share rooms
+//! ([`RedisBackplane`]), and a [`HistoryStore`](crate::history::HistoryStore)
+//! on Redis streams, so they share room history ([`RedisHistory`]).
 //!
 //! ```no_run
 //! use switchboard::redis::{RedisBackplane, RedisConfig};
 //! use switchboard::Hub;
 //!
 //! # async fn run() -> switchboard::Result<()> {
-//! let config = RedisConfig::new("redis://10.0.0.5:6379/").channel_prefix("myapp:");
+//! let config = RedisConfig::new("redis://10.0.0.5:6379/").prefix("myapp:");
 //! let backplane = RedisBackplane::connect(config).await?;
 //! let hub = Hub::builder().backplane(backplane).build();
 //! # let _ = hub;
@@ -35,13 +37,19 @@
 //!   it back, so a subscription that silently stopped delivering is
 //!   detected and re-established.
 //!
+//! [`RedisHistory`] keeps one stream per room plus a meta key (epoch, top
+//! offset); an append is one Lua script, so offsets are gap-free across
+//! nodes, and the epoch changes when Redis lost the room's history.
+//!
 //! The redis-rs types stay private: a redis-rs major release is not a
 //! breaking change of this crate.
 
 mod backplane;
+mod history;
 mod link;
 
 pub use backplane::{RedisBackplane, RedisStats};
+pub use history::RedisHistory;
 
 use crate::error::{Error, ErrorKind, Result};
 use std::time::Duration;
@@ -56,7 +64,7 @@ pub struct RedisConfig {
     pub url: String,
     /// Prepended to every topic to make the Redis channel name, and to every
     /// key. Default `switchboard:`.
-    pub channel_prefix: String,
+    pub prefix: String,
     /// Messages each subscription buffers before it drops (and reports) the
     /// overflow. Default 4096.
     pub subscription_capacity: usize,
@@ -83,7 +91,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379/".to_owned(),
-            channel_prefix: "switchboard:".to_owned(),
+            prefix: "switchboard:".to_owned(),
             subscription_capacity: 4096,
             command_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
@@ -101,9 +109,9 @@ impl RedisConfig {
         RedisConfig { url: url.into(), ..RedisConfig::default() }
     }
 
-    /// Sets [`RedisConfig::channel_prefix`].
-    pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.channel_prefix = prefix.into();
+    /// Sets [`RedisConfig::prefix`].
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
         self
     }
 
@@ -144,6 +152,6 @@ impl RedisConfig {
     }
 
     pub(crate) fn channel(&self, topic: &str) -> String {
-        format!("{}{topic}", self.channel_prefix)
+        format!("{}{topic}", self.prefix)
     }
 }
