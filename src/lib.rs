@@ -102,7 +102,7 @@
 //! | `ws` | yes | WebSocket transport on tokio-tungstenite ([`transport::ws`]) |
 //! | `axum` | yes | mounting the WebSocket endpoint in an axum router ([`integration::axum`]) |
 //! | `jwt` | no | JSON Web Token authentication and `refresh` (`auth::jwt`, the `jsonwebtoken` crate) |
-//! | `redis` | no | `switchboard::redis`: a backplane on Redis pub/sub and a history store on Redis streams (the redis-rs crate; Rust 1.88) |
+//! | `redis` | no | `switchboard::redis`: a backplane on Redis pub/sub, history and presence stores on Redis (the redis-rs crate; Rust 1.88) |
 //! | `testing` | no | `switchboard::testing`: conformance suites for your own [`Backplane`] |
 //!
 //! Logging goes through `tracing` (always on; silent without a subscriber).

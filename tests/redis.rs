@@ -490,3 +490,92 @@ async fn history_expires_by_age_and_leaves_no_keys() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------
+// Presence on Redis.
+
+use switchboard::presence::{PresenceCause, PresenceConfig, PresenceEvent};
+use switchboard::redis::RedisPresence;
+use switchboard::{Handshake, HubBuilder, Identity, Rejection};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_presence_conforms() {
+    let server = RedisServer::start().await;
+    let store = RedisPresence::connect(config(&server.url())).await.expect("connect");
+    switchboard::testing::presence_store(store).await;
+    // The suite cleans up after itself; expired records went with their
+    // indexes, so nothing is left but empty-or-expiring keys.
+    until("no presence keys left", || async {
+        match server.cmd(&["KEYS", "switchboard:presence:*"]).await {
+            Reply::Array(keys) => keys.is_empty(),
+            other => panic!("KEYS: {other:?}"),
+        }
+    })
+    .await;
+}
+
+fn user_from_query(hs: &Handshake) -> impl std::future::Future<Output = Result<Identity, Rejection>> + Send + 'static {
+    let user = hs.query("user");
+    async move { Ok(user.map(Identity::user).unwrap_or_default()) }
+}
+
+type Log = Arc<std::sync::Mutex<Vec<(bool, String, PresenceCause)>>>;
+
+/// A node: a hub with presence (short TTL) on its own Redis connections.
+async fn presence_node(url: &str, store_url: &str) -> (HubBuilder, Log) {
+    let log: Log = Arc::default();
+    let (j, l) = (log.clone(), log.clone());
+    let builder = Hub::builder()
+        .authenticate(user_from_query)
+        .presence(PresenceConfig::default().ttl(Duration::from_secs(2)))
+        .backplane(connect(url).await)
+        .presence_store(RedisPresence::connect(config(store_url)).await.unwrap())
+        .on_presence_join(move |_: &Hub, e: &PresenceEvent| j.lock().unwrap().push((true, e.key.clone(), e.cause)))
+        .on_presence_leave(move |_: &Hub, e: &PresenceEvent| l.lock().unwrap().push((false, e.key.clone(), e.cause)));
+    (builder, log)
+}
+
+async fn keys_of(hub: &Hub, room: &str) -> Vec<String> {
+    let mut keys: Vec<String> = hub.presence(room).await.unwrap().into_iter().map(|e| e.key).collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_share_presence_through_redis_and_a_dead_nodes_entries_expire() {
+    let server = RedisServer::start().await;
+    // Node 2 reaches Redis only through a proxy, to be cut off silently.
+    let proxy = Proxy::start(server.port()).await;
+    let (b1, log1) = presence_node(&server.url(), &server.url()).await;
+    let (b2, _log2) = presence_node(&proxy.url(), &proxy.url()).await;
+    let (hub1, hub2) = (b1.build(), b2.build());
+    let (addr1, addr2) = (serve(&hub1).await, serve(&hub2).await);
+    let mut alice = support::connect_path(addr1, "/?user=alice").await;
+    let mut bob = support::connect_path(addr2, "/?user=bob").await;
+    alice.join_ok("chat").await;
+    bob.join_ok("chat").await;
+
+    // Each node sees both users, from the store and the diffs.
+    until("node 1 sees both", || async { keys_of(&hub1, "chat").await == ["alice", "bob"] }).await;
+    until("node 2 sees both", || async { keys_of(&hub2, "chat").await == ["alice", "bob"] }).await;
+    assert!(hub1.is_user_online("bob").await.unwrap());
+    // And the clients are told: alice's presence messages come to include bob.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let v = alice.recv().await;
+        if v["type"].as_str().is_some_and(|t| t.starts_with("presence")) && v.to_string().contains("\"bob\"") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "alice never heard of bob");
+    }
+
+    // Node 2 is cut off from Redis without a word (bob stays connected to
+    // it): it can neither refresh its entries nor say anything. Only the
+    // TTL can remove bob on node 1.
+    proxy.freeze_all();
+    until("bob's entry expires on node 1", || async { keys_of(&hub1, "chat").await == ["alice"] }).await;
+    assert!(!hub1.is_user_online("bob").await.unwrap());
+    let leaves: Vec<_> = log1.lock().unwrap().iter().filter(|e| !e.0 && e.1 == "bob").map(|e| e.2).collect();
+    assert_eq!(leaves, [PresenceCause::Expired], "bob left node 1's view once, by expiry");
+    drop(bob);
+}

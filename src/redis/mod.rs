@@ -1,7 +1,8 @@
 //! Redis support (feature `redis`): a [`Backplane`](crate::Backplane) on
 //! Redis pub/sub, so hubs on several servers share rooms
 //! ([`RedisBackplane`]), and a [`HistoryStore`](crate::history::HistoryStore)
-//! on Redis streams, so they share room history ([`RedisHistory`]).
+//! on Redis streams, so they share room history ([`RedisHistory`]), and a
+//! [`PresenceStore`](crate::PresenceStore) with TTLs ([`RedisPresence`]).
 //!
 //! ```no_run
 //! use switchboard::redis::{RedisBackplane, RedisConfig};
@@ -47,9 +48,11 @@
 mod backplane;
 mod history;
 mod link;
+mod presence;
 
 pub use backplane::{RedisBackplane, RedisStats};
 pub use history::RedisHistory;
+pub use presence::RedisPresence;
 
 use crate::error::{Error, ErrorKind, Result};
 use std::time::Duration;

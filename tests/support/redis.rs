@@ -226,6 +226,8 @@ impl Resp {
 pub struct Proxy {
     pub addr: SocketAddr,
     conns: Arc<Mutex<Vec<Arc<ProxyConn>>>>,
+    /// New connections start frozen (after `freeze_all`).
+    blackhole: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -240,10 +242,13 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let conns: Arc<Mutex<Vec<Arc<ProxyConn>>>> = Arc::default();
         let list = conns.clone();
+        let blackhole = Arc::new(AtomicBool::new(false));
+        let dark = blackhole.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await else { continue };
-                let conn = Arc::new(ProxyConn { subscriber: AtomicBool::new(false), frozen: AtomicBool::new(false) });
+                let frozen = AtomicBool::new(dark.load(Ordering::SeqCst));
+                let conn = Arc::new(ProxyConn { subscriber: AtomicBool::new(false), frozen });
                 list.lock().unwrap().push(conn.clone());
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
@@ -251,11 +256,20 @@ impl Proxy {
                 tokio::spawn(pump(sr, cw, conn, false));
             }
         });
-        Proxy { addr, conns, task }
+        Proxy { addr, conns, blackhole, task }
     }
 
     pub fn url(&self) -> String {
         format!("redis://{}/", self.addr)
+    }
+
+    /// Freezes every connection, and every later one: whatever is behind
+    /// the proxy is cut off from Redis, silently. Returns how many open
+    /// connections were frozen.
+    pub fn freeze_all(&self) -> usize {
+        self.blackhole.store(true, Ordering::SeqCst);
+        let conns = self.conns.lock().unwrap();
+        conns.iter().filter(|c| !c.frozen.swap(true, Ordering::SeqCst)).count()
     }
 
     /// Freezes every connection that sent a SUBSCRIBE; returns how many.
