@@ -127,3 +127,22 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
     }
     res
 }
+
+/// A route serving an [`SseEndpoint`](crate::transport::sse::SseEndpoint)
+/// (feature `sse`): `GET` opens a stream, `POST` delivers envelopes,
+/// `OPTIONS` answers CORS preflights, other methods get 405. The peer
+/// address is known when the app is served with
+/// `into_make_service_with_connect_info::<SocketAddr>()`.
+#[cfg(feature = "sse")]
+pub fn sse<S>(endpoint: crate::transport::sse::SseEndpoint) -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    axum::routing::any(move |req: Request| serve_sse(endpoint.clone(), req))
+}
+
+#[cfg(feature = "sse")]
+async fn serve_sse(endpoint: crate::transport::sse::SseEndpoint, req: Request) -> Response {
+    let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    endpoint.handle(req, peer).await.map(Body::new)
+}

@@ -8,12 +8,16 @@
 //! Implementations shipped here:
 //! - [`ws`] (feature `ws`): WebSocket on tokio-tungstenite, standalone on a
 //!   `TcpListener` or (feature `axum`) inside an axum router.
+//! - [`sse`] (feature `sse`): Server-Sent Events streams with HTTP `POST`
+//!   upstream, from plain hyper or (feature `axum`) an axum router.
 //! - [`memory`]: an in-process pair, for tests and benchmarks.
 //!
 //! A host can write its own: implement [`Transport`] and hand it to
 //! [`Hub::connect`](crate::Hub::connect).
 
 pub mod memory;
+#[cfg(feature = "sse")]
+pub mod sse;
 #[cfg(feature = "ws")]
 pub mod ws;
 
