@@ -69,6 +69,9 @@
 //! - **Scaling out** through a [`Backplane`]: [`MemoryBackplane`] links hubs
 //!   in one process; `redis::RedisBackplane` (feature `redis`) links hubs on
 //!   several servers through Redis; a host can write its own.
+//! - **Server-Sent Events** (feature `sse`, `transport::sse`): the same
+//!   hub over `EventSource` streams with `POST` upstream, routed to the node
+//!   holding the stream, with resume from `Last-Event-ID` (`docs/sse.md`).
 //! - **Presence**: who is in a room, per user across tabs and nodes, with
 //!   batched join/leave diffs, counts for large rooms, ephemeral flags such
 //!   as "typing" that expire by themselves, and a [`PresenceStore`] trait
@@ -84,7 +87,7 @@
 //! | [`security`] | admission ([`SecurityConfig`]: origin check, connection limits, trusted proxies), [`RateLimit`] |
 //! | [`room`] | room naming rules, [`room::Member`] |
 //! | [`protocol`] | envelopes, payloads, JSON and MessagePack codecs, error and close codes |
-//! | [`transport`] | the [`Transport`] trait, [`Frame`], [`Handshake`]; `ws` and `memory` implementations |
+//! | [`transport`] | the [`Transport`] trait, [`Frame`], [`Handshake`]; `ws`, `sse` and `memory` implementations |
 //! | [`backplane`] | the [`Backplane`] trait and [`MemoryBackplane`] |
 //! | [`presence`] | [`PresenceConfig`], the [`PresenceStore`] trait and [`MemoryPresence`], presence entries and events (`docs/presence.md`) |
 //! | [`integration`] | framework adapters (`axum`) |
@@ -93,7 +96,8 @@
 //!
 //! Longer guides live in the repository's `docs/`: `protocol.md` (the wire
 //! protocol), `architecture.md` (layers, data path, bounds, locks),
-//! `security.md` (threat model, limits and their defaults, proxies).
+//! `security.md` (threat model, limits and their defaults, proxies), `sse.md`
+//! (the Server-Sent Events transport).
 //!
 //! # Features
 //!
@@ -101,6 +105,7 @@
 //! |---|---|---|
 //! | `ws` | yes | WebSocket transport on tokio-tungstenite ([`transport::ws`]) |
 //! | `axum` | yes | mounting the WebSocket endpoint in an axum router ([`integration::axum`]) |
+//! | `sse` | no | Server-Sent Events transport (`transport::sse`), mountable with `integration::axum::sse` |
 //! | `jwt` | no | JSON Web Token authentication and `refresh` (`auth::jwt`, the `jsonwebtoken` crate) |
 //! | `redis` | no | `switchboard::redis`: a backplane on Redis pub/sub, history and presence stores on Redis (the redis-rs crate; Rust 1.88) |
 //! | `testing` | no | `switchboard::testing`: conformance suites for your own [`Backplane`] |

@@ -467,12 +467,8 @@ async fn shutdown_sends_retry_and_browsers_come_back() {
     shutdown.await.unwrap();
     // The browser comes back; a hub still shutting down answers 200 with a
     // retry and a $close (a 503 would make EventSource give up).
-    loop {
-        match es.next_item().await.expect("stopped") {
-            Item::Reconnected => break,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let item = es.next_item().await.expect("stopped");
+    assert!(matches!(item, Item::Reconnected), "unexpected {item:?}");
     let close = es.wait_for("$close").await.json();
     assert_eq!((close["code"].as_u64(), close["status"].as_u64()), (Some(1013), Some(503)), "{close}");
     assert_eq!(close["reconnect"], true);

@@ -1,0 +1,99 @@
+//! The dashboard example in a real browser: serves `examples/dashboard`
+//! in-process and runs `node tests/browser/sse.mjs`, which drives headless
+//! Chromium with its native `EventSource` (samples, a POSTed note with
+//! several lines and unicode, the browser's own reconnect, CORS from an
+//! allowed origin, a refused origin).
+//!
+//! Needs node, Chromium (`$CHROMIUM_PATH` or `/usr/bin/chromium`) and
+//! `tests/browser/node_modules`: `bash .ci/install-browser.sh` installs them.
+//! When they are missing this test fails, it never skips.
+
+#[path = "../examples/dashboard/app.rs"]
+mod app;
+
+use axum::response::Html;
+use axum::routing::get;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+use switchboard::protocol::CloseCode;
+use tokio::net::TcpListener;
+
+const INSTALL: &str = "run `bash .ci/install-browser.sh` (as root) to install Chromium and the npm packages";
+
+/// Serves the dashboard page alone (another origin than the server's).
+async fn serve_page() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router: axum::Router = axum::Router::new().route("/", get(|| async { Html(app::index_html()) }));
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_in_headless_chromium() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let node_ok = std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
+    assert!(node_ok, "`node` is not on PATH: {INSTALL}");
+    let playwright = root.join("tests/browser/node_modules/playwright-core");
+    assert!(playwright.is_dir(), "{} is missing: {INSTALL}", playwright.display());
+    let chromium = std::env::var("CHROMIUM_PATH").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(Path::new(&chromium).is_file(), "no Chromium at {chromium}: {INSTALL}");
+
+    let allowed = serve_page().await;
+    let refused = serve_page().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let origins = vec![format!("http://{addr}"), format!("http://{allowed}")];
+    let (router, hub, sse) = app::app(app::Options { period: Duration::from_millis(100), origins });
+    // The test's own lever: drop every stream of room `metrics` with a
+    // reconnect code, as a restarting server would.
+    let kick_hub = hub.clone();
+    let router = router.route(
+        "/test/kick",
+        get(move || {
+            let hub = kick_hub.clone();
+            async move {
+                for m in hub.room_members("metrics") {
+                    hub.disconnect(m.connection, CloseCode::RECONNECT, "test kick");
+                }
+                "kicked"
+            }
+        }),
+    );
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
+    });
+
+    let run = tokio::process::Command::new("node")
+        .arg("tests/browser/sse.mjs")
+        .arg(format!("http://{addr}"))
+        .arg(format!("http://{allowed}"))
+        .arg(format!("http://{refused}"))
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .expect("node tests/browser/sse.mjs did not finish within 180 s")
+        .expect("could not start node");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("browser sse test passed"),
+        "browser test failed ({}); if Chromium or playwright-core is missing, {INSTALL}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        out.status,
+    );
+    print!("{stdout}");
+
+    // The browser is gone: so are its streams and sessions.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sse.streams() > 0 || hub.stats().connections > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "streams left open: {}", sse.streams());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    hub.shutdown(Duration::from_secs(5)).await;
+    server.abort();
+}
