@@ -31,8 +31,11 @@ pub enum ErrorKind {
     Transport,
     /// An I/O error outside a connection (binding a listener, …).
     Io,
-    /// The configuration is invalid.
+    /// The configuration is invalid, or a feature used is not configured
+    /// (e.g. history of a room that is not recoverable).
     Config,
+    /// The history store failed (room history and recovery).
+    History,
 }
 
 /// The error type of every fallible switchboard API.
@@ -109,6 +112,7 @@ impl fmt::Display for Error {
             ErrorKind::Transport => "transport error",
             ErrorKind::Io => "i/o error",
             ErrorKind::Config => "invalid configuration",
+            ErrorKind::History => "history store failed",
         };
         f.write_str(what)?;
         if let Some(m) = &self.message {

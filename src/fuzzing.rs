@@ -58,6 +58,6 @@ pub fn backplane_message(data: &[u8]) {
     if msg.event.len() > usize::from(u16::MAX) {
         return;
     }
-    let again = RoomMessage::encode(msg.origin, msg.exclude, &msg.event, msg.payload.as_ref());
+    let again = RoomMessage::encode(msg.origin, msg.exclude, &msg.event, msg.payload.as_ref(), msg.position.as_ref());
     assert_eq!(RoomMessage::decode(again), Some(msg));
 }

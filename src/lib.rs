@@ -138,9 +138,10 @@ pub use auth::{Authenticate, AuthorizeJoin, Identity, JoinRequest, Refresh, Reje
 pub use backplane::{Backplane, MemoryBackplane, Subscription};
 pub use error::{Error, ErrorKind, Result};
 pub use handler::{Call, CallError, FieldErrors, Handler};
+pub use history::{HistoryConfig, HistoryStore, MemoryHistory, RoomHistory};
 pub use hub::{
     Connection, ConnectionId, ConnectionState, DisconnectReason, Hub, HubBuilder, HubConfig, HubStats, OverflowPolicy,
-    Publish,
+    Publish, Published,
 };
 pub use presence::{MemoryPresence, PresenceConfig, PresenceStore};
 #[cfg(feature = "redis")]

@@ -8,7 +8,9 @@
 //! ([`validate_room_name`]). The set is chosen so a name is safe as a Redis
 //! channel, a NATS subject token and a URL path segment without escaping.
 
+use crate::history::RoomHistory;
 use crate::hub::session::Session;
+use crate::hub::stream::RoomStream;
 use crate::ConnectionId;
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -50,6 +52,8 @@ pub(crate) type MemberMap = HashMap<ConnectionId, Arc<Session>>;
 #[derive(Default)]
 pub(crate) struct Room {
     pub(crate) members: RwLock<MemberMap>,
+    /// The stream of a recoverable room (`None`: not recoverable, no cost).
+    pub(crate) stream: Option<Arc<RoomStream>>,
 }
 
 /// Every room of a hub, sharded by name hash so that joins in different
@@ -77,21 +81,37 @@ impl Rooms {
         self.shard(name).read().get(name).cloned()
     }
 
-    /// Adds a member; returns `(room name, created)` where `created` says the
-    /// room did not exist before. Membership changes happen under the shard's
-    /// write lock so that a room being emptied cannot be joined through a
-    /// stale `Arc` and leak.
-    pub(crate) fn join(&self, name: &str, session: &Arc<Session>) -> (Arc<str>, bool) {
+    /// Adds a member; returns `(room name, created, stream)` where `created`
+    /// says the room did not exist before. Membership changes happen under
+    /// the shard's write lock so that a room being emptied cannot be joined
+    /// through a stale `Arc` and leak.
+    ///
+    /// A new room is recoverable when `history` is given. In a recoverable
+    /// room the member is added as *recovering*: it gets no live event until
+    /// its join has merged history and the live stream (see `hub::stream`).
+    pub(crate) fn join(
+        &self,
+        name: &str,
+        session: &Arc<Session>,
+        history: Option<&RoomHistory>,
+    ) -> (Arc<str>, bool, Option<Arc<RoomStream>>) {
         let mut shard = self.shard(name).write();
         if let Some((key, room)) = shard.get_key_value(name) {
+            if let Some(stream) = &room.stream {
+                stream.add_recovering(session.id);
+            }
             room.members.write().insert(session.id, session.clone());
-            return (key.clone(), false);
+            return (key.clone(), false, room.stream.clone());
         }
         let key: Arc<str> = Arc::from(name);
-        let mut room = Room::default();
+        let stream = history.map(|h| Arc::new(RoomStream::new(key.clone(), *h)));
+        if let Some(stream) = &stream {
+            stream.add_recovering(session.id);
+        }
+        let mut room = Room { members: RwLock::default(), stream: stream.clone() };
         room.members.get_mut().insert(session.id, session.clone());
         shard.insert(key.clone(), Arc::new(room));
-        (key, true)
+        (key, true, stream)
     }
 
     /// Removes a member; returns `Some(removed_room)` when it was a member,
@@ -103,6 +123,10 @@ impl Rooms {
         members.remove(&id)?;
         let empty = members.is_empty();
         drop(members);
+        // After the members lock: deliveries lock the stream, then members.
+        if let Some(stream) = &room.stream {
+            stream.remove_recovering(id);
+        }
         if empty {
             shard.remove(name);
         }
@@ -111,6 +135,14 @@ impl Rooms {
 
     pub(crate) fn contains(&self, name: &str) -> bool {
         self.shard(name).read().contains_key(name)
+    }
+
+    /// The recoverable rooms with local members (for the position check).
+    pub(crate) fn streams(&self) -> Vec<Arc<RoomStream>> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.read().values().filter_map(|r| r.stream.clone()).collect::<Vec<_>>())
+            .collect()
     }
 
     pub(crate) fn count(&self) -> usize {

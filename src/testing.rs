@@ -248,4 +248,14 @@ pub async fn history<H: crate::history::HistoryStore + Clone>(store: H) {
     // 6. Rooms are separate.
     let other = store.append(&room("other"), append("o", None)).await.expect("append");
     assert_eq!(other.position.offset, 1, "6. each room has its own offsets");
+
+    // 7. A read of a room without a stream creates it: its epoch is the one
+    //    the first append keeps, and a position from it continues.
+    let fresh = store.read(&room("fresh"), None, 10).await.expect("read");
+    assert_eq!(fresh.top.offset, 0, "7. a fresh room starts at offset 0");
+    assert!(!fresh.top.epoch.is_empty(), "7. a read must create the stream's epoch");
+    let a = store.append(&room("fresh"), append("f1", None)).await.expect("append");
+    assert_eq!(a.position.epoch, fresh.top.epoch, "7. the first append must keep the epoch a read created");
+    let read = store.read(&room("fresh"), Some(fresh.top.clone()), 10).await.expect("read");
+    assert!(read.complete && read.publications.len() == 1, "7. a position from the fresh read continues");
 }

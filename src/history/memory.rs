@@ -13,19 +13,29 @@ use std::time::{SystemTime, UNIX_EPOCH};
 ///
 /// **Bounds:** each room keeps at most its retention's `max_len` events, and
 /// events older than `max_age` are dropped on the next append or read. A
-/// room whose events have all expired is forgotten when next touched or
-/// swept (its next publish starts a new epoch): memory is bounded by the
-/// rooms published to within the retention window.
+/// room whose events have all expired keeps its epoch and top offset (a few
+/// dozen bytes) until it was neither appended to nor read for
+/// [`MemoryHistory::meta_ttl`] (default 24 hours, and at least the room's
+/// `max_age`); then it is forgotten and its next use starts a new epoch.
+/// Appends and reads sweep once a second, so memory is bounded by the rooms
+/// used within that time.
 #[derive(Clone, Debug, Default)]
 pub struct MemoryHistory {
     inner: Arc<Inner>,
 }
 
+const DEFAULT_META_TTL_MS: u64 = 24 * 3600 * 1000;
+
 #[derive(Debug, Default)]
 struct Inner {
+    /// Idle time after which an empty stream is forgotten (0: default).
+    meta_ttl_ms: u64,
     // One lock for the room map; appends to one room are short (no await
     // under it), so a per-room lock is not worth its memory yet.
     rooms: Mutex<HashMap<String, Stream>>,
+    /// When the last sweep ran (ms): appends and reads sweep every second,
+    /// so idle rooms are forgotten without a timer task.
+    swept_ms: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -73,11 +83,11 @@ impl Stream {
         StreamPosition { offset: self.top, epoch: self.epoch.clone() }
     }
 
-    /// Whether the stream holds nothing and nothing happened for a whole
-    /// retention period: safe to forget (a new stream gets a new epoch).
-    fn idle(&self, now: u64) -> bool {
+    /// Whether the stream holds nothing and was not used for `ttl` (nor for
+    /// its retention's age): safe to forget (a new stream gets a new epoch).
+    fn idle(&self, now: u64, ttl: u64) -> bool {
         let max_age = u64::try_from(self.retention.max_age.as_millis()).unwrap_or(u64::MAX);
-        self.events.is_empty() && now.saturating_sub(self.touched_ms) > max_age
+        self.events.is_empty() && now.saturating_sub(self.touched_ms) > max_age.max(ttl)
     }
 }
 
@@ -85,6 +95,26 @@ impl MemoryHistory {
     /// An empty store.
     pub fn new() -> MemoryHistory {
         MemoryHistory::default()
+    }
+
+    /// An empty store forgetting unused empty streams after `ttl` (see the
+    /// type's docs).
+    pub fn with_meta_ttl(ttl: std::time::Duration) -> MemoryHistory {
+        let meta_ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        MemoryHistory { inner: Arc::new(Inner { meta_ttl_ms, ..Inner::default() }) }
+    }
+
+    /// How long an unused empty stream is kept.
+    pub fn meta_ttl(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.ttl_ms())
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        if self.inner.meta_ttl_ms == 0 {
+            DEFAULT_META_TTL_MS
+        } else {
+            self.inner.meta_ttl_ms
+        }
     }
 
     /// Rooms with a stream in memory (for leak checks).
@@ -99,15 +129,30 @@ impl MemoryHistory {
 
     /// Drops expired events everywhere and forgets idle empty rooms.
     pub fn sweep(&self) {
-        let now = now_ms();
+        let (now, ttl) = (now_ms(), self.ttl_ms());
         self.inner.rooms.lock().retain(|_, s| {
             s.expire(now);
-            !s.idle(now)
+            !s.idle(now, ttl)
+        });
+    }
+
+    fn sweep_due(&self, rooms: &mut HashMap<String, Stream>, now: u64) {
+        use std::sync::atomic::Ordering;
+        let last = self.inner.swept_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 1000 {
+            return;
+        }
+        self.inner.swept_ms.store(now, Ordering::Relaxed);
+        let ttl = self.ttl_ms();
+        rooms.retain(|_, s| {
+            s.expire(now);
+            !s.idle(now, ttl)
         });
     }
 
     fn append_now(&self, room: &str, append: Append, now: u64) -> Appended {
         let mut rooms = self.inner.rooms.lock();
+        self.sweep_due(&mut rooms, now);
         let stream = rooms.entry(room.to_owned()).or_insert_with(|| Stream::new(append.retention, now));
         stream.retention = append.retention;
         stream.expire(now);
@@ -127,12 +172,11 @@ impl MemoryHistory {
 
     fn read_now(&self, room: &str, since: Option<StreamPosition>, limit: usize, now: u64) -> HistoryRead {
         let mut rooms = self.inner.rooms.lock();
-        let Some(stream) = rooms.get_mut(room) else {
-            // No stream: nothing was ever published (or it was forgotten). A
-            // position from any epoch cannot be continued.
-            let top = StreamPosition { offset: 0, epoch: Arc::from("") };
-            return HistoryRead { publications: Vec::new(), top, complete: since.is_none() };
-        };
+        self.sweep_due(&mut rooms, now);
+        // A read creates the stream (and its epoch) when there is none, so
+        // the position it returns stays valid for the appends that follow.
+        let stream = rooms.entry(room.to_owned()).or_insert_with(|| Stream::new(Retention::default(), now));
+        stream.touched_ms = now;
         stream.expire(now);
         let top = stream.position();
         let oldest = stream.events.front().map_or(stream.top + 1, |e| e.publication.offset);
@@ -238,9 +282,9 @@ mod tests {
 
     #[test]
     fn age_expiry_and_forgetting() {
-        let h = MemoryHistory::new();
+        let h = MemoryHistory::with_meta_ttl(Duration::from_secs(15));
         let p = append_at(&h, "r", "e", None, R, 1000).position;
-        let read = h.read_now("r", Some(StreamPosition { offset: 0, epoch: p.epoch.clone() }), 10, 20_000);
+        let read = h.read_now("r", Some(StreamPosition { offset: 0, epoch: p.epoch.clone() }), 10, 12_000);
         assert!(!read.complete, "the only event expired");
         assert_eq!(read.top.offset, 1);
         // Idle and empty past the retention: forgotten, and a new publish
@@ -250,7 +294,7 @@ mod tests {
             let now = 40_000;
             rooms.retain(|_, s| {
                 s.expire(now);
-                !s.idle(now)
+                !s.idle(now, 15_000)
             });
         }
         assert_eq!(h.room_count(), 0);

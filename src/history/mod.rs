@@ -24,13 +24,20 @@
 //!   stores nothing and returns the original position (`duplicate: true`).
 //! - [`HistoryStore::read`] returns retained events with offset greater than
 //!   `since.offset`, oldest first, at most `limit`, plus the stream's current
-//!   top position.
+//!   top position. Reading a room that has no stream creates it (offset 0,
+//!   a new epoch), so the position a first join gets stays valid for the
+//!   appends that follow.
+//! - The first poll of an `append` future starts the work (e.g. queues the
+//!   command on the connection), so appends started in order by one
+//!   publisher get offsets in that order.
 //!
 //! The store is where a Redis implementation (streams plus an atomic
 //! publish script) and a host's own fit; hubs sharing a store share streams.
 
+mod config;
 mod memory;
 
+pub use config::{HistoryConfig, RoomHistory};
 pub use memory::MemoryHistory;
 
 use crate::error::Result;

@@ -132,7 +132,12 @@ async fn forward(mut sub: Subscription, room: String, hub: Weak<HubInner>, _guar
                 Some(msg) => Hub { inner }.deliver_remote(&room, msg),
                 None => tracing::warn!(room, "ignoring malformed backplane message"),
             },
-            Err(e) => tracing::warn!(room, error = %e, "backplane subscription reported a problem"),
+            Err(e) => {
+                tracing::warn!(room, error = %e, "backplane subscription reported a problem");
+                // Messages may have been lost: a recoverable room reads what
+                // it missed from the store at once.
+                Hub { inner }.backplane_gap(&room);
+            }
         }
     }
     tracing::warn!(room, "backplane subscription ended");

@@ -4,6 +4,7 @@ mod backplane_link;
 mod config;
 mod heartbeat;
 pub(crate) mod session;
+pub(crate) mod stream;
 
 pub use config::{HubConfig, OverflowPolicy};
 
@@ -12,6 +13,7 @@ use crate::backplane::message::RoomMessage;
 use crate::backplane::Backplane;
 use crate::error::{Error, ErrorKind, Result};
 use crate::handler::{CallError, FieldErrors, Handler, TypedHandler};
+use crate::history::{HistoryConfig, HistoryRead, HistoryStore, StreamPosition};
 use crate::protocol::{CloseCode, ErrorCode, Format, Kind, Parts, Payload, ProtocolError};
 use crate::room::{validate_room_name, Member, Rooms};
 use crate::security::{Admission, AdmissionState, SecurityConfig};
@@ -222,9 +224,18 @@ pub(crate) struct HubInner {
     heartbeat: OnceLock<mpsc::Sender<Weak<Session>>>,
     pub(crate) backplane: Option<Arc<BackplaneLink>>,
     pub(crate) presence: Option<crate::presence::PresenceHub>,
+    pub(crate) history: Option<HistoryLink>,
     shutting_down: AtomicBool,
     shutdown: CancellationToken,
     sessions_changed: Notify,
+}
+
+/// The hub's history store and which rooms are recoverable.
+pub(crate) struct HistoryLink {
+    pub(crate) store: Arc<dyn HistoryStore>,
+    pub(crate) config: HistoryConfig,
+    /// The position-check task, started with the first recoverable room.
+    pub(crate) checker: OnceLock<()>,
 }
 
 impl Drop for HubInner {
@@ -281,6 +292,7 @@ pub struct HubBuilder {
     hooks: Hooks,
     backplane: Option<Arc<dyn Backplane>>,
     pub(crate) presence: crate::presence::Setup,
+    history: Option<(Arc<dyn HistoryStore>, HistoryConfig)>,
 }
 
 impl fmt::Debug for HubBuilder {
@@ -401,6 +413,16 @@ impl HubBuilder {
         self
     }
 
+    /// Keeps the history of the rooms `config` makes recoverable in `store`
+    /// (default: no room is recoverable). Hubs linked by a backplane must
+    /// share one store (e.g. a clone of the same
+    /// [`MemoryHistory`](crate::history::MemoryHistory) in one process).
+    /// See [`history`](crate::history) and `docs/recovery.md`.
+    pub fn history(mut self, store: impl HistoryStore, config: HistoryConfig) -> Self {
+        self.history = Some((Arc::new(store), config));
+        self
+    }
+
     /// Builds the hub. Needs no runtime; tasks start with the first connection.
     pub fn build(self) -> Hub {
         let node = random_u64();
@@ -423,6 +445,7 @@ impl HubBuilder {
                 heartbeat: OnceLock::new(),
                 presence: self.presence.build(node, self.backplane.is_some()),
                 backplane: self.backplane.map(|b| Arc::new(BackplaneLink::new(b))),
+                history: self.history.map(|(store, config)| HistoryLink { store, config, checker: OnceLock::new() }),
                 shutting_down: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
                 sessions_changed: Notify::new(),
@@ -438,13 +461,43 @@ pub(crate) fn random_u64() -> u64 {
 }
 
 /// The future returned by [`Hub::publish`]: resolves when the backplane
-/// accepted the message (local members were queued when it was created).
-#[must_use = "local delivery already happened; await this to learn whether other nodes got it"]
+/// accepted the message (local members were queued when it was created; in
+/// a recoverable room, when the store appended it — at once with an
+/// in-memory store, otherwise in a task spawned by `publish`, so dropping
+/// this future loses nothing).
+#[must_use = "delivery is under way; await this to learn whether it was stored and reached other nodes"]
 pub struct Publish(PublishState);
 
 enum PublishState {
-    Done(Option<Error>),
-    Backplane(futures::future::BoxFuture<'static, Result<()>>),
+    Done(Option<Error>, Published),
+    Backplane(futures::future::BoxFuture<'static, Result<()>>, Published),
+    Task(futures::future::BoxFuture<'static, Result<Published>>),
+}
+
+/// What a completed [`Publish`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Published {
+    /// In a recoverable room, the event's position in the room's stream
+    /// (for a duplicate, the original's); `None` in other rooms.
+    pub position: Option<StreamPosition>,
+    /// `true` when the idempotency key was seen before: nothing was stored
+    /// or delivered again.
+    pub duplicate: bool,
+}
+
+/// As `{"offset": 7, "epoch": "…", "duplicate": false}` (`null` offset and
+/// epoch outside recoverable rooms), so a handler can return it as its
+/// reply — e.g. to confirm an optimistic update with its stream position.
+impl Serialize for Published {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("Published", 3)?;
+        st.serialize_field("offset", &self.position.as_ref().map(|p| p.offset))?;
+        st.serialize_field("epoch", &self.position.as_ref().map(|p| &*p.epoch))?;
+        st.serialize_field("duplicate", &self.duplicate)?;
+        st.end()
+    }
 }
 
 impl fmt::Debug for Publish {
@@ -454,15 +507,21 @@ impl fmt::Debug for Publish {
 }
 
 impl Future for Publish {
-    type Output = Result<()>;
+    type Output = Result<Published>;
 
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<()>> {
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<Published>> {
+        use std::task::Poll;
         match &mut self.0 {
-            PublishState::Done(e) => std::task::Poll::Ready(match e.take() {
+            PublishState::Done(e, p) => Poll::Ready(match e.take() {
                 Some(e) => Err(e),
-                None => Ok(()),
+                None => Ok(std::mem::take(p)),
             }),
-            PublishState::Backplane(f) => f.as_mut().poll(cx),
+            PublishState::Backplane(f, p) => match f.as_mut().poll(cx) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(std::mem::take(p))),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
+            PublishState::Task(f) => f.as_mut().poll(cx),
         }
     }
 }
@@ -492,15 +551,17 @@ impl Drop for Rollback<'_> {
 }
 
 /// Encodes one publish at most once per format, however many recipients.
-struct Encoded<'a> {
-    room: Option<&'a str>,
-    event: &'a str,
-    payload: &'a mut dyn FnMut(Format) -> std::result::Result<Option<Payload>, ProtocolError>,
-    frames: [Option<Bytes>; 2],
+pub(crate) struct Encoded<'a> {
+    pub(crate) room: Option<&'a str>,
+    pub(crate) event: &'a str,
+    /// The event's offset in a recoverable room.
+    pub(crate) offset: Option<u64>,
+    pub(crate) payload: &'a mut dyn FnMut(Format) -> std::result::Result<Option<Payload>, ProtocolError>,
+    pub(crate) frames: [Option<Bytes>; 2],
 }
 
 impl Encoded<'_> {
-    fn get(&mut self, format: Format) -> std::result::Result<Bytes, ProtocolError> {
+    pub(crate) fn get(&mut self, format: Format) -> std::result::Result<Bytes, ProtocolError> {
         if let Some(b) = &self.frames[format.index()] {
             return Ok(b.clone());
         }
@@ -509,6 +570,7 @@ impl Encoded<'_> {
             room: self.room,
             event: Some(self.event),
             data: payload.as_ref().map(|p| p.bytes().as_ref()),
+            offset: self.offset,
             ..Parts::new(Kind::Event)
         };
         let bytes = parts.encode(format);
@@ -539,7 +601,17 @@ impl Hub {
             hooks: Hooks::default(),
             backplane: None,
             presence: Default::default(),
+            history: None,
         }
+    }
+
+    pub(crate) fn history(&self) -> Option<&HistoryLink> {
+        self.inner.history.as_ref()
+    }
+
+    /// The history settings of `room` when it is recoverable.
+    fn recoverable(&self, room: &str) -> Option<&crate::history::RoomHistory> {
+        self.inner.history.as_ref()?.config.room(room)
     }
 
     /// The configuration.
@@ -751,7 +823,7 @@ impl Hub {
         let session = self.inner.sessions.read().get(&id).cloned();
         let session = session.ok_or_else(|| CallError::with_code(ErrorCode::BAD_REQUEST, "not connected"))?;
         validate_room_name(room).map_err(CallError::bad_request)?;
-        self.add_member(&session, room).await?;
+        self.add_member(&session, room, stream::Want::Live, None).await?;
         self.presence_joined(&session, room);
         Ok(())
     }
@@ -762,12 +834,17 @@ impl Hub {
         session.is_some_and(|s| self.leave_session(&s, room))
     }
 
+    /// A client's join: the authorizer, then the membership. Returns
+    /// whether the reply was already queued (recoverable rooms queue it
+    /// before their replay).
     pub(crate) async fn join_session(
         &self,
         session: &Arc<Session>,
         room: &str,
         params: Option<Payload>,
-    ) -> std::result::Result<(), CallError> {
+        want: stream::Want,
+        reference: Option<u64>,
+    ) -> std::result::Result<bool, CallError> {
         if let Some(auth) = &self.inner.authorize_join {
             let req = JoinRequest {
                 room: room.to_owned(),
@@ -777,17 +854,25 @@ impl Hub {
             };
             auth.authorize(req).await?;
         }
-        self.add_member(session, room).await
+        self.add_member(session, room, want, reference).await
     }
 
-    async fn add_member(&self, session: &Arc<Session>, room: &str) -> std::result::Result<(), CallError> {
+    /// Adds the membership; returns whether a reply was queued (only with a
+    /// `reference`, in a recoverable room).
+    async fn add_member(
+        &self,
+        session: &Arc<Session>,
+        room: &str,
+        want: stream::Want,
+        reference: Option<u64>,
+    ) -> std::result::Result<bool, CallError> {
         if self.is_shutting_down() {
             return Err(CallError::with_code(ErrorCode::UNAVAILABLE, "server is shutting down"));
         }
         let created = {
             let mut rooms = session.rooms.lock();
             if rooms.iter().any(|r| &**r == room) {
-                return Ok(());
+                return Ok(false);
             }
             if rooms.len() >= self.inner.config.max_rooms_per_connection {
                 return Err(CallError::with_code(ErrorCode::TOO_MANY_ROOMS, "room limit reached"));
@@ -795,10 +880,11 @@ impl Hub {
             if session.cancel.is_cancelled() {
                 return Err(CallError::with_code(ErrorCode::UNAVAILABLE, "connection is closing"));
             }
-            let (name, created) = self.inner.rooms.join(room, session);
+            let (name, created, stream) = self.inner.rooms.join(room, session, self.recoverable(room));
             rooms.push(name);
-            created
+            (created, stream)
         };
+        let (created, stream) = created;
         // Until the join is complete (subscription in step, hook run), a
         // failure — or the caller dropping this future, e.g. on a timeout —
         // takes the membership back without an `on_leave` for a join that
@@ -816,11 +902,21 @@ impl Hub {
                 return Err(CallError::with_code(ErrorCode::UNAVAILABLE, e));
             }
         }
+        // A recoverable room: merge history and the live stream, queue the
+        // reply and the replay, make the member live.
+        let replied = match &stream {
+            Some(stream) => {
+                self.start_position_check();
+                self.join_stream(session, stream, want, reference).await?;
+                reference.is_some()
+            }
+            None => false,
+        };
         rollback.armed = false;
         if let Some(h) = &self.inner.hooks.join {
             run_hook("join", || h(&Connection(session.clone(), self.clone()), room));
         }
-        Ok(())
+        Ok(replied)
     }
 
     /// Removes a membership; with `hook`, runs `on_leave`. `false` if the
@@ -890,7 +986,42 @@ impl Hub {
     /// (local members were served). The future is `'static` and `Send`, so
     /// it can be spawned.
     pub fn publish<T: Serialize + ?Sized>(&self, room: &str, event: &str, data: &T) -> Publish {
-        Publish(self.publish_now(room, event, data, 0))
+        Publish(self.publish_now(room, event, data, 0, None))
+    }
+
+    /// Like [`Hub::publish`], with an idempotency key: in a recoverable room,
+    /// a retried publish with a key the room's retained history has seen is
+    /// stored and delivered once (the retry resolves with the original's
+    /// position and [`Published::duplicate`]). In other rooms the key is
+    /// ignored.
+    pub fn publish_idempotent<T: Serialize + ?Sized>(&self, room: &str, event: &str, data: &T, key: &str) -> Publish {
+        Publish(self.publish_now(room, event, data, 0, Some(key)))
+    }
+
+    /// A page of `room`'s history, read from the store: the retained events
+    /// after `since` (or the newest ones with `None`), at most `limit`, and
+    /// the stream's top position. Errors with
+    /// [`ErrorKind::Config`] when the room is not recoverable.
+    pub fn history_page(
+        &self,
+        room: &str,
+        since: Option<StreamPosition>,
+        limit: usize,
+    ) -> BoxFuture<'static, Result<HistoryRead>> {
+        let Some(link) = self.history() else {
+            return Box::pin(async { Err(Error::msg(ErrorKind::Config, "no history store")) });
+        };
+        if link.config.room(room).is_none() {
+            return Box::pin(async { Err(Error::msg(ErrorKind::Config, "room is not recoverable")) });
+        }
+        link.store.read(room, since, limit)
+    }
+
+    /// The live position of a recoverable room on this node (the offset of
+    /// the last event delivered to its members here), if it has local
+    /// members.
+    pub fn room_position(&self, room: &str) -> Option<StreamPosition> {
+        self.inner.rooms.get(room)?.stream.as_ref()?.position()
     }
 
     /// Like [`Hub::publish`], skipping the connection `except` (typically the
@@ -902,15 +1033,31 @@ impl Hub {
         data: &T,
         except: ConnectionId,
     ) -> Publish {
-        Publish(self.publish_now(room, event, data, except.0))
+        Publish(self.publish_now(room, event, data, except.0, None))
     }
 
-    fn publish_now<T: Serialize + ?Sized>(&self, room: &str, event: &str, data: &T, exclude: u64) -> PublishState {
+    fn publish_now<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        event: &str,
+        data: &T,
+        exclude: u64,
+        key: Option<&str>,
+    ) -> PublishState {
+        let done = |e: Error| PublishState::Done(Some(e), Published::default());
         if let Err(why) = validate_room_name(room) {
-            return PublishState::Done(Some(Error::msg(ErrorKind::InvalidRoom, why)));
+            return done(Error::msg(ErrorKind::InvalidRoom, why));
         }
         if let Err(e) = check_event(event) {
-            return PublishState::Done(Some(e));
+            return done(e);
+        }
+        if let Some(settings) = self.recoverable(room) {
+            let payload = match Payload::encode(Format::Json, data).or_else(|_| Payload::encode(Format::MsgPack, data))
+            {
+                Ok(p) => p,
+                Err(e) => return done(e.into()),
+            };
+            return self.publish_positioned(room, event, payload, exclude, key, settings.retention);
         }
         let mut payloads: [Option<Payload>; 2] = [None, None];
         let mut payload_fn = |format: Format| -> std::result::Result<Option<Payload>, ProtocolError> {
@@ -921,11 +1068,12 @@ impl Hub {
             payloads[format.index()] = Some(p.clone());
             Ok(Some(p))
         };
-        let mut encoded = Encoded { room: Some(room), event, payload: &mut payload_fn, frames: [None, None] };
+        let mut encoded =
+            Encoded { room: Some(room), event, offset: None, payload: &mut payload_fn, frames: [None, None] };
         if let Err(e) = self.deliver_local(room, exclude, &mut encoded) {
-            return PublishState::Done(Some(e.into()));
+            return done(e.into());
         }
-        let Some(link) = &self.inner.backplane else { return PublishState::Done(None) };
+        let Some(link) = &self.inner.backplane else { return PublishState::Done(None, Published::default()) };
         // Other nodes get whichever encoding exists already (JSON first), so
         // the value is serialized no more often than local delivery needed.
         let [json, msgpack] = payloads;
@@ -933,11 +1081,73 @@ impl Hub {
             Some(p) => p,
             None => match Payload::encode(Format::Json, data).or_else(|_| Payload::encode(Format::MsgPack, data)) {
                 Ok(p) => p,
-                Err(e) => return PublishState::Done(Some(e.into())),
+                Err(e) => return done(e.into()),
             },
         };
-        let msg = RoomMessage::encode(self.inner.node, exclude, event, Some(&payload));
-        PublishState::Backplane(link.backplane.publish(room, msg))
+        let msg = RoomMessage::encode(self.inner.node, exclude, event, Some(&payload), None);
+        PublishState::Backplane(link.backplane.publish(room, msg), Published::default())
+    }
+
+    /// A publish to a recoverable room: append (the store assigns the
+    /// offset), deliver locally in offset order, then tell other nodes. The
+    /// work is polled once here, so with a store that answers at once local
+    /// delivery has happened when `publish` returns; otherwise it goes on in
+    /// a spawned task.
+    fn publish_positioned(
+        &self,
+        room: &str,
+        event: &str,
+        payload: Payload,
+        exclude: u64,
+        key: Option<&str>,
+        retention: crate::history::Retention,
+    ) -> PublishState {
+        let Some(link) = self.history() else { unreachable!("recoverable rooms need a history store") };
+        let append = crate::history::Append {
+            event: event.to_owned(),
+            data: Some(payload.clone()),
+            idempotency_key: key.map(str::to_owned),
+            retention,
+        };
+        let appending = link.store.append(room, append);
+        let (hub, room, event) = (self.clone(), room.to_owned(), Arc::<str>::from(event));
+        let work = async move {
+            let appended = appending.await?;
+            let position = appended.position;
+            let published = Published { position: Some(position.clone()), duplicate: appended.duplicate };
+            if appended.duplicate {
+                return Ok(published);
+            }
+            let ev = stream::Positioned {
+                offset: position.offset,
+                epoch: position.epoch.clone(),
+                event: event.clone(),
+                payload: Some(payload.clone()),
+                exclude,
+            };
+            hub.deliver_positioned(&room, ev);
+            if let Some(link) = &hub.inner.backplane {
+                let msg = RoomMessage::encode(hub.inner.node, exclude, &event, Some(&payload), Some(&position));
+                link.backplane.publish(&room, msg).await?;
+            }
+            Ok(published)
+        };
+        let mut work: BoxFuture<'static, Result<Published>> = Box::pin(work);
+        if let Some(result) = (&mut work).now_or_never() {
+            return match result {
+                Ok(p) => PublishState::Done(None, p),
+                Err(e) => PublishState::Done(Some(e), Published::default()),
+            };
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let task = rt.spawn(work);
+                PublishState::Task(Box::pin(async move {
+                    task.await.unwrap_or_else(|e| Err(Error::msg(ErrorKind::Backplane, format!("publish task: {e}"))))
+                }))
+            }
+            Err(_) => PublishState::Task(work),
+        }
     }
 
     /// Queues the event to every local member of `room` but `exclude`.
@@ -983,13 +1193,28 @@ impl Hub {
         if msg.origin == self.inner.node {
             return;
         }
+        if let Some(position) = msg.position {
+            let ev = stream::Positioned {
+                offset: position.offset,
+                epoch: position.epoch,
+                event: Arc::from(msg.event),
+                payload: msg.payload,
+                exclude: 0,
+            };
+            return self.deliver_positioned(room, ev);
+        }
         let source = msg.payload;
         let mut payload_fn = |format: Format| match &source {
             Some(p) => p.to_format(format).map(Some),
             None => Ok(None),
         };
-        let mut encoded =
-            Encoded { room: Some(room), event: &msg.event, payload: &mut payload_fn, frames: [None, None] };
+        let mut encoded = Encoded {
+            room: Some(room),
+            event: &msg.event,
+            offset: None,
+            payload: &mut payload_fn,
+            frames: [None, None],
+        };
         // `msg.exclude` is a connection id of the origin node, which already
         // skipped it; ids are per hub, so here it would name an unrelated
         // connection that happens to have the same number.
@@ -1019,7 +1244,7 @@ impl Hub {
             users.get(user).map(|ids| ids.iter().filter_map(|i| sessions.get(i).cloned()).collect()).unwrap_or_default()
         };
         let mut payload_fn = |format: Format| Payload::encode(format, data).map(Some);
-        let mut encoded = Encoded { room: None, event, payload: &mut payload_fn, frames: [None, None] };
+        let mut encoded = Encoded { room: None, event, offset: None, payload: &mut payload_fn, frames: [None, None] };
         // As in a room publish: a format that cannot encode the value skips
         // its connections, the others are served, the error is returned.
         let mut error = None;

@@ -6,9 +6,11 @@
 //! semaphore. Heartbeats are driven by the hub's shared timer wheel (see
 //! `heartbeat.rs`), not by a task here.
 
+use super::stream::Want;
 use super::{ConnectionState, DisconnectReason, Hub, OverflowPolicy, TaskGuard};
 use crate::auth::Identity;
 use crate::handler::{Call, CallError};
+use crate::history::StreamPosition;
 use crate::protocol::{CloseCode, Envelope, ErrorCode, Format, Kind, Parts, Payload};
 use crate::room::validate_room_name;
 use crate::security::Limiter;
@@ -137,6 +139,15 @@ impl Session {
         self.push(frame);
     }
 
+    /// Queues an event of a recoverable room: if the drop-oldest policy
+    /// drops it, the client is told the room and offset range in a `gap`.
+    pub(crate) fn push_tagged(&self, bytes: bytes::Bytes, room: &Arc<str>, offset: u64) {
+        let frame = if self.format.is_binary() { Frame::Binary(bytes) } else { Frame::Text(bytes) };
+        if let Push::Overflow = self.outbox.push_queued(Queued { frame, tag: Some((room.clone(), offset)) }) {
+            self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
+        }
+    }
+
     /// Queues a data frame under the overflow policy.
     pub(crate) fn push(&self, frame: Frame) {
         if let Push::Overflow = self.outbox.push(frame) {
@@ -248,9 +259,20 @@ pub(crate) struct Outbox {
     policy: OverflowPolicy,
 }
 
+/// A queued data frame; events of recoverable rooms carry their room and
+/// offset, so a drop can be reported as a gap.
+pub(crate) struct Queued {
+    frame: Frame,
+    tag: Option<(Arc<str>, u64)>,
+}
+
+/// Most gap ranges remembered between two writes; beyond it a room's last
+/// range is widened (the client is told of a superset, never of less).
+const MAX_GAP_RANGES: usize = 64;
+
 #[derive(Default)]
 struct OutState {
-    queue: VecDeque<Frame>,
+    queue: VecDeque<Queued>,
     /// The pending heartbeat ping, written before the queue. Kept apart so it
     /// is never counted in `bytes` (a protocol ping is a text or binary
     /// frame) nor dropped as data under the drop-oldest policy.
@@ -263,6 +285,9 @@ struct OutState {
     peak: usize,
     /// Dropped since the last `lagged` notice (drop-oldest policy).
     lagged: u64,
+    /// Offset ranges of recoverable rooms dropped since the last write:
+    /// `(room, from, to)`, sent as `gap` notices.
+    gaps: Vec<(Arc<str>, u64, u64)>,
     dropped_total: u64,
     /// Close decided: no more data is accepted.
     closing: bool,
@@ -283,7 +308,11 @@ impl Outbox {
     }
 
     fn push(&self, frame: Frame) -> Push {
-        let len = data_len(&frame);
+        self.push_queued(Queued { frame, tag: None })
+    }
+
+    fn push_queued(&self, item: Queued) -> Push {
+        let len = data_len(&item.frame);
         let mut st = self.state.lock();
         if st.closing {
             return Push::Closed;
@@ -294,14 +323,20 @@ impl Outbox {
                 OverflowPolicy::DropOldest => {
                     while st.bytes + len > self.limit {
                         let Some(old) = st.queue.pop_front() else { break };
-                        st.bytes -= data_len(&old);
+                        st.bytes -= data_len(&old.frame);
                         st.lagged += 1;
                         st.dropped_total += 1;
+                        if let Some((room, offset)) = old.tag {
+                            note_gap(&mut st.gaps, room, offset);
+                        }
                     }
                     if st.bytes + len > self.limit {
                         // The writer's in-flight batch holds the rest: drop the new one.
                         st.lagged += 1;
                         st.dropped_total += 1;
+                        if let Some((room, offset)) = item.tag {
+                            note_gap(&mut st.gaps, room, offset);
+                        }
                         drop(st);
                         self.notify.notify_one();
                         return Push::Dropped;
@@ -311,7 +346,7 @@ impl Outbox {
         }
         st.bytes += len;
         st.peak = st.peak.max(st.bytes);
-        st.queue.push_back(frame);
+        st.queue.push_back(item);
         drop(st);
         self.notify.notify_one();
         Push::Queued
@@ -335,7 +370,7 @@ impl Outbox {
         st.closing = true;
         st.close_frame = frame;
         if discard {
-            let freed: usize = st.queue.drain(..).map(|f| data_len(&f)).sum();
+            let freed: usize = st.queue.drain(..).map(|q| data_len(&q.frame)).sum();
             st.bytes -= freed;
         }
         drop(st);
@@ -361,15 +396,19 @@ async fn write_loop<S>(session: Arc<Session>, mut sink: S) -> bool
 where
     S: Sink<Frame, Error = TransportError> + Unpin,
 {
-    let mut batch = VecDeque::new();
+    let mut batch: VecDeque<Queued> = VecDeque::new();
+    let mut gaps: Vec<(Arc<str>, u64, u64)> = Vec::new();
     loop {
         let (ping, pong, batch_bytes, lagged, close, closing) = {
             let mut st = session.outbox.state.lock();
             std::mem::swap(&mut st.queue, &mut batch);
-            let bytes: usize = batch.iter().map(data_len).sum();
+            let bytes: usize = batch.iter().map(|q| data_len(&q.frame)).sum();
+            if !st.gaps.is_empty() {
+                std::mem::swap(&mut st.gaps, &mut gaps);
+            }
             (st.ping.take(), st.pong.take(), bytes, std::mem::take(&mut st.lagged), st.close_frame.take(), st.closing)
         };
-        if ping.is_none() && pong.is_none() && batch.is_empty() && lagged == 0 && close.is_none() {
+        if ping.is_none() && pong.is_none() && batch.is_empty() && lagged == 0 && gaps.is_empty() && close.is_none() {
             if closing {
                 return false;
             }
@@ -389,8 +428,20 @@ where
                 let frame = if session.format.is_binary() { Frame::Binary(bytes) } else { Frame::Text(bytes) };
                 sink.feed(frame).await?;
             }
-            for frame in batch.drain(..) {
-                sink.feed(frame).await?;
+            for (room, from, to) in gaps.drain(..) {
+                let data = super::stream::gap_payload(
+                    session.format,
+                    Some(from),
+                    Some(to),
+                    super::stream::GapReason::SlowConsumer,
+                    None,
+                );
+                let bytes = Parts { room: Some(&room), data: Some(data.bytes()), ..Parts::new(Kind::Gap) }
+                    .encode(session.format);
+                sink.feed(if session.format.is_binary() { Frame::Binary(bytes) } else { Frame::Text(bytes) }).await?;
+            }
+            for q in batch.drain(..) {
+                sink.feed(q.frame).await?;
             }
             sink.flush().await
         }
@@ -409,6 +460,23 @@ where
     }
 }
 
+/// Adds a dropped event to the gap ranges (see [`MAX_GAP_RANGES`]).
+fn note_gap(gaps: &mut Vec<(Arc<str>, u64, u64)>, room: Arc<str>, offset: u64) {
+    if let Some(g) = gaps.iter_mut().rev().find(|g| g.0 == room) {
+        if g.2 + 1 == offset {
+            g.2 = offset;
+            return;
+        }
+        if gaps.len() >= MAX_GAP_RANGES {
+            let g = gaps.iter_mut().rev().find(|g| g.0 == room).expect("found above");
+            g.1 = g.1.min(offset);
+            g.2 = g.2.max(offset);
+            return;
+        }
+    }
+    gaps.push((room, offset, offset));
+}
+
 fn lagged_payload(format: Format, dropped: u64) -> Payload {
     #[derive(serde::Serialize)]
     struct Lag {
@@ -416,6 +484,9 @@ fn lagged_payload(format: Format, dropped: u64) -> Payload {
     }
     Payload::encode(format, &Lag { dropped }).unwrap_or_else(|_| Payload::null(format))
 }
+
+/// Longest `epoch` a client may send in a `join`.
+const MAX_EPOCH_LEN: usize = 64;
 
 /// Runs a connection to its end. Called by [`Hub::serve`].
 pub(crate) async fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) {
@@ -676,6 +747,23 @@ fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Enve
     if !session.allows_room(&room) {
         return session.send_error(env.reference, ErrorCode::FORBIDDEN.0, "token does not allow this room");
     }
+    let want = match (env.offset, env.epoch.as_deref(), env.rewind) {
+        (Some(_), Some(_), Some(_)) => {
+            return session.send_error(env.reference, ErrorCode::BAD_REQUEST.0, "`rewind` cannot go with a position");
+        }
+        (Some(offset), Some(epoch), None) => {
+            if epoch.len() > MAX_EPOCH_LEN {
+                return session.send_error(env.reference, ErrorCode::BAD_REQUEST.0, "`epoch` is longer than 64 bytes");
+            }
+            Want::Since(StreamPosition { offset, epoch: Arc::from(epoch) })
+        }
+        (None, None, Some(n)) => Want::Rewind(usize::try_from(n).unwrap_or(usize::MAX)),
+        (None, None, None) => Want::Live,
+        _ => {
+            let msg = "a recovering `join` needs both `offset` and `epoch`";
+            return session.send_error(env.reference, ErrorCode::BAD_REQUEST.0, msg);
+        }
+    };
     let Some(permit) = acquire(session, env.reference) else { return };
     let (hub, session) = (hub.clone(), session.clone());
     let guard = TaskGuard::new(&hub.inner);
@@ -685,13 +773,15 @@ fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Enve
         let timeout = hub.inner.config.handler_timeout;
         // A panic in the host's join authorizer is answered with a 500, as a
         // panicking handler is; uncaught, the join would never be answered.
-        let join = AssertUnwindSafe(hub.join_session(&session, &room, env.data)).catch_unwind();
+        let join = AssertUnwindSafe(hub.join_session(&session, &room, env.data, want, env.reference)).catch_unwind();
         match tokio::time::timeout(timeout, join).await {
             Err(_) => session.send_error(env.reference, ErrorCode::TIMEOUT.0, "join timed out"),
             Ok(Err(_panic)) => session.send_error(env.reference, ErrorCode::INTERNAL.0, "join failed"),
             Ok(Ok(Err(e))) => session.send_call_error(env.reference, &e),
-            Ok(Ok(Ok(()))) => {
-                room_reply(&session, env.reference, &room);
+            Ok(Ok(Ok(replied))) => {
+                if !replied {
+                    room_reply(&session, env.reference, &room);
+                }
                 // Presence state goes right after the reply, never before.
                 hub.presence_joined(&session, &room);
             }

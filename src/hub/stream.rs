@@ -1,0 +1,721 @@
+//! Recoverable rooms: in-order delivery by offset, gap filling from the
+//! store, and the join that merges history with the live stream.
+//!
+//! Every event of a recoverable room has an offset assigned by the
+//! [`HistoryStore`](crate::history::HistoryStore) when it was appended. Events
+//! reach a node from its own publishers and from the backplane, in any order;
+//! the room's [`RoomStream`] delivers them to local members strictly by
+//! offset:
+//!
+//! - the next offset is delivered at once, then any waiting successors;
+//! - an older or already delivered one is dropped (a duplicate);
+//! - a later one waits in `pending` (bounded by
+//!   [`HistoryConfig::max_pending`](crate::history::HistoryConfig::max_pending))
+//!   while one *fill* task per room waits
+//!   [`gap_wait`](crate::history::HistoryConfig::gap_wait) and then reads the
+//!   missing offsets from the store. Offsets the store no longer has are
+//!   reported to members as a `gap` (reason `missed`), never skipped
+//!   silently. A changed epoch (the store lost history) is reported as a
+//!   `gap` with reason `epoch_changed`.
+//!
+//! A periodic position check (one task per hub) runs the same fill for every
+//! recoverable room with local members, which catches events whose backplane
+//! message was lost when no later event reveals the hole.
+//!
+//! **Join.** A joining member is added as *recovering*: live deliveries skip
+//! it. The join reads the store (subscribe first, then read), then, under
+//! the stream's lock, takes the events up to the room's live position `L`
+//! from what it read (reading again if the room moved past what the read
+//! covered), queues the reply and the replay, and makes the member live: the
+//! next live event it gets is `L + 1`. Nothing is lost or duplicated in the
+//! race, because both the replay and the live stream are cut at `L` under
+//! one lock.
+//!
+//! Lock order: stream state → room members → session outbox. Nothing awaits
+//! under the stream lock.
+
+use super::{Encoded, Hub, HubInner, TaskGuard};
+use crate::history::{HistoryRead, Publication, RoomHistory, StreamPosition};
+use crate::protocol::{Format, Kind, Parts, Payload, ProtocolError};
+use crate::ConnectionId;
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Weak};
+
+/// Why members were told of a gap (`gap.data.reason`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum GapReason {
+    /// The connection read too slowly; its queue dropped them (drop-oldest).
+    SlowConsumer,
+    /// The node never received them and the store no longer has them.
+    Missed,
+    /// The stream was reset (new epoch): positions start over.
+    EpochChanged,
+}
+
+impl GapReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            GapReason::SlowConsumer => "slow_consumer",
+            GapReason::Missed => "missed",
+            GapReason::EpochChanged => "epoch_changed",
+        }
+    }
+}
+
+/// The `data` of a `gap` message.
+pub(crate) fn gap_payload(
+    format: Format,
+    from: Option<u64>,
+    to: Option<u64>,
+    reason: GapReason,
+    epoch: Option<&str>,
+) -> Payload {
+    #[derive(Serialize)]
+    struct Gap<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        from: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        to: Option<u64>,
+        reason: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<&'a str>,
+    }
+    Payload::encode(format, &Gap { from, to, reason: reason.as_str(), epoch }).unwrap_or_else(|_| Payload::null(format))
+}
+
+/// One event of a recoverable room on its way to local members.
+#[derive(Clone)]
+pub(crate) struct Positioned {
+    pub(crate) offset: u64,
+    pub(crate) epoch: Arc<str>,
+    pub(crate) event: Arc<str>,
+    pub(crate) payload: Option<Payload>,
+    /// A connection of *this* node not to deliver to (0: none).
+    pub(crate) exclude: u64,
+}
+
+impl Positioned {
+    fn from_publication(p: Publication, epoch: &Arc<str>) -> Positioned {
+        // `Publication::event` is a String; one allocation per filled event.
+        Positioned { offset: p.offset, epoch: epoch.clone(), event: Arc::from(p.event), payload: p.data, exclude: 0 }
+    }
+}
+
+/// The stream of one recoverable room on this node.
+pub(crate) struct RoomStream {
+    pub(crate) name: Arc<str>,
+    pub(crate) settings: RoomHistory,
+    state: Mutex<StreamState>,
+}
+
+struct StreamState {
+    /// The epoch of `last`.
+    epoch: Arc<str>,
+    /// The offset of the last event delivered to live members; `None` until
+    /// the first join read the store.
+    last: Option<u64>,
+    /// Events ahead of `last + 1`, waiting for their predecessors.
+    pending: BTreeMap<u64, Positioned>,
+    /// Members whose join has not merged yet: live deliveries skip them.
+    recovering: Vec<ConnectionId>,
+    /// While someone is recovering: the events delivered live after
+    /// `recent_start`, so a join whose read the room has moved past takes
+    /// the rest from here instead of reading again (a slow store would
+    /// otherwise never catch up with a busy room). At most `max_pending`;
+    /// empty (and free) when nobody is recovering.
+    recent: std::collections::VecDeque<Positioned>,
+    recent_start: u64,
+    /// A fill task is scheduled or running.
+    filling: bool,
+}
+
+/// A join's merge in progress.
+struct Merge {
+    want: Want,
+    /// Events read so far (up to the live position), oldest first.
+    collected: Vec<Positioned>,
+    /// Every read so far was complete.
+    complete: bool,
+}
+
+impl Merge {
+    /// The first read: `(since, limit)`.
+    fn first_read(&self, max_replay: usize) -> (Option<StreamPosition>, usize) {
+        match &self.want {
+            Want::Live => (None, 0),
+            // One more than the cap, to tell "too many" from "exactly".
+            Want::Since(p) => (Some(p.clone()), max_replay.saturating_add(1)),
+            Want::Rewind(n) => (None, (*n).min(max_replay)),
+        }
+    }
+}
+
+/// The outcome of one merge attempt.
+enum Step {
+    Done,
+    /// Read again after this position.
+    ReadMore(StreamPosition),
+    /// Wait for the room to catch up with the store, then start over.
+    Wait,
+}
+
+/// What a join asked for.
+#[derive(Debug, Clone)]
+pub(crate) enum Want {
+    /// Live events only.
+    Live,
+    /// The events after this position (recovery).
+    Since(StreamPosition),
+    /// The newest `n` retained events first.
+    Rewind(usize),
+}
+
+impl RoomStream {
+    pub(crate) fn new(name: Arc<str>, settings: RoomHistory) -> RoomStream {
+        RoomStream {
+            name,
+            settings,
+            state: Mutex::new(StreamState {
+                epoch: Arc::from(""),
+                last: None,
+                pending: BTreeMap::new(),
+                recovering: Vec::new(),
+                recent: std::collections::VecDeque::new(),
+                recent_start: 0,
+                filling: false,
+            }),
+        }
+    }
+
+    pub(crate) fn add_recovering(&self, id: ConnectionId) {
+        let mut st = self.state.lock();
+        if st.recovering.is_empty() {
+            st.recent.clear();
+            st.recent_start = st.last.unwrap_or(0);
+        }
+        if !st.recovering.contains(&id) {
+            st.recovering.push(id);
+        }
+    }
+
+    pub(crate) fn remove_recovering(&self, id: ConnectionId) {
+        self.state.lock().stop_recovering(id);
+    }
+
+    /// The live position (`None` before the first join merged).
+    pub(crate) fn position(&self) -> Option<StreamPosition> {
+        let st = self.state.lock();
+        st.last.map(|offset| StreamPosition { offset, epoch: st.epoch.clone() })
+    }
+}
+
+impl StreamState {
+    fn stop_recovering(&mut self, id: ConnectionId) {
+        self.recovering.retain(|r| *r != id);
+        if self.recovering.is_empty() {
+            self.recent = std::collections::VecDeque::new();
+        }
+    }
+}
+
+/// Delivers the next event to live members, moves `last` and, while joins
+/// are merging, remembers it in `recent`.
+fn deliver_next(hub: &Hub, stream: &RoomStream, st: &mut StreamState, ev: Positioned) {
+    deliver(hub, stream, st, &ev);
+    st.last = Some(ev.offset);
+    if !st.recovering.is_empty() {
+        let max = hub.history().map_or(1000, |h| h.config.max_pending).max(1);
+        if st.recent.len() >= max {
+            if let Some(old) = st.recent.pop_front() {
+                st.recent_start = old.offset;
+            }
+        }
+        st.recent.push_back(ev);
+    }
+}
+
+/// The room `stream` belongs to, if it still exists: a room emptied and
+/// joined again is a new room with a new stream, and a late fill of the old
+/// stream must not reach the new room's members.
+fn room_of(hub: &Hub, stream: &RoomStream) -> Option<Arc<crate::room::Room>> {
+    let room = hub.inner.rooms.get(&stream.name)?;
+    let same = room.stream.as_ref().is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), stream));
+    same.then_some(room)
+}
+
+/// Queues `ev` to every live member of the room but its excluded one.
+fn deliver(hub: &Hub, stream: &RoomStream, st: &StreamState, ev: &Positioned) {
+    let Some(room) = room_of(hub, stream) else { return };
+    let source = &ev.payload;
+    let mut payload_fn = |format: Format| -> Result<Option<Payload>, ProtocolError> {
+        match source {
+            Some(p) => p.to_format(format).map(Some),
+            None => Ok(None),
+        }
+    };
+    let mut encoded = Encoded {
+        room: Some(&stream.name),
+        event: &ev.event,
+        offset: Some(ev.offset),
+        payload: &mut payload_fn,
+        frames: [None, None],
+    };
+    let members = room.members.read();
+    for (id, session) in members.iter() {
+        if id.get() == ev.exclude || st.recovering.contains(id) {
+            continue;
+        }
+        match encoded.get(session.format) {
+            Ok(bytes) => session.push_tagged(bytes, &stream.name, ev.offset),
+            Err(e) => tracing::warn!(room = %stream.name, error = %e, "event not representable in a member's format"),
+        }
+    }
+}
+
+/// Tells every live member that events `from..=to` are lost to them.
+fn announce_gap(
+    hub: &Hub,
+    stream: &RoomStream,
+    st: &StreamState,
+    from: Option<u64>,
+    to: Option<u64>,
+    reason: GapReason,
+) {
+    let Some(room) = room_of(hub, stream) else { return };
+    tracing::warn!(room = %stream.name, ?from, ?to, reason = reason.as_str(), "room stream gap");
+    let epoch = Some(&*st.epoch);
+    let mut frames: [Option<bytes::Bytes>; 2] = [None, None];
+    let members = room.members.read();
+    for (id, session) in members.iter() {
+        if st.recovering.contains(id) {
+            continue;
+        }
+        let f = session.format;
+        let bytes = frames[f.index()]
+            .get_or_insert_with(|| {
+                let data = gap_payload(f, from, to, reason, epoch);
+                Parts { room: Some(&stream.name), data: Some(data.bytes()), ..Parts::new(Kind::Gap) }.encode(f)
+            })
+            .clone();
+        session.push_encoded(bytes);
+    }
+}
+
+/// Delivers what `pending` holds right after `last`; drops what is stale.
+fn drain_pending(hub: &Hub, stream: &RoomStream, st: &mut StreamState) {
+    let Some(mut last) = st.last else { return };
+    while let Some(entry) = st.pending.first_entry() {
+        let offset = *entry.key();
+        if offset <= last {
+            entry.remove();
+            continue;
+        }
+        if offset != last + 1 {
+            break;
+        }
+        let ev = entry.remove();
+        deliver_next(hub, stream, st, ev);
+        last = offset;
+    }
+}
+
+impl Hub {
+    /// Delivers an event of a recoverable room to local members, in offset
+    /// order (see the module docs).
+    pub(crate) fn deliver_positioned(&self, room: &str, ev: Positioned) {
+        let Some(r) = self.inner.rooms.get(room) else { return };
+        let Some(stream) = r.stream.clone() else {
+            // This node does not keep the room recoverable (configurations
+            // differ between nodes): plain delivery, without the offset.
+            let source = ev.payload;
+            let mut payload_fn = |format: Format| match &source {
+                Some(p) => p.to_format(format).map(Some),
+                None => Ok(None),
+            };
+            let mut encoded = Encoded {
+                room: Some(room),
+                event: &ev.event,
+                offset: None,
+                payload: &mut payload_fn,
+                frames: [None, None],
+            };
+            if let Err(e) = self.deliver_local(room, ev.exclude, &mut encoded) {
+                tracing::warn!(room, error = %e, "dropping undeliverable event");
+            }
+            return;
+        };
+        drop(r);
+        let mut st = stream.state.lock();
+        let Some(last) = st.last else {
+            // The first join has not read the store yet: it decides where
+            // the live stream starts; keep the event for it.
+            self.hold(&stream, &mut st, ev);
+            return;
+        };
+        if ev.epoch != st.epoch {
+            // Another epoch: the store lost history (or this is a straggler
+            // of the old one). The fill asks the store which is current.
+            self.arm_fill(&stream, &mut st, true);
+            return;
+        }
+        if ev.offset <= last {
+            return;
+        }
+        if ev.offset == last + 1 {
+            deliver_next(self, &stream, &mut st, ev);
+            drain_pending(self, &stream, &mut st);
+            return;
+        }
+        self.hold(&stream, &mut st, ev);
+    }
+
+    /// The backplane reported lost messages for `room`: a recoverable room
+    /// checks the store now instead of at the next position check.
+    pub(crate) fn backplane_gap(&self, room: &str) {
+        let Some(stream) = self.inner.rooms.get(room).and_then(|r| r.stream.clone()) else { return };
+        let mut st = stream.state.lock();
+        if st.last.is_some() {
+            self.arm_fill(&stream, &mut st, true);
+        }
+    }
+
+    /// Keeps an event that arrived ahead of its predecessors and schedules a
+    /// fill (at once when `pending` is full).
+    fn hold(&self, stream: &Arc<RoomStream>, st: &mut StreamState, ev: Positioned) {
+        let max = self.history().map_or(1000, |h| h.config.max_pending).max(1);
+        st.pending.insert(ev.offset, ev);
+        let full = st.pending.len() >= max;
+        if full {
+            // Bound: the newest wait; the oldest are read from the store.
+            while st.pending.len() > max {
+                st.pending.pop_first();
+            }
+        }
+        if st.last.is_some() {
+            self.arm_fill(stream, st, full);
+        }
+    }
+
+    /// Starts the room's fill task unless one is scheduled.
+    fn arm_fill(&self, stream: &Arc<RoomStream>, st: &mut StreamState, now: bool) {
+        if st.filling {
+            return;
+        }
+        let Some(history) = self.history() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(room = %stream.name, "no tokio runtime: cannot fill a stream gap");
+            return;
+        };
+        st.filling = true;
+        let delay = if now { std::time::Duration::ZERO } else { history.config.gap_wait };
+        let (weak, stream) = (Arc::downgrade(&self.inner), stream.clone());
+        let guard = TaskGuard::new(&self.inner);
+        rt.spawn(async move {
+            let _guard = guard;
+            tokio::time::sleep(delay).await;
+            fill(weak, stream).await;
+        });
+    }
+
+    /// The join of a recoverable room: reads the store, merges with the live
+    /// stream, queues the reply (when `reference` is given) and the replay,
+    /// and makes the member live. See the module docs.
+    pub(crate) async fn join_stream(
+        &self,
+        session: &Arc<super::session::Session>,
+        stream: &Arc<RoomStream>,
+        want: Want,
+        reference: Option<u64>,
+    ) -> Result<(), crate::CallError> {
+        use crate::protocol::ErrorCode;
+        let unavailable =
+            |e: crate::Error| crate::CallError::with_code(ErrorCode::UNAVAILABLE, format!("history: {e}"));
+        let Some(history) = self.history() else { return Ok(()) };
+        let max_replay = stream.settings.max_replay;
+        let mut merge = Merge { want, collected: Vec::new(), complete: true };
+        let (mut since, mut limit) = merge.first_read(max_replay);
+        // A live-only join into a room already in step needs no read.
+        if let Want::Live = merge.want {
+            let st = stream.state.lock();
+            if st.last.is_some() {
+                let step = self.merge_locked(session, stream, st, &mut merge, None, reference);
+                debug_assert!(matches!(step, Step::Done));
+                return Ok(());
+            }
+        }
+        for _attempt in 0..16 {
+            let read: HistoryRead =
+                history.store.read(&stream.name, since.clone(), limit).await.map_err(unavailable)?;
+            let st = stream.state.lock();
+            match self.merge_locked(session, stream, st, &mut merge, Some(read), reference) {
+                Step::Done => return Ok(()),
+                Step::ReadMore(from) => {
+                    since = Some(from);
+                    limit = match merge.want {
+                        Want::Since(_) => max_replay.saturating_add(1).saturating_sub(merge.collected.len()).max(1),
+                        _ => max_replay.max(1),
+                    };
+                }
+                Step::Wait => {
+                    // The store is ahead of this node (the epoch moved, or
+                    // the client saw events this node has not delivered
+                    // yet): a fill is under way; read again shortly.
+                    tokio::time::sleep(history.config.gap_wait.min(std::time::Duration::from_millis(20))).await;
+                    (since, limit) = merge.first_read(max_replay);
+                    merge.collected.clear();
+                    merge.complete = true;
+                }
+            }
+        }
+        Err(crate::CallError::with_code(ErrorCode::UNAVAILABLE, "history: the room moved faster than it could be read"))
+    }
+
+    /// One merge attempt under the stream's lock (never across an await).
+    fn merge_locked(
+        &self,
+        session: &Arc<super::session::Session>,
+        stream: &Arc<RoomStream>,
+        mut st: parking_lot::MutexGuard<'_, StreamState>,
+        merge: &mut Merge,
+        read: Option<HistoryRead>,
+        reference: Option<u64>,
+    ) -> Step {
+        if let Some(read) = &read {
+            if st.last.is_none() {
+                // The first join on this node fixes where the live stream
+                // starts: at the store's top.
+                st.epoch = read.top.epoch.clone();
+                st.last = Some(read.top.offset);
+                st.recent.clear();
+                st.recent_start = read.top.offset;
+                drain_pending(self, stream, &mut st);
+                if !st.pending.is_empty() {
+                    self.arm_fill(stream, &mut st, false);
+                }
+            }
+            if st.epoch != read.top.epoch {
+                self.arm_fill(stream, &mut st, true);
+                return Step::Wait;
+            }
+        }
+        let live = st.last.unwrap_or(0);
+        let max_replay = stream.settings.max_replay;
+        if let Some(read) = read {
+            merge.complete &= read.complete;
+            let top = read.top.offset;
+            let epoch = st.epoch.clone();
+            merge.collected.extend(
+                read.publications
+                    .into_iter()
+                    .filter(|p| p.offset <= live)
+                    .map(|p| Positioned::from_publication(p, &epoch)),
+            );
+            if let Want::Since(pos) = &merge.want {
+                if pos.epoch == read.top.epoch && pos.offset > live && pos.offset <= top {
+                    self.arm_fill(stream, &mut st, true);
+                    return Step::Wait;
+                }
+            }
+            if top < live && !matches!(merge.want, Want::Live) {
+                // Live members got events after what this read covered:
+                // take them from `recent` when it reaches back that far,
+                // read again otherwise.
+                if top >= st.recent_start {
+                    merge.collected.extend(st.recent.iter().filter(|e| e.offset > top && e.offset <= live).cloned());
+                } else if matches!(merge.want, Want::Since(_)) && merge.collected.len() > max_replay {
+                    merge.complete = false;
+                } else {
+                    return Step::ReadMore(StreamPosition { offset: top, epoch: read.top.epoch.clone() });
+                }
+            }
+        }
+        // Merge point: `live` is where this member's live stream starts.
+        let epoch = st.epoch.clone();
+        let (replay, recovered): (&[Positioned], Option<bool>) = match &merge.want {
+            Want::Live => (&[], None),
+            Want::Since(pos) => {
+                let ok =
+                    merge.complete && pos.epoch == epoch && pos.offset <= live && merge.collected.len() <= max_replay;
+                if ok {
+                    (&merge.collected[..], Some(true))
+                } else {
+                    (&[], Some(false))
+                }
+            }
+            Want::Rewind(n) => {
+                let skip = merge.collected.len().saturating_sub(*n);
+                (&merge.collected[skip..], None)
+            }
+        };
+        if let Some(r) = reference {
+            #[derive(Serialize)]
+            struct StreamReply<'a> {
+                room: &'a str,
+                epoch: &'a str,
+                offset: u64,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                recovered: Option<bool>,
+            }
+            let reply = StreamReply { room: &stream.name, epoch: &epoch, offset: live, recovered };
+            if let Ok(p) = Payload::encode(session.format, &reply) {
+                session.send_reply(r, &p);
+            }
+        }
+        for p in replay {
+            let mut payload_fn = |format: Format| -> Result<Option<Payload>, ProtocolError> {
+                match &p.payload {
+                    Some(d) => d.to_format(format).map(Some),
+                    None => Ok(None),
+                }
+            };
+            let mut encoded = Encoded {
+                room: Some(&stream.name),
+                event: &p.event,
+                offset: Some(p.offset),
+                payload: &mut payload_fn,
+                frames: [None, None],
+            };
+            match encoded.get(session.format) {
+                Ok(bytes) => session.push_tagged(bytes, &stream.name, p.offset),
+                Err(e) => tracing::warn!(room = %stream.name, error = %e, "replayed event not representable"),
+            }
+        }
+        st.stop_recovering(session.id);
+        Step::Done
+    }
+
+    /// Starts the hub's periodic position check (once).
+    pub(crate) fn start_position_check(&self) {
+        let Some(history) = self.history() else { return };
+        history.checker.get_or_init(|| {
+            let weak = Arc::downgrade(&self.inner);
+            let every = history.config.position_check.max(std::time::Duration::from_millis(10));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    let streams = inner.rooms.streams();
+                    drop(inner);
+                    for stream in streams {
+                        let claimed = {
+                            let mut st = stream.state.lock();
+                            let free = !st.filling && st.last.is_some();
+                            if free {
+                                st.filling = true;
+                            }
+                            free
+                        };
+                        if claimed {
+                            fill(weak.clone(), stream).await;
+                        }
+                    }
+                }
+            });
+        });
+    }
+}
+
+/// Reads what the room is missing from the store and delivers it in order;
+/// reports what the store no longer has. Runs with `filling` set; clears it
+/// when the room is in step (or gone).
+async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
+    let mut failures = 0u32;
+    for _round in 0..64 {
+        let Some(inner) = hub.upgrade() else { return };
+        let hub = Hub { inner };
+        let Some(history) = hub.history() else { return };
+        let since = {
+            let st = stream.state.lock();
+            match st.last {
+                Some(offset) => StreamPosition { offset, epoch: st.epoch.clone() },
+                None => {
+                    drop(st);
+                    stream.state.lock().filling = false;
+                    return;
+                }
+            }
+        };
+        let limit = history.config.max_pending.max(1);
+        let read = history.store.read(&stream.name, Some(since.clone()), limit).await;
+        let mut st = stream.state.lock();
+        if room_of(&hub, &stream).is_none() {
+            st.filling = false;
+            return;
+        }
+        let read = match read {
+            Ok(r) => r,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(room = %stream.name, error = %e, "history read failed while filling a gap");
+                if failures >= 3 {
+                    // Give up on what is missing: tell members, go on with
+                    // what is here.
+                    if let Some(&first) = st.pending.keys().next() {
+                        let from = st.last.unwrap_or(0) + 1;
+                        announce_gap(&hub, &stream, &st, Some(from), Some(first - 1), GapReason::Missed);
+                        st.last = Some(first - 1);
+                        drain_pending(&hub, &stream, &mut st);
+                    }
+                    st.filling = false;
+                    return;
+                }
+                drop(st);
+                tokio::time::sleep(history.config.gap_wait).await;
+                continue;
+            }
+        };
+        if read.top.epoch != st.epoch {
+            // The store's stream was reset: positions start over in the new
+            // epoch. Members resync; the loop then delivers the new epoch's
+            // events from its start.
+            st.epoch = read.top.epoch.clone();
+            st.last = Some(0);
+            st.recent.clear();
+            st.recent_start = 0;
+            let epoch = st.epoch.clone();
+            st.pending.retain(|_, ev| ev.epoch == epoch);
+            announce_gap(&hub, &stream, &st, None, None, GapReason::EpochChanged);
+            continue;
+        }
+        let mut last = st.last.unwrap_or(0);
+        let fetched = read.publications.len();
+        for p in read.publications {
+            if p.offset <= last {
+                continue;
+            }
+            if p.offset > last + 1 {
+                announce_gap(&hub, &stream, &st, Some(last + 1), Some(p.offset - 1), GapReason::Missed);
+            }
+            let ev = Positioned::from_publication(p, &st.epoch);
+            last = ev.offset;
+            deliver_next(&hub, &stream, &mut st, ev);
+        }
+        if fetched == 0 && !read.complete && read.top.offset > last {
+            // Everything after `last` is gone from the store.
+            announce_gap(&hub, &stream, &st, Some(last + 1), Some(read.top.offset), GapReason::Missed);
+            st.last = Some(read.top.offset);
+        }
+        drain_pending(&hub, &stream, &mut st);
+        let caught_up = st.last.unwrap_or(0) >= read.top.offset;
+        if st.pending.is_empty() && (caught_up || fetched == 0) {
+            st.filling = false;
+            return;
+        }
+        if fetched == 0 {
+            // The store does not have what `pending` waits for (yet): report
+            // the hole rather than wait forever.
+            if let Some(&first) = st.pending.keys().next() {
+                let from = st.last.unwrap_or(0) + 1;
+                announce_gap(&hub, &stream, &st, Some(from), Some(first - 1), GapReason::Missed);
+                st.last = Some(first - 1);
+                drain_pending(&hub, &stream, &mut st);
+            }
+        }
+    }
+    stream.state.lock().filling = false;
+}

@@ -1,0 +1,620 @@
+//! History and recovery over real sockets: stream offsets on the wire,
+//! recovery on join (exactly the missed events, in order, once — or
+//! `recovered: false`), gaps reported while connected, the host's history
+//! API, and non-recoverable rooms left untouched.
+
+mod support;
+
+use futures::future::BoxFuture;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+use support::*;
+use switchboard::history::{
+    Append, Appended, HistoryConfig, HistoryRead, HistoryStore, MemoryHistory, RoomHistory, StreamPosition,
+};
+use switchboard::{Hub, HubConfig, MemoryBackplane, OverflowPolicy};
+
+fn hub(history: &MemoryHistory, config: HistoryConfig) -> Hub {
+    Hub::builder().history(history.clone(), config).build()
+}
+
+/// Joins `room` with extra join fields; returns the reply (or error).
+async fn join_with(c: &mut Client, room: &str, extra: Value) -> Value {
+    let mut msg = json!({"type": "join", "room": room});
+    for (k, v) in extra.as_object().unwrap() {
+        msg[k] = v.clone();
+    }
+    c.request(msg).await
+}
+
+/// The next `event`'s offset and its `data.n`.
+async fn next_offset(c: &mut Client) -> (u64, u64) {
+    let e = c.event().await;
+    let offset = e["offset"].as_u64().unwrap_or_else(|| panic!("event without offset: {e}"));
+    (offset, e["data"]["n"].as_u64().unwrap_or(0))
+}
+
+async fn publish_range(hub: &Hub, room: &str, range: std::ops::RangeInclusive<u64>) {
+    for n in range {
+        hub.publish(room, "m", &json!({"n": n})).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn reconnect_inside_the_window_recovers_exactly_what_was_missed() {
+    let history = MemoryHistory::new();
+    let hub = hub(&history, HistoryConfig::all_rooms());
+    let addr = serve(&hub).await;
+
+    let mut a = connect(addr).await;
+    let reply = a.join("r").await;
+    assert_eq!(reply["type"], "reply", "{reply}");
+    assert_eq!(reply["data"]["offset"], 0, "{reply}");
+    let epoch = reply["data"]["epoch"].as_str().unwrap().to_owned();
+    assert!(!epoch.is_empty());
+    assert!(reply["data"].get("recovered").is_none(), "a join without a position says nothing of recovery");
+
+    publish_range(&hub, "r", 1..=5).await;
+    for n in 1..=5 {
+        assert_eq!(next_offset(&mut a).await, (n, n), "offsets are the stream's, in order");
+    }
+    drop(a);
+    publish_range(&hub, "r", 6..=10).await;
+
+    // A new connection resumes from offset 5: the reply, then exactly
+    // 6..=10, then live events.
+    let mut b = connect(addr).await;
+    let r = b.next_ref();
+    b.send(json!({"type": "join", "ref": r, "room": "r", "offset": 5, "epoch": epoch})).await;
+    let reply = b.recv().await;
+    assert_eq!((reply["type"].as_str(), reply["ref"].as_u64()), (Some("reply"), Some(r)), "{reply}");
+    assert_eq!(reply["data"], json!({"room": "r", "epoch": epoch, "offset": 10, "recovered": true}));
+    for n in 6..=10 {
+        let e = b.recv().await;
+        assert_eq!(
+            (e["type"].as_str(), e["offset"].as_u64(), e["data"]["n"].as_u64()),
+            (Some("event"), Some(n), Some(n))
+        );
+    }
+    hub.publish("r", "m", &json!({"n": 11})).await.unwrap();
+    assert_eq!(next_offset(&mut b).await, (11, 11));
+    assert_eq!(b.pending_events(), 0);
+}
+
+#[tokio::test]
+async fn outside_the_window_by_size_age_or_replay_cap_is_not_recovered() {
+    let history = MemoryHistory::new();
+    let config = HistoryConfig::default()
+        .rooms("small:", RoomHistory::default().max_len(5))
+        .rooms("short:", RoomHistory::default().max_age(Duration::from_millis(200)))
+        .rooms("capped:", RoomHistory::default().max_replay(3));
+    let hub = hub(&history, config);
+    let addr = serve(&hub).await;
+
+    for room in ["small:1", "short:1", "capped:1"] {
+        let mut a = connect(addr).await;
+        let epoch = a.join(room).await["data"]["epoch"].as_str().unwrap().to_owned();
+        publish_range(&hub, room, 1..=1).await;
+        assert_eq!(next_offset(&mut a).await.0, 1);
+        drop(a);
+        publish_range(&hub, room, 2..=7).await;
+        if room.starts_with("short:") {
+            // Let every missed event expire (waiting, not measuring).
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        let mut b = connect(addr).await;
+        let reply = join_with(&mut b, room, json!({"offset": 1, "epoch": epoch})).await;
+        assert_eq!(reply["data"]["recovered"], false, "{room}: {reply}");
+        assert_eq!(reply["data"]["offset"], 7, "{room}: live continues after the top");
+        // Nothing was replayed: the next event is the next live one.
+        publish_range(&hub, room, 8..=8).await;
+        assert_eq!(next_offset(&mut b).await, (8, 8), "{room}: a partial replay must never be sent");
+    }
+}
+
+#[tokio::test]
+async fn a_store_reset_changes_the_epoch_for_joiners_and_members() {
+    let history = MemoryHistory::new();
+    let hub = hub(&history, HistoryConfig::all_rooms());
+    let addr = serve(&hub).await;
+    let mut member = connect(addr).await;
+    let epoch = member.join("r").await["data"]["epoch"].as_str().unwrap().to_owned();
+    publish_range(&hub, "r", 1..=3).await;
+    for n in 1..=3 {
+        assert_eq!(next_offset(&mut member).await.0, n);
+    }
+
+    // The store loses everything (as a restarted process would).
+    history.clear();
+    publish_range(&hub, "r", 4..=4).await;
+    // The member is told to resync, with the new epoch, then gets the new
+    // stream from its start.
+    let gap = member.recv().await;
+    assert_eq!((gap["type"].as_str(), gap["room"].as_str()), (Some("gap"), Some("r")), "{gap}");
+    assert_eq!(gap["data"]["reason"], "epoch_changed", "{gap}");
+    let new_epoch = gap["data"]["epoch"].as_str().unwrap().to_owned();
+    assert_ne!(new_epoch, epoch);
+    assert_eq!(next_offset(&mut member).await, (1, 4));
+
+    // A client resuming with the old epoch cannot recover.
+    let mut b = connect(addr).await;
+    let reply = join_with(&mut b, "r", json!({"offset": 3, "epoch": epoch})).await;
+    assert_eq!(reply["data"]["recovered"], false, "{reply}");
+    assert_eq!(reply["data"]["epoch"], new_epoch.as_str());
+}
+
+#[tokio::test]
+async fn idempotent_publish_is_stored_and_delivered_once() {
+    let history = MemoryHistory::new();
+    let hub = hub(&history, HistoryConfig::all_rooms());
+    let addr = serve(&hub).await;
+    let mut a = connect(addr).await;
+    a.join_ok("r").await;
+
+    let first = hub.publish_idempotent("r", "order", &json!({"n": 1}), "order-77").await.unwrap();
+    let retry = hub.publish_idempotent("r", "order", &json!({"n": 1}), "order-77").await.unwrap();
+    assert!(!first.duplicate && retry.duplicate);
+    assert_eq!(first.position, retry.position);
+    assert_eq!(first.position.as_ref().unwrap().offset, 1);
+    let other = hub.publish_idempotent("r", "order", &json!({"n": 2}), "order-78").await.unwrap();
+    assert_eq!(other.position.unwrap().offset, 2, "a duplicate takes no offset");
+
+    assert_eq!(next_offset(&mut a).await, (1, 1));
+    assert_eq!(next_offset(&mut a).await, (2, 2), "the retry was delivered a second time");
+
+    let page = hub.history_page("r", None, 10).await.unwrap();
+    assert_eq!(page.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), [1, 2]);
+    assert!(page.complete);
+    // The host reads a page after a position too.
+    let page = hub.history_page("r", Some(first.position.unwrap()), 10).await.unwrap();
+    assert_eq!(page.publications.len(), 1);
+}
+
+#[tokio::test]
+async fn garbage_positions_get_recovered_false_or_a_documented_error() {
+    let history = MemoryHistory::new();
+    let hub = hub(&history, HistoryConfig::all_rooms());
+    let addr = serve(&hub).await;
+    let mut a = connect(addr).await;
+    let epoch_a = a.join("a").await["data"]["epoch"].as_str().unwrap().to_owned();
+    publish_range(&hub, "a", 1..=3).await;
+    let mut x = connect(addr).await;
+    x.join_ok("b").await;
+    publish_range(&hub, "b", 1..=3).await;
+
+    let mut c = connect(addr).await;
+    // Another room's epoch: never a replay of someone else's room.
+    let reply = join_with(&mut c, "b", json!({"offset": 0, "epoch": epoch_a})).await;
+    assert_eq!(reply["data"]["recovered"], false, "{reply}");
+    // An offset beyond the top.
+    let reply = join_with(&mut c, "a", json!({"offset": 99, "epoch": epoch_a})).await;
+    assert_eq!(reply["data"]["recovered"], false, "{reply}");
+    let mut d = connect(addr).await;
+    // An unknown epoch.
+    let reply = join_with(&mut d, "a", json!({"offset": 1, "epoch": "no-such-epoch"})).await;
+    assert_eq!(reply["data"]["recovered"], false, "{reply}");
+
+    // Malformed values: documented 400s.
+    let mut e = connect(addr).await;
+    for (extra, what) in [
+        (json!({"offset": "five", "epoch": epoch_a}), "offset not a number"),
+        (json!({"offset": -1, "epoch": epoch_a}), "negative offset"),
+        (json!({"offset": 1}), "offset without epoch"),
+        (json!({"epoch": epoch_a}), "epoch without offset"),
+        (json!({"offset": 1, "epoch": "e".repeat(65)}), "epoch too long"),
+        (json!({"offset": 1, "epoch": epoch_a, "rewind": 3}), "rewind with a position"),
+        (json!({"offset": 1, "epoch": 5}), "epoch not a string"),
+    ] {
+        let reply = join_with(&mut e, "c", extra).await;
+        assert_eq!((reply["type"].as_str(), reply["code"].as_u64()), (Some("error"), Some(400)), "{what}: {reply}");
+    }
+    assert!(!hub.room_exists("c"), "a refused join leaves nothing behind");
+    // The connection (and everyone else) carries on.
+    e.join_ok("c").await;
+    hub.publish("a", "m", &json!({"n": 4})).await.unwrap();
+    for n in 1..=4 {
+        assert_eq!(next_offset(&mut a).await, (n, n));
+    }
+}
+
+#[tokio::test]
+async fn rewind_sends_the_newest_events_first() {
+    let history = MemoryHistory::new();
+    let hub = hub(&history, HistoryConfig::all_rooms());
+    let addr = serve(&hub).await;
+    let mut first = connect(addr).await;
+    first.join_ok("r").await;
+    publish_range(&hub, "r", 1..=5).await;
+
+    let mut b = connect(addr).await;
+    let r = b.next_ref();
+    b.send(json!({"type": "join", "ref": r, "room": "r", "rewind": 3})).await;
+    let reply = b.recv().await;
+    assert_eq!(reply["data"], json!({"room": "r", "epoch": reply["data"]["epoch"], "offset": 5}), "{reply}");
+    for n in 3..=5 {
+        let e = b.recv().await;
+        assert_eq!((e["type"].as_str(), e["offset"].as_u64()), (Some("event"), Some(n)), "{e}");
+    }
+    publish_range(&hub, "r", 6..=6).await;
+    assert_eq!(next_offset(&mut b).await, (6, 6));
+}
+
+#[tokio::test]
+async fn non_recoverable_rooms_carry_no_offsets_and_store_nothing() {
+    let history = MemoryHistory::new();
+    let hub = hub(&history, HistoryConfig::default().rooms("chat:", RoomHistory::default()));
+    let addr = serve(&hub).await;
+    let mut a = connect(addr).await;
+    let reply = a.join("game:1").await;
+    assert_eq!(reply["data"], json!({"room": "game:1"}), "no stream fields: {reply}");
+    // Positions sent for a plain room are ignored, never an error.
+    let reply = join_with(&mut a, "game:2", json!({"offset": 3, "epoch": "x"})).await;
+    assert_eq!(reply["data"], json!({"room": "game:2"}), "{reply}");
+    publish_range(&hub, "game:1", 1..=2).await;
+    for n in 1..=2 {
+        let e = a.event().await;
+        assert!(e.get("offset").is_none(), "{e}");
+        assert_eq!(e["data"]["n"], n);
+    }
+    assert_eq!(history.room_count(), 0, "a plain room must not touch the store");
+    let err = hub.history_page("game:1", None, 10).await.unwrap_err();
+    assert_eq!(err.kind(), switchboard::ErrorKind::Config);
+    a.join_ok("chat:1").await;
+    assert_eq!(history.room_count(), 1);
+}
+
+#[tokio::test]
+async fn drop_oldest_reports_the_lost_range_as_a_gap() {
+    const BOUND: usize = 64 * 1024;
+    let history = MemoryHistory::new();
+    let config = HubConfig::default().outbound_queue_bytes(BOUND).overflow(OverflowPolicy::DropOldest);
+    let hub = Hub::builder()
+        .config(config)
+        .history(history.clone(), HistoryConfig::default().rooms("", RoomHistory::default().max_len(100_000)))
+        .build();
+    let addr = serve(&hub).await;
+    let mut slow = connect(addr).await;
+    slow.join_ok("r").await;
+    let conn = hub.connection(member_id(&hub, "r", slow.connection_id())).unwrap();
+
+    // The slow client reads nothing: the socket buffers fill, then the queue,
+    // then the oldest queued events are dropped.
+    let pad = "p".repeat(8 * 1024);
+    let mut published = 0u64;
+    while conn.dropped_messages() == 0 {
+        published += 1;
+        hub.publish("r", "m", &json!({"n": published, "pad": pad})).await.unwrap();
+        if published % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(published < 100_000, "the queue never overflowed");
+    }
+    for _ in 0..20 {
+        published += 1;
+        hub.publish("r", "m", &json!({"n": published, "pad": pad})).await.unwrap();
+    }
+    hub.publish("r", "end", &json!({"n": 0})).await.unwrap();
+    let end_offset = published + 1;
+
+    // Every offset is either delivered or inside a reported gap; none twice.
+    let mut seen: Vec<u64> = Vec::new();
+    let mut gaps: Vec<(u64, u64)> = Vec::new();
+    loop {
+        let m = slow.recv().await;
+        match m["type"].as_str().unwrap() {
+            "event" => {
+                let o = m["offset"].as_u64().unwrap();
+                seen.push(o);
+                if o == end_offset {
+                    break;
+                }
+            }
+            "gap" => {
+                assert_eq!(
+                    (m["room"].as_str(), m["data"]["reason"].as_str()),
+                    (Some("r"), Some("slow_consumer")),
+                    "{m}"
+                );
+                gaps.push((m["data"]["from"].as_u64().unwrap(), m["data"]["to"].as_u64().unwrap()));
+            }
+            "lagged" => {}
+            other => panic!("unexpected {other}: {m}"),
+        }
+    }
+    assert!(!gaps.is_empty(), "drops happened but no gap was reported");
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "events out of order or repeated");
+    for o in 1..=end_offset {
+        let delivered = seen.contains(&o);
+        let reported = gaps.iter().any(|&(f, t)| (f..=t).contains(&o));
+        assert!(delivered || reported, "offset {o} was lost silently");
+        assert!(!(delivered && reported), "offset {o} was both delivered and reported lost");
+    }
+    assert_eq!(conn.dropped_messages(), gaps.iter().map(|(f, t)| t - f + 1).sum::<u64>());
+}
+
+/// Two hubs linked by a backplane and sharing the store: one stream order
+/// on both, and a client that reconnects to the other node recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_one_ordered_stream_and_recover_across_nodes() {
+    let history = MemoryHistory::new();
+    let backplane = MemoryBackplane::new();
+    let make =
+        || Hub::builder().backplane(backplane.clone()).history(history.clone(), HistoryConfig::all_rooms()).build();
+    let (hub1, hub2) = (make(), make());
+    let (addr1, addr2) = (serve(&hub1).await, serve(&hub2).await);
+    let mut c1 = connect(addr1).await;
+    let mut c2 = connect(addr2).await;
+    c1.join_ok("r").await;
+    let epoch = c2.join("r").await["data"]["epoch"].as_str().unwrap().to_owned();
+
+    // Both nodes publish concurrently.
+    let p1 = tokio::spawn({
+        let hub = hub1.clone();
+        async move { publish_range(&hub, "r", 1..=200).await }
+    });
+    let p2 = tokio::spawn({
+        let hub = hub2.clone();
+        async move { publish_range(&hub, "r", 1001..=1200).await }
+    });
+    p1.await.unwrap();
+    p2.await.unwrap();
+    let mut seq1 = Vec::new();
+    let mut seq2 = Vec::new();
+    for _ in 0..400 {
+        seq1.push(next_offset(&mut c1).await);
+        seq2.push(next_offset(&mut c2).await);
+    }
+    assert_eq!(seq1.iter().map(|s| s.0).collect::<Vec<_>>(), (1..=400).collect::<Vec<_>>(), "node 1 order");
+    assert_eq!(seq1, seq2, "both nodes deliver the same sequence");
+
+    // c2 drops; events go on on node 1; c2 comes back on node 1.
+    drop(c2);
+    publish_range(&hub1, "r", 2001..=2010).await;
+    let mut back = connect(addr1).await;
+    let reply = join_with(&mut back, "r", json!({"offset": 400, "epoch": epoch})).await;
+    assert_eq!(reply["data"]["recovered"], true, "{reply}");
+    for n in 401..=410 {
+        assert_eq!(next_offset(&mut back).await.0, n);
+    }
+}
+
+/// An event that reached the store but whose backplane message was lost is
+/// delivered by the periodic position check.
+#[tokio::test]
+async fn the_position_check_delivers_events_the_backplane_lost() {
+    let history = MemoryHistory::new();
+    let config = HistoryConfig::all_rooms().position_check(Duration::from_millis(100));
+    let hub = Hub::builder().history(history.clone(), config).build();
+    let addr = serve(&hub).await;
+    let mut a = connect(addr).await;
+    a.join_ok("r").await;
+    // Appended by "another node" whose backplane publish never arrived.
+    let append = Append {
+        event: "m".into(),
+        data: Some(payload(json!({"n": 1}))),
+        idempotency_key: None,
+        retention: RoomHistory::default().retention,
+    };
+    history.append("r", append).await.unwrap();
+    assert_eq!(next_offset(&mut a).await, (1, 1));
+}
+
+fn payload(v: Value) -> switchboard::protocol::Payload {
+    switchboard::protocol::Payload::encode(switchboard::protocol::Format::Json, &v).unwrap()
+}
+
+/// A store whose reads answer late with what they read early, as a remote
+/// store does: the room moves on while a join's read is in flight.
+#[derive(Clone)]
+struct SlowReads(MemoryHistory);
+
+impl HistoryStore for SlowReads {
+    fn append(&self, room: &str, append: Append) -> BoxFuture<'static, switchboard::Result<Appended>> {
+        self.0.append(room, append)
+    }
+
+    fn read(
+        &self,
+        room: &str,
+        since: Option<StreamPosition>,
+        limit: usize,
+    ) -> BoxFuture<'static, switchboard::Result<HistoryRead>> {
+        let read = self.0.read(room, since, limit);
+        Box::pin(async move {
+            let read = read.await;
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            read
+        })
+    }
+}
+
+/// Many publishes race a client that keeps dropping and rejoining with its
+/// last position: it must see every offset exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoins_racing_concurrent_publishes_lose_and_repeat_nothing() {
+    const TOTAL: u64 = 3000;
+    let store = SlowReads(MemoryHistory::new());
+    let config = HistoryConfig::default().rooms("", RoomHistory::default().max_len(10_000).max_replay(10_000));
+    let hub = Hub::builder().history(store, config).build();
+    let addr = serve(&hub).await;
+    let mut c = connect(addr).await;
+    let epoch = c.join("r").await["data"]["epoch"].as_str().unwrap().to_owned();
+
+    let publishers: Vec<_> = (0..3)
+        .map(|k| {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                for i in 0..TOTAL / 3 {
+                    hub.publish("r", "m", &json!({"n": k * 10_000 + i})).await.unwrap();
+                    if i % 10 == 0 {
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let mut seen: Vec<u64> = Vec::new();
+    let mut last = 0u64;
+    let mut rejoins = 0;
+    while last < TOTAL {
+        // Read a few events, then drop the connection and resume.
+        for _ in 0..37 {
+            if last == TOTAL {
+                break;
+            }
+            let (o, _) = next_offset(&mut c).await;
+            seen.push(o);
+            last = o;
+        }
+        if last == TOTAL {
+            break;
+        }
+        drop(c);
+        c = connect(addr).await;
+        let reply = join_with(&mut c, "r", json!({"offset": last, "epoch": epoch})).await;
+        assert_eq!(reply["data"]["recovered"], true, "{reply}");
+        rejoins += 1;
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    assert!(rejoins > 10, "the test did not exercise rejoins");
+    assert_eq!(seen, (1..=TOTAL).collect::<Vec<_>>(), "lost, repeated or reordered events");
+}
+
+/// Interleavings of publishes, disconnects and rejoins for several clients:
+/// each client's sequence is the room's sequence minus what it was
+/// explicitly told it could not get (`recovered: false`).
+#[test]
+fn random_interleavings_keep_every_client_in_step() {
+    use proptest::prelude::*;
+    #[derive(Debug, Clone)]
+    enum Op {
+        Publish(u8),
+        Drop(usize),
+        Rejoin(usize),
+    }
+    let op = prop_oneof![
+        4 => (1u8..6).prop_map(Op::Publish),
+        1 => (0usize..3).prop_map(Op::Drop),
+        1 => (0usize..3).prop_map(Op::Rejoin),
+    ];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 24,
+        // Each case runs real sockets; a failure is reported as found.
+        max_shrink_iters: 0,
+        ..ProptestConfig::default()
+    });
+    runner
+        .run(&prop::collection::vec(op, 1..40), |ops| {
+            rt.block_on(run_interleaving(ops.iter().map(|o| match o {
+                Op::Publish(n) => (0, *n as usize),
+                Op::Drop(i) => (1, *i),
+                Op::Rejoin(i) => (2, *i),
+            })));
+            Ok(())
+        })
+        .unwrap();
+}
+
+struct Tracked {
+    client: Option<Client>,
+    /// Offsets delivered, in arrival order.
+    seen: Vec<u64>,
+    /// Offsets it was told it cannot recover (ranges after `recovered: false`).
+    skipped: Vec<(u64, u64)>,
+    last: u64,
+}
+
+async fn run_interleaving(ops: impl Iterator<Item = (u8, usize)>) {
+    let history = MemoryHistory::new();
+    // A small window, so some rejoins are outside it.
+    let hub = hub(&history, HistoryConfig::default().rooms("", RoomHistory::default().max_len(8)));
+    let addr: SocketAddr = serve(&hub).await;
+    let mut epoch = String::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut c = connect(addr).await;
+        epoch = c.join("r").await["data"]["epoch"].as_str().unwrap().to_owned();
+        clients.push(Tracked { client: Some(c), seen: Vec::new(), skipped: Vec::new(), last: 0 });
+    }
+    let mut top = 0u64;
+    for (kind, arg) in ops {
+        match kind {
+            0 => {
+                for _ in 0..arg {
+                    top += 1;
+                    hub.publish("r", "m", &json!({"n": top})).await.unwrap();
+                }
+                // Connected clients read up to the top.
+                for t in clients.iter_mut() {
+                    if let Some(c) = t.client.as_mut() {
+                        while t.last < top {
+                            let (o, _) = next_offset(c).await;
+                            t.seen.push(o);
+                            t.last = o;
+                        }
+                    }
+                }
+            }
+            1 => clients[arg].client = None,
+            _ => {
+                let t = &mut clients[arg];
+                if t.client.is_some() {
+                    continue;
+                }
+                let mut c = connect(addr).await;
+                let reply = join_with(&mut c, "r", json!({"offset": t.last, "epoch": epoch})).await;
+                let live = reply["data"]["offset"].as_u64().unwrap();
+                assert_eq!(live, top);
+                if reply["data"]["recovered"] == true {
+                    while t.last < top {
+                        let (o, _) = next_offset(&mut c).await;
+                        t.seen.push(o);
+                        t.last = o;
+                    }
+                } else {
+                    if live > t.last {
+                        t.skipped.push((t.last + 1, live));
+                    }
+                    t.last = live;
+                }
+                t.client = Some(c);
+            }
+        }
+    }
+    for t in &clients {
+        let mut expected: Vec<u64> = (1..=t.last).collect();
+        expected.retain(|o| !t.skipped.iter().any(|&(f, to)| (f..=to).contains(o)));
+        assert_eq!(t.seen, expected, "a client's sequence is the room's minus reported gaps");
+    }
+}
+
+/// A backplane subscription that lagged (dropped messages and said so)
+/// makes the room read what it missed from the store at once: every event
+/// arrives, in order, without waiting for the position check.
+#[tokio::test]
+async fn a_lagging_backplane_is_caught_up_from_the_store() {
+    let history = MemoryHistory::new();
+    // One message of buffer per subscription: a burst overflows it.
+    let backplane = MemoryBackplane::with_capacity(1);
+    // Gap waits and position checks far beyond the test's patience: only
+    // the backplane's own report can trigger the catch-up.
+    let config =
+        HistoryConfig::all_rooms().gap_wait(Duration::from_secs(3600)).position_check(Duration::from_secs(3600));
+    let make = || Hub::builder().backplane(backplane.clone()).history(history.clone(), config.clone()).build();
+    let (hub1, hub2) = (make(), make());
+    let addr2 = serve(&hub2).await;
+    let mut c = connect(addr2).await;
+    c.join_ok("r").await;
+    // Publishing without yielding: the receiving side cannot keep up.
+    for n in 1..=200 {
+        hub1.publish("r", "m", &json!({"n": n})).await.unwrap();
+    }
+    for n in 1..=200 {
+        assert_eq!(next_offset(&mut c).await, (n, n));
+    }
+}
