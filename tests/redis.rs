@@ -160,7 +160,7 @@ async fn hubs_survive_redis_kill_and_restart_under_publishing() {
             while !stop.load(Ordering::SeqCst) && i < 100_000 {
                 i += 1;
                 match hub1.publish("live", "tick", &i).await {
-                    Ok(()) => ok.fetch_add(1, Ordering::SeqCst),
+                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
                     Err(e) => {
                         assert!(e.is_backplane(), "a publish failed with an unexpected error: {e}");
                         failed.fetch_add(1, Ordering::SeqCst)
@@ -484,11 +484,21 @@ async fn history_expires_by_age_and_leaves_no_keys() {
         }
     })
     .await;
-    // An idle room's keys go away entirely.
-    until("the room's keys to expire", || async {
-        server.cmd(&["KEYS", "switchboard:history:*"]).await == Reply::Array(vec![])
+    // An idle room's events and idempotency keys go away; its meta (epoch
+    // and top) stays, expiring a day after its last use, so a quiet room
+    // keeps its epoch.
+    let meta = "switchboard:history:{aging}:meta";
+    until("the room's event keys to expire", || async {
+        server.cmd(&["KEYS", "switchboard:history:*"]).await
+            == Reply::Array(vec![Reply::Bulk(Some(meta.as_bytes().to_vec()))])
     })
     .await;
+    match server.cmd(&["PTTL", meta]).await {
+        Reply::Int(ms) => assert!(ms > 0 && ms <= 24 * 3600 * 1000, "meta TTL {ms}"),
+        other => panic!("PTTL: {other:?}"),
+    }
+    let again = store.append("aging", appended("new", None, short)).await.unwrap().position;
+    assert_eq!((again.offset, &again.epoch), (2, &first.epoch), "the quiet room kept its epoch and offsets");
 }
 
 // ---------------------------------------------------------------------------

@@ -17,7 +17,9 @@
 //! evicted — the old stream is deleted then, so nothing of another epoch is
 //! ever served), drops entries older than `max_age`, checks the
 //! idempotency key, assigns `top + 1`, adds the entry, trims to `max_len`,
-//! and sets every key to expire `max_age` after this append. Redis runs a
+//! and sets the stream and keys to expire `max_age` after this append (the
+//! meta a day after its last append or read, so a quiet room keeps its
+//! epoch). A read of a room without a meta creates it with a new epoch. Redis runs a
 //! script alone, so offsets are gap-free and every node sees one sequence.
 //! A read is a script too, so the meta and the entries it returns are one
 //! snapshot.
@@ -53,6 +55,11 @@ impl fmt::Debug for RedisHistory {
         f.debug_struct("RedisHistory").field("prefix", &self.prefix).field("link", &self.link).finish()
     }
 }
+
+/// How long a room's meta (epoch, top offset) outlives its last append or
+/// read: a quiet room keeps its epoch for a day, so its clients are not told
+/// to resync after a lull (its events still expire after `max_age`).
+const META_TTL_MS: u64 = 24 * 3600 * 1000;
 
 static APPEND: LazyLock<Script> = LazyLock::new(|| Script::new(&script_source(APPEND_LUA)));
 static READ: LazyLock<Script> = LazyLock::new(|| Script::new(&script_source(READ_LUA)));
@@ -133,17 +140,19 @@ if #first > 0 then
 else
   redis.call('DEL', idem)
 end
--- A room idle for a whole max_age has nothing left to keep.
+-- A room idle for a whole max_age has no event left to keep; its meta
+-- (epoch and top) lives longer, so a quiet room keeps its epoch.
 local ttl = math.max(max_age, 1)
 redis.call('PEXPIRE', stream, ttl)
-redis.call('PEXPIRE', meta, ttl)
+redis.call('PEXPIRE', meta, math.max(ttl, tonumber(ARGV[8])))
 if redis.call('EXISTS', idem) == 1 then redis.call('PEXPIRE', idem, ttl) end
 return {epoch, top, 0}
 "#
 );
 
-/// KEYS: stream, meta. ARGV: mode (`after` or `newest`), since offset,
-/// expected epoch, limit. Returns {epoch or '', top, oldest, xlen, entries}
+/// KEYS: stream, meta, idem. ARGV: mode (`after` or `newest`), since offset,
+/// expected epoch, limit, a new epoch (used only when the meta is missing),
+/// meta TTL (ms). Returns {epoch or '', top, oldest, xlen, entries}
 /// where entries are the stream entries after `since` (at most limit + 1,
 /// oldest first) for `after` when the epoch matches, or the newest `limit`
 /// (newest first) for `newest`.
@@ -156,8 +165,14 @@ local mode, since, expected, limit = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumb
     r#"
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then
-  return {'', 0, 1, 0, {}}
+  -- A read creates the stream's epoch, so the position a first join gets
+  -- stays valid for the appends that follow.
+  redis.call('DEL', stream, KEYS[3])
+  epoch = ARGV[5]
+  redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
 end
+-- Reads keep the meta alive (hubs with members check positions).
+redis.call('PEXPIRE', meta, math.max(tonumber(ARGV[6]), tonumber(redis.call('HGET', meta, 'age') or '0')))
 local top = tonumber(redis.call('HGET', meta, 'top'))
 local age = tonumber(redis.call('HGET', meta, 'age') or '0')
 local oldest = top + 1
@@ -286,6 +301,7 @@ impl HistoryStore for RedisHistory {
                         .arg(append.retention.max_len)
                         .arg(max_age)
                         .arg(epoch)
+                        .arg(META_TTL_MS)
                         .invoke_async(&mut conn)
                         .await
                 })
@@ -303,7 +319,8 @@ impl HistoryStore for RedisHistory {
     }
 
     fn read(&self, room: &str, since: Option<StreamPosition>, limit: usize) -> BoxFuture<'static, Result<HistoryRead>> {
-        let [stream, meta, _] = self.keys(room);
+        let [stream, meta, idem] = self.keys(room);
+        let epoch = format!("{:016x}", crate::hub::random_u64());
         let link = self.link.clone();
         Box::pin(async move {
             let (mode, since_offset, expected) = match &since {
@@ -314,10 +331,13 @@ impl HistoryStore for RedisHistory {
                 .run("history read", move |mut conn| async move {
                     READ.key(stream)
                         .key(meta)
+                        .key(idem)
                         .arg(mode)
                         .arg(since_offset)
                         .arg(expected)
                         .arg(limit)
+                        .arg(epoch)
+                        .arg(META_TTL_MS)
                         .invoke_async(&mut conn)
                         .await
                 })
