@@ -466,9 +466,9 @@ async fn history_lost_with_a_redis_restart_gets_a_new_epoch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_expires_by_age_and_leaves_no_keys() {
+async fn history_expires_by_age_and_an_unused_room_is_forgotten() {
     let server = RedisServer::start().await;
-    let store = RedisHistory::connect(config(&server.url())).await.unwrap();
+    let store = RedisHistory::connect(config(&server.url())).await.unwrap().meta_ttl(Duration::from_millis(600));
     let short = Retention::default().max_age(Duration::from_millis(300));
     let first = store.append("aging", appended("old", Some("key"), short)).await.unwrap().position;
     let start = StreamPosition { offset: 0, epoch: first.epoch.clone() };
@@ -484,21 +484,19 @@ async fn history_expires_by_age_and_leaves_no_keys() {
         }
     })
     .await;
-    // An idle room's events and idempotency keys go away; its meta (epoch
-    // and top) stays, expiring a day after its last use, so a quiet room
-    // keeps its epoch.
-    let meta = "switchboard:history:{aging}:meta";
-    until("the room's event keys to expire", || async {
-        server.cmd(&["KEYS", "switchboard:history:*"]).await
-            == Reply::Array(vec![Reply::Bulk(Some(meta.as_bytes().to_vec()))])
-    })
-    .await;
-    match server.cmd(&["PTTL", meta]).await {
-        Reply::Int(ms) => assert!(ms > 0 && ms <= 24 * 3600 * 1000, "meta TTL {ms}"),
-        other => panic!("PTTL: {other:?}"),
-    }
+    // The expired event's keys go; the epoch stays while the room is used.
+    let read = store.read("aging", Some(start.clone()), 10).await.unwrap();
+    assert_eq!(read.top, first, "the epoch and top outlive the events");
     let again = store.append("aging", appended("new", None, short)).await.unwrap().position;
     assert_eq!((again.offset, &again.epoch), (2, &first.epoch), "the quiet room kept its epoch and offsets");
+    // Unused for meta_ttl, the room is forgotten entirely: no key is left,
+    // and its next use starts a new epoch.
+    until("the room's keys to expire", || async {
+        server.cmd(&["KEYS", "switchboard:history:*"]).await == Reply::Array(vec![])
+    })
+    .await;
+    let read = store.read("aging", Some(start), 10).await.unwrap();
+    assert!(!read.complete && read.top.offset == 0 && read.top.epoch != first.epoch, "{read:?}");
 }
 
 // ---------------------------------------------------------------------------

@@ -8,7 +8,9 @@
 //!   `e` (event), `f` (payload format: empty, `j` or `m`), `d` (payload);
 //! - `<prefix>history:{<room>}:meta`: a hash with `epoch`, `top` (the newest
 //!   offset ever assigned) and `age` (the last append's `max_age`, in ms,
-//!   applied on reads too);
+//!   applied on reads too); it lives [`RedisHistory::meta_ttl`] after the
+//!   room's last append or read (a read of a room without one creates it,
+//!   so the position a first join gets stays valid);
 //! - `<prefix>history:{<room>}:idem`: a sorted set of idempotency keys
 //!   scored by their offset, trimmed with the stream.
 //!
@@ -17,9 +19,8 @@
 //! evicted — the old stream is deleted then, so nothing of another epoch is
 //! ever served), drops entries older than `max_age`, checks the
 //! idempotency key, assigns `top + 1`, adds the entry, trims to `max_len`,
-//! and sets the stream and keys to expire `max_age` after this append (the
-//! meta a day after its last append or read, so a quiet room keeps its
-//! epoch). A read of a room without a meta creates it with a new epoch. Redis runs a
+//! and sets the stream and the keys to expire `max_age` after this append
+//! (the meta: `meta_ttl`). Redis runs a
 //! script alone, so offsets are gap-free and every node sees one sequence.
 //! A read is a script too, so the meta and the entries it returns are one
 //! snapshot.
@@ -34,6 +35,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use std::fmt;
 use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 /// A [`HistoryStore`] on Redis: a stream per room plus a meta key, appends
 /// in one Lua script. See the [module docs](super) and `docs/redis.md`.
@@ -48,18 +50,21 @@ use std::sync::{Arc, LazyLock};
 pub struct RedisHistory {
     link: Arc<Link>,
     prefix: Arc<str>,
+    meta_ttl_ms: u64,
 }
+
+/// How long an unused room keeps its epoch and top offset by default.
+const DEFAULT_META_TTL: Duration = Duration::from_secs(24 * 3600);
 
 impl fmt::Debug for RedisHistory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisHistory").field("prefix", &self.prefix).field("link", &self.link).finish()
+        f.debug_struct("RedisHistory")
+            .field("prefix", &self.prefix)
+            .field("meta_ttl_ms", &self.meta_ttl_ms)
+            .field("link", &self.link)
+            .finish()
     }
 }
-
-/// How long a room's meta (epoch, top offset) outlives its last append or
-/// read: a quiet room keeps its epoch for a day, so its clients are not told
-/// to resync after a lull (its events still expire after `max_age`).
-const META_TTL_MS: u64 = 24 * 3600 * 1000;
 
 static APPEND: LazyLock<Script> = LazyLock::new(|| Script::new(&script_source(APPEND_LUA)));
 static READ: LazyLock<Script> = LazyLock::new(|| Script::new(&script_source(READ_LUA)));
@@ -99,11 +104,12 @@ end
 
 /// KEYS: stream, meta, idem. ARGV: event, format, data, idempotency key
 /// (empty: none), max_len, max_age (ms), a new epoch (used only when the
-/// stream starts). Returns {epoch, offset, duplicate (0/1)}.
+/// stream starts), the meta's time to live (ms). Returns {epoch, offset,
+/// duplicate (0/1)}.
 const APPEND_LUA: &str = concat!(
     r#"
 local stream, meta, idem = KEYS[1], KEYS[2], KEYS[3]
-local max_len, max_age = tonumber(ARGV[5]), tonumber(ARGV[6])
+local max_len, max_age, meta_ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[8])
 "#,
     "COMMON",
     r#"
@@ -124,6 +130,7 @@ local key = ARGV[4]
 if key ~= '' then
   local seen = redis.call('ZSCORE', idem, key)
   if seen then
+    redis.call('PEXPIRE', meta, math.max(meta_ttl, max_age, 1))
     return {epoch, tonumber(seen), 1}
   end
 end
@@ -140,19 +147,20 @@ if #first > 0 then
 else
   redis.call('DEL', idem)
 end
--- A room idle for a whole max_age has no event left to keep; its meta
--- (epoch and top) lives longer, so a quiet room keeps its epoch.
+-- Events of a room idle for a whole max_age have all expired; its epoch and
+-- top stay for the meta's time to live after its last use.
 local ttl = math.max(max_age, 1)
 redis.call('PEXPIRE', stream, ttl)
-redis.call('PEXPIRE', meta, math.max(ttl, tonumber(ARGV[8])))
+redis.call('PEXPIRE', meta, math.max(meta_ttl, ttl))
 if redis.call('EXISTS', idem) == 1 then redis.call('PEXPIRE', idem, ttl) end
 return {epoch, top, 0}
 "#
 );
 
-/// KEYS: stream, meta, idem. ARGV: mode (`after` or `newest`), since offset,
-/// expected epoch, limit, a new epoch (used only when the meta is missing),
-/// meta TTL (ms). Returns {epoch or '', top, oldest, xlen, entries}
+/// KEYS: stream, meta. ARGV: mode (`after` or `newest`), since offset,
+/// expected epoch, limit, a new epoch (used only when there is no stream:
+/// a read creates it), the meta's time to live (ms). Returns {epoch, top,
+/// oldest, xlen, entries}
 /// where entries are the stream entries after `since` (at most limit + 1,
 /// oldest first) for `after` when the epoch matches, or the newest `limit`
 /// (newest first) for `newest`.
@@ -160,21 +168,21 @@ const READ_LUA: &str = concat!(
     r#"
 local stream, meta = KEYS[1], KEYS[2]
 local mode, since, expected, limit = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local meta_ttl = tonumber(ARGV[6])
 "#,
     "COMMON",
     r#"
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then
-  -- A read creates the stream's epoch, so the position a first join gets
-  -- stays valid for the appends that follow.
+  -- A read creates the stream, so the position it returns stays valid for
+  -- the appends that follow.
   redis.call('DEL', stream, KEYS[3])
   epoch = ARGV[5]
   redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
 end
--- Reads keep the meta alive (hubs with members check positions).
-redis.call('PEXPIRE', meta, math.max(tonumber(ARGV[6]), tonumber(redis.call('HGET', meta, 'age') or '0')))
 local top = tonumber(redis.call('HGET', meta, 'top'))
 local age = tonumber(redis.call('HGET', meta, 'age') or '0')
+redis.call('PEXPIRE', meta, math.max(meta_ttl, age, 1))
 local oldest = top + 1
 if age > 0 then
   oldest = expire(stream, now_ms() - age, top)
@@ -204,7 +212,17 @@ impl RedisHistory {
     /// are repaired in the background (calls fail at once meanwhile).
     pub async fn connect(config: RedisConfig) -> Result<RedisHistory> {
         let link = Link::connect(&config).await?;
-        Ok(RedisHistory { link, prefix: Arc::from(config.prefix.as_str()) })
+        let meta_ttl_ms = millis(DEFAULT_META_TTL);
+        Ok(RedisHistory { link, prefix: Arc::from(config.prefix.as_str()), meta_ttl_ms })
+    }
+
+    /// How long a room's epoch and top offset are kept after its last use
+    /// (an append or a read) once its events expired; then the room is
+    /// forgotten and its next use starts a new epoch. Default 24 hours; at
+    /// least the room's `max_age` in any case.
+    pub fn meta_ttl(mut self, ttl: Duration) -> Self {
+        self.meta_ttl_ms = millis(ttl).max(1);
+        self
     }
 
     /// The keys of `room`: stream, meta, idempotency keys.
@@ -212,6 +230,10 @@ impl RedisHistory {
         let base = format!("{}history:{{{room}}}", self.prefix);
         [format!("{base}:stream"), format!("{base}:meta"), format!("{base}:idem")]
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn bad_reply(what: &str, v: &Value) -> Error {
@@ -282,11 +304,12 @@ impl HistoryStore for RedisHistory {
     fn append(&self, room: &str, append: Append) -> BoxFuture<'static, Result<Appended>> {
         let [stream, meta, idem] = self.keys(room);
         let link = self.link.clone();
+        let meta_ttl = self.meta_ttl_ms;
         Box::pin(async move {
             let format = format_tag(append.data.as_ref());
             let data: Vec<u8> = append.data.as_ref().map(|p| p.bytes().to_vec()).unwrap_or_default();
             let key = append.idempotency_key.unwrap_or_default();
-            let max_age = u64::try_from(append.retention.max_age.as_millis()).unwrap_or(u64::MAX);
+            let max_age = millis(append.retention.max_age);
             let epoch = format!("{:016x}", crate::hub::random_u64());
             let reply: Value = link
                 .run("history append", move |mut conn| async move {
@@ -301,7 +324,7 @@ impl HistoryStore for RedisHistory {
                         .arg(append.retention.max_len)
                         .arg(max_age)
                         .arg(epoch)
-                        .arg(META_TTL_MS)
+                        .arg(meta_ttl)
                         .invoke_async(&mut conn)
                         .await
                 })
@@ -320,9 +343,10 @@ impl HistoryStore for RedisHistory {
 
     fn read(&self, room: &str, since: Option<StreamPosition>, limit: usize) -> BoxFuture<'static, Result<HistoryRead>> {
         let [stream, meta, idem] = self.keys(room);
-        let epoch = format!("{:016x}", crate::hub::random_u64());
         let link = self.link.clone();
+        let meta_ttl = self.meta_ttl_ms;
         Box::pin(async move {
+            let new_epoch = format!("{:016x}", crate::hub::random_u64());
             let (mode, since_offset, expected) = match &since {
                 Some(p) => ("after", p.offset, p.epoch.to_string()),
                 None => ("newest", 0, String::new()),
@@ -336,8 +360,8 @@ impl HistoryStore for RedisHistory {
                         .arg(since_offset)
                         .arg(expected)
                         .arg(limit)
-                        .arg(epoch)
-                        .arg(META_TTL_MS)
+                        .arg(new_epoch)
+                        .arg(meta_ttl)
                         .invoke_async(&mut conn)
                         .await
                 })
@@ -353,11 +377,6 @@ impl HistoryStore for RedisHistory {
             let xlen = u64::try_from(as_int(xlen).ok_or_else(bad)?).map_err(|_| bad())?;
             let mut publications = entries.iter().map(publication).collect::<Option<Vec<_>>>().ok_or_else(bad)?;
             let top_position = StreamPosition { offset: top, epoch: Arc::from(epoch.as_str()) };
-            if epoch.is_empty() {
-                // No stream: nothing was ever published (or it is gone). A
-                // position from any epoch cannot be continued.
-                return Ok(HistoryRead { publications: Vec::new(), top: top_position, complete: since.is_none() });
-            }
             let complete = match since {
                 Some(pos) if *pos.epoch != *epoch || pos.offset > top => {
                     publications.clear();
