@@ -54,6 +54,11 @@ impl Error {
         Error { kind, message: Some(message.into()), source: None }
     }
 
+    /// An error of `kind` with a message and a cause.
+    pub(crate) fn msg_with_source(kind: ErrorKind, message: impl Into<String>, cause: impl Into<Cause>) -> Error {
+        Error { kind, message: Some(message.into()), source: Some(cause.into()) }
+    }
+
     /// Builds an error of `kind` around `cause`. Meant for host
     /// implementations of [`Backplane`](crate::Backplane) and
     /// [`Transport`](crate::Transport), which must report failures as this type.

@@ -26,25 +26,7 @@ use std::time::Duration;
 
 /// Converts a redis-rs error into ours, keeping it as the source.
 pub(crate) fn redis_error(context: &str, e: RedisError) -> Error {
-    Error::with_source(ErrorKind::Backplane, ContextError { context: context.to_owned(), source: e })
-}
-
-#[derive(Debug)]
-struct ContextError {
-    context: String,
-    source: RedisError,
-}
-
-impl std::fmt::Display for ContextError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "redis {}: {}", self.context, self.source)
-    }
-}
-
-impl std::error::Error for ContextError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.source)
-    }
+    Error::msg_with_source(ErrorKind::Backplane, format!("redis {context}: {e}"), e)
 }
 
 /// Whether `e` means the connection is unusable (rather than a command the
