@@ -116,6 +116,9 @@
 
 pub mod auth;
 pub mod backplane;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 pub mod error;
 #[cfg(all(fuzzing, feature = "ws"))]
 #[doc(hidden)]

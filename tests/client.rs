@@ -1,0 +1,958 @@
+//! The Rust client (`switchboard::client`) end to end: real hubs on
+//! 127.0.0.1 (restarted on the same port), and scripted raw WebSocket
+//! servers for what a hub never does (silence, garbage, recovery replies).
+//! Backoff is checked with paused time; nothing asserts a duration.
+
+mod support;
+
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::WAIT;
+use switchboard::client::{
+    Backoff, Client, ClientConfig, ClientErrorKind, Disconnect, Event, JoinOptions, Room, RoomEvent, Status,
+};
+use switchboard::protocol::{CloseCode, Format};
+use switchboard::transport::ws::{self, WsConfig};
+use switchboard::transport::Handshake;
+use switchboard::{Call, CallError, ConnectionId, Hub, HubBuilder, Identity, PresenceConfig, Rejection};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+fn user_from_query(hs: &Handshake) -> impl std::future::Future<Output = Result<Identity, Rejection>> + Send + 'static {
+    let user = hs.query("user");
+    async move { Ok(user.map(Identity::user).unwrap_or_default()) }
+}
+
+#[derive(Deserialize)]
+struct Say {
+    text: String,
+}
+
+/// A hub where `say` in a room broadcasts `said` {text} to the room and
+/// records the text, and `echo` returns its argument.
+fn chat_hub(log: Arc<Mutex<Vec<String>>>) -> HubBuilder {
+    Hub::builder()
+        .authenticate(user_from_query)
+        .on("say", move |call: Call, say: Say| {
+            let log = log.clone();
+            async move {
+                log.lock().unwrap().push(say.text.clone());
+                call.broadcast("said", &json!({ "text": say.text }))
+                    .await
+                    .map_err(|e| CallError::internal(e.to_string()))?;
+                Ok(json!({ "ok": true }))
+            }
+        })
+        .on("echo", |_: Call, v: Value| async move { Ok(v) })
+}
+
+/// Serves `hub` on exactly `addr` (after a restart the old listener may take
+/// a moment to go away).
+async fn serve_on(addr: SocketAddr, hub: &Hub) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "cannot bind {addr} again: {e}");
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    tokio::spawn(ws::serve(listener, hub.clone(), WsConfig::default()));
+}
+
+/// A loopback address nothing listens on (yet).
+async fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap()
+}
+
+/// Quick reconnects for tests that do not look at the backoff itself.
+fn fast() -> ClientConfig {
+    ClientConfig::default()
+        .backoff(Backoff::default().initial(Duration::from_millis(20)).max(Duration::from_millis(100)))
+        .jitter_seed(Some(1))
+        .call_timeout(WAIT)
+}
+
+fn connect(addr: SocketAddr, user: &str, config: ClientConfig) -> Client {
+    Client::builder(format!("ws://{addr}/?user={user}")).config(config).connect().expect("client")
+}
+
+async fn wait_status(client: &Client, what: &str, f: impl FnMut(&Status) -> bool) -> Status {
+    let mut rx = client.status();
+    let s = match tokio::time::timeout(WAIT, rx.wait_for(f)).await {
+        Ok(s) => s.expect("status sender gone").clone(),
+        Err(_) => panic!("timed out waiting for {what}; status {:?}", *client.status().borrow()),
+    };
+    s
+}
+
+async fn connected(client: &Client) {
+    tokio::time::timeout(WAIT, client.connected()).await.expect("timed out connecting").expect("connected");
+}
+
+async fn next(room: &mut Room) -> RoomEvent {
+    tokio::time::timeout(WAIT, room.recv()).await.expect("timed out waiting for a room event").expect("stream ended")
+}
+
+/// The next room event that is an `Event`, returning the others seen before it.
+async fn next_event(room: &mut Room) -> (Event, Vec<RoomEvent>) {
+    let mut other = Vec::new();
+    loop {
+        match next(room).await {
+            RoomEvent::Event(e) => return (e, other),
+            o => other.push(o),
+        }
+    }
+}
+
+fn text(e: &Event) -> String {
+    e.decode::<Value>().unwrap()["text"].as_str().unwrap_or_default().to_owned()
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    support::eventually(what, &mut f).await
+}
+
+// Scripted servers ------------------------------------------------------------
+
+type RawWs = WebSocketStream<TcpStream>;
+
+async fn accept_raw(listener: &TcpListener) -> RawWs {
+    let (tcp, _) = tokio::time::timeout(WAIT, listener.accept()).await.expect("no connection").unwrap();
+    // Selects the JSON subprotocol the client offers.
+    #[allow(clippy::result_large_err)] // tungstenite's callback signature
+    let select = |_: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                  mut resp: tokio_tungstenite::tungstenite::handshake::server::Response| {
+        resp.headers_mut().insert("sec-websocket-protocol", "switchboard.v1.json".parse().unwrap());
+        Ok(resp)
+    };
+    tokio_tungstenite::accept_hdr_async(tcp, select).await.expect("upgrade")
+}
+
+fn hello(interval_ms: u64, timeout_ms: u64) -> Value {
+    json!({"type": "hello", "data": {"version": 1, "connection_id": 1, "node": "0000000000000001",
+        "heartbeat_interval_ms": interval_ms, "heartbeat_timeout_ms": timeout_ms,
+        "max_message_size": 65536, "max_rooms": 128, "max_inflight": 16}})
+}
+
+async fn send(ws: &mut RawWs, v: Value) {
+    ws.send(Message::text(v.to_string())).await.expect("send");
+}
+
+/// The next JSON message from the client (skipping control frames).
+async fn recv(ws: &mut RawWs) -> Value {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for the client");
+        match m.expect("client went away").expect("read") {
+            Message::Text(t) => return serde_json::from_str(&t).expect("client sent invalid JSON"),
+            Message::Close(f) => panic!("client closed: {f:?}"),
+            _ => continue,
+        }
+    }
+}
+
+async fn close(ws: &mut RawWs, code: u16) {
+    let _ = ws.close(Some(CloseFrame { code: WsCode::from(code), reason: "scripted".into() })).await;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout(WAIT, ws.next()).await {}
+}
+
+// ---------------------------------------------------------------------------
+// Basics
+
+#[tokio::test]
+async fn joins_calls_and_receives_room_and_direct_events() {
+    for format in [Format::Json, Format::MsgPack] {
+        let log = Arc::default();
+        let hub = chat_hub(log).build();
+        let addr = support::serve(&hub).await;
+        let client = Client::builder(format!("ws://{addr}/?user=ann")).format(format).config(fast()).connect().unwrap();
+        connected(&client).await;
+        assert!(matches!(*client.status().borrow(), Status::Connected { connection_id: 1, .. }));
+
+        let mut lobby = client.join("lobby").await.expect("join");
+        let reply: Value = lobby.call("say", &json!({"text": "hi"})).await.expect("call");
+        assert_eq!(reply, json!({"ok": true}));
+        let (e, _) = next_event(&mut lobby).await;
+        assert_eq!((e.event.as_str(), text(&e).as_str(), e.room.as_deref()), ("said", "hi", Some("lobby")));
+
+        let echoed: Vec<u32> = client.call("echo", &[1, 2, 3]).await.unwrap();
+        assert_eq!(echoed, [1, 2, 3]);
+        let err = client.call::<_, Value>("nope", &()).await.unwrap_err();
+        assert_eq!((err.kind(), err.code().map(|c| c.0)), (ClientErrorKind::Server, Some(404)), "{err}");
+        let err = lobby.call::<_, Value>("say", &json!({"wrong": 1})).await.unwrap_err();
+        assert_eq!(err.code().map(|c| c.0), Some(422), "{err}");
+
+        let mut direct = client.direct_events().unwrap();
+        assert!(client.direct_events().is_none(), "one reader");
+        hub.send_to_user("ann", "notice", &json!({"n": 1})).unwrap();
+        match tokio::time::timeout(WAIT, direct.recv()).await.unwrap().unwrap() {
+            RoomEvent::Event(e) => assert_eq!((e.event.as_str(), e.room), ("notice", None)),
+            other => panic!("{other:?}"),
+        }
+
+        assert_eq!(client.join("lobby").await.unwrap_err().kind(), ClientErrorKind::AlreadyJoined);
+        lobby.leave().await.expect("leave");
+        eventually("the hub forgets the room", || hub.room_len("lobby") == 0).await;
+        // A dropped handle leaves too.
+        let again = client.join("lobby").await.expect("join again");
+        eventually("joined", || hub.room_len("lobby") == 1).await;
+        drop(again);
+        eventually("the dropped handle left", || hub.room_len("lobby") == 0).await;
+
+        client.close().await;
+        assert!(matches!(&*client.status().borrow(), Status::Closed { reason: Disconnect::ClientClosed }));
+        assert_eq!(client.call::<_, Value>("echo", &1).await.unwrap_err().kind(), ClientErrorKind::Closed);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Restart
+
+#[tokio::test]
+async fn server_restart_reconnects_rejoins_and_flushes_the_offline_buffer_in_order() {
+    let addr = free_addr().await;
+    let log1 = Arc::new(Mutex::new(Vec::new()));
+    let hub1 = chat_hub(log1.clone()).build();
+    serve_on(addr, &hub1).await;
+
+    let client = connect(addr, "ann", fast());
+    let mut lobby = client.join("lobby").await.unwrap();
+    let _: Value = lobby.call("say", &json!({"text": "before"})).await.unwrap();
+    assert_eq!(text(&next_event(&mut lobby).await.0), "before");
+
+    hub1.shutdown(Duration::from_secs(5)).await;
+    let s = wait_status(&client, "reconnecting", |s| matches!(s, Status::Reconnecting { .. })).await;
+    let Status::Reconnecting { reason, .. } = s else { unreachable!() };
+    assert!(
+        matches!(&reason, Disconnect::Closed { code, .. } if *code == CloseCode::GOING_AWAY)
+            || matches!(&reason, Disconnect::Connect(_)),
+        "{reason:?}"
+    );
+
+    // Offline: buffered sends wait, volatile ones are dropped, a call waits.
+    for i in 0..5 {
+        lobby.send("say", &json!({"text": format!("offline-{i}")})).await.expect("buffered");
+    }
+    let err = lobby.send_volatile("say", &json!({"text": "volatile"})).await.unwrap_err();
+    assert_eq!(err.kind(), ClientErrorKind::Offline);
+    let caller = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call::<_, Value>("echo", &"queued call").await })
+    };
+    eventually("the call is buffered", || client.stats().offline_buffered == 6).await;
+
+    let log2 = Arc::new(Mutex::new(Vec::new()));
+    let hub2 = chat_hub(log2.clone()).build();
+    serve_on(addr, &hub2).await;
+
+    // Rejoined (no history on this hub: nothing recovered), then the
+    // buffered sends in order, broadcast to the rejoined room.
+    let (first, before) = next_event(&mut lobby).await;
+    assert_eq!(before, [RoomEvent::Rejoined { recovered: false }]);
+    let mut texts = vec![text(&first)];
+    for _ in 1..5 {
+        texts.push(text(&next_event(&mut lobby).await.0));
+    }
+    assert_eq!(texts, (0..5).map(|i| format!("offline-{i}")).collect::<Vec<_>>());
+    assert_eq!(*log2.lock().unwrap(), texts);
+    assert_eq!(caller.await.unwrap().unwrap(), json!("queued call"));
+    assert!(!log2.lock().unwrap().contains(&"volatile".to_owned()));
+
+    let stats = client.stats();
+    assert_eq!((stats.reconnects, stats.offline_buffered, stats.volatile_dropped), (1, 0, 1), "{stats:?}");
+    assert!(client.status().borrow().is_connected());
+    // And live again.
+    hub2.publish("lobby", "said", &json!({"text": "live"})).await.unwrap();
+    assert_eq!(text(&next_event(&mut lobby).await.0), "live");
+}
+
+// ---------------------------------------------------------------------------
+// Backoff
+
+/// Collects the first `n` `Reconnecting` statuses of a client that cannot
+/// connect, with the (paused) time at which each was published.
+async fn reconnecting_statuses(client: &Client, n: usize) -> Vec<(u32, Duration, tokio::time::Instant)> {
+    let mut rx = client.status();
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        tokio::time::timeout(Duration::from_secs(3600), rx.changed()).await.expect("no status change").unwrap();
+        if let Status::Reconnecting { attempt, retry_in, reason } = &*rx.borrow_and_update() {
+            assert!(matches!(reason, Disconnect::Connect(_)), "{reason:?}");
+            seen.push((*attempt, *retry_in, tokio::time::Instant::now()));
+        }
+    }
+    seen
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_is_exponential_with_full_jitter_and_a_cap() {
+    let addr = free_addr().await;
+    let config = ClientConfig::default().jitter_seed(Some(42)).connect_timeout(Duration::from_secs(3600));
+    let backoff = config.backoff.clone();
+    let client = connect(addr, "x", config.clone());
+    let seen = reconnecting_statuses(&client, 12).await;
+
+    let attempts: Vec<u32> = seen.iter().map(|s| s.0).collect();
+    assert_eq!(attempts, (0..12).collect::<Vec<_>>(), "attempts count failures from 0");
+    for (attempt, delay, _) in &seen {
+        assert!(*delay <= backoff.ceiling(*attempt), "attempt {attempt}: {delay:?} over the ceiling");
+    }
+    // Ceilings 1, 2, 4, 8, 16, 30, 30…: the later draws reach well past the
+    // early ceilings, and never past 30 s.
+    assert!(seen[5..].iter().any(|s| s.1 > Duration::from_secs(16)), "{seen:?}");
+    assert!(seen.iter().all(|s| s.1 <= Duration::from_secs(30)));
+    // Full jitter: the draws are spread, not pinned to the ceiling.
+    let fractions: Vec<f64> =
+        seen.iter().map(|(a, d, _)| d.as_secs_f64() / backoff.ceiling(*a).as_secs_f64()).collect();
+    assert!(fractions.iter().any(|f| *f < 0.5) && fractions.iter().any(|f| *f > 0.5), "{fractions:?}");
+    // The client really waits the announced time before the next attempt.
+    for w in seen.windows(2) {
+        assert!(w[1].2 - w[0].2 >= w[0].1, "attempt {} came early", w[1].0);
+    }
+    // Same seed, same sequence.
+    let twin = connect(addr, "x", config);
+    let again = reconnecting_statuses(&twin, 12).await;
+    let delays = |v: &[(u32, Duration, tokio::time::Instant)]| v.iter().map(|s| s.1).collect::<Vec<_>>();
+    assert_eq!(delays(&seen), delays(&again));
+}
+
+#[tokio::test]
+async fn backoff_resets_after_a_stable_connection() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reset_after = Duration::from_millis(500);
+    let config = ClientConfig::default()
+        .backoff(
+            Backoff::default()
+                .initial(Duration::from_millis(5))
+                .max(Duration::from_millis(20))
+                .reset_after(reset_after),
+        )
+        .jitter_seed(Some(3));
+    let client = connect(addr, "x", config);
+    let mut rx = client.status();
+    let mut attempts = Vec::new();
+    // Three connections closed right after hello: each is a failure.
+    for _ in 0..3 {
+        let mut ws = accept_raw(&listener).await;
+        send(&mut ws, hello(0, 0)).await;
+        tokio::time::timeout(WAIT, rx.wait_for(Status::is_connected)).await.unwrap().unwrap();
+        close(&mut ws, 1001).await;
+        let s = tokio::time::timeout(WAIT, rx.wait_for(|s| matches!(s, Status::Reconnecting { .. }))).await.unwrap();
+        let Status::Reconnecting { attempt, .. } = *s.unwrap() else { unreachable!() };
+        attempts.push(attempt);
+    }
+    // One that stays up longer than `reset_after`.
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    tokio::time::timeout(WAIT, rx.wait_for(Status::is_connected)).await.unwrap().unwrap();
+    tokio::time::sleep(reset_after * 2).await; // the timer under test, not a wait for a message
+    close(&mut ws, 1001).await;
+    let s = tokio::time::timeout(WAIT, rx.wait_for(|s| matches!(s, Status::Reconnecting { .. }))).await.unwrap();
+    let Status::Reconnecting { attempt, .. } = *s.unwrap() else { unreachable!() };
+    attempts.push(attempt);
+    assert_eq!(attempts, [0, 1, 2, 0]);
+}
+
+#[tokio::test]
+async fn many_clients_spread_their_reconnects_over_the_backoff_window() {
+    const N: usize = 2000;
+    let cap = Duration::from_secs(2);
+    let addr = free_addr().await;
+    let hub1 = Hub::builder().build();
+    serve_on(addr, &hub1).await;
+    let config = ClientConfig::default()
+        .backoff(Backoff::default().initial(cap).max(cap))
+        .read_buffer_size(1024)
+        .write_buffer_size(1024)
+        .room_buffer(8);
+    let clients: Vec<Client> = (0..N).map(|_| connect(addr, "x", config.clone())).collect();
+    for c in &clients {
+        connected(c).await;
+    }
+
+    // Each client's first `Reconnecting` after the restart announces its
+    // delay, drawn in [0, cap].
+    let watchers: Vec<_> = clients
+        .iter()
+        .map(|c| {
+            let mut rx = c.status();
+            rx.borrow_and_update();
+            tokio::spawn(async move {
+                loop {
+                    rx.changed().await.ok()?;
+                    if let Status::Reconnecting { attempt, retry_in, .. } = &*rx.borrow_and_update() {
+                        return (*attempt == 0).then_some(retry_in.as_secs_f64());
+                    }
+                }
+            })
+        })
+        .collect();
+    let arrivals = Arc::new(Mutex::new(Vec::with_capacity(N)));
+    let recorded = arrivals.clone();
+    let hub2 = Hub::builder().on_connect(move |_| recorded.lock().unwrap().push(std::time::Instant::now())).build();
+    hub1.shutdown(Duration::from_secs(10)).await;
+    serve_on(addr, &hub2).await;
+    let mut delays = Vec::with_capacity(N);
+    for w in watchers {
+        if let Ok(Ok(Some(d))) = tokio::time::timeout(WAIT, w).await {
+            delays.push(d);
+        }
+    }
+    for c in &clients {
+        connected(c).await;
+    }
+    let buckets = spread(&delays, cap.as_secs_f64(), 10);
+    let (mean, sd) = mean_sd(&delays);
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), N, "every client is back");
+    let t0 = *arrivals.iter().min().unwrap();
+    let offsets: Vec<f64> = arrivals.iter().map(|t| (*t - t0).as_secs_f64()).collect();
+    let (_, arrival_sd) = mean_sd(&offsets);
+    println!(
+        "reconnect spread: {} delays seen, mean {mean:.3} s, sd {sd:.3} s (uniform: {:.3}), buckets {buckets:?}; \
+         arrival sd {arrival_sd:.3} s",
+        delays.len(),
+        cap.as_secs_f64() / 12f64.sqrt()
+    );
+    // Uniform over [0, cap]: each tenth holds ~10 %; a herd would sit in one.
+    assert!(delays.len() >= N / 2, "{}", delays.len());
+    let min_bucket = delays.len() / 10 / 2;
+    assert!(buckets.iter().all(|b| *b >= min_bucket), "{buckets:?}");
+    assert!(sd > cap.as_secs_f64() / 12f64.sqrt() * 0.7, "sd {sd}");
+    // And the server saw them arrive spread out, not at once.
+    assert!(arrival_sd > cap.as_secs_f64() / 12f64.sqrt() * 0.5, "arrival sd {arrival_sd}");
+}
+
+fn spread(xs: &[f64], max: f64, n: usize) -> Vec<usize> {
+    let mut b = vec![0; n];
+    for x in xs {
+        b[((x / max * n as f64) as usize).min(n - 1)] += 1;
+    }
+    b
+}
+
+fn mean_sd(xs: &[f64]) -> (f64, f64) {
+    let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+    let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+    (mean, var.sqrt())
+}
+
+// ---------------------------------------------------------------------------
+// Close codes and tokens
+
+fn hub_recording_ids() -> (Hub, Arc<Mutex<Vec<ConnectionId>>>) {
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let rec = ids.clone();
+    let hub = chat_hub(Arc::default()).on_connect(move |c| rec.lock().unwrap().push(c.id())).build();
+    (hub, ids)
+}
+
+#[tokio::test]
+async fn terminal_close_codes_stop_the_client_and_others_reconnect() {
+    let (hub, ids) = hub_recording_ids();
+    let addr = support::serve(&hub).await;
+    for (code, terminal) in [(4500, true), (1008, true), (1000, true), (4501, true), (4002, false), (4000, false)] {
+        ids.lock().unwrap().clear();
+        let client = connect(addr, "x", fast());
+        connected(&client).await;
+        let id = ids.lock().unwrap()[0];
+        assert!(hub.disconnect(id, CloseCode(code), "test"));
+        if terminal {
+            let s = wait_status(&client, "closed", Status::is_closed).await;
+            assert_eq!(
+                s,
+                Status::Closed { reason: Disconnect::Closed { code: CloseCode(code), reason: "test".into() } },
+                "code {code}"
+            );
+            let err = client.call::<_, Value>("echo", &1).await.unwrap_err();
+            assert_eq!(err.kind(), ClientErrorKind::Closed);
+            assert_eq!(client.stats().reconnects, 0);
+            // `Closed` is published as the connection task returns; the
+            // hub never saw a second connection from it.
+            assert_eq!(ids.lock().unwrap().len(), 1, "code {code}");
+        } else {
+            eventually("a second connection", || ids.lock().unwrap().len() == 2).await;
+            connected(&client).await;
+            assert_eq!(client.stats().reconnects, 1, "code {code}");
+            client.close().await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn token_expired_gets_a_new_token_before_reconnecting() {
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let (s, rec) = (seen.clone(), ids.clone());
+    let hub = Hub::builder()
+        .authenticate(move |hs: &Handshake| {
+            let auth = hs.header("authorization").map(str::to_owned);
+            s.lock().unwrap().push(auth.clone().unwrap_or_default());
+            async move {
+                match auth.as_deref().and_then(|a| a.strip_prefix("Bearer ")) {
+                    Some(t) if t.starts_with("token-") => Ok(Identity::user(t)),
+                    _ => Err(Rejection::unauthorized("who are you?")),
+                }
+            }
+        })
+        .on_connect(move |c| rec.lock().unwrap().push(c.id()))
+        .build();
+    let addr = support::serve(&hub).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let c = calls.clone();
+    let client = Client::builder(format!("ws://{addr}/"))
+        .config(fast())
+        .token(move || {
+            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok::<_, std::convert::Infallible>(format!("token-{n}")) }
+        })
+        .connect()
+        .unwrap();
+    connected(&client).await;
+    let first = ids.lock().unwrap()[0];
+    assert!(hub.disconnect(first, CloseCode::TOKEN_EXPIRED, "token expired: refresh and reconnect"));
+    eventually("reconnected", || ids.lock().unwrap().len() == 2).await;
+    connected(&client).await;
+    assert_eq!(*seen.lock().unwrap(), ["Bearer token-1", "Bearer token-2"]);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    // A refused upgrade (401) gets one more token; a second refusal stops.
+    let refusing = Client::builder(format!("ws://{addr}/"))
+        .config(fast())
+        .token(|| async { Ok::<_, std::convert::Infallible>("forged".to_owned()) })
+        .connect()
+        .unwrap();
+    let s = wait_status(&refusing, "closed", Status::is_closed).await;
+    assert!(matches!(s, Status::Closed { reason: Disconnect::Refused { status: 401, .. } }), "{s:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Dead servers
+
+#[tokio::test]
+async fn a_half_open_connection_is_detected_by_the_heartbeat_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = connect(addr, "x", fast());
+    // Accepts, says hello (heartbeats every 100 ms, 100 ms timeout), then
+    // goes silent without closing: no pings, no reads.
+    let mut silent = accept_raw(&listener).await;
+    send(&mut silent, hello(100, 100)).await;
+    let s = wait_status(&client, "heartbeat timeout", |s| !matches!(s, Status::Connecting | Status::Connected { .. }))
+        .await;
+    assert!(matches!(s, Status::Reconnecting { reason: Disconnect::HeartbeatTimeout, .. }), "{s:?}");
+    // It reconnects.
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    connected(&client).await;
+    drop(silent);
+
+    // Client pings: with no server heartbeats, the client pings after its
+    // interval and gives up when nothing answers.
+    let client2 = connect(addr, "y", fast().ping_interval(Some(Duration::from_millis(100))));
+    let mut mute = accept_raw(&listener).await;
+    send(&mut mute, hello(0, 200)).await;
+    let ping = recv(&mut mute).await;
+    assert_eq!(ping["type"], "ping", "{ping}");
+    assert!(ping["ref"].is_u64());
+    let s = wait_status(&client2, "ping timeout", |s| matches!(s, Status::Reconnecting { .. })).await;
+    assert!(matches!(s, Status::Reconnecting { reason: Disconnect::HeartbeatTimeout, .. }), "{s:?}");
+    // A server that answers keeps the connection.
+    let mut answering = accept_raw(&listener).await;
+    send(&mut answering, hello(0, 200)).await;
+    connected(&client2).await;
+    for _ in 0..3 {
+        let ping = recv(&mut answering).await;
+        assert_eq!(ping["type"], "ping");
+        send(&mut answering, json!({"type": "pong", "ref": ping["ref"]})).await;
+    }
+    assert!(client2.status().borrow().is_connected());
+    // The client answers protocol pings with pongs echoing the ref.
+    send(&mut answering, json!({"type": "ping", "ref": 77})).await;
+    loop {
+        let m = recv(&mut answering).await;
+        if m["type"] == "pong" {
+            assert_eq!(m["ref"], 77);
+            break;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Buffers and calls
+
+#[tokio::test]
+async fn the_offline_buffer_is_bounded_and_drops_the_oldest() {
+    let addr = free_addr().await;
+    let client = connect(addr, "x", fast().offline_buffer_messages(3).offline_buffer_bytes(100_000));
+    for n in 1..=5 {
+        client.send("note", &json!({"n": n})).await.expect("buffered");
+    }
+    // A call is buffered too: it pushes out the oldest note; then a newer
+    // note pushes out the call, which fails as dropped.
+    let call = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call::<_, Value>("echo", &"dropped").await })
+    };
+    eventually("the call is buffered", || client.stats().pending_requests == 1).await;
+    for n in 6..=8 {
+        client.send("note", &json!({"n": n})).await.unwrap();
+    }
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ClientErrorKind::Dropped, "{err}");
+    let stats = client.stats();
+    assert_eq!((stats.offline_buffered, stats.offline_dropped), (3, 6), "{stats:?}");
+    assert_eq!(client.send_volatile("note", &json!({"n": 0})).await.unwrap_err().kind(), ClientErrorKind::Offline);
+
+    // Byte bound: 1 KiB notes in a 2.5 KiB buffer keep two; a note larger
+    // than the buffer is refused outright.
+    let small = connect(addr, "y", fast().offline_buffer_bytes(2560));
+    for n in 0..4 {
+        small.send("note", &json!({"n": n, "pad": "x".repeat(1000)})).await.unwrap();
+    }
+    let stats = small.stats();
+    assert_eq!((stats.offline_buffered, stats.offline_dropped), (2, 2), "{stats:?}");
+    assert!(stats.offline_buffered_bytes <= 2560);
+    let err = small.send("note", &json!({"pad": "x".repeat(3000)})).await.unwrap_err();
+    assert_eq!(err.kind(), ClientErrorKind::TooLarge);
+
+    // The server comes up: the survivors arrive, in order.
+    let notes = Arc::new(Mutex::new(Vec::new()));
+    let rec = notes.clone();
+    let hub = Hub::builder()
+        .authenticate(user_from_query)
+        .on("note", move |call: Call, v: Value| {
+            let rec = rec.clone();
+            async move {
+                rec.lock()
+                    .unwrap()
+                    .push((call.user_id().unwrap_or_default().to_owned(), v["n"].as_i64().unwrap_or(-1)));
+                Ok(())
+            }
+        })
+        .build();
+    serve_on(addr, &hub).await;
+    eventually("notes delivered", || notes.lock().unwrap().len() == 5).await;
+    let notes = notes.lock().unwrap().clone();
+    let of = |u: &str| notes.iter().filter(|(w, _)| w == u).map(|(_, n)| *n).collect::<Vec<_>>();
+    assert_eq!(of("x"), [6, 7, 8]);
+    assert_eq!(of("y"), [2, 3]);
+}
+
+#[tokio::test]
+async fn calls_time_out_and_late_replies_are_discarded() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    let hub = chat_hub(Arc::default())
+        .on("slow", move |_: Call, _: Value| {
+            let g = g.clone();
+            async move {
+                g.notified().await;
+                Ok(json!("late"))
+            }
+        })
+        .build();
+    let addr = support::serve(&hub).await;
+    let client = connect(addr, "x", fast().call_timeout(Duration::from_millis(200)));
+    connected(&client).await;
+    let err = client.call::<_, Value>("slow", &()).await.unwrap_err();
+    assert!(err.is_timeout(), "{err}");
+    assert_eq!(client.stats().pending_requests, 0);
+    gate.notify_one();
+    eventually("the late reply is counted", || client.stats().late_replies == 1).await;
+    // Not wedged.
+    let v: String = client.call("echo", &"still here").await.unwrap();
+    assert_eq!(v, "still here");
+    assert!(client.status().borrow().is_connected());
+}
+
+// ---------------------------------------------------------------------------
+// Presence
+
+#[tokio::test]
+async fn the_presence_view_converges_with_the_server() {
+    let hub = Hub::builder().authenticate(user_from_query).presence(PresenceConfig::default()).build();
+    let addr = support::serve(&hub).await;
+    let ann = connect(addr, "ann", fast());
+    let bob1 = connect(addr, "bob", fast());
+    let bob2 = connect(addr, "bob", fast());
+    let ann_room = ann.join("room").await.unwrap();
+    let bob1_room = bob1.join("room").await.unwrap();
+    let bob2_room = bob2.join("room").await.unwrap();
+
+    let converge = |room: &Room, want: Vec<(&'static str, usize)>| {
+        let mut rx = room.presence();
+        async move {
+            let got = tokio::time::timeout(
+                WAIT,
+                rx.wait_for(|v| {
+                    v.synced && v.members.iter().map(|(k, m)| (k.as_str(), m.len())).collect::<Vec<_>>() == want
+                }),
+            )
+            .await
+            .map(|r| r.map(|v| v.clone()));
+            match got {
+                Ok(v) => v.unwrap(),
+                Err(_) => panic!("presence did not converge to {want:?}: {:?}", *rx.borrow()),
+            }
+        }
+    };
+    for room in [&ann_room, &bob1_room, &bob2_room] {
+        let v = converge(room, vec![("ann", 1), ("bob", 2)]).await;
+        assert_eq!((v.count.keys, v.count.connections), (2, 3));
+    }
+    // Ephemeral flags show up in everyone's view, and go.
+    ann_room.set_ephemeral(json!({"typing": true})).await.unwrap();
+    let mut rx = bob1_room.presence();
+    tokio::time::timeout(
+        WAIT,
+        rx.wait_for(|v| v.members.get("ann").is_some_and(|m| m[0].ephemeral.get("typing").is_some())),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    ann_room.set_ephemeral(json!({"typing": null})).await.unwrap();
+    tokio::time::timeout(WAIT, rx.wait_for(|v| v.members.get("ann").is_some_and(|m| m[0].ephemeral.is_empty())))
+        .await
+        .unwrap()
+        .unwrap();
+    // A tab goes away: one bob meta left; ann leaves: only bob.
+    drop(bob2_room);
+    bob2.close().await;
+    converge(&ann_room, vec![("ann", 1), ("bob", 1)]).await;
+    converge(&bob1_room, vec![("ann", 1), ("bob", 1)]).await;
+    ann_room.leave().await.unwrap();
+    let v = converge(&bob1_room, vec![("bob", 1)]).await;
+    assert_eq!(v.count.connections, 1);
+}
+
+// ---------------------------------------------------------------------------
+// Garbage
+
+#[tokio::test]
+async fn a_garbage_sending_server_neither_crashes_nor_wedges_the_client() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = connect(addr, "x", fast().max_message_size(4096));
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    connected(&client).await;
+    let caller = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call::<_, Value>("echo", &"hi").await })
+    };
+    let call = recv(&mut ws).await;
+    assert_eq!(call["type"], "call");
+    for garbage in [
+        Message::text("not json"),
+        Message::text("[1,2,3]"),
+        Message::text(r#"{"type":"frobnicate","ref":1}"#),
+        Message::text(r#"{"type":"reply","ref":987654321,"data":1}"#),
+        Message::text(r#"{"type":"error","ref":987654322,"code":500,"message":"x"}"#),
+        Message::text(r#"{"type":"error","code":500,"message":"no ref"}"#),
+        Message::text(r#"{"type":"event"}"#),
+        Message::text(r#"{"type":"event","room":"unjoined","event":"e","data":1}"#),
+        Message::text(r#"{"type":"presence_diff","room":"nope","data":5}"#),
+        Message::text(r#"{"type":"join","room":"x"}"#),
+        Message::text(r#"{"type":"gap","room":"x","data":"?"}"#),
+        Message::text(r#"{"type":"lagged","data":{"dropped":"many"}}"#),
+        Message::binary(vec![0xc1, 0xff]),
+        Message::text(r#"{"type":"hello","data":{"version":99}}"#),
+    ] {
+        ws.send(garbage).await.unwrap();
+    }
+    send(&mut ws, json!({"type": "reply", "ref": call["ref"], "data": "hi"})).await;
+    assert_eq!(caller.await.unwrap().unwrap(), json!("hi"));
+    let stats = client.stats();
+    assert!(stats.malformed_messages >= 4, "{stats:?}");
+    assert!(stats.unknown_messages >= 2, "{stats:?}");
+    assert_eq!((stats.late_replies, stats.server_errors), (2, 1), "{stats:?}");
+    assert!(client.status().borrow().is_connected());
+
+    // Fatal: a message over the client's size limit → reconnect.
+    ws.send(Message::text(format!("{{\"type\":\"event\",\"event\":\"{}\"}}", "x".repeat(5000)))).await.unwrap();
+    let s = wait_status(&client, "reconnecting", |s| matches!(s, Status::Reconnecting { .. })).await;
+    assert!(matches!(s, Status::Reconnecting { reason: Disconnect::Protocol(_), .. }), "{s:?}");
+    // Fatal: no hello first.
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, json!({"type": "event", "event": "e"})).await;
+    let s = wait_status(&client, "reconnecting", |s| matches!(s, Status::Reconnecting { attempt: 1, .. })).await;
+    assert!(matches!(&s, Status::Reconnecting { reason: Disconnect::Protocol(m), .. } if m.contains("hello")), "{s:?}");
+    // Fatal: nothing but garbage.
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    connected(&client).await;
+    for _ in 0..40 {
+        if ws.send(Message::text("}{")).await.is_err() {
+            break;
+        }
+    }
+    let s = wait_status(&client, "reconnecting", |s| matches!(s, Status::Reconnecting { .. })).await;
+    assert!(
+        matches!(&s, Status::Reconnecting { reason: Disconnect::Protocol(m), .. } if m.contains("in a row")),
+        "{s:?}"
+    );
+    // And a sane server gets a working client.
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    connected(&client).await;
+    let caller = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call::<_, Value>("echo", &2).await })
+    };
+    let call = recv(&mut ws).await;
+    send(&mut ws, json!({"type": "reply", "ref": call["ref"], "data": 2})).await;
+    assert_eq!(caller.await.unwrap().unwrap(), json!(2));
+}
+
+// ---------------------------------------------------------------------------
+// Recovery, against a scripted server speaking the recovery wire format
+
+#[tokio::test]
+async fn rejoins_with_the_last_offset_and_delivers_recovered_events_once_and_first() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = connect(addr, "x", fast());
+    let ev = |off: u64| json!({"type": "event", "room": "r", "event": "e", "offset": off, "data": {"n": off}});
+
+    // Connection 1: join at head 10; events 11, 12; the server goes away.
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    let joiner = {
+        let client = client.clone();
+        tokio::spawn(async move { client.join_with("r", JoinOptions::default().params(json!({"invite": "k"}))).await })
+    };
+    let join = recv(&mut ws).await;
+    assert_eq!((join["type"].as_str(), join["room"].as_str()), (Some("join"), Some("r")));
+    assert_eq!(join["data"], json!({"invite": "k"}));
+    assert!(join.get("offset").is_none() && join.get("epoch").is_none(), "{join}");
+    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r", "epoch": "E1", "offset": 10}}))
+        .await;
+    let mut room = joiner.await.unwrap().unwrap();
+    send(&mut ws, ev(9)).await; // older than the join: not delivered
+    send(&mut ws, ev(11)).await;
+    send(&mut ws, ev(12)).await;
+    let offsets = |items: &[RoomEvent]| {
+        items.iter().filter_map(|i| if let RoomEvent::Event(e) = i { e.offset } else { None }).collect::<Vec<_>>()
+    };
+    assert_eq!(next_event(&mut room).await.0.offset, Some(11));
+    assert_eq!(next_event(&mut room).await.0.offset, Some(12));
+    assert_eq!(room.position(), Some((12, "E1".to_owned())));
+    close(&mut ws, 1001).await;
+
+    // Connection 2: the rejoin carries offset 12 and epoch E1 (and the
+    // params again); the server recovers 13, 14 (repeating 12), then live 15.
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    let join = recv(&mut ws).await;
+    assert_eq!((join["offset"].as_u64(), join["epoch"].as_str()), (Some(12), Some("E1")), "{join}");
+    assert_eq!(join["data"], json!({"invite": "k"}));
+    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r", "epoch": "E1", "offset": 14, "recovered": true}}))
+        .await;
+    for off in [12, 13, 14, 15] {
+        send(&mut ws, ev(off)).await;
+    }
+    let mut items = vec![next(&mut room).await];
+    while offsets(&items).last() != Some(&15) {
+        items.push(next(&mut room).await);
+    }
+    assert_eq!(items[0], RoomEvent::Rejoined { recovered: true });
+    assert_eq!(offsets(&items), [13, 14, 15]);
+
+    // A gap on the live connection: the client leaves and rejoins from just
+    // before it, and delivers only the missing events (and newer ones).
+    send(
+        &mut ws,
+        json!({"type": "gap", "room": "r", "data": {"from": 16, "to": 17, "reason": "slow_consumer", "epoch": "E1"}}),
+    )
+    .await;
+    send(&mut ws, ev(18)).await;
+    let leave = recv(&mut ws).await;
+    assert_eq!((leave["type"].as_str(), leave["room"].as_str()), (Some("leave"), Some("r")), "{leave}");
+    let join = recv(&mut ws).await;
+    assert_eq!(
+        (join["type"].as_str(), join["offset"].as_u64(), join["epoch"].as_str()),
+        (Some("join"), Some(15), Some("E1"))
+    );
+    send(&mut ws, json!({"type": "reply", "ref": leave["ref"], "data": {"room": "r"}})).await;
+    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r", "epoch": "E1", "offset": 19, "recovered": true}}))
+        .await;
+    for off in [16, 17, 18, 19] {
+        send(&mut ws, ev(off)).await;
+    }
+    let mut items = vec![next(&mut room).await];
+    while offsets(&items).last() != Some(&19) {
+        items.push(next(&mut room).await);
+    }
+    assert!(matches!(
+        &items[0],
+        RoomEvent::Gap(g) if (g.from, g.to, g.reason.as_str(), g.recovering) == (16, 17, "slow_consumer", true)
+    ));
+    assert_eq!(offsets(&items), [18, 16, 17, 19], "18 arrived live before the recovery; 18 is not repeated");
+    close(&mut ws, 1001).await;
+
+    // Connection 3: the server cannot recover: the app is told to resync.
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    let join = recv(&mut ws).await;
+    assert_eq!(join["offset"].as_u64(), Some(19));
+    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r", "epoch": "E2", "offset": 40, "recovered": false}}))
+        .await;
+    send(&mut ws, ev(41)).await;
+    assert_eq!(next(&mut room).await, RoomEvent::Rejoined { recovered: false });
+    assert_eq!(next_event(&mut room).await.0.offset, Some(41));
+    assert_eq!(room.position(), Some((41, "E2".to_owned())));
+    // epoch_changed: resync, no recovery attempt.
+    send(
+        &mut ws,
+        json!({"type": "gap", "room": "r", "data": {"from": 42, "to": 50, "reason": "epoch_changed", "epoch": "E3"}}),
+    )
+    .await;
+    match next(&mut room).await {
+        RoomEvent::Gap(g) => assert!(!g.recovering && g.reason == "epoch_changed"),
+        other => panic!("{other:?}"),
+    }
+    // A rejoin refused after a reconnect ends the stream with the reason.
+    close(&mut ws, 1001).await;
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    let join = recv(&mut ws).await;
+    assert!(join.get("offset").is_none(), "no position in the new epoch yet: {join}");
+    send(&mut ws, json!({"type": "error", "ref": join["ref"], "code": 403, "message": "banned"})).await;
+    while tokio::time::timeout(WAIT, room.recv()).await.expect("stream did not end").is_some() {}
+    assert_eq!(room.closed_reason().and_then(|e| e.code()).map(|c| c.0), Some(403));
+}
+
+#[tokio::test]
+async fn a_slow_reader_loses_the_oldest_events_and_is_told() {
+    let hub = chat_hub(Arc::default()).build();
+    let addr = support::serve(&hub).await;
+    let client = connect(addr, "x", fast().room_buffer(4));
+    let mut room = client.join("lobby").await.unwrap();
+    for i in 0..10 {
+        hub.publish("lobby", "said", &json!({"text": i.to_string()})).await.unwrap();
+    }
+    let _: Value = room.call("say", &json!({"text": "last"})).await.unwrap(); // the events are in before the reply
+    assert_eq!(next(&mut room).await, RoomEvent::Lagged { dropped: 7 });
+    let mut texts = Vec::new();
+    while let Some(RoomEvent::Event(e)) = room.try_recv() {
+        texts.push(text(&e));
+    }
+    assert_eq!(texts, ["7", "8", "9", "last"]);
+    assert_eq!((room.dropped(), client.stats().events_dropped), (7, 7));
+}
