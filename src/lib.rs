@@ -91,13 +91,14 @@
 //! | [`backplane`] | the [`Backplane`] trait and [`MemoryBackplane`] |
 //! | [`presence`] | [`PresenceConfig`], the [`PresenceStore`] trait and [`MemoryPresence`], presence entries and events (`docs/presence.md`) |
 //! | [`integration`] | framework adapters (`axum`) |
+//! | `client` | the Rust client: `Client`, `Room`, status, backoff, presence view (feature `client`, `docs/client.md`) |
 //! | `testing` | conformance suites for host implementations (feature `testing`) |
 //! | [`error`] | [`Error`], [`ErrorKind`], [`Result`] |
 //!
 //! Longer guides live in the repository's `docs/`: `protocol.md` (the wire
 //! protocol), `architecture.md` (layers, data path, bounds, locks),
 //! `security.md` (threat model, limits and their defaults, proxies), `sse.md`
-//! (the Server-Sent Events transport).
+//! (the Server-Sent Events transport), `client.md` (the Rust client).
 //!
 //! # Features
 //!
@@ -109,6 +110,7 @@
 //! | `jwt` | no | JSON Web Token authentication and `refresh` (`auth::jwt`, the `jsonwebtoken` crate) |
 //! | `redis` | no | `switchboard::redis`: a backplane on Redis pub/sub, history and presence stores on Redis (the redis-rs crate; Rust 1.88) |
 //! | `testing` | no | `switchboard::testing`: conformance suites for your own [`Backplane`] |
+//! | `client` | no | `switchboard::client`: a reconnecting Rust client (rooms, recovery, calls, presence) |
 //!
 //! Logging goes through `tracing` (always on; silent without a subscriber).
 
