@@ -29,7 +29,7 @@
 //! # async fn run() -> Result<(), switchboard::client::ClientError> {
 //! let client = Client::builder("ws://127.0.0.1:3000/ws?name=ann").connect()?;
 //! let mut status = client.status();
-//! let mut lobby = client.join("lobby").await?;
+//! let lobby = client.join("lobby").await?;
 //! let reply: serde_json::Value = lobby.call("message", &json!({ "text": "hi" })).await?;
 //! while let Some(item) = lobby.recv().await {
 //!     match item {
