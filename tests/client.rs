@@ -932,7 +932,11 @@ async fn rejoins_with_the_last_offset_and_delivers_recovered_events_once_and_fir
     let mut ws = accept_raw(&listener).await;
     send(&mut ws, hello(0, 0)).await;
     let join = recv(&mut ws).await;
-    assert!(join.get("offset").is_none(), "no position in the new epoch yet: {join}");
+    assert_eq!(
+        (join["offset"].as_u64(), join["epoch"].as_str()),
+        (Some(0), Some("E3")),
+        "new epoch from its start: {join}"
+    );
     send(&mut ws, json!({"type": "error", "ref": join["ref"], "code": 403, "message": "banned"})).await;
     while tokio::time::timeout(WAIT, room.recv()).await.expect("stream did not end").is_some() {}
     assert_eq!(room.closed_reason().and_then(|e| e.code()).map(|c| c.0), Some(403));

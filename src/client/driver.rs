@@ -285,7 +285,10 @@ struct JoinReply {
 
 #[derive(Deserialize)]
 struct GapData {
+    /// Absent for `epoch_changed`.
+    #[serde(default)]
     from: u64,
+    #[serde(default)]
     to: u64,
     #[serde(default)]
     reason: String,
@@ -871,8 +874,11 @@ impl Session {
         let generation = self.generation;
         let mut st = self.shared.state.lock();
         let Some(room) = st.rooms.get_mut(&name) else { return };
-        let recovering = gap.reason != "epoch_changed"
+        // Only a slow-consumer gap can be recovered: `missed` events are no
+        // longer in the store (a rejoin would answer `recovered: false`).
+        let recovering = gap.reason == "slow_consumer"
             && room.epoch.is_some()
+            && gap.epoch.as_ref().is_none_or(|e| room.epoch.as_ref() == Some(e))
             && gap.from > 0
             && gap.from <= gap.to
             && room.missing.len() < MAX_MISSING
@@ -883,9 +889,13 @@ impl Session {
             room.missing.push((gap.from, gap.to));
             room.recovering = true;
         } else if gap.reason == "epoch_changed" {
+            // Positions start over in the new epoch, from offset 1.
             room.epoch = gap.epoch.clone();
-            room.last_offset = None;
+            room.last_offset = room.epoch.as_ref().map(|_| 0);
             room.missing.clear();
+        } else if gap.to > 0 {
+            // Lost for good: carry on after it (the application resyncs).
+            room.last_offset = Some(room.last_offset.map_or(gap.to, |l| l.max(gap.to)));
         }
         if recovering {
             // Leave, then rejoin from just before the gap: the server

@@ -38,17 +38,17 @@ impl Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Gap {
-    /// First missed offset.
+    /// First missed offset (0 for `epoch_changed`).
     pub from: u64,
-    /// Last missed offset.
+    /// Last missed offset (0 for `epoch_changed`).
     pub to: u64,
     /// `slow_consumer`, `missed` or `epoch_changed` (or a newer reason).
     pub reason: String,
-    /// Whether the client is recovering the range itself (it leaves and
-    /// rejoins the room from `from - 1`; the missed events then arrive as
-    /// ordinary events, possibly after newer ones). When `false` (for
-    /// `epoch_changed`, or when the room's stream has no epoch yet) the
-    /// application must resynchronize the room.
+    /// Whether the client is recovering the range itself: for
+    /// `slow_consumer` it leaves and rejoins the room from `from - 1`, and
+    /// the missed events arrive as ordinary events, each once, possibly
+    /// after newer ones. When `false` (`missed`, `epoch_changed`, unknown
+    /// reasons) the application must resynchronize the room.
     pub recovering: bool,
 }
 
