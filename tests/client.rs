@@ -541,6 +541,44 @@ async fn token_expired_gets_a_new_token_before_reconnecting() {
     assert!(matches!(s, Status::Closed { reason: Disconnect::Refused { status: 401, .. } }), "{s:?}");
 }
 
+#[tokio::test]
+async fn credentials_are_refreshed_in_band_before_they_expire() {
+    use std::time::SystemTime;
+    let lifetime = Duration::from_millis(600);
+    let refreshed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let ids = Arc::new(Mutex::new(Vec::new()));
+    let (r, rec) = (refreshed.clone(), ids.clone());
+    let hub = Hub::builder()
+        .authenticate(move |_: &Handshake| async move {
+            Ok::<_, Rejection>(Identity::user("ann").with_expiry(SystemTime::now() + lifetime))
+        })
+        .refresh(move |_: &Identity, token: String| {
+            r.lock().unwrap().push(token);
+            async move { Ok::<_, CallError>(Identity::user("ann").with_expiry(SystemTime::now() + lifetime)) }
+        })
+        .on_connect(move |c| rec.lock().unwrap().push(c.id()))
+        .build();
+    let addr = support::serve(&hub).await;
+    let calls = Arc::new(AtomicU64::new(0));
+    let c = calls.clone();
+    let client = Client::builder(format!("ws://{addr}/"))
+        .config(fast())
+        .token(move || {
+            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok::<_, std::convert::Infallible>(format!("t{n}")) }
+        })
+        .connect()
+        .unwrap();
+    connected(&client).await;
+    // Each renewal lands before the 600 ms expiry: three in a row on one
+    // connection (without them the server would close with 4003).
+    eventually("three refreshes", || refreshed.lock().unwrap().len() >= 3).await;
+    assert_eq!(refreshed.lock().unwrap()[..3], ["t2", "t3", "t4"]);
+    assert_eq!(ids.lock().unwrap().len(), 1, "one connection throughout");
+    assert_eq!(client.stats().reconnects, 0);
+    assert!(client.status().borrow().is_connected());
+}
+
 // ---------------------------------------------------------------------------
 // Dead servers
 

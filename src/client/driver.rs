@@ -119,7 +119,8 @@ pub(crate) async fn run(shared: Arc<Shared>, connector: Connector) {
     let mut jitter = Jitter::new(shared.config.jitter_seed);
     let backoff = shared.config.backoff.clone();
     let mut attempt: u32 = 0;
-    let mut token: Option<String> = None;
+    // The latest token; an in-band `refresh` replaces it too.
+    let token: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let mut need_token = connector.token.is_some();
     let mut refused_unauthorized = false;
     loop {
@@ -132,14 +133,14 @@ pub(crate) async fn run(shared: Arc<Shared>, connector: Connector) {
                     _ = stopped(&mut stop) => break 'attempt Disconnect::ClientClosed.into(),
                     t = provider() => match t {
                         Ok(t) => {
-                            token = Some(t);
+                            *token.lock() = Some(t);
                             need_token = false;
                         }
                         Err(e) => break 'attempt Disconnect::Token(e).into(),
                     },
                 }
             }
-            connect_and_serve(&shared, &connector, token.as_deref(), &mut stop).await
+            connect_and_serve(&shared, &connector, &token, &mut stop).await
         };
         if outcome.stable {
             attempt = 0;
@@ -211,12 +212,13 @@ fn finish(shared: &Shared, reason: Disconnect) {
 async fn connect_and_serve(
     shared: &Arc<Shared>,
     connector: &Connector,
-    token: Option<&str>,
+    token: &Arc<parking_lot::Mutex<Option<String>>>,
     stop: &mut watch::Receiver<bool>,
 ) -> Outcome {
     let config = &shared.config;
     let deadline = Instant::now() + config.connect_timeout;
-    let request = match connector.request(shared.format, &config.token_placement, token) {
+    let current = token.lock().clone();
+    let request = match connector.request(shared.format, &config.token_placement, current.as_deref()) {
         Ok(r) => r,
         Err(e) => return Disconnect::Connect(e).into(),
     };
@@ -257,7 +259,9 @@ async fn connect_and_serve(
             }
         },
     };
-    Session::new(shared.clone(), ws).serve(deadline, stop).await
+    let mut session = Session::new(shared.clone(), ws);
+    session.refresh = connector.token.clone().map(|provider| (provider, token.clone()));
+    session.serve(deadline, stop).await
 }
 
 #[derive(Deserialize, Default)]
@@ -274,6 +278,14 @@ struct Hello {
     max_message_size: u64,
     #[serde(default)]
     max_inflight: u64,
+    expires_in_ms: Option<u64>,
+    #[serde(default)]
+    refresh: bool,
+}
+
+#[derive(Deserialize)]
+struct RefreshReply {
+    expires_in_ms: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -299,6 +311,11 @@ struct GapData {
 struct LaggedData {
     #[serde(default)]
     dropped: u64,
+}
+
+/// Renew at 80 % of a credential lifetime (§3.10).
+fn renew_after(lifetime_ms: u64) -> Duration {
+    ms(lifetime_ms).mul_f64(0.8)
 }
 
 fn ms(v: u64) -> Duration {
@@ -332,6 +349,10 @@ struct Session {
     /// When the connection was found ended (before any close handshake
     /// wait), for the backoff's "stayed up" rule.
     ended_at: Option<Instant>,
+    /// The token provider and the token slot, for in-band `refresh`.
+    refresh: Option<(TokenProvider, Arc<parking_lot::Mutex<Option<String>>>)>,
+    /// When to renew the credentials (80 % of their lifetime).
+    refresh_at: Option<Instant>,
 }
 
 enum Step {
@@ -355,6 +376,8 @@ impl Session {
             hello: Hello::default(),
             malformed_streak: 0,
             ended_at: None,
+            refresh: None,
+            refresh_at: None,
         }
     }
 
@@ -409,6 +432,9 @@ impl Session {
         };
         let connected_at = Instant::now();
         self.last_rx = connected_at;
+        if self.refresh.is_some() && self.hello.refresh {
+            self.refresh_at = self.hello.expires_in_ms.map(|ms| connected_at + renew_after(ms));
+        }
         self.window = usize::try_from(self.hello.max_inflight).unwrap_or(usize::MAX).clamp(1, 1024);
         let (tx, rx) = mpsc::channel(self.shared.config.send_queue.max(1));
         {
@@ -465,6 +491,11 @@ impl Session {
         let liveness = self.liveness();
         let check = tokio::time::sleep_until(self.next_check(liveness));
         tokio::pin!(check);
+        let far = || Instant::now() + MAX_HELLO_DURATION;
+        let mut armed = self.refresh_at;
+        let renew = tokio::time::sleep_until(armed.unwrap_or_else(far));
+        tokio::pin!(renew);
+        let mut renewing: Option<BoxFuture<'static, Result<String, String>>> = None;
         self.send_rejoins();
         let reason = loop {
             if !self.live && self.rejoin_inflight.is_empty() && self.rejoin_waiting.is_empty() {
@@ -474,6 +505,10 @@ impl Session {
                 if let Err(e) = self.write_out().await {
                     break e;
                 }
+            }
+            if armed != self.refresh_at {
+                armed = self.refresh_at;
+                renew.as_mut().reset(armed.unwrap_or_else(far));
             }
             tokio::select! {
                 biased;
@@ -501,6 +536,19 @@ impl Session {
                         }
                     }
                 }
+                _ = &mut renew, if armed.is_some() && renewing.is_none() => {
+                    self.refresh_at = None;
+                    renewing = self.refresh.as_ref().map(|(provider, _)| provider());
+                }
+                t = async { renewing.as_mut().expect("guarded").await }, if renewing.is_some() => {
+                    renewing = None;
+                    match t {
+                        Ok(t) => self.send_refresh(t),
+                        // The server closes with 4003 when the credentials
+                        // run out; the reconnect asks the provider again.
+                        Err(e) => tracing::warn!(error = %e, "switchboard client: token provider failed; not refreshing"),
+                    }
+                }
                 _ = &mut check => {
                     let now = Instant::now();
                     if now >= self.next_check(liveness) {
@@ -521,6 +569,23 @@ impl Session {
         };
         self.end(rx);
         reason
+    }
+
+    /// Sends `refresh` with a new token (and keeps it for reconnects).
+    fn send_refresh(&mut self, token: String) {
+        if let Some((_, slot)) = &self.refresh {
+            *slot.lock() = Some(token.clone());
+        }
+        let r = self.shared.next_ref();
+        let data = match self.shared.payload(&serde_json::json!({ "token": token })) {
+            Ok(d) => d,
+            Err(_) => return,
+        };
+        let env = Envelope::new(Kind::Refresh).with_ref(r).with_data(data);
+        if let Ok(bytes) = self.shared.encode(&env) {
+            self.shared.state.lock().pending.insert(r, Pending { kind: PendingKind::Refresh, sent_on: None });
+            self.out.push(Outgoing::control(bytes, Some(r)));
+        }
     }
 
     /// Sends joins for waiting rooms, up to the server's in-flight window.
@@ -734,6 +799,13 @@ impl Session {
             }
             PendingKind::Internal => {}
             PendingKind::Join { room } => self.join_answer(&room, r, result),
+            PendingKind::Refresh => match result {
+                Ok(data) => {
+                    let expires = data.decode::<RefreshReply>().ok().and_then(|d| d.expires_in_ms);
+                    self.refresh_at = expires.map(|ms| Instant::now() + renew_after(ms));
+                }
+                Err(e) => tracing::warn!(error = %e, "switchboard client: refresh refused"),
+            },
         }
     }
 

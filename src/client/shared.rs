@@ -56,6 +56,8 @@ pub(crate) enum PendingKind {
     Join { room: String },
     /// A fire-and-forget control message (ping, a leave nobody waits for).
     Internal,
+    /// An in-band `refresh`: the reply schedules the next one.
+    Refresh,
 }
 
 #[derive(Debug)]
