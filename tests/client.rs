@@ -1076,3 +1076,40 @@ async fn server_restart_with_history_recovers_every_missed_event_in_order() {
     let second = next_event(&mut bob).await.0;
     assert_eq!([first.offset, second.offset], [Some(3), Some(4)]);
 }
+
+#[tokio::test]
+async fn an_unanswered_rejoin_does_not_hold_the_offline_buffer_forever() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = connect(addr, "x", fast().call_timeout(Duration::from_millis(300)));
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    let joiner = {
+        let client = client.clone();
+        tokio::spawn(async move { client.join("r").await })
+    };
+    let join = recv(&mut ws).await;
+    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r"}})).await;
+    let room = joiner.await.unwrap().unwrap();
+    close(&mut ws, 1001).await;
+    wait_status(&client, "reconnecting", |s| matches!(s, Status::Reconnecting { .. })).await;
+    room.send("say", &json!({"text": "held"})).await.unwrap();
+
+    // The server never answers the rejoin: after the call timeout the
+    // client goes live anyway and flushes what it held.
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    let rejoin = recv(&mut ws).await;
+    assert_eq!(rejoin["type"], "join");
+    let held = recv(&mut ws).await;
+    assert_eq!((held["type"].as_str(), held["data"]["text"].as_str()), (Some("call"), Some("held")), "{held}");
+    connected(&client).await;
+    // A late answer to the rejoin is still taken.
+    send(&mut ws, json!({"type": "reply", "ref": rejoin["ref"], "data": {"room": "r"}})).await;
+    send(&mut ws, json!({"type": "event", "room": "r", "event": "e", "data": {"text": "after"}})).await;
+    let mut room = room;
+    let (e, other) = next_event(&mut room).await;
+    assert_eq!(text(&e), "after");
+    assert_eq!(other, [RoomEvent::Rejoined { recovered: false }]);
+    assert_eq!(client.stats().late_replies, 0);
+}

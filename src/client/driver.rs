@@ -496,6 +496,11 @@ impl Session {
         let renew = tokio::time::sleep_until(armed.unwrap_or_else(far));
         tokio::pin!(renew);
         let mut renewing: Option<BoxFuture<'static, Result<String, String>>> = None;
+        // Rejoins that take longer than a call may do not hold the offline
+        // buffer back forever: the connection goes live without them (their
+        // rooms join when the answers come).
+        let rejoin_deadline = tokio::time::sleep(self.shared.config.call_timeout);
+        tokio::pin!(rejoin_deadline);
         self.send_rejoins();
         let reason = loop {
             if !self.live && self.rejoin_inflight.is_empty() && self.rejoin_waiting.is_empty() {
@@ -535,6 +540,20 @@ impl Session {
                             Err(_) => break,
                         }
                     }
+                }
+                _ = &mut rejoin_deadline, if !self.live => {
+                    tracing::warn!(waiting = self.rejoin_waiting.len() + self.rejoin_inflight.len(), "switchboard client: rejoins unanswered; going live");
+                    // Joins not sent yet go out now, without a window.
+                    let rest: Vec<String> = self.rejoin_waiting.drain(..).collect();
+                    let generation = self.generation;
+                    let mut st = self.shared.state.lock();
+                    for name in rest {
+                        if let Some(out) = self.shared.join_message(&mut st, &name, generation) {
+                            self.out.push(out);
+                        }
+                    }
+                    drop(st);
+                    self.rejoin_inflight.clear();
                 }
                 _ = &mut renew, if armed.is_some() && renewing.is_none() => {
                     self.refresh_at = None;
@@ -757,8 +776,11 @@ impl Session {
             Kind::Lagged => {
                 let dropped = env.data.and_then(|d| d.decode::<LaggedData>().ok()).map_or(0, |d| d.dropped);
                 self.shared.counters.server_lagged.fetch_add(dropped.max(1), Ordering::Relaxed);
-                let queues: Vec<_> = self.shared.state.lock().rooms.values().map(|r| r.queue.clone()).collect();
-                for q in queues.iter().chain(std::iter::once(&self.shared.direct)) {
+                let mut queues: Vec<_> = self.shared.state.lock().rooms.values().map(|r| r.queue.clone()).collect();
+                if self.shared.direct_taken.load(Ordering::Relaxed) {
+                    queues.push(self.shared.direct.clone());
+                }
+                for q in &queues {
                     self.shared.deliver(q, RoomEvent::ServerLagged { dropped });
                 }
             }
@@ -888,7 +910,11 @@ impl Session {
         };
         let item = Event { room: env.room.clone(), event, data, offset: env.offset };
         let Some(name) = env.room else {
-            self.shared.deliver(&self.shared.direct, RoomEvent::Event(item));
+            // Nobody reads direct events until the stream is taken: do not
+            // fill (and count drops in) a stream without a reader.
+            if self.shared.direct_taken.load(Ordering::Relaxed) {
+                self.shared.deliver(&self.shared.direct, RoomEvent::Event(item));
+            }
             return;
         };
         let queue = {
