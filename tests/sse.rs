@@ -536,3 +536,73 @@ async fn usable_from_plain_hyper() {
     assert_eq!(a.status, 202);
     assert_eq!(es.reply_to(1).await["data"], json!([1, 2]));
 }
+
+/// Opens a stream that is never read (a tiny receive buffer), then floods
+/// its room until the kernel and hyper buffers are full. Returns the socket
+/// (keep it alive) once the flood is queued.
+async fn stuck_reader(hub: &Hub, addr: SocketAddr, room: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stream = sock.connect(addr).await.unwrap();
+    stream.write_all(format!("GET /events?room={room} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let (status, _, _) = sse_client::read_head(&mut stream).await;
+    assert_eq!(status, 200);
+    while hub.room_len(room) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let chunk = "z".repeat(16 * 1024);
+    for i in 0..2000 {
+        // Under drop-oldest nothing closes the stream: the queue stays bounded.
+        hub.publish(room, "bulk", &chunk).await.unwrap();
+        if i % 16 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    stream
+}
+
+#[tokio::test]
+async fn a_stream_stuck_past_its_keep_alive_is_ended() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let hub = echo_hub()
+        .config(
+            HubConfig::default()
+                .heartbeat_interval(Duration::ZERO)
+                .outbound_queue_bytes(256 * 1024)
+                .overflow(OverflowPolicy::DropOldest),
+        )
+        .on_disconnect(move |_c, reason| tx.send(reason.clone()).unwrap())
+        .build();
+    let endpoint =
+        SseEndpoint::builder(hub.clone()).config(SseConfig::default().keep_alive(Duration::from_millis(100))).build();
+    let addr = serve(endpoint.clone()).await;
+    let _socket = stuck_reader(&hub, addr, "stuck").await;
+    let reason =
+        tokio::time::timeout(sse_client::WAIT, rx.recv()).await.expect("the stuck stream was not ended").unwrap();
+    assert_eq!(reason, DisconnectReason::ConnectionLost);
+    assert_eq!(hub.room_len("stuck"), 0);
+    assert_eq!(endpoint.streams(), 0);
+}
+
+#[tokio::test]
+async fn a_stuck_stream_misses_its_heartbeat() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let hub = echo_hub()
+        .config(
+            HubConfig::default()
+                .heartbeat_interval(Duration::from_millis(50))
+                .heartbeat_timeout(Duration::from_millis(100))
+                .close_timeout(Duration::from_millis(100))
+                .outbound_queue_bytes(256 * 1024)
+                .overflow(OverflowPolicy::DropOldest),
+        )
+        .on_disconnect(move |_c, reason| tx.send(reason.clone()).unwrap())
+        .build();
+    let endpoint = SseEndpoint::builder(hub.clone()).config(SseConfig::default().keep_alive(Duration::ZERO)).build();
+    let addr = serve(endpoint).await;
+    let _socket = stuck_reader(&hub, addr, "stuck").await;
+    let reason =
+        tokio::time::timeout(sse_client::WAIT, rx.recv()).await.expect("the stuck stream was not ended").unwrap();
+    assert_eq!(reason, DisconnectReason::HeartbeatTimeout);
+}

@@ -60,6 +60,10 @@ pub(crate) struct Shared {
     reader: AtomicWaker,
     /// Wakes the body (keep-alive due).
     body: AtomicWaker,
+    /// Wakes the sink while it waits for room in the body channel (the
+    /// stream was found stuck: the write fails at once instead of waiting
+    /// for the close timeout).
+    sink: AtomicWaker,
     pong_due: AtomicBool,
     joins_in_flight: AtomicUsize,
     /// The response body was dropped: the client went away.
@@ -90,6 +94,7 @@ impl Shared {
             inbound,
             reader: AtomicWaker::new(),
             body: AtomicWaker::new(),
+            sink: AtomicWaker::new(),
             pong_due: AtomicBool::new(false),
             joins_in_flight: AtomicUsize::new(0),
             body_gone: AtomicBool::new(false),
@@ -113,6 +118,7 @@ impl Shared {
         if due >= 3 {
             self.dead.store(true, Ordering::Release);
             self.reader.wake();
+            self.sink.wake();
         } else {
             self.body.wake();
         }
@@ -144,6 +150,9 @@ pub(crate) struct StreamRooms {
 pub(crate) struct CloseRetry {
     /// `retry:` written before a reconnectable `$close` (jittered by the caller).
     pub(crate) retry_ms: u64,
+    /// End the stream (reconnect code 4002) when a stream room reports a
+    /// `gap`, so the browser's reconnect recovers it from `Last-Event-ID`.
+    pub(crate) reconnect_on_gap: bool,
 }
 
 /// The [`Transport`] of one SSE session, handed to
@@ -344,6 +353,19 @@ impl SseSink {
                     self.batch.event(None, Some("$resync"), &Bytes::from(data.to_string()));
                 }
             }
+            "gap"
+                if self.close.reconnect_on_gap && head.room.as_deref().is_some_and(|r| self.index_of(r).is_some()) =>
+            {
+                // Events of a stream room were lost: end the stream so the
+                // browser reconnects with its Last-Event-ID and recovers
+                // them through the recovering join.
+                self.batch.event(None, Some("$gap"), &bytes);
+                let reason = "reconnect to recover missed events";
+                self.close_event(Some(crate::transport::CloseFrame {
+                    code: CloseCode::RECONNECT,
+                    reason: reason.into(),
+                }));
+            }
             kind => {
                 let name = format!("${kind}");
                 let name = if super::encode::is_field_safe(&name) { name } else { "$unknown".to_owned() };
@@ -373,7 +395,8 @@ impl SseSink {
             return Poll::Ready(Ok(()));
         }
         let Some(tx) = self.tx.as_mut() else { return Poll::Ready(Err(TransportError::Closed)) };
-        if self.shared.body_gone.load(Ordering::Acquire) {
+        self.shared.sink.register(cx.waker());
+        if self.shared.body_gone.load(Ordering::Acquire) || self.shared.dead.load(Ordering::Acquire) {
             return Poll::Ready(Err(TransportError::Closed));
         }
         match tx.poll_ready(cx) {
@@ -411,6 +434,8 @@ impl Sink<Frame> for SseSink {
     fn start_send(self: Pin<&mut Self>, frame: Frame) -> Result<(), TransportError> {
         let this = self.get_mut();
         if this.closed {
+            // After a `$close` the sink takes nothing more (the session's
+            // own close frame included): the stream is over.
             return Err(TransportError::Closed);
         }
         match frame {
@@ -599,7 +624,15 @@ mod tests {
         let fp = resume::fingerprint(&names);
         let rooms = StreamRooms { names, fingerprint: fp, recovering: vec![false, true], positions: vec![None, None] };
         let joins: VecDeque<Frame> = [frame(serde_json::json!({"type": "join"}))].into();
-        let t = SseTransport::new(shared, out_tx, in_rx, joins, rooms, CloseRetry { retry_ms: 1234 }, Box::new(|| {}));
+        let t = SseTransport::new(
+            shared,
+            out_tx,
+            in_rx,
+            joins,
+            rooms,
+            CloseRetry { retry_ms: 1234, reconnect_on_gap: true },
+            Box::new(|| {}),
+        );
         assert!(t.native_ping());
         let (mut sink, mut stream) = t.split();
         // The stream's join comes first.
@@ -652,6 +685,34 @@ mod tests {
         assert_eq!(events[0].2, r#"{"code":1001,"reason":"bye","reconnect":true}"#);
         assert!(stream.next().await.is_none());
         assert_eq!(out_rx.next().now_or_never(), Some(None), "the body ends after the close");
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_a_stream_room_ends_the_stream_for_a_reconnect() {
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let shared = Arc::new(Shared::new(1, [0; 16], in_tx));
+        let (out_tx, mut out_rx) = fmpsc::channel(8);
+        let names: Vec<Arc<str>> = vec!["a".into()];
+        let rooms = StreamRooms {
+            fingerprint: resume::fingerprint(&names),
+            names,
+            recovering: vec![false],
+            positions: vec![None],
+        };
+        let close = CloseRetry { retry_ms: 10, reconnect_on_gap: true };
+        let t = SseTransport::new(shared, out_tx, in_rx, VecDeque::new(), rooms, close, Box::new(|| {}));
+        let (mut sink, mut stream) = t.split();
+        // A gap in another room passes through.
+        sink.feed(frame(serde_json::json!({"type": "gap", "room": "x", "data": {"reason": "missed"}}))).await.unwrap();
+        sink.feed(frame(serde_json::json!({"type": "gap", "room": "a", "data": {"reason": "missed"}}))).await.unwrap();
+        sink.flush().await.unwrap();
+        let s = text(&mut out_rx);
+        let events = super::super::encode::parse(&s);
+        let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
+        assert_eq!(names, ["$gap", "$gap", "$close"], "{s}");
+        assert!(events[2].2.contains("\"code\":4002") && s.contains("retry: 10\n"), "{s}");
+        assert!(stream.next().await.is_none(), "the session ends");
+        assert!(sink.feed(frame(serde_json::json!({"type": "event"}))).await.is_err());
     }
 
     #[test]

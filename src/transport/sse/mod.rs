@@ -142,6 +142,12 @@ pub struct SseConfig {
     /// stream of just a `retry:` and a `$close` event, because
     /// `EventSource` gives up for good on any non-200 answer. Default `true`.
     pub retry_refusals: bool,
+    /// When a room of the stream reports a `gap` (events lost: a slow
+    /// reader under drop-oldest, messages lost between nodes), end the
+    /// stream with `$close` 4002 after the `$gap` event, so the browser
+    /// reconnects with its `Last-Event-ID` and the recovering join replays
+    /// what was missed. With `false`, `$gap` is only passed on. Default `true`.
+    pub reconnect_on_gap: bool,
     /// Send `Access-Control-Allow-Credentials: true` to allowed cross-origin
     /// pages (cookies on `EventSource({withCredentials: true})` and
     /// `fetch({credentials: "include"})`). Never sent under
@@ -162,6 +168,7 @@ impl Default for SseConfig {
             forward_timeout: Duration::from_secs(5),
             query_rooms: true,
             retry_refusals: true,
+            reconnect_on_gap: true,
             allow_credentials: true,
         }
     }
@@ -192,6 +199,7 @@ setters! {
     forward_timeout: Duration,
     query_rooms: bool,
     retry_refusals: bool,
+    reconnect_on_gap: bool,
     allow_credentials: bool,
 }
 
@@ -679,7 +687,7 @@ impl SseEndpoint {
 
         let base = inner.config.close_retry.as_millis() as u64;
         let jitter = if base == 0 { 0 } else { u64::from_le_bytes(random_bytes::<8>()) % base };
-        let close = CloseRetry { retry_ms: base + jitter };
+        let close = CloseRetry { retry_ms: base + jitter, reconnect_on_gap: inner.config.reconnect_on_gap };
         let stream_rooms = StreamRooms { names: rooms, fingerprint, recovering, positions };
         let (out_tx, out_rx) = futures::channel::mpsc::channel(1);
         let transport = conn::SseTransport::new(shared.clone(), out_tx, in_rx, joins, stream_rooms, close, on_drop);
