@@ -606,3 +606,84 @@ async fn a_stuck_stream_misses_its_heartbeat() {
         tokio::time::timeout(sse_client::WAIT, rx.recv()).await.expect("the stuck stream was not ended").unwrap();
     assert_eq!(reason, DisconnectReason::HeartbeatTimeout);
 }
+
+/// Resident memory of this process, in KiB (Linux).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4)
+}
+
+/// By-hand measurement (`cargo test --release --features sse --test sse
+/// measure -- --ignored --nocapture`): memory per idle stream and fan-out
+/// throughput to many streams, server and clients in one process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_streams_and_fan_out() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const STREAMS: usize = 2000;
+    const MESSAGES: u64 = 200;
+    let security = SecurityConfig::default().connection_rate(None);
+    let hub = echo_hub().security(security).config(HubConfig::default().rate_limit(None)).build();
+    let addr = serve(SseEndpoint::new(hub.clone())).await;
+    // Opening: retry block, $session, $hello, $joined.
+    const OPENING: u64 = 4;
+    let blocks = Arc::new(AtomicU64::new(0));
+    let before = rss_kib();
+    let mut tasks = Vec::new();
+    for _ in 0..STREAMS {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /events?room=fan HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let blocks = blocks.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 16 * 1024];
+            let mut last = 0u8;
+            loop {
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                let mut found = 0;
+                let mut prev = last;
+                for &b in &buf[..n] {
+                    if b == b'\n' && prev == b'\n' {
+                        found += 1;
+                    }
+                    prev = b;
+                }
+                last = prev;
+                blocks.fetch_add(found, Ordering::Relaxed);
+            }
+        }));
+    }
+    let want = STREAMS as u64 * OPENING;
+    while blocks.load(Ordering::Relaxed) < want || hub.room_len("fan") < STREAMS {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after = rss_kib();
+    println!(
+        "{STREAMS} idle streams: RSS {before} -> {after} KiB, {:.1} KiB per stream (server and client sides, one process)",
+        (after - before) as f64 / STREAMS as f64
+    );
+    let payload = json!({"seq": 0, "load": 42.5, "note": "a small metrics sample"});
+    let start = std::time::Instant::now();
+    for _ in 0..MESSAGES {
+        hub.publish("fan", "tick", &payload).await.unwrap();
+    }
+    let want = want + STREAMS as u64 * MESSAGES;
+    while blocks.load(Ordering::Relaxed) < want {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "fan-out: {MESSAGES} messages to {STREAMS} streams in {:.3} s: {:.0} deliveries/s",
+        secs,
+        (STREAMS as u64 * MESSAGES) as f64 / secs
+    );
+    for t in tasks {
+        t.abort();
+    }
+}
