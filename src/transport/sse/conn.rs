@@ -300,10 +300,16 @@ impl SseSink {
                 let mut id = None;
                 if let (Some(room), Some(offset)) = (head.room.as_deref(), head.offset) {
                     if let Some(i) = self.index_of(room) {
-                        self.offsets[i] = Some(offset);
+                        // Positions only move forward: a rewind replays
+                        // older events after the join reply, and the id
+                        // must not send a reconnect back before them.
                         if let Some(e) = head.epoch.as_deref() {
-                            self.epochs[i] = Some(e.to_owned());
+                            if self.epochs[i].as_deref() != Some(e) {
+                                self.epochs[i] = Some(e.to_owned());
+                                self.offsets[i] = None;
+                            }
                         }
+                        self.offsets[i] = Some(self.offsets[i].map_or(offset, |o| o.max(offset)));
                         id = Some(self.id());
                     }
                 }
@@ -328,13 +334,21 @@ impl SseSink {
                 let reply = head.data.and_then(|d| serde_json::from_str::<JoinReply<'_>>(d.get()).ok());
                 let mut recovered = None;
                 if let Some(r) = &reply {
-                    if let Some(e) = &r.epoch {
-                        self.epochs[index] = Some(e.clone().into_owned());
-                    }
-                    if let Some(o) = r.offset {
-                        self.offsets[index] = Some(o);
-                    }
                     recovered = r.recovered;
+                    // The reply's offset is where the live stream starts,
+                    // *after* the replayed events that follow it. On a
+                    // recovery the position stays the one asked for, and
+                    // the replayed events move it: a stream that drops
+                    // mid-replay resumes from the last one delivered.
+                    let keep = recovered == Some(true) && self.offsets[index].is_some() && self.epochs[index].is_some();
+                    if !keep {
+                        if let Some(e) = &r.epoch {
+                            self.epochs[index] = Some(e.clone().into_owned());
+                        }
+                        if let Some(o) = r.offset {
+                            self.offsets[index] = Some(o);
+                        }
+                    }
                 }
                 let data = match head.data {
                     Some(d) if d.get().starts_with('{') => Bytes::copy_from_slice(d.get().as_bytes()),
@@ -713,6 +727,55 @@ mod tests {
         assert!(events[2].2.contains("\"code\":4002") && s.contains("retry: 10\n"), "{s}");
         assert!(stream.next().await.is_none(), "the session ends");
         assert!(sink.feed(frame(serde_json::json!({"type": "event"}))).await.is_err());
+    }
+
+    /// A recovering join keeps the position it asked for until the
+    /// replayed events move it; a rewind's older events never move it back.
+    #[tokio::test]
+    async fn recovery_positions_follow_the_replay() {
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let shared = Arc::new(Shared::new(1, [0; 16], in_tx));
+        let (out_tx, mut out_rx) = fmpsc::channel(8);
+        let names: Vec<Arc<str>> = vec!["a".into(), "b".into()];
+        let fp = resume::fingerprint(&names);
+        let pos = |offset, epoch: &str| Some(Position { offset, epoch: epoch.into() });
+        let rooms =
+            StreamRooms { names, fingerprint: fp, recovering: vec![true, false], positions: vec![pos(5, "E"), None] };
+        let close = CloseRetry { retry_ms: 10, reconnect_on_gap: true };
+        let t = SseTransport::new(shared, out_tx, in_rx, VecDeque::new(), rooms, close, Box::new(|| {}));
+        let (mut sink, _stream) = t.split();
+        let base = STREAM_REF_BASE;
+        let ev = |room: &str, offset: u64| {
+            frame(serde_json::json!({"type": "event", "room": room, "event": "m", "offset": offset}))
+        };
+        sink.feed(frame(serde_json::json!({"type": "reply", "ref": base, "data": {"room": "a", "epoch": "E", "offset": 9, "recovered": true}})))
+            .await
+            .unwrap();
+        sink.feed(ev("a", 6)).await.unwrap();
+        sink.feed(ev("a", 7)).await.unwrap();
+        sink.feed(frame(
+            serde_json::json!({"type": "reply", "ref": base + 1, "data": {"room": "b", "epoch": "F", "offset": 10}}),
+        ))
+        .await
+        .unwrap();
+        sink.feed(ev("b", 8)).await.unwrap();
+        sink.feed(ev("b", 11)).await.unwrap();
+        sink.flush().await.unwrap();
+        let events = super::super::encode::parse(&text(&mut out_rx));
+        let ids: Vec<String> = events.iter().map(|e| e.0.clone()).collect();
+        let at = |a: Option<Position>, b: Option<Position>| resume::encode(fp, &[a, b]);
+        assert_eq!(
+            ids,
+            [
+                at(pos(5, "E"), None),
+                at(pos(6, "E"), None),
+                at(pos(7, "E"), None),
+                at(pos(7, "E"), pos(10, "F")),
+                at(pos(7, "E"), pos(10, "F")),
+                at(pos(7, "E"), pos(11, "F")),
+            ]
+        );
+        assert!(events.iter().all(|e| e.1 != "$resync"), "recovered: no resync");
     }
 
     #[test]

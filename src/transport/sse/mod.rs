@@ -653,6 +653,9 @@ impl SseEndpoint {
             }
         });
 
+        // `rewind=N`: rooms without a position start with their N newest
+        // retained events (rooms with history; ignored by the others).
+        let rewind = query_values(&parts.uri, "rewind").first().and_then(|v| v.parse::<u64>().ok()).filter(|n| *n > 0);
         let mut joins = VecDeque::with_capacity(rooms.len());
         let mut recovering = vec![false; rooms.len()];
         for (i, room) in rooms.iter().enumerate() {
@@ -661,6 +664,8 @@ impl SseEndpoint {
                 join["offset"] = p.offset.into();
                 join["epoch"] = p.epoch.clone().into();
                 recovering[i] = true;
+            } else if let Some(n) = rewind {
+                join["rewind"] = n.into();
             }
             joins.push_back(Frame::Text(Bytes::from(join.to_string())));
         }
