@@ -687,3 +687,112 @@ async fn measure_streams_and_fan_out() {
         t.abort();
     }
 }
+
+/// A hub whose rooms all keep history.
+fn history_hub() -> (Hub, switchboard::history::MemoryHistory) {
+    let history = switchboard::history::MemoryHistory::new();
+    let hub = echo_hub().history(history.clone(), switchboard::history::HistoryConfig::all_rooms()).build();
+    (hub, history)
+}
+
+/// The next events of rooms `a` and `b` until `count` have arrived, as
+/// (room, offset, n) in arrival order.
+async fn room_events(es: &mut EventSource, count: usize) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let e = es.wait_for("m").await;
+        let env = e.json();
+        out.push((
+            env["room"].as_str().unwrap().to_owned(),
+            env["offset"].as_u64().unwrap(),
+            env["data"]["n"].as_u64().unwrap(),
+        ));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_dropped_stream_reconnects_and_recovers_the_gap_exactly() {
+    let (hub, _history) = history_hub();
+    let endpoint =
+        SseEndpoint::builder(hub.clone()).config(SseConfig::default().retry(Duration::from_millis(20))).build();
+    let addr = serve(endpoint.clone()).await;
+    let (mut es, _, _) = open(addr, "/events?room=a&room=b").await;
+    let mut joined = [es.wait_for("$joined").await.json(), es.wait_for("$joined").await.json()];
+    joined.sort_by_key(|j| j["room"].to_string());
+    assert_eq!((joined[0]["room"].as_str(), joined[0]["offset"].as_u64()), (Some("a"), Some(0)), "{joined:?}");
+    assert!(joined[0]["epoch"].as_str().is_some_and(|e| !e.is_empty()));
+    assert!(es.last_event_id.starts_with("s1."), "the join replies give positions: {}", es.last_event_id);
+
+    for n in 1..=3 {
+        hub.publish("a", "m", &json!({ "n": n })).await.unwrap();
+    }
+    hub.publish("b", "m", &json!({ "n": 1 })).await.unwrap();
+    let got = room_events(&mut es, 4).await;
+    assert_eq!(got.iter().filter(|e| e.0 == "a").map(|e| e.1).collect::<Vec<_>>(), [1, 2, 3]);
+    let seen = es.last_event_id.clone();
+    assert!(seen.contains(":3:") && seen.contains(":1:"), "the id holds both rooms' positions: {seen}");
+
+    // The network drops the stream; events go on meanwhile (some of them
+    // reach the old session and die with its socket).
+    es.drop_connection();
+    for n in 4..=6 {
+        hub.publish("a", "m", &json!({ "n": n })).await.unwrap();
+    }
+    hub.publish("b", "m", &json!({ "n": 2 })).await.unwrap();
+
+    // The client reconnects by itself with Last-Event-ID: both rooms
+    // rejoin from their positions and get exactly what they missed, once,
+    // in order, then live events.
+    assert!(matches!(es.next_item().await, Ok(Item::Reconnected)));
+    assert_eq!(es.wait_for("$session").await.event, "$session");
+    let mut joined = [es.wait_for("$joined").await.json(), es.wait_for("$joined").await.json()];
+    joined.sort_by_key(|j| j["room"].to_string());
+    assert_eq!(joined[0]["recovered"], true, "{joined:?}");
+    assert_eq!(joined[1]["recovered"], true, "{joined:?}");
+    hub.publish("a", "m", &json!({ "n": 7 })).await.unwrap();
+    let got = room_events(&mut es, 5).await;
+    let a: Vec<(u64, u64)> = got.iter().filter(|e| e.0 == "a").map(|e| (e.1, e.2)).collect();
+    let b: Vec<(u64, u64)> = got.iter().filter(|e| e.0 == "b").map(|e| (e.1, e.2)).collect();
+    assert_eq!(a, [(4, 4), (5, 5), (6, 6), (7, 7)], "exactly the missed events, then live");
+    assert_eq!(b, [(2, 2)]);
+    assert!(es.pending_is_empty_of("$resync"), "nothing to resync");
+    assert!(es.last_event_id.contains(":7:"), "{}", es.last_event_id);
+}
+
+#[tokio::test]
+async fn a_position_history_cannot_serve_gets_resync() {
+    let (hub, _history) = history_hub();
+    let addr = serve(SseEndpoint::new(hub.clone())).await;
+    // Learn the stream's id format from a first stream.
+    let (mut es, _, _) = open(addr, "/events?room=a").await;
+    es.wait_for("$joined").await;
+    let id = es.last_event_id.clone();
+    drop(es);
+    // Same rooms, a position in an epoch the room never had.
+    let fp = id.split('.').nth(1).unwrap();
+    let stale = format!("s1.{fp}.0:5:0000000000000000");
+    let mut es = EventSource::open_with(addr, "/events?room=a", &[("last-event-id", &stale)]).await.unwrap();
+    let joined = es.wait_for("$joined").await.json();
+    assert_eq!(joined["recovered"], false, "{joined}");
+    let r = es.wait_for("$resync").await.json();
+    assert_eq!(r["room"], "a");
+    // The stream goes on live from the room's current position.
+    hub.publish("a", "m", &json!({ "n": 1 })).await.unwrap();
+    assert_eq!(room_events(&mut es, 1).await[0].2, 1);
+}
+
+#[tokio::test]
+async fn rewind_starts_a_fresh_stream_with_recent_events() {
+    let (hub, _history) = history_hub();
+    let addr = serve(SseEndpoint::new(hub.clone())).await;
+    for n in 1..=5 {
+        hub.publish("a", "m", &json!({ "n": n })).await.unwrap();
+    }
+    let (mut es, _, _) = open(addr, "/events?room=a&rewind=2").await;
+    let joined = es.wait_for("$joined").await.json();
+    assert_eq!(joined["offset"], 5, "{joined}");
+    let got = room_events(&mut es, 2).await;
+    assert_eq!(got.iter().map(|e| e.1).collect::<Vec<_>>(), [4, 5]);
+    assert!(es.last_event_id.contains(":5:"), "a rewind never moves the id back: {}", es.last_event_id);
+}

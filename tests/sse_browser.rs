@@ -1,8 +1,9 @@
 //! The dashboard example in a real browser: serves `examples/dashboard`
 //! in-process and runs `node tests/browser/sse.mjs`, which drives headless
 //! Chromium with its native `EventSource` (samples, a POSTed note with
-//! several lines and unicode, the browser's own reconnect, CORS from an
-//! allowed origin, a refused origin).
+//! several lines and unicode, the browser's own reconnect after a dropped
+//! stream and after a server restart, recovering every event published
+//! meanwhile from history, CORS from an allowed origin, a refused origin).
 //!
 //! Needs node, Chromium (`$CHROMIUM_PATH` or `/usr/bin/chromium`) and
 //! `tests/browser/node_modules`: `bash .ci/install-browser.sh` installs them.
@@ -16,9 +17,14 @@ use axum::routing::get;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use switchboard::history::MemoryHistory;
 use switchboard::protocol::CloseCode;
+use switchboard::transport::sse::SseEndpoint;
+use switchboard::Hub;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 
 const INSTALL: &str = "run `bash .ci/install-browser.sh` (as root) to install Chromium and the npm packages";
 
@@ -46,25 +52,40 @@ async fn dashboard_in_headless_chromium() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let origins = vec![format!("http://{addr}"), format!("http://{allowed}")];
-    let (router, hub, sse) = app::app(app::Options { period: Duration::from_millis(100), origins });
-    // The test's own lever: drop every stream of room `metrics` with a
-    // reconnect code, as a restarting server would.
-    let kick_hub = hub.clone();
-    let router = router.route(
-        "/test/kick",
-        get(move || {
-            let hub = kick_hub.clone();
-            async move {
-                for m in hub.room_members("metrics") {
-                    hub.disconnect(m.connection, CloseCode::RECONNECT, "test kick");
-                }
-                "kicked"
+    // The history outlives a server restart (as a shared store would).
+    let history = MemoryHistory::new();
+    let current: Arc<Mutex<Option<(Hub, SseEndpoint)>>> = Arc::default();
+    let server = {
+        let current = current.clone();
+        tokio::spawn(async move {
+            let mut listener = Some(listener);
+            loop {
+                let listener = match listener.take() {
+                    Some(l) => l,
+                    None => TcpListener::bind(addr).await.expect("bind the same address again"),
+                };
+                let options = app::Options {
+                    period: Duration::from_millis(100),
+                    origins: origins.clone(),
+                    history: history.clone(),
+                };
+                let (router, hub, sse) = app::app(options);
+                *current.lock().unwrap() = Some((hub.clone(), sse));
+                let restart = Arc::new(Notify::new());
+                let router = with_test_routes(router, &hub, &restart);
+                // A restart: shut the hub down (every stream gets its
+                // `retry:` and `$close`), let axum finish, serve anew.
+                let stop = async move {
+                    restart.notified().await;
+                    hub.shutdown(Duration::from_secs(5)).await;
+                };
+                axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+                    .with_graceful_shutdown(stop)
+                    .await
+                    .unwrap();
             }
-        }),
-    );
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
-    });
+        })
+    };
 
     let run = tokio::process::Command::new("node")
         .arg("tests/browser/sse.mjs")
@@ -89,6 +110,7 @@ async fn dashboard_in_headless_chromium() {
     print!("{stdout}");
 
     // The browser is gone: so are its streams and sessions.
+    let (hub, sse) = current.lock().unwrap().clone().unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while sse.streams() > 0 || hub.stats().connections > 0 {
         assert!(tokio::time::Instant::now() < deadline, "streams left open: {}", sse.streams());
@@ -96,4 +118,31 @@ async fn dashboard_in_headless_chromium() {
     }
     hub.shutdown(Duration::from_secs(5)).await;
     server.abort();
+}
+
+/// The test's own levers: `/test/kick` drops every stream of room `metrics`
+/// with a reconnect code; `/test/restart` restarts the server.
+fn with_test_routes(router: axum::Router, hub: &Hub, restart: &Arc<Notify>) -> axum::Router {
+    let kick_hub = hub.clone();
+    let restart = restart.clone();
+    router
+        .route(
+            "/test/kick",
+            get(move || {
+                let hub = kick_hub.clone();
+                async move {
+                    for m in hub.room_members("metrics") {
+                        hub.disconnect(m.connection, CloseCode::RECONNECT, "test kick");
+                    }
+                    "kicked"
+                }
+            }),
+        )
+        .route(
+            "/test/restart",
+            get(move || {
+                restart.notify_one();
+                async { "restarting" }
+            }),
+        )
 }

@@ -7,6 +7,7 @@ use axum::routing::get;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use switchboard::history::{HistoryConfig, MemoryHistory, RoomHistory};
 use switchboard::security::{OriginPolicy, SecurityConfig};
 use switchboard::transport::sse::{SseConfig, SseEndpoint};
 use switchboard::{Call, CallError, Hub};
@@ -21,6 +22,10 @@ pub struct Options {
     /// The server's own origin must be in the list when it is not empty
     /// (same-origin POSTs carry an `Origin` too).
     pub origins: Vec<String>,
+    /// Where room `metrics` keeps its recent events. A browser that comes
+    /// back (a dropped stream, a restarted server sharing this store)
+    /// recovers what it missed from here, through its `Last-Event-ID`.
+    pub history: MemoryHistory,
 }
 
 /// One metrics sample (event `sample` in room `metrics`).
@@ -47,8 +52,12 @@ pub fn app(options: Options) -> (Router, Hub, SseEndpoint) {
     if !options.origins.is_empty() {
         security = security.origin(OriginPolicy::AllowList(options.origins.clone()));
     }
+    // The last 2000 events (over half an hour of samples at one a second)
+    // can be replayed to a page that comes back.
+    let history = HistoryConfig::default().rooms("metrics", RoomHistory::default().max_len(2000).max_replay(2000));
     let hub = Hub::builder()
         .security(security)
+        .history(options.history.clone(), history)
         // A note for everyone watching: text of 1 to 500 characters, any
         // lines and any script; the page shows it as text.
         .on("note", |call: Call, note: Note| async move {
@@ -61,7 +70,8 @@ pub fn app(options: Options) -> (Router, Hub, SseEndpoint) {
             Ok(serde_json::json!({ "ok": true }))
         })
         .build();
-    let sse = SseEndpoint::builder(hub.clone()).config(SseConfig::default().retry(Duration::from_millis(500))).build();
+    let config = SseConfig::default().retry(Duration::from_millis(500)).close_retry(Duration::from_millis(500));
+    let sse = SseEndpoint::builder(hub.clone()).config(config).build();
     tokio::spawn(publish_samples(hub.clone(), sse.clone(), options.period));
     let router = Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))

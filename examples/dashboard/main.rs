@@ -4,8 +4,11 @@
 //! second; the page (`index.html`, plain JavaScript on the browser's own
 //! `EventSource` and `fetch`) opens `/events?room=metrics`, draws the
 //! samples, and sends notes upstream with `POST /events` (a `call` whose
-//! reply comes back on the stream). Browsers reconnect by themselves: stop
-//! and restart the server and the page comes back.
+//! reply comes back on the stream). Browsers reconnect by themselves and,
+//! through `Last-Event-ID`, get the samples they missed from the room's
+//! history (kept in memory here: a restarted process starts a new history,
+//! and the page says it resynchronized; `tests/sse_browser.rs` restarts the
+//! server on a shared store and checks nothing is missed).
 //!
 //! ```text
 //! cargo run --example dashboard --features sse       # http://127.0.0.1:3000/
@@ -32,7 +35,12 @@ async fn main() -> std::io::Result<()> {
 
     let addr = cli::addr_arg("dashboard");
     // Same-origin only (the default origin policy).
-    let (router, hub, _sse) = app::app(app::Options { period: Duration::from_secs(1), origins: Vec::new() });
+    let options = app::Options {
+        period: Duration::from_secs(1),
+        origins: Vec::new(),
+        history: switchboard::history::MemoryHistory::new(),
+    };
+    let (router, hub, _sse) = app::app(options);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("dashboard listening on http://{}/", listener.local_addr()?);
 

@@ -1,9 +1,11 @@
 // Drives the dashboard example (examples/dashboard) in headless Chromium with
 // the browser's own EventSource and fetch: samples stream in, a note with
 // several lines, unicode and markup goes up by POST and comes back on the
-// stream as text, a server-side drop is followed by the browser's own
-// reconnect, the page works from another (allowed) origin through CORS, and
-// a page from a refused origin is stopped.
+// stream as text, a server-side drop and a server restart are followed by
+// the browser's own reconnect, which recovers every event published
+// meanwhile from history through Last-Event-ID (no event missed, no
+// resync), the page works from another (allowed) origin through CORS, and a
+// page from a refused origin is stopped.
 //
 //   node tests/browser/sse.mjs http://127.0.0.1:A http://127.0.0.1:B http://127.0.0.1:C
 //
@@ -58,6 +60,12 @@ const waitText = (page, sel, want) =>
   page.waitForFunction(([s, w]) => document.querySelector(s)?.textContent === w, [sel, want], { timeout: TIMEOUT });
 const waitSeqAbove = (page, n) =>
   page.waitForFunction((m) => Number(document.querySelector("#seq")?.textContent) > m, n, { timeout: TIMEOUT });
+const waitOffsetAbove = (page, n) =>
+  page.waitForFunction((m) => Number(document.querySelector("#offset")?.textContent) > m, n, { timeout: TIMEOUT });
+async function nothingMissed(page) {
+  const [missed, resyncs] = [await text(page, "#missed"), await text(page, "#resyncs")];
+  if (missed !== "0" || resyncs !== "0") throw new Error(`missed ${missed} events, ${resyncs} resyncs`);
+}
 
 async function sendNote(page, note) {
   await page.fill("#note", note);
@@ -91,15 +99,27 @@ await step("a bad note is refused with its error on the stream", async () => {
   if (!sent.startsWith("refused: 400")) throw new Error(`#sent is ${JSON.stringify(sent)}`);
 });
 
-await step("the browser reconnects by itself after the server drops the stream", async () => {
-  const seq = Number(await text(page, "#seq"));
+await step("the browser reconnects by itself after the server drops the stream, and misses nothing", async () => {
+  const offset = Number(await text(page, "#offset"));
   const res = await fetch(`${base}/test/kick`);
   if (!res.ok) throw new Error(`kick: ${res.status}`);
   await waitText(page, "#reconnects", "1");
   await waitText(page, "#status", "live");
-  await waitSeqAbove(page, seq + 1);
+  await waitOffsetAbove(page, offset + 2);
+  if (!(await text(page, "#last-id")).startsWith("s1.")) throw new Error("events carry no resumable id");
+  await nothingMissed(page);
   const sent = await sendNote(page, "after the reconnect");
   if (sent !== "sent") throw new Error(`POST on the new session: ${JSON.stringify(sent)}`);
+});
+
+await step("a server restart: the browser comes back and recovers what was published meanwhile", async () => {
+  const offset = Number(await text(page, "#offset"));
+  const res = await fetch(`${base}/test/restart`);
+  if (!res.ok) throw new Error(`restart: ${res.status}`);
+  await waitText(page, "#reconnects", "2");
+  await waitText(page, "#status", "live");
+  await waitOffsetAbove(page, offset + 3);
+  await nothingMissed(page);
 });
 
 const other = await step("open the page from an allowed origin", () => open(`${allowed}/?server=${encodeURIComponent(base)}`, "cross-origin"));

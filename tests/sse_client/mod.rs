@@ -281,6 +281,11 @@ impl EventSource {
         None
     }
 
+    /// Whether no event named `name` was set aside.
+    pub fn pending_is_empty_of(&self, name: &str) -> bool {
+        !self.pending.iter().any(|e| e.event == name)
+    }
+
     /// Drops the connection (as a network failure would); the next read
     /// reconnects.
     pub fn drop_connection(&mut self) {

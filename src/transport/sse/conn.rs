@@ -367,24 +367,66 @@ impl SseSink {
                     self.batch.event(None, Some("$resync"), &Bytes::from(data.to_string()));
                 }
             }
-            "gap"
-                if self.close.reconnect_on_gap && head.room.as_deref().is_some_and(|r| self.index_of(r).is_some()) =>
-            {
-                // Events of a stream room were lost: end the stream so the
-                // browser reconnects with its Last-Event-ID and recovers
-                // them through the recovering join.
+            "gap" => {
                 self.batch.event(None, Some("$gap"), &bytes);
-                let reason = "reconnect to recover missed events";
-                self.close_event(Some(crate::transport::CloseFrame {
-                    code: CloseCode::RECONNECT,
-                    reason: reason.into(),
-                }));
+                let Some(i) = head.room.as_deref().and_then(|r| self.index_of(r)) else { return };
+                self.on_gap(i, head.data);
             }
             kind => {
                 let name = format!("${kind}");
                 let name = if super::encode::is_field_safe(&name) { name } else { "$unknown".to_owned() };
                 self.batch.event(None, Some(&name), &bytes);
             }
+        }
+    }
+
+    /// A stream room's `gap` (protocol §3.12), after the `$gap` event:
+    /// - `slow_consumer`: the events are still in history; end the stream
+    ///   (4002) so the browser's reconnect recovers them from its
+    ///   `Last-Event-ID` (when [`CloseRetry::reconnect_on_gap`]);
+    /// - `missed`: they are gone; `$resync`, and the position moves past
+    ///   them so a later reconnect does not ask for them again;
+    /// - `epoch_changed`: the stream starts over; `$resync`, and the
+    ///   position becomes offset 0 of the new epoch.
+    fn on_gap(&mut self, i: usize, data: Option<&RawValue>) {
+        #[derive(Deserialize)]
+        struct Gap<'a> {
+            #[serde(borrow, default)]
+            reason: Option<Cow<'a, str>>,
+            #[serde(default)]
+            to: Option<u64>,
+            #[serde(borrow, default)]
+            epoch: Option<Cow<'a, str>>,
+        }
+        let gap = data.and_then(|d| serde_json::from_str::<Gap<'_>>(d.get()).ok());
+        let room = self.rooms.names[i].clone();
+        let resync = |this: &mut Self, reason: &str| {
+            let id = (this.offsets[i].is_some() && this.epochs[i].is_some()).then(|| this.id());
+            let data = serde_json::json!({ "room": &*room, "reason": reason });
+            this.batch.event(id.as_deref(), Some("$resync"), &Bytes::from(data.to_string()));
+        };
+        match gap.as_ref().and_then(|g| g.reason.as_deref()) {
+            Some("missed") => {
+                if let Some(to) = gap.as_ref().and_then(|g| g.to) {
+                    self.offsets[i] = Some(self.offsets[i].map_or(to, |o| o.max(to)));
+                }
+                resync(self, "events were lost and are no longer in history");
+            }
+            Some("epoch_changed") => {
+                if let Some(e) = gap.as_ref().and_then(|g| g.epoch.as_deref()) {
+                    self.epochs[i] = Some(e.to_owned());
+                    self.offsets[i] = Some(0);
+                }
+                resync(self, "the room's history was reset");
+            }
+            _ if self.close.reconnect_on_gap => {
+                let reason = "reconnect to recover missed events";
+                self.close_event(Some(crate::transport::CloseFrame {
+                    code: CloseCode::RECONNECT,
+                    reason: reason.into(),
+                }));
+            }
+            _ => {}
         }
     }
 
@@ -707,24 +749,33 @@ mod tests {
         let shared = Arc::new(Shared::new(1, [0; 16], in_tx));
         let (out_tx, mut out_rx) = fmpsc::channel(8);
         let names: Vec<Arc<str>> = vec!["a".into()];
-        let rooms = StreamRooms {
-            fingerprint: resume::fingerprint(&names),
-            names,
-            recovering: vec![false],
-            positions: vec![None],
-        };
+        let fp = resume::fingerprint(&names);
+        let rooms = StreamRooms { fingerprint: fp, names, recovering: vec![false], positions: vec![None] };
         let close = CloseRetry { retry_ms: 10, reconnect_on_gap: true };
         let t = SseTransport::new(shared, out_tx, in_rx, VecDeque::new(), rooms, close, Box::new(|| {}));
         let (mut sink, mut stream) = t.split();
+        let base = STREAM_REF_BASE;
+        let reply = serde_json::json!({"type": "reply", "ref": base, "data": {"room": "a", "epoch": "E", "offset": 3}});
+        sink.feed(frame(reply)).await.unwrap();
+        let gap =
+            |room: &str, data: serde_json::Value| frame(serde_json::json!({"type": "gap", "room": room, "data": data}));
         // A gap in another room passes through.
-        sink.feed(frame(serde_json::json!({"type": "gap", "room": "x", "data": {"reason": "missed"}}))).await.unwrap();
-        sink.feed(frame(serde_json::json!({"type": "gap", "room": "a", "data": {"reason": "missed"}}))).await.unwrap();
+        sink.feed(gap("x", serde_json::json!({"reason": "slow_consumer", "from": 1, "to": 2}))).await.unwrap();
+        // Lost for good: resync, and the position moves past the loss.
+        sink.feed(gap("a", serde_json::json!({"reason": "missed", "from": 4, "to": 6, "epoch": "E"}))).await.unwrap();
+        // Reset: resync, position 0 of the new epoch.
+        sink.feed(gap("a", serde_json::json!({"reason": "epoch_changed", "epoch": "F"}))).await.unwrap();
+        // Still in history: end the stream for a recovering reconnect.
+        sink.feed(gap("a", serde_json::json!({"reason": "slow_consumer", "from": 1, "to": 2}))).await.unwrap();
         sink.flush().await.unwrap();
         let s = text(&mut out_rx);
         let events = super::super::encode::parse(&s);
         let names: Vec<&str> = events.iter().map(|e| e.1.as_str()).collect();
-        assert_eq!(names, ["$gap", "$gap", "$close"], "{s}");
-        assert!(events[2].2.contains("\"code\":4002") && s.contains("retry: 10\n"), "{s}");
+        assert_eq!(names, ["$joined", "$gap", "$gap", "$resync", "$gap", "$resync", "$gap", "$close"], "{s}");
+        let pos = |offset, epoch: &str| Some(Position { offset, epoch: epoch.into() });
+        assert_eq!(events[3].0, resume::encode(fp, &[pos(6, "E")]));
+        assert_eq!(events[5].0, resume::encode(fp, &[pos(0, "F")]));
+        assert!(events[7].2.contains("\"code\":4002") && s.contains("retry: 10\n"), "{s}");
         assert!(stream.next().await.is_none(), "the session ends");
         assert!(sink.feed(frame(serde_json::json!({"type": "event"}))).await.is_err());
     }

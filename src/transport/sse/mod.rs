@@ -142,11 +142,12 @@ pub struct SseConfig {
     /// stream of just a `retry:` and a `$close` event, because
     /// `EventSource` gives up for good on any non-200 answer. Default `true`.
     pub retry_refusals: bool,
-    /// When a room of the stream reports a `gap` (events lost: a slow
-    /// reader under drop-oldest, messages lost between nodes), end the
+    /// When a room of the stream reports a `gap` of reason `slow_consumer`
+    /// (events dropped for a slow reader, still in history), end the
     /// stream with `$close` 4002 after the `$gap` event, so the browser
     /// reconnects with its `Last-Event-ID` and the recovering join replays
-    /// what was missed. With `false`, `$gap` is only passed on. Default `true`.
+    /// what was missed. With `false`, `$gap` is only passed on. (Gaps whose
+    /// events are gone get `$resync` either way.) Default `true`.
     pub reconnect_on_gap: bool,
     /// Send `Access-Control-Allow-Credentials: true` to allowed cross-origin
     /// pages (cookies on `EventSource({withCredentials: true})` and
