@@ -632,6 +632,66 @@ async fn measure_streams_and_fan_out() {
     // Opening: retry block, $session, $hello, $joined.
     const OPENING: u64 = 4;
     let blocks = Arc::new(AtomicU64::new(0));
+    // Baseline: the same clients against a bare TCP acceptor that holds
+    // the sockets, so the difference is what a stream costs the server.
+    let bare = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bare_addr = bare.local_addr().unwrap();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holder = {
+        let held = held.clone();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = bare.accept().await.unwrap();
+                held.lock().unwrap().push(s);
+            }
+        })
+    };
+    let base_before = rss_kib();
+    let mut bare_clients = Vec::new();
+    for _ in 0..STREAMS {
+        let mut s = tokio::net::TcpStream::connect(bare_addr).await.unwrap();
+        s.write_all(b"GET /events?room=fan HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        bare_clients.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+        }));
+    }
+    while held.lock().unwrap().len() < STREAMS {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let base_after = rss_kib();
+    println!(
+        "baseline: {STREAMS} bare TCP connections with their client tasks: {:.1} KiB each",
+        (base_after - base_before) as f64 / STREAMS as f64
+    );
+    // Second baseline: axum answering each with a streaming body that never
+    // ends (what hyper and axum cost per open response, without switchboard).
+    let plain: axum::Router = axum::Router::new().route(
+        "/events",
+        axum::routing::get(|| async {
+            axum::body::Body::from_stream(futures::stream::pending::<Result<bytes::Bytes, std::io::Error>>())
+        }),
+    );
+    let plain_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain_addr = plain_listener.local_addr().unwrap();
+    let plain_server = tokio::spawn(async move { axum::serve(plain_listener, plain).await.unwrap() });
+    let plain_before = rss_kib();
+    let mut plain_clients = Vec::new();
+    for _ in 0..STREAMS {
+        let mut s = tokio::net::TcpStream::connect(plain_addr).await.unwrap();
+        s.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let (status, _, _) = sse_client::read_head(&mut s).await;
+        assert_eq!(status, 200);
+        plain_clients.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while s.read(&mut buf).await.unwrap_or(0) > 0 {}
+        }));
+    }
+    let plain_after = rss_kib();
+    println!(
+        "baseline: {STREAMS} open axum streaming responses (no switchboard) with their clients: {:.1} KiB each",
+        (plain_after - plain_before) as f64 / STREAMS as f64
+    );
     let before = rss_kib();
     let mut tasks = Vec::new();
     for _ in 0..STREAMS {
@@ -639,7 +699,7 @@ async fn measure_streams_and_fan_out() {
         s.write_all(b"GET /events?room=fan HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
         let blocks = blocks.clone();
         tasks.push(tokio::spawn(async move {
-            let mut buf = vec![0u8; 16 * 1024];
+            let mut buf = vec![0u8; 2048];
             let mut last = 0u8;
             loop {
                 let n = s.read(&mut buf).await.unwrap_or(0);
@@ -683,9 +743,11 @@ async fn measure_streams_and_fan_out() {
         secs,
         (STREAMS as u64 * MESSAGES) as f64 / secs
     );
-    for t in tasks {
+    for t in tasks.into_iter().chain(bare_clients).chain(plain_clients) {
         t.abort();
     }
+    holder.abort();
+    plain_server.abort();
 }
 
 /// A hub whose rooms all keep history.
