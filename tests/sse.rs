@@ -858,3 +858,35 @@ async fn rewind_starts_a_fresh_stream_with_recent_events() {
     assert_eq!(got.iter().map(|e| e.1).collect::<Vec<_>>(), [4, 5]);
     assert!(es.last_event_id.contains(":5:"), "a rewind never moves the id back: {}", es.last_event_id);
 }
+
+#[tokio::test]
+async fn a_reconnect_to_another_node_recovers_from_the_shared_history() {
+    let history = switchboard::history::MemoryHistory::new();
+    let backplane = MemoryBackplane::new();
+    let config = switchboard::history::HistoryConfig::all_rooms();
+    let a = echo_hub().backplane(backplane.clone()).history(history.clone(), config.clone()).build();
+    let b = echo_hub().backplane(backplane.clone()).history(history.clone(), config).build();
+    let quick = SseConfig::default().retry(Duration::from_millis(20));
+    let addr_a = serve(SseEndpoint::builder(a.clone()).config(quick.clone()).build()).await;
+    let addr_b = serve(SseEndpoint::builder(b.clone()).config(quick).build()).await;
+
+    let (mut es, _, _) = open(addr_a, "/events?room=r").await;
+    es.wait_for("$joined").await;
+    for n in 1..=2 {
+        a.publish("r", "m", &json!({ "n": n })).await.unwrap();
+    }
+    assert_eq!(room_events(&mut es, 2).await.last().unwrap().1, 2);
+    // Node A's stream drops; events go on (published on B); the browser's
+    // reconnect lands on node B.
+    es.drop_connection();
+    for n in 3..=4 {
+        b.publish("r", "m", &json!({ "n": n })).await.unwrap();
+    }
+    es.addr = addr_b;
+    assert!(matches!(es.next_item().await, Ok(Item::Reconnected)));
+    let session = es.wait_for("$session").await.json();
+    assert_eq!(session["node"], format!("{:016x}", b.node_id()));
+    assert_eq!(es.wait_for("$joined").await.json()["recovered"], true);
+    let got = room_events(&mut es, 2).await;
+    assert_eq!(got.iter().map(|e| (e.1, e.2)).collect::<Vec<_>>(), [(3, 3), (4, 4)]);
+}
