@@ -1113,3 +1113,76 @@ async fn an_unanswered_rejoin_does_not_hold_the_offline_buffer_forever() {
     assert_eq!(other, [RoomEvent::Rejoined { recovered: false }]);
     assert_eq!(client.stats().late_replies, 0);
 }
+
+#[tokio::test]
+async fn a_slow_consumer_gap_is_recovered_exactly_once() {
+    use switchboard::history::{HistoryConfig, MemoryHistory, RoomHistory};
+    use switchboard::{HubConfig, OverflowPolicy};
+    // `r…` rooms keep history; `big` does not. The connection's queue
+    // holds 16 KiB and drops the oldest when full.
+    let config = HubConfig::default().outbound_queue_bytes(16 * 1024).overflow(OverflowPolicy::DropOldest);
+    let hub = Hub::builder()
+        .config(config)
+        .history(MemoryHistory::new(), HistoryConfig::default().rooms("r", RoomHistory::default()))
+        .build();
+    let addr = support::serve(&hub).await;
+    let client = connect(addr, "x", fast().room_buffer(100_000));
+    let room = client.join("r").await.unwrap();
+    let big = client.join("big").await.unwrap();
+    let Status::Connected { connection_id, .. } = client.status().borrow().clone() else { panic!("not connected") };
+    let conn = hub.connection(support::member_id(&hub, "r", connection_id)).unwrap();
+
+    // Publish without yielding: on this single-threaded runtime neither the
+    // server's writer nor the client runs, so the queue overflows and the
+    // oldest messages, some of `r`'s among them, are dropped.
+    let pad = "p".repeat(1024);
+    let mut published = 0u64;
+    let mut i = 0u64;
+    while conn.dropped_messages() < 8 || published < 20 {
+        i += 1;
+        hub.publish("big", "m", &json!({"pad": pad})).await.unwrap();
+        if i % 3 == 0 {
+            published += 1;
+            hub.publish("r", "m", &json!({"n": published})).await.unwrap();
+        }
+        assert!(i < 100_000, "the queue never overflowed");
+    }
+    let end = published + 1;
+    hub.publish("r", "end", &json!({"n": end})).await.unwrap();
+
+    // `r` reports the gap, the client rejoins it from before the gap, and
+    // every offset is delivered exactly once; `big` (no history) is told
+    // that messages were lost.
+    let mut delivered = Vec::new();
+    let mut gaps = Vec::new();
+    while delivered.len() < end as usize {
+        let item = match tokio::time::timeout(WAIT, room.recv()).await {
+            Ok(Some(item)) => item,
+            other => panic!(
+                "stalled ({other:?}) after {} of {end} events (missing {:?}); gaps {gaps:?}; {:?}",
+                delivered.len(),
+                (1..=end).filter(|o| !delivered.contains(o)).collect::<Vec<_>>(),
+                client.stats()
+            ),
+        };
+        match item {
+            RoomEvent::Event(e) => delivered.push(e.offset.expect("offset")),
+            RoomEvent::Gap(g) => {
+                assert!(g.recovering && g.reason == "slow_consumer", "{g:?}");
+                gaps.push(g);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(!gaps.is_empty(), "no gap reported");
+    let mut sorted = delivered.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=end).collect::<Vec<_>>(), "each offset once; gaps {gaps:?}");
+    assert!(room.try_recv().is_none(), "nothing more");
+    assert_eq!(room.position().map(|p| p.0), Some(end));
+    let mut lagged = false;
+    while let Some(item) = big.try_recv() {
+        lagged |= matches!(item, RoomEvent::ServerLagged { .. });
+    }
+    assert!(lagged, "the room without history is told about the loss");
+}

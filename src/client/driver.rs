@@ -44,6 +44,10 @@ const DEFAULT_PING: Duration = Duration::from_secs(25);
 /// Undecodable messages in a row after which the connection is considered
 /// broken (a garbage-sending server) and the client reconnects.
 const MAX_MALFORMED_STREAK: u32 = 32;
+/// Restarts of one gap recovery after `lagged` notices (its join reply may
+/// have been dropped) before the client gives up and reports the room as
+/// not recovered.
+const MAX_RECOVERY_ATTEMPTS: u8 = 3;
 /// Ceiling for durations read from `hello` (a hostile value must not overflow).
 const MAX_HELLO_DURATION: Duration = Duration::from_secs(24 * 3600);
 
@@ -776,7 +780,7 @@ impl Session {
             Kind::Lagged => {
                 let dropped = env.data.and_then(|d| d.decode::<LaggedData>().ok()).map_or(0, |d| d.dropped);
                 self.shared.counters.server_lagged.fetch_add(dropped.max(1), Ordering::Relaxed);
-                let mut queues: Vec<_> = self.shared.state.lock().rooms.values().map(|r| r.queue.clone()).collect();
+                let mut queues = self.lagged_rooms();
                 if self.shared.direct_taken.load(Ordering::Relaxed) {
                     queues.push(self.shared.direct.clone());
                 }
@@ -792,6 +796,59 @@ impl Session {
             }
         }
         Step::Continue
+    }
+
+    /// After a `lagged`: the streams to tell (rooms without history, whose
+    /// losses nothing else reports; rooms with history get exact `gap`s),
+    /// and recoveries whose join reply may have been among the dropped
+    /// messages are restarted (at most [`MAX_RECOVERY_ATTEMPTS`] times, then
+    /// the room is reported as not recovered).
+    fn lagged_rooms(&mut self) -> Vec<Arc<super::room::EventQueue>> {
+        let generation = self.generation;
+        let shared = self.shared.clone();
+        let mut st = shared.state.lock();
+        let mut tell = Vec::new();
+        let mut given_up = Vec::new();
+        let mut retry = Vec::new();
+        for (name, room) in st.rooms.iter_mut() {
+            if room.epoch.is_none() {
+                tell.push(room.queue.clone());
+            }
+            if room.recovering && room.join_ref.is_some() {
+                if room.recovery_attempts < MAX_RECOVERY_ATTEMPTS {
+                    room.recovery_attempts += 1;
+                    retry.push(name.clone());
+                } else {
+                    room.recovering = false;
+                    room.recovery_attempts = 0;
+                    room.missing.clear();
+                    room.join_ref = None; // a late reply is stale now
+                    given_up.push(room.queue.clone());
+                }
+            }
+        }
+        for name in retry {
+            self.recovery_messages(&mut st, &name, generation);
+        }
+        drop(st);
+        for q in given_up {
+            shared.deliver(&q, RoomEvent::Rejoined { recovered: false });
+        }
+        tell
+    }
+
+    /// Queues `leave` then a `join` from just before the oldest missing
+    /// offset, for a room recovering a gap.
+    fn recovery_messages(&mut self, st: &mut State, name: &str, generation: u64) {
+        let r = self.shared.next_ref();
+        st.pending.insert(r, Pending { kind: PendingKind::Internal, sent_on: None });
+        let leave = Envelope::new(Kind::Leave).with_room(name).with_ref(r);
+        if let Ok(bytes) = self.shared.encode(&leave) {
+            self.out.push(Outgoing::control(bytes, Some(r)));
+        }
+        if let Some(out) = self.shared.join_message(st, name, generation) {
+            self.out.push(out);
+        }
     }
 
     fn answer(&mut self, env: Envelope) {
@@ -849,6 +906,7 @@ impl Session {
                 let reply: JoinReply = data.decode().unwrap_or_default();
                 let rejoin = room.ever_joined;
                 let recovering_gap = std::mem::take(&mut room.recovering);
+                room.recovery_attempts = 0;
                 room.ever_joined = true;
                 match (&reply.epoch, reply.offset) {
                     (Some(epoch), Some(head)) => {
@@ -970,7 +1028,8 @@ impl Session {
             return;
         };
         let generation = self.generation;
-        let mut st = self.shared.state.lock();
+        let shared = self.shared.clone();
+        let mut st = shared.state.lock();
         let Some(room) = st.rooms.get_mut(&name) else { return };
         // Only a slow-consumer gap can be recovered: `missed` events are no
         // longer in the store (a rejoin would answer `recovered: false`).
@@ -980,9 +1039,11 @@ impl Session {
             && gap.from > 0
             && gap.from <= gap.to
             && room.missing.len() < MAX_MISSING
-            && !room.recovering
             && room.joined;
         let queue = room.queue.clone();
+        // A recovery already under way covers this range too: its rejoin
+        // replays from before the first missing offset up to the head.
+        let start_recovery = recovering && !room.recovering;
         if recovering {
             room.missing.push((gap.from, gap.to));
             room.recovering = true;
@@ -995,19 +1056,11 @@ impl Session {
             // Lost for good: carry on after it (the application resyncs).
             room.last_offset = Some(room.last_offset.map_or(gap.to, |l| l.max(gap.to)));
         }
-        if recovering {
+        if start_recovery {
             // Leave, then rejoin from just before the gap: the server
             // replays from there; the event path delivers only the missing
             // offsets and newer ones.
-            let r = self.shared.next_ref();
-            st.pending.insert(r, Pending { kind: PendingKind::Internal, sent_on: None });
-            let leave = Envelope::new(Kind::Leave).with_room(name.clone()).with_ref(r);
-            if let Ok(bytes) = self.shared.encode(&leave) {
-                self.out.push(Outgoing::control(bytes, Some(r)));
-            }
-            if let Some(out) = self.shared.join_message(&mut st, &name, generation) {
-                self.out.push(out);
-            }
+            self.recovery_messages(&mut st, &name, generation);
         }
         drop(st);
         let item = Gap { from: gap.from, to: gap.to, reason: gap.reason, recovering };

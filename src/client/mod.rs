@@ -315,6 +315,7 @@ impl Client {
                     ever_joined: false,
                     waiter: Some(tx),
                     recovering: false,
+                    recovery_attempts: 0,
                 },
             );
             // Live: join now. Otherwise the connection task joins it when

@@ -79,8 +79,9 @@ pub enum RoomEvent {
     },
     /// The server dropped `dropped` messages for this connection because
     /// the client read its socket too slowly (`lagged`, drop-oldest
-    /// servers); which rooms lost events is unknown, so every room and the
-    /// direct stream get this. Resynchronize.
+    /// servers). Which rooms lost events is unknown, so every room
+    /// **without** history and the direct stream get this: resynchronize.
+    /// Rooms with history get exact [`RoomEvent::Gap`]s instead.
     ServerLagged {
         /// The server's count.
         dropped: u64,

@@ -93,6 +93,8 @@ pub(crate) struct RoomState {
     pub waiter: Option<oneshot::Sender<Result<(), ClientError>>>,
     /// A recovery from a `gap` is under way (leave sent, rejoin follows).
     pub recovering: bool,
+    /// Restarts of the current recovery (after `lagged` notices).
+    pub recovery_attempts: u8,
 }
 
 /// At most this many missing ranges are remembered per room; more make the
