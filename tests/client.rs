@@ -1186,3 +1186,47 @@ async fn a_slow_consumer_gap_is_recovered_exactly_once() {
     }
     assert!(lagged, "the room without history is told about the loss");
 }
+
+#[tokio::test]
+async fn a_recovery_whose_reply_was_dropped_is_restarted_then_given_up() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = connect(addr, "x", fast());
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    let joiner = {
+        let client = client.clone();
+        tokio::spawn(async move { client.join("r").await })
+    };
+    let join = recv(&mut ws).await;
+    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r", "epoch": "E", "offset": 5}})).await;
+    let mut room = joiner.await.unwrap().unwrap();
+    send(&mut ws, json!({"type": "lagged", "data": {"dropped": 2}})).await;
+    send(
+        &mut ws,
+        json!({"type": "gap", "room": "r", "data": {"from": 6, "to": 7, "reason": "slow_consumer", "epoch": "E"}}),
+    )
+    .await;
+    // The recovery: leave, join from 5. Each `lagged` while its reply is
+    // outstanding restarts it, three times; the fourth gives up.
+    for attempt in 0..4 {
+        let leave = recv(&mut ws).await;
+        let join = recv(&mut ws).await;
+        assert_eq!((leave["type"].as_str(), join["type"].as_str()), (Some("leave"), Some("join")), "attempt {attempt}");
+        assert_eq!((join["offset"].as_u64(), join["epoch"].as_str()), (Some(5), Some("E")));
+        send(&mut ws, json!({"type": "lagged", "data": {"dropped": 1}})).await;
+    }
+    let mut items = vec![next(&mut room).await];
+    while !matches!(items.last(), Some(RoomEvent::Rejoined { .. })) {
+        items.push(next(&mut room).await);
+    }
+    assert!(matches!(&items[0], RoomEvent::Gap(g) if g.recovering), "{items:?}");
+    assert_eq!(items.last(), Some(&RoomEvent::Rejoined { recovered: false }));
+    assert!(
+        !items.iter().any(|i| matches!(i, RoomEvent::ServerLagged { .. })),
+        "a room with history gets gaps, not lagged"
+    );
+    // Still usable: live events flow.
+    send(&mut ws, json!({"type": "event", "room": "r", "event": "e", "offset": 9, "data": {"text": "live"}})).await;
+    assert_eq!(next_event(&mut room).await.0.offset, Some(9));
+}
