@@ -1014,6 +1014,12 @@ async fn a_slow_reader_loses_the_oldest_events_and_is_told() {
 
 #[tokio::test]
 async fn server_restart_with_history_recovers_every_missed_event_in_order() {
+    for format in [Format::Json, Format::MsgPack] {
+        restart_with_history(format).await;
+    }
+}
+
+async fn restart_with_history(format: Format) {
     use switchboard::history::{HistoryConfig, MemoryHistory};
     let history = MemoryHistory::new();
     let recoverable =
@@ -1022,7 +1028,7 @@ async fn server_restart_with_history_recovers_every_missed_event_in_order() {
     let hub1 = recoverable(&history);
     serve_on(addr, &hub1).await;
 
-    let client = connect(addr, "ann", fast());
+    let client = Client::builder(format!("ws://{addr}/?user=ann")).format(format).config(fast()).connect().unwrap();
     let mut room = client.join("r").await.unwrap();
     for n in 1..=3 {
         hub1.publish("r", "said", &json!({"text": n.to_string()})).await.unwrap();
@@ -1077,7 +1083,7 @@ async fn server_restart_with_history_recovers_every_missed_event_in_order() {
     assert_ne!(room.position().unwrap().1, epoch);
 
     // Rewind on a first join: the newest retained events first.
-    let late = connect(addr, "bob", fast());
+    let late = Client::builder(format!("ws://{addr}/?user=bob")).format(format).config(fast()).connect().unwrap();
     for n in 2..=4 {
         hub3.publish("r", "said", &json!({"text": format!("new{n}")})).await.unwrap();
     }
