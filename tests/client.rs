@@ -1246,3 +1246,31 @@ async fn a_recovery_whose_reply_was_dropped_is_restarted_then_given_up() {
     send(&mut ws, json!({"type": "event", "room": "r", "event": "e", "offset": 9, "data": {"text": "live"}})).await;
     assert_eq!(next_event(&mut room).await.0.offset, Some(9));
 }
+
+#[tokio::test]
+async fn a_join_given_up_while_in_flight_is_undone_when_it_completes() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = connect(addr, "x", fast().call_timeout(Duration::from_millis(300)));
+    let mut ws = accept_raw(&listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    connected(&client).await;
+    let joiner = {
+        let client = client.clone();
+        tokio::spawn(async move { client.join("r").await })
+    };
+    let join = recv(&mut ws).await;
+    assert_eq!(join["type"], "join");
+    // The server is slow: the application gives up…
+    assert_eq!(joiner.await.unwrap().unwrap_err().kind(), ClientErrorKind::Timeout);
+    // …then the join completes on the server: the client leaves at once
+    // rather than stay a member of a room nobody reads.
+    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r"}})).await;
+    let leave = recv(&mut ws).await;
+    assert_eq!((leave["type"].as_str(), leave["room"].as_str()), (Some("leave"), Some("r")), "{leave}");
+    send(&mut ws, json!({"type": "reply", "ref": leave["ref"], "data": {"room": "r"}})).await;
+    // A ping round trip: the client has handled everything before it.
+    send(&mut ws, json!({"type": "ping", "ref": 1})).await;
+    assert_eq!(recv(&mut ws).await, json!({"type": "pong", "ref": 1}));
+    assert_eq!(client.stats().late_replies, 0, "the leave's reply was expected");
+}

@@ -867,6 +867,10 @@ impl Session {
             Err(ClientError::server(env.code.unwrap_or(0), env.message.unwrap_or_default(), env.data))
         };
         let pending = self.shared.state.lock().pending.remove(&r);
+        if !matches!(pending, Some(Pending { kind: PendingKind::Join { .. }, .. })) && self.rejoin_inflight.remove(&r) {
+            // A rejoin whose room was given up meanwhile: free its slot.
+            self.send_rejoins();
+        }
         let Some(pending) = pending else {
             // A reply to a request that timed out (or was never made).
             self.shared.count_late();
@@ -878,6 +882,21 @@ impl Session {
             }
             PendingKind::Internal => {}
             PendingKind::Join { room } => self.join_answer(&room, r, result),
+            PendingKind::LeaveOnJoin { room } => {
+                let wanted = self.shared.state.lock().rooms.contains_key(&room);
+                if result.is_ok() && !wanted {
+                    let r = self.shared.next_ref();
+                    let leave = Envelope::new(Kind::Leave).with_room(room).with_ref(r);
+                    if let Ok(bytes) = self.shared.encode(&leave) {
+                        self.shared
+                            .state
+                            .lock()
+                            .pending
+                            .insert(r, Pending { kind: PendingKind::Internal, sent_on: None });
+                        self.out.push(Outgoing::control(bytes, Some(r)));
+                    }
+                }
+            }
             PendingKind::Refresh => match result {
                 Ok(data) => {
                     let expires = data.decode::<RefreshReply>().ok().and_then(|d| d.expires_in_ms);

@@ -58,6 +58,9 @@ pub(crate) enum PendingKind {
     Internal,
     /// An in-band `refresh`: the reply schedules the next one.
     Refresh,
+    /// The join of a room the application gave up while it was in flight:
+    /// leave once it succeeds (unless the room is wanted again).
+    LeaveOnJoin { room: String },
 }
 
 #[derive(Debug)]
@@ -384,11 +387,25 @@ impl Shared {
         }
         let state = st.rooms.remove(room)?;
         state.queue.close();
-        if let Some(r) = state.join_ref {
-            st.pending.remove(&r);
-        }
         let link_gen = st.link.as_ref().map(|l| l.generation);
-        if !(state.sent_on.is_some() && state.sent_on == link_gen) {
+        let live = state.sent_on.is_some() && state.sent_on == link_gen;
+        let current = state.sent_on == Some(st.generation);
+        if let Some(r) = state.join_ref {
+            match st.pending.get_mut(&r) {
+                // A join still in flight on the current connection: a
+                // `leave` now would get 405 and the join would still complete
+                // (§4), so leave when its reply comes instead. (If the
+                // connection ends first, the entry goes with it.)
+                Some(p) if current && !state.joined => {
+                    p.kind = PendingKind::LeaveOnJoin { room: room.to_owned() };
+                    return None;
+                }
+                _ => {
+                    st.pending.remove(&r);
+                }
+            }
+        }
+        if !live {
             return None; // not joined on the live connection: nothing to tell the server
         }
         let r = self.next_ref();
