@@ -542,6 +542,32 @@ async fn token_expired_gets_a_new_token_before_reconnecting() {
 }
 
 #[tokio::test]
+async fn the_token_can_travel_in_the_query() {
+    let hub = Hub::builder()
+        .authenticate(|hs: &Handshake| {
+            let token = hs.query("access_token");
+            async move {
+                match token.as_deref() {
+                    Some("a b&c") => Ok(Identity::user("ann")),
+                    _ => Err(Rejection::unauthorized("no token")),
+                }
+            }
+        })
+        .build();
+    let addr = support::serve(&hub).await;
+    let client = Client::builder(format!("ws://{addr}/?x=1"))
+        .config(fast().token_placement(switchboard::client::TokenPlacement::Query("access_token".into())))
+        .token(|| async { Ok::<_, std::convert::Infallible>("a b&c".to_owned()) })
+        .connect()
+        .unwrap();
+    connected(&client).await;
+    // Without the provider the same server refuses, and the client stops.
+    let refused = connect(addr, "x", fast());
+    let s = wait_status(&refused, "closed", Status::is_closed).await;
+    assert!(matches!(s, Status::Closed { reason: Disconnect::Refused { status: 401, .. } }), "{s:?}");
+}
+
+#[tokio::test]
 async fn credentials_are_refreshed_in_band_before_they_expire() {
     use std::time::SystemTime;
     let lifetime = Duration::from_millis(1500);
