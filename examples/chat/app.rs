@@ -24,7 +24,14 @@
 //!   `{"type":"presence","room":"lobby","data":{"ephemeral":{"typing":true}}}`
 //!   (at most every 2 s), and `{"ephemeral":{"typing":null}}` once the
 //!   message is sent or the input is cleared; a flag that is not refreshed
-//!   expires after 5 s, so "X is typing…" never sticks after a drop.
+//!   expires after 5 s, so "X is typing…" never sticks after a drop;
+//! - every room is recoverable (history in memory: the last 1000 messages,
+//!   5 minutes): events carry an `offset`, the page's first join asks for the
+//!   recent messages with `"rewind": 50`, and after a dropped connection it
+//!   reconnects (full-jitter backoff, 1 s doubling to 30 s) and rejoins each
+//!   room with `{"offset", "epoch"}`, so the messages sent meanwhile arrive
+//!   exactly once — or the server says `recovered: false` and the page says
+//!   some are missing (see docs/recovery.md).
 
 use axum::http::StatusCode;
 use axum::response::Html;
@@ -37,6 +44,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use switchboard::transport::Handshake;
+use switchboard::history::{HistoryConfig, MemoryHistory};
 use switchboard::{Call, CallError, Connection, Hub, Identity, PresenceConfig, Rejection};
 
 /// The page, served at `/`.
@@ -87,6 +95,8 @@ pub fn app() -> (Router, Hub) {
         .on_leave(on_change)
         // Who is online and who is typing, in every room.
         .presence(PresenceConfig::default())
+        // Recent messages on join, and recovery after a reconnect.
+        .history(MemoryHistory::new(), HistoryConfig::all_rooms())
         .build();
 
     let router = Router::new()

@@ -48,6 +48,17 @@ async function openUser(name) {
     await d.dismiss().catch(() => {});
   });
   page.on("pageerror", (e) => pageErrors.push(`${name}: ${e.message}`));
+  // Every WebSocket frame the page sends and receives, parsed.
+  page.frames_ = { sent: [], received: [] };
+  page.on("websocket", (socket) => {
+    const parse = (list) => (f) => {
+      try {
+        list.push(JSON.parse(f.payload));
+      } catch {}
+    };
+    socket.on("framesent", parse(page.frames_.sent));
+    socket.on("framereceived", parse(page.frames_.received));
+  });
   await page.goto(`${base}/`);
   await page.fill("#name", name);
   await page.click("#connect");
@@ -176,6 +187,50 @@ async function main() {
       timeout: TIMEOUT,
     }),
   );
+
+  // Bob's connection drops (the page closes its socket with 4000, a
+  // "reconnect" code); alice keeps talking. Bob's page reconnects with
+  // backoff, rejoins lobby from its last offset, and shows what he missed
+  // exactly once.
+  await step("bob's connection drops", () => bob.evaluate(() => ws.close(4000, "test drop")));
+  await step("alice says while bob is away (1)", () => say(alice, "while you were away 1"));
+  // (The page clears its input when the server confirms: wait for that
+  // before typing the next one.)
+  await step("alice's first message is confirmed", () =>
+    alice.waitForFunction(() => document.querySelector("#text").value === "", null, { timeout: TIMEOUT }),
+  );
+  await step("alice says while bob is away (2)", () => say(alice, "while you were away 2"));
+  await step("bob reconnects", () =>
+    bob.waitForFunction(() => document.querySelector("#status")?.textContent === "connected", null, {
+      timeout: TIMEOUT,
+    }),
+  );
+  await step("bob recovers the first missed message", () => waitMessage(bob, "alice", "while you were away 1"));
+  await step("bob recovers the second missed message", () => waitMessage(bob, "alice", "while you were away 2"));
+  // The rejoin carried the room's position and the server replayed from it.
+  const rejoin = bob.frames_.sent.find((m) => m.type === "join" && m.room === "lobby" && typeof m.offset === "number");
+  if (!rejoin || typeof rejoin.epoch !== "string") await fail("bob's page did not rejoin lobby with {offset, epoch}");
+  const answer = bob.frames_.received.find((m) => m.type === "reply" && m.ref === rejoin.ref);
+  if (!answer || answer.data.recovered !== true) await fail(`the rejoin was not recovered: ${JSON.stringify(answer)}`);
+  const first = bob.frames_.sent.find((m) => m.type === "join" && m.room === "lobby");
+  if (first.rewind !== 50) await fail(`bob's first join did not ask for recent messages: ${JSON.stringify(first)}`);
+  await step("bob says after recovering", () => say(bob, "back again"));
+  await step("alice sees bob's message after his reconnect", () => waitMessage(alice, "bob", "back again"));
+  for (const [name, page] of [["alice", alice], ["bob", bob]]) {
+    const shown = await step(`read ${name}'s lobby after the reconnect`, () => texts(page));
+    for (const text of ["hello bob", "while you were away 1", "while you were away 2", "back again"]) {
+      const n = shown.filter((t) => t === text).length;
+      if (n !== 1) await fail(`${name} shows "${text}" ${n} times (expected exactly once)`);
+    }
+    const order = ["while you were away 1", "while you were away 2", "back again"].map((t) => shown.indexOf(t));
+    if (!(order[0] < order[1] && order[1] < order[2])) await fail(`${name} shows the messages out of order`);
+  }
+
+  // A newcomer sees the recent messages on joining (rewind).
+  const carol = await step("open carol", () => openUser("carol"));
+  await step("carol joins lobby", () => join(carol, "lobby"));
+  await step("carol sees earlier messages", () => waitMessage(carol, "alice", "while you were away 2"));
+  await step("carol closes her page", () => carol.context().close());
 
   // Rooms are separate: a message in "dev" reaches neither bob nor lobby's view.
   await step("alice joins dev", () => join(alice, "dev"));
