@@ -5,6 +5,11 @@
 //!   The event is serialized once however large N is; time per delivery is
 //!   the figure to watch (throughput is reported in deliveries).
 //! - `codec/*`: envelope encode and decode, JSON and MessagePack.
+//! - `fanout/publish_recoverable/N`: the same publish into a recoverable
+//!   room (stored in `MemoryHistory`, delivered with its offset), to compare
+//!   with `fanout/publish/N`.
+//! - `history/*`: `MemoryHistory` append, and reads of 100 events after a
+//!   position (a recovering join's read).
 //!
 //! Run: `cargo bench --bench fanout`.
 
@@ -14,6 +19,7 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures::future::join_all;
+use switchboard::history::{Append, HistoryConfig, HistoryStore, MemoryHistory, Retention, StreamPosition};
 use switchboard::protocol::{Envelope, Format, Kind, Payload};
 use switchboard::transport::memory::{self, MemoryPeer};
 use switchboard::transport::{Frame, Handshake};
@@ -38,13 +44,22 @@ async fn joined_peers(hub: &Hub, room: &str, n: usize) -> Vec<MemoryPeer> {
 }
 
 fn fanout(c: &mut Criterion) {
+    fanout_group(c, "fanout/publish", false);
+    fanout_group(c, "fanout/publish_recoverable", true);
+}
+
+fn fanout_group(c: &mut Criterion, name: &str, recoverable: bool) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let mut group = c.benchmark_group("fanout/publish");
+    let mut group = c.benchmark_group(name);
     group.sample_size(20);
     let payload =
         serde_json::json!({"seq": 1, "text": "a chat message of about one hundred bytes, give or take a few"});
     for n in [100usize, 1_000] {
-        let hub = Hub::builder().config(HubConfig::default().heartbeat_interval(std::time::Duration::ZERO)).build();
+        let mut builder = Hub::builder().config(HubConfig::default().heartbeat_interval(std::time::Duration::ZERO));
+        if recoverable {
+            builder = builder.history(MemoryHistory::new(), HistoryConfig::all_rooms());
+        }
+        let hub = builder.build();
         let mut peers = rt.block_on(joined_peers(&hub, "bench", n));
         group.throughput(Throughput::Elements(n as u64));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
@@ -56,6 +71,32 @@ fn fanout(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+}
+
+fn history(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut group = c.benchmark_group("history");
+    let payload =
+        Payload::encode(Format::Json, &serde_json::json!({"text": "about forty bytes of chat text"})).unwrap();
+    let store = MemoryHistory::new();
+    let append = || Append {
+        event: "msg".into(),
+        data: Some(payload.clone()),
+        idempotency_key: None,
+        retention: Retention::default(),
+    };
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("append", |b| b.iter(|| rt.block_on(store.append("bench", append())).unwrap()));
+    let top = rt.block_on(store.append("bench", append())).unwrap().position;
+    let since = StreamPosition { offset: top.offset - 100, epoch: top.epoch.clone() };
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("read/100", |b| {
+        b.iter(|| {
+            let read = rt.block_on(store.read("bench", Some(since.clone()), 1001)).unwrap();
+            assert_eq!(read.publications.len(), 100);
+        })
+    });
     group.finish();
 }
 
@@ -83,6 +124,6 @@ fn codec(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default();
-    targets = fanout, codec
+    targets = fanout, history, codec
 }
 criterion_main!(benches);

@@ -76,6 +76,10 @@
 //!   batched join/leave diffs, counts for large rooms, ephemeral flags such
 //!   as "typing" that expire by themselves, and a [`PresenceStore`] trait
 //!   ([`presence`], `docs/presence.md`).
+//! - **History and recovery**: recoverable rooms number their events; a
+//!   client that reconnects rejoins with its last offset and gets exactly
+//!   what it missed, in order, once — or `recovered: false`; a connected
+//!   client is told of every gap ([`history`], `docs/recovery.md`).
 //!
 //! # Layout
 //!
@@ -90,6 +94,7 @@
 //! | [`transport`] | the [`Transport`] trait, [`Frame`], [`Handshake`]; `ws`, `sse` and `memory` implementations |
 //! | [`backplane`] | the [`Backplane`] trait and [`MemoryBackplane`] |
 //! | [`presence`] | [`PresenceConfig`], the [`PresenceStore`] trait and [`MemoryPresence`], presence entries and events (`docs/presence.md`) |
+//! | [`history`] | [`HistoryConfig`], [`RoomHistory`], the [`HistoryStore`] trait and [`MemoryHistory`] (`docs/recovery.md`) |
 //! | [`integration`] | framework adapters (`axum`) |
 //! | `client` | the Rust client: `Client`, `Room`, status, backoff, presence view (feature `client`, `docs/client.md`) |
 //! | `testing` | conformance suites for host implementations (feature `testing`) |
@@ -98,7 +103,8 @@
 //! Longer guides live in the repository's `docs/`: `protocol.md` (the wire
 //! protocol), `architecture.md` (layers, data path, bounds, locks),
 //! `security.md` (threat model, limits and their defaults, proxies), `sse.md`
-//! (the Server-Sent Events transport), `client.md` (the Rust client).
+//! (the Server-Sent Events transport), `client.md` (the Rust client),
+//! `recovery.md` (history, recovery, gaps).
 //!
 //! # Features
 //!

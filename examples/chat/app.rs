@@ -43,8 +43,8 @@ use serde_json::json;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
-use switchboard::transport::Handshake;
 use switchboard::history::{HistoryConfig, MemoryHistory};
+use switchboard::transport::Handshake;
 use switchboard::{Call, CallError, Connection, Hub, Identity, PresenceConfig, Rejection};
 
 /// The page, served at `/`.
