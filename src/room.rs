@@ -104,13 +104,15 @@ impl Rooms {
             return (key.clone(), false, room.stream.clone());
         }
         let key: Arc<str> = Arc::from(name);
-        let stream = history.map(|h| Arc::new(RoomStream::new(key.clone(), *h)));
-        if let Some(stream) = &stream {
+        let room = Arc::new_cyclic(|weak| Room {
+            members: RwLock::new(HashMap::from([(session.id, session.clone())])),
+            stream: history.map(|h| Arc::new(RoomStream::new(key.clone(), *h, weak.clone()))),
+        });
+        if let Some(stream) = &room.stream {
             stream.add_recovering(session.id);
         }
-        let mut room = Room { members: RwLock::default(), stream: stream.clone() };
-        room.members.get_mut().insert(session.id, session.clone());
-        shard.insert(key.clone(), Arc::new(room));
+        let stream = room.stream.clone();
+        shard.insert(key.clone(), room);
         (key, true, stream)
     }
 

@@ -107,6 +107,12 @@ impl Positioned {
 pub(crate) struct RoomStream {
     pub(crate) name: Arc<str>,
     pub(crate) settings: RoomHistory,
+    /// The room this stream belongs to. Reached without the room registry's
+    /// lock, which must never be taken under the stream's lock (joins and
+    /// leaves hold the registry shard while they lock the stream). A room
+    /// emptied and joined again is a new room with a new stream, so a late
+    /// fill of an old stream never reaches the new room's members.
+    room: Weak<crate::room::Room>,
     state: Mutex<StreamState>,
 }
 
@@ -173,10 +179,11 @@ pub(crate) enum Want {
 }
 
 impl RoomStream {
-    pub(crate) fn new(name: Arc<str>, settings: RoomHistory) -> RoomStream {
+    pub(crate) fn new(name: Arc<str>, settings: RoomHistory, room: Weak<crate::room::Room>) -> RoomStream {
         RoomStream {
             name,
             settings,
+            room,
             state: Mutex::new(StreamState {
                 epoch: Arc::from(""),
                 last: None,
@@ -223,7 +230,7 @@ impl StreamState {
 /// Delivers the next event to live members, moves `last` and, while joins
 /// are merging, remembers it in `recent`.
 fn deliver_next(hub: &Hub, stream: &RoomStream, st: &mut StreamState, ev: Positioned) {
-    deliver(hub, stream, st, &ev);
+    deliver(stream, st, &ev);
     st.last = Some(ev.offset);
     if !st.recovering.is_empty() {
         let max = hub.history().map_or(1000, |h| h.config.max_pending).max(1);
@@ -236,18 +243,14 @@ fn deliver_next(hub: &Hub, stream: &RoomStream, st: &mut StreamState, ev: Positi
     }
 }
 
-/// The room `stream` belongs to, if it still exists: a room emptied and
-/// joined again is a new room with a new stream, and a late fill of the old
-/// stream must not reach the new room's members.
-fn room_of(hub: &Hub, stream: &RoomStream) -> Option<Arc<crate::room::Room>> {
-    let room = hub.inner.rooms.get(&stream.name)?;
-    let same = room.stream.as_ref().is_some_and(|s| std::ptr::eq(Arc::as_ptr(s), stream));
-    same.then_some(room)
+/// The room `stream` belongs to, while it exists (see [`RoomStream::room`]).
+fn room_of(stream: &RoomStream) -> Option<Arc<crate::room::Room>> {
+    stream.room.upgrade()
 }
 
 /// Queues `ev` to every live member of the room but its excluded one.
-fn deliver(hub: &Hub, stream: &RoomStream, st: &StreamState, ev: &Positioned) {
-    let Some(room) = room_of(hub, stream) else { return };
+fn deliver(stream: &RoomStream, st: &StreamState, ev: &Positioned) {
+    let Some(room) = room_of(stream) else { return };
     let source = &ev.payload;
     let mut payload_fn = |format: Format| -> Result<Option<Payload>, ProtocolError> {
         match source {
@@ -275,15 +278,8 @@ fn deliver(hub: &Hub, stream: &RoomStream, st: &StreamState, ev: &Positioned) {
 }
 
 /// Tells every live member that events `from..=to` are lost to them.
-fn announce_gap(
-    hub: &Hub,
-    stream: &RoomStream,
-    st: &StreamState,
-    from: Option<u64>,
-    to: Option<u64>,
-    reason: GapReason,
-) {
-    let Some(room) = room_of(hub, stream) else { return };
+fn announce_gap(stream: &RoomStream, st: &StreamState, from: Option<u64>, to: Option<u64>, reason: GapReason) {
+    let Some(room) = room_of(stream) else { return };
     tracing::warn!(room = %stream.name, ?from, ?to, reason = reason.as_str(), "room stream gap");
     let epoch = Some(&*st.epoch);
     let mut frames: [Option<bytes::Bytes>; 2] = [None, None];
@@ -643,7 +639,7 @@ async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
         let limit = history.config.max_pending.max(1);
         let read = history.store.read(&stream.name, Some(since.clone()), limit).await;
         let mut st = stream.state.lock();
-        if room_of(&hub, &stream).is_none() {
+        if room_of(&stream).is_none_or(|r| r.members.read().is_empty()) {
             st.filling = false;
             return;
         }
@@ -657,7 +653,7 @@ async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
                     // what is here.
                     if let Some(&first) = st.pending.keys().next() {
                         let from = st.last.unwrap_or(0) + 1;
-                        announce_gap(&hub, &stream, &st, Some(from), Some(first - 1), GapReason::Missed);
+                        announce_gap(&stream, &st, Some(from), Some(first - 1), GapReason::Missed);
                         st.last = Some(first - 1);
                         drain_pending(&hub, &stream, &mut st);
                     }
@@ -679,7 +675,7 @@ async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
             st.recent_start = 0;
             let epoch = st.epoch.clone();
             st.pending.retain(|_, ev| ev.epoch == epoch);
-            announce_gap(&hub, &stream, &st, None, None, GapReason::EpochChanged);
+            announce_gap(&stream, &st, None, None, GapReason::EpochChanged);
             continue;
         }
         let mut last = st.last.unwrap_or(0);
@@ -689,7 +685,7 @@ async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
                 continue;
             }
             if p.offset > last + 1 {
-                announce_gap(&hub, &stream, &st, Some(last + 1), Some(p.offset - 1), GapReason::Missed);
+                announce_gap(&stream, &st, Some(last + 1), Some(p.offset - 1), GapReason::Missed);
             }
             let ev = Positioned::from_publication(p, &st.epoch);
             last = ev.offset;
@@ -697,7 +693,7 @@ async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
         }
         if fetched == 0 && !read.complete && read.top.offset > last {
             // Everything after `last` is gone from the store.
-            announce_gap(&hub, &stream, &st, Some(last + 1), Some(read.top.offset), GapReason::Missed);
+            announce_gap(&stream, &st, Some(last + 1), Some(read.top.offset), GapReason::Missed);
             st.last = Some(read.top.offset);
         }
         drain_pending(&hub, &stream, &mut st);
@@ -711,7 +707,7 @@ async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
             // the hole rather than wait forever.
             if let Some(&first) = st.pending.keys().next() {
                 let from = st.last.unwrap_or(0) + 1;
-                announce_gap(&hub, &stream, &st, Some(from), Some(first - 1), GapReason::Missed);
+                announce_gap(&stream, &st, Some(from), Some(first - 1), GapReason::Missed);
                 st.last = Some(first - 1);
                 drain_pending(&hub, &stream, &mut st);
             }
