@@ -618,3 +618,57 @@ async fn a_lagging_backplane_is_caught_up_from_the_store() {
         assert_eq!(next_offset(&mut c).await, (n, n));
     }
 }
+
+/// A replay that would not fit in the member's outbound queue (half its
+/// bound) is refused with `recovered: false` instead of overflowing it; a
+/// rewind keeps the newest events that fit.
+#[tokio::test]
+async fn a_replay_bigger_than_half_the_queue_is_refused_not_overflowed() {
+    const QUEUE: usize = 64 * 1024;
+    let history = MemoryHistory::new();
+    let hub = Hub::builder()
+        .config(HubConfig::default().outbound_queue_bytes(QUEUE))
+        .history(history.clone(), HistoryConfig::all_rooms())
+        .build();
+    let addr = serve(&hub).await;
+    let mut a = connect(addr).await;
+    let epoch = a.join("r").await["data"]["epoch"].as_str().unwrap().to_owned();
+    drop(a);
+    // 20 events of 4 KiB: 80 KiB, more than half of 64 KiB.
+    let pad = "x".repeat(4096);
+    for n in 1..=20u64 {
+        hub.publish("r", "m", &json!({"n": n, "pad": pad})).await.unwrap();
+    }
+    let mut b = connect(addr).await;
+    let reply = join_with(&mut b, "r", json!({"offset": 0, "epoch": epoch})).await;
+    assert_eq!(reply["data"]["recovered"], false, "{reply}");
+    assert_eq!(reply["data"]["offset"], 20);
+    hub.publish("r", "m", &json!({"n": 21})).await.unwrap();
+    assert_eq!(next_offset(&mut b).await, (21, 21), "nothing replayed, the connection stays");
+
+    // A smaller gap still recovers.
+    let mut c = connect(addr).await;
+    let reply = join_with(&mut c, "r", json!({"offset": 18, "epoch": epoch})).await;
+    assert_eq!(reply["data"]["recovered"], true, "{reply}");
+    for n in 19..=21 {
+        assert_eq!(next_offset(&mut c).await.0, n);
+    }
+
+    // A rewind of everything gets the newest events that fit, in order.
+    let mut d = connect(addr).await;
+    let r = d.next_ref();
+    d.send(json!({"type": "join", "ref": r, "room": "r", "rewind": 100})).await;
+    assert_eq!(d.recv().await["type"], "reply");
+    hub.publish("r", "end", &json!({"n": 0})).await.unwrap();
+    let mut got = Vec::new();
+    loop {
+        let (o, _) = next_offset(&mut d).await;
+        if o == 22 {
+            break;
+        }
+        got.push(o);
+    }
+    assert!(!got.is_empty() && got.len() < 21, "rewound {got:?}");
+    assert_eq!(*got.last().unwrap(), 21, "the newest events are kept");
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "contiguous: {got:?}");
+}

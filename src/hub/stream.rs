@@ -529,7 +529,7 @@ impl Hub {
         }
         // Merge point: `live` is where this member's live stream starts.
         let epoch = st.epoch.clone();
-        let (replay, recovered): (&[Positioned], Option<bool>) = match &merge.want {
+        let (replay, mut recovered): (&[Positioned], Option<bool>) = match &merge.want {
             Want::Live => (&[], None),
             Want::Since(pos) => {
                 let ok =
@@ -545,20 +545,14 @@ impl Hub {
                 (&merge.collected[skip..], None)
             }
         };
-        if let Some(r) = reference {
-            #[derive(Serialize)]
-            struct StreamReply<'a> {
-                room: &'a str,
-                epoch: &'a str,
-                offset: u64,
-                #[serde(skip_serializing_if = "Option::is_none")]
-                recovered: Option<bool>,
-            }
-            let reply = StreamReply { room: &stream.name, epoch: &epoch, offset: live, recovered };
-            if let Ok(p) = Payload::encode(session.format, &reply) {
-                session.send_reply(r, &p);
-            }
-        }
+        // The replay must fit in the member's outbound queue with room to
+        // spare (half its bound): a bigger one would overflow it — a close
+        // with 4000 under the default policy, and the same again on every
+        // reconnect; dropped events and reply under drop-oldest. A recovery
+        // that does not fit is refused (`recovered: false`); a rewind keeps
+        // its newest events that fit.
+        let budget = self.inner.config.outbound_queue_bytes / 2;
+        let mut frames: Vec<(bytes::Bytes, u64)> = Vec::with_capacity(replay.len());
         for p in replay {
             let mut payload_fn = |format: Format| -> Result<Option<Payload>, ProtocolError> {
                 match &p.payload {
@@ -574,9 +568,40 @@ impl Hub {
                 frames: [None, None],
             };
             match encoded.get(session.format) {
-                Ok(bytes) => session.push_tagged(bytes, &stream.name, p.offset),
+                Ok(bytes) => frames.push((bytes, p.offset)),
                 Err(e) => tracing::warn!(room = %stream.name, error = %e, "replayed event not representable"),
             }
+        }
+        let mut total: usize = frames.iter().map(|(b, _)| b.len()).sum();
+        if total > budget {
+            if recovered == Some(true) {
+                recovered = Some(false);
+                frames.clear();
+            } else {
+                let mut skip = 0;
+                while total > budget && skip < frames.len() {
+                    total -= frames[skip].0.len();
+                    skip += 1;
+                }
+                frames.drain(..skip);
+            }
+        }
+        if let Some(r) = reference {
+            #[derive(Serialize)]
+            struct StreamReply<'a> {
+                room: &'a str,
+                epoch: &'a str,
+                offset: u64,
+                #[serde(skip_serializing_if = "Option::is_none")]
+                recovered: Option<bool>,
+            }
+            let reply = StreamReply { room: &stream.name, epoch: &epoch, offset: live, recovered };
+            if let Ok(p) = Payload::encode(session.format, &reply) {
+                session.send_reply(r, &p);
+            }
+        }
+        for (bytes, offset) in frames {
+            session.push_tagged(bytes, &stream.name, offset);
         }
         st.stop_recovering(session.id);
         Step::Done
