@@ -728,21 +728,26 @@ async fn measure_streams_and_fan_out() {
         "{STREAMS} idle streams: RSS {before} -> {after} KiB, {:.1} KiB per stream (server and client sides, one process)",
         (after - before) as f64 / STREAMS as f64
     );
-    let payload = json!({"seq": 0, "load": 42.5, "note": "a small metrics sample"});
-    let start = std::time::Instant::now();
-    for _ in 0..MESSAGES {
-        hub.publish("fan", "tick", &payload).await.unwrap();
+    let mut want = want;
+    for (what, payload) in [
+        ("small (~120 B) events", json!({"seq": 0, "load": 42.5, "note": "a small metrics sample"})),
+        ("4 KiB events", json!({"seq": 0, "blob": "x".repeat(4096)})),
+    ] {
+        let start = std::time::Instant::now();
+        for _ in 0..MESSAGES {
+            hub.publish("fan", "tick", &payload).await.unwrap();
+        }
+        want += STREAMS as u64 * MESSAGES;
+        while blocks.load(Ordering::Relaxed) < want {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "fan-out of {what}: {MESSAGES} to {STREAMS} streams in {:.3} s: {:.0} deliveries/s",
+            secs,
+            (STREAMS as u64 * MESSAGES) as f64 / secs
+        );
     }
-    let want = want + STREAMS as u64 * MESSAGES;
-    while blocks.load(Ordering::Relaxed) < want {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let secs = start.elapsed().as_secs_f64();
-    println!(
-        "fan-out: {MESSAGES} messages to {STREAMS} streams in {:.3} s: {:.0} deliveries/s",
-        secs,
-        (STREAMS as u64 * MESSAGES) as f64 / secs
-    );
     for t in tasks.into_iter().chain(bare_clients).chain(plain_clients) {
         t.abort();
     }
