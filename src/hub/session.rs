@@ -291,6 +291,10 @@ struct OutState {
     dropped_total: u64,
     /// Close decided: no more data is accepted.
     closing: bool,
+    /// The writer was woken and has not taken the queue since: further
+    /// pushes need not wake it again (one `notify` per batch, not per
+    /// message — a publish to N members costs N pushes).
+    woken: bool,
     /// The close frame still to send (taken by the writer).
     close_frame: Option<CloseFrame>,
 }
@@ -347,8 +351,11 @@ impl Outbox {
         st.bytes += len;
         st.peak = st.peak.max(st.bytes);
         st.queue.push_back(item);
+        let wake = !std::mem::replace(&mut st.woken, true);
         drop(st);
-        self.notify.notify_one();
+        if wake {
+            self.notify.notify_one();
+        }
         Push::Queued
     }
 
@@ -402,6 +409,9 @@ where
         let (ping, pong, batch_bytes, lagged, close, closing) = {
             let mut st = session.outbox.state.lock();
             std::mem::swap(&mut st.queue, &mut batch);
+            // From here a push must wake the writer again (Notify keeps the
+            // permit if the writer is not waiting yet).
+            st.woken = false;
             let bytes: usize = batch.iter().map(|q| data_len(&q.frame)).sum();
             if !st.gaps.is_empty() {
                 std::mem::swap(&mut st.gaps, &mut gaps);

@@ -74,7 +74,7 @@ impl Transport for WsTransport {
     type Stream = WsStream;
 
     fn split(self) -> (WsSink, WsStream) {
-        (WsSink { io: self.write, bufs: VecDeque::new(), scratch: BytesMut::new() }, WsStream { inner: self.read })
+        (WsSink { io: self.write, out: VecDeque::new() }, WsStream { inner: self.read })
     }
 }
 
@@ -107,16 +107,24 @@ impl AsyncWrite for ReadSide {
 /// written by `poll_flush` in as few vectored writes as the socket takes.
 pub struct WsSink {
     io: BoxWrite,
-    /// Headers and payloads not yet written, in order.
-    bufs: VecDeque<Bytes>,
-    /// Where headers are built; split off per frame, so one allocation
-    /// serves many headers.
-    scratch: BytesMut,
+    /// Frames queued since the last flush: each its header, inline, and its
+    /// payload, the hub's shared buffer (never copied).
+    out: VecDeque<OutFrame>,
+}
+
+/// One frame on its way out: a 2–10 byte header kept inline (no allocation
+/// or reference count per frame) and the payload.
+struct OutFrame {
+    head: [u8; 10],
+    /// Header bytes: `head[start..len]` are still to be written.
+    start: u8,
+    len: u8,
+    payload: Bytes,
 }
 
 impl std::fmt::Debug for WsSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WsSink").field("queued_buffers", &self.bufs.len()).finish_non_exhaustive()
+        f.debug_struct("WsSink").field("queued_frames", &self.out.len()).finish_non_exhaustive()
     }
 }
 
@@ -129,27 +137,23 @@ const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 
-/// Headers are cut from arenas of this size: one allocation serves 50 or
-/// more frames instead of one allocation per frame, and an idle connection
-/// keeps at most this much.
-const HEADER_ARENA: usize = 512;
-
 /// Writes a final, unmasked frame header (RFC 6455 §5.2).
-fn put_header(out: &mut BytesMut, opcode: u8, len: usize) {
-    if out.capacity() - out.len() < 10 {
-        // A fresh arena; earlier headers keep the old one alive until written.
-        *out = BytesMut::with_capacity(HEADER_ARENA);
-    }
-    out.put_u8(0x80 | opcode);
-    if len < 126 {
-        out.put_u8(len as u8);
+fn header(opcode: u8, len: usize) -> ([u8; 10], u8) {
+    let mut head = [0u8; 10];
+    head[0] = 0x80 | opcode;
+    let n = if len < 126 {
+        head[1] = len as u8;
+        2
     } else if len <= usize::from(u16::MAX) {
-        out.put_u8(126);
-        out.put_u16(len as u16);
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
     } else {
-        out.put_u8(127);
-        out.put_u64(len as u64);
-    }
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (head, n)
 }
 
 /// Control frame payloads are limited to 125 bytes (RFC 6455 §5.5).
@@ -177,11 +181,8 @@ fn close_payload(frame: Option<CloseFrame>) -> Bytes {
 
 impl WsSink {
     fn queue(&mut self, opcode: u8, payload: Bytes) {
-        put_header(&mut self.scratch, opcode, payload.len());
-        self.bufs.push_back(self.scratch.split().freeze());
-        if !payload.is_empty() {
-            self.bufs.push_back(payload);
-        }
+        let (head, len) = header(opcode, payload.len());
+        self.out.push_back(OutFrame { head, start: 0, len, payload });
     }
 }
 
@@ -209,24 +210,53 @@ impl Sink<Frame> for WsSink {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
         let this = &mut *self;
-        while !this.bufs.is_empty() {
+        while !this.out.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let n = this.bufs.iter().take(MAX_SLICES).zip(slices.iter_mut()).map(|(b, s)| *s = IoSlice::new(b)).count();
+            let mut n = 0;
+            for f in &this.out {
+                if n + 2 > MAX_SLICES {
+                    break;
+                }
+                if f.start < f.len {
+                    slices[n] = IoSlice::new(&f.head[usize::from(f.start)..usize::from(f.len)]);
+                    n += 1;
+                }
+                if !f.payload.is_empty() {
+                    slices[n] = IoSlice::new(&f.payload);
+                    n += 1;
+                }
+            }
             let written = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, &slices[..n]))?;
             if written == 0 {
                 return Poll::Ready(Err(TransportError::Io(io::ErrorKind::WriteZero.into())));
             }
             let mut left = written;
             while left > 0 {
-                let front = this.bufs.front_mut().expect("wrote more than was queued");
-                if front.len() <= left {
-                    left -= front.len();
-                    this.bufs.pop_front();
-                } else {
-                    front.advance(left);
-                    left = 0;
+                let front = this.out.front_mut().expect("wrote more than was queued");
+                let head_left = usize::from(front.len - front.start);
+                if left < head_left {
+                    front.start += left as u8;
+                    break;
                 }
+                left -= head_left;
+                front.start = front.len;
+                if left < front.payload.len() {
+                    front.payload.advance(left);
+                    break;
+                }
+                left -= front.payload.len();
+                this.out.pop_front();
             }
+            // A frame whose header and payload are both written may still
+            // be at the front (when `left` ran out exactly at its end).
+            while this.out.front().is_some_and(|f| f.start == f.len && f.payload.is_empty()) {
+                this.out.pop_front();
+            }
+        }
+        // A burst grew the queue; do not keep its memory on an idle
+        // connection.
+        if this.out.capacity() > 256 {
+            this.out = VecDeque::new();
         }
         ready!(Pin::new(&mut this.io).poll_flush(cx))?;
         Poll::Ready(Ok(()))
@@ -302,15 +332,96 @@ mod tests {
 
     #[test]
     fn headers_for_each_length_class() {
-        let mut b = BytesMut::new();
-        put_header(&mut b, OP_TEXT, 5);
-        assert_eq!(&b[..], [0x81, 5]);
-        b.clear();
-        put_header(&mut b, OP_BINARY, 126);
-        assert_eq!(&b[..], [0x82, 126, 0, 126]);
-        b.clear();
-        put_header(&mut b, OP_TEXT, 70_000);
-        assert_eq!(&b[..], [0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        let h = |op, len| {
+            let (head, n) = header(op, len);
+            head[..usize::from(n)].to_vec()
+        };
+        assert_eq!(h(OP_TEXT, 5), [0x81, 5]);
+        assert_eq!(h(OP_BINARY, 126), [0x82, 126, 0, 126]);
+        assert_eq!(h(OP_TEXT, 70_000), [0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+    }
+
+    /// A socket that takes at most `step` bytes per write, across slices.
+    struct Trickle {
+        got: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+        step: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.step);
+            self.got.lock().unwrap().extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut left = self.step;
+            let mut got = self.got.lock().unwrap();
+            for b in bufs {
+                let n = b.len().min(left);
+                got.extend_from_slice(&b[..n]);
+                left -= n;
+                if left == 0 {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(self.step - left))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Partial writes that stop inside headers and payloads, for every
+    /// write size: the bytes on the wire are exactly the frames, in order.
+    #[test]
+    fn partial_writes_resume_exactly() {
+        use futures::SinkExt;
+        let frames = || {
+            vec![
+                Frame::Text(Bytes::from_static(b"hello")),
+                Frame::Ping(Bytes::new()),
+                Frame::Binary(Bytes::from(vec![7u8; 300])),
+                Frame::Text(Bytes::from_static(b"x")),
+            ]
+        };
+        let mut expected = Vec::new();
+        for f in frames() {
+            let (op, p) = match f {
+                Frame::Text(p) => (OP_TEXT, p),
+                Frame::Binary(p) => (OP_BINARY, p),
+                Frame::Ping(p) => (OP_PING, p),
+                _ => unreachable!(),
+            };
+            let (head, n) = header(op, p.len());
+            expected.extend_from_slice(&head[..usize::from(n)]);
+            expected.extend_from_slice(&p);
+        }
+        for step in [1, 2, 3, 5, 7, 64, 1000] {
+            let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let mut sink = WsSink { io: Box::new(Trickle { got: got.clone(), step }), out: VecDeque::new() };
+            futures::executor::block_on(async {
+                for f in frames() {
+                    sink.feed(f).await.unwrap();
+                }
+                sink.flush().await.unwrap();
+            });
+            assert_eq!(*got.lock().unwrap(), expected, "write size {step}");
+            assert!(sink.out.is_empty());
+        }
     }
 
     #[test]
