@@ -496,6 +496,17 @@ async fn cmd_sizes() -> Result<ExitCode, String> {
         std::mem::size_of_val(&accept)
     );
     drop(accept);
+    // After the handshake, `ws::serve` runs the session on a task of its
+    // own: this future (for the in-memory transport; the WebSocket one
+    // differs only in the transport's own fields).
+    let (transport, _peer) = switchboard::transport::memory::pair(1);
+    let handshake = switchboard::Handshake::new();
+    let serve = hub.serve(transport, &handshake, switchboard::Identity::anonymous());
+    println!(
+        "switchboard: Hub::serve future (the session task, memory transport): {} bytes",
+        std::mem::size_of_val(&serve)
+    );
+    drop(serve);
     for (name, size) in server::future_sizes() {
         println!("{name}: {size} bytes");
     }

@@ -127,13 +127,18 @@ fn switchboard_hub(opts: &ServerOpts) -> Hub {
     // default per-connection rate limit (50/s, burst 200), which protects a
     // public server from one client; a benchmark measures fan-out instead.
     config = config.rate_limit(None);
+    // Likewise the admission limits (connection rate 429s, total cap):
+    // the generator opens thousands of connections in a burst.
+    let security = switchboard::SecurityConfig::default().connection_rate(None).max_connections(1 << 20);
     Hub::builder()
         .config(config)
+        .security(security)
         // What a host writes to relay a client's message to the rest of the
         // room: the payload is kept as raw JSON (validated, not re-parsed
         // into a value) and published once to everyone but the sender.
         .on("pub", |call: Call, data: Box<serde_json::value::RawValue>| async move {
-            call.broadcast_others("pub", &*data).await.map_err(|e| CallError::internal(e.to_string()))
+            // The reply stays `null` (the publish position is not needed).
+            call.broadcast_others("pub", &*data).await.map(|_| ()).map_err(|e| CallError::internal(e.to_string()))
         })
         .build()
 }

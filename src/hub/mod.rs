@@ -703,7 +703,16 @@ impl Hub {
 
     /// Serves an authenticated connection until it ends. Resolves after the
     /// connection is closed and forgotten (rooms left, hooks run).
-    pub async fn serve<T: Transport>(&self, transport: T, handshake: &Handshake, identity: Identity) {
+    ///
+    /// The connection is registered when this is called; the returned future
+    /// does not borrow the handshake, so the caller can drop it (and its
+    /// headers) right away instead of keeping it for the connection's life.
+    pub fn serve<T: Transport>(
+        &self,
+        transport: T,
+        handshake: &Handshake,
+        identity: Identity,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let id = ConnectionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         let native_ping = transport.native_ping();
         let session = Arc::new(Session::new(id, handshake.format(), identity, native_ping, self));
@@ -711,7 +720,7 @@ impl Hub {
         if self.is_shutting_down() {
             session.close(DisconnectReason::ServerShutdown, CloseCode::GOING_AWAY, "server shutting down", true);
         }
-        session::run(self.clone(), session, transport).await;
+        session::run(self.clone(), session, transport)
     }
 
     fn register(&self, session: &Arc<Session>) {

@@ -216,6 +216,7 @@ async function main() {
   if (first.rewind !== 50) await fail(`bob's first join did not ask for recent messages: ${JSON.stringify(first)}`);
   await step("bob says after recovering", () => say(bob, "back again"));
   await step("alice sees bob's message after his reconnect", () => waitMessage(alice, "bob", "back again"));
+  await step("bob sees his own message", () => waitMessage(bob, "bob", "back again"));
   for (const [name, page] of [["alice", alice], ["bob", bob]]) {
     const shown = await step(`read ${name}'s lobby after the reconnect`, () => texts(page));
     for (const text of ["hello bob", "while you were away 1", "while you were away 2", "back again"]) {

@@ -124,12 +124,38 @@ pub async fn serve(listener: TcpListener, hub: Hub, config: WsConfig) -> std::io
             },
         };
         let (hub, config) = (hub.clone(), config.clone());
+        // The handshake runs on a short-lived task; the session gets a task
+        // of its own, so the memory of the handshake's state (the request
+        // head, the admission and authentication futures) is freed once it
+        // is done instead of being kept for the connection's whole life:
+        // a task's allocation is sized for the largest state of its future.
         tokio::spawn(async move {
-            if let Err(e) = accept(stream, peer, &hub, &config).await {
-                tracing::debug!(%peer, error = %e, "handshake failed");
+            match admit_and_upgrade(stream, peer, &hub, &config).await {
+                Ok(Some((transport, hs, identity, admission))) => {
+                    let session = hub.serve(transport, &hs, identity);
+                    drop(hs);
+                    tokio::spawn(async move {
+                        session.await;
+                        drop(admission);
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(%peer, error = %e, "handshake failed"),
             }
         });
     }
+}
+
+/// The handshake of [`accept`], without serving the session.
+async fn admit_and_upgrade(
+    stream: TcpStream,
+    peer: SocketAddr,
+    hub: &Hub,
+    config: &WsConfig,
+) -> std::io::Result<Option<Admitted>> {
+    let max = hub.config().max_message_size;
+    let admit = |hs: &mut Handshake| hub.admit(hs).map(Some);
+    handshake(stream, peer, config, max, admit, |hs| hub.authenticate(hs)).await
 }
 
 /// Serves one accepted TCP connection: reads the upgrade request, runs the
@@ -137,11 +163,7 @@ pub async fn serve(listener: TcpListener, hub: Hub, config: WsConfig) -> std::io
 /// authenticator, answers `101` or an HTTP error, then serves the WebSocket
 /// until it closes.
 pub async fn accept(stream: TcpStream, peer: SocketAddr, hub: &Hub, config: &WsConfig) -> std::io::Result<()> {
-    let max = hub.config().max_message_size;
-    let admit = |hs: &mut Handshake| hub.admit(hs).map(Some);
-    if let Some((transport, hs, identity, admission)) =
-        handshake(stream, peer, config, max, admit, |hs| hub.authenticate(hs)).await?
-    {
+    if let Some((transport, hs, identity, admission)) = admit_and_upgrade(stream, peer, hub, config).await? {
         hub.serve(transport, &hs, identity).await;
         // The connection's admission slots are freed only now (and on any
         // early exit of this task, by the drop).
