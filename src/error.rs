@@ -55,6 +55,7 @@ impl Error {
     }
 
     /// An error of `kind` with a message and a cause.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn msg_with_source(kind: ErrorKind, message: impl Into<String>, cause: impl Into<Cause>) -> Error {
         Error { kind, message: Some(message.into()), source: Some(cause.into()) }
     }

@@ -8,6 +8,7 @@ mod support;
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 use support::*;
 use switchboard::history::{
@@ -671,4 +672,73 @@ async fn a_replay_bigger_than_half_the_queue_is_refused_not_overflowed() {
     assert!(!got.is_empty() && got.len() < 21, "rewound {got:?}");
     assert_eq!(*got.last().unwrap(), 21, "the newest events are kept");
     assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "contiguous: {got:?}");
+}
+
+/// A backplane whose first subscription to each topic ends after one
+/// message, as an engine that drops a subscriber would.
+#[derive(Clone)]
+struct EndsOnce {
+    inner: MemoryBackplane,
+    ended: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
+}
+
+impl switchboard::Backplane for EndsOnce {
+    fn publish(&self, topic: &str, message: bytes::Bytes) -> BoxFuture<'static, switchboard::Result<()>> {
+        self.inner.publish(topic, message)
+    }
+
+    fn subscribe(&self, topic: &str) -> BoxFuture<'static, switchboard::Result<switchboard::Subscription>> {
+        let first = self.ended.lock().insert(topic.to_owned());
+        let sub = self.inner.subscribe(topic);
+        Box::pin(async move {
+            let sub = sub.await?;
+            if !first {
+                return Ok(sub);
+            }
+            use futures::StreamExt;
+            Ok(switchboard::Subscription::new(sub.take(1)))
+        })
+    }
+}
+
+/// A subscription that ends while the room has members is made again, and
+/// a recoverable room reads what went by in between from the store: every
+/// event arrives, in order.
+#[tokio::test]
+async fn an_ended_subscription_is_made_again_and_the_gap_filled() {
+    let history = MemoryHistory::new();
+    let backplane = EndsOnce { inner: MemoryBackplane::new(), ended: Default::default() };
+    // No position check and a short gap wait: only a live backplane message
+    // can make the room look at the store again.
+    let config =
+        HistoryConfig::all_rooms().position_check(Duration::from_secs(3600)).gap_wait(Duration::from_millis(10));
+    let make = || Hub::builder().backplane(backplane.clone()).history(history.clone(), config.clone()).build();
+    let (hub1, hub2) = (make(), make());
+    let addr2 = serve(&hub2).await;
+    let mut c = connect(addr2).await;
+    c.join_ok("r").await;
+    for n in 1..=20u64 {
+        hub1.publish("r", "m", &json!({"n": n})).await.unwrap();
+    }
+    // 1 came through the first subscription, which then ended; the rest
+    // were read from the store when it did.
+    for n in 1..=20 {
+        assert_eq!(next_offset(&mut c).await, (n, n));
+    }
+    assert!(backplane.ended.lock().contains("r"));
+    // Publish until one comes through live, which proves a new subscription:
+    // everything arrives, in order, from 21 on.
+    let mut n = 20u64;
+    let first = loop {
+        n += 1;
+        assert!(n < 120, "no subscription was made again");
+        hub1.publish("r", "m", &json!({"n": n})).await.unwrap();
+        if let Ok(got) = tokio::time::timeout(Duration::from_millis(200), next_offset(&mut c)).await {
+            break got;
+        }
+    };
+    assert_eq!(first, (21, 21));
+    for k in 22..=n {
+        assert_eq!(next_offset(&mut c).await, (k, k));
+    }
 }

@@ -10,6 +10,13 @@
 //!
 //! Marks are kept in a map keyed by room (bounded by the number of rooms),
 //! not a queue: churn on one room costs one entry.
+//!
+//! A subscription that ends (the backplane gave up on it) or could not be
+//! made while the room has members is not left that way: its room is marked
+//! again, after [`RESUBSCRIBE_DELAY`] (doubling to [`RESUBSCRIBE_MAX`] while
+//! it keeps failing), and the manager subscribes anew if the room still has
+//! members. A recoverable room then reads what it missed from its history
+//! store.
 
 use super::{Hub, HubInner, TaskGuard};
 use crate::backplane::message::RoomMessage;
@@ -25,9 +32,19 @@ use tokio::task::JoinHandle;
 
 type Waiter = oneshot::Sender<std::result::Result<(), String>>;
 
+/// First wait before subscribing again to a room whose subscription ended
+/// or failed while it had members.
+const RESUBSCRIBE_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+/// Longest wait between two attempts.
+const RESUBSCRIBE_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub(crate) struct BackplaneLink {
     pub(crate) backplane: Arc<dyn Backplane>,
     pending: Mutex<HashMap<String, Vec<Waiter>>>,
+    /// Rooms whose subscription ended: the manager drops it before looking.
+    ended: Mutex<Vec<String>>,
+    /// Consecutive failed attempts per room (for the retry delay).
+    failures: Mutex<HashMap<String, u32>>,
     notify: Notify,
     started: OnceLock<()>,
     closed: AtomicBool,
@@ -46,6 +63,8 @@ impl BackplaneLink {
         BackplaneLink {
             backplane,
             pending: Mutex::new(HashMap::new()),
+            ended: Mutex::new(Vec::new()),
+            failures: Mutex::new(HashMap::new()),
             notify: Notify::new(),
             started: OnceLock::new(),
             closed: AtomicBool::new(false),
@@ -79,6 +98,26 @@ impl BackplaneLink {
         self.notify.notify_one();
     }
 
+    /// Marks `room` again after a delay that grows with its failures.
+    fn retry_later(self: &Arc<Self>, room: String, hub: Weak<HubInner>) {
+        let n = {
+            let mut f = self.failures.lock();
+            let n = f.entry(room.clone()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        };
+        let delay = RESUBSCRIBE_DELAY.saturating_mul(1 << n.min(6).saturating_sub(1)).min(RESUBSCRIBE_MAX);
+        let link = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            if hub.strong_count() == 0 || link.closed.load(Ordering::Acquire) {
+                return;
+            }
+            link.pending.lock().entry(room).or_default();
+            link.notify.notify_one();
+        });
+    }
+
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         self.notify.notify_one();
@@ -94,18 +133,30 @@ async fn manage(link: Arc<BackplaneLink>, hub: Weak<HubInner>) {
         }
         let work = std::mem::take(&mut *link.pending.lock());
         let Some(inner) = hub.upgrade() else { return };
+        for room in std::mem::take(&mut *link.ended.lock()) {
+            subs.remove(&room);
+        }
         for (room, waiters) in work {
             let want = inner.rooms.contains(&room);
             let result = if want && !subs.contains_key(&room) {
                 match link.backplane.subscribe(&room).await {
                     Ok(sub) => {
-                        let task =
-                            tokio::spawn(forward(sub, room.clone(), Arc::downgrade(&inner), TaskGuard::new(&inner)));
+                        let task = tokio::spawn(forward(
+                            sub,
+                            room.clone(),
+                            Arc::downgrade(&inner),
+                            link.clone(),
+                            TaskGuard::new(&inner),
+                        ));
                         subs.insert(room.clone(), AbortOnDrop(task));
+                        link.failures.lock().remove(&room);
                         Ok(())
                     }
                     Err(e) => {
                         tracing::warn!(room, error = %e, "backplane subscribe failed");
+                        // Members that joined earlier are still there (only
+                        // the joins waiting now fail): try again later.
+                        link.retry_later(room.clone(), Arc::downgrade(&inner));
                         Err(e.to_string())
                     }
                 }
@@ -124,7 +175,13 @@ async fn manage(link: Arc<BackplaneLink>, hub: Weak<HubInner>) {
     }
 }
 
-async fn forward(mut sub: Subscription, room: String, hub: Weak<HubInner>, _guard: TaskGuard) {
+async fn forward(
+    mut sub: Subscription,
+    room: String,
+    hub: Weak<HubInner>,
+    link: Arc<BackplaneLink>,
+    _guard: TaskGuard,
+) {
     while let Some(item) = sub.next().await {
         let Some(inner) = hub.upgrade() else { return };
         match item {
@@ -140,5 +197,11 @@ async fn forward(mut sub: Subscription, room: String, hub: Weak<HubInner>, _guar
             }
         }
     }
-    tracing::warn!(room, "backplane subscription ended");
+    tracing::warn!(room, "backplane subscription ended; subscribing again");
+    link.ended.lock().push(room.clone());
+    link.retry_later(room.clone(), hub.clone());
+    // Messages may have been lost between the end and the new subscription.
+    if let Some(inner) = hub.upgrade() {
+        Hub { inner }.backplane_gap(&room);
+    }
 }
