@@ -412,7 +412,10 @@ where
             // From here a push must wake the writer again (Notify keeps the
             // permit if the writer is not waiting yet).
             st.woken = false;
-            let bytes: usize = batch.iter().map(|q| data_len(&q.frame)).sum();
+            // Everything counted in `bytes` is in the queue just taken: the
+            // previous batch was subtracted when it was written.
+            let bytes = st.bytes;
+            debug_assert_eq!(bytes, batch.iter().map(|q| data_len(&q.frame)).sum::<usize>());
             if !st.gaps.is_empty() {
                 std::mem::swap(&mut st.gaps, &mut gaps);
             }
