@@ -17,7 +17,9 @@
 //! - `{"type":"call","ref":3,"room":"lobby","event":"members"}` replies
 //!   `{"members":["ann","bob"]}`, and the same payload is published as event
 //!   `members` to the room whenever someone joins or leaves it (for clients
-//!   that do not use presence);
+//!   that do not use presence). On Redis (`app_on_redis`) the reply lists
+//!   the room's presence on every node and no `members` event is published:
+//!   presence covers it;
 //! - presence is on in every room: after the join reply the page gets
 //!   `presence_state`, then `presence_diff`s, and shows who is online (a
 //!   user with two tabs is listed once). While its user types it sends
@@ -25,8 +27,8 @@
 //!   (at most every 2 s), and `{"ephemeral":{"typing":null}}` once the
 //!   message is sent or the input is cleared; a flag that is not refreshed
 //!   expires after 5 s, so "X is typing…" never sticks after a drop;
-//! - every room is recoverable (history in memory: the last 1000 messages,
-//!   5 minutes): events carry an `offset`, the page's first join asks for the
+//! - every room is recoverable (history in memory, or in Redis with
+//!   `app_on_redis`: the last 1000 messages, 5 minutes): events carry an `offset`, the page's first join asks for the
 //!   recent messages with `"rewind": 50`, and after a dropped connection it
 //!   reconnects (full-jitter backoff, 1 s doubling to 30 s) and rejoins each
 //!   room with `{"offset", "epoch"}`, so the messages sent meanwhile arrive
@@ -45,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use switchboard::history::{HistoryConfig, MemoryHistory};
 use switchboard::transport::Handshake;
-use switchboard::{Call, CallError, Connection, Hub, Identity, PresenceConfig, Rejection};
+use switchboard::{Call, CallError, Connection, Hub, HubBuilder, Identity, PresenceConfig, Rejection};
 
 /// The page, served at `/`.
 const INDEX_HTML: &str = include_str!("index.html");
@@ -61,15 +63,40 @@ struct NewMessage {
     text: String,
 }
 
-/// Builds the chat server: the router (page at `/`, WebSocket at `/ws`) and
-/// its hub (keep a clone to shut it down).
+/// Builds the chat server on one node: the router (page at `/`, WebSocket
+/// at `/ws`) and its hub (keep a clone to shut it down). Rooms, presence and
+/// history live in this process.
 pub fn app() -> (Router, Hub) {
-    // Serializes "read the member list, queue it to the room" so that two
-    // joins racing on different threads cannot leave an older list last.
-    let publishing = Arc::new(Mutex::new(()));
-    let on_change = move |conn: &Connection, room: &str| publish_members(conn.hub(), room, &publishing);
+    build(Hub::builder().history(MemoryHistory::new(), HistoryConfig::all_rooms()), false)
+}
 
-    let hub = Hub::builder()
+/// Builds the chat server as one of several nodes that share the Redis at
+/// `url` (`redis://host:port/`): rooms go through [`RedisBackplane`],
+/// presence lives in [`RedisPresence`] and history in [`RedisHistory`], so
+/// instances on different ports (or machines) share rooms, who is online,
+/// and the recent messages a reconnecting client recovers. Fails when Redis
+/// cannot be reached.
+///
+/// The `members` call then lists the room's presence (every node's users);
+/// the `members` event is not published, since a node only knows its own
+/// members and the presence messages already tell every client who comes
+/// and goes.
+#[cfg(feature = "redis")]
+pub async fn app_on_redis(url: &str) -> switchboard::Result<(Router, Hub)> {
+    use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory, RedisPresence};
+    let config = RedisConfig::new(url);
+    let builder = Hub::builder()
+        .backplane(RedisBackplane::connect(config.clone()).await?)
+        .presence_store(RedisPresence::connect(config.clone()).await?)
+        .history(RedisHistory::connect(config).await?, HistoryConfig::all_rooms());
+    Ok(build(builder, true))
+}
+
+/// Adds identity, handlers and presence to `builder` (which brings the
+/// history store, and the backplane if any). `shared`: the hub is one of
+/// several nodes, so member lists come from presence (see `app_on_redis`).
+fn build(builder: HubBuilder, shared: bool) -> (Router, Hub) {
+    let builder = builder
         .authenticate(|hs: &Handshake| std::future::ready(identify(hs)))
         .on("message", |call: Call, msg: NewMessage| async move {
             let room = call.room().ok_or_else(|| CallError::bad_request("`message` needs a room"))?;
@@ -87,17 +114,30 @@ pub fn app() -> (Router, Hub) {
                 .map_err(|e| CallError::internal(e.to_string()))?;
             Ok(json!({ "ok": true }))
         })
-        .on("members", |call: Call, _: IgnoredAny| async move {
+        .on("members", move |call: Call, _: IgnoredAny| async move {
             let room = call.room().ok_or_else(|| CallError::bad_request("`members` needs a room"))?;
-            Ok(json!({ "members": members(call.hub(), room) }))
+            let members = if shared {
+                presence_members(call.hub(), room).await.map_err(|e| CallError::internal(e.to_string()))?
+            } else {
+                members(call.hub(), room)
+            };
+            Ok(json!({ "members": members }))
         })
-        .on_join(on_change.clone())
-        .on_leave(on_change)
         // Who is online and who is typing, in every room.
-        .presence(PresenceConfig::default())
-        // Recent messages on join, and recovery after a reconnect.
-        .history(MemoryHistory::new(), HistoryConfig::all_rooms())
-        .build();
+        .presence(PresenceConfig::default());
+    let builder = if shared {
+        // Presence diffs reach every node's clients; a list of this node's
+        // members alone would be wrong on every other node.
+        builder
+    } else {
+        // Serializes "read the member list, queue it to the room" so that
+        // two joins racing on different threads cannot leave an older list
+        // last.
+        let publishing = Arc::new(Mutex::new(()));
+        let on_change = move |conn: &Connection, room: &str| publish_members(conn.hub(), room, &publishing);
+        builder.on_join(on_change.clone()).on_leave(on_change)
+    };
+    let hub = builder.build();
 
     let router = Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
@@ -124,6 +164,11 @@ fn members(hub: &Hub, room: &str) -> Vec<String> {
     let ids: BTreeSet<String> =
         hub.room_members(room).into_iter().filter_map(|m| m.user_id.map(|u| u.to_string())).collect();
     ids.into_iter().collect()
+}
+
+/// The presence keys (user ids) in `room` on every node, sorted.
+async fn presence_members(hub: &Hub, room: &str) -> switchboard::Result<Vec<String>> {
+    Ok(hub.presence(room).await?.into_iter().map(|e| e.key).collect())
 }
 
 /// Publishes the current member list of `room` to the room. Local members

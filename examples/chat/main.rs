@@ -11,6 +11,17 @@
 //! RUST_LOG=debug cargo run --example chat           # log to stderr
 //! ```
 //!
+//! Several instances share rooms, presence and history through Redis
+//! (feature `redis`; see the "Chat on Redis" section of `docs/redis.md`):
+//!
+//! ```text
+//! cargo run --example chat --features redis -- --redis redis://127.0.0.1:6379 --addr 127.0.0.1:3000
+//! SWITCHBOARD_REDIS=redis://127.0.0.1:6379 cargo run --example chat --features redis -- --addr 127.0.0.1:3001
+//! ```
+//!
+//! Without the feature, `--redis` (or `SWITCHBOARD_REDIS`) is refused with a
+//! message saying how to enable it.
+//!
 //! Open the printed URL in two browser windows with different names. Ctrl-C
 //! or SIGTERM shuts down gracefully: every connection is closed with 1001
 //! "going away" (within 5 s) before the process exits.
@@ -31,8 +42,15 @@ async fn main() -> std::io::Result<()> {
         .with_writer(std::io::stderr)
         .init();
 
-    let addr = cli::addr_arg("chat");
-    let (router, hub) = app::app();
+    let (redis, rest) = match redis_arg(std::env::args().skip(1).collect()) {
+        Ok(v) => v,
+        Err(msg) => cli::usage("chat", USAGE, &msg),
+    };
+    let addr = cli::addr_from("chat", USAGE, rest.into_iter());
+    let (router, hub) = match redis {
+        None => app::app(),
+        Some(url) => on_redis(&url).await,
+    };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("chat listening on http://{}/", listener.local_addr()?);
 
@@ -42,4 +60,53 @@ async fn main() -> std::io::Result<()> {
             hub.shutdown(Duration::from_secs(5)).await;
         })
         .await
+}
+
+/// The Redis flag in the usage line.
+const USAGE: &str = " [--redis URL]";
+
+/// Environment variable naming the Redis to share, like `--redis`.
+const REDIS_ENV: &str = "SWITCHBOARD_REDIS";
+
+/// Takes `--redis URL` (or `--redis=URL`) out of `args`, falling back to
+/// `$SWITCHBOARD_REDIS`; returns the URL, if any, and the other arguments.
+fn redis_arg(args: Vec<String>) -> Result<(Option<String>, Vec<String>), String> {
+    let mut url = None;
+    let mut rest = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.strip_prefix("--redis") {
+            Some("") => url = Some(args.next().ok_or("--redis needs a URL")?),
+            Some(v) if v.starts_with('=') => url = Some(v[1..].to_owned()),
+            _ => rest.push(arg),
+        }
+    }
+    let url = url.or_else(|| std::env::var(REDIS_ENV).ok().filter(|v| !v.is_empty()));
+    Ok((url, rest))
+}
+
+/// The hub on Redis; exits with a message when Redis cannot be reached.
+#[cfg(feature = "redis")]
+async fn on_redis(url: &str) -> (axum::Router, switchboard::Hub) {
+    match app::app_on_redis(url).await {
+        Ok(app) => {
+            println!("chat sharing rooms, presence and history through {url}");
+            app
+        }
+        Err(e) => {
+            eprintln!("chat: cannot use Redis at {url}: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Without the `redis` feature there is no Redis to use: refuse, and say
+/// how to get it.
+#[cfg(not(feature = "redis"))]
+async fn on_redis(url: &str) -> (axum::Router, switchboard::Hub) {
+    eprintln!(
+        "chat: --redis {url} (or ${REDIS_ENV}) needs the `redis` feature: \
+         cargo run --example chat --features redis -- --redis {url}"
+    );
+    std::process::exit(2);
 }

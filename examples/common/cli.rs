@@ -5,14 +5,24 @@ use std::net::SocketAddr;
 
 /// `--addr HOST:PORT` (or `--addr=HOST:PORT`), default `127.0.0.1:3000`.
 /// Exits with a usage line on anything else.
+#[allow(dead_code)] // `chat` takes a flag of its own and calls `addr_from`
 pub fn addr_arg(program: &str) -> SocketAddr {
-    match parse_addr(std::env::args().skip(1)) {
+    addr_from(program, "", std::env::args().skip(1))
+}
+
+/// [`addr_arg`] over `args` (what is left after a program took its own
+/// flags); `more` is appended to the usage line.
+pub fn addr_from(program: &str, more: &str, args: impl Iterator<Item = String>) -> SocketAddr {
+    match parse_addr(args) {
         Ok(a) => a,
-        Err(msg) => {
-            eprintln!("{program}: {msg}\nusage: {program} [--addr HOST:PORT]   (default 127.0.0.1:3000)");
-            std::process::exit(2);
-        }
+        Err(msg) => usage(program, more, &msg),
     }
+}
+
+/// Prints `msg` and the usage line, and exits with status 2.
+pub fn usage(program: &str, more: &str, msg: &str) -> ! {
+    eprintln!("{program}: {msg}\nusage: {program} [--addr HOST:PORT]{more}   (default 127.0.0.1:3000)");
+    std::process::exit(2);
 }
 
 fn parse_addr(mut args: impl Iterator<Item = String>) -> Result<SocketAddr, String> {
