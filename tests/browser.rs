@@ -11,7 +11,6 @@
 //! client (names, message limits, member lists), without a browser.
 
 #[path = "../examples/chat/app.rs"]
-#[allow(dead_code)] // `app_on_redis` is for tests/chat_redis.rs
 mod app;
 
 use futures::{SinkExt, StreamExt};

@@ -66,6 +66,7 @@ struct NewMessage {
 /// Builds the chat server on one node: the router (page at `/`, WebSocket
 /// at `/ws`) and its hub (keep a clone to shut it down). Rooms, presence and
 /// history live in this process.
+#[allow(dead_code)] // each includer (main, tests) uses one of the two builders
 pub fn app() -> (Router, Hub) {
     build(Hub::builder().history(MemoryHistory::new(), HistoryConfig::all_rooms()), false)
 }
@@ -82,6 +83,7 @@ pub fn app() -> (Router, Hub) {
 /// members and the presence messages already tell every client who comes
 /// and goes.
 #[cfg(feature = "redis")]
+#[allow(dead_code)] // each includer (main, tests) uses one of the two builders
 pub async fn app_on_redis(url: &str) -> switchboard::Result<(Router, Hub)> {
     use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory, RedisPresence};
     let config = RedisConfig::new(url);
