@@ -69,8 +69,7 @@ struct Signup {
 struct Fixture {
     hub: Hub,
     addr: SocketAddr,
-    bystander: Client,
-    seq: u64,
+    bystander: Bystander,
 }
 
 impl Fixture {
@@ -81,27 +80,13 @@ impl Fixture {
     }
 
     async fn with(hub: Hub, addr: SocketAddr) -> Fixture {
-        let mut bystander = connect_path(addr, "/?trusted").await;
-        bystander.join_ok("lobby").await;
-        let mut f = Fixture { hub, addr, bystander, seq: 0 };
-        f.tick().await;
-        f
+        let bystander = Bystander::join(connect_path(addr, "/?trusted").await, &hub).await;
+        Fixture { hub, addr, bystander }
     }
 
     /// The bystander gets two more events, next in line and in order.
     async fn tick(&mut self) {
-        self.seq += 1;
-        let published = self.seq;
-        self.hub.publish("lobby", "tick", &json!({ "seq": published })).await.expect("publish");
-        self.seq += 1;
-        let shouted = self.seq;
-        let r = self.bystander.call_in("lobby", "shout", json!({ "seq": shouted })).await;
-        assert_eq!(r["type"], "reply", "bystander's call failed: {r}");
-        for seq in [published, shouted] {
-            let e = self.bystander.event().await;
-            assert_eq!(e, json!({"type": "event", "room": "lobby", "event": "tick", "data": {"seq": seq}}));
-        }
-        assert_eq!(self.bystander.pending_events(), 0, "bystander got extra events");
+        self.bystander.tick(&self.hub).await;
     }
 
     async fn finish(self) {

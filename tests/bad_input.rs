@@ -62,9 +62,7 @@ fn handlers() -> HubBuilder {
 struct Fixture {
     hub: Hub,
     addr: SocketAddr,
-    bystander: Client,
-    /// Sequence number of the last event sent to `lobby`.
-    seq: u64,
+    bystander: Bystander,
 }
 
 impl Fixture {
@@ -75,28 +73,14 @@ impl Fixture {
     async fn start_with(builder: HubBuilder, ws: WsConfig) -> Fixture {
         let hub = builder.build();
         let addr = serve_with(&hub, ws).await;
-        let mut bystander = connect(addr).await;
-        bystander.join_ok("lobby").await;
-        let mut f = Fixture { hub, addr, bystander, seq: 0 };
-        f.tick().await;
-        f
+        let bystander = Bystander::join(connect(addr).await, &hub).await;
+        Fixture { hub, addr, bystander }
     }
 
     /// The bystander gets two more events, next in line and in order: one
     /// published by the host, one broadcast by a handler it calls.
     async fn tick(&mut self) {
-        self.seq += 1;
-        let published = self.seq;
-        self.hub.publish("lobby", "tick", &json!({ "seq": published })).await.expect("publish");
-        self.seq += 1;
-        let shouted = self.seq;
-        let r = self.bystander.call_in("lobby", "shout", json!({ "seq": shouted })).await;
-        assert_eq!(r["type"], "reply", "bystander's call failed: {r}");
-        for seq in [published, shouted] {
-            let e = self.bystander.event().await;
-            assert_eq!(e, json!({"type": "event", "room": "lobby", "event": "tick", "data": {"seq": seq}}));
-        }
-        assert_eq!(self.bystander.pending_events(), 0, "bystander got extra events");
+        self.bystander.tick(&self.hub).await;
     }
 
     /// Ends a test: once every client is gone, the hub holds nothing — no

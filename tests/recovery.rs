@@ -29,19 +29,6 @@ async fn join_with(c: &mut Client, room: &str, extra: Value) -> Value {
     c.request(msg).await
 }
 
-/// The next `event`'s offset and its `data.n`.
-async fn next_offset(c: &mut Client) -> (u64, u64) {
-    let e = c.event().await;
-    let offset = e["offset"].as_u64().unwrap_or_else(|| panic!("event without offset: {e}"));
-    (offset, e["data"]["n"].as_u64().unwrap_or(0))
-}
-
-async fn publish_range(hub: &Hub, room: &str, range: std::ops::RangeInclusive<u64>) {
-    for n in range {
-        hub.publish(room, "m", &json!({"n": n})).await.unwrap();
-    }
-}
-
 #[tokio::test]
 async fn reconnect_inside_the_window_recovers_exactly_what_was_missed() {
     let history = MemoryHistory::new();
@@ -342,42 +329,7 @@ async fn two_nodes_share_one_ordered_stream_and_recover_across_nodes() {
     let backplane = MemoryBackplane::new();
     let make =
         || Hub::builder().backplane(backplane.clone()).history(history.clone(), HistoryConfig::all_rooms()).build();
-    let (hub1, hub2) = (make(), make());
-    let (addr1, addr2) = (serve(&hub1).await, serve(&hub2).await);
-    let mut c1 = connect(addr1).await;
-    let mut c2 = connect(addr2).await;
-    c1.join_ok("r").await;
-    let epoch = c2.join("r").await["data"]["epoch"].as_str().unwrap().to_owned();
-
-    // Both nodes publish concurrently.
-    let p1 = tokio::spawn({
-        let hub = hub1.clone();
-        async move { publish_range(&hub, "r", 1..=200).await }
-    });
-    let p2 = tokio::spawn({
-        let hub = hub2.clone();
-        async move { publish_range(&hub, "r", 1001..=1200).await }
-    });
-    p1.await.unwrap();
-    p2.await.unwrap();
-    let mut seq1 = Vec::new();
-    let mut seq2 = Vec::new();
-    for _ in 0..400 {
-        seq1.push(next_offset(&mut c1).await);
-        seq2.push(next_offset(&mut c2).await);
-    }
-    assert_eq!(seq1.iter().map(|s| s.0).collect::<Vec<_>>(), (1..=400).collect::<Vec<_>>(), "node 1 order");
-    assert_eq!(seq1, seq2, "both nodes deliver the same sequence");
-
-    // c2 drops; events go on on node 1; c2 comes back on node 1.
-    drop(c2);
-    publish_range(&hub1, "r", 2001..=2010).await;
-    let mut back = connect(addr1).await;
-    let reply = join_with(&mut back, "r", json!({"offset": 400, "epoch": epoch})).await;
-    assert_eq!(reply["data"]["recovered"], true, "{reply}");
-    for n in 401..=410 {
-        assert_eq!(next_offset(&mut back).await.0, n);
-    }
+    two_nodes_share_one_stream(&make(), &make(), 200).await;
 }
 
 /// An event that reached the store but whose backplane message was lost is

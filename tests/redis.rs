@@ -601,19 +601,6 @@ async fn recoverable_node(url: &str) -> (Hub, RedisHistory, RedisBackplane) {
     (hub, history, backplane)
 }
 
-/// The next `event`'s offset and its `data.n`.
-async fn next_offset(c: &mut support::Client) -> (u64, u64) {
-    let e = c.event().await;
-    let offset = e["offset"].as_u64().unwrap_or_else(|| panic!("event without offset: {e}"));
-    (offset, e["data"]["n"].as_u64().unwrap_or(0))
-}
-
-async fn publish_range(hub: &Hub, room: &str, range: std::ops::RangeInclusive<u64>) {
-    for n in range {
-        hub.publish(room, "m", &json!({"n": n})).await.unwrap();
-    }
-}
-
 async fn join_at(c: &mut support::Client, room: &str, offset: u64, epoch: &str) -> Value {
     c.request(json!({"type": "join", "room": room, "offset": offset, "epoch": epoch})).await
 }
@@ -622,45 +609,7 @@ async fn join_at(c: &mut support::Client, room: &str, offset: u64, epoch: &str) 
 async fn two_nodes_on_redis_share_one_stream_and_a_client_recovers_on_the_other_node() {
     let server = RedisServer::start().await;
     let ((hub1, ..), (hub2, ..)) = (recoverable_node(&server.url()).await, recoverable_node(&server.url()).await);
-    let (addr1, addr2) = (serve(&hub1).await, serve(&hub2).await);
-    let mut c1 = support::connect(addr1).await;
-    let mut c2 = support::connect(addr2).await;
-    c1.join_ok("r").await;
-    let epoch = c2.join("r").await["data"]["epoch"].as_str().unwrap().to_owned();
-
-    // Both nodes publish concurrently: one order, on both nodes.
-    let p1 = tokio::spawn({
-        let hub = hub1.clone();
-        async move { publish_range(&hub, "r", 1..=100).await }
-    });
-    let p2 = tokio::spawn({
-        let hub = hub2.clone();
-        async move { publish_range(&hub, "r", 1001..=1100).await }
-    });
-    p1.await.unwrap();
-    p2.await.unwrap();
-    let (mut seq1, mut seq2) = (Vec::new(), Vec::new());
-    for _ in 0..200 {
-        seq1.push(next_offset(&mut c1).await);
-        seq2.push(next_offset(&mut c2).await);
-    }
-    assert_eq!(seq1.iter().map(|s| s.0).collect::<Vec<_>>(), (1..=200).collect::<Vec<_>>(), "node 1 order");
-    assert_eq!(seq1, seq2, "both nodes deliver the same sequence");
-
-    // c2 drops; node 1 publishes on; c2 comes back on node 1 and recovers
-    // exactly what it missed, then live events.
-    drop(c2);
-    publish_range(&hub1, "r", 2001..=2010).await;
-    let mut back = support::connect(addr1).await;
-    let reply = join_at(&mut back, "r", 200, &epoch).await;
-    assert_eq!(reply["data"]["recovered"], true, "{reply}");
-    assert_eq!(reply["data"]["offset"], 210, "{reply}");
-    for (offset, n) in (201..=210).zip(2001..=2010) {
-        assert_eq!(next_offset(&mut back).await, (offset, n));
-    }
-    hub2.publish("r", "m", &json!({"n": 3000})).await.unwrap();
-    assert_eq!(next_offset(&mut back).await, (211, 3000), "live events from the other node follow");
-    assert_eq!(back.pending_events(), 0);
+    support::two_nodes_share_one_stream(&hub1, &hub2, 100).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

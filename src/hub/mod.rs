@@ -560,6 +560,15 @@ pub(crate) struct Encoded<'a> {
     pub(crate) frames: [Option<Bytes>; 2],
 }
 
+/// The payload source of an [`Encoded`] for an event whose payload is
+/// already encoded (from the backplane, the store): each format gets the
+/// payload transcoded (or as it is, in its own format).
+pub(crate) fn transcoding(
+    source: Option<&Payload>,
+) -> impl FnMut(Format) -> std::result::Result<Option<Payload>, ProtocolError> + '_ {
+    move |format| source.map(|p| p.to_format(format)).transpose()
+}
+
 impl Encoded<'_> {
     pub(crate) fn get(&mut self, format: Format) -> std::result::Result<Bytes, ProtocolError> {
         if let Some(b) = &self.frames[format.index()] {
@@ -1212,23 +1221,20 @@ impl Hub {
             };
             return self.deliver_positioned(room, ev);
         }
-        let source = msg.payload;
-        let mut payload_fn = |format: Format| match &source {
-            Some(p) => p.to_format(format).map(Some),
-            None => Ok(None),
-        };
-        let mut encoded = Encoded {
-            room: Some(room),
-            event: &msg.event,
-            offset: None,
-            payload: &mut payload_fn,
-            frames: [None, None],
-        };
         // `msg.exclude` is a connection id of the origin node, which already
         // skipped it; ids are per hub, so here it would name an unrelated
         // connection that happens to have the same number.
-        if let Err(e) = self.deliver_local(room, 0, &mut encoded) {
-            tracing::warn!(room, error = %e, "dropping undeliverable backplane message");
+        self.deliver_encoded(room, &msg.event, msg.payload.as_ref(), 0);
+    }
+
+    /// Queues an event whose payload is already encoded to every local
+    /// member of `room` but `exclude`, without an offset.
+    pub(crate) fn deliver_encoded(&self, room: &str, event: &str, payload: Option<&Payload>, exclude: u64) {
+        let mut payload_fn = transcoding(payload);
+        let mut encoded =
+            Encoded { room: Some(room), event, offset: None, payload: &mut payload_fn, frames: [None, None] };
+        if let Err(e) = self.deliver_local(room, exclude, &mut encoded) {
+            tracing::warn!(room, error = %e, "dropping undeliverable event");
         }
     }
 

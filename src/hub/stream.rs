@@ -34,9 +34,9 @@
 //! Lock order: stream state → room members → session outbox. Nothing awaits
 //! under the stream lock.
 
-use super::{Encoded, Hub, HubInner, TaskGuard};
+use super::{transcoding, Encoded, Hub, HubInner, TaskGuard};
 use crate::history::{HistoryRead, Publication, RoomHistory, StreamPosition};
-use crate::protocol::{Format, Kind, Parts, Payload, ProtocolError};
+use crate::protocol::{Format, Kind, Parts, Payload};
 use crate::ConnectionId;
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -251,13 +251,7 @@ fn room_of(stream: &RoomStream) -> Option<Arc<crate::room::Room>> {
 /// Queues `ev` to every live member of the room but its excluded one.
 fn deliver(stream: &RoomStream, st: &StreamState, ev: &Positioned) {
     let Some(room) = room_of(stream) else { return };
-    let source = &ev.payload;
-    let mut payload_fn = |format: Format| -> Result<Option<Payload>, ProtocolError> {
-        match source {
-            Some(p) => p.to_format(format).map(Some),
-            None => Ok(None),
-        }
-    };
+    let mut payload_fn = transcoding(ev.payload.as_ref());
     let mut encoded = Encoded {
         room: Some(&stream.name),
         event: &ev.event,
@@ -325,22 +319,7 @@ impl Hub {
         let Some(stream) = r.stream.clone() else {
             // This node does not keep the room recoverable (configurations
             // differ between nodes): plain delivery, without the offset.
-            let source = ev.payload;
-            let mut payload_fn = |format: Format| match &source {
-                Some(p) => p.to_format(format).map(Some),
-                None => Ok(None),
-            };
-            let mut encoded = Encoded {
-                room: Some(room),
-                event: &ev.event,
-                offset: None,
-                payload: &mut payload_fn,
-                frames: [None, None],
-            };
-            if let Err(e) = self.deliver_local(room, ev.exclude, &mut encoded) {
-                tracing::warn!(room, error = %e, "dropping undeliverable event");
-            }
-            return;
+            return self.deliver_encoded(room, &ev.event, ev.payload.as_ref(), ev.exclude);
         };
         drop(r);
         let mut st = stream.state.lock();
@@ -554,12 +533,7 @@ impl Hub {
         let budget = self.inner.config.outbound_queue_bytes / 2;
         let mut frames: Vec<(bytes::Bytes, u64)> = Vec::with_capacity(replay.len());
         for p in replay {
-            let mut payload_fn = |format: Format| -> Result<Option<Payload>, ProtocolError> {
-                match &p.payload {
-                    Some(d) => d.to_format(format).map(Some),
-                    None => Ok(None),
-                }
-            };
+            let mut payload_fn = transcoding(p.payload.as_ref());
             let mut encoded = Encoded {
                 room: Some(&stream.name),
                 event: &p.event,

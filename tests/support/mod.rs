@@ -380,3 +380,98 @@ impl MemClient {
         }
     }
 }
+
+/// The next `event`'s stream offset and its `data.n`.
+pub async fn next_offset(c: &mut Client) -> (u64, u64) {
+    let e = c.event().await;
+    let offset = e["offset"].as_u64().unwrap_or_else(|| panic!("event without offset: {e}"));
+    (offset, e["data"]["n"].as_u64().unwrap_or(0))
+}
+
+/// Publishes `{"n": n}` as event `m` for each n of `range`, in order.
+pub async fn publish_range(hub: &Hub, room: &str, range: std::ops::RangeInclusive<u64>) {
+    for n in range {
+        hub.publish(room, "m", &json!({"n": n})).await.unwrap();
+    }
+}
+
+/// Two hubs, linked by a backplane and sharing one history store, with every
+/// room recoverable: both publish `per_node` events concurrently and both
+/// deliver one sequence, offsets 1.. in order; a client that drops from node
+/// 2 rejoins on node 1 and gets exactly what it missed, then live events of
+/// node 2. Run on each backplane/store pair.
+pub async fn two_nodes_share_one_stream(hub1: &Hub, hub2: &Hub, per_node: u64) {
+    let (addr1, addr2) = (serve(hub1).await, serve(hub2).await);
+    let mut c1 = connect(addr1).await;
+    let mut c2 = connect(addr2).await;
+    c1.join_ok("r").await;
+    let epoch = c2.join("r").await["data"]["epoch"].as_str().unwrap().to_owned();
+
+    let p1 = tokio::spawn({
+        let hub = hub1.clone();
+        async move { publish_range(&hub, "r", 1..=per_node).await }
+    });
+    let p2 = tokio::spawn({
+        let hub = hub2.clone();
+        async move { publish_range(&hub, "r", 1001..=1000 + per_node).await }
+    });
+    p1.await.unwrap();
+    p2.await.unwrap();
+    let total = 2 * per_node;
+    let (mut seq1, mut seq2) = (Vec::new(), Vec::new());
+    for _ in 0..total {
+        seq1.push(next_offset(&mut c1).await);
+        seq2.push(next_offset(&mut c2).await);
+    }
+    assert_eq!(seq1.iter().map(|s| s.0).collect::<Vec<_>>(), (1..=total).collect::<Vec<_>>(), "node 1 order");
+    assert_eq!(seq1, seq2, "both nodes deliver the same sequence");
+
+    drop(c2);
+    publish_range(hub1, "r", 2001..=2010).await;
+    let mut back = connect(addr1).await;
+    let reply = back.request(json!({"type": "join", "room": "r", "offset": total, "epoch": epoch})).await;
+    assert_eq!(reply["data"]["recovered"], true, "{reply}");
+    assert_eq!(reply["data"]["offset"], total + 10, "{reply}");
+    for (offset, n) in (total + 1..=total + 10).zip(2001..=2010) {
+        assert_eq!(next_offset(&mut back).await, (offset, n));
+    }
+    hub2.publish("r", "m", &json!({"n": 3000})).await.unwrap();
+    assert_eq!(next_offset(&mut back).await, (total + 11, 3000), "live events from the other node follow");
+    assert_eq!(back.pending_events(), 0);
+}
+
+/// A well-behaved client in room `lobby` that checks, after each bad input
+/// elsewhere, that it still gets every event, next in line and in order.
+/// The hub needs a `shout` handler that broadcasts its `data` as `tick`.
+pub struct Bystander {
+    pub client: Client,
+    /// Sequence number of the last event sent to `lobby`.
+    seq: u64,
+}
+
+impl Bystander {
+    /// Joins `client` to `lobby` and checks a first round of events.
+    pub async fn join(mut client: Client, hub: &Hub) -> Bystander {
+        client.join_ok("lobby").await;
+        let mut b = Bystander { client, seq: 0 };
+        b.tick(hub).await;
+        b
+    }
+
+    /// The bystander gets two more events, next in line and in order: one
+    /// published by the host, one broadcast by a handler it calls.
+    pub async fn tick(&mut self, hub: &Hub) {
+        self.seq += 1;
+        let published = self.seq;
+        hub.publish("lobby", "tick", &json!({ "seq": published })).await.expect("publish");
+        self.seq += 1;
+        let shouted = self.seq;
+        let r = self.client.call_in("lobby", "shout", json!({ "seq": shouted })).await;
+        assert_eq!(r["type"], "reply", "bystander's call failed: {r}");
+        for seq in [published, shouted] {
+            let e = self.client.event().await;
+            assert_eq!(e, json!({"type": "event", "room": "lobby", "event": "tick", "data": {"seq": seq}}));
+        }
+        assert_eq!(self.client.pending_events(), 0, "bystander got extra events");
+    }
+}
