@@ -1,12 +1,17 @@
 //! [`RedisBackplane`]: the [`Backplane`] on Redis pub/sub.
 //!
-//! Two connections per handle (and its clones):
+//! Connections per handle (and its clones):
 //!
 //! - the **command link** ([`super::link`]): publishes (and the liveness
-//!   probe's publishes), pipelined on one multiplexed connection;
-//! - the **pub/sub connection**, owned by one task (the *subscriber task*),
-//!   which subscribes and unsubscribes channels, reads every message and
-//!   hands it to the subscriptions of its topic.
+//!   probe's publishes), pipelined on one multiplexed connection (on a
+//!   cluster, redis-rs's cluster connection, which routes each publish to
+//!   the master of its channel's slot);
+//! - the **pub/sub connections**, one per *shard*: on a single Redis one
+//!   shard owns every channel; on a Redis Cluster there is one shard per
+//!   master, owning the channels whose slots that master serves. Each is
+//!   owned by one task (the shard's *subscriber task*), which subscribes and
+//!   unsubscribes its channels, reads every message and hands it to the
+//!   subscriptions of its topic.
 //!
 //! # Subscriptions and their channels
 //!
@@ -19,10 +24,34 @@
 //! confirmation, and is not handed to the new subscription (the contract:
 //! a subscription receives what is published after it resolved, not
 //! before). A channel is unsubscribed when its last subscription is dropped.
-//! Subscribing and dropping only *mark* a topic and wake the task (a set of
-//! marks, bounded by the number of topics); the task brings the server in
-//! step, one command at a time, so a subscribe racing an unsubscribe of the
-//! same channel cannot leave them out of step.
+//! Subscribing and dropping only *mark* a topic on its shard and wake the
+//! shard's task (a set of marks, bounded by the number of topics); the task
+//! brings the server in step, one command at a time, so a subscribe racing
+//! an unsubscribe of the same channel cannot leave them out of step.
+//!
+//! # Redis Cluster: sharded pub/sub
+//!
+//! On a cluster a topic's channel is `<prefix>{<topic>}`: the topic is the
+//! hash tag, so a room's channel lives in the slot of the room's history and
+//! presence keys, and rooms spread over all slots. Channels are subscribed
+//! with `SSUBSCRIBE` (one channel per command: the server sends one
+//! confirmation per channel, and a command's channels must share a slot)
+//! on a RESP3 connection to the master that owns the slot, and published
+//! with `SPUBLISH`, so a message travels only within its shard instead of
+//! being broadcast to every node as classic pub/sub does.
+//!
+//! The slot map comes from `CLUSTER SLOTS`. It is read again (by the
+//! *topology task*) when a shard's connection fails or cannot be opened,
+//! when a subscribe is answered with `MOVED` or `ASK`, and when the server
+//! unsubscribes a channel on its own (Redis sends `sunsubscribe` when the
+//! channel's slot migrated). When the map changed, every shard is replaced:
+//! each new one subscribes the channels it owns and reports a gap on their
+//! subscriptions, as after a reconnect. redis-rs's cluster connection can
+//! subscribe too, but it forgets a channel the server unsubscribed (so a
+//! migrated channel would stay silent), shares each node's connection with
+//! commands (a server-sent `sunsubscribe` could be taken for a command's
+//! reply), and says nothing of which subscriptions a failure touched: hence
+//! our own connections per master.
 //!
 //! # Bounds
 //!
@@ -38,29 +67,30 @@
 //!
 //! # Faults
 //!
-//! When the pub/sub connection ends (Redis restarted, the connection was
-//! killed) or the probe finds it dead, the task reconnects with capped
-//! exponential backoff and jitter, subscribes every channel that still has
-//! subscriptions in one command, and then queues an `Err` ("reconnected:
+//! When a pub/sub connection ends (Redis restarted, the connection was
+//! killed) or the probe finds it dead, its task reconnects with capped
+//! exponential backoff and jitter, subscribes every channel of its shard
+//! that still has subscriptions, and then queues an `Err` ("reconnected:
 //! messages may have been lost") in every subscription that was live, ahead
-//! of the messages of the new connection. While it is down, `subscribe`
-//! fails at once.
+//! of the messages of the new connection. While it is down, `subscribe` to
+//! a topic of that shard fails at once; the other shards are not touched.
 //!
 //! The probe: every [`RedisConfig::probe_interval`] the task publishes a
-//! random token (over the command link) to a channel only this handle
-//! subscribes to. If Redis says nobody is subscribed to it, or the token
-//! does not come back within [`RedisConfig::probe_timeout`], the
-//! subscription is dead although the socket looks open (a half-open
-//! connection, a proxy or a network that dropped it): the connection is
-//! replaced. When the command link is down the probe cannot publish, and
-//! falls back to a `PING` on the pub/sub connection.
+//! random token (over the command link) to a channel only this shard of
+//! this handle subscribes to (on a cluster, one whose slot the shard owns).
+//! If Redis says nobody is subscribed to it, or the token does not come
+//! back within [`RedisConfig::probe_timeout`], the subscription is dead
+//! although the socket looks open (a half-open connection, a proxy or a
+//! network that dropped it): the connection is replaced. When the command
+//! link is down the probe cannot publish, and falls back to a `PING` on the
+//! pub/sub connection.
 
 use super::link::{self, is_connection_error, Link};
 use super::RedisConfig;
 use crate::backplane::{Backplane, Subscription};
 use crate::error::{Error, ErrorKind, Result};
-use ::redis::aio::{PubSubSink, PubSubStream};
-use ::redis::{Client, Msg, RedisResult};
+use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
+use ::redis::{AsyncConnectionConfig, Client, Msg, ProtocolVersion, PushInfo, PushKind, RedisResult, Value};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::task::AtomicWaker;
@@ -73,19 +103,20 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior, Sleep};
 
-/// A [`Backplane`] on Redis pub/sub. See the [module docs](super) and
-/// `docs/redis.md`.
+/// A [`Backplane`] on Redis pub/sub (on a Redis Cluster: sharded pub/sub).
+/// See the [module docs](super) and `docs/redis.md`.
 ///
 /// Cheap to clone: clones share the connections. Give each hub its own
 /// `RedisBackplane` (two hubs in one process may share one; they are told
 /// apart by their node ids).
 ///
 /// Publishing to a topic publishes to the Redis channel
-/// [`RedisConfig::prefix`] + topic.
+/// [`RedisConfig::prefix`] + topic (on a cluster: prefix + `{topic}`, with
+/// `SPUBLISH`).
 #[derive(Clone)]
 pub struct RedisBackplane {
     shared: Arc<Shared>,
@@ -96,31 +127,60 @@ pub struct RedisBackplane {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct RedisStats {
-    /// Whether the pub/sub connection is up and subscribed.
+    /// Whether every pub/sub connection is up and subscribed (on a cluster:
+    /// the one of every master).
     pub pubsub_connected: bool,
-    /// Whether the command (publish) connection is up.
+    /// Whether the command (publish) connection is up. On a cluster it
+    /// stays up while single nodes fail (redis-rs repairs their
+    /// connections).
     pub commands_connected: bool,
-    /// Channels subscribed on the server (topics; the probe channel is not
-    /// counted).
+    /// Channels subscribed on the server (topics; the probe channels are
+    /// not counted).
     pub channels: usize,
     /// Live [`Subscription`]s.
     pub subscriptions: usize,
-    /// Times the pub/sub connection was re-established.
+    /// Times a pub/sub connection was re-established (on a cluster, also
+    /// each shard's first connection after the slot map changed).
     pub pubsub_reconnects: u64,
     /// Times the command connection was re-established.
     pub command_reconnects: u64,
     /// Messages dropped because a subscription's queue was full.
     pub dropped: u64,
-    /// Times the liveness probe found the pub/sub connection dead.
+    /// Times the liveness probe found a pub/sub connection dead.
     pub probe_failures: u64,
+    /// Pub/sub connections: 1 on a single Redis, one per master on a
+    /// cluster.
+    pub shards: usize,
+    /// Times the cluster's slot map was found changed and the shards
+    /// replaced.
+    pub topology_changes: u64,
 }
 
 struct Shared {
     config: RedisConfig,
+    /// Opens the pub/sub connections (a single Redis: the one; a cluster:
+    /// the seed, whose credentials each master's connection takes).
     client: Client,
     link: Arc<Link>,
     /// Held only for in-memory work, never across an await.
     registry: Mutex<Registry>,
+    /// The current shards; replaced whole when the slot map changes.
+    shards: Mutex<Arc<Vec<Arc<Shard>>>>,
+    /// Asks the topology task to read the slot map again (cluster only).
+    refresh: Notify,
+    pubsub_reconnects: AtomicU64,
+    dropped: AtomicU64,
+    probe_failures: AtomicU64,
+    topology_changes: AtomicU64,
+}
+
+/// One pub/sub connection and the channels it owns.
+struct Shard {
+    /// Where its pub/sub connection goes.
+    client: Client,
+    /// The slots it owns (inclusive ranges); `None`: every channel (a single
+    /// Redis).
+    slots: Option<Vec<(u16, u16)>>,
     /// Topics whose server subscription must be looked at.
     marks: Mutex<HashSet<String>>,
     wake: Notify,
@@ -128,9 +188,7 @@ struct Shared {
     up: AtomicBool,
     probe_channel: String,
     channels: AtomicUsize,
-    pubsub_reconnects: AtomicU64,
-    dropped: AtomicU64,
-    probe_failures: AtomicU64,
+    task: Mutex<Option<JoinHandle<()>>>,
 }
 
 #[derive(Default)]
@@ -150,13 +208,20 @@ struct Entry {
     waiter: Option<oneshot::Sender<()>>,
 }
 
-/// Aborts the subscriber task when the last handle and subscription are gone.
-struct TaskGuard(Mutex<Option<JoinHandle<()>>>);
+/// Aborts the subscriber and topology tasks when the last handle and
+/// subscription are gone.
+struct TaskGuard {
+    shared: Arc<Shared>,
+    topology: Option<JoinHandle<()>>,
+}
 
 impl Drop for TaskGuard {
     fn drop(&mut self) {
-        if let Some(task) = self.0.lock().take() {
+        if let Some(task) = self.topology.take() {
             task.abort();
+        }
+        for shard in self.shared.shards.lock().iter() {
+            shard.stop();
         }
     }
 }
@@ -165,6 +230,7 @@ impl fmt::Debug for RedisBackplane {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBackplane")
             .field("url", &self.shared.config.url)
+            .field("cluster_nodes", &self.shared.config.cluster_nodes)
             .field("prefix", &self.shared.config.prefix)
             .field("stats", &self.stats())
             .finish_non_exhaustive()
@@ -173,44 +239,56 @@ impl fmt::Debug for RedisBackplane {
 
 impl RedisBackplane {
     /// Connects to Redis (the command connection and the pub/sub
-    /// connection). Fails when Redis cannot be reached now; once connected,
-    /// later losses are repaired in the background.
+    /// connection; on a cluster, one pub/sub connection per master). Fails
+    /// when Redis (any master of a cluster) cannot be reached now; once
+    /// connected, later losses are repaired in the background.
     pub async fn connect(config: RedisConfig) -> Result<RedisBackplane> {
         let link = Link::connect(&config).await?;
         let client = config.client()?;
-        let probe_channel = format!("{}$probe:{:016x}", config.prefix, crate::hub::random_u64());
         let shared = Arc::new(Shared {
             config,
             client,
             link,
             registry: Mutex::new(Registry::default()),
-            marks: Mutex::new(HashSet::new()),
-            wake: Notify::new(),
-            up: AtomicBool::new(false),
-            probe_channel,
-            channels: AtomicUsize::new(0),
+            shards: Mutex::new(Arc::new(Vec::new())),
+            refresh: Notify::new(),
             pubsub_reconnects: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             probe_failures: AtomicU64::new(0),
+            topology_changes: AtomicU64::new(0),
         });
-        let first = open_pubsub(&shared).await?;
-        shared.up.store(true, Ordering::Release);
-        let task = tokio::spawn(run(shared.clone(), first));
-        Ok(RedisBackplane { shared, _task: Arc::new(TaskGuard(Mutex::new(Some(task)))) })
+        let specs = if shared.config.is_cluster() { cluster_slots(&shared.link).await? } else { vec![None] };
+        let mut shards = Vec::new();
+        let mut firsts = Vec::new();
+        for spec in &specs {
+            let shard = Arc::new(Shard::new(&shared, spec.as_ref())?);
+            firsts.push(open_pubsub(&shared, &shard).await?);
+            shards.push(shard);
+        }
+        for (shard, first) in shards.iter().zip(firsts) {
+            shard.up.store(true, Ordering::Release);
+            *shard.task.lock() = Some(tokio::spawn(run(shared.clone(), shard.clone(), Some(first), false)));
+        }
+        *shared.shards.lock() = Arc::new(shards);
+        let topology = shared.config.is_cluster().then(|| tokio::spawn(topology(shared.clone(), specs)));
+        Ok(RedisBackplane { shared: shared.clone(), _task: Arc::new(TaskGuard { shared, topology }) })
     }
 
     /// Current counters.
     pub fn stats(&self) -> RedisStats {
         let s = &self.shared;
+        let shards = s.shards.lock().clone();
         RedisStats {
-            pubsub_connected: s.up.load(Ordering::Acquire),
+            pubsub_connected: !shards.is_empty() && shards.iter().all(|sh| sh.up.load(Ordering::Acquire)),
             commands_connected: s.link.is_up(),
-            channels: s.channels.load(Ordering::Relaxed),
+            channels: shards.iter().map(|sh| sh.channels.load(Ordering::Relaxed)).sum(),
             subscriptions: s.registry.lock().count,
             pubsub_reconnects: s.pubsub_reconnects.load(Ordering::Relaxed),
             command_reconnects: s.link.reconnects(),
             dropped: s.dropped.load(Ordering::Relaxed),
             probe_failures: s.probe_failures.load(Ordering::Relaxed),
+            shards: shards.len(),
+            topology_changes: s.topology_changes.load(Ordering::Relaxed),
         }
     }
 
@@ -223,10 +301,11 @@ impl RedisBackplane {
 impl Backplane for RedisBackplane {
     fn publish(&self, topic: &str, message: Bytes) -> BoxFuture<'static, Result<()>> {
         let channel = self.shared.config.channel(topic);
+        let command = publish_command(&self.shared.config);
         let link = self.shared.link.clone();
         Box::pin(async move {
             link.run("publish", move |mut conn| async move {
-                ::redis::cmd("PUBLISH").arg(channel).arg(message.as_ref()).query_async::<i64>(&mut conn).await
+                ::redis::cmd(command).arg(channel).arg(message.as_ref()).query_async::<i64>(&mut conn).await
             })
             .await
             .map(|_receivers| ())
@@ -236,10 +315,18 @@ impl Backplane for RedisBackplane {
     fn subscribe(&self, topic: &str) -> BoxFuture<'static, Result<Subscription>> {
         let shared = self.shared.clone();
         let task = self._task.clone();
-        if !shared.up.load(Ordering::Acquire) {
-            let err = Error::msg(ErrorKind::Backplane, "redis pub/sub connection is down (reconnecting)");
-            return Box::pin(async move { Err(err) });
-        }
+        let shard = match shared.shard_for(topic) {
+            Some(shard) if shard.up.load(Ordering::Acquire) => shard,
+            Some(_) => {
+                let err = Error::msg(ErrorKind::Backplane, "redis pub/sub connection is down (reconnecting)");
+                return Box::pin(async move { Err(err) });
+            }
+            None => {
+                shared.refresh.notify_one();
+                let err = Error::msg(ErrorKind::Backplane, "no redis cluster master serves this topic's slot");
+                return Box::pin(async move { Err(err) });
+            }
+        };
         let queue = Arc::new(Queue::new(shared.config.subscription_capacity));
         let (tx, rx) = oneshot::channel();
         let id = {
@@ -254,7 +341,7 @@ impl Backplane for RedisBackplane {
         // From here on, dropping `guard` (an error below, or the caller
         // dropping this future) unregisters.
         let guard = Unregister { shared: shared.clone(), topic: topic.to_owned(), id };
-        shared.mark(topic);
+        shard.mark(topic);
         let timeout = shared.config.command_timeout;
         Box::pin(async move {
             match tokio::time::timeout(timeout, rx).await {
@@ -268,40 +355,24 @@ impl Backplane for RedisBackplane {
     }
 }
 
+fn publish_command(config: &RedisConfig) -> &'static str {
+    if config.is_cluster() {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    }
+}
+
 impl Shared {
-    fn mark(&self, topic: &str) {
-        self.marks.lock().insert(topic.to_owned());
-        self.wake.notify_one();
-    }
-
-    /// Hands a message read from the pub/sub connection to the live
-    /// subscriptions of its topic.
-    fn dispatch(&self, msg: &Msg, probe: &mut Probe) {
-        let channel = msg.get_channel_name();
-        if channel == self.probe_channel {
-            probe.received(msg.get_payload_bytes());
-            return;
+    /// The shard that owns `topic`'s channel now (`None`: no master serves
+    /// its slot).
+    fn shard_for(&self, topic: &str) -> Option<Arc<Shard>> {
+        let shards = self.shards.lock().clone();
+        if !self.config.is_cluster() {
+            return shards.first().cloned();
         }
-        let Some(topic) = channel.strip_prefix(self.config.prefix.as_str()) else { return };
-        let reg = self.registry.lock();
-        let Some(entries) = reg.topics.get(topic) else { return };
-        let bytes = Bytes::copy_from_slice(msg.get_payload_bytes());
-        for entry in entries.iter().filter(|e| e.active) {
-            if !entry.queue.push(bytes.clone()) {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    /// After the pub/sub connection was lost: pending `subscribe` calls fail
-    /// (their entries go when the calls drop them).
-    fn connection_lost(&self) {
-        self.up.store(false, Ordering::Release);
-        self.channels.store(0, Ordering::Relaxed);
-        let mut reg = self.registry.lock();
-        for entry in reg.topics.values_mut().flatten() {
-            entry.waiter = None;
-        }
+        let slot = super::slot(self.config.channel(topic).as_bytes());
+        shards.iter().find(|s| s.owns_slot(slot)).cloned()
     }
 
     /// Activates the entries `ids` of `topic` (their subscription is
@@ -312,6 +383,100 @@ impl Shared {
                 entry.active = true;
                 if let Some(w) = entry.waiter.take() {
                     let _ = w.send(());
+                }
+            }
+        }
+    }
+}
+
+impl Shard {
+    /// A shard owning `slots` (`None`: everything), not yet connected.
+    fn new(shared: &Shared, slots: Option<&ShardSpec>) -> Result<Shard> {
+        let config = &shared.config;
+        let id = crate::hub::random_u64();
+        let (client, slots, probe_channel) = match slots {
+            None => (shared.client.clone(), None, format!("{}$probe:{id:016x}", config.prefix)),
+            Some(spec) => {
+                // The seed's settings (credentials, database), the master's
+                // address, RESP3 (sharded messages arrive as pushes).
+                let info = shared.client.get_connection_info().clone();
+                let redis = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+                let info = info
+                    .set_addr(::redis::ConnectionAddr::Tcp(spec.host.clone(), spec.port))
+                    .set_redis_settings(redis);
+                let client = Client::open(info).map_err(|e| Error::with_source(ErrorKind::Config, e))?;
+                // A probe channel in a slot of this shard.
+                let probe = (0u32..)
+                    .map(|n| format!("{}$probe:{id:016x}:{{{n}}}", config.prefix))
+                    .find(|c| spec.owns(super::slot(c.as_bytes())))
+                    .unwrap_or_default();
+                (client, Some(spec.slots.clone()), probe)
+            }
+        };
+        Ok(Shard {
+            client,
+            slots,
+            marks: Mutex::new(HashSet::new()),
+            wake: Notify::new(),
+            up: AtomicBool::new(false),
+            probe_channel,
+            channels: AtomicUsize::new(0),
+            task: Mutex::new(None),
+        })
+    }
+
+    fn owns_slot(&self, slot: u16) -> bool {
+        self.slots.as_ref().is_none_or(|ranges| ranges.iter().any(|(a, b)| (*a..=*b).contains(&slot)))
+    }
+
+    fn owns(&self, config: &RedisConfig, topic: &str) -> bool {
+        self.slots.is_none() || self.owns_slot(super::slot(config.channel(topic).as_bytes()))
+    }
+
+    fn sharded(&self) -> bool {
+        self.slots.is_some()
+    }
+
+    fn mark(&self, topic: &str) {
+        self.marks.lock().insert(topic.to_owned());
+        self.wake.notify_one();
+    }
+
+    fn stop(&self) {
+        if let Some(task) = self.task.lock().take() {
+            task.abort();
+        }
+    }
+
+    /// Hands a message read from the pub/sub connection to the live
+    /// subscriptions of its topic.
+    fn dispatch(&self, shared: &Shared, msg: &Msg, probe: &mut Probe) {
+        let channel = msg.get_channel_name();
+        if channel == self.probe_channel {
+            probe.received(msg.get_payload_bytes());
+            return;
+        }
+        let Some(topic) = shared.config.topic(channel) else { return };
+        let reg = shared.registry.lock();
+        let Some(entries) = reg.topics.get(topic) else { return };
+        let bytes = Bytes::copy_from_slice(msg.get_payload_bytes());
+        for entry in entries.iter().filter(|e| e.active) {
+            if !entry.queue.push(bytes.clone()) {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// After the pub/sub connection was lost: pending `subscribe` calls of
+    /// this shard's topics fail (their entries go when the calls drop them).
+    fn connection_lost(&self, shared: &Shared) {
+        self.up.store(false, Ordering::Release);
+        self.channels.store(0, Ordering::Relaxed);
+        let mut reg = shared.registry.lock();
+        for (topic, entries) in reg.topics.iter_mut() {
+            if self.owns(&shared.config, topic) {
+                for entry in entries {
+                    entry.waiter = None;
                 }
             }
         }
@@ -339,7 +504,9 @@ impl Drop for Unregister {
             reg.count -= removed;
         }
         drop(reg);
-        self.shared.mark(&self.topic);
+        if let Some(shard) = self.shared.shard_for(&self.topic) {
+            shard.mark(&self.topic);
+        }
     }
 }
 
@@ -449,56 +616,183 @@ impl Stream for SubStream {
 }
 
 // ---------------------------------------------------------------------------
-// The subscriber task.
+// The pub/sub connections.
 
-type PubSub = (PubSubSink, PubSubStream);
+/// A pub/sub connection: classic (a single Redis) or sharded (a RESP3
+/// connection to one cluster master, messages as pushes).
+enum PubConn {
+    Classic(PubSubSink, PubSubStream),
+    Sharded(MultiplexedConnection, mpsc::UnboundedReceiver<PushInfo>),
+}
 
-/// Opens a pub/sub connection and subscribes the probe channel.
-async fn open_pubsub(shared: &Shared) -> Result<PubSub> {
-    let config = &shared.config;
-    let pubsub = match tokio::time::timeout(config.connect_timeout, shared.client.get_async_pubsub()).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => return Err(link::redis_error("pub/sub connect", e)),
-        Err(_) => return Err(Error::msg(ErrorKind::Backplane, "redis pub/sub connect: timed out")),
-    };
-    let (mut sink, stream) = pubsub.split();
-    match tokio::time::timeout(config.command_timeout, sink.subscribe(&shared.probe_channel)).await {
-        Ok(Ok(())) => Ok((sink, stream)),
-        Ok(Err(e)) => Err(link::redis_error("subscribe", e)),
-        Err(_) => Err(Error::msg(ErrorKind::Backplane, "redis subscribe: timed out")),
+/// What a pub/sub connection delivers.
+enum Event {
+    Message(Msg),
+    /// The server unsubscribed this channel (a `sunsubscribe` push: ours,
+    /// or one the server sent because the slot moved).
+    Unsubscribed(String),
+    /// A reply or confirmation, nothing to do.
+    Other,
+}
+
+impl PubConn {
+    /// The next event; `None` when the connection is gone.
+    async fn next(&mut self) -> Option<Event> {
+        match self {
+            PubConn::Classic(_, stream) => stream.next().await.map(Event::Message),
+            PubConn::Sharded(_, rx) => rx.recv().await.and_then(sharded_event),
+        }
+    }
+
+    /// An event already received, without waiting.
+    fn try_next(&mut self) -> Option<Event> {
+        match self {
+            PubConn::Classic(_, stream) => stream.next().now_or_never().flatten().map(Event::Message),
+            PubConn::Sharded(_, rx) => rx.try_recv().ok().and_then(sharded_event),
+        }
+    }
+
+    /// Subscribes (or unsubscribes) `channels`; resolves once the server
+    /// confirmed them all.
+    fn command(&self, subscribe: bool, channels: Vec<String>, timeout: std::time::Duration) -> SubFuture {
+        match self {
+            PubConn::Classic(sink, _) => {
+                let mut s = sink.clone();
+                Box::pin(async move {
+                    if subscribe {
+                        with_timeout(timeout, s.subscribe(channels)).await
+                    } else {
+                        with_timeout(timeout, s.unsubscribe(channels)).await
+                    }
+                })
+            }
+            PubConn::Sharded(conn, _) => {
+                // One channel per command: each is answered by exactly one
+                // confirmation (which redis-rs takes for the reply), and a
+                // command's channels would have to share a slot. Pipelined.
+                let name = if subscribe { "SSUBSCRIBE" } else { "SUNSUBSCRIBE" };
+                let commands: Vec<_> = channels
+                    .into_iter()
+                    .map(|channel| {
+                        let mut c = conn.clone();
+                        async move { ::redis::cmd(name).arg(channel).query_async::<Value>(&mut c).await.map(|_| ()) }
+                    })
+                    .collect();
+                Box::pin(async move {
+                    with_timeout(timeout, async move {
+                        futures::future::join_all(commands).await.into_iter().collect::<RedisResult<()>>()
+                    })
+                    .await
+                })
+            }
+        }
+    }
+
+    /// `PING` on the connection: whether it answered within `timeout`.
+    fn ping(&self, timeout: std::time::Duration) -> BoxFuture<'static, bool> {
+        match self {
+            PubConn::Classic(sink, _) => {
+                let mut s = sink.clone();
+                Box::pin(async move { matches!(tokio::time::timeout(timeout, s.ping::<Value>()).await, Ok(Ok(_))) })
+            }
+            PubConn::Sharded(conn, _) => {
+                let mut c = conn.clone();
+                Box::pin(async move {
+                    let ping = async move { ::redis::cmd("PING").query_async::<Value>(&mut c).await };
+                    matches!(tokio::time::timeout(timeout, ping).await, Ok(Ok(_)))
+                })
+            }
+        }
     }
 }
 
-async fn run(shared: Arc<Shared>, first: PubSub) {
-    let mut next = Some(first);
-    let mut reconnected = false;
+fn sharded_event(push: PushInfo) -> Option<Event> {
+    match push.kind {
+        PushKind::Disconnection => None,
+        PushKind::SMessage | PushKind::Message => Some(Msg::from_push_info(push).map_or(Event::Other, Event::Message)),
+        PushKind::SUnsubscribe => Some(match push.data.first() {
+            Some(Value::BulkString(b)) => Event::Unsubscribed(String::from_utf8_lossy(b).into_owned()),
+            _ => Event::Other,
+        }),
+        _ => Some(Event::Other),
+    }
+}
+
+type SubFuture = BoxFuture<'static, RedisResult<()>>;
+
+/// Opens a shard's pub/sub connection and subscribes its probe channel.
+async fn open_pubsub(shared: &Shared, shard: &Shard) -> Result<PubConn> {
+    let config = &shared.config;
+    let conn = if shard.sharded() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.command_timeout))
+            .set_push_sender(tx);
+        let open = shard.client.get_multiplexed_async_connection_with_config(&cfg);
+        match tokio::time::timeout(config.connect_timeout + config.command_timeout, open).await {
+            Ok(Ok(c)) => PubConn::Sharded(c, rx),
+            Ok(Err(e)) => return Err(link::redis_error("pub/sub connect", e)),
+            Err(_) => return Err(Error::msg(ErrorKind::Backplane, "redis pub/sub connect: timed out")),
+        }
+    } else {
+        match tokio::time::timeout(config.connect_timeout, shard.client.get_async_pubsub()).await {
+            Ok(Ok(p)) => {
+                let (sink, stream) = p.split();
+                PubConn::Classic(sink, stream)
+            }
+            Ok(Err(e)) => return Err(link::redis_error("pub/sub connect", e)),
+            Err(_) => return Err(Error::msg(ErrorKind::Backplane, "redis pub/sub connect: timed out")),
+        }
+    };
+    match conn.command(true, vec![shard.probe_channel.clone()], config.command_timeout).await {
+        Ok(()) => Ok(conn),
+        Err(e) => Err(link::redis_error("subscribe", e)),
+    }
+}
+
+/// A shard's subscriber task: runs its pub/sub connection, and replaces it
+/// when it is lost. `first` is an open connection to start with; without
+/// one the task connects at once.
+async fn run(shared: Arc<Shared>, shard: Arc<Shard>, first: Option<PubConn>, mut reconnected: bool) {
+    let mut next = first;
     let mut attempt = 0u32;
+    let mut fresh = next.is_none();
     loop {
         let conn = match next.take() {
             Some(conn) => conn,
             None => {
-                tokio::time::sleep(link::backoff(&shared.config, attempt)).await;
-                attempt = attempt.saturating_add(1);
-                match open_pubsub(&shared).await {
+                if !fresh {
+                    tokio::time::sleep(link::backoff(&shared.config, attempt)).await;
+                    attempt = attempt.saturating_add(1);
+                }
+                fresh = false;
+                match open_pubsub(&shared, &shard).await {
                     Ok(conn) => conn,
                     Err(e) => {
                         tracing::debug!(attempt, error = %e, "redis pub/sub reconnect failed");
+                        // The master may have been replaced (a failover):
+                        // look at the slot map.
+                        shared.refresh.notify_one();
                         continue;
                     }
                 }
             }
         };
-        let (why, was_up) = session(&shared, conn, reconnected).await;
-        shared.connection_lost();
+        let end = session(&shared, &shard, conn, reconnected).await;
+        shard.connection_lost(&shared);
+        if end.topology {
+            shared.refresh.notify_one();
+        }
         // The command connection most likely broke too: find out now, not
         // on the next publish.
         let link = shared.link.clone();
         tokio::spawn(async move { link.ping().await });
-        if was_up {
+        if end.was_up {
             attempt = 0;
         }
         reconnected = true;
-        tracing::warn!(reason = %why, "redis pub/sub connection lost; reconnecting");
+        tracing::warn!(reason = %end.why, "redis pub/sub connection lost; reconnecting");
     }
 }
 
@@ -516,8 +810,6 @@ enum Op {
     Subscribe(Vec<(String, Vec<u64>)>),
     Unsubscribe(Vec<String>),
 }
-
-type Command = (Op, BoxFuture<'static, RedisResult<()>>);
 
 /// The liveness probe's state.
 #[derive(Default)]
@@ -537,33 +829,53 @@ impl Probe {
     }
 }
 
-/// Runs one pub/sub connection until it is lost; returns why, and whether
-/// it got as far as resubscribing.
-async fn session(shared: &Arc<Shared>, (sink, mut stream): PubSub, reconnected: bool) -> (String, bool) {
+/// Why a session ended.
+struct End {
+    why: String,
+    /// It got as far as resubscribing.
+    was_up: bool,
+    /// The cluster's slot map must be looked at again.
+    topology: bool,
+}
+
+impl End {
+    fn lost(why: impl Into<String>) -> End {
+        End { why: why.into(), was_up: true, topology: false }
+    }
+}
+
+/// Whether a refused (un)subscribe says the slot is not this node's.
+fn is_redirect(e: &::redis::RedisError) -> bool {
+    e.redirect_node().is_some() || matches!(e.code(), Some("MOVED" | "ASK" | "CLUSTERDOWN"))
+}
+
+/// Runs one pub/sub connection until it is lost.
+async fn session(shared: &Arc<Shared>, shard: &Arc<Shard>, mut conn: PubConn, reconnected: bool) -> End {
     let config = &shared.config;
     let mut server: HashSet<String> = HashSet::new();
     if reconnected {
         shared.link.refresh(config.connect_timeout + config.command_timeout).await;
     }
 
-    // Subscribe every topic with subscriptions, in one command.
+    // Subscribe every topic of this shard with subscriptions.
     let snapshot: Vec<(String, Vec<u64>)> = {
         let reg = shared.registry.lock();
-        reg.topics.iter().map(|(t, entries)| (t.clone(), entries.iter().map(|e| e.id).collect())).collect()
+        reg.topics
+            .iter()
+            .filter(|(t, _)| shard.owns(config, t))
+            .map(|(t, entries)| (t.clone(), entries.iter().map(|e| e.id).collect()))
+            .collect()
     };
     if !snapshot.is_empty() {
         let channels: Vec<String> = snapshot.iter().map(|(t, _)| config.channel(t)).collect();
-        let mut s = sink.clone();
         // One reply per channel: allow time in proportion.
         let timeout = config.command_timeout.saturating_mul(1 + (channels.len() / 1000) as u32);
-        match tokio::time::timeout(timeout, s.subscribe(&channels)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return (format!("resubscribe failed: {e}"), false),
-            Err(_) => return ("resubscribe timed out".to_owned(), false),
+        if let Err(e) = conn.command(true, channels, timeout).await {
+            return End { why: format!("resubscribe failed: {e}"), was_up: false, topology: is_redirect(&e) };
         }
         server.extend(snapshot.iter().map(|(t, _)| t.clone()));
     }
-    shared.channels.store(server.len(), Ordering::Relaxed);
+    shard.channels.store(server.len(), Ordering::Relaxed);
     if reconnected {
         shared.pubsub_reconnects.fetch_add(1, Ordering::Relaxed);
         tracing::info!(channels = server.len(), "redis pub/sub connection re-established");
@@ -581,10 +893,10 @@ async fn session(shared: &Arc<Shared>, (sink, mut stream): PubSub, reconnected: 
             Shared::activate(&mut reg, topic, ids);
         }
     }
-    shared.up.store(true, Ordering::Release);
+    shard.up.store(true, Ordering::Release);
 
     let mut inflight_op: Option<Op> = None;
-    let mut inflight: Option<BoxFuture<'static, RedisResult<()>>> = None;
+    let mut inflight: Option<SubFuture> = None;
     let mut probe = Probe::default();
     let mut probe_publish: Option<BoxFuture<'static, Result<i64>>> = None;
     let mut probe_ping: Option<BoxFuture<'static, bool>> = None;
@@ -593,7 +905,7 @@ async fn session(shared: &Arc<Shared>, (sink, mut stream): PubSub, reconnected: 
 
     loop {
         if inflight.is_none() {
-            if let Some((op, fut)) = next_command(shared, &server, &sink) {
+            if let Some((op, fut)) = next_command(shared, shard, &server, &conn) {
                 inflight_op = Some(op);
                 inflight = Some(fut);
             }
@@ -603,16 +915,28 @@ async fn session(shared: &Arc<Shared>, (sink, mut stream): PubSub, reconnected: 
         // handled (redis-rs queues messages before it completes replies).
         tokio::select! {
             biased;
-            msg = stream.next() => match msg {
-                Some(msg) => shared.dispatch(&msg, &mut probe),
-                None => return ("connection closed".to_owned(), true),
+            event = conn.next() => match event {
+                Some(Event::Message(msg)) => shard.dispatch(shared, &msg, &mut probe),
+                Some(Event::Unsubscribed(channel)) => {
+                    let ours = matches!(&inflight_op, Some(Op::Unsubscribe(topics))
+                        if config.topic(&channel).is_some_and(|t| topics.iter().any(|x| x == t)));
+                    if !ours {
+                        // The slot moved to another master.
+                        return End { why: format!("redis unsubscribed {channel} (its slot moved)"), was_up: true, topology: true };
+                    }
+                }
+                Some(Event::Other) => {}
+                None => return End::lost("connection closed"),
             },
             result = maybe(&mut inflight) => {
                 inflight = None;
                 let Some(op) = inflight_op.take() else { continue };
                 if let Err(e) = result {
+                    if is_redirect(&e) {
+                        return End { why: format!("(un)subscribe redirected: {e}"), was_up: true, topology: true };
+                    }
                     if is_connection_error(&e) || e.to_string().contains("timed out") {
-                        return (format!("(un)subscribe failed: {e}"), true);
+                        return End::lost(format!("(un)subscribe failed: {e}"));
                     }
                     // Refused by the server (an ACL, say): the waiting
                     // subscribe calls fail; the connection is fine.
@@ -630,8 +954,10 @@ async fn session(shared: &Arc<Shared>, (sink, mut stream): PubSub, reconnected: 
                     continue;
                 }
                 // Dispatch what arrived before the confirmation first.
-                while let Some(Some(msg)) = stream.next().now_or_never() {
-                    shared.dispatch(&msg, &mut probe);
+                while let Some(event) = conn.try_next() {
+                    if let Event::Message(msg) = event {
+                        shard.dispatch(shared, &msg, &mut probe);
+                    }
                 }
                 match op {
                     Op::Subscribe(topics) => {
@@ -647,19 +973,20 @@ async fn session(shared: &Arc<Shared>, (sink, mut stream): PubSub, reconnected: 
                         }
                     }
                 }
-                shared.channels.store(server.len(), Ordering::Relaxed);
+                shard.channels.store(server.len(), Ordering::Relaxed);
             },
-            () = shared.wake.notified() => {}
+            () = shard.wake.notified() => {}
             _ = tick.tick() => {
                 if probe.token.is_none() && probe_publish.is_none() && probe_ping.is_none() {
                     let token = crate::hub::random_u64();
                     probe.token = Some(token);
                     probe.deadline = Some(Box::pin(tokio::time::sleep(config.probe_timeout)));
-                    let channel = shared.probe_channel.clone();
+                    let channel = shard.probe_channel.clone();
                     let link = shared.link.clone();
+                    let command = publish_command(config);
                     probe_publish = Some(Box::pin(async move {
                         link.run("probe", move |mut conn| async move {
-                            ::redis::cmd("PUBLISH").arg(channel).arg(token.to_string()).query_async::<i64>(&mut conn).await
+                            ::redis::cmd(command).arg(channel).arg(token.to_string()).query_async::<i64>(&mut conn).await
                         })
                         .await
                     }));
@@ -670,18 +997,14 @@ async fn session(shared: &Arc<Shared>, (sink, mut stream): PubSub, reconnected: 
                 match result {
                     Ok(0) => {
                         shared.probe_failures.fetch_add(1, Ordering::Relaxed);
-                        return ("probe: redis has no subscriber for this connection's probe channel".to_owned(), true);
+                        return End::lost("probe: redis has no subscriber for this connection's probe channel");
                     }
                     Ok(_) => {}
                     Err(_) => {
                         // The command link is down: the probe proves
                         // nothing; ask the pub/sub connection itself.
                         probe = Probe::default();
-                        let mut s = sink.clone();
-                        let timeout = config.probe_timeout;
-                        probe_ping = Some(Box::pin(async move {
-                            matches!(tokio::time::timeout(timeout, s.ping::<::redis::Value>()).await, Ok(Ok(_)))
-                        }));
+                        probe_ping = Some(conn.ping(config.probe_timeout));
                     }
                 }
             },
@@ -689,25 +1012,26 @@ async fn session(shared: &Arc<Shared>, (sink, mut stream): PubSub, reconnected: 
                 probe_ping = None;
                 if !alive {
                     shared.probe_failures.fetch_add(1, Ordering::Relaxed);
-                    return ("probe: no answer to PING".to_owned(), true);
+                    return End::lost("probe: no answer to PING");
                 }
             },
             () = maybe(&mut probe.deadline) => {
                 shared.probe_failures.fetch_add(1, Ordering::Relaxed);
-                return (format!("probe: not delivered within {:?}", config.probe_timeout), true);
+                return End::lost(format!("probe: not delivered within {:?}", config.probe_timeout));
             },
         }
     }
 }
 
-/// Looks at the marked topics and builds the next command that brings the
-/// server in step, if any. Unsubscribes wait for the next round when there
-/// is something to subscribe.
-fn next_command(shared: &Shared, server: &HashSet<String>, sink: &PubSubSink) -> Option<Command> {
-    let marks = std::mem::take(&mut *shared.marks.lock());
+/// Looks at the shard's marked topics and builds the next command that
+/// brings the server in step, if any. Unsubscribes wait for the next round
+/// when there is something to subscribe.
+fn next_command(shared: &Shared, shard: &Shard, server: &HashSet<String>, conn: &PubConn) -> Option<(Op, SubFuture)> {
+    let marks = std::mem::take(&mut *shard.marks.lock());
     if marks.is_empty() {
         return None;
     }
+    let config = &shared.config;
     let mut subscribe = Vec::new();
     let mut unsubscribe = Vec::new();
     {
@@ -725,20 +1049,16 @@ fn next_command(shared: &Shared, server: &HashSet<String>, sink: &PubSubSink) ->
             }
         }
     }
-    let config = &shared.config;
     let timeout = config.command_timeout;
-    let mut s = sink.clone();
     if !subscribe.is_empty() {
         if !unsubscribe.is_empty() {
-            shared.marks.lock().extend(unsubscribe);
+            shard.marks.lock().extend(unsubscribe);
         }
         let channels: Vec<String> = subscribe.iter().map(|(t, _)| config.channel(t)).collect();
-        let fut = async move { with_timeout(timeout, s.subscribe(channels)).await };
-        Some((Op::Subscribe(subscribe), Box::pin(fut)))
+        Some((Op::Subscribe(subscribe), conn.command(true, channels, timeout)))
     } else if !unsubscribe.is_empty() {
         let channels: Vec<String> = unsubscribe.iter().map(|t| config.channel(t)).collect();
-        let fut = async move { with_timeout(timeout, s.unsubscribe(channels)).await };
-        Some((Op::Unsubscribe(unsubscribe), Box::pin(fut)))
+        Some((Op::Unsubscribe(unsubscribe), conn.command(false, channels, timeout)))
     } else {
         None
     }
@@ -748,5 +1068,113 @@ async fn with_timeout(timeout: std::time::Duration, f: impl Future<Output = Redi
     match tokio::time::timeout(timeout, f).await {
         Ok(r) => r,
         Err(_) => Err(::redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"))),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The cluster's slot map.
+
+/// A master and the slots it serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ShardSpec {
+    host: String,
+    port: u16,
+    /// Inclusive ranges, sorted.
+    slots: Vec<(u16, u16)>,
+}
+
+impl ShardSpec {
+    fn owns(&self, slot: u16) -> bool {
+        self.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+    }
+}
+
+/// Reads the slot map (`CLUSTER SLOTS`) over the command link: one spec per
+/// master, sorted by address.
+async fn cluster_slots(link: &Arc<Link>) -> Result<Vec<Option<ShardSpec>>> {
+    let reply: Value = link
+        .run("cluster slots", |mut conn| async move { ::redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn).await })
+        .await?;
+    let bad = || Error::msg(ErrorKind::Backplane, format!("redis: unexpected CLUSTER SLOTS reply: {reply:?}"));
+    let Value::Array(ranges) = &reply else { return Err(bad()) };
+    let mut masters: HashMap<(String, u16), Vec<(u16, u16)>> = HashMap::new();
+    for range in ranges {
+        let Value::Array(parts) = range else { return Err(bad()) };
+        let (Some(Value::Int(start)), Some(Value::Int(end)), Some(Value::Array(master))) =
+            (parts.first(), parts.get(1), parts.get(2))
+        else {
+            return Err(bad());
+        };
+        let host = match master.first() {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            _ => return Err(bad()),
+        };
+        let Some(Value::Int(port)) = master.get(1) else { return Err(bad()) };
+        let (start, end, port) = (
+            u16::try_from(*start).map_err(|_| bad())?,
+            u16::try_from(*end).map_err(|_| bad())?,
+            u16::try_from(*port).map_err(|_| bad())?,
+        );
+        masters.entry((host, port)).or_default().push((start, end));
+    }
+    if masters.is_empty() {
+        return Err(Error::msg(ErrorKind::Backplane, "redis cluster: no slot is served"));
+    }
+    let mut specs: Vec<ShardSpec> = masters
+        .into_iter()
+        .map(|((host, port), mut slots)| {
+            slots.sort_unstable();
+            ShardSpec { host, port, slots }
+        })
+        .collect();
+    specs.sort_by(|a, b| (&a.host, a.port).cmp(&(&b.host, b.port)));
+    Ok(specs.into_iter().map(Some).collect())
+}
+
+/// The topology task (cluster only): when asked, reads the slot map and,
+/// when it changed, replaces every shard. Checks at most once per
+/// [`RedisConfig::reconnect_min`].
+async fn topology(shared: Arc<Shared>, mut current: Vec<Option<ShardSpec>>) {
+    loop {
+        shared.refresh.notified().await;
+        tokio::time::sleep(shared.config.reconnect_min).await;
+        let specs = match cluster_slots(&shared.link).await {
+            Ok(specs) => specs,
+            Err(e) => {
+                tracing::debug!(error = %e, "redis cluster: reading the slot map failed");
+                continue;
+            }
+        };
+        if specs == current {
+            continue;
+        }
+        let mut shards = Vec::new();
+        for spec in &specs {
+            match Shard::new(&shared, spec.as_ref()) {
+                Ok(shard) => shards.push(Arc::new(shard)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis cluster: a master's address is unusable");
+                    shards.clear();
+                    break;
+                }
+            }
+        }
+        if shards.is_empty() {
+            continue;
+        }
+        tracing::info!(masters = shards.len(), "redis cluster: the slot map changed; resubscribing");
+        shared.topology_changes.fetch_add(1, Ordering::Relaxed);
+        let old = std::mem::replace(&mut *shared.shards.lock(), Arc::new(shards.clone()));
+        // The new shards subscribe every topic with subscriptions (pending
+        // ones included: their subscribe calls resolve then) and report the
+        // gap on the live ones.
+        for shard in old.iter() {
+            shard.stop();
+        }
+        for shard in &shards {
+            *shard.task.lock() = Some(tokio::spawn(run(shared.clone(), shard.clone(), None, true)));
+        }
+        current = specs;
     }
 }

@@ -14,11 +14,21 @@
 //! connection: they are written back to back without waiting for replies.
 //! Its request queue is bounded (callers wait for room) and every request
 //! has a response timeout, so nothing queues without bound.
+//!
+//! On a Redis Cluster the connection is redis-rs's cluster connection: one
+//! multiplexed connection per node, each command routed by the slot of its
+//! first key (a script by its first key), `MOVED`/`ASK` followed and the
+//! slot map refreshed by redis-rs. A node that fails is reconnected by
+//! redis-rs on its own, so a failure never marks the whole link down (the
+//! other shards keep working): a command for a slot of the failed node
+//! fails within [`RedisConfig::command_timeout`] and the link stays up.
 
 use super::RedisConfig;
 use crate::error::{Error, ErrorKind, Result};
-use ::redis::aio::MultiplexedConnection;
-use ::redis::{AsyncConnectionConfig, Client, RedisError};
+use ::redis::aio::{ConnectionLike, MultiplexedConnection};
+use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -47,14 +57,55 @@ pub(crate) fn backoff(config: &RedisConfig, attempt: u32) -> Duration {
     capped - Duration::from_nanos(crate::hub::random_u64() % nanos)
 }
 
+/// A command connection: to one Redis, or to a Redis Cluster.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// What the link connects with.
+enum Target {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
 enum State {
-    Up { conn: MultiplexedConnection, generation: u64 },
+    Up { conn: Conn, generation: u64 },
     Down { error: String, reconnecting: bool },
 }
 
 /// A shared, self-healing command connection.
 pub(crate) struct Link {
-    client: Client,
+    target: Target,
     config: RedisConfig,
     state: Mutex<State>,
     generation: AtomicU64,
@@ -70,10 +121,25 @@ impl std::fmt::Debug for Link {
 impl Link {
     /// Connects once; fails if Redis cannot be reached now.
     pub(crate) async fn connect(config: &RedisConfig) -> Result<Arc<Link>> {
-        let client = config.client()?;
-        let conn = open(&client, config).await?;
+        let target = if config.is_cluster() {
+            let client = ClusterClientBuilder::new(config.cluster_nodes.iter().map(String::as_str))
+                .connection_timeout(config.connect_timeout)
+                .response_timeout(config.command_timeout)
+                // A command for a failed shard fails (within the command
+                // timeout) instead of waiting through many retries; MOVED
+                // and ASK are followed regardless.
+                .retries(2)
+                .min_retry_wait(10)
+                .max_retry_wait(100)
+                .build()
+                .map_err(|e| Error::with_source(ErrorKind::Config, e))?;
+            Target::Cluster(client)
+        } else {
+            Target::Single(config.client()?)
+        };
+        let conn = open(&target, config).await?;
         Ok(Arc::new(Link {
-            client,
+            target,
             config: config.clone(),
             state: Mutex::new(State::Up { conn, generation: 1 }),
             generation: AtomicU64::new(1),
@@ -92,7 +158,7 @@ impl Link {
 
     /// The current connection, or an error at once when the link is down
     /// (starting a reconnect if none is running).
-    pub(crate) fn get(self: &Arc<Self>) -> Result<(MultiplexedConnection, u64)> {
+    pub(crate) fn get(self: &Arc<Self>) -> Result<(Conn, u64)> {
         let mut state = self.state.lock();
         match &mut *state {
             State::Up { conn, generation } => Ok((conn.clone(), *generation)),
@@ -110,6 +176,12 @@ impl Link {
     /// Marks connection `generation` as broken (if it is still the current
     /// one) and starts reconnecting.
     pub(crate) fn broken(self: &Arc<Self>, generation: u64, why: &str) {
+        if matches!(self.target, Target::Cluster(_)) {
+            // redis-rs repairs the connection of a failed node itself; the
+            // other shards' commands must go on.
+            tracing::debug!(error = why, "redis cluster command failed");
+            return;
+        }
         let mut state = self.state.lock();
         if let State::Up { generation: g, .. } = &*state {
             if *g == generation {
@@ -146,7 +218,7 @@ impl Link {
     /// failure marks the link broken. Errors are ours, with `context`.
     pub(crate) async fn run<T, F, Fut>(self: &Arc<Self>, context: &str, f: F) -> Result<T>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, RedisError>>,
     {
         let (conn, generation) = self.get()?;
@@ -169,8 +241,27 @@ impl Link {
     }
 }
 
+/// Opens the command connection of `target`.
+async fn open(target: &Target, config: &RedisConfig) -> Result<Conn> {
+    match target {
+        Target::Single(client) => open_single(client, config).await.map(Conn::Single),
+        Target::Cluster(client) => {
+            match tokio::time::timeout(
+                config.connect_timeout + config.command_timeout,
+                client.get_async_connection(),
+            )
+            .await
+            {
+                Ok(Ok(conn)) => Ok(Conn::Cluster(conn)),
+                Ok(Err(e)) => Err(redis_error("cluster connect", e)),
+                Err(_) => Err(Error::msg(ErrorKind::Backplane, "redis cluster connect: timed out")),
+            }
+        }
+    }
+}
+
 /// Opens a multiplexed connection with our timeouts.
-pub(crate) async fn open(client: &Client, config: &RedisConfig) -> Result<MultiplexedConnection> {
+pub(crate) async fn open_single(client: &Client, config: &RedisConfig) -> Result<MultiplexedConnection> {
     let cfg = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.command_timeout));
@@ -200,7 +291,7 @@ async fn reconnect(weak: Weak<Link>) {
         tokio::time::sleep(delay).await;
         let Some(link) = weak.upgrade() else { return };
         attempt = attempt.saturating_add(1);
-        match open(&link.client, &link.config).await {
+        match open(&link.target, &link.config).await {
             Ok(conn) => {
                 let generation = link.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 *link.state.lock() = State::Up { conn, generation };

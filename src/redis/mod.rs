@@ -88,6 +88,13 @@ pub struct RedisConfig {
     /// How long a probe may take to come back before the pub/sub connection
     /// is declared dead and replaced. Default 3 s.
     pub probe_timeout: Duration,
+    /// Seed nodes of a Redis Cluster (`redis://host:port` each; one
+    /// reachable master or replica is enough, the rest of the cluster is
+    /// discovered with `CLUSTER SLOTS`). Empty (the default): a single Redis
+    /// at [`RedisConfig::url`]. Set with [`RedisConfig::cluster`]; see
+    /// `docs/scaling.md` for what changes on a cluster (sharded pub/sub,
+    /// Redis 7 or newer).
+    pub cluster_nodes: Vec<String>,
 }
 
 impl Default for RedisConfig {
@@ -102,6 +109,7 @@ impl Default for RedisConfig {
             reconnect_max: Duration::from_secs(5),
             probe_interval: Duration::from_secs(5),
             probe_timeout: Duration::from_secs(3),
+            cluster_nodes: Vec::new(),
         }
     }
 }
@@ -110,6 +118,30 @@ impl RedisConfig {
     /// The defaults, with the server at `url`.
     pub fn new(url: impl Into<String>) -> RedisConfig {
         RedisConfig { url: url.into(), ..RedisConfig::default() }
+    }
+
+    /// The defaults, on the Redis Cluster that `nodes` belong to (seed
+    /// nodes: one reachable node is enough). [`RedisConfig::url`] is set to
+    /// the first node, for display only.
+    ///
+    /// On a cluster the backplane uses sharded pub/sub (`SSUBSCRIBE` and
+    /// `SPUBLISH`, Redis 7 or newer) and every key and channel of a room
+    /// carries the room as its hash tag, so a room lives on one shard and
+    /// rooms spread over all of them.
+    pub fn cluster<I, S>(nodes: I) -> RedisConfig
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let cluster_nodes: Vec<String> = nodes.into_iter().map(Into::into).collect();
+        let url = cluster_nodes.first().cloned().unwrap_or_default();
+        RedisConfig { url, cluster_nodes, ..RedisConfig::default() }
+    }
+
+    /// Whether this is a Redis Cluster configuration
+    /// ([`RedisConfig::cluster_nodes`] is not empty).
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
     }
 
     /// Sets [`RedisConfig::prefix`].
@@ -154,7 +186,74 @@ impl RedisConfig {
         ::redis::Client::open(self.url.as_str()).map_err(|e| Error::with_source(ErrorKind::Config, e))
     }
 
+    /// The Redis channel of `topic`: `<prefix><topic>` on a single Redis;
+    /// on a cluster `<prefix>{<topic>}`, the topic being the hash tag, so a
+    /// room's channel shares the slot of its keys (`…{<room>}…`) and rooms
+    /// spread over every slot.
     pub(crate) fn channel(&self, topic: &str) -> String {
-        format!("{}{topic}", self.prefix)
+        if self.is_cluster() {
+            format!("{}{{{topic}}}", self.prefix)
+        } else {
+            format!("{}{topic}", self.prefix)
+        }
+    }
+
+    /// The topic of a channel made by [`RedisConfig::channel`].
+    pub(crate) fn topic<'a>(&self, channel: &'a str) -> Option<&'a str> {
+        let rest = channel.strip_prefix(self.prefix.as_str())?;
+        if self.is_cluster() {
+            rest.strip_prefix('{')?.strip_suffix('}')
+        } else {
+            Some(rest)
+        }
+    }
+}
+
+/// The Redis Cluster hash slot of a key or channel: CRC16 (XMODEM) of its
+/// hash tag (the part between the first `{` and the next `}`, when not
+/// empty) or of the whole name, modulo 16384.
+pub(crate) fn slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|b| *b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            rest.iter().position(|b| *b == b'}').map(|close| &rest[..close])
+        })
+        .filter(|tag| !tag.is_empty());
+    let mut crc: u16 = 0;
+    for byte in tagged.unwrap_or(key) {
+        crc ^= u16::from(*byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16384
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_match_redis() {
+        // Values from `CLUSTER KEYSLOT` (and the Redis Cluster spec).
+        assert_eq!(slot(b"123456789"), 0x31C3 % 16384);
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"), "an empty tag hashes the whole name");
+        assert_eq!(slot(b"foo{{bar}}zap"), slot(b"{bar"));
+    }
+
+    #[test]
+    fn cluster_channels_carry_the_topic_as_hash_tag() {
+        let single = RedisConfig::default();
+        assert_eq!(single.channel("lobby"), "switchboard:lobby");
+        assert_eq!(single.topic("switchboard:lobby"), Some("lobby"));
+        let cluster = RedisConfig::cluster(["redis://127.0.0.1:7000"]);
+        assert_eq!(cluster.channel("lobby"), "switchboard:{lobby}");
+        assert_eq!(cluster.topic("switchboard:{a}b}"), Some("a}b"));
+        assert_eq!(slot(cluster.channel("lobby").as_bytes()), slot(b"switchboard:history:{lobby}:stream"));
     }
 }

@@ -1,6 +1,7 @@
 //! A private `redis-server` per test (never the shared one on 6379): started
 //! on a free loopback port without persistence, killable with SIGKILL and
-//! restartable on the same port, stopped on drop. Plus a tiny RESP client
+//! restartable on the same port, stopped on drop. A private 3-master Redis
+//! Cluster ([`RedisCluster`]) made of such servers. Plus a tiny RESP client
 //! for assertions (`PUBSUB NUMSUB`, `CLIENT KILL`, …) and a TCP proxy that
 //! can silently freeze the pub/sub connections passing through it.
 #![allow(dead_code)]
@@ -22,12 +23,17 @@ pub struct RedisServer {
     port: u16,
     child: Option<Child>,
     dir: PathBuf,
+    /// Arguments added to the defaults (the cluster settings of a node).
+    extra: Vec<String>,
 }
 
-fn binary() -> &'static str {
-    static CHECK: std::sync::Once = std::sync::Once::new();
-    CHECK.call_once(|| {
-        let found = Command::new("redis-server")
+/// Checks once that `name` runs (`--version`); panics with one clear
+/// message when it is missing.
+fn binary(name: &'static str) -> &'static str {
+    static CHECKED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if !checked.contains(&name) {
+        let found = Command::new(name)
             .arg("--version")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -35,11 +41,13 @@ fn binary() -> &'static str {
             .is_ok_and(|s| s.success());
         assert!(
             found,
-            "redis-server was not found on PATH: these tests start their own Redis. \
-             Install it (Debian: `apt-get install redis-server`; `.ci/test` does this) and run again."
+            "{name} was not found on PATH: these tests start their own Redis. \
+             Install it (Debian: `apt-get install redis-server`, which brings redis-cli too; \
+             `.ci/test` does this) and run again."
         );
-    });
-    "redis-server"
+        checked.push(name);
+    }
+    name
 }
 
 fn free_port() -> u16 {
@@ -49,11 +57,16 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers `PING`.
     pub async fn start() -> RedisServer {
-        let dir = std::env::temp_dir().join(format!("switchboard-redis-{}-{}", std::process::id(), free_port()));
-        std::fs::create_dir_all(&dir).expect("create a scratch directory for redis-server");
+        RedisServer::start_with(&scratch_dir(), |_| Vec::new()).await
+    }
+
+    /// Starts a server in `dir` with the arguments `extra(port)` added.
+    async fn start_with(dir: &std::path::Path, extra: impl Fn(u16) -> Vec<String>) -> RedisServer {
+        std::fs::create_dir_all(dir).expect("create a scratch directory for redis-server");
         // A port found free may be taken before redis binds it: retry.
         for _ in 0..5 {
-            let mut server = RedisServer { port: free_port(), child: None, dir: dir.clone() };
+            let port = free_port();
+            let mut server = RedisServer { port, child: None, dir: dir.to_owned(), extra: extra(port) };
             if server.spawn().await {
                 return server;
             }
@@ -64,9 +77,10 @@ impl RedisServer {
     /// Spawns the process on `self.port`; `true` once it answers.
     async fn spawn(&mut self) -> bool {
         let port = self.port.to_string();
-        let child = Command::new(binary())
+        let child = Command::new(binary("redis-server"))
             .args(["--port", &port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--loglevel", "warning"])
+            .args(&self.extra)
             .arg("--dir")
             .arg(&self.dir)
             .stdin(Stdio::null())
@@ -144,6 +158,184 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn scratch_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("switchboard-redis-{}-{}", std::process::id(), free_port()))
+}
+
+/// A private Redis Cluster of three masters (no replicas) on free loopback
+/// ports, each node a [`RedisServer`] without persistence (its cluster
+/// config file survives a kill, so a restarted node rejoins with its slots
+/// and no data). Stopped on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+    dir: PathBuf,
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl RedisCluster {
+    /// Starts three nodes, creates the cluster (`redis-cli --cluster
+    /// create`) and waits for `cluster_state:ok` on every node.
+    pub async fn start() -> RedisCluster {
+        binary("redis-cli");
+        let dir = scratch_dir();
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let node_dir = dir.join(format!("node{}", nodes.len()));
+            nodes.push(
+                RedisServer::start_with(&node_dir, |port| {
+                    let bus = free_port().to_string();
+                    [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        &format!("nodes-{port}.conf"),
+                        "--cluster-port",
+                        &bus,
+                        // Shards that are up keep serving while one is down.
+                        "--cluster-require-full-coverage",
+                        "no",
+                        "--cluster-node-timeout",
+                        "3000",
+                    ]
+                    .map(str::to_owned)
+                    .to_vec()
+                })
+                .await,
+            );
+        }
+        let cluster = RedisCluster { nodes, dir };
+        let addrs: Vec<String> = cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
+        let out = Command::new(binary("redis-cli"))
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Waits until every running node says `cluster_state:ok` and agrees
+    /// that every slot is served by one of the three masters.
+    pub async fn wait_ok(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ok = true;
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let Ok(mut c) = Resp::connect(node.port()).await else {
+                    ok = false;
+                    break;
+                };
+                let info = match c.cmd(&["CLUSTER", "INFO"]).await {
+                    Ok(Reply::Bulk(Some(b))) => String::from_utf8_lossy(&b).into_owned(),
+                    _ => String::new(),
+                };
+                if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the test Redis Cluster did not reach cluster_state:ok");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The seed URLs of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The index of the node serving `slot`.
+    pub async fn owner(&self, slot: u16) -> usize {
+        let node = self.nodes.iter().find(|n| n.child.is_some()).expect("a running node");
+        let Reply::Array(ranges) = node.cmd(&["CLUSTER", "SLOTS"]).await else { panic!("CLUSTER SLOTS") };
+        for range in ranges {
+            let Reply::Array(parts) = range else { continue };
+            let (Reply::Int(a), Reply::Int(b), Reply::Array(master)) = (&parts[0], &parts[1], &parts[2]) else {
+                continue;
+            };
+            if (*a..=*b).contains(&i64::from(slot)) {
+                let Reply::Int(port) = master[1] else { panic!("CLUSTER SLOTS port") };
+                return self.nodes.iter().position(|n| i64::from(n.port()) == port).expect("a node of ours");
+            }
+        }
+        panic!("no node serves slot {slot}")
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub async fn keyslot(&self, key: &str) -> u16 {
+        let node = self.nodes.iter().find(|n| n.child.is_some()).expect("a running node");
+        match node.cmd(&["CLUSTER", "KEYSLOT", key]).await {
+            Reply::Int(n) => n as u16,
+            other => panic!("CLUSTER KEYSLOT: {other:?}"),
+        }
+    }
+
+    /// The shard channels matching `pattern` subscribed on node `i`
+    /// (`PUBSUB SHARDCHANNELS`).
+    pub async fn shard_channels(&self, i: usize, pattern: &str) -> Vec<String> {
+        match self.nodes[i].cmd(&["PUBSUB", "SHARDCHANNELS", pattern]).await {
+            Reply::Array(items) => items
+                .into_iter()
+                .map(|r| match r {
+                    Reply::Bulk(Some(b)) => String::from_utf8(b).unwrap(),
+                    other => panic!("SHARDCHANNELS item {other:?}"),
+                })
+                .collect(),
+            other => panic!("PUBSUB SHARDCHANNELS: {other:?}"),
+        }
+    }
+
+    /// Subscribers of shard channel `channel` on node `i`
+    /// (`PUBSUB SHARDNUMSUB`).
+    pub async fn shard_numsub(&self, i: usize, channel: &str) -> i64 {
+        match self.nodes[i].cmd(&["PUBSUB", "SHARDNUMSUB", channel]).await {
+            Reply::Array(items) if items.len() == 2 => match items[1] {
+                Reply::Int(n) => n,
+                ref other => panic!("SHARDNUMSUB: unexpected {other:?}"),
+            },
+            other => panic!("SHARDNUMSUB: unexpected {other:?}"),
+        }
+    }
+
+    /// Keys matching `pattern` on node `i`.
+    pub async fn keys(&self, i: usize, pattern: &str) -> usize {
+        match self.nodes[i].cmd(&["KEYS", pattern]).await {
+            Reply::Array(items) => items.len(),
+            other => panic!("KEYS: {other:?}"),
+        }
+    }
+
+    /// `kill -9` of node `i` (its data is lost; its slots stay assigned to
+    /// it).
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again on its port (empty, with its cluster config)
+    /// and waits for the cluster to be whole again.
+    pub async fn restart(&mut self, i: usize) {
+        self.nodes[i].restart().await;
+        self.wait_ok().await;
     }
 }
 

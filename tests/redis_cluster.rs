@@ -1,0 +1,225 @@
+//! The Redis integrations on a private 3-master Redis Cluster (started per
+//! test on free ports by `support::redis::RedisCluster`): the conformance
+//! suites of the backplane (sharded pub/sub), history and presence; two hubs
+//! on real WebSockets sharing rooms, presence and history; rooms spread over
+//! every master; and a killed master (its rooms fail while it is down, the
+//! others keep working; after its restart its subscriptions come back with a
+//! gap, and recoverable rooms get a new epoch).
+
+mod support;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::json;
+use std::time::Duration;
+use support::redis::RedisCluster;
+use support::*;
+use switchboard::history::{Append, HistoryConfig, HistoryStore, Retention};
+use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory, RedisPresence};
+use switchboard::{Backplane, Hub, Subscription};
+
+/// Settings for tests: fast reconnects, a probe that does not fire under a
+/// loaded machine by accident.
+fn config(cluster: &RedisCluster) -> RedisConfig {
+    RedisConfig::cluster(cluster.urls())
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
+        .probe(Duration::from_secs(1), Duration::from_secs(5))
+}
+
+async fn backplane(cluster: &RedisCluster) -> RedisBackplane {
+    RedisBackplane::connect(config(cluster)).await.expect("connect to the test cluster")
+}
+
+/// Polls `f` until it holds; fails after `WAIT`.
+async fn until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + 3 * WAIT;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn next(sub: &mut Subscription, what: &str) -> switchboard::Result<Bytes> {
+    tokio::time::timeout(3 * WAIT, sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {:?}", 3 * WAIT))
+        .unwrap_or_else(|| panic!("{what}: subscription ended"))
+}
+
+async fn next_ok(sub: &mut Subscription, what: &str) -> Bytes {
+    next(sub, what).await.unwrap_or_else(|e| panic!("{what}: unexpected error item: {e}"))
+}
+
+/// Shard channels of ours (not the probes) subscribed on each node.
+async fn channels_per_node(cluster: &RedisCluster, pattern: &str) -> Vec<usize> {
+    let mut counts = Vec::new();
+    for i in 0..cluster.nodes.len() {
+        counts.push(cluster.shard_channels(i, pattern).await.len());
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_backplane_conforms_with_sharded_pubsub() {
+    let cluster = RedisCluster::start().await;
+    let (a, b) = (backplane(&cluster).await, backplane(&cluster).await);
+    assert_eq!(a.stats().shards, 3, "one pub/sub connection per master");
+    assert_eq!(a.channel("lobby"), "switchboard:{lobby}", "the topic is the hash tag");
+    switchboard::testing::backplane(a.clone(), b.clone()).await;
+    // Everything the suite subscribed is unsubscribed again, here and on
+    // every node: only the probes' shard channels are left (one per master
+    // and handle), and no classic channel was ever used.
+    until("local channels released", || async { a.stats().channels == 0 && b.stats().channels == 0 }).await;
+    until("server channels released", || async {
+        let mut probes = 0;
+        for i in 0..3 {
+            let all = cluster.shard_channels(i, "switchboard:*").await;
+            if all.iter().any(|c| !c.starts_with("switchboard:$probe:")) {
+                return false;
+            }
+            probes += all.len();
+        }
+        probes == 6
+    })
+    .await;
+    for node in &cluster.nodes {
+        assert_eq!(
+            node.cmd(&["PUBSUB", "CHANNELS", "*"]).await,
+            support::redis::Reply::Array(vec![]),
+            "classic pub/sub is not used on a cluster"
+        );
+    }
+    assert_eq!(a.stats().subscriptions + b.stats().subscriptions, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_spread_over_every_master() {
+    let cluster = RedisCluster::start().await;
+    let bp = backplane(&cluster).await;
+    let history = RedisHistory::connect(config(&cluster)).await.unwrap();
+    const ROOMS: usize = 300;
+    let mut subs = Vec::new();
+    for i in 0..ROOMS {
+        subs.push(bp.subscribe(&format!("room-{i}")).await.expect("subscribe"));
+        history.append(&format!("room-{i}"), append("hello")).await.expect("append");
+    }
+    assert_eq!(bp.stats().channels, ROOMS);
+    // Each room's channel is on the master of its slot, and so are its
+    // history keys.
+    for i in [0, 77, 299] {
+        let room = format!("room-{i}");
+        let slot = cluster.keyslot(&bp.channel(&room)).await;
+        assert_eq!(slot, cluster.keyslot(&format!("switchboard:history:{{{room}}}:stream")).await);
+        let owner = cluster.owner(slot).await;
+        assert_eq!(cluster.shard_numsub(owner, &bp.channel(&room)).await, 1, "{room} on its slot's master");
+    }
+    let channels = channels_per_node(&cluster, "switchboard:{room-*").await;
+    assert_eq!(channels.iter().sum::<usize>(), ROOMS, "{channels:?}");
+    for (i, n) in channels.iter().enumerate() {
+        assert!(*n * 5 >= ROOMS, "master {i} has {n} of {ROOMS} room channels: {channels:?}");
+    }
+    let mut streams = Vec::new();
+    for i in 0..3 {
+        streams.push(cluster.keys(i, "switchboard:history:{room-*}:stream").await);
+    }
+    assert_eq!(streams.iter().sum::<usize>(), ROOMS, "{streams:?}");
+    for (i, n) in streams.iter().enumerate() {
+        assert!(*n * 5 >= ROOMS, "master {i} has {n} of {ROOMS} room streams: {streams:?}");
+    }
+    drop(subs);
+    until("all channels released", || async { channels_per_node(&cluster, "switchboard:{room-*").await == [0, 0, 0] })
+        .await;
+}
+
+fn append(event: &str) -> Append {
+    Append {
+        event: event.to_owned(),
+        data: Some(switchboard::protocol::Payload::encode(switchboard::protocol::Format::Json, &event).unwrap()),
+        idempotency_key: None,
+        retention: Retention::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_history_conforms() {
+    let cluster = RedisCluster::start().await;
+    let store = RedisHistory::connect(config(&cluster)).await.expect("connect");
+    switchboard::testing::history(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_presence_conforms() {
+    let cluster = RedisCluster::start().await;
+    let store = RedisPresence::connect(config(&cluster)).await.expect("connect");
+    switchboard::testing::presence_store(store).await;
+}
+
+async fn recoverable_node(cluster: &RedisCluster) -> Hub {
+    let history = RedisHistory::connect(config(cluster)).await.unwrap();
+    Hub::builder().backplane(backplane(cluster).await).history(history, HistoryConfig::all_rooms()).build()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_on_the_cluster_share_one_stream_and_a_client_recovers_on_the_other_node() {
+    let cluster = RedisCluster::start().await;
+    let (hub1, hub2) = (recoverable_node(&cluster).await, recoverable_node(&cluster).await);
+    support::two_nodes_share_one_stream(&hub1, &hub2, 100).await;
+}
+
+/// A topic whose channel's slot is served by master `node`.
+async fn topic_on(cluster: &RedisCluster, bp: &RedisBackplane, node: usize, tag: &str) -> String {
+    for i in 0.. {
+        let topic = format!("{tag}-{i}");
+        if cluster.owner(cluster.keyslot(&bp.channel(&topic)).await).await == node {
+            return topic;
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_fails_its_rooms_only_and_its_subscriptions_come_back_with_a_gap() {
+    let mut cluster = RedisCluster::start().await;
+    let (a, b) = (backplane(&cluster).await, backplane(&cluster).await);
+    let history = RedisHistory::connect(config(&cluster)).await.unwrap();
+    let down = topic_on(&cluster, &a, 0, "down").await;
+    let up = topic_on(&cluster, &a, 1, "up").await;
+    let mut sub_down = b.subscribe(&down).await.expect("subscribe");
+    let mut sub_up = b.subscribe(&up).await.expect("subscribe");
+    a.publish(&down, Bytes::from_static(b"one")).await.unwrap();
+    assert_eq!(next_ok(&mut sub_down, "before the kill").await.as_ref(), b"one");
+    let before = history.append(&down, append("before")).await.unwrap().position;
+
+    cluster.kill(0);
+    // Publishes to the dead master's rooms fail; the others work.
+    let err = a.publish(&down, Bytes::from_static(b"lost")).await.expect_err("its master is down");
+    assert!(err.is_backplane(), "{err}");
+    let err = history.append(&down, append("lost")).await.expect_err("its master is down");
+    assert!(err.is_backplane(), "{err}");
+    a.publish(&up, Bytes::from_static(b"still")).await.expect("another master's room works");
+    assert_eq!(next_ok(&mut sub_up, "another shard during the outage").await.as_ref(), b"still");
+    history.append(&up, append("still")).await.expect("another master's history works");
+    until("the shard to notice", || async { !b.stats().pubsub_connected }).await;
+
+    cluster.restart(0).await;
+    let gap = next(&mut sub_down, "after the restart").await.expect_err("the outage must be reported as a gap");
+    assert!(gap.is_backplane() && gap.to_string().contains("reconnected"), "{gap}");
+    until("both shards back", || async { a.stats().pubsub_connected && b.stats().pubsub_connected }).await;
+    until("a publish to succeed", || async { a.publish(&down, Bytes::from_static(b"after")).await.is_ok() }).await;
+    assert_eq!(next_ok(&mut sub_down, "after the restart").await.as_ref(), b"after");
+    assert_eq!(cluster.shard_numsub(0, &a.channel(&down)).await, 1, "subscribed again on the restarted master");
+    // The other shard's subscription saw no gap.
+    a.publish(&up, Bytes::from_static(b"two")).await.unwrap();
+    assert_eq!(next_ok(&mut sub_up, "another shard after").await.as_ref(), b"two");
+    // The restarted master lost its data: the room starts a new epoch.
+    let fresh = history.append(&down, append("after")).await.unwrap().position;
+    assert_ne!(fresh.epoch, before.epoch, "history was lost with the master: the epoch must change");
+    assert_eq!(fresh.offset, 1);
+    let kept = history.append(&up, append("kept")).await.unwrap().position;
+    assert_eq!(kept.offset, 2, "the other master kept its room");
+    let _ = json!(null);
+}
