@@ -16,7 +16,8 @@ use support::redis::RedisCluster;
 use support::*;
 use switchboard::history::{Append, HistoryConfig, HistoryStore, Retention};
 use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory, RedisPresence};
-use switchboard::{Backplane, Hub, Subscription};
+use switchboard::presence::{PresenceConfig, PresenceQuery, PresenceRecord, PresenceStore, StoreChange};
+use switchboard::{Backplane, Handshake, Hub, Identity, Rejection, Subscription};
 
 /// Settings for tests: fast reconnects, a probe that does not fire under a
 /// loaded machine by accident.
@@ -130,6 +131,22 @@ async fn rooms_spread_over_every_master() {
     for (i, n) in streams.iter().enumerate() {
         assert!(*n * 5 >= ROOMS, "master {i} has {n} of {ROOMS} room streams: {streams:?}");
     }
+    // Presence: each room's keys on its slot's master, spread the same way.
+    let presence = RedisPresence::connect(config(&cluster)).await.unwrap();
+    let changes = (0..ROOMS)
+        .map(|i| StoreChange::Put(PresenceRecord::new(format!("room-{i}"), format!("user-{}", i % 7), 1, i as u64)))
+        .collect();
+    presence.write(changes, Duration::from_secs(60)).await.expect("presence write");
+    let mut data = Vec::new();
+    for i in 0..3 {
+        data.push(cluster.keys(i, "switchboard:presence:data:{room-*}").await);
+    }
+    assert_eq!(data.iter().sum::<usize>(), ROOMS, "{data:?}");
+    for (i, n) in data.iter().enumerate() {
+        assert!(*n * 5 >= ROOMS, "master {i} has {n} of {ROOMS} rooms' presence: {data:?}");
+    }
+    let user = presence.list(PresenceQuery::Key("user-3".into())).await.unwrap();
+    assert_eq!(user.len(), (0..ROOMS).filter(|i| i % 7 == 3).count(), "a key is listed across rooms and shards");
     drop(subs);
     until("all channels released", || async { channels_per_node(&cluster, "switchboard:{room-*").await == [0, 0, 0] })
         .await;
@@ -156,6 +173,61 @@ async fn cluster_presence_conforms() {
     let cluster = RedisCluster::start().await;
     let store = RedisPresence::connect(config(&cluster)).await.expect("connect");
     switchboard::testing::presence_store(store).await;
+}
+
+fn user_from_query(hs: &Handshake) -> impl std::future::Future<Output = Result<Identity, Rejection>> + Send + 'static {
+    let user = hs.query("user");
+    async move { Ok(user.map(Identity::user).unwrap_or_default()) }
+}
+
+async fn keys_of(hub: &Hub, room: &str) -> Vec<String> {
+    let mut keys: Vec<String> = hub.presence(room).await.unwrap().into_iter().map(|e| e.key).collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_on_the_cluster_share_rooms_and_presence_over_websockets() {
+    let cluster = RedisCluster::start().await;
+    let mut hubs = Vec::new();
+    for _ in 0..2 {
+        hubs.push(
+            Hub::builder()
+                .authenticate(user_from_query)
+                .presence(PresenceConfig::default().ttl(Duration::from_secs(5)))
+                .backplane(backplane(&cluster).await)
+                .presence_store(RedisPresence::connect(config(&cluster)).await.unwrap())
+                .build(),
+        );
+    }
+    let (addr1, addr2) = (serve(&hubs[0]).await, serve(&hubs[1]).await);
+    let mut alice = support::connect_path(addr1, "/?user=alice").await;
+    let mut bob = support::connect_path(addr2, "/?user=bob").await;
+    // Rooms on every master, so delivery crosses each shard.
+    let rooms = ["chat-a", "chat-b", "chat-c", "chat-d", "chat-e", "chat-f"];
+    let mut owners = Vec::new();
+    for room in rooms {
+        owners.push(cluster.owner(cluster.keyslot(&format!("switchboard:{{{room}}}")).await).await);
+        alice.join_ok(room).await;
+        bob.join_ok(room).await;
+    }
+    owners.sort_unstable();
+    owners.dedup();
+    assert_eq!(owners, [0, 1, 2], "the rooms cover every master");
+    for (n, room) in rooms.iter().enumerate() {
+        hubs[n % 2].publish(room, "news", &json!(n)).await.expect("publish");
+        for c in [&mut alice, &mut bob] {
+            let e = c.event().await;
+            assert_eq!((e["room"].as_str(), e["data"].as_u64()), (Some(*room), Some(n as u64)), "{e}");
+        }
+    }
+    for hub in &hubs {
+        until("both users present on each node", || async { keys_of(hub, "chat-a").await == ["alice", "bob"] }).await;
+        assert!(hub.is_user_online("bob").await.unwrap() && hub.is_user_online("alice").await.unwrap());
+    }
+    drop(bob);
+    until("bob gone on node 1", || async { keys_of(&hubs[0], "chat-c").await == ["alice"] }).await;
+    assert!(!hubs[0].is_user_online("bob").await.unwrap());
 }
 
 async fn recoverable_node(cluster: &RedisCluster) -> Hub {
@@ -222,4 +294,41 @@ async fn a_killed_master_fails_its_rooms_only_and_its_subscriptions_come_back_wi
     let kept = history.append(&up, append("kept")).await.unwrap().position;
     assert_eq!(kept.offset, 2, "the other master kept its room");
     let _ = json!(null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migrated_slot_moves_its_subscriptions_with_a_gap() {
+    let cluster = RedisCluster::start().await;
+    let (a, b) = (backplane(&cluster).await, backplane(&cluster).await);
+    let moving = topic_on(&cluster, &a, 0, "moving").await;
+    let staying = topic_on(&cluster, &a, 2, "staying").await;
+    let mut sub = b.subscribe(&moving).await.expect("subscribe");
+    let mut other = b.subscribe(&staying).await.expect("subscribe");
+    a.publish(&moving, Bytes::from_static(b"one")).await.unwrap();
+    assert_eq!(next_ok(&mut sub, "before the move").await.as_ref(), b"one");
+
+    // Redis unsubscribes the slot's shard channels when it gives the slot
+    // away (a `sunsubscribe` push): the backplane reads the new slot map
+    // and subscribes on the new owner.
+    let slot = cluster.keyslot(&a.channel(&moving)).await;
+    cluster.migrate_slot(slot, 1).await;
+    let gap = next(&mut sub, "after the move").await.expect_err("the move must be reported as a gap");
+    assert!(gap.is_backplane() && gap.to_string().contains("reconnected"), "{gap}");
+    until("the channel on its new master", || async { cluster.shard_numsub(1, &a.channel(&moving)).await == 1 }).await;
+    assert_eq!(cluster.shard_numsub(0, &a.channel(&moving)).await, 0);
+    assert!(b.stats().topology_changes >= 1, "{:?}", b.stats());
+    until("a publish to succeed", || async { a.publish(&moving, Bytes::from_static(b"two")).await.is_ok() }).await;
+    assert_eq!(next_ok(&mut sub, "after the move").await.as_ref(), b"two");
+    // Every subscription is carried over (with a gap: the shards were
+    // replaced) and keeps receiving.
+    a.publish(&staying, Bytes::from_static(b"still")).await.unwrap();
+    loop {
+        match next(&mut other, "another shard").await {
+            Ok(m) => {
+                assert_eq!(m.as_ref(), b"still");
+                break;
+            }
+            Err(e) => assert!(e.to_string().contains("reconnected"), "{e}"),
+        }
+    }
 }

@@ -325,6 +325,33 @@ impl RedisCluster {
         }
     }
 
+    /// Moves an empty `slot` to node `to` (`CLUSTER SETSLOT … IMPORTING /
+    /// MIGRATING / NODE`), as a resharding does; returns once every node
+    /// agrees.
+    pub async fn migrate_slot(&self, slot: u16, to: usize) {
+        let from = self.owner(slot).await;
+        let id = |i: usize| async move {
+            match self.nodes[i].cmd(&["CLUSTER", "MYID"]).await {
+                Reply::Bulk(Some(b)) => String::from_utf8(b).unwrap(),
+                other => panic!("CLUSTER MYID: {other:?}"),
+            }
+        };
+        let (src, dst) = (id(from).await, id(to).await);
+        let slot = slot.to_string();
+        let ok = Reply::Status("OK".into());
+        assert_eq!(self.nodes[to].cmd(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src]).await, ok);
+        assert_eq!(self.nodes[from].cmd(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst]).await, ok);
+        assert_eq!(self.nodes[to].cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst]).await, ok);
+        assert_eq!(self.nodes[from].cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst]).await, ok);
+        let other = 3 - from - to;
+        let _ = self.nodes[other].cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst]).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.owner(slot.parse().unwrap()).await != to {
+            assert!(tokio::time::Instant::now() < deadline, "slot {slot} did not move");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `kill -9` of node `i` (its data is lost; its slots stay assigned to
     /// it).
     pub fn kill(&mut self, i: usize) {
