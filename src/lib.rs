@@ -114,7 +114,7 @@
 //! | `axum` | yes | mounting the WebSocket endpoint in an axum router ([`integration::axum`]) |
 //! | `sse` | no | Server-Sent Events transport (`transport::sse`), mountable with `integration::axum::sse` |
 //! | `jwt` | no | JSON Web Token authentication and `refresh` (`auth::jwt`, the `jsonwebtoken` crate) |
-//! | `redis` | no | `switchboard::redis`: a backplane on Redis pub/sub, history and presence stores on Redis (the redis-rs crate; Rust 1.88) |
+//! | `redis` | no | `switchboard::redis`: a backplane on Redis pub/sub, history and presence stores on Redis or a Redis Cluster (the redis-rs crate; Rust 1.88) |
 //! | `testing` | no | `switchboard::testing`: conformance suites for your own [`Backplane`] |
 //! | `client` | no | `switchboard::client`: a reconnecting Rust client (rooms, recovery, calls, presence) |
 //!

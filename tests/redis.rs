@@ -7,15 +7,14 @@
 mod support;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use support::redis::{Proxy, RedisServer, Reply};
+use support::redis::{next, next_ok, until, Proxy, RedisServer, Reply};
 use support::*;
 use switchboard::redis::{RedisBackplane, RedisConfig};
-use switchboard::{Backplane, Hub, Subscription};
+use switchboard::{Backplane, Hub};
 
 /// Settings for tests: fast reconnects, a probe that does not fire under a
 /// loaded machine by accident.
@@ -27,30 +26,6 @@ fn config(url: &str) -> RedisConfig {
 
 async fn connect(url: &str) -> RedisBackplane {
     RedisBackplane::connect(config(url)).await.expect("connect to the test redis")
-}
-
-/// Polls `f` until it holds; fails after `WAIT`.
-async fn until<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn next(sub: &mut Subscription, what: &str) -> switchboard::Result<Bytes> {
-    tokio::time::timeout(WAIT, sub.next())
-        .await
-        .unwrap_or_else(|_| panic!("{what}: nothing within {WAIT:?}"))
-        .unwrap_or_else(|| panic!("{what}: subscription ended"))
-}
-
-async fn next_ok(sub: &mut Subscription, what: &str) -> Bytes {
-    next(sub, what).await.unwrap_or_else(|e| panic!("{what}: unexpected error item: {e}"))
 }
 
 /// Publishes until the backplane accepts (after an outage the command
@@ -316,64 +291,10 @@ async fn measure() {
     let server = RedisServer::start().await;
     let (a, b) = (connect(&server.url()).await, connect(&server.url()).await);
     let memory = switchboard::MemoryBackplane::new();
-    println!("{}", latency("redis", &a, &b).await);
-    println!("{}", latency("memory", &memory, &memory).await);
-    println!("{}", throughput("redis", &a).await);
-    println!("{}", throughput("memory", &memory).await);
-}
-
-async fn latency<B: Backplane + Clone>(name: &str, a: &B, b: &B) -> String {
-    const N: u64 = 5_000;
-    let base = std::time::Instant::now();
-    let mut sub = b.subscribe("latency").await.unwrap();
-    let reader = tokio::spawn(async move {
-        let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap();
-        for _ in 0..N {
-            let m = next_ok(&mut sub, "latency").await;
-            let sent = u64::from_be_bytes(m[..8].try_into().unwrap());
-            h.record(base.elapsed().as_micros() as u64 - sent).unwrap();
-        }
-        h
-    });
-    // About 2,000 messages a second.
-    let mut tick = tokio::time::interval(Duration::from_micros(500));
-    for _ in 0..N {
-        tick.tick().await;
-        let mut msg = (base.elapsed().as_micros() as u64).to_be_bytes().to_vec();
-        msg.extend_from_slice(&[0u8; 120]);
-        a.publish("latency", Bytes::from(msg)).await.unwrap();
-    }
-    let h = reader.await.unwrap();
-    format!(
-        "{name}: cross-node latency at ~2,000 msg/s, 128-byte messages, {N} samples: p50 {} µs, p99 {} µs, max {} µs",
-        h.value_at_quantile(0.5),
-        h.value_at_quantile(0.99),
-        h.max()
-    )
-}
-
-async fn throughput<B: Backplane + Clone>(name: &str, a: &B) -> String {
-    const PER_TASK: u64 = 2_000;
-    const TASKS: u64 = 64;
-    let start = std::time::Instant::now();
-    let tasks: Vec<_> = (0..TASKS)
-        .map(|_| {
-            let a = a.clone();
-            tokio::spawn(async move {
-                for _ in 0..PER_TASK {
-                    a.publish("throughput", Bytes::from_static(&[0u8; 128])).await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let secs = start.elapsed().as_secs_f64();
-    format!(
-        "{name}: {} publishes/s ({TASKS} concurrent publishers, 128-byte messages)",
-        ((TASKS * PER_TASK) as f64 / secs) as u64
-    )
+    println!("{}", support::redis::latency("redis", &a, &b).await);
+    println!("{}", support::redis::latency("memory", &memory, &memory).await);
+    println!("{}", support::redis::throughput("redis", &a).await);
+    println!("{}", support::redis::throughput("memory", &memory).await);
 }
 
 // ---------------------------------------------------------------------------

@@ -9,15 +9,14 @@
 mod support;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use serde_json::json;
 use std::time::Duration;
-use support::redis::RedisCluster;
+use support::redis::{next, next_ok, until, RedisCluster};
 use support::*;
 use switchboard::history::{Append, HistoryConfig, HistoryStore, Retention};
-use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory, RedisPresence};
 use switchboard::presence::{PresenceConfig, PresenceQuery, PresenceRecord, PresenceStore, StoreChange};
-use switchboard::{Backplane, Handshake, Hub, Identity, Rejection, Subscription};
+use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory, RedisPresence};
+use switchboard::{Backplane, Handshake, Hub, Identity, Rejection};
 
 /// Settings for tests: fast reconnects, a probe that does not fire under a
 /// loaded machine by accident.
@@ -31,30 +30,6 @@ async fn backplane(cluster: &RedisCluster) -> RedisBackplane {
     RedisBackplane::connect(config(cluster)).await.expect("connect to the test cluster")
 }
 
-/// Polls `f` until it holds; fails after `WAIT`.
-async fn until<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + 3 * WAIT;
-    while !f().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn next(sub: &mut Subscription, what: &str) -> switchboard::Result<Bytes> {
-    tokio::time::timeout(3 * WAIT, sub.next())
-        .await
-        .unwrap_or_else(|_| panic!("{what}: nothing within {:?}", 3 * WAIT))
-        .unwrap_or_else(|| panic!("{what}: subscription ended"))
-}
-
-async fn next_ok(sub: &mut Subscription, what: &str) -> Bytes {
-    next(sub, what).await.unwrap_or_else(|e| panic!("{what}: unexpected error item: {e}"))
-}
-
 /// Shard channels of ours (not the probes) subscribed on each node.
 async fn channels_per_node(cluster: &RedisCluster, pattern: &str) -> Vec<usize> {
     let mut counts = Vec::new();
@@ -62,6 +37,24 @@ async fn channels_per_node(cluster: &RedisCluster, pattern: &str) -> Vec<usize> 
         counts.push(cluster.shard_channels(i, pattern).await.len());
     }
     counts
+}
+
+/// Keys matching `pattern` on each node.
+async fn keys_per_node(cluster: &RedisCluster, pattern: &str) -> Vec<usize> {
+    let mut counts = Vec::new();
+    for i in 0..cluster.nodes.len() {
+        counts.push(cluster.keys(i, pattern).await);
+    }
+    counts
+}
+
+/// `counts` (per master) add up to `total`, and each master has at least a
+/// fifth of it.
+fn fair_share(what: &str, counts: Vec<usize>, total: usize) {
+    assert_eq!(counts.iter().sum::<usize>(), total, "{what}: {counts:?}");
+    for (i, n) in counts.iter().enumerate() {
+        assert!(n * 5 >= total, "master {i} has {n} of {total} {what}: {counts:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,33 +111,15 @@ async fn rooms_spread_over_every_master() {
         let owner = cluster.owner(slot).await;
         assert_eq!(cluster.shard_numsub(owner, &bp.channel(&room)).await, 1, "{room} on its slot's master");
     }
-    let channels = channels_per_node(&cluster, "switchboard:{room-*").await;
-    assert_eq!(channels.iter().sum::<usize>(), ROOMS, "{channels:?}");
-    for (i, n) in channels.iter().enumerate() {
-        assert!(*n * 5 >= ROOMS, "master {i} has {n} of {ROOMS} room channels: {channels:?}");
-    }
-    let mut streams = Vec::new();
-    for i in 0..3 {
-        streams.push(cluster.keys(i, "switchboard:history:{room-*}:stream").await);
-    }
-    assert_eq!(streams.iter().sum::<usize>(), ROOMS, "{streams:?}");
-    for (i, n) in streams.iter().enumerate() {
-        assert!(*n * 5 >= ROOMS, "master {i} has {n} of {ROOMS} room streams: {streams:?}");
-    }
+    fair_share("room channels", channels_per_node(&cluster, "switchboard:{room-*").await, ROOMS);
+    fair_share("history streams", keys_per_node(&cluster, "switchboard:history:{room-*}:stream").await, ROOMS);
     // Presence: each room's keys on its slot's master, spread the same way.
     let presence = RedisPresence::connect(config(&cluster)).await.unwrap();
     let changes = (0..ROOMS)
         .map(|i| StoreChange::Put(PresenceRecord::new(format!("room-{i}"), format!("user-{}", i % 7), 1, i as u64)))
         .collect();
     presence.write(changes, Duration::from_secs(60)).await.expect("presence write");
-    let mut data = Vec::new();
-    for i in 0..3 {
-        data.push(cluster.keys(i, "switchboard:presence:data:{room-*}").await);
-    }
-    assert_eq!(data.iter().sum::<usize>(), ROOMS, "{data:?}");
-    for (i, n) in data.iter().enumerate() {
-        assert!(*n * 5 >= ROOMS, "master {i} has {n} of {ROOMS} rooms' presence: {data:?}");
-    }
+    fair_share("presence hashes", keys_per_node(&cluster, "switchboard:presence:data:{room-*}").await, ROOMS);
     let user = presence.list(PresenceQuery::Key("user-3".into())).await.unwrap();
     assert_eq!(user.len(), (0..ROOMS).filter(|i| i % 7 == 3).count(), "a key is listed across rooms and shards");
     drop(subs);
@@ -331,4 +306,18 @@ async fn a_migrated_slot_moves_its_subscriptions_with_a_gap() {
             Err(e) => assert!(e.to_string().contains("reconnected"), "{e}"),
         }
     }
+}
+
+/// Measures what the cluster adds (run by hand, in release mode):
+/// `cargo test --release --all-features --test redis_cluster -- --ignored --nocapture measure`.
+/// The same figures as `tests/redis.rs`'s `measure` (cross-node latency,
+/// publish throughput of 64 concurrent publishers to one topic, so one
+/// shard), on the 3-master cluster. Asserts nothing about timings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, run by hand"]
+async fn measure() {
+    let cluster = RedisCluster::start().await;
+    let (a, b) = (backplane(&cluster).await, backplane(&cluster).await);
+    println!("{}", support::redis::latency("redis cluster", &a, &b).await);
+    println!("{}", support::redis::throughput("redis cluster", &a).await);
 }

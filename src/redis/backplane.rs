@@ -401,9 +401,8 @@ impl Shard {
                 // address, RESP3 (sharded messages arrive as pushes).
                 let info = shared.client.get_connection_info().clone();
                 let redis = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-                let info = info
-                    .set_addr(::redis::ConnectionAddr::Tcp(spec.host.clone(), spec.port))
-                    .set_redis_settings(redis);
+                let info =
+                    info.set_addr(::redis::ConnectionAddr::Tcp(spec.host.clone(), spec.port)).set_redis_settings(redis);
                 let client = Client::open(info).map_err(|e| Error::with_source(ErrorKind::Config, e))?;
                 // A probe channel in a slot of this shard.
                 let probe = (0u32..)
@@ -1092,8 +1091,10 @@ impl ShardSpec {
 /// Reads the slot map (`CLUSTER SLOTS`) over the command link: one spec per
 /// master, sorted by address.
 async fn cluster_slots(link: &Arc<Link>) -> Result<Vec<Option<ShardSpec>>> {
-    let reply: Value = link
-        .run("cluster slots", |mut conn| async move { ::redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn).await })
+    let reply: Value =
+        link.run("cluster slots", |mut conn| async move {
+            ::redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut conn).await
+        })
         .await?;
     let bad = || Error::msg(ErrorKind::Backplane, format!("redis: unexpected CLUSTER SLOTS reply: {reply:?}"));
     let Value::Array(ranges) = &reply else { return Err(bad()) };

@@ -95,7 +95,8 @@ impl ConnectionLike for Conn {
 /// What the link connects with.
 enum Target {
     Single(Client),
-    Cluster(ClusterClient),
+    // Boxed: it is several times the size of a `Client`.
+    Cluster(Box<ClusterClient>),
 }
 
 enum State {
@@ -122,6 +123,10 @@ impl Link {
     /// Connects once; fails if Redis cannot be reached now.
     pub(crate) async fn connect(config: &RedisConfig) -> Result<Arc<Link>> {
         let target = if config.is_cluster() {
+            if config.prefix.contains(['{', '}']) {
+                // The room must be the hash tag of every key and channel.
+                return Err(Error::msg(ErrorKind::Config, "a Redis Cluster prefix must not contain '{' or '}'"));
+            }
             let client = ClusterClientBuilder::new(config.cluster_nodes.iter().map(String::as_str))
                 .connection_timeout(config.connect_timeout)
                 .response_timeout(config.command_timeout)
@@ -133,7 +138,7 @@ impl Link {
                 .max_retry_wait(100)
                 .build()
                 .map_err(|e| Error::with_source(ErrorKind::Config, e))?;
-            Target::Cluster(client)
+            Target::Cluster(Box::new(client))
         } else {
             Target::Single(config.client()?)
         };
@@ -246,11 +251,8 @@ async fn open(target: &Target, config: &RedisConfig) -> Result<Conn> {
     match target {
         Target::Single(client) => open_single(client, config).await.map(Conn::Single),
         Target::Cluster(client) => {
-            match tokio::time::timeout(
-                config.connect_timeout + config.command_timeout,
-                client.get_async_connection(),
-            )
-            .await
+            match tokio::time::timeout(config.connect_timeout + config.command_timeout, client.get_async_connection())
+                .await
             {
                 Ok(Ok(conn)) => Ok(Conn::Cluster(conn)),
                 Ok(Err(e)) => Err(redis_error("cluster connect", e)),

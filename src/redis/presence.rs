@@ -317,7 +317,14 @@ impl RedisPresence {
         let scripts = rooms.into_iter().map(|(room, args)| {
             let (data, index, ttl_ms) = (self.data_key(&room), self.room_key(&room), ttl_ms.clone());
             self.link.run("presence write", move |mut conn| async move {
-                ROOM_WRITE.key(data).key(index).arg(ttl_ms).arg(room).arg(args).invoke_async::<Vec<String>>(&mut conn).await
+                ROOM_WRITE
+                    .key(data)
+                    .key(index)
+                    .arg(ttl_ms)
+                    .arg(room)
+                    .arg(args)
+                    .invoke_async::<Vec<String>>(&mut conn)
+                    .await
             })
         });
         // Then the key indexes, each key's changes in the order returned.
@@ -359,10 +366,12 @@ impl RedisPresence {
             }
             PresenceQuery::Key(key) => {
                 let index = self.key_key(&key);
-                let members: Vec<String> = self
-                    .link
-                    .run("presence list", move |mut conn| async move { KEY_LIST.key(index).invoke_async(&mut conn).await })
-                    .await?;
+                let members: Vec<String> =
+                    self.link
+                        .run("presence list", move |mut conn| async move {
+                            KEY_LIST.key(index).invoke_async(&mut conn).await
+                        })
+                        .await?;
                 // The connection ids per room.
                 let mut rooms: Vec<(String, Vec<String>)> = Vec::new();
                 for member in &members {
@@ -468,7 +477,10 @@ impl PresenceStore for RedisPresence {
                     })
                     .await?;
                 let Value::Array(values) = reply else {
-                    return Err(Error::msg(ErrorKind::Backplane, format!("redis presence: unexpected reply {reply:?}")));
+                    return Err(Error::msg(
+                        ErrorKind::Backplane,
+                        format!("redis presence: unexpected reply {reply:?}"),
+                    ));
                 };
                 values
             };

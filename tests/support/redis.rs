@@ -6,14 +6,44 @@
 //! can silently freeze the pub/sub connections passing through it.
 #![allow(dead_code)]
 
+use bytes::Bytes;
+use futures::StreamExt;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use switchboard::Backplane;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+
+/// Polls `f` until it holds; fails after twice `WAIT` (a cluster's restart
+/// and resubscription take a few round trips more than one server's).
+pub async fn until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + 2 * super::WAIT;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The next item of a backplane subscription (a message or an error).
+pub async fn next(sub: &mut switchboard::Subscription, what: &str) -> switchboard::Result<Bytes> {
+    tokio::time::timeout(2 * super::WAIT, sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within {:?}", 2 * super::WAIT))
+        .unwrap_or_else(|| panic!("{what}: subscription ended"))
+}
+
+/// The next message of a backplane subscription; an error item fails.
+pub async fn next_ok(sub: &mut switchboard::Subscription, what: &str) -> Bytes {
+    next(sub, what).await.unwrap_or_else(|e| panic!("{what}: unexpected error item: {e}"))
+}
 
 /// How long to wait for a server to answer after starting it.
 const START_WAIT: Duration = Duration::from_secs(10);
@@ -533,4 +563,65 @@ async fn pump(
             return;
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Measurements (the `measure` tests, run by hand in release mode).
+
+/// Cross-node latency: publish on `a`, receive on `b`'s subscription, at
+/// about 2,000 messages a second; returns a printable line.
+pub async fn latency<B: Backplane + Clone>(name: &str, a: &B, b: &B) -> String {
+    const N: u64 = 5_000;
+    let base = std::time::Instant::now();
+    let mut sub = b.subscribe("latency").await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut h = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+        for _ in 0..N {
+            let m = next_ok(&mut sub, "latency").await;
+            let sent = u64::from_be_bytes(m[..8].try_into().unwrap());
+            h.record(base.elapsed().as_micros() as u64 - sent).unwrap();
+        }
+        h
+    });
+    // About 2,000 messages a second.
+    let mut tick = tokio::time::interval(Duration::from_micros(500));
+    for _ in 0..N {
+        tick.tick().await;
+        let mut msg = (base.elapsed().as_micros() as u64).to_be_bytes().to_vec();
+        msg.extend_from_slice(&[0u8; 120]);
+        a.publish("latency", Bytes::from(msg)).await.unwrap();
+    }
+    let h = reader.await.unwrap();
+    format!(
+        "{name}: cross-node latency at ~2,000 msg/s, 128-byte messages, {N} samples: p50 {} µs, p99 {} µs, max {} µs",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.99),
+        h.max()
+    )
+}
+
+/// Publish throughput of 64 concurrent publishers on `a`; returns a
+/// printable line.
+pub async fn throughput<B: Backplane + Clone>(name: &str, a: &B) -> String {
+    const PER_TASK: u64 = 2_000;
+    const TASKS: u64 = 64;
+    let start = std::time::Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                for _ in 0..PER_TASK {
+                    a.publish("throughput", Bytes::from_static(&[0u8; 128])).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    format!(
+        "{name}: {} publishes/s ({TASKS} concurrent publishers, 128-byte messages)",
+        ((TASKS * PER_TASK) as f64 / secs) as u64
+    )
 }
