@@ -13,15 +13,10 @@ use support::*;
 use switchboard::presence::{PresenceCause, PresenceConfig, PresenceEvent};
 use switchboard::transport::memory::{self, MemoryPeer};
 use switchboard::transport::{Frame, Handshake};
-use switchboard::{CallError, Hub, HubBuilder, HubConfig, Identity, MemoryBackplane, MemoryPresence, Rejection};
+use switchboard::{CallError, Hub, HubBuilder, HubConfig, MemoryBackplane, MemoryPresence};
 use tokio::time::Instant;
 
 /// Admits everyone; `?user=NAME` makes the connection user NAME.
-fn user_from_query(hs: &Handshake) -> impl std::future::Future<Output = Result<Identity, Rejection>> + Send + 'static {
-    let user = hs.query("user");
-    async move { Ok(user.map(Identity::user).unwrap_or_default()) }
-}
-
 /// What the presence hooks saw: (joined, room, key, cause).
 type Log = Arc<Mutex<Vec<(bool, String, String, PresenceCause)>>>;
 

@@ -425,7 +425,7 @@ async fn history_expires_by_age_and_an_unused_room_is_forgotten() {
 
 use switchboard::presence::{PresenceCause, PresenceConfig, PresenceEvent};
 use switchboard::redis::RedisPresence;
-use switchboard::{Handshake, HubBuilder, Identity, Rejection};
+use switchboard::HubBuilder;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_presence_conforms() {
@@ -443,11 +443,6 @@ async fn redis_presence_conforms() {
     .await;
 }
 
-fn user_from_query(hs: &Handshake) -> impl std::future::Future<Output = Result<Identity, Rejection>> + Send + 'static {
-    let user = hs.query("user");
-    async move { Ok(user.map(Identity::user).unwrap_or_default()) }
-}
-
 type Log = Arc<std::sync::Mutex<Vec<(bool, String, PresenceCause)>>>;
 
 /// A node: a hub with presence (short TTL) on its own Redis connections.
@@ -462,12 +457,6 @@ async fn presence_node(url: &str, store_url: &str) -> (HubBuilder, Log) {
         .on_presence_join(move |_: &Hub, e: &PresenceEvent| j.lock().unwrap().push((true, e.key.clone(), e.cause)))
         .on_presence_leave(move |_: &Hub, e: &PresenceEvent| l.lock().unwrap().push((false, e.key.clone(), e.cause)));
     (builder, log)
-}
-
-async fn keys_of(hub: &Hub, room: &str) -> Vec<String> {
-    let mut keys: Vec<String> = hub.presence(room).await.unwrap().into_iter().map(|e| e.key).collect();
-    keys.sort();
-    keys
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

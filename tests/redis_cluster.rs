@@ -16,7 +16,7 @@ use support::*;
 use switchboard::history::{Append, HistoryConfig, HistoryStore, Retention};
 use switchboard::presence::{PresenceConfig, PresenceQuery, PresenceRecord, PresenceStore, StoreChange};
 use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory, RedisPresence};
-use switchboard::{Backplane, Handshake, Hub, Identity, Rejection};
+use switchboard::{Backplane, Hub};
 
 /// Settings for tests: fast reconnects, a probe that does not fire under a
 /// loaded machine by accident.
@@ -148,17 +148,6 @@ async fn cluster_presence_conforms() {
     let cluster = RedisCluster::start().await;
     let store = RedisPresence::connect(config(&cluster)).await.expect("connect");
     switchboard::testing::presence_store(store).await;
-}
-
-fn user_from_query(hs: &Handshake) -> impl std::future::Future<Output = Result<Identity, Rejection>> + Send + 'static {
-    let user = hs.query("user");
-    async move { Ok(user.map(Identity::user).unwrap_or_default()) }
-}
-
-async fn keys_of(hub: &Hub, room: &str) -> Vec<String> {
-    let mut keys: Vec<String> = hub.presence(room).await.unwrap().into_iter().map(|e| e.key).collect();
-    keys.sort();
-    keys
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

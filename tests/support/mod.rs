@@ -475,3 +475,19 @@ impl Bystander {
         assert_eq!(self.client.pending_events(), 0, "bystander got extra events");
     }
 }
+
+/// An authenticator for tests: the `user` query parameter is the user id
+/// (none: anonymous).
+pub fn user_from_query(
+    hs: &switchboard::Handshake,
+) -> impl std::future::Future<Output = Result<switchboard::Identity, switchboard::Rejection>> + Send + 'static {
+    let user = hs.query("user");
+    async move { Ok(user.map(switchboard::Identity::user).unwrap_or_default()) }
+}
+
+/// The presence keys of `room` as `hub` lists them, sorted.
+pub async fn keys_of(hub: &Hub, room: &str) -> Vec<String> {
+    let mut keys: Vec<String> = hub.presence(room).await.unwrap().into_iter().map(|e| e.key).collect();
+    keys.sort();
+    keys
+}
