@@ -2,9 +2,10 @@
 //! test on free ports by `support::redis::RedisCluster`): the conformance
 //! suites of the backplane (sharded pub/sub), history and presence; two hubs
 //! on real WebSockets sharing rooms, presence and history; rooms spread over
-//! every master; and a killed master (its rooms fail while it is down, the
+//! every master; a killed master (its rooms fail while it is down, the
 //! others keep working; after its restart its subscriptions come back with a
-//! gap, and recoverable rooms get a new epoch).
+//! gap, and recoverable rooms get a new epoch); a failover to a replica and
+//! a slot migration (the subscriptions move to the new owner, with a gap).
 
 mod support;
 
@@ -258,6 +259,33 @@ async fn a_killed_master_fails_its_rooms_only_and_its_subscriptions_come_back_wi
     let kept = history.append(&up, append("kept")).await.unwrap().position;
     assert_eq!(kept.offset, 2, "the other master kept its room");
     let _ = json!(null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_replica_moves_the_subscriptions_with_a_gap() {
+    let mut cluster = RedisCluster::start_with_replicas(1).await;
+    let (a, b) = (backplane(&cluster).await, backplane(&cluster).await);
+    assert_eq!(b.stats().shards, 3, "replicas are not shards");
+    let master = cluster.owner(0).await;
+    let topic = topic_on(&cluster, &a, master, "failing").await;
+    let mut sub = b.subscribe(&topic).await.expect("subscribe");
+    a.publish(&topic, Bytes::from_static(b"one")).await.unwrap();
+    assert_eq!(next_ok(&mut sub, "before the failover").await.as_ref(), b"one");
+
+    // The master dies; after the node timeout its replica is promoted.
+    let slot = cluster.keyslot(&a.channel(&topic)).await;
+    cluster.kill(master);
+    until("the replica to take over", || async { cluster.owner(slot).await != master }).await;
+    let promoted = cluster.owner(slot).await;
+    let gap = next(&mut sub, "after the failover").await.expect_err("the failover must be reported as a gap");
+    assert!(gap.is_backplane() && gap.to_string().contains("reconnected"), "{gap}");
+    until("the channel on the promoted replica", || async {
+        cluster.shard_numsub(promoted, &a.channel(&topic)).await == 1
+    })
+    .await;
+    assert!(b.stats().topology_changes >= 1, "{:?}", b.stats());
+    until("a publish to succeed", || async { a.publish(&topic, Bytes::from_static(b"two")).await.is_ok() }).await;
+    assert_eq!(next_ok(&mut sub, "after the failover").await.as_ref(), b"two");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

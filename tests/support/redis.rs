@@ -215,10 +215,16 @@ impl RedisCluster {
     /// Starts three nodes, creates the cluster (`redis-cli --cluster
     /// create`) and waits for `cluster_state:ok` on every node.
     pub async fn start() -> RedisCluster {
+        RedisCluster::start_with_replicas(0).await
+    }
+
+    /// Three masters with `replicas` replicas each (nodes 0–2 are the
+    /// masters at the start).
+    pub async fn start_with_replicas(replicas: usize) -> RedisCluster {
         binary("redis-cli");
         let dir = scratch_dir();
         let mut nodes = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..3 * (1 + replicas) {
             let node_dir = dir.join(format!("node{}", nodes.len()));
             nodes.push(
                 RedisServer::start_with(&node_dir, |port| {
@@ -235,6 +241,10 @@ impl RedisCluster {
                         "no",
                         "--cluster-node-timeout",
                         "3000",
+                        // A replica syncs at once (a replica that never
+                        // synced cannot be promoted).
+                        "--repl-diskless-sync-delay",
+                        "0",
                     ]
                     .map(str::to_owned)
                     .to_vec()
@@ -247,7 +257,7 @@ impl RedisCluster {
         let out = Command::new(binary("redis-cli"))
             .args(["--cluster", "create"])
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("run redis-cli --cluster create");
@@ -262,7 +272,8 @@ impl RedisCluster {
     }
 
     /// Waits until every running node says `cluster_state:ok` and agrees
-    /// that every slot is served by one of the three masters.
+    /// that every slot is served, and every replica is in sync with its
+    /// master.
     pub async fn wait_ok(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -276,7 +287,12 @@ impl RedisCluster {
                     Ok(Reply::Bulk(Some(b))) => String::from_utf8_lossy(&b).into_owned(),
                     _ => String::new(),
                 };
-                if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
+                let replication = match c.cmd(&["INFO", "replication"]).await {
+                    Ok(Reply::Bulk(Some(b))) => String::from_utf8_lossy(&b).into_owned(),
+                    _ => String::new(),
+                };
+                let synced = !replication.contains("role:slave") || replication.contains("master_link_status:up");
+                if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") || !synced {
                     ok = false;
                     break;
                 }
