@@ -100,7 +100,20 @@ pub struct ServerProc {
 impl ServerProc {
     pub async fn spawn(opts: &ConnOpts) -> io::Result<ServerProc> {
         let exe = std::env::current_exe()?;
-        let mut cmd = Command::new(exe);
+        // `LOAD_SERVER_WRAP="valgrind --tool=massif"` (or strace, …) runs
+        // the server under a tool: the words come before the server's own
+        // command line. The tool must keep the server's pid (valgrind does)
+        // for the CPU and RSS figures to mean anything.
+        let wrap = std::env::var("LOAD_SERVER_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(tool) => {
+                let mut c = Command::new(tool);
+                c.args(words).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
         cmd.args(["server", "--kind", opts.kind.name(), "--addr", "127.0.0.1:0"]);
         if let Some(h) = opts.heartbeat_ms {
             cmd.args(["--heartbeat-ms", &h.to_string()]);
@@ -115,10 +128,19 @@ impl ServerProc {
         let pid = child.id().ok_or_else(|| io::Error::other("server exited at once"))?;
         let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
         let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        // A wrapping tool may print lines of its own first.
+        let ready = async {
+            loop {
+                match lines.next_line().await? {
+                    Some(l) if l.starts_with("ready ") => return Ok(l),
+                    Some(_) => continue,
+                    None => return Err(io::Error::other("server exited before ready")),
+                }
+            }
+        };
+        let line = tokio::time::timeout(Duration::from_secs(60), ready)
             .await
-            .map_err(|_| io::Error::other("server did not say ready"))??
-            .ok_or_else(|| io::Error::other("server exited before ready"))?;
+            .map_err(|_| io::Error::other("server did not say ready"))??;
         let addr = line
             .strip_prefix("ready ")
             .and_then(|a| a.trim().parse().ok())

@@ -485,25 +485,34 @@ async fn cmd_compare_idle(args: &Args) -> Result<ExitCode, String> {
 }
 
 async fn cmd_sizes() -> Result<ExitCode, String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let e = |e: std::io::Error| e.to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(e)?;
+    let addr = listener.local_addr().map_err(e)?;
     let hub = switchboard::Hub::builder().build();
     let config = switchboard::transport::ws::WsConfig::default();
+    let stream = tokio::net::TcpStream::connect(addr).await.map_err(e)?;
     let accept = switchboard::transport::ws::accept(stream, addr, &hub, &config);
     println!(
-        "switchboard: transport::ws::accept future (the reader task of a connection): {} bytes",
+        "switchboard: transport::ws::accept future (the handshake task, freed once upgraded): {} bytes",
         std::mem::size_of_val(&accept)
     );
     drop(accept);
-    // After the handshake, `ws::serve` runs the session on a task of its
-    // own: this future (for the in-memory transport; the WebSocket one
-    // differs only in the transport's own fields).
-    let (transport, _peer) = switchboard::transport::memory::pair(1);
-    let handshake = switchboard::Handshake::new();
+    // A real upgrade, for the session task's size with the WebSocket
+    // transport: after the handshake `ws::serve` runs it on a task of its own.
+    drop(listener);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(e)?;
+    let addr = listener.local_addr().map_err(e)?;
+    let upgrade = tokio::spawn(async move {
+        let (socket, peer) = listener.accept().await?;
+        switchboard::transport::ws::upgrade(socket, peer, &switchboard::transport::ws::WsConfig::default(), 65536).await
+    });
+    let socket = tokio::net::TcpStream::connect(addr).await.map_err(e)?;
+    let (_client, _) =
+        tokio_tungstenite::client_async(format!("ws://{addr}/"), socket).await.map_err(|e| e.to_string())?;
+    let (transport, handshake) = upgrade.await.map_err(|e| e.to_string())?.map_err(e)?.ok_or("upgrade refused")?;
     let serve = hub.serve(transport, &handshake, switchboard::Identity::anonymous());
     println!(
-        "switchboard: Hub::serve future (the session task, memory transport): {} bytes",
+        "switchboard: Hub::serve future (the session task of a connection, WebSocket): {} bytes",
         std::mem::size_of_val(&serve)
     );
     drop(serve);

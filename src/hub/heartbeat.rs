@@ -54,7 +54,7 @@ pub(crate) fn spawn(interval: Duration, timeout: Duration) -> mpsc::Sender<Weak<
                 Some(expired) = futures::future::poll_fn(|cx| wheel.poll_expired(cx)) => {
                     let entry = expired.into_inner();
                     let Some(session) = entry.session.upgrade() else { continue };
-                    if session.cancel.is_cancelled() {
+                    if session.is_cancelled() {
                         continue;
                     }
                     match entry.phase {

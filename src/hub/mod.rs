@@ -895,7 +895,7 @@ impl Hub {
             if rooms.len() >= self.inner.config.max_rooms_per_connection {
                 return Err(CallError::with_code(ErrorCode::TOO_MANY_ROOMS, "room limit reached"));
             }
-            if session.cancel.is_cancelled() {
+            if session.is_cancelled() {
                 return Err(CallError::with_code(ErrorCode::UNAVAILABLE, "connection is closing"));
             }
             let (name, created, stream) = self.inner.rooms.join(room, session, self.recoverable(room));
@@ -1321,7 +1321,7 @@ impl Hub {
         if tokio::time::timeout(deadline, self.wait_empty()).await.is_err() {
             let rest: Vec<Arc<Session>> = self.inner.sessions.read().values().cloned().collect();
             for s in rest {
-                s.kill.cancel();
+                s.kill();
             }
             self.wait_empty().await;
         }

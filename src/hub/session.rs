@@ -19,12 +19,13 @@ use crate::ConnectionId;
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::Arc;
-use tokio::sync::{Notify, Semaphore};
+use std::task::ready;
+use tokio::sync::Notify;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 /// Shared state of one connection. Reachable from rooms (for fan-out), the
 /// hub's session index, the heartbeat wheel (weakly) and handler calls.
@@ -40,12 +41,16 @@ pub(crate) struct Session {
     state: AtomicU8,
     /// Set by any inbound frame; cleared when the heartbeat sends a ping.
     pub(crate) alive: AtomicBool,
-    /// Tells the reader to stop (a close was decided).
-    pub(crate) cancel: CancellationToken,
-    /// Tells the session to stop waiting for a graceful drain.
-    pub(crate) kill: CancellationToken,
+    /// The stop signals: [`STOP_READ`] tells the reader to stop (a close
+    /// was decided), [`STOP_DRAIN`] tells the session to stop waiting for
+    /// a graceful drain. Inline: a `CancellationToken` each was two
+    /// allocations (~260 bytes) per connection.
+    stops: Stops,
     reason: Mutex<Option<DisconnectReason>>,
-    pub(crate) inflight: Arc<Semaphore>,
+    /// Requests in flight (handler calls, joins, refreshes), at most
+    /// `max_inflight`; each holds a [`Permit`].
+    inflight: AtomicU32,
+    max_inflight: u32,
     /// Calls naming a room wait here, per room, for that room's worker task:
     /// one task per room with work drains its queue in arrival order, so a
     /// publisher's broadcasts stay in order and run back to back (writers
@@ -70,17 +75,17 @@ struct Rate {
 }
 
 /// Expiry and room restriction of the credentials in force.
-#[derive(Clone)]
 pub(crate) struct Grant {
-    pub(crate) identity: Identity,
+    /// The identity of the latest successful `refresh`; `None`: the
+    /// connection's own (boxed: most connections never refresh).
+    refreshed: Option<Box<Identity>>,
     /// When the credentials expire, on tokio's clock.
     pub(crate) deadline: Option<tokio::time::Instant>,
 }
 
 impl Grant {
-    pub(crate) fn new(identity: Identity) -> Grant {
-        let deadline = identity.expires_in().map(|left| tokio::time::Instant::now() + left);
-        Grant { identity, deadline }
+    fn deadline_of(identity: &Identity) -> Option<tokio::time::Instant> {
+        identity.expires_in().map(|left| tokio::time::Instant::now() + left)
     }
 }
 
@@ -95,10 +100,10 @@ impl Session {
             rooms: Mutex::new(Vec::new()),
             state: AtomicU8::new(ConnectionState::Connecting as u8),
             alive: AtomicBool::new(true),
-            cancel: CancellationToken::new(),
-            kill: CancellationToken::new(),
+            stops: Stops { raised: AtomicU8::new(0), notify: Notify::new() },
             reason: Mutex::new(None),
-            inflight: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
+            inflight: AtomicU32::new(0),
+            max_inflight: u32::try_from(cfg.max_inflight.max(1)).unwrap_or(u32::MAX),
             call_queues: Mutex::new(Vec::new()),
             rate: identity.rate_limit_or(cfg.rate_limit).map(|limit| Rate {
                 messages: Limiter::new(&limit),
@@ -106,7 +111,7 @@ impl Session {
                 // twice its rate gets errors for the excess but stays.
                 violations: Limiter::new(&limit.burst(cfg.max_rate_violations.max(1))),
             }),
-            grant: Mutex::new(Grant::new(identity.clone())),
+            grant: Mutex::new(Grant { refreshed: None, deadline: Grant::deadline_of(&identity) }),
             identity,
         }
     }
@@ -118,7 +123,7 @@ impl Session {
 
     /// Whether the credentials in force allow a client `join` of `room`.
     fn allows_room(&self, room: &str) -> bool {
-        self.grant.lock().identity.allows_room(room)
+        self.grant.lock().refreshed.as_deref().unwrap_or(&self.identity).allows_room(room)
     }
 
     pub(crate) fn state(&self) -> ConnectionState {
@@ -133,16 +138,29 @@ impl Session {
         self.rooms.lock().iter().any(|r| &**r == room)
     }
 
+    /// An encoded envelope as a frame: text or binary by the format.
+    fn frame(&self, bytes: bytes::Bytes) -> Frame {
+        if self.format.is_binary() {
+            Frame::Binary(bytes)
+        } else {
+            Frame::Text(bytes)
+        }
+    }
+
+    /// A notice the writer sends itself (`lagged`, `gap`), as a frame.
+    fn notice(&self, parts: Parts<'_>) -> Frame {
+        self.frame(parts.encode(self.format))
+    }
+
     /// Queues an encoded envelope (a text or binary frame by format).
     pub(crate) fn push_encoded(&self, bytes: bytes::Bytes) {
-        let frame = if self.format.is_binary() { Frame::Binary(bytes) } else { Frame::Text(bytes) };
-        self.push(frame);
+        self.push(self.frame(bytes));
     }
 
     /// Queues an event of a recoverable room: if the drop-oldest policy
     /// drops it, the client is told the room and offset range in a `gap`.
     pub(crate) fn push_tagged(&self, bytes: bytes::Bytes, room: &Arc<str>, offset: u64) {
-        let frame = if self.format.is_binary() { Frame::Binary(bytes) } else { Frame::Text(bytes) };
+        let frame = self.frame(bytes);
         if let Push::Overflow = self.outbox.push_queued(Queued { frame, tag: Some((room.clone(), offset)) }) {
             self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
         }
@@ -228,11 +246,87 @@ impl Session {
             self.set_state(ConnectionState::Closing);
         }
         self.outbox.close(frame, discard);
-        self.cancel.cancel();
+        self.stops.raise(STOP_READ);
+    }
+
+    /// Whether a close was decided (the reader has been told to stop).
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.stops.is_raised(STOP_READ)
+    }
+
+    /// Ends the wait for a graceful drain (the shutdown deadline passed).
+    pub(crate) fn kill(&self) {
+        self.stops.raise(STOP_DRAIN);
     }
 
     pub(crate) fn reason(&self) -> Option<DisconnectReason> {
         self.reason.lock().clone()
+    }
+}
+
+/// The connection's handler tasks. The set is created by the first one:
+/// an empty `JoinSet` is an allocation, and most connections never call.
+#[derive(Default)]
+struct Calls(Option<JoinSet<()>>);
+
+impl Calls {
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.0.get_or_insert_with(JoinSet::new).spawn(task);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(JoinSet::is_empty)
+    }
+
+    async fn join_next(&mut self) -> Option<()> {
+        match &mut self.0 {
+            Some(set) => set.join_next().await.map(|_| ()),
+            None => None,
+        }
+    }
+
+    fn abort_all(&mut self) {
+        if let Some(set) = &mut self.0 {
+            set.abort_all();
+        }
+    }
+}
+
+/// Tells the reader to stop.
+const STOP_READ: u8 = 1;
+/// Tells the session to stop waiting for a graceful drain.
+const STOP_DRAIN: u8 = 2;
+
+/// One-way signals, each raised at most once and awaited by any number of
+/// tasks: what `CancellationToken`s would do, without an allocation each.
+struct Stops {
+    raised: AtomicU8,
+    notify: Notify,
+}
+
+impl Stops {
+    fn raise(&self, signal: u8) {
+        if self.raised.fetch_or(signal, Ordering::AcqRel) & signal == 0 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    fn is_raised(&self, signal: u8) -> bool {
+        self.raised.load(Ordering::Acquire) & signal != 0
+    }
+
+    async fn wait(&self, signal: u8) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a raise between the check and
+            // the await still wakes this waiter.
+            notified.as_mut().enable();
+            if self.is_raised(signal) {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -350,6 +444,11 @@ impl Outbox {
         }
         st.bytes += len;
         st.peak = st.peak.max(st.bytes);
+        if st.queue.capacity() == 0 {
+            // Room for one frame, not the usual four: most connections
+            // are idle most of the time and get a frame now and then.
+            st.queue.reserve_exact(1);
+        }
         st.queue.push_back(item);
         let wake = !std::mem::replace(&mut st.woken, true);
         drop(st);
@@ -399,76 +498,104 @@ impl Outbox {
 
 /// The writer: takes everything queued in one go, feeds it to the sink, and
 /// flushes once per batch (coalescing many small frames into few writes).
-async fn write_loop<S>(session: Arc<Session>, mut sink: S) -> bool
+///
+/// Returns whether the close frame was sent. Not an `async fn`, and the
+/// batch is fed by one `poll_fn` rather than a `feed(..).await` per frame:
+/// this future lives as long as the connection, and each await point of
+/// an `async` body keeps its own state (the writer task was ~900 bytes).
+#[allow(clippy::manual_async_fn)] // an `async fn` would hold its arguments twice
+fn write_loop<S>(session: Arc<Session>, mut sink: S) -> impl Future<Output = bool> + Send
 where
-    S: Sink<Frame, Error = TransportError> + Unpin,
+    S: Sink<Frame, Error = TransportError> + Send + Unpin,
 {
-    let mut batch: VecDeque<Queued> = VecDeque::new();
-    let mut gaps: Vec<(Arc<str>, u64, u64)> = Vec::new();
-    loop {
-        let (ping, pong, batch_bytes, lagged, close, closing) = {
-            let mut st = session.outbox.state.lock();
-            std::mem::swap(&mut st.queue, &mut batch);
-            // From here a push must wake the writer again (Notify keeps the
-            // permit if the writer is not waiting yet).
-            st.woken = false;
-            // Everything counted in `bytes` is in the queue just taken: the
-            // previous batch was subtracted when it was written.
-            let bytes = st.bytes;
-            debug_assert_eq!(bytes, batch.iter().map(|q| data_len(&q.frame)).sum::<usize>());
-            if !st.gaps.is_empty() {
-                std::mem::swap(&mut st.gaps, &mut gaps);
+    async move {
+        let mut batch: VecDeque<Queued> = VecDeque::new();
+        let mut gaps: Vec<(Arc<str>, u64, u64)> = Vec::new();
+        loop {
+            let (mut ping, mut pong, batch_bytes, mut lagged, mut close, closing) = {
+                let mut st = session.outbox.state.lock();
+                std::mem::swap(&mut st.queue, &mut batch);
+                // From here a push must wake the writer again (Notify keeps the
+                // permit if the writer is not waiting yet).
+                st.woken = false;
+                // Everything counted in `bytes` is in the queue just taken: the
+                // previous batch was subtracted when it was written.
+                let bytes = st.bytes;
+                debug_assert_eq!(bytes, batch.iter().map(|q| data_len(&q.frame)).sum::<usize>());
+                if !st.gaps.is_empty() {
+                    std::mem::swap(&mut st.gaps, &mut gaps);
+                }
+                let ping = st.ping.take();
+                if ping.is_some() && batch.is_empty() {
+                    // A heartbeat ping with no data since the last write: the
+                    // connection is idle, so its two queue buffers (grown by
+                    // earlier traffic) are given back rather than kept for
+                    // the next burst. A busy connection keeps them: its pings
+                    // travel with data.
+                    st.queue = VecDeque::new();
+                    batch = VecDeque::new();
+                }
+                (ping, st.pong.take(), bytes, std::mem::take(&mut st.lagged), st.close_frame.take(), st.closing)
+            };
+            if ping.is_none() && pong.is_none() && batch.is_empty() && lagged == 0 && gaps.is_empty() && close.is_none()
+            {
+                if closing {
+                    return false;
+                }
+                session.outbox.notify.notified().await;
+                continue;
             }
-            (st.ping.take(), st.pong.take(), bytes, std::mem::take(&mut st.lagged), st.close_frame.take(), st.closing)
-        };
-        if ping.is_none() && pong.is_none() && batch.is_empty() && lagged == 0 && gaps.is_empty() && close.is_none() {
-            if closing {
+            let closes = close.is_some();
+            let mut gap = 0;
+            // In order: the pong, the heartbeat ping, the `lagged` notice, the
+            // gap notices, the data, the close frame; then one flush.
+            let result = futures::future::poll_fn(|cx| {
+                loop {
+                    let more = pong.is_some()
+                        || ping.is_some()
+                        || lagged > 0
+                        || gap < gaps.len()
+                        || !batch.is_empty()
+                        || close.is_some();
+                    if !more {
+                        break;
+                    }
+                    // Ready before taking a frame: a `Pending` here keeps it.
+                    ready!(sink.poll_ready_unpin(cx))?;
+                    let frame = if let Some(f) = pong.take() {
+                        f
+                    } else if let Some(f) = ping.take() {
+                        f
+                    } else if lagged > 0 {
+                        let data = lagged_payload(session.format, std::mem::take(&mut lagged));
+                        session.notice(Parts { data: Some(data.bytes()), ..Parts::new(Kind::Lagged) })
+                    } else if let Some((room, from, to)) = gaps.get(gap) {
+                        gap += 1;
+                        let reason = super::stream::GapReason::SlowConsumer;
+                        let data = super::stream::gap_payload(session.format, Some(*from), Some(*to), reason, None);
+                        session.notice(Parts { room: Some(room), data: Some(data.bytes()), ..Parts::new(Kind::Gap) })
+                    } else if let Some(q) = batch.pop_front() {
+                        q.frame
+                    } else {
+                        // Only the close frame is left (`more` above).
+                        Frame::Close(close.take())
+                    };
+                    sink.start_send_unpin(frame)?;
+                }
+                sink.poll_flush_unpin(cx)
+            })
+            .await;
+            gaps.clear();
+            batch.clear();
+            session.outbox.state.lock().bytes -= batch_bytes;
+            if let Err(e) = result {
+                tracing::debug!(connection = %session.id, error = %e, "write failed");
+                session.close_with(DisconnectReason::ConnectionLost, None, true);
                 return false;
             }
-            session.outbox.notify.notified().await;
-            continue;
-        }
-        let result: Result<(), TransportError> = async {
-            if let Some(pong) = pong {
-                sink.feed(pong).await?;
+            if closes {
+                return true;
             }
-            if let Some(ping) = ping {
-                sink.feed(ping).await?;
-            }
-            if lagged > 0 {
-                let data = lagged_payload(session.format, lagged);
-                let bytes = Parts { data: Some(data.bytes()), ..Parts::new(Kind::Lagged) }.encode(session.format);
-                let frame = if session.format.is_binary() { Frame::Binary(bytes) } else { Frame::Text(bytes) };
-                sink.feed(frame).await?;
-            }
-            for (room, from, to) in gaps.drain(..) {
-                let data = super::stream::gap_payload(
-                    session.format,
-                    Some(from),
-                    Some(to),
-                    super::stream::GapReason::SlowConsumer,
-                    None,
-                );
-                let bytes = Parts { room: Some(&room), data: Some(data.bytes()), ..Parts::new(Kind::Gap) }
-                    .encode(session.format);
-                sink.feed(if session.format.is_binary() { Frame::Binary(bytes) } else { Frame::Text(bytes) }).await?;
-            }
-            for q in batch.drain(..) {
-                sink.feed(q.frame).await?;
-            }
-            sink.flush().await
-        }
-        .await;
-        batch.clear();
-        session.outbox.state.lock().bytes -= batch_bytes;
-        if let Err(e) = result {
-            tracing::debug!(connection = %session.id, error = %e, "write failed");
-            session.close_with(DisconnectReason::ConnectionLost, None, true);
-            return false;
-        }
-        if let Some(frame) = close {
-            let sent = sink.send(Frame::Close(Some(frame))).await.is_ok();
-            return sent;
         }
     }
 }
@@ -502,73 +629,80 @@ fn lagged_payload(format: Format, dropped: u64) -> Payload {
 const MAX_EPOCH_LEN: usize = 64;
 
 /// Runs a connection to its end. Called by [`Hub::serve`].
-pub(crate) async fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) {
-    let _task = TaskGuard::new(&hub.inner);
+pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -> impl Future<Output = ()> + Send {
     let (sink, mut stream) = transport.split();
-    let writer = {
-        let guard = TaskGuard::new(&hub.inner);
-        let session = session.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            write_loop(session, sink).await
-        })
-    };
-    hub.send_hello(&session);
-    // Open, unless a close was already decided (e.g. shutdown began while
-    // this connection was being set up): states never go backwards.
-    let _ = session.state.compare_exchange(
-        ConnectionState::Connecting as u8,
-        ConnectionState::Open as u8,
-        Ordering::AcqRel,
-        Ordering::Acquire,
-    );
-    hub.register_heartbeat(&session).await;
-    hub.hook_connect(&session);
-
-    let mut calls = JoinSet::new();
-    let peer_closed = read_loop(&hub, &session, &mut stream, &mut calls).await;
-
-    // Closing: stop handlers, leave rooms (so nothing more is queued), then
-    // let the writer drain what is queued and send the close frame.
-    calls.abort_all();
-    hub.leave_all(&session);
-    let close_timeout = hub.inner.config.close_timeout;
-    let mut writer = writer;
-    let sent_close = tokio::select! {
-        r = &mut writer => r.unwrap_or(false),
-        _ = session.kill.cancelled() => { writer.abort(); false }
-        _ = tokio::time::sleep(close_timeout) => { writer.abort(); false }
-    };
-    if sent_close && !peer_closed {
-        // Wait (bounded) for the peer's close frame so the close handshake
-        // completes cleanly; anything else it sends now is ignored.
-        let drain = async {
-            while let Some(Ok(frame)) = stream.next().await {
-                if let Frame::Close(_) = frame {
-                    break;
-                }
-            }
+    let task = TaskGuard::new(&hub.inner);
+    // An `async move` block, not an `async fn`: an `async fn` moves its
+    // arguments into locals, holding each twice for the connection's life;
+    // a block uses what it captured in place.
+    async move {
+        let _task = task;
+        let writer = {
+            let guard = TaskGuard::new(&hub.inner);
+            // `map`, not an `async` wrapper: a wrapper would keep the captured
+            // future and the awaited one, two copies per connection.
+            tokio::spawn(write_loop(session.clone(), sink).map(move |sent| {
+                drop(guard);
+                sent
+            }))
         };
-        tokio::select! {
-            _ = drain => {}
-            _ = session.kill.cancelled() => {}
-            _ = tokio::time::sleep(close_timeout) => {}
+        hub.send_hello(&session);
+        // Open, unless a close was already decided (e.g. shutdown began while
+        // this connection was being set up): states never go backwards.
+        let _ = session.state.compare_exchange(
+            ConnectionState::Connecting as u8,
+            ConnectionState::Open as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        hub.register_heartbeat(&session).await;
+        hub.hook_connect(&session);
+
+        let mut calls = Calls::default();
+        let peer_closed = read_loop(&hub, &session, &mut stream, &mut calls).await;
+
+        // Closing: stop handlers, leave rooms (so nothing more is queued), then
+        // let the writer drain what is queued and send the close frame.
+        calls.abort_all();
+        hub.leave_all(&session);
+        let close_timeout = hub.inner.config.close_timeout;
+        let mut writer = writer;
+        let sent_close = tokio::select! {
+            r = &mut writer => r.unwrap_or(false),
+            _ = session.stops.wait(STOP_DRAIN) => { writer.abort(); false }
+            _ = tokio::time::sleep(close_timeout) => { writer.abort(); false }
+        };
+        if sent_close && !peer_closed {
+            // Wait (bounded) for the peer's close frame so the close handshake
+            // completes cleanly; anything else it sends now is ignored.
+            let drain = async {
+                while let Some(Ok(frame)) = stream.next().await {
+                    if let Frame::Close(_) = frame {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = drain => {}
+                _ = session.stops.wait(STOP_DRAIN) => {}
+                _ = tokio::time::sleep(close_timeout) => {}
+            }
         }
+        drop(stream);
+        drop(calls);
+        // Only now is the connection gone: until here it was Closing, still
+        // counted and reachable (so `shutdown` waits for its drain and close).
+        hub.deregister(&session);
+        session.set_state(ConnectionState::Closed);
+        let reason = session.reason().unwrap_or(DisconnectReason::ConnectionLost);
+        hub.hook_disconnect(&session, &reason);
+        hub.session_ended();
     }
-    drop(stream);
-    drop(calls);
-    // Only now is the connection gone: until here it was Closing, still
-    // counted and reachable (so `shutdown` waits for its drain and close).
-    hub.deregister(&session);
-    session.set_state(ConnectionState::Closed);
-    let reason = session.reason().unwrap_or(DisconnectReason::ConnectionLost);
-    hub.hook_disconnect(&session, &reason);
-    hub.session_ended();
 }
 
 /// Reads frames until the peer leaves or a close is decided. Returns whether
 /// the peer closed (sent a close frame or ended the stream).
-async fn read_loop<S>(hub: &Hub, session: &Arc<Session>, stream: &mut S, calls: &mut JoinSet<()>) -> bool
+async fn read_loop<S>(hub: &Hub, session: &Arc<Session>, stream: &mut S, calls: &mut Calls) -> bool
 where
     S: Stream<Item = Result<Frame, TransportError>> + Unpin,
 {
@@ -576,20 +710,27 @@ where
     // deadline; the loop re-reads it every turn, and a finished refresh
     // wakes the loop through `join_next`, so the timer is re-armed before
     // the old deadline can fire.
-    let mut armed = session.deadline();
-    let expiry = tokio::time::sleep_until(armed.unwrap_or_else(tokio::time::Instant::now));
-    tokio::pin!(expiry);
+    // The timer exists only while there is a deadline (boxed: most
+    // connections have none, and the reader's task stays smaller).
+    let mut armed = None;
+    let mut expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         let deadline = session.deadline();
         if deadline != armed {
             armed = deadline;
-            if let Some(d) = armed {
-                expiry.as_mut().reset(d);
+            match (armed, &mut expiry) {
+                (Some(d), Some(timer)) => timer.as_mut().reset(d),
+                (Some(d), None) => expiry = Some(Box::pin(tokio::time::sleep_until(d))),
+                (None, _) => expiry = None,
             }
         }
+        let expired = futures::future::poll_fn(|cx| match &mut expiry {
+            Some(timer) => timer.as_mut().poll(cx),
+            None => std::task::Poll::Pending,
+        });
         tokio::select! {
             biased;
-            _ = session.cancel.cancelled() => return false,
+            _ = session.stops.wait(STOP_READ) => return false,
             Some(_) = calls.join_next(), if !calls.is_empty() => {}
             item = stream.next() => match item {
                 None => {
@@ -633,7 +774,7 @@ where
                     }
                 }
             },
-            _ = &mut expiry, if armed.is_some() => {
+            _ = expired => {
                 session.close(
                     DisconnectReason::TokenExpired,
                     CloseCode::TOKEN_EXPIRED,
@@ -666,7 +807,7 @@ fn within_rate(session: &Session, bytes: &[u8]) -> bool {
     false
 }
 
-fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, binary: bool, bytes: bytes::Bytes) {
+fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, binary: bool, bytes: bytes::Bytes) {
     let cfg = &hub.inner.config;
     if bytes.len() > cfg.max_message_size {
         // Transports that enforce the limit themselves never get here.
@@ -737,9 +878,22 @@ fn room_reply(session: &Session, reference: Option<u64>, room: &str) {
     }
 }
 
-fn acquire(session: &Session, reference: Option<u64>) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    match session.inflight.clone().try_acquire_owned() {
-        Ok(p) => Some(p),
+/// One request in flight, counted in its session until dropped. Holds the
+/// session weakly: permits are kept in the session's own call queues.
+pub(crate) struct Permit(std::sync::Weak<Session>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(session) = self.0.upgrade() {
+            session.inflight.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+fn acquire(session: &Arc<Session>, reference: Option<u64>) -> Option<Permit> {
+    let max = session.max_inflight;
+    match session.inflight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)) {
+        Ok(_) => Some(Permit(Arc::downgrade(session))),
         Err(_) => {
             session.send_error(reference, ErrorCode::TOO_MANY_REQUESTS.0, "too many requests in flight");
             None
@@ -747,7 +901,7 @@ fn acquire(session: &Session, reference: Option<u64>) -> Option<tokio::sync::Own
     }
 }
 
-fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Envelope) {
+fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, env: Envelope) {
     let Some(room) = room_field(session, &env) else { return };
     if session.is_member(&room) {
         return room_reply(session, env.reference, &room);
@@ -811,7 +965,7 @@ fn on_leave(hub: &Hub, session: &Arc<Session>, env: Envelope) {
     }
 }
 
-fn on_call(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Envelope) {
+fn on_call(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, env: Envelope) {
     let reference = env.reference;
     let Some(event) = env.event.as_deref() else {
         return session.send_error(reference, ErrorCode::BAD_REQUEST.0, "`call` needs an `event`");
@@ -877,7 +1031,7 @@ fn on_call(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Enve
 pub(crate) struct QueuedCall {
     make: MakeCall,
     reference: Option<u64>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _permit: Permit,
 }
 
 type MakeCall = Box<dyn FnOnce() -> futures::future::BoxFuture<'static, Result<Payload, CallError>> + Send>;
@@ -926,7 +1080,7 @@ async fn run_call(session: &Session, timeout: std::time::Duration, queued: Queue
 /// `refresh`: checks the new token with the hub's [`Refresh`](crate::auth::Refresh)
 /// hook (as a task, like a call: it may be slow) and, when it is for the
 /// same user, makes its expiry and room restriction the connection's.
-fn on_refresh(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: Envelope) {
+fn on_refresh(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, env: Envelope) {
     let reference = env.reference;
     if hub.inner.refresh.is_none() {
         return session.send_error(reference, ErrorCode::BAD_REQUEST.0, "this server does not accept `refresh`");
@@ -946,7 +1100,7 @@ fn on_refresh(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: E
         let _guard = guard;
         let _permit = permit;
         let Some(refresh) = &hub.inner.refresh else { return };
-        let current = session.grant.lock().identity.clone();
+        let current = session.grant.lock().refreshed.as_deref().unwrap_or(&session.identity).clone();
         let checked = AssertUnwindSafe(async { refresh.refresh(&current, token).await }).catch_unwind();
         let renewed = match tokio::time::timeout(hub.inner.config.handler_timeout, checked).await {
             Err(_) => return session.send_error(reference, ErrorCode::TIMEOUT.0, "refresh timed out"),
@@ -957,7 +1111,7 @@ fn on_refresh(hub: &Hub, session: &Arc<Session>, calls: &mut JoinSet<()>, env: E
         if renewed.user_id() != session.identity.user_id() {
             return session.send_error(reference, ErrorCode::FORBIDDEN.0, "token is for another user");
         }
-        let grant = Grant::new(renewed);
+        let grant = Grant { deadline: Grant::deadline_of(&renewed), refreshed: Some(Box::new(renewed)) };
         let expires_in_ms =
             grant.deadline.map(|d| d.saturating_duration_since(tokio::time::Instant::now()).as_millis() as u64);
         *session.grant.lock() = grant;

@@ -102,14 +102,16 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
         }
     };
     tokio::spawn(async move {
-        // Held until the connection ends, whichever way: the task's end
-        // (or its cancellation) drops it and frees the slots.
-        let _admission = admission;
+        // The admission is held until the connection ends, whichever way:
+        // the session task's end (or its cancellation) drops it and frees
+        // the slots. The session gets a task of its own, so this one's
+        // state (the upgrade, the handshake's headers) is freed at once.
         match on_upgrade.await {
             Ok(upgraded) => {
                 let max = hub.config().max_message_size;
                 let transport = WsTransport::from_upgraded(TokioIo::new(upgraded), &config, max).await;
-                hub.serve(transport, &hs, identity).await;
+                let session = hub.serve(transport, &hs, identity);
+                crate::transport::ws::spawn_session(session, Some(admission));
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }

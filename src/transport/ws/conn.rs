@@ -74,7 +74,7 @@ impl Transport for WsTransport {
     type Stream = WsStream;
 
     fn split(self) -> (WsSink, WsStream) {
-        (WsSink { io: self.write, out: VecDeque::new() }, WsStream { inner: self.read })
+        (WsSink { io: self.write, out: VecDeque::new(), data: false }, WsStream { inner: self.read })
     }
 }
 
@@ -110,6 +110,9 @@ pub struct WsSink {
     /// Frames queued since the last flush: each its header, inline, and its
     /// payload, the hub's shared buffer (never copied).
     out: VecDeque<OutFrame>,
+    /// A data frame was queued since the last flush. A flush of control
+    /// frames only (a heartbeat ping on an idle connection) frees `out`.
+    data: bool,
 }
 
 /// One frame on its way out: a 2–10 byte header kept inline (no allocation
@@ -182,6 +185,10 @@ fn close_payload(frame: Option<CloseFrame>) -> Bytes {
 impl WsSink {
     fn queue(&mut self, opcode: u8, payload: Bytes) {
         let (head, len) = header(opcode, payload.len());
+        if self.out.capacity() == 0 {
+            // Room for one frame, not the usual four (see `Outbox`).
+            self.out.reserve_exact(1);
+        }
         self.out.push_back(OutFrame { head, start: 0, len, payload });
     }
 }
@@ -199,8 +206,14 @@ impl Sink<Frame> for WsSink {
         match frame {
             // Text is UTF-8 by the `Frame` contract (switchboard only sends
             // what it encoded); it is not checked again per recipient.
-            Frame::Text(b) => self.queue(OP_TEXT, b),
-            Frame::Binary(b) => self.queue(OP_BINARY, b),
+            Frame::Text(b) => {
+                self.data = true;
+                self.queue(OP_TEXT, b)
+            }
+            Frame::Binary(b) => {
+                self.data = true;
+                self.queue(OP_BINARY, b)
+            }
             Frame::Ping(b) => self.queue(OP_PING, control_payload(b)),
             Frame::Pong(b) => self.queue(OP_PONG, control_payload(b)),
             Frame::Close(c) => self.queue(OP_CLOSE, close_payload(c)),
@@ -253,9 +266,9 @@ impl Sink<Frame> for WsSink {
                 this.out.pop_front();
             }
         }
-        // A burst grew the queue; do not keep its memory on an idle
-        // connection.
-        if this.out.capacity() > 256 {
+        // A burst grew the queue, or only control frames went out (the
+        // connection is idle): do not keep the queue's memory.
+        if this.out.capacity() > 256 || !std::mem::take(&mut this.data) {
             this.out = VecDeque::new();
         }
         ready!(Pin::new(&mut this.io).poll_flush(cx))?;
@@ -412,7 +425,8 @@ mod tests {
         }
         for step in [1, 2, 3, 5, 7, 64, 1000] {
             let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-            let mut sink = WsSink { io: Box::new(Trickle { got: got.clone(), step }), out: VecDeque::new() };
+            let mut sink =
+                WsSink { io: Box::new(Trickle { got: got.clone(), step }), out: VecDeque::new(), data: false };
             futures::executor::block_on(async {
                 for f in frames() {
                     sink.feed(f).await.unwrap();

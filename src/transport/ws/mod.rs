@@ -134,16 +134,26 @@ pub async fn serve(listener: TcpListener, hub: Hub, config: WsConfig) -> std::io
                 Ok(Some((transport, hs, identity, admission))) => {
                     let session = hub.serve(transport, &hs, identity);
                     drop(hs);
-                    tokio::spawn(async move {
-                        session.await;
-                        drop(admission);
-                    });
+                    spawn_session(session, admission);
                 }
                 Ok(None) => {}
                 Err(e) => tracing::debug!(%peer, error = %e, "handshake failed"),
             }
         });
     }
+}
+
+/// Runs a connection's session on a task of its own, holding its admission
+/// slots until it ends (or the task is dropped).
+pub(crate) fn spawn_session(
+    session: impl std::future::Future<Output = ()> + Send + 'static,
+    admission: Option<crate::security::Admission>,
+) {
+    use futures::FutureExt;
+    // `map`, not `async move { session.await; … }`: such a wrapper keeps both
+    // the captured future and the one being awaited, doubling the task
+    // (about 1 KB per connection).
+    tokio::spawn(session.map(move |()| drop(admission)));
 }
 
 /// The handshake of [`accept`], without serving the session.
