@@ -16,6 +16,7 @@ use crate::room::validate_room_name;
 use crate::security::Limiter;
 use crate::transport::{CloseFrame, Frame, Transport, TransportError};
 use crate::ConnectionId;
+use bytes::Bytes;
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -152,23 +153,18 @@ impl Session {
         self.frame(parts.encode(self.format))
     }
 
-    /// Queues an encoded envelope (a text or binary frame by format).
+    /// Queues an encoded envelope (a text or binary frame by format) under
+    /// the overflow policy.
     pub(crate) fn push_encoded(&self, bytes: bytes::Bytes) {
-        self.push(self.frame(bytes));
+        if let Push::Overflow = self.outbox.push_queued(bytes, None) {
+            self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
+        }
     }
 
     /// Queues an event of a recoverable room: if the drop-oldest policy
     /// drops it, the client is told the room and offset range in a `gap`.
     pub(crate) fn push_tagged(&self, bytes: bytes::Bytes, room: &Arc<str>, offset: u64) {
-        let frame = self.frame(bytes);
-        if let Push::Overflow = self.outbox.push_queued(Queued { frame, tag: Some((room.clone(), offset)) }) {
-            self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
-        }
-    }
-
-    /// Queues a data frame under the overflow policy.
-    pub(crate) fn push(&self, frame: Frame) {
-        if let Push::Overflow = self.outbox.push(frame) {
+        if let Push::Overflow = self.outbox.push_queued(bytes, Some((room, offset))) {
             self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
         }
     }
@@ -353,20 +349,22 @@ pub(crate) struct Outbox {
     policy: OverflowPolicy,
 }
 
-/// A queued data frame; events of recoverable rooms carry their room and
-/// offset, so a drop can be reported as a gap.
-pub(crate) struct Queued {
-    frame: Frame,
-    tag: Option<(Arc<str>, u64)>,
-}
-
 /// Most gap ranges remembered between two writes; beyond it a room's last
 /// range is widened (the client is told of a superset, never of less).
 const MAX_GAP_RANGES: usize = 64;
 
 #[derive(Default)]
 struct OutState {
-    queue: VecDeque<Queued>,
+    /// Encoded envelopes, each a data frame of the connection's format:
+    /// bare `Bytes` (32 bytes a slot), since each slot is written by the
+    /// publishing task and read by the writer, usually on another core.
+    queue: VecDeque<Bytes>,
+    /// Events of recoverable rooms in `queue`: `(seq, room, offset)`, so a
+    /// drop can be reported as a gap. Kept aside: most queued frames have
+    /// no tag, and a tag in every slot would double its size.
+    tags: VecDeque<(u64, Arc<str>, u64)>,
+    /// Sequence number of `queue`'s front (counts every frame queued).
+    head: u64,
     /// The pending heartbeat ping, written before the queue. Kept apart so it
     /// is never counted in `bytes` (a protocol ping is a text or binary
     /// frame) nor dropped as data under the drop-oldest policy.
@@ -393,25 +391,17 @@ struct OutState {
     close_frame: Option<CloseFrame>,
 }
 
-fn data_len(frame: &Frame) -> usize {
-    match frame {
-        Frame::Text(b) | Frame::Binary(b) => b.len(),
-        _ => 0,
-    }
-}
-
 impl Outbox {
     fn new(limit: usize, policy: OverflowPolicy) -> Outbox {
         Outbox { state: Mutex::new(OutState::default()), notify: Notify::new(), limit, policy }
     }
 
-    fn push(&self, frame: Frame) -> Push {
-        self.push_queued(Queued { frame, tag: None })
-    }
-
-    fn push_queued(&self, item: Queued) -> Push {
-        let len = data_len(&item.frame);
-        let mut st = self.state.lock();
+    /// Queues an encoded envelope; `tag`: its room and offset, for an event
+    /// of a recoverable room.
+    fn push_queued(&self, item: Bytes, tag: Option<(&Arc<str>, u64)>) -> Push {
+        let len = item.len();
+        let mut guard = self.state.lock();
+        let st = &mut *guard;
         if st.closing {
             return Push::Closed;
         }
@@ -421,10 +411,13 @@ impl Outbox {
                 OverflowPolicy::DropOldest => {
                     while st.bytes + len > self.limit {
                         let Some(old) = st.queue.pop_front() else { break };
-                        st.bytes -= data_len(&old.frame);
+                        let seq = st.head;
+                        st.head += 1;
+                        st.bytes -= old.len();
                         st.lagged += 1;
                         st.dropped_total += 1;
-                        if let Some((room, offset)) = old.tag {
+                        if st.tags.front().is_some_and(|t| t.0 == seq) {
+                            let (_, room, offset) = st.tags.pop_front().expect("checked");
                             note_gap(&mut st.gaps, room, offset);
                         }
                     }
@@ -432,10 +425,10 @@ impl Outbox {
                         // The writer's in-flight batch holds the rest: drop the new one.
                         st.lagged += 1;
                         st.dropped_total += 1;
-                        if let Some((room, offset)) = item.tag {
-                            note_gap(&mut st.gaps, room, offset);
+                        if let Some((room, offset)) = tag {
+                            note_gap(&mut st.gaps, room.clone(), offset);
                         }
-                        drop(st);
+                        drop(guard);
                         self.notify.notify_one();
                         return Push::Dropped;
                     }
@@ -449,9 +442,12 @@ impl Outbox {
             // are idle most of the time and get a frame now and then.
             st.queue.reserve_exact(1);
         }
+        if let Some((room, offset)) = tag {
+            st.tags.push_back((st.head + st.queue.len() as u64, room.clone(), offset));
+        }
         st.queue.push_back(item);
         let wake = !std::mem::replace(&mut st.woken, true);
-        drop(st);
+        drop(guard);
         if wake {
             self.notify.notify_one();
         }
@@ -476,8 +472,9 @@ impl Outbox {
         st.closing = true;
         st.close_frame = frame;
         if discard {
-            let freed: usize = st.queue.drain(..).map(|q| data_len(&q.frame)).sum();
+            let freed: usize = st.queue.drain(..).map(|b| b.len()).sum();
             st.bytes -= freed;
+            st.tags.clear();
         }
         drop(st);
         self.notify.notify_one();
@@ -509,19 +506,22 @@ where
     S: Sink<Frame, Error = TransportError> + Send + Unpin,
 {
     async move {
-        let mut batch: VecDeque<Queued> = VecDeque::new();
+        let mut batch: VecDeque<Bytes> = VecDeque::new();
         let mut gaps: Vec<(Arc<str>, u64, u64)> = Vec::new();
         loop {
             let (mut ping, mut pong, batch_bytes, mut lagged, mut close, closing) = {
                 let mut st = session.outbox.state.lock();
                 std::mem::swap(&mut st.queue, &mut batch);
+                // Taken frames are on their way: no longer droppable.
+                st.head += batch.len() as u64;
+                st.tags.clear();
                 // From here a push must wake the writer again (Notify keeps the
                 // permit if the writer is not waiting yet).
                 st.woken = false;
                 // Everything counted in `bytes` is in the queue just taken: the
                 // previous batch was subtracted when it was written.
                 let bytes = st.bytes;
-                debug_assert_eq!(bytes, batch.iter().map(|q| data_len(&q.frame)).sum::<usize>());
+                debug_assert_eq!(bytes, batch.iter().map(Bytes::len).sum::<usize>());
                 if !st.gaps.is_empty() {
                     std::mem::swap(&mut st.gaps, &mut gaps);
                 }
@@ -533,6 +533,7 @@ where
                     // the next burst. A busy connection keeps them: its pings
                     // travel with data.
                     st.queue = VecDeque::new();
+                    st.tags = VecDeque::new();
                     batch = VecDeque::new();
                 }
                 (ping, st.pong.take(), bytes, std::mem::take(&mut st.lagged), st.close_frame.take(), st.closing)
@@ -574,8 +575,8 @@ where
                         let reason = super::stream::GapReason::SlowConsumer;
                         let data = super::stream::gap_payload(session.format, Some(*from), Some(*to), reason, None);
                         session.notice(Parts { room: Some(room), data: Some(data.bytes()), ..Parts::new(Kind::Gap) })
-                    } else if let Some(q) = batch.pop_front() {
-                        q.frame
+                    } else if let Some(bytes) = batch.pop_front() {
+                        session.frame(bytes)
                     } else {
                         // Only the close frame is left (`more` above).
                         Frame::Close(close.take())
