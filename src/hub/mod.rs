@@ -25,7 +25,7 @@ use futures::FutureExt;
 use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use session::Session;
+use session::{Session, Wire};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
@@ -557,7 +557,8 @@ pub(crate) struct Encoded<'a> {
     /// The event's offset in a recoverable room.
     pub(crate) offset: Option<u64>,
     pub(crate) payload: &'a mut dyn FnMut(Format) -> std::result::Result<Option<Payload>, ProtocolError>,
-    pub(crate) frames: [Option<Bytes>; 2],
+    /// By [`Wire::index`].
+    pub(crate) frames: [Option<Bytes>; Wire::COUNT],
 }
 
 /// The payload source of an [`Encoded`] for an event whose payload is
@@ -570,20 +571,31 @@ pub(crate) fn transcoding(
 }
 
 impl Encoded<'_> {
-    pub(crate) fn get(&mut self, format: Format) -> std::result::Result<Bytes, ProtocolError> {
-        if let Some(b) = &self.frames[format.index()] {
+    /// The event in `wire`'s form: encoded once per format, framed once
+    /// per framed form.
+    pub(crate) fn get(&mut self, wire: Wire) -> std::result::Result<Bytes, ProtocolError> {
+        if let Some(b) = &self.frames[wire.index()] {
             return Ok(b.clone());
         }
-        let payload = (self.payload)(format)?;
-        let parts = Parts {
-            room: self.room,
-            event: Some(self.event),
-            data: payload.as_ref().map(|p| p.bytes().as_ref()),
-            offset: self.offset,
-            ..Parts::new(Kind::Event)
+        let plain = Wire::plain(wire.format);
+        let envelope = match &self.frames[plain.index()] {
+            Some(b) => b.clone(),
+            None => {
+                let payload = (self.payload)(wire.format)?;
+                let parts = Parts {
+                    room: self.room,
+                    event: Some(self.event),
+                    data: payload.as_ref().map(|p| p.bytes().as_ref()),
+                    offset: self.offset,
+                    ..Parts::new(Kind::Event)
+                };
+                let bytes = parts.encode(wire.format);
+                self.frames[plain.index()] = Some(bytes.clone());
+                bytes
+            }
         };
-        let bytes = parts.encode(format);
-        self.frames[format.index()] = Some(bytes.clone());
+        let bytes = wire.prepare(envelope);
+        self.frames[wire.index()] = Some(bytes.clone());
         Ok(bytes)
     }
 }
@@ -723,8 +735,9 @@ impl Hub {
         identity: Identity,
     ) -> impl Future<Output = ()> + Send + 'static {
         let id = ConnectionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        let native_ping = transport.native_ping();
-        let session = Arc::new(Session::new(id, handshake.format(), identity, native_ping, self));
+        let mut transport = transport;
+        let wire = (transport.native_ping(), transport.prefer_framed());
+        let session = Arc::new(Session::new(id, handshake.format(), identity, wire, self));
         self.register(&session);
         if self.is_shutting_down() {
             session.close(DisconnectReason::ServerShutdown, CloseCode::GOING_AWAY, "server shutting down", true);
@@ -1087,7 +1100,7 @@ impl Hub {
             Ok(Some(p))
         };
         let mut encoded =
-            Encoded { room: Some(room), event, offset: None, payload: &mut payload_fn, frames: [None, None] };
+            Encoded { room: Some(room), event, offset: None, payload: &mut payload_fn, frames: Default::default() };
         if let Err(e) = self.deliver_local(room, exclude, &mut encoded) {
             return done(e.into());
         }
@@ -1192,9 +1205,9 @@ impl Hub {
             if slot.is_some() {
                 continue;
             }
-            match encoded.get(session.format) {
+            match encoded.get(session.wire()) {
                 Ok(bytes) => {
-                    session.push_encoded(bytes);
+                    session.push_prepared(bytes);
                     delivered += 1;
                 }
                 Err(e) => *slot = Some(e),
@@ -1232,7 +1245,7 @@ impl Hub {
     pub(crate) fn deliver_encoded(&self, room: &str, event: &str, payload: Option<&Payload>, exclude: u64) {
         let mut payload_fn = transcoding(payload);
         let mut encoded =
-            Encoded { room: Some(room), event, offset: None, payload: &mut payload_fn, frames: [None, None] };
+            Encoded { room: Some(room), event, offset: None, payload: &mut payload_fn, frames: Default::default() };
         if let Err(e) = self.deliver_local(room, exclude, &mut encoded) {
             tracing::warn!(room, error = %e, "dropping undeliverable event");
         }
@@ -1259,15 +1272,16 @@ impl Hub {
             users.get(user).map(|ids| ids.iter().filter_map(|i| sessions.get(i).cloned()).collect()).unwrap_or_default()
         };
         let mut payload_fn = |format: Format| Payload::encode(format, data).map(Some);
-        let mut encoded = Encoded { room: None, event, offset: None, payload: &mut payload_fn, frames: [None, None] };
+        let mut encoded =
+            Encoded { room: None, event, offset: None, payload: &mut payload_fn, frames: Default::default() };
         // As in a room publish: a format that cannot encode the value skips
         // its connections, the others are served, the error is returned.
         let mut error = None;
         let mut sent = 0;
         for s in &sessions {
-            match encoded.get(s.format) {
+            match encoded.get(s.wire()) {
                 Ok(bytes) => {
-                    s.push_encoded(bytes);
+                    s.push_prepared(bytes);
                     sent += 1;
                 }
                 Err(e) => error = Some(e),

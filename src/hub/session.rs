@@ -35,6 +35,9 @@ pub(crate) struct Session {
     pub(crate) format: Format,
     pub(crate) identity: Identity,
     pub(crate) native_ping: bool,
+    /// The transport takes data frames framed for the wire
+    /// ([`Transport::prefer_framed`](crate::transport::Transport::prefer_framed)).
+    framed: bool,
     pub(crate) outbox: Outbox,
     /// Rooms this connection is in. Locked only for quick reads and edits;
     /// the room registry is always locked *after* this one when both are held.
@@ -91,12 +94,19 @@ impl Grant {
 }
 
 impl Session {
-    pub(crate) fn new(id: ConnectionId, format: Format, identity: Identity, native_ping: bool, hub: &Hub) -> Session {
+    pub(crate) fn new(
+        id: ConnectionId,
+        format: Format,
+        identity: Identity,
+        (native_ping, framed): (bool, bool),
+        hub: &Hub,
+    ) -> Session {
         let cfg = &hub.inner.config;
         Session {
             id,
             format,
             native_ping,
+            framed,
             outbox: Outbox::new(cfg.outbound_queue_bytes, cfg.overflow),
             rooms: Mutex::new(Vec::new()),
             state: AtomicU8::new(ConnectionState::Connecting as u8),
@@ -148,21 +158,33 @@ impl Session {
         }
     }
 
+    /// The form this connection's frames are queued in.
+    pub(crate) fn wire(&self) -> Wire {
+        Wire { format: self.format, framed: self.framed }
+    }
+
     /// A notice the writer sends itself (`lagged`, `gap`), as a frame.
     fn notice(&self, parts: Parts<'_>) -> Frame {
-        self.frame(parts.encode(self.format))
+        self.frame(self.wire().prepare(parts.encode(self.format)))
     }
 
     /// Queues an encoded envelope (a text or binary frame by format) under
     /// the overflow policy.
     pub(crate) fn push_encoded(&self, bytes: bytes::Bytes) {
+        self.push_prepared(self.wire().prepare(bytes));
+    }
+
+    /// Queues an envelope already in this connection's [`Wire`] form (from
+    /// a broadcast's per-form cache) under the overflow policy.
+    pub(crate) fn push_prepared(&self, bytes: bytes::Bytes) {
         if let Push::Overflow = self.outbox.push_queued(bytes, None) {
             self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
         }
     }
 
-    /// Queues an event of a recoverable room: if the drop-oldest policy
-    /// drops it, the client is told the room and offset range in a `gap`.
+    /// Queues an event of a recoverable room, in this connection's
+    /// [`Wire`] form: if the drop-oldest policy drops it, the client is
+    /// told the room and offset range in a `gap`.
     pub(crate) fn push_tagged(&self, bytes: bytes::Bytes, room: &Arc<str>, offset: u64) {
         if let Push::Overflow = self.outbox.push_queued(bytes, Some((room, offset))) {
             self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
@@ -257,6 +279,39 @@ impl Session {
 
     pub(crate) fn reason(&self) -> Option<DisconnectReason> {
         self.reason.lock().clone()
+    }
+}
+
+/// The form of a connection's queued frames: its format, and whether its
+/// transport takes them framed for the wire
+/// ([`Transport::prefer_framed`](crate::transport::Transport::prefer_framed)).
+/// A broadcast prepares each form once ([`Wire::COUNT`] at most), however
+/// many recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Wire {
+    pub(crate) format: Format,
+    framed: bool,
+}
+
+impl Wire {
+    pub(crate) const COUNT: usize = 4;
+
+    /// The unframed form of `format`.
+    pub(crate) fn plain(format: Format) -> Wire {
+        Wire { format, framed: false }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self.format.index() * 2 + usize::from(self.framed)
+    }
+
+    /// An encoded envelope of this form's format, in this form.
+    pub(crate) fn prepare(self, envelope: Bytes) -> Bytes {
+        if self.framed {
+            crate::transport::ws_framed(self.format.is_binary(), &envelope)
+        } else {
+            envelope
+        }
     }
 }
 

@@ -34,6 +34,7 @@
 //! Lock order: stream state → room members → session outbox. Nothing awaits
 //! under the stream lock.
 
+use super::session::Wire;
 use super::{transcoding, Encoded, Hub, HubInner, TaskGuard};
 use crate::history::{HistoryRead, Publication, RoomHistory, StreamPosition};
 use crate::protocol::{Format, Kind, Parts, Payload};
@@ -257,14 +258,14 @@ fn deliver(stream: &RoomStream, st: &StreamState, ev: &Positioned) {
         event: &ev.event,
         offset: Some(ev.offset),
         payload: &mut payload_fn,
-        frames: [None, None],
+        frames: Default::default(),
     };
     let members = room.members.read();
     for (id, session) in members.iter() {
         if id.get() == ev.exclude || st.recovering.contains(id) {
             continue;
         }
-        match encoded.get(session.format) {
+        match encoded.get(session.wire()) {
             Ok(bytes) => session.push_tagged(bytes, &stream.name, ev.offset),
             Err(e) => tracing::warn!(room = %stream.name, error = %e, "event not representable in a member's format"),
         }
@@ -276,20 +277,23 @@ fn announce_gap(stream: &RoomStream, st: &StreamState, from: Option<u64>, to: Op
     let Some(room) = room_of(stream) else { return };
     tracing::warn!(room = %stream.name, ?from, ?to, reason = reason.as_str(), "room stream gap");
     let epoch = Some(&*st.epoch);
-    let mut frames: [Option<bytes::Bytes>; 2] = [None, None];
+    let mut frames: [Option<bytes::Bytes>; Wire::COUNT] = Default::default();
     let members = room.members.read();
     for (id, session) in members.iter() {
         if st.recovering.contains(id) {
             continue;
         }
-        let f = session.format;
-        let bytes = frames[f.index()]
+        let wire = session.wire();
+        let f = wire.format;
+        let bytes = frames[wire.index()]
             .get_or_insert_with(|| {
                 let data = gap_payload(f, from, to, reason, epoch);
-                Parts { room: Some(&stream.name), data: Some(data.bytes()), ..Parts::new(Kind::Gap) }.encode(f)
+                wire.prepare(
+                    Parts { room: Some(&stream.name), data: Some(data.bytes()), ..Parts::new(Kind::Gap) }.encode(f),
+                )
             })
             .clone();
-        session.push_encoded(bytes);
+        session.push_prepared(bytes);
     }
 }
 
@@ -539,9 +543,9 @@ impl Hub {
                 event: &p.event,
                 offset: Some(p.offset),
                 payload: &mut payload_fn,
-                frames: [None, None],
+                frames: Default::default(),
             };
-            match encoded.get(session.format) {
+            match encoded.get(session.wire()) {
                 Ok(bytes) => frames.push((bytes, p.offset)),
                 Err(e) => tracing::warn!(room = %stream.name, error = %e, "replayed event not representable"),
             }

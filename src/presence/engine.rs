@@ -36,7 +36,7 @@ use super::{
     PresenceRecord, PresenceStats, PresenceStore, StoreChange,
 };
 use crate::backplane::Subscription;
-use crate::hub::session::Session;
+use crate::hub::session::{Session, Wire};
 use crate::hub::{Hub, HubInner, TaskGuard};
 use crate::protocol::{Envelope, ErrorCode, Format, Kind, Parts, Payload};
 use crate::room::validate_room_name;
@@ -493,12 +493,14 @@ fn state_data(slots: &HashMap<Id, Slot>, count: Count, counts_mode: bool) -> Sta
 /// Queues a presence envelope to every receiver, encoded at most once per
 /// format; forgets receivers that are gone.
 fn broadcast<T: Serialize>(receivers: &mut HashMap<u64, Weak<Session>>, kind: Kind, room: &str, data: &T) {
-    let mut frames: [Option<Option<Bytes>>; 2] = [None, None];
+    let mut frames: [Option<Option<Bytes>>; Wire::COUNT] = Default::default();
     receivers.retain(|_, weak| {
         let Some(session) = weak.upgrade() else { return false };
-        let slot = &mut frames[session.format.index()];
-        if let Some(bytes) = slot.get_or_insert_with(|| encode(kind, room, data, session.format)) {
-            session.push_encoded(bytes.clone());
+        let wire = session.wire();
+        let slot = &mut frames[wire.index()];
+        if let Some(bytes) = slot.get_or_insert_with(|| encode(kind, room, data, wire.format).map(|b| wire.prepare(b)))
+        {
+            session.push_prepared(bytes.clone());
         }
         true
     });

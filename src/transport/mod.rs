@@ -107,6 +107,54 @@ pub trait Transport: Send + 'static {
     fn native_ping(&self) -> bool {
         true
     }
+
+    /// Asks the sink to take data frames already framed for the wire:
+    /// [`Frame::Text`] and [`Frame::Binary`] then carry a whole unmasked
+    /// WebSocket frame (the RFC 6455 header, then the payload), which the
+    /// hub builds once per broadcast for all its recipients instead of once
+    /// per recipient in each sink. A transport that agrees returns `true`,
+    /// and its sink must then write such frames as they are; control frames
+    /// stay unframed. Called once, before [`Transport::split`]. Default:
+    /// `false` (frames carry the payload only).
+    fn prefer_framed(&mut self) -> bool {
+        false
+    }
+}
+
+/// The header of a final, unmasked WebSocket frame (RFC 6455 §5.2) with
+/// `len` bytes of payload: the bytes and how many of them are used (2, 4
+/// or 10). Server frames are never masked, so a frame is this header
+/// followed by the payload unchanged.
+pub(crate) fn ws_header(opcode: u8, len: usize) -> ([u8; 10], u8) {
+    let mut head = [0u8; 10];
+    head[0] = 0x80 | opcode;
+    let n = if len < 126 {
+        head[1] = len as u8;
+        2
+    } else if len <= usize::from(u16::MAX) {
+        head[1] = 126;
+        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        4
+    } else {
+        head[1] = 127;
+        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (head, n)
+}
+
+/// WebSocket opcodes of data frames.
+pub(crate) const WS_TEXT: u8 = 0x1;
+pub(crate) const WS_BINARY: u8 = 0x2;
+
+/// A data frame of `payload`, framed for the wire (see
+/// [`Transport::prefer_framed`]): one copy, made once per broadcast.
+pub(crate) fn ws_framed(binary: bool, payload: &[u8]) -> Bytes {
+    let (head, n) = ws_header(if binary { WS_BINARY } else { WS_TEXT }, payload.len());
+    let mut out = bytes::BytesMut::with_capacity(usize::from(n) + payload.len());
+    out.extend_from_slice(&head[..usize::from(n)]);
+    out.extend_from_slice(payload);
+    out.freeze()
 }
 
 /// What the opening of a connection saw, before any frame.

@@ -35,6 +35,8 @@ type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 pub struct WsTransport {
     read: WebSocketStream<ReadSide>,
     write: BoxWrite,
+    /// Data frames come framed ([`Transport::prefer_framed`]).
+    framed: bool,
 }
 
 impl std::fmt::Debug for WsTransport {
@@ -65,7 +67,7 @@ impl WsTransport {
     ) -> WsTransport {
         let cfg = config.tungstenite(max_message_size);
         let read = WebSocketStream::from_partially_read(ReadSide(read), leftover, Role::Server, Some(cfg)).await;
-        WsTransport { read, write }
+        WsTransport { read, write, framed: false }
     }
 }
 
@@ -74,7 +76,13 @@ impl Transport for WsTransport {
     type Stream = WsStream;
 
     fn split(self) -> (WsSink, WsStream) {
-        (WsSink { io: self.write, out: VecDeque::new(), data: false }, WsStream { inner: self.read })
+        let sink = WsSink { io: self.write, out: VecDeque::new(), data: false, framed: self.framed };
+        (sink, WsStream { inner: self.read })
+    }
+
+    fn prefer_framed(&mut self) -> bool {
+        self.framed = true;
+        true
     }
 }
 
@@ -113,6 +121,8 @@ pub struct WsSink {
     /// A data frame was queued since the last flush. A flush of control
     /// frames only (a heartbeat ping on an idle connection) frees `out`.
     data: bool,
+    /// Data frames arrive framed (header included): queued as they are.
+    framed: bool,
 }
 
 /// One frame on its way out: a 2–10 byte header kept inline (no allocation
@@ -134,30 +144,10 @@ impl std::fmt::Debug for WsSink {
 /// Buffers handed to one `write_vectored` call at most (Linux allows 1024).
 const MAX_SLICES: usize = 256;
 
-const OP_TEXT: u8 = 0x1;
-const OP_BINARY: u8 = 0x2;
+use crate::transport::{ws_header as header, WS_BINARY as OP_BINARY, WS_TEXT as OP_TEXT};
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
-
-/// Writes a final, unmasked frame header (RFC 6455 §5.2).
-fn header(opcode: u8, len: usize) -> ([u8; 10], u8) {
-    let mut head = [0u8; 10];
-    head[0] = 0x80 | opcode;
-    let n = if len < 126 {
-        head[1] = len as u8;
-        2
-    } else if len <= usize::from(u16::MAX) {
-        head[1] = 126;
-        head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-        4
-    } else {
-        head[1] = 127;
-        head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
-        10
-    };
-    (head, n)
-}
 
 /// Control frame payloads are limited to 125 bytes (RFC 6455 §5.5).
 fn control_payload(b: Bytes) -> Bytes {
@@ -185,6 +175,20 @@ fn close_payload(frame: Option<CloseFrame>) -> Bytes {
 impl WsSink {
     fn queue(&mut self, opcode: u8, payload: Bytes) {
         let (head, len) = header(opcode, payload.len());
+        self.push(head, len, payload);
+    }
+
+    /// A data frame: framed by the hub already, or given a header here.
+    fn queue_data(&mut self, opcode: u8, payload: Bytes) {
+        self.data = true;
+        if self.framed {
+            self.push([0; 10], 0, payload);
+        } else {
+            self.queue(opcode, payload);
+        }
+    }
+
+    fn push(&mut self, head: [u8; 10], len: u8, payload: Bytes) {
         if self.out.capacity() == 0 {
             // Room for one frame, not the usual four (see `Outbox`).
             self.out.reserve_exact(1);
@@ -206,14 +210,8 @@ impl Sink<Frame> for WsSink {
         match frame {
             // Text is UTF-8 by the `Frame` contract (switchboard only sends
             // what it encoded); it is not checked again per recipient.
-            Frame::Text(b) => {
-                self.data = true;
-                self.queue(OP_TEXT, b)
-            }
-            Frame::Binary(b) => {
-                self.data = true;
-                self.queue(OP_BINARY, b)
-            }
+            Frame::Text(b) => self.queue_data(OP_TEXT, b),
+            Frame::Binary(b) => self.queue_data(OP_BINARY, b),
             Frame::Ping(b) => self.queue(OP_PING, control_payload(b)),
             Frame::Pong(b) => self.queue(OP_PONG, control_payload(b)),
             Frame::Close(c) => self.queue(OP_CLOSE, close_payload(c)),
@@ -425,8 +423,8 @@ mod tests {
         }
         for step in [1, 2, 3, 5, 7, 64, 1000] {
             let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-            let mut sink =
-                WsSink { io: Box::new(Trickle { got: got.clone(), step }), out: VecDeque::new(), data: false };
+            let io = Box::new(Trickle { got: got.clone(), step });
+            let mut sink = WsSink { io, out: VecDeque::new(), data: false, framed: false };
             futures::executor::block_on(async {
                 for f in frames() {
                     sink.feed(f).await.unwrap();
@@ -436,6 +434,31 @@ mod tests {
             assert_eq!(*got.lock().unwrap(), expected, "write size {step}");
             assert!(sink.out.is_empty());
         }
+    }
+
+    /// A sink that took `prefer_framed` writes data frames as they come
+    /// (the hub framed them once for every recipient) and still frames
+    /// control frames itself.
+    #[test]
+    fn a_framed_sink_writes_data_frames_unchanged() {
+        use futures::SinkExt;
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let io = Box::new(Trickle { got: got.clone(), step: 1000 });
+        let mut sink = WsSink { io, out: VecDeque::new(), data: false, framed: true };
+        let text = crate::transport::ws_framed(false, b"hello");
+        let binary = crate::transport::ws_framed(true, &[7u8; 300]);
+        futures::executor::block_on(async {
+            sink.feed(Frame::Text(text.clone())).await.unwrap();
+            sink.feed(Frame::Ping(Bytes::new())).await.unwrap();
+            sink.feed(Frame::Binary(binary.clone())).await.unwrap();
+            sink.flush().await.unwrap();
+        });
+        let mut expected = vec![0x81, 5];
+        expected.extend_from_slice(b"hello");
+        expected.extend_from_slice(&[0x89, 0]);
+        expected.extend_from_slice(&[0x82, 126, 1, 44]);
+        expected.extend_from_slice(&[7u8; 300]);
+        assert_eq!(*got.lock().unwrap(), expected);
     }
 
     #[test]
