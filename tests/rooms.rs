@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use support::*;
-use switchboard::transport::Handshake;
+use switchboard::transport::{Frame, Handshake};
 use switchboard::{Call, CallError, Hub, HubConfig, Identity, MemoryBackplane, Rejection};
 
 fn internal(e: switchboard::Error) -> CallError {
@@ -254,6 +254,31 @@ async fn a_publish_is_serialized_once_per_format() {
         assert_eq!(c.event().await["data"], 8);
     }
     assert_eq!(next_msgpack(&mut mp).await, json!({"type": "event", "room": "big", "event": "tick", "data": 8}));
+
+    // A member on a transport that takes plain payloads (the in-memory one)
+    // beside the WebSocket members, which take frames the hub framed once:
+    // still one serialization per format, and each gets its own form.
+    let (transport, mut peer) = switchboard::transport::memory::pair(64);
+    let served = hub.clone();
+    tokio::spawn(async move { served.connect(transport, Handshake::new()).await.unwrap() });
+    let plain = |f: Option<Frame>| -> Value {
+        match f.expect("frame") {
+            Frame::Text(b) => serde_json::from_slice(&b).expect("a bare JSON envelope, no frame header"),
+            other => panic!("expected text, got {other:?}"),
+        }
+    };
+    assert_eq!(plain(peer.recv().await)["type"], "hello");
+    let join = r#"{"type":"join","ref":1,"room":"big"}"#;
+    peer.send(Frame::Text(bytes::Bytes::from_static(join.as_bytes()))).await.unwrap();
+    assert_eq!(plain(peer.recv().await)["type"], "reply");
+    let before = SERIALIZED.load(Ordering::SeqCst);
+    hub.publish("big", "tick", &Counted(9)).await.unwrap();
+    assert_eq!(SERIALIZED.load(Ordering::SeqCst) - before, 2, "framing is not serializing again");
+    assert_eq!(plain(peer.recv().await), json!({"type": "event", "room": "big", "event": "tick", "data": 9}));
+    for c in &mut clients {
+        assert_eq!(c.event().await, json!({"type": "event", "room": "big", "event": "tick", "data": 9}));
+    }
+    assert_eq!(next_msgpack(&mut mp).await, json!({"type": "event", "room": "big", "event": "tick", "data": 9}));
 }
 
 /// Publishes a fence from each hub and collects what `c` gets until it has
