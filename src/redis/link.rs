@@ -36,6 +36,12 @@ use std::time::Duration;
 
 /// Converts a redis-rs error into ours, keeping it as the source.
 pub(crate) fn redis_error(context: &str, e: RedisError) -> Error {
+    // What redis-rs's cluster connection returns when the master of a slot
+    // stays unreachable: the last redirect, which reads as "Moved: 1234 …".
+    if let Some((addr, slot)) = e.redirect_node() {
+        let msg = format!("redis {context}: slot {slot} is served by {addr}, which could not be reached ({e})");
+        return Error::msg_with_source(ErrorKind::Backplane, msg, e);
+    }
     Error::msg_with_source(ErrorKind::Backplane, format!("redis {context}: {e}"), e)
 }
 
