@@ -10,6 +10,14 @@
 //!   with `fanout/publish/N`.
 //! - `history/*`: `MemoryHistory` append, and reads of 100 events after a
 //!   position (a recovering join's read).
+//! - `rooms/join_leave/N`: N connected members join a room with `Hub::join`
+//!   and leave it with `Hub::leave` (the membership, the room's creation and
+//!   removal; no client round trip). Throughput in join+leave pairs.
+//! - `presence/join_leave/N`: the same in a room with presence, N distinct
+//!   users: each join and leave also updates the presence state and queues
+//!   the diffs to the room's members (batched by `batch_window`).
+//! - `presence/store/*`: `MemoryPresence` writes one record, and lists a
+//!   room of 100.
 //!
 //! Run: `cargo bench --bench fanout`.
 
@@ -19,11 +27,13 @@
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures::future::join_all;
+use std::sync::{Arc, Mutex};
 use switchboard::history::{Append, HistoryConfig, HistoryStore, MemoryHistory, Retention, StreamPosition};
+use switchboard::presence::{PresenceRecord, PresenceStoreExt};
 use switchboard::protocol::{Envelope, Format, Kind, Payload};
 use switchboard::transport::memory::{self, MemoryPeer};
 use switchboard::transport::{Frame, Handshake};
-use switchboard::{Hub, HubConfig};
+use switchboard::{ConnectionId, Hub, HubConfig, Identity, MemoryPresence, PresenceConfig};
 
 async fn joined_peers(hub: &Hub, room: &str, n: usize) -> Vec<MemoryPeer> {
     let mut peers = Vec::with_capacity(n);
@@ -54,7 +64,8 @@ fn fanout_group(c: &mut Criterion, name: &str, recoverable: bool) {
     group.sample_size(20);
     let payload =
         serde_json::json!({"seq": 1, "text": "a chat message of about one hundred bytes, give or take a few"});
-    for n in [100usize, 1_000] {
+    let sizes: &[usize] = if recoverable { &[100, 1_000] } else { &[100, 1_000, 10_000] };
+    for &n in sizes {
         let mut builder = Hub::builder().config(HubConfig::default().heartbeat_interval(std::time::Duration::ZERO));
         if recoverable {
             builder = builder.history(MemoryHistory::new(), HistoryConfig::all_rooms());
@@ -71,6 +82,81 @@ fn fanout_group(c: &mut Criterion, name: &str, recoverable: bool) {
             })
         });
     }
+    group.finish();
+}
+
+/// Connects `n` in-memory peers (user `u<i>` each) and returns their ids;
+/// every peer is drained on a task of its own, so nothing backs up.
+fn connected(rt: &tokio::runtime::Runtime, builder: switchboard::HubBuilder, n: usize) -> (Hub, Vec<ConnectionId>) {
+    let ids = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let seen = ids.clone();
+    let hub = builder
+        .config(HubConfig::default().heartbeat_interval(std::time::Duration::ZERO))
+        .on_connect(move |conn| seen.lock().unwrap().push(conn.id()))
+        .build();
+    rt.block_on(async {
+        for i in 0..n {
+            let (transport, mut peer) = memory::pair(1024);
+            let serve = hub.serve(transport, &Handshake::new(), Identity::user(format!("u{i}")));
+            tokio::spawn(serve);
+            peer.recv().await.expect("hello");
+            tokio::spawn(async move { while peer.recv().await.is_some() {} });
+        }
+    });
+    let ids = ids.lock().unwrap().clone();
+    assert_eq!(ids.len(), n);
+    (hub, ids)
+}
+
+fn join_leave(rt: &tokio::runtime::Runtime, hub: &Hub, ids: &[ConnectionId]) {
+    rt.block_on(async {
+        for id in ids {
+            hub.join(*id, "bench").await.unwrap();
+        }
+        for id in ids {
+            assert!(hub.leave(*id, "bench"));
+        }
+    })
+}
+
+fn rooms(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut group = c.benchmark_group("rooms");
+    group.sample_size(20);
+    let n = 1_000;
+    let (hub, ids) = connected(&rt, Hub::builder(), n);
+    group.throughput(Throughput::Elements(n as u64));
+    group.bench_with_input(BenchmarkId::new("join_leave", n), &n, |b, _| b.iter(|| join_leave(&rt, &hub, &ids)));
+    group.finish();
+}
+
+fn presence(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let mut group = c.benchmark_group("presence");
+    group.sample_size(20);
+    let n = 100;
+    let (hub, ids) = connected(&rt, Hub::builder().presence(PresenceConfig::default()), n);
+    group.throughput(Throughput::Elements(n as u64));
+    group.bench_with_input(BenchmarkId::new("join_leave", n), &n, |b, _| b.iter(|| join_leave(&rt, &hub, &ids)));
+
+    let store = MemoryPresence::new();
+    let ttl = std::time::Duration::from_secs(60);
+    for i in 0..100u64 {
+        rt.block_on(store.put(PresenceRecord::new("listed", format!("u{i}"), 1, i), ttl)).unwrap();
+    }
+    let mut next = 0u64;
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("store/put", |b| {
+        b.iter(|| {
+            next += 1;
+            rt.block_on(store.put(PresenceRecord::new("written", format!("u{}", next % 1000), 1, next % 1000), ttl))
+                .unwrap()
+        })
+    });
+    group.throughput(Throughput::Elements(100));
+    group.bench_function("store/list_room/100", |b| {
+        b.iter(|| assert_eq!(rt.block_on(store.list_room("listed")).unwrap().len(), 100))
+    });
     group.finish();
 }
 
@@ -124,6 +210,6 @@ fn codec(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default();
-    targets = fanout, history, codec
+    targets = fanout, rooms, presence, history, codec
 }
 criterion_main!(benches);
