@@ -194,15 +194,16 @@ async fn two_hubs_on_the_cluster_share_rooms_and_presence_over_websockets() {
     assert!(!hubs[0].is_user_online("bob").await.unwrap());
 }
 
-async fn recoverable_node(cluster: &RedisCluster) -> Hub {
-    let history = RedisHistory::connect(config(cluster)).await.unwrap();
-    Hub::builder().backplane(backplane(cluster).await).history(history, HistoryConfig::all_rooms()).build()
+async fn recoverable_node(cluster: &RedisCluster, history: HistoryConfig) -> Hub {
+    let store = RedisHistory::connect(config(cluster)).await.unwrap();
+    Hub::builder().backplane(backplane(cluster).await).history(store, history).build()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hubs_on_the_cluster_share_one_stream_and_a_client_recovers_on_the_other_node() {
     let cluster = RedisCluster::start().await;
-    let (hub1, hub2) = (recoverable_node(&cluster).await, recoverable_node(&cluster).await);
+    let all = HistoryConfig::all_rooms;
+    let (hub1, hub2) = (recoverable_node(&cluster, all()).await, recoverable_node(&cluster, all()).await);
     support::two_nodes_share_one_stream(&hub1, &hub2, 100).await;
 }
 
@@ -258,6 +259,19 @@ async fn a_killed_master_fails_its_rooms_only_and_its_subscriptions_come_back_wi
     let kept = history.append(&up, append("kept")).await.unwrap().position;
     assert_eq!(kept.offset, 2, "the other master kept its room");
     let _ = json!(null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_restarted_without_data_tells_the_members_of_its_rooms_to_resync() {
+    let mut cluster = RedisCluster::start().await;
+    // The hubs' fill on the backplane's reconnect gap reads while the
+    // restarted master still answers CLUSTERDOWN and gives up; the position
+    // check (10 s by default) then finds the new epoch.
+    let history = || HistoryConfig::all_rooms().position_check(Duration::from_millis(200));
+    let (hub1, hub2) = (recoverable_node(&cluster, history()).await, recoverable_node(&cluster, history()).await);
+    let room = topic_on(&cluster, &backplane(&cluster).await, 0, "resync").await;
+    let mut master = support::redis::Master { cluster: &mut cluster, node: 0 };
+    support::redis::resync_after_redis_loses_the_room([&hub1, &hub2], &room, &mut master).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -412,6 +412,127 @@ impl RedisCluster {
     }
 }
 
+/// The Redis that holds a scenario's room: `kill -9` it, then start it
+/// again empty. A single server, or one master of a cluster ([`Master`]).
+pub trait Outage {
+    fn kill(&mut self);
+    fn restart(&mut self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Outage for RedisServer {
+    fn kill(&mut self) {
+        RedisServer::kill(self);
+    }
+
+    fn restart(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        RedisServer::restart(self)
+    }
+}
+
+/// Master `node` of a cluster, as an [`Outage`].
+pub struct Master<'a> {
+    pub cluster: &'a mut RedisCluster,
+    pub node: usize,
+}
+
+impl Outage for Master<'_> {
+    fn kill(&mut self) {
+        self.cluster.kill(self.node);
+    }
+
+    fn restart(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        self.cluster.restart(self.node)
+    }
+}
+
+/// Redis loses a recoverable room's data under two hubs, end to end on real
+/// WebSockets: a member on each hub has events 1..=3; the room's Redis is
+/// killed (a publish then fails, which also proves the room lives there)
+/// and restarted empty. Then
+/// (a) each member is told, before anyone publishes, with exactly
+///     `{"type":"gap","room":…,"data":{"reason":"epoch_changed","epoch":E2}}`,
+///     E2 the store's new epoch, one for both hubs (the hub reads the store
+///     when the backplane reports its reconnect, and at each position
+///     check), and each hub's live position is `(0, E2)`;
+/// (b) a client rejoining with its old `{offset, epoch}`, on either hub,
+///     gets `recovered: false`, the new epoch and offset 0, and no replay;
+/// (c) events published after the restart, from both hubs, reach all four
+///     clients in order with the new epoch's offsets 1, 2, 3.
+///
+/// The hubs must keep `room` recoverable on `RedisBackplane` +
+/// `RedisHistory`. Their backplane and store connections heal on their own
+/// after the restart: a publish is retried (with an idempotency key, so an
+/// attempt whose append landed is not stored twice) until it succeeds.
+pub async fn resync_after_redis_loses_the_room(hubs: [&switchboard::Hub; 2], room: &str, redis: &mut impl Outage) {
+    use serde_json::json;
+    use switchboard::history::StreamPosition;
+
+    let addrs = [super::serve(hubs[0]).await, super::serve(hubs[1]).await];
+    let mut clients = Vec::new();
+    let mut epochs = Vec::new();
+    for addr in addrs {
+        let mut member = super::connect(addr).await;
+        let reply = member.join(room).await;
+        assert_eq!(reply["type"], "reply", "{reply}");
+        epochs.push(reply["data"]["epoch"].as_str().unwrap_or_else(|| panic!("no epoch: {reply}")).to_owned());
+        clients.push(member);
+    }
+    assert_eq!(epochs[0], epochs[1], "one stream for both hubs");
+    let old = epochs.swap_remove(0);
+    super::publish_range(hubs[0], room, 1..=3).await;
+    for member in &mut clients {
+        for n in 1..=3 {
+            assert_eq!(super::next_offset(member).await, (n, n));
+        }
+    }
+
+    redis.kill();
+    let err = hubs[0].publish(room, "m", &json!({"n": 0})).await.expect_err("a publish while the room's redis is down");
+    assert!(err.is_backplane(), "{err}");
+    redis.restart().await;
+
+    // (a) Nobody publishes: the hubs find the new epoch themselves.
+    let mut fresh: Option<String> = None;
+    for (member, hub) in clients.iter_mut().zip(hubs) {
+        let gap = member.recv().await;
+        let epoch = gap["data"]["epoch"].as_str().unwrap_or_else(|| panic!("expected an epoch_changed gap: {gap}"));
+        let fresh = fresh.get_or_insert_with(|| epoch.to_owned());
+        assert_ne!(*fresh, old, "{gap}");
+        assert_eq!(gap, json!({"type": "gap", "room": room, "data": {"reason": "epoch_changed", "epoch": fresh}}));
+        assert_eq!(hub.room_position(room), Some(StreamPosition { offset: 0, epoch: fresh.as_str().into() }));
+    }
+    let fresh = fresh.unwrap();
+
+    // (b) A rejoin with the lost position cannot recover, on either hub.
+    for addr in addrs {
+        let mut late = super::connect(addr).await;
+        let reply = late.request(json!({"type": "join", "room": room, "offset": 3, "epoch": old})).await;
+        assert_eq!(reply["type"], "reply", "{reply}");
+        assert_eq!(reply["data"], json!({"room": room, "epoch": fresh, "offset": 0, "recovered": false}));
+        clients.push(late);
+    }
+
+    // (c) The new stream, from both hubs, from offset 1.
+    for (offset, (hub, n)) in (1..).zip([(hubs[0], 4), (hubs[1], 5), (hubs[0], 6)]) {
+        let key = format!("after-{n}");
+        let deadline = tokio::time::Instant::now() + 2 * super::WAIT;
+        let published = loop {
+            match hub.publish_idempotent(room, "m", &json!({"n": n}), &key).await {
+                Ok(p) => break p,
+                Err(e) => assert!(e.is_backplane() && tokio::time::Instant::now() < deadline, "publish {n}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(published.position, Some(StreamPosition { offset, epoch: fresh.as_str().into() }));
+    }
+    for client in &mut clients {
+        for (offset, n) in [(1, 4), (2, 5), (3, 6)] {
+            assert_eq!(super::next_offset(client).await, (offset, n));
+        }
+        assert_eq!(client.pending_events(), 0);
+    }
+}
+
 /// A RESP reply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
