@@ -264,10 +264,11 @@ async fn a_killed_master_fails_its_rooms_only_and_its_subscriptions_come_back_wi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_restarted_without_data_tells_the_members_of_its_rooms_to_resync() {
     let mut cluster = RedisCluster::start().await;
-    // The hubs' fill on the backplane's reconnect gap reads while the
-    // restarted master still answers CLUSTERDOWN and gives up; the position
-    // check (10 s by default) then finds the new epoch.
-    let history = || HistoryConfig::all_rooms().position_check(Duration::from_millis(200));
+    // The hubs' fill on the backplane's reconnect gap first reads while the
+    // restarted master still answers CLUSTERDOWN; it backs off and reads
+    // again until the master answers. The position check is put out of
+    // reach, so the notice must come from that fill.
+    let history = || HistoryConfig::all_rooms().position_check(Duration::from_secs(600));
     let (hub1, hub2) = (recoverable_node(&cluster, history()).await, recoverable_node(&cluster, history()).await);
     let room = topic_on(&cluster, &backplane(&cluster).await, 0, "resync").await;
     let mut master = support::redis::Master { cluster: &mut cluster, node: 0 };

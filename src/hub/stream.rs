@@ -619,6 +619,15 @@ impl Hub {
     }
 }
 
+/// Failed reads after which a fill with events waiting behind the hole
+/// gives up on the hole (reported as `missed`).
+const FILL_TRIES_WAITING: u32 = 3;
+/// Failed reads after which a fill with nothing waiting stops (about 20 s
+/// with the default `gap_wait`; the position check goes on from there).
+const FILL_TRIES_IDLE: u32 = 8;
+/// Longest pause between two reads of a fill.
+const FILL_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(4);
+
 /// Reads what the room is missing from the store and delivers it in order;
 /// reports what the store no longer has. Runs with `filling` set; clears it
 /// when the room is in step (or gone).
@@ -649,11 +658,19 @@ async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
         let read = match read {
             Ok(r) => r,
             Err(e) => {
+                // Not held across the await below (nor borrowed before it:
+                // a guard that was borrowed counts as held).
+                drop(st);
                 failures += 1;
                 tracing::warn!(room = %stream.name, error = %e, "history read failed while filling a gap");
-                if failures >= 3 {
-                    // Give up on what is missing: tell members, go on with
-                    // what is here.
+                // With events waiting behind the hole, give up on it soon
+                // (tell members, go on with what is here); with nothing
+                // waiting (the fill checks the room after a backplane loss),
+                // keep trying longer, then leave it to the position check.
+                let waiting = !stream.state.lock().pending.is_empty();
+                let tries = if waiting { FILL_TRIES_WAITING } else { FILL_TRIES_IDLE };
+                if failures >= tries {
+                    let mut st = stream.state.lock();
                     if let Some(&first) = st.pending.keys().next() {
                         let from = st.last.unwrap_or(0) + 1;
                         announce_gap(&stream, &st, Some(from), Some(first - 1), GapReason::Missed);
@@ -663,8 +680,12 @@ async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
                     st.filling = false;
                     return;
                 }
-                drop(st);
-                tokio::time::sleep(history.config.gap_wait).await;
+                // Backing off: a store coming back from an outage (a Redis
+                // Cluster master answers CLUSTERDOWN for a while after a
+                // restart) is read again within seconds, not only at the
+                // next position check.
+                let delay = history.config.gap_wait.saturating_mul(1 << (failures - 1).min(4));
+                tokio::time::sleep(delay.min(FILL_MAX_DELAY)).await;
                 continue;
             }
         };
