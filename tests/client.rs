@@ -188,6 +188,19 @@ async fn joins_calls_and_receives_room_and_direct_events() {
         assert_eq!(reply, json!({"ok": true}));
         let (e, _) = next_event(&mut lobby).await;
         assert_eq!((e.event.as_str(), text(&e).as_str(), e.room.as_deref()), ("said", "hi", Some("lobby")));
+        // The same items as a `Stream`.
+        for n in 1..=3 {
+            hub.publish("lobby", "n", &n).await.unwrap();
+        }
+        let streamed: Vec<RoomEvent> = tokio::time::timeout(WAIT, lobby.stream().take(3).collect()).await.unwrap();
+        let ns: Vec<Value> = streamed
+            .iter()
+            .map(|item| match item {
+                RoomEvent::Event(e) => e.decode().unwrap(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ns, [json!(1), json!(2), json!(3)]);
 
         let echoed: Vec<u32> = client.call("echo", &[1, 2, 3]).await.unwrap();
         assert_eq!(echoed, [1, 2, 3]);
@@ -212,6 +225,16 @@ async fn joins_calls_and_receives_room_and_direct_events() {
         eventually("joined", || hub.room_len("lobby") == 1).await;
         drop(again);
         eventually("the dropped handle left", || hub.room_len("lobby") == 0).await;
+        // An owning stream leaves when it is dropped.
+        let mut owned = Box::pin(client.join("lobby").await.expect("join").into_stream());
+        eventually("joined", || hub.room_len("lobby") == 1).await;
+        hub.publish("lobby", "n", &4).await.unwrap();
+        match tokio::time::timeout(WAIT, owned.next()).await.unwrap() {
+            Some(RoomEvent::Event(e)) => assert_eq!(e.decode::<u32>().unwrap(), 4),
+            other => panic!("{other:?}"),
+        }
+        drop(owned);
+        eventually("the dropped stream left", || hub.room_len("lobby") == 0).await;
 
         client.close().await;
         assert!(matches!(&*client.status().borrow(), Status::Closed { reason: Disconnect::ClientClosed }));

@@ -264,6 +264,19 @@ impl Room {
         self.queue.try_recv()
     }
 
+    /// The room's items as a [`Stream`](futures::Stream) borrowing the
+    /// handle (the same items as [`Room::recv`]; it ends when `recv` would
+    /// return `None`).
+    pub fn stream(&self) -> impl futures::Stream<Item = RoomEvent> + Send + '_ {
+        futures::stream::unfold(self, |room| async move { room.recv().await.map(|item| (item, room)) })
+    }
+
+    /// The room's items as a [`Stream`](futures::Stream) that owns the
+    /// handle: the room is left when the stream is dropped.
+    pub fn into_stream(self) -> impl futures::Stream<Item = RoomEvent> + Send + 'static {
+        futures::stream::unfold(self, |room| async move { room.recv().await.map(|item| (item, room)) })
+    }
+
     /// The room's live presence (empty and not `synced` in rooms without
     /// presence). Every applied `presence_state` or `presence_diff` marks
     /// it changed.
