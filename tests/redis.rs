@@ -19,9 +19,7 @@ use switchboard::{Backplane, Hub};
 /// Settings for tests: fast reconnects, a probe that does not fire under a
 /// loaded machine by accident.
 fn config(url: &str) -> RedisConfig {
-    RedisConfig::new(url)
-        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
-        .probe(Duration::from_secs(1), Duration::from_secs(5))
+    support::redis::quick(RedisConfig::new(url))
 }
 
 async fn connect(url: &str) -> RedisBackplane {
@@ -505,8 +503,7 @@ async fn two_hubs_share_presence_through_redis_and_a_dead_nodes_entries_expire()
 use switchboard::history::HistoryConfig;
 
 async fn recoverable_node(url: &str, history: HistoryConfig) -> Hub {
-    let store = RedisHistory::connect(config(url)).await.unwrap();
-    Hub::builder().backplane(connect(url).await).history(store, history).build()
+    support::redis::recoverable_node(config(url), history).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

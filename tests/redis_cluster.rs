@@ -22,9 +22,7 @@ use switchboard::{Backplane, Hub};
 /// Settings for tests: fast reconnects, a probe that does not fire under a
 /// loaded machine by accident.
 fn config(cluster: &RedisCluster) -> RedisConfig {
-    RedisConfig::cluster(cluster.urls())
-        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
-        .probe(Duration::from_secs(1), Duration::from_secs(5))
+    support::redis::quick(RedisConfig::cluster(cluster.urls()))
 }
 
 async fn backplane(cluster: &RedisCluster) -> RedisBackplane {
@@ -195,8 +193,7 @@ async fn two_hubs_on_the_cluster_share_rooms_and_presence_over_websockets() {
 }
 
 async fn recoverable_node(cluster: &RedisCluster, history: HistoryConfig) -> Hub {
-    let store = RedisHistory::connect(config(cluster)).await.unwrap();
-    Hub::builder().backplane(backplane(cluster).await).history(store, history).build()
+    support::redis::recoverable_node(config(cluster), history).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -762,3 +762,24 @@ pub async fn throughput<B: Backplane + Clone>(name: &str, a: &B) -> String {
         ((TASKS * PER_TASK) as f64 / secs) as u64
     )
 }
+
+/// Test settings on top of `config`: reconnects within 20–300 ms, a probe
+/// every second.
+#[cfg(feature = "redis")]
+pub fn quick(config: switchboard::redis::RedisConfig) -> switchboard::redis::RedisConfig {
+    config
+        .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(300))
+        .probe(Duration::from_secs(1), Duration::from_secs(5))
+}
+
+/// A hub on `RedisBackplane` and `RedisHistory` (both on `config`), with
+/// `history` deciding which rooms are recoverable.
+#[cfg(feature = "redis")]
+pub async fn recoverable_node(
+    config: switchboard::redis::RedisConfig,
+    history: switchboard::history::HistoryConfig,
+) -> switchboard::Hub {
+    let store = switchboard::redis::RedisHistory::connect(config.clone()).await.expect("connect the history store");
+    let backplane = switchboard::redis::RedisBackplane::connect(config).await.expect("connect the backplane");
+    switchboard::Hub::builder().backplane(backplane).history(store, history).build()
+}
