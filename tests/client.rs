@@ -100,6 +100,22 @@ async fn wait_status(client: &Client, what: &str, f: impl FnMut(&Status) -> bool
     s
 }
 
+/// A client whose token callback hands out `<prefix>1`, `<prefix>2`, …;
+/// the counter says how many it gave.
+fn counting_token_client(addr: SocketAddr, prefix: &'static str) -> (Client, Arc<AtomicU64>) {
+    let calls = Arc::new(AtomicU64::new(0));
+    let c = calls.clone();
+    let client = Client::builder(format!("ws://{addr}/"))
+        .config(fast())
+        .token(move || {
+            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok::<_, std::convert::Infallible>(format!("{prefix}{n}")) }
+        })
+        .connect()
+        .unwrap();
+    (client, calls)
+}
+
 async fn connected(client: &Client) {
     tokio::time::timeout(WAIT, client.connected()).await.expect("timed out connecting").expect("connected");
 }
@@ -536,16 +552,7 @@ async fn token_expired_gets_a_new_token_before_reconnecting() {
         .on_connect(move |c| rec.lock().unwrap().push(c.id()))
         .build();
     let addr = support::serve(&hub).await;
-    let calls = Arc::new(AtomicU64::new(0));
-    let c = calls.clone();
-    let client = Client::builder(format!("ws://{addr}/"))
-        .config(fast())
-        .token(move || {
-            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
-            async move { Ok::<_, std::convert::Infallible>(format!("token-{n}")) }
-        })
-        .connect()
-        .unwrap();
+    let (client, calls) = counting_token_client(addr, "token-");
     connected(&client).await;
     let first = ids.lock().unwrap()[0];
     assert!(hub.disconnect(first, CloseCode::TOKEN_EXPIRED, "token expired: refresh and reconnect"));
@@ -608,16 +615,7 @@ async fn credentials_are_refreshed_in_band_before_they_expire() {
         .on_connect(move |c| rec.lock().unwrap().push(c.id()))
         .build();
     let addr = support::serve(&hub).await;
-    let calls = Arc::new(AtomicU64::new(0));
-    let c = calls.clone();
-    let client = Client::builder(format!("ws://{addr}/"))
-        .config(fast())
-        .token(move || {
-            let n = c.fetch_add(1, Ordering::SeqCst) + 1;
-            async move { Ok::<_, std::convert::Infallible>(format!("t{n}")) }
-        })
-        .connect()
-        .unwrap();
+    let (client, _) = counting_token_client(addr, "t");
     connected(&client).await;
     // Each renewal lands before the expiry: two in a row on one connection
     // (without them the server would close with 4003).

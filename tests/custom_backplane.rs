@@ -2,8 +2,7 @@
 //! the public API only) against switchboard's conformance suite, on a
 //! private `nats-server`.
 
-#[path = "support/nats.rs"]
-mod nats;
+mod support;
 
 #[allow(dead_code)]
 #[path = "../examples/custom-backplane.rs"]
@@ -13,7 +12,7 @@ use example::NatsBackplane;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_backplane_of_the_example_conforms() {
-    let server = nats::NatsServer::start().await;
+    let server = support::nats::NatsServer::start().await;
     let a = NatsBackplane::connect(&server.url()).await.expect("connect");
     let b = NatsBackplane::connect(&server.url()).await.expect("connect");
     switchboard::testing::backplane(a, b).await;

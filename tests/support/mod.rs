@@ -2,6 +2,8 @@
 //! and a real tokio-tungstenite client that speaks the JSON protocol.
 #![allow(dead_code)]
 
+pub mod nats;
+pub mod process;
 pub mod redis;
 
 use futures::{SinkExt, StreamExt};

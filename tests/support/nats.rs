@@ -15,20 +15,10 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts `nats-server -p <free port>` and waits until it greets.
     pub async fn start() -> NatsServer {
-        let found = Command::new("nats-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            found,
-            "nats-server was not found on PATH: this test starts its own NATS server. \
-             Install it (Debian: `apt-get install nats-server`; `.ci/test` does this) and run again."
-        );
+        let nats = super::process::require_binary("nats-server", "Debian: `apt-get install nats-server`");
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut child = Command::new("nats-server")
+            let port = super::process::free_port();
+            let mut child = Command::new(nats)
                 .args(["-a", "127.0.0.1", "-p", &port.to_string()])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())

@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use futures::StreamExt;
-use std::net::{SocketAddr, TcpListener as StdListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,32 +57,11 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
-/// Checks once that `name` runs (`--version`); panics with one clear
-/// message when it is missing.
 fn binary(name: &'static str) -> &'static str {
-    static CHECKED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
-    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
-    if !checked.contains(&name) {
-        let found = Command::new(name)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(
-            found,
-            "{name} was not found on PATH: these tests start their own Redis. \
-             Install it (Debian: `apt-get install redis-server`, which brings redis-cli too; \
-             `.ci/test` does this) and run again."
-        );
-        checked.push(name);
-    }
-    name
+    super::process::require_binary(name, "Debian: `apt-get install redis-server`, which brings redis-cli too")
 }
 
-fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().unwrap().port()
-}
+use super::process::free_port;
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers `PING`.
