@@ -116,6 +116,29 @@ fn counting_token_client(addr: SocketAddr, prefix: &'static str) -> (Client, Arc
     (client, calls)
 }
 
+/// A listener the test answers by hand (raw WebSocket frames) and a
+/// client (user `x`) connecting to it.
+async fn scripted(config: ClientConfig) -> (TcpListener, Client) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = connect(listener.local_addr().unwrap(), "x", config);
+    (listener, client)
+}
+
+/// Accepts `client`'s connection on `listener`, says hello, and answers
+/// its `join` of room `r` with `reply` as the reply's data.
+async fn scripted_join(listener: &TcpListener, client: &Client, reply: Value) -> (RawWs, Room) {
+    let mut ws = accept_raw(listener).await;
+    send(&mut ws, hello(0, 0)).await;
+    let joiner = {
+        let client = client.clone();
+        tokio::spawn(async move { client.join("r").await })
+    };
+    let join = recv(&mut ws).await;
+    assert_eq!((join["type"].as_str(), join["room"].as_str()), (Some("join"), Some("r")), "{join}");
+    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": reply})).await;
+    (ws, joiner.await.unwrap().unwrap())
+}
+
 async fn connected(client: &Client) {
     tokio::time::timeout(WAIT, client.connected()).await.expect("timed out connecting").expect("connected");
 }
@@ -631,9 +654,7 @@ async fn credentials_are_refreshed_in_band_before_they_expire() {
 
 #[tokio::test]
 async fn a_half_open_connection_is_detected_by_the_heartbeat_timeout() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let client = connect(addr, "x", fast());
+    let (listener, client) = scripted(fast()).await;
     // Accepts, says hello (heartbeats every 100 ms, 100 ms timeout), then
     // goes silent without closing: no pings, no reads.
     let mut silent = accept_raw(&listener).await;
@@ -649,7 +670,7 @@ async fn a_half_open_connection_is_detected_by_the_heartbeat_timeout() {
 
     // Client pings: with no server heartbeats, the client pings after its
     // interval and gives up when nothing answers.
-    let client2 = connect(addr, "y", fast().ping_interval(Some(Duration::from_millis(100))));
+    let client2 = connect(listener.local_addr().unwrap(), "y", fast().ping_interval(Some(Duration::from_millis(100))));
     let mut mute = accept_raw(&listener).await;
     send(&mut mute, hello(0, 200)).await;
     let ping = recv(&mut mute).await;
@@ -841,9 +862,7 @@ async fn the_presence_view_converges_with_the_server() {
 
 #[tokio::test]
 async fn a_garbage_sending_server_neither_crashes_nor_wedges_the_client() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let client = connect(addr, "x", fast().max_message_size(4096));
+    let (listener, client) = scripted(fast().max_message_size(4096)).await;
     let mut ws = accept_raw(&listener).await;
     send(&mut ws, hello(0, 0)).await;
     connected(&client).await;
@@ -918,12 +937,41 @@ async fn a_garbage_sending_server_neither_crashes_nor_wedges_the_client() {
 // ---------------------------------------------------------------------------
 // Recovery, against a scripted server speaking the recovery wire format
 
+/// An event of room `r` (epoch-less, as on the wire) at `offset`.
+fn event_at(offset: u64) -> Value {
+    json!({"type": "event", "room": "r", "event": "e", "offset": offset, "data": {"n": offset}})
+}
+
+/// The offsets of the events among `items`.
+fn offsets(items: &[RoomEvent]) -> Vec<u64> {
+    items.iter().filter_map(|i| if let RoomEvent::Event(e) = i { e.offset } else { None }).collect()
+}
+
+/// Answers the recovering `join` of room `r` with `recovered: true` up to
+/// `top` in epoch E1, sends the events at `sent`, and returns what the room
+/// yields until the last of them arrived.
+async fn recover<const N: usize>(
+    ws: &mut RawWs,
+    room: &mut Room,
+    join: &Value,
+    top: u64,
+    sent: [u64; N],
+) -> Vec<RoomEvent> {
+    let data = json!({"room": "r", "epoch": "E1", "offset": top, "recovered": true});
+    send(ws, json!({"type": "reply", "ref": join["ref"], "data": data})).await;
+    for off in sent {
+        send(ws, event_at(off)).await;
+    }
+    let mut items = vec![next(room).await];
+    while offsets(&items).last() != sent.last() {
+        items.push(next(room).await);
+    }
+    items
+}
+
 #[tokio::test]
 async fn rejoins_with_the_last_offset_and_delivers_recovered_events_once_and_first() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let client = connect(addr, "x", fast());
-    let ev = |off: u64| json!({"type": "event", "room": "r", "event": "e", "offset": off, "data": {"n": off}});
+    let (listener, client) = scripted(fast()).await;
 
     // Connection 1: join at head 10; events 11, 12; the server goes away.
     let mut ws = accept_raw(&listener).await;
@@ -939,12 +987,9 @@ async fn rejoins_with_the_last_offset_and_delivers_recovered_events_once_and_fir
     send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r", "epoch": "E1", "offset": 10}}))
         .await;
     let mut room = joiner.await.unwrap().unwrap();
-    send(&mut ws, ev(9)).await; // older than the join: not delivered
-    send(&mut ws, ev(11)).await;
-    send(&mut ws, ev(12)).await;
-    let offsets = |items: &[RoomEvent]| {
-        items.iter().filter_map(|i| if let RoomEvent::Event(e) = i { e.offset } else { None }).collect::<Vec<_>>()
-    };
+    send(&mut ws, event_at(9)).await; // older than the join: not delivered
+    send(&mut ws, event_at(11)).await;
+    send(&mut ws, event_at(12)).await;
     assert_eq!(next_event(&mut room).await.0.offset, Some(11));
     assert_eq!(next_event(&mut room).await.0.offset, Some(12));
     assert_eq!(room.position(), Some((12, "E1".to_owned())));
@@ -957,15 +1002,7 @@ async fn rejoins_with_the_last_offset_and_delivers_recovered_events_once_and_fir
     let join = recv(&mut ws).await;
     assert_eq!((join["offset"].as_u64(), join["epoch"].as_str()), (Some(12), Some("E1")), "{join}");
     assert_eq!(join["data"], json!({"invite": "k"}));
-    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r", "epoch": "E1", "offset": 14, "recovered": true}}))
-        .await;
-    for off in [12, 13, 14, 15] {
-        send(&mut ws, ev(off)).await;
-    }
-    let mut items = vec![next(&mut room).await];
-    while offsets(&items).last() != Some(&15) {
-        items.push(next(&mut room).await);
-    }
+    let items = recover(&mut ws, &mut room, &join, 14, [12, 13, 14, 15]).await;
     assert_eq!(items[0], RoomEvent::Rejoined { recovered: true });
     assert_eq!(offsets(&items), [13, 14, 15]);
 
@@ -976,7 +1013,7 @@ async fn rejoins_with_the_last_offset_and_delivers_recovered_events_once_and_fir
         json!({"type": "gap", "room": "r", "data": {"from": 16, "to": 17, "reason": "slow_consumer", "epoch": "E1"}}),
     )
     .await;
-    send(&mut ws, ev(18)).await;
+    send(&mut ws, event_at(18)).await;
     let leave = recv(&mut ws).await;
     assert_eq!((leave["type"].as_str(), leave["room"].as_str()), (Some("leave"), Some("r")), "{leave}");
     let join = recv(&mut ws).await;
@@ -985,15 +1022,7 @@ async fn rejoins_with_the_last_offset_and_delivers_recovered_events_once_and_fir
         (Some("join"), Some(15), Some("E1"))
     );
     send(&mut ws, json!({"type": "reply", "ref": leave["ref"], "data": {"room": "r"}})).await;
-    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r", "epoch": "E1", "offset": 19, "recovered": true}}))
-        .await;
-    for off in [16, 17, 18, 19] {
-        send(&mut ws, ev(off)).await;
-    }
-    let mut items = vec![next(&mut room).await];
-    while offsets(&items).last() != Some(&19) {
-        items.push(next(&mut room).await);
-    }
+    let items = recover(&mut ws, &mut room, &join, 19, [16, 17, 18, 19]).await;
     assert!(matches!(
         &items[0],
         RoomEvent::Gap(g) if (g.from, g.to, g.reason.as_str(), g.recovering) == (16, 17, "slow_consumer", true)
@@ -1008,7 +1037,7 @@ async fn rejoins_with_the_last_offset_and_delivers_recovered_events_once_and_fir
     assert_eq!(join["offset"].as_u64(), Some(19));
     send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r", "epoch": "E2", "offset": 40, "recovered": false}}))
         .await;
-    send(&mut ws, ev(41)).await;
+    send(&mut ws, event_at(41)).await;
     assert_eq!(next(&mut room).await, RoomEvent::Rejoined { recovered: false });
     assert_eq!(next_event(&mut room).await.0.offset, Some(41));
     assert_eq!(room.position(), Some((41, "E2".to_owned())));
@@ -1142,18 +1171,8 @@ async fn restart_with_history(format: Format) {
 
 #[tokio::test]
 async fn an_unanswered_rejoin_does_not_hold_the_offline_buffer_forever() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let client = connect(addr, "x", fast().call_timeout(Duration::from_secs(1)));
-    let mut ws = accept_raw(&listener).await;
-    send(&mut ws, hello(0, 0)).await;
-    let joiner = {
-        let client = client.clone();
-        tokio::spawn(async move { client.join("r").await })
-    };
-    let join = recv(&mut ws).await;
-    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r"}})).await;
-    let room = joiner.await.unwrap().unwrap();
+    let (listener, client) = scripted(fast().call_timeout(Duration::from_secs(1))).await;
+    let (mut ws, room) = scripted_join(&listener, &client, json!({"room": "r"})).await;
     close(&mut ws, 1001).await;
     wait_status(&client, "reconnecting", |s| matches!(s, Status::Reconnecting { .. })).await;
     room.send("say", &json!({"text": "held"})).await.unwrap();
@@ -1252,18 +1271,8 @@ async fn a_slow_consumer_gap_is_recovered_exactly_once() {
 
 #[tokio::test]
 async fn a_recovery_whose_reply_was_dropped_is_restarted_then_given_up() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let client = connect(addr, "x", fast());
-    let mut ws = accept_raw(&listener).await;
-    send(&mut ws, hello(0, 0)).await;
-    let joiner = {
-        let client = client.clone();
-        tokio::spawn(async move { client.join("r").await })
-    };
-    let join = recv(&mut ws).await;
-    send(&mut ws, json!({"type": "reply", "ref": join["ref"], "data": {"room": "r", "epoch": "E", "offset": 5}})).await;
-    let mut room = joiner.await.unwrap().unwrap();
+    let (listener, client) = scripted(fast()).await;
+    let (mut ws, mut room) = scripted_join(&listener, &client, json!({"room": "r", "epoch": "E", "offset": 5})).await;
     send(&mut ws, json!({"type": "lagged", "data": {"dropped": 2}})).await;
     send(
         &mut ws,
@@ -1296,9 +1305,7 @@ async fn a_recovery_whose_reply_was_dropped_is_restarted_then_given_up() {
 
 #[tokio::test]
 async fn a_join_given_up_while_in_flight_is_undone_when_it_completes() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let client = connect(addr, "x", fast().call_timeout(Duration::from_millis(300)));
+    let (listener, client) = scripted(fast().call_timeout(Duration::from_millis(300))).await;
     let mut ws = accept_raw(&listener).await;
     send(&mut ws, hello(0, 0)).await;
     connected(&client).await;
