@@ -40,9 +40,9 @@ pub fn handshake(data: &[u8]) {
         SecurityConfig::default().trusted_proxies(vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()]);
     let _ = security::client_ip(&trusting, std::net::Ipv4Addr::LOCALHOST.into(), &headers);
     let host = headers.get(http::header::HOST).and_then(|v| v.to_str().ok());
-    let _ = security::check_origin(&trusting, &headers, host);
+    let _ = security::check_origin(&trusting, &headers, host, "refused");
     let list = trusting.origin(OriginPolicy::AllowList(vec!["https://*.example.com".into(), "http://a:1".into()]));
-    let _ = security::check_origin(&list, &headers, host);
+    let _ = security::check_origin(&list, &headers, host, "refused");
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = text.parse::<security::IpNet>();
         let _ = security::parse_forwarded_ip(text);

@@ -450,8 +450,15 @@ fn parse_origin(origin: &str) -> Option<Site> {
 }
 
 /// Checks `Origin` against the policy. `host` is the request's `Host` (or a
-/// trusted proxy's `X-Forwarded-Host`).
-pub(crate) fn check_origin(config: &SecurityConfig, headers: &HeaderMap, host: Option<&str>) -> Result<(), Rejection> {
+/// trusted proxy's `X-Forwarded-Host`). `refused` is the reason a
+/// same-origin refusal gives, worded for the transport that asks
+/// ("cross-origin WebSocket refused", "cross-origin request refused").
+pub(crate) fn check_origin(
+    config: &SecurityConfig,
+    headers: &HeaderMap,
+    host: Option<&str>,
+    refused: &str,
+) -> Result<(), Rejection> {
     let origins: Vec<&http::HeaderValue> = headers.get_all(http::header::ORIGIN).iter().collect();
     let forbidden = |why: &str| Err(Rejection::forbidden(why.to_owned()));
     let origin = match origins.as_slice() {
@@ -463,15 +470,15 @@ pub(crate) fn check_origin(config: &SecurityConfig, headers: &HeaderMap, host: O
     match &config.origin {
         OriginPolicy::Any => Ok(()),
         OriginPolicy::SameOrigin => {
-            let Some(o) = parse_origin(origin) else { return forbidden("cross-origin WebSocket refused") };
+            let Some(o) = parse_origin(origin) else { return forbidden(refused) };
             let Some((h, p)) = host.and_then(split_host_port) else {
-                return forbidden("cross-origin WebSocket refused (no Host)");
+                return forbidden(&format!("{refused} (no Host)"));
             };
             let p = p.or_else(|| o.scheme.as_deref().and_then(default_port));
             if o.host == h && o.port == p {
                 Ok(())
             } else {
-                forbidden("cross-origin WebSocket refused")
+                forbidden(refused)
             }
         }
         OriginPolicy::AllowList(list) => {
@@ -582,7 +589,7 @@ pub(crate) fn admit(
         Some(h) if via_proxy => Some(h),
         _ => headers.get(http::header::HOST).and_then(|v| v.to_str().ok()),
     };
-    check_origin(config, headers, host)?;
+    check_origin(config, headers, host, "cross-origin WebSocket refused")?;
 
     // Total first: fetch_add, and undo when over (never blocks, never races
     // past the bound by more than the requests refused at that instant).
@@ -691,7 +698,7 @@ mod tests {
             if let Some(o) = origin {
                 h.insert(http::header::ORIGIN, o.parse().unwrap());
             }
-            check_origin(cfg, &h, host).is_ok()
+            check_origin(cfg, &h, host, "refused").is_ok()
         };
         assert!(check(&same, None, Some("a.example")), "no Origin: a non-browser client");
         assert!(check(&same, Some("http://a.example"), Some("a.example")));

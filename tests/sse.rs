@@ -365,6 +365,9 @@ async fn cors_allowed_and_refused() {
     assert!(EventSource::open_with(addr, "/events", &[("origin", &origin)]).await.is_ok());
     let err = EventSource::open_with(addr, "/events", &[("origin", "http://other.example")]).await.err().unwrap();
     assert_eq!(err.status, 403);
+    // The refusal body is worded for SSE, as docs/sse.md shows it.
+    let refused = request(addr, "GET", "/events", &[("origin", "http://other.example")], b"").await;
+    assert_eq!(refused.json(), serde_json::json!({"status": 403, "error": "cross-origin request refused"}));
 }
 
 #[tokio::test]

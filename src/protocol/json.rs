@@ -101,17 +101,37 @@ pub(super) fn check_depth_max(json: &[u8], max: usize) -> Result<(), ProtocolErr
     Ok(())
 }
 
-/// The `ref` of a JSON envelope that failed to decode, if it has a valid one.
+/// The `ref` of a JSON envelope that failed to decode: the first `ref` key,
+/// when the object is readable up to it and its value is an unsigned
+/// integer. What follows it (more keys, a second `ref`, a cut-off, trailing
+/// data) does not matter: the MessagePack reader follows the same rule
+/// (`docs/protocol.md` §2).
 pub(super) fn reference_of(bytes: &[u8]) -> Option<u64> {
-    #[derive(Deserialize)]
-    struct RefOnly {
-        #[serde(rename = "ref", default, deserialize_with = "lenient_ref")]
-        reference: Option<u64>,
+    use serde::de::{Error as _, IgnoredAny, MapAccess, Visitor};
+    struct FirstRef<'a>(&'a mut Option<u64>);
+    impl<'de> Visitor<'de> for FirstRef<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                if key == "ref" {
+                    *self.0 = map.next_value::<serde_json::Value>()?.as_u64();
+                    // Stop reading here: the rest may be what is broken.
+                    return Err(A::Error::custom("found `ref`"));
+                }
+                map.next_value::<IgnoredAny>()?;
+            }
+            Ok(())
+        }
     }
-    fn lenient_ref<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-        Ok(Option::<serde_json::Value>::deserialize(d)?.and_then(|v| v.as_u64()))
-    }
-    serde_json::from_slice::<RefOnly>(bytes).ok()?.reference
+    let mut found = None;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    // Always an error once `ref` is found (the visitor stops early): the
+    // answer is what the visitor saw, not the result.
+    let _ = serde::Deserializer::deserialize_map(&mut de, FirstRef(&mut found));
+    found
 }
 
 /// Keeps error messages that echo client input short.

@@ -177,8 +177,10 @@ pub(super) fn decode(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
 
 const KEYS: [&str; 10] = ["type", "ref", "room", "event", "code", "message", "data", "offset", "epoch", "rewind"];
 
-/// The `ref` of a MessagePack envelope that failed to decode, if the map is
-/// readable up to a valid one.
+/// The `ref` of a MessagePack envelope that failed to decode: the first `ref`
+/// key, when the map is readable up to it and its value is an unsigned
+/// integer. What follows it does not matter (the JSON reader follows the
+/// same rule, `docs/protocol.md` §2).
 pub(super) fn reference_of(bytes: &[u8]) -> Option<u64> {
     let mut buf = bytes;
     let len = match byte(&mut buf).ok()? {

@@ -158,3 +158,54 @@ fn msgpack_duplicate_keys_are_refused() {
     let err = Envelope::decode(Format::MsgPack, &Bytes::from(out)).unwrap_err();
     assert!(err.to_string().contains("duplicate"), "{err}");
 }
+
+/// One envelope written field by field in both formats, so that duplicate
+/// keys and trailing bytes (which no serializer produces) can be tested.
+type Fields<'a> = &'a [(&'a str, serde_json::Value)];
+
+fn both_formats(fields: Fields<'_>, trailing: bool) -> [(Format, Vec<u8>); 2] {
+    let body: Vec<String> = fields.iter().map(|(k, v)| format!("{}:{v}", serde_json::json!(k))).collect();
+    let mut json = format!("{{{}}}", body.join(",")).into_bytes();
+    let mut msgpack = Vec::new();
+    rmp::encode::write_map_len(&mut msgpack, fields.len() as u32).unwrap();
+    for (k, v) in fields {
+        rmp::encode::write_str(&mut msgpack, k).unwrap();
+        msgpack.extend(rmp_serde::to_vec(v).unwrap());
+    }
+    if trailing {
+        json.extend_from_slice(b" {}");
+        msgpack.push(0x80);
+    }
+    [(Format::Json, json), (Format::MsgPack, msgpack)]
+}
+
+#[test]
+fn both_formats_keep_the_same_ref_of_a_refused_envelope() {
+    use serde_json::json;
+    let cases: &[(Fields<'_>, bool, Option<u64>)] = &[
+        (&[("type", json!("frobnicate")), ("ref", json!(3))], false, Some(3)),
+        // Trailing data after a complete envelope: refused, `ref` kept.
+        (&[("type", json!("ping")), ("ref", json!(4))], true, Some(4)),
+        // A duplicate key other than `ref`: refused, `ref` kept.
+        (&[("type", json!("ping")), ("ref", json!(5)), ("type", json!("ping"))], false, Some(5)),
+        // A duplicate `ref`: the first one counts.
+        (&[("type", json!("ping")), ("ref", json!(6)), ("ref", json!(7))], false, Some(6)),
+        (&[("type", json!("ping")), ("ref", json!("x")), ("ref", json!(7))], false, None),
+        // Wrong-typed `ref`, and a wrong-typed field next to a good `ref`.
+        (&[("type", json!("call")), ("ref", json!(-1))], false, None),
+        (&[("type", json!("call")), ("ref", json!(8)), ("room", json!(1))], false, Some(8)),
+    ];
+    for (fields, trailing, want) in cases {
+        for (format, bytes) in both_formats(fields, *trailing) {
+            assert!(Envelope::decode(format, &Bytes::from(bytes.clone())).is_err(), "{format:?} {fields:?}");
+            assert_eq!(Envelope::reference_of(format, &bytes), *want, "{format:?} {fields:?} trailing={trailing}");
+        }
+    }
+    // A map cut short after its `ref` keeps it; one cut before it does not.
+    for (format, bytes) in both_formats(&[("ref", json!(9)), ("type", json!("ping"))], false) {
+        assert_eq!(Envelope::reference_of(format, &bytes[..bytes.len() - 3]), Some(9), "{format:?}");
+    }
+    for (format, bytes) in both_formats(&[("type", json!("ping")), ("ref", json!(9))], false) {
+        assert_eq!(Envelope::reference_of(format, &bytes[..bytes.len() - 4]), None, "{format:?}");
+    }
+}

@@ -491,7 +491,7 @@ impl SseEndpoint {
             Some(h) if trusted => Some(h),
             _ => headers.get(header::HOST).and_then(|v| v.to_str().ok()),
         };
-        crate::security::check_origin(security, headers, host)?;
+        crate::security::check_origin(security, headers, host, "cross-origin request refused")?;
         Ok(headers.get(header::ORIGIN).cloned())
     }
 
@@ -579,10 +579,19 @@ impl SseEndpoint {
         if let Some(p) = peer {
             hs = hs.with_peer(p);
         }
-        let origin = self.cors_origin(&parts.headers, peer).ok().flatten();
+        let cors = self.cors_origin(&parts.headers, peer);
+        let origin = cors.as_ref().ok().cloned().flatten();
         let admission = match hub.admit(&mut hs) {
             Ok(a) => a,
-            Err(rej) => return self.refuse_stream(&rej, origin),
+            // The hub's origin refusal is worded for a WebSocket upgrade;
+            // the same decision, worded for this request, is in `cors`.
+            Err(rej) => {
+                let rej = match cors {
+                    Err(own) if rej.status() == StatusCode::FORBIDDEN => own,
+                    _ => rej,
+                };
+                return self.refuse_stream(&rej, origin);
+            }
         };
         let identity = match tokio::time::timeout(inner.config.handshake_timeout, hub.authenticate(&hs)).await {
             Ok(Ok(id)) => id,
