@@ -38,7 +38,7 @@ mod config;
 mod memory;
 
 pub use config::{HistoryConfig, RoomHistory};
-pub use memory::MemoryHistory;
+pub use memory::{MemoryHistory, MemoryHistoryConfig};
 
 use crate::error::Result;
 use crate::protocol::Payload;
