@@ -97,6 +97,7 @@
 //! | [`history`] | [`HistoryConfig`], [`RoomHistory`], the [`HistoryStore`] trait and [`MemoryHistory`] (`docs/recovery.md`) |
 //! | [`integration`] | framework adapters (`axum`) |
 //! | `client` | the Rust client: `Client`, `Room`, status, backoff, presence view (feature `client`, `docs/client.md`) |
+//! | [`client_js`] | the browser client `switchboard.js` as bytes to serve, with its ETag (`docs/js-client.md`) |
 //! | `testing` | conformance suites for host implementations (feature `testing`) |
 //! | [`error`] | [`Error`], [`ErrorKind`], [`Result`] |
 //!
@@ -104,7 +105,8 @@
 //! protocol), `architecture.md` (layers, data path, bounds, locks),
 //! `security.md` (threat model, limits and their defaults, proxies), `sse.md`
 //! (the Server-Sent Events transport), `client.md` (the Rust client),
-//! `recovery.md` (history, recovery, gaps).
+//! `recovery.md` (history, recovery, gaps), `js-client.md` (the browser
+//! client).
 //!
 //! # Features
 //!
@@ -127,6 +129,7 @@ pub mod backplane;
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
+pub mod client_js;
 pub mod error;
 #[cfg(all(fuzzing, feature = "ws"))]
 #[doc(hidden)]

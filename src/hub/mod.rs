@@ -782,6 +782,7 @@ impl Hub {
         #[derive(Serialize)]
         struct Hello {
             version: u32,
+            server_version: &'static str,
             connection_id: u64,
             node: String,
             heartbeat_interval_ms: u64,
@@ -808,6 +809,7 @@ impl Hub {
         let rate = session.identity.rate_limit_or(cfg.rate_limit);
         let hello = Hello {
             version: crate::protocol::VERSION,
+            server_version: env!("CARGO_PKG_VERSION"),
             connection_id: session.id.0,
             node: format!("{:016x}", self.inner.node),
             heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,

@@ -148,3 +148,40 @@ async fn serve_sse(endpoint: crate::transport::sse::SseEndpoint, req: Request) -
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     endpoint.handle(req, peer).await.map(Body::new)
 }
+
+/// A `GET` route serving the browser client `switchboard.js`
+/// ([`client_js::SOURCE`](crate::client_js::SOURCE)) as `text/javascript`,
+/// with a strong `ETag` from its content hash and `Cache-Control: no-cache`
+/// (browsers revalidate; an unchanged file costs a `304 Not Modified`).
+///
+/// ```no_run
+/// # let hub = switchboard::Hub::builder().build();
+/// let app: axum::Router = axum::Router::new()
+///     .route("/switchboard.js", switchboard::integration::axum::client_js())
+///     .route("/ws", switchboard::integration::axum::route(hub));
+/// ```
+pub fn client_js<S>() -> MethodRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+{
+    get(|req: Request| async move { serve_client_js(req.headers()) })
+}
+
+fn serve_client_js(headers: &http::HeaderMap) -> Response {
+    use crate::client_js;
+    let fresh = headers.get_all(header::IF_NONE_MATCH).iter().any(|v| v.to_str().is_ok_and(client_js::matches_etag));
+    let mut res = if fresh {
+        let mut res = Response::new(Body::empty());
+        *res.status_mut() = StatusCode::NOT_MODIFIED;
+        res
+    } else {
+        let mut res = Response::new(Body::from(client_js::SOURCE));
+        res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(client_js::CONTENT_TYPE));
+        res
+    };
+    let h = res.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(client_js::CACHE_CONTROL));
+    h.insert(header::ETAG, HeaderValue::from_static(client_js::etag()));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    res
+}

@@ -2,6 +2,7 @@
 //! and a real tokio-tungstenite client that speaks the JSON protocol.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod nats;
 pub mod process;
 pub mod redis;
