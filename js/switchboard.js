@@ -379,10 +379,10 @@ export class Room {
     async leave() {
         if (!this.wanted)
             return;
+        const joined = this.joined;
         this.client.rooms.delete(this.name);
         this.#end(null);
-        if (this.joined) {
-            this.joined = false;
+        if (joined) {
             await this.client.request({ type: "leave", room: this.name }, { volatile: true }).catch(() => { });
         }
     }

@@ -6,8 +6,10 @@
 //! (every task and socket dropped at once, no close frame: browsers see
 //! 1006) and start it again on the same port; a control server on another
 //! port, which survives, gives the script its levers: `/kill`,
-//! `/start?publish=N&room=R` (publishes N events into the new server's
-//! history before it listens again), `/publish?room=R&n=N&tag=T`.
+//! `/start?publish=N&room=R&tag=T` (publishes N events into the new
+//! server's history before it listens again; `fresh=1`: with an empty
+//! history, as after a restart without a persistent store),
+//! `/publish?room=R&n=N&tag=T`.
 //!
 //! Needs node, Chromium (`$CHROMIUM_PATH` or `/usr/bin/chromium`) and
 //! `tests/browser/node_modules`: `bash .ci/install-browser.sh` installs them.
@@ -86,19 +88,23 @@ struct Incarnation {
 
 struct Server {
     addr: SocketAddr,
-    history: MemoryHistory,
+    history: Mutex<MemoryHistory>,
     current: Mutex<Option<Incarnation>>,
 }
 
 impl Server {
     /// Starts the server (on `self.addr`), after publishing `publish` events
     /// `said` `{"n": i, "tag": tag}` into `room`'s history.
-    async fn start(self: &Arc<Self>, publish: u32, room: String, tag: String) {
+    async fn start(self: &Arc<Self>, publish: u32, room: String, tag: String, fresh: bool) {
+        if fresh {
+            *self.history.lock().unwrap() = MemoryHistory::new();
+        }
+        let history = self.history.lock().unwrap().clone();
         let me = self.clone();
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
         rt.spawn(async move {
-            let (router, hub) = app(me.history.clone());
+            let (router, hub) = app(history);
             for n in 0..publish {
                 hub.publish(&room, "said", &json!({ "n": n, "tag": tag })).await.expect("publish");
             }
@@ -153,7 +159,8 @@ async fn control(server: Arc<Server>) -> SocketAddr {
         .route(
             "/start",
             get(move |Query(q): Q| async move {
-                s2.start(arg(&q, "publish").parse().unwrap_or(0), arg(&q, "room"), arg(&q, "tag")).await;
+                let publish = arg(&q, "publish").parse().unwrap_or(0);
+                s2.start(publish, arg(&q, "room"), arg(&q, "tag"), arg(&q, "fresh") == "1").await;
                 unix_ms().to_string()
             }),
         )
@@ -173,8 +180,8 @@ async fn control(server: Arc<Server>) -> SocketAddr {
 #[tokio::test(flavor = "multi_thread")]
 async fn js_client_in_headless_chromium() {
     let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let server = Arc::new(Server { addr, history: MemoryHistory::new(), current: Mutex::new(None) });
-    server.start(0, String::new(), String::new()).await;
+    let server = Arc::new(Server { addr, history: Mutex::new(MemoryHistory::new()), current: Mutex::new(None) });
+    server.start(0, String::new(), String::new(), false).await;
     let ctl = control(server.clone()).await;
 
     let args = [format!("http://{addr}"), format!("http://{ctl}")];

@@ -222,6 +222,28 @@ await step("offline emulation", async () => {
   check(after.every((x) => x.retryAt === null), `waited for a backoff after coming online: ${JSON.stringify(after)}`);
 });
 
+await step("restart without history: recovered false, resync, nothing of the new stream lost", async () => {
+  await control("/kill");
+  for (const p of pages) await until(p, () => window.c.status.state === "reconnecting");
+  await control("/start?fresh=1");
+  for (const p of pages) {
+    await until(p, () => window.c.status.state === "open" && window.log.resync.length === 1);
+    const r = await get(p, () => [window.log.resync, window.log.joins.at(-1).recovered]);
+    check(same(r, [["not_recovered"], false]), `${p.name}: ${JSON.stringify(r)}`);
+  }
+  // The new stream's offsets start over: none of these may be taken for a duplicate.
+  for (let i = 0; i < 3; i++) {
+    await get(ann, (i) => window.room.call("say", { text: `fresh ann ${i}` }), i);
+    await get(cid, (i) => window.room.call("say", { text: `fresh cid ${i}` }), i);
+  }
+  const want = ["ann 0", "cid 0", "ann 1", "cid 1", "ann 2", "cid 2"].map((x) => `fresh ${x}`);
+  for (const p of pages) {
+    await until(p, (n) => window.log.events.filter((e) => e.text?.startsWith("fresh")).length >= n, want.length);
+    const got = await get(p, () => window.log.events.filter((e) => e.text?.startsWith("fresh")).map((e) => e.text));
+    check(same(got, want), `${p.name} got ${got}`);
+  }
+});
+
 await step("no errors reported", async () => {
   for (const p of pages) {
     const errors = await get(p, () => window.log.errors);
