@@ -10,10 +10,9 @@ mod app;
 mod support;
 
 use serde_json::{json, Value};
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use support::redis::RedisServer;
-use support::{Client, WAIT};
+use support::Client;
 use switchboard::Hub;
 use tokio::net::TcpListener;
 
@@ -49,37 +48,10 @@ async fn say(c: &mut Client, text: &str) {
     assert_eq!(r["data"], json!({"ok": true}), "{r}");
 }
 
-/// Reads `lobby`'s `presence_state` and `presence_diff`s until the keys
-/// online are `want`; fails after `WAIT`.
+/// Reads `lobby`'s presence until the keys online are `want`; fails after
+/// `WAIT`.
 async fn presence_becomes(c: &mut Client, want: &[&str]) {
-    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
-    let mut keys = BTreeSet::new();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let v = tokio::time::timeout_at(deadline, c.recv())
-            .await
-            .unwrap_or_else(|_| panic!("presence never became {want:?} (last seen {keys:?})"));
-        if v["room"] != "lobby" {
-            continue;
-        }
-        match v["type"].as_str() {
-            Some("presence_state") => {
-                keys = v["data"]["presences"].as_object().map(|p| p.keys().cloned().collect()).unwrap_or_default();
-            }
-            Some("presence_diff") => {
-                for k in v["data"]["leaves"].as_object().into_iter().flat_map(|m| m.keys()) {
-                    keys.remove(k);
-                }
-                for k in v["data"]["joins"].as_object().into_iter().flat_map(|m| m.keys()) {
-                    keys.insert(k.clone());
-                }
-            }
-            _ => continue,
-        }
-        if keys == want {
-            return;
-        }
-    }
+    support::presence_until(c, "lobby", &mut Default::default(), |view| view.keys().eq(want.iter().copied())).await;
 }
 
 async fn presence_keys(hub: &Hub) -> Vec<String> {

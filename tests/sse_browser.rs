@@ -1,22 +1,23 @@
 //! The dashboard example in a real browser: serves `examples/dashboard`
 //! in-process and runs `node tests/browser/sse.mjs`, which drives headless
-//! Chromium with its native `EventSource` (samples, a POSTed note with
-//! several lines and unicode, the browser's own reconnect after a dropped
-//! stream and after a server restart, recovering every event published
-//! meanwhile from history, CORS from an allowed origin, a refused origin).
+//! Chromium on the page (the served browser client over SSE): samples on a
+//! chart with axes and a time scale, a note with its author and time (several
+//! lines, unicode, markup shown as text), the status in words with no
+//! internal ids, the client's reconnect after a dropped stream and after a
+//! server restart recovering every event published meanwhile from history,
+//! CORS from an allowed origin, a refused origin, and the layout from 360 to
+//! 1280 px (screenshots at 390 and 1280 px under
+//! `target/tmp/browser-screenshots/`).
 //!
-//! Needs node, Chromium (`$CHROMIUM_PATH` or `/usr/bin/chromium`) and
-//! `tests/browser/node_modules`: `bash .ci/install-browser.sh` installs them.
-//! When they are missing this test fails, it never skips.
+//! Needs node, Chromium and playwright-core (`tests/support/browser.rs`).
 
 #[path = "../examples/dashboard/app.rs"]
 mod app;
+mod support;
 
 use axum::response::Html;
 use axum::routing::get;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard::history::MemoryHistory;
@@ -26,27 +27,20 @@ use switchboard::Hub;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
-const INSTALL: &str = "run `bash .ci/install-browser.sh` (as root) to install Chromium and the npm packages";
-
-/// Serves the dashboard page alone (another origin than the server's).
+/// Serves the dashboard page and the client alone (another origin than the
+/// server's).
 async fn serve_page() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let router: axum::Router = axum::Router::new().route("/", get(|| async { Html(app::index_html()) }));
+    let router: axum::Router = axum::Router::new()
+        .route("/", get(|| async { Html(app::index_html()) }))
+        .route("/switchboard.js", switchboard::integration::axum::client_js());
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     addr
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dashboard_in_headless_chromium() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let node_ok = std::process::Command::new("node").arg("--version").output().is_ok_and(|o| o.status.success());
-    assert!(node_ok, "`node` is not on PATH: {INSTALL}");
-    let playwright = root.join("tests/browser/node_modules/playwright-core");
-    assert!(playwright.is_dir(), "{} is missing: {INSTALL}", playwright.display());
-    let chromium = std::env::var("CHROMIUM_PATH").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(Path::new(&chromium).is_file(), "no Chromium at {chromium}: {INSTALL}");
-
     let allowed = serve_page().await;
     let refused = serve_page().await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -87,27 +81,14 @@ async fn dashboard_in_headless_chromium() {
         })
     };
 
-    let run = tokio::process::Command::new("node")
-        .arg("tests/browser/sse.mjs")
-        .arg(format!("http://{addr}"))
-        .arg(format!("http://{allowed}"))
-        .arg(format!("http://{refused}"))
-        .current_dir(root)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(180), run)
-        .await
-        .expect("node tests/browser/sse.mjs did not finish within 180 s")
-        .expect("could not start node");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("browser sse test passed"),
-        "browser test failed ({}); if Chromium or playwright-core is missing, {INSTALL}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        out.status,
-    );
-    print!("{stdout}");
+    let args = [
+        format!("http://{addr}"),
+        format!("http://{allowed}"),
+        format!("http://{refused}"),
+        support::browser::screenshot_dir().display().to_string(),
+    ];
+    let out = support::browser::run_script("tests/browser/sse.mjs", &args, "browser sse test passed").await;
+    print!("{out}");
 
     // The browser is gone: so are its streams and sessions.
     let (hub, sse) = current.lock().unwrap().clone().unwrap();

@@ -1,39 +1,41 @@
-//! The chat server: the hub (identity, handlers, member-list hooks) and the
+//! The chat server: the hub (identity, handlers, presence) and the
 //! axum router that serves the page and the WebSocket endpoint.
 //!
 //! Kept free of `main` so that `tests/browser.rs` can include it with
 //! `#[path = "../examples/chat/app.rs"] mod app;` and serve it in-process.
 //!
-//! Wire protocol used by the page (JSON envelopes, see `docs/protocol.md`):
+//! The app-level API (JSON envelopes of `docs/protocol.md`; the page talks
+//! it through the served browser client, `docs/js-client.md`;
+//! `docs/examples.md` has the whole list with payloads):
 //!
-//! - connect to `/ws?name=<name>` (subprotocol `switchboard.v1.json`); a name
-//!   that is empty or longer than 32 characters after trimming is refused
-//!   with HTTP 400 before the upgrade;
-//! - `{"type":"join","ref":1,"room":"lobby"}` joins a room;
-//! - `{"type":"call","ref":2,"room":"lobby","event":"message","data":{"text":"hi"}}`
-//!   sends a message: every member of the room (the sender included) gets
-//!   `{"type":"event","room":"lobby","event":"message","data":{"from":"ann","text":"hi","at":1700000000000}}`
-//!   and the caller the reply `{"ok":true}`;
-//! - `{"type":"call","ref":3,"room":"lobby","event":"members"}` replies
-//!   `{"members":["ann","bob"]}`, and the same payload is published as event
-//!   `members` to the room whenever someone joins or leaves it (for clients
-//!   that do not use presence). On Redis (`app_on_redis`) the reply lists
-//!   the room's presence on every node and no `members` event is published:
-//!   presence covers it;
-//! - presence is on in every room: after the join reply the page gets
-//!   `presence_state`, then `presence_diff`s, and shows who is online (a
-//!   user with two tabs is listed once). While its user types it sends
-//!   `{"type":"presence","room":"lobby","data":{"ephemeral":{"typing":true}}}`
-//!   (at most every 2 s), and `{"ephemeral":{"typing":null}}` once the
-//!   message is sent or the input is cleared; a flag that is not refreshed
-//!   expires after 5 s, so "X is typing…" never sticks after a drop;
+//! - connect to `/ws?name=<display name>&id=<browser id>` (subprotocol
+//!   `switchboard.v1.json`). `name` is trimmed, 1 to 32 characters, without
+//!   control characters or `#`; `id` is optional, 16 to 64 characters of
+//!   `A-Z a-z 0-9 - _` (the page keeps a random one in `localStorage`).
+//!   Anything else is refused with HTTP 400 before the upgrade;
+//! - the connection's user id, which is also its presence key and the
+//!   `user` of its messages, is `<name>#<tag>` where the tag is the first
+//!   12 hex digits of SHA-256(`id`): two people who type the same name stay
+//!   two people, a browser's tabs stay one, and nobody can take another's
+//!   key from what the room sees (the tag does not reveal the `id`). A
+//!   client without `id` (such as `chat-cli`) is keyed by its name alone;
+//!   no such key contains `#`, so it never collides with a browser's;
+//! - every room has presence: the host part of each meta is
+//!   `{"name": <display name>}`; the page lists members from
+//!   `presence_state`/`presence_diff` and marks typing with the ephemeral
+//!   flag `typing` (expires after 5 s);
+//! - event `message` in a room: `{"text": "…"}` (1 to 2000 characters, not
+//!   blank) is broadcast to the room, the sender included, as
+//!   `{"from": <name>, "user": <key>, "text": "…", "at": <unix ms>}`; the
+//!   reply is `{"ok": true}`;
+//! - event `members` in a room replies `{"members": [<key>, …]}`, the room's
+//!   presence keys on every node, sorted. Nothing is republished to the room
+//!   on joins and leaves: presence already tells every member;
 //! - every room is recoverable (history in memory, or in Redis with
-//!   `app_on_redis`: the last 1000 messages, 5 minutes): events carry an `offset`, the page's first join asks for the
-//!   recent messages with `"rewind": 50`, and after a dropped connection it
-//!   reconnects (full-jitter backoff, 1 s doubling to 30 s) and rejoins each
-//!   room with `{"offset", "epoch"}`, so the messages sent meanwhile arrive
-//!   exactly once — or the server says `recovered: false` and the page says
-//!   some are missing (see docs/recovery.md).
+//!   `app_on_redis`: the last 1000 messages, 5 minutes): events carry an
+//!   `offset`; a first join may ask for recent messages with `rewind`, and a
+//!   rejoin with `{offset, epoch}` gets exactly what was missed, or
+//!   `recovered: false` (see docs/recovery.md).
 
 use axum::http::StatusCode;
 use axum::response::Html;
@@ -42,8 +44,7 @@ use axum::Router;
 use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::json;
-use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex};
+use sha2::{Digest, Sha256};
 use std::time::{SystemTime, UNIX_EPOCH};
 use switchboard::history::{HistoryConfig, MemoryHistory};
 use switchboard::transport::Handshake;
@@ -52,10 +53,19 @@ use switchboard::{Call, CallError, Connection, Hub, HubBuilder, Identity, Presen
 /// The page, served at `/`.
 const INDEX_HTML: &str = include_str!("index.html");
 
-/// Longest user name, in characters (after trimming).
+/// Longest display name, in characters (after trimming).
 const MAX_NAME_CHARS: usize = 32;
+/// Shortest and longest browser id, in characters.
+const ID_CHARS: std::ops::RangeInclusive<usize> = 16..=64;
+/// Hex digits of SHA-256(id) in a key's tag (48 bits: finding an id for a
+/// given tag takes about 2^48 hashes).
+const TAG_HEX: usize = 12;
 /// Longest message, in characters.
 const MAX_TEXT_CHARS: usize = 2000;
+
+/// The display name of a connection, kept in its [`Identity`] (the user id
+/// is the key, which may carry a tag).
+struct DisplayName(String);
 
 /// The `data` of a `message` call.
 #[derive(Deserialize)]
@@ -68,7 +78,7 @@ struct NewMessage {
 /// history live in this process.
 #[allow(dead_code)] // each includer (main, tests) uses one of the two builders
 pub fn app() -> (Router, Hub) {
-    build(Hub::builder().history(MemoryHistory::new(), HistoryConfig::all_rooms()), false)
+    build(Hub::builder().history(MemoryHistory::new(), HistoryConfig::all_rooms()))
 }
 
 /// Builds the chat server as one of several nodes that share the Redis at
@@ -77,11 +87,6 @@ pub fn app() -> (Router, Hub) {
 /// instances on different ports (or machines) share rooms, who is online,
 /// and the recent messages a reconnecting client recovers. Fails when Redis
 /// cannot be reached.
-///
-/// The `members` call then lists the room's presence (every node's users);
-/// the `members` event is not published, since a node only knows its own
-/// members and the presence messages already tell every client who comes
-/// and goes.
 #[cfg(feature = "redis")]
 #[allow(dead_code)] // each includer (main, tests) uses one of the two builders
 pub async fn app_on_redis(url: &str) -> switchboard::Result<(Router, Hub)> {
@@ -91,14 +96,14 @@ pub async fn app_on_redis(url: &str) -> switchboard::Result<(Router, Hub)> {
         .backplane(RedisBackplane::connect(config.clone()).await?)
         .presence_store(RedisPresence::connect(config.clone()).await?)
         .history(RedisHistory::connect(config).await?, HistoryConfig::all_rooms());
-    Ok(build(builder, true))
+    Ok(build(builder))
 }
 
 /// Adds identity, handlers and presence to `builder` (which brings the
-/// history store, and the backplane if any). `shared`: the hub is one of
-/// several nodes, so member lists come from presence (see `app_on_redis`).
-fn build(builder: HubBuilder, shared: bool) -> (Router, Hub) {
-    let builder = builder
+/// history store, and the backplane if any). Member lists come from
+/// presence, which covers every node.
+fn build(builder: HubBuilder) -> (Router, Hub) {
+    let hub = builder
         .authenticate(|hs: &Handshake| std::future::ready(identify(hs)))
         .on("message", |call: Call, msg: NewMessage| async move {
             let room = call.room().ok_or_else(|| CallError::bad_request("`message` needs a room"))?;
@@ -111,82 +116,77 @@ fn build(builder: HubBuilder, shared: bool) -> (Router, Hub) {
                 return Err(CallError::bad_request(format!("message is longer than {MAX_TEXT_CHARS} characters")));
             }
             tracing::debug!(room, user, "message");
-            call.broadcast("message", &json!({ "from": user, "text": text, "at": unix_millis() }))
+            let from = display_name(call.identity());
+            call.broadcast("message", &json!({ "from": from, "user": user, "text": text, "at": unix_millis() }))
                 .await
                 .map_err(|e| CallError::internal(e.to_string()))?;
             Ok(json!({ "ok": true }))
         })
-        .on("members", move |call: Call, _: IgnoredAny| async move {
+        .on("members", |call: Call, _: IgnoredAny| async move {
             let room = call.room().ok_or_else(|| CallError::bad_request("`members` needs a room"))?;
-            let members = if shared {
-                presence_members(call.hub(), room).await.map_err(|e| CallError::internal(e.to_string()))?
-            } else {
-                members(call.hub(), room)
-            };
+            let members: Vec<String> = call
+                .hub()
+                .presence(room)
+                .await
+                .map_err(|e| CallError::internal(e.to_string()))?
+                .into_iter()
+                .map(|e| e.key)
+                .collect();
             Ok(json!({ "members": members }))
         })
-        // Who is online and who is typing, in every room.
-        .presence(PresenceConfig::default());
-    let builder = if shared {
-        // Presence diffs reach every node's clients; a list of this node's
-        // members alone would be wrong on every other node.
-        builder
-    } else {
-        // Serializes "read the member list, queue it to the room" so that
-        // two joins racing on different threads cannot leave an older list
-        // last.
-        let publishing = Arc::new(Mutex::new(()));
-        let on_change = move |conn: &Connection, room: &str| publish_members(conn.hub(), room, &publishing);
-        builder.on_join(on_change.clone()).on_leave(on_change)
-    };
-    let hub = builder.build();
+        // Who is online and who is typing, in every room; each meta carries
+        // the display name (read-only for clients: nobody renames another).
+        .presence(PresenceConfig::default())
+        .presence_meta(|conn: &Connection, _room: &str| json!({ "name": display_name(conn.identity()) }))
+        .build();
 
     let router = Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
+        .route("/switchboard.js", switchboard::integration::axum::client_js())
         .route("/ws", switchboard::integration::axum::route(hub.clone()));
     (router, hub)
 }
 
-/// The identity is the `name` query parameter, trimmed, 1 to 32 characters.
+/// The identity from the query: `name` (trimmed, 1 to 32 characters, no
+/// control characters, no `#`) and an optional browser `id`; see the module
+/// docs for the key they make.
 fn identify(hs: &Handshake) -> Result<Identity, Rejection> {
+    let bad = |msg: String| Err(Rejection::new(StatusCode::BAD_REQUEST, msg));
     let name = hs.query("name").unwrap_or_default();
     let name = name.trim();
     let len = name.chars().count();
     if len == 0 || len > MAX_NAME_CHARS {
-        return Err(Rejection::new(StatusCode::BAD_REQUEST, format!("name must be 1 to {MAX_NAME_CHARS} characters")));
+        return bad(format!("name must be 1 to {MAX_NAME_CHARS} characters"));
     }
-    if name.chars().any(char::is_control) {
-        return Err(Rejection::new(StatusCode::BAD_REQUEST, "name must not contain control characters"));
+    if name.chars().any(|c| c.is_control() || c == '#') {
+        return bad("name must not contain control characters or `#`".into());
     }
-    Ok(Identity::user(name))
-}
-
-/// The user ids in `room`, sorted, each once (a user may have several tabs).
-fn members(hub: &Hub, room: &str) -> Vec<String> {
-    let ids: BTreeSet<String> =
-        hub.room_members(room).into_iter().filter_map(|m| m.user_id.map(|u| u.to_string())).collect();
-    ids.into_iter().collect()
-}
-
-/// The presence keys (user ids) in `room` on every node, sorted.
-async fn presence_members(hub: &Hub, room: &str) -> switchboard::Result<Vec<String>> {
-    Ok(hub.presence(room).await?.into_iter().map(|e| e.key).collect())
-}
-
-/// Publishes the current member list of `room` to the room. Local members
-/// are queued right here (under `lock`, so lists go out in the order they
-/// were read); the spawned task only waits for the backplane, if any.
-fn publish_members(hub: &Hub, room: &str, lock: &Mutex<()>) {
-    let publish = {
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        hub.publish(room, "members", &json!({ "members": members(hub, room) }))
-    };
-    let room = room.to_owned();
-    tokio::spawn(async move {
-        if let Err(e) = publish.await {
-            tracing::warn!(room, error = %e, "publishing the member list failed");
+    let key = match hs.query("id") {
+        None => name.to_owned(),
+        Some(id) => {
+            let valid =
+                ID_CHARS.contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid {
+                return bad(format!(
+                    "id must be {} to {} characters of A-Z, a-z, 0-9, - and _",
+                    ID_CHARS.start(),
+                    ID_CHARS.end()
+                ));
+            }
+            format!("{name}#{}", tag(&id))
         }
-    });
+    };
+    Ok(Identity::user(key).with_data(DisplayName(name.to_owned())))
+}
+
+/// The first [`TAG_HEX`] hex digits of SHA-256(`id`).
+fn tag(id: &str) -> String {
+    Sha256::digest(id.as_bytes()).iter().take(TAG_HEX / 2).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The display name `identify` stored (every connection has one).
+fn display_name(identity: &Identity) -> &str {
+    identity.data::<DisplayName>().map_or("anonymous", |n| n.0.as_str())
 }
 
 fn unix_millis() -> u64 {

@@ -1,9 +1,10 @@
 //! A multi-room chat in the browser, on switchboard inside axum.
 //!
-//! The server (`app.rs`) serves one page (`index.html`, plain HTML and
-//! JavaScript on the browser's own `WebSocket`) at `/` and the switchboard
-//! endpoint at `/ws`. Pick a name, join rooms (`lobby` first), switch between
-//! them, send messages; each room shows who is in it.
+//! The server (`app.rs`) serves one page (`index.html`, on the browser
+//! client served at `/switchboard.js`) at `/` and the switchboard endpoint
+//! at `/ws`. Pick a name, join rooms (`lobby` first), switch between them,
+//! send messages; each room shows who is in it. The app-level API (`?name=`,
+//! events and payloads) is in `docs/examples.md`.
 //!
 //! ```text
 //! cargo run --example chat                          # http://127.0.0.1:3000/

@@ -1,6 +1,15 @@
 //! The dashboard server: a hub, its SSE endpoint at `/events`, the page at
-//! `/`, and a task publishing a metrics sample to room `metrics` every
-//! period. Shared by `main.rs` and `tests/browser.rs`.
+//! `/` (on the browser client served at `/switchboard.js`), and a task
+//! publishing a metrics sample to room `metrics` every period. Shared by
+//! `main.rs` and `tests/sse_browser.rs`.
+//!
+//! App-level API (`docs/examples.md`): the page connects over SSE to
+//! `/events` (upstream envelopes by `POST /events`) and joins room
+//! `metrics`, which keeps its last 2000 events for recovery. Events there:
+//! `sample` `{"seq", "at", "load", "rss_kib", "streams"}` every period, and
+//! `note` `{"text", "author", "at"}`. The call `note` (no room) takes
+//! `{"text": 1 to 500 characters, "author": 1 to 32 characters}` and
+//! publishes it to `metrics`.
 
 use axum::response::Html;
 use axum::routing::get;
@@ -44,6 +53,7 @@ struct Sample {
 #[derive(Deserialize)]
 struct Note {
     text: String,
+    author: String,
 }
 
 /// The router (page and endpoint), the hub and the SSE endpoint.
@@ -59,13 +69,18 @@ pub fn app(options: Options) -> (Router, Hub, SseEndpoint) {
         .security(security)
         .history(options.history.clone(), history)
         // A note for everyone watching: text of 1 to 500 characters, any
-        // lines and any script; the page shows it as text.
+        // lines and any script, and who wrote it (as they typed it: this
+        // demo has no sign-in); the page shows both as text.
         .on("note", |call: Call, note: Note| async move {
             let text = note.text.trim();
             if text.is_empty() || text.chars().count() > 500 {
                 return Err(CallError::bad_request("a note has 1 to 500 characters"));
             }
-            let note = serde_json::json!({ "text": text, "at": unix_millis() });
+            let author = note.author.trim();
+            if author.is_empty() || author.chars().count() > 32 || author.chars().any(char::is_control) {
+                return Err(CallError::bad_request("a name has 1 to 32 characters"));
+            }
+            let note = serde_json::json!({ "text": text, "author": author, "at": unix_millis() });
             call.hub().publish("metrics", "note", &note).await.map_err(|e| CallError::internal(e.to_string()))?;
             Ok(serde_json::json!({ "ok": true }))
         })
@@ -75,6 +90,7 @@ pub fn app(options: Options) -> (Router, Hub, SseEndpoint) {
     tokio::spawn(publish_samples(hub.clone(), sse.clone(), options.period));
     let router = Router::new()
         .route("/", get(|| async { Html(INDEX_HTML) }))
+        .route("/switchboard.js", switchboard::integration::axum::client_js())
         .route("/events", switchboard::integration::axum::sse(sse.clone()));
     (router, hub, sse)
 }

@@ -1,14 +1,15 @@
 //! A live metrics dashboard in the browser, fed by Server-Sent Events.
 //!
 //! The server (`app.rs`) publishes a metrics sample to room `metrics` every
-//! second; the page (`index.html`, plain JavaScript on the browser's own
-//! `EventSource` and `fetch`) opens `/events?room=metrics`, draws the
+//! second; the page (`index.html`, on the browser client served at
+//! `/switchboard.js`, over SSE) opens `/events`, joins `metrics`, draws the
 //! samples, and sends notes upstream with `POST /events` (a `call` whose
-//! reply comes back on the stream). Browsers reconnect by themselves and,
-//! through `Last-Event-ID`, get the samples they missed from the room's
-//! history (kept in memory here: a restarted process starts a new history,
-//! and the page says it resynchronized; `tests/sse_browser.rs` restarts the
-//! server on a shared store and checks nothing is missed).
+//! reply comes back on the stream). The client reconnects by itself and
+//! recovers the events it missed from the room's history (kept in memory
+//! here: a restarted process starts a new history, and the page says samples
+//! could not be recovered; `tests/sse_browser.rs` restarts the server on a
+//! shared store and checks nothing is missed). Room and payloads:
+//! `docs/examples.md`.
 //!
 //! ```text
 //! cargo run --example dashboard --features sse       # http://127.0.0.1:3000/
@@ -16,8 +17,8 @@
 //! ```
 //!
 //! Ctrl-C or SIGTERM shuts down gracefully: every stream ends with a
-//! `retry:` and a `$close` event, so browsers come back when the server
-//! does. `tests/browser.rs` drives this page in headless Chromium.
+//! `retry:` and a `$close` event, so pages come back when the server does.
+//! `tests/sse_browser.rs` drives this page in headless Chromium.
 
 mod app;
 #[path = "../common/cli.rs"]

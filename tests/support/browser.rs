@@ -42,3 +42,9 @@ pub async fn run_script(script: &str, args: &[String], passed: &str) -> String {
     );
     stdout
 }
+
+/// Where the browser tests save their screenshots (the scripts print each
+/// path): `target/tmp/browser-screenshots/`.
+pub fn screenshot_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-screenshots")
+}

@@ -494,3 +494,57 @@ pub async fn keys_of(hub: &Hub, room: &str) -> Vec<String> {
     keys.sort();
     keys
 }
+
+/// A room's presence as a client sees it: key -> metas (by `ref`), built
+/// from `presence_state` and `presence_diff` the documented way.
+pub type PresenceView = std::collections::BTreeMap<String, std::collections::BTreeMap<String, Value>>;
+
+/// Applies `room`'s presence messages to `view` until `done` accepts it;
+/// other messages are set aside. Fails after [`WAIT`].
+pub async fn presence_until(c: &mut Client, room: &str, view: &mut PresenceView, done: impl Fn(&PresenceView) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let next = async {
+            if let Some(pos) = c.pending.iter().position(|v| v["room"] == room && is_presence(v)) {
+                return c.pending.remove(pos).unwrap();
+            }
+            loop {
+                let v = next_json(&mut c.ws).await;
+                if v["room"] == room && is_presence(&v) {
+                    return v;
+                }
+                c.pending.push_back(v);
+            }
+        };
+        let v = tokio::time::timeout_at(deadline, next)
+            .await
+            .unwrap_or_else(|_| panic!("presence of {room} never became as expected (last seen {view:?})"));
+        let metas = |part: &Value| -> Vec<(String, Value)> {
+            let entries = part.as_object().into_iter().flatten();
+            entries
+                .flat_map(|(k, e)| e["metas"].as_array().into_iter().flatten().map(move |m| (k.clone(), m.clone())))
+                .collect()
+        };
+        if v["type"] == "presence_state" {
+            view.clear();
+        }
+        for (key, meta) in metas(&v["data"]["presences"]).into_iter().chain(metas(&v["data"]["joins"])) {
+            view.entry(key).or_default().insert(meta["ref"].as_str().unwrap_or_default().to_owned(), meta);
+        }
+        for (key, meta) in metas(&v["data"]["leaves"]) {
+            if let Some(m) = view.get_mut(&key) {
+                m.remove(meta["ref"].as_str().unwrap_or_default());
+                if m.is_empty() {
+                    view.remove(&key);
+                }
+            }
+        }
+        if done(view) {
+            return;
+        }
+    }
+}
+
+fn is_presence(v: &Value) -> bool {
+    v["type"] == "presence_state" || v["type"] == "presence_diff"
+}
