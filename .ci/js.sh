@@ -9,9 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../js"
 
-if ! cmp -s package-lock.json node_modules/.package-lock.json 2>/dev/null; then
+# node_modules/.ci-lock: the lock file of the last `npm ci`.
+if ! cmp -s package-lock.json node_modules/.ci-lock 2>/dev/null; then
     echo "js: npm ci"
     npm ci --no-audit --no-fund
+    cp package-lock.json node_modules/.ci-lock
 fi
 tsc=node_modules/.bin/tsc
 

@@ -165,6 +165,8 @@ export class Room {
     duplicates: number;
     /** Last client part of the presence meta, re-sent after a rejoin. @type {any} */
     meta: any;
+    /** The first join: resolves with this room once the server accepted. @type {Promise<Room>} */
+    ready: Promise<Room>;
     view: PresenceView;
     presence: {
         /** @returns {Member[]} */

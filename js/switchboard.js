@@ -175,7 +175,7 @@ function webSocket(WS, url, link) {
         },
     };
 }
-function sse(fetchFn, url, lastId, link) {
+function sse(fetchFn, timers, url, lastId, link) {
     const abort = new AbortController();
     let session = null;
     let done = false;
@@ -200,6 +200,7 @@ function sse(fetchFn, url, lastId, link) {
             catch { }
             if (!session?.session)
                 return end(1006, "bad $session");
+            retryMs = 0;
             link.open();
             pump();
         }
@@ -286,7 +287,7 @@ function sse(fetchFn, url, lastId, link) {
                 return end(1006, "POST failed");
             }
             if (res.status === 429)
-                await new Promise((r) => setTimeout(r, 1000));
+                await new Promise((r) => timers.setTimeout(r, 1000));
             else if (res.status === 202)
                 queue.splice(0, n);
             else
@@ -343,6 +344,7 @@ export class Room {
         this.missing = [];
         this.duplicates = 0;
         this.meta = undefined;
+        this.ready = Promise.resolve(this);
         const view = new PresenceView();
         this.view = view;
         const room = this;
@@ -532,15 +534,15 @@ export class Client {
     join(name, opts = {}) {
         const have = this.rooms.get(name);
         if (have)
-            return Promise.resolve(have);
+            return have.ready;
         const room = new Room(this, name, opts, new Listeners((e) => this.#oops(e)));
         this.rooms.set(name, room);
-        return this.request(room.joinMsg(), { room, retry: true }).then(() => room, (e) => {
+        return (room.ready = this.request(room.joinMsg(), { room, retry: true }).then(() => room, (e) => {
             if (this.rooms.get(name) === room)
                 this.rooms.delete(name);
             room.wanted = false;
             throw e;
-        });
+        }));
     }
     call(event, data, o) {
         return this.request({ type: "call", event, data }, o);
@@ -569,7 +571,7 @@ export class Client {
             const ref = ++this.ref;
             const text = JSON.stringify({ ...msg, ref });
             const max = this.hello?.max_message_size;
-            if (max && text.length > max)
+            if (max && text.length * 3 > max && new TextEncoder().encode(text).length > max)
                 return reject(new SwitchboardError("too_large", `message larger than the server's ${max} bytes`));
             const p = { ref, text, resolve, reject, timer: null, written: false, retry: !!o.retry, room: o.room };
             p.timer = this.t.setTimeout(() => {
@@ -671,7 +673,7 @@ export class Client {
             me = webSocket(this.o.WebSocket ?? globalThis.WebSocket, u.href, link);
         }
         else
-            me = sse(this.o.fetch ?? globalThis.fetch.bind(globalThis), u.href, this.lastId, link);
+            me = sse(this.o.fetch ?? globalThis.fetch.bind(globalThis), this.t, u.href, this.lastId, link);
         this.tr = me;
         this.lastRx = this.now();
         this.#arm(this.o.connectTimeout ?? 10000, () => this.#drop(1006, "connect_timeout", "the server did not answer in time"));

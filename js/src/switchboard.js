@@ -266,12 +266,13 @@ function webSocket(WS, url, link) {
  * event name, no automatic reconnect: the client decides), and `POST`s of
  * the client's envelopes, one at a time and in order.
  * @param {typeof fetch} fetchFn
+ * @param {{setTimeout: Function}} timers
  * @param {string} url
  * @param {string} lastId the last `id:` seen, for the stream's own resume
  * @param {Link & {id: (id: string) => void}} link
  * @returns {Transport}
  */
-function sse(fetchFn, url, lastId, link) {
+function sse(fetchFn, timers, url, lastId, link) {
   const abort = new AbortController();
   /** @type {any} */
   let session = null;
@@ -296,6 +297,9 @@ function sse(fetchFn, url, lastId, link) {
         session = JSON.parse(data);
       } catch {}
       if (!session?.session) return end(1006, "bad $session");
+      // The stream's opening `retry:` is for EventSource; only one sent
+      // later (before a `$close`) is the server's hint for this client.
+      retryMs = 0;
       link.open();
       pump();
     } else if (event === "$close") {
@@ -367,7 +371,7 @@ function sse(fetchFn, url, lastId, link) {
       } catch {
         return end(1006, "POST failed");
       }
-      if (res.status === 429) await new Promise((r) => setTimeout(r, 1000));
+      if (res.status === 429) await new Promise((r) => timers.setTimeout(r, 1000));
       else if (res.status === 202) queue.splice(0, n);
       else return end(res.status === 404 || res.status >= 500 ? 1006 : 1008, `POST answered ${res.status}`);
     }
@@ -449,6 +453,8 @@ export class Room {
     this.duplicates = 0;
     /** Last client part of the presence meta, re-sent after a rejoin. @type {any} */
     this.meta = undefined;
+    /** The first join: resolves with this room once the server accepted. @type {Promise<Room>} */
+    this.ready = Promise.resolve(this);
     const view = new PresenceView();
     this.view = view;
     const room = this;
@@ -731,17 +737,17 @@ export class Client {
    */
   join(name, opts = {}) {
     const have = this.rooms.get(name);
-    if (have) return Promise.resolve(have);
+    if (have) return have.ready;
     const room = new Room(this, name, opts, new Listeners((e) => this.#oops(e)));
     this.rooms.set(name, room);
-    return this.request(room.joinMsg(), { room, retry: true }).then(
+    return (room.ready = this.request(room.joinMsg(), { room, retry: true }).then(
       () => room,
       (e) => {
         if (this.rooms.get(name) === room) this.rooms.delete(name);
         room.wanted = false;
         throw e;
       },
-    );
+    ));
   }
   /** A call without a room. @param {string} event @param {unknown} [data] @param {{timeout?: number, retry?: boolean}} [o] */
   call(event, data, o) {
@@ -778,7 +784,7 @@ export class Client {
       const ref = ++this.ref;
       const text = JSON.stringify({ ...msg, ref });
       const max = this.hello?.max_message_size;
-      if (max && text.length > max) return reject(new SwitchboardError("too_large", `message larger than the server's ${max} bytes`));
+      if (max && text.length * 3 > max && new TextEncoder().encode(text).length > max) return reject(new SwitchboardError("too_large", `message larger than the server's ${max} bytes`));
       /** @type {Pending} */
       const p = { ref, text, resolve, reject, timer: null, written: false, retry: !!o.retry, room: o.room };
       p.timer = this.t.setTimeout(() => {
@@ -876,7 +882,7 @@ export class Client {
     if (ws) {
       u.protocol = u.protocol.replace(/^http/, "ws");
       me = webSocket(this.o.WebSocket ?? globalThis.WebSocket, u.href, link);
-    } else me = sse(this.o.fetch ?? globalThis.fetch.bind(globalThis), u.href, this.lastId, link);
+    } else me = sse(this.o.fetch ?? globalThis.fetch.bind(globalThis), this.t, u.href, this.lastId, link);
     this.tr = me;
     this.lastRx = this.now();
     this.#arm(this.o.connectTimeout ?? 10000, () => this.#drop(1006, "connect_timeout", "the server did not answer in time"));
