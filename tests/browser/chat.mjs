@@ -13,7 +13,10 @@
 //   a countdown and "Retry now", Connect while reconnecting keeps the rooms,
 //   both pages come back by themselves, and every message sent after the
 //   restart shows exactly once and in order on both;
-// - "Retry now" connects before the countdown ends.
+// - "Retry now" connects before the countdown ends;
+// - offline (Chromium's emulation) is said in words, and the page comes
+//   back by itself when the network does, with what it missed;
+// - a new name while connected keeps the rooms.
 //
 //   node tests/browser/chat.mjs http://127.0.0.1:CHAT http://127.0.0.1:CONTROL SCREENSHOT_DIR
 //
@@ -365,6 +368,19 @@ async function main() {
   await step("they chat again", async () => {
     await say(bob, "back once more");
     await waitMessage(alice, "bob", "back once more");
+  });
+
+  // The network goes away (Chromium's offline emulation) and comes back.
+  await step("alice goes offline: the page says so, in words", async () => {
+    await alice.context().setOffline(true);
+    await alice.waitForFunction(() => /^You are offline\./.test(document.querySelector("#banner-text")?.textContent));
+    if ((await alice.textContent("#online-count")) !== "offline") throw new Error("the online list is not marked offline");
+  });
+  await step("alice's network comes back: the page reconnects at once and gets what she missed", async () => {
+    await say(bob, "while alice was offline");
+    await alice.context().setOffline(false);
+    await waitConnected(alice);
+    await waitMessage(alice, "bob", "while alice was offline");
   });
 
   // A new name while connected: the same rooms, under the new name.
