@@ -1,12 +1,12 @@
 //! The smallest embedding of switchboard in an existing axum app that has
-//! its own routes and its own state.
+//! its own routes and its own state. This file is the README's quick start,
+//! verbatim from the first `use` on (`tests/examples.rs` checks that they
+//! are the same, and runs this program; the README's copy is compiled as a
+//! doc test).
 //!
 //! ```text
-//! cargo run --example axum-integration --features axum -- --addr 127.0.0.1:3000
+//! cargo run --example axum-integration -- --addr 127.0.0.1:3000
 //! ```
-
-#[path = "common/cli.rs"]
-mod cli;
 
 use axum::{extract::State, routing::get, Router};
 use std::net::SocketAddr;
@@ -23,8 +23,23 @@ struct AppState {
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("axum-integration: switchboard in an axum app\n\nusage: axum-integration [--addr HOST:PORT]");
+        return Ok(());
+    }
+    let addr = args.iter().skip_while(|a| *a != "--addr").nth(1).map_or("127.0.0.1:3000", String::as_str);
+
     let hub = Hub::builder()
-        .on("echo", |_call: Call, value: serde_json::Value| async move { Ok::<_, CallError>(value) })
+        // A client in room "lobby" sends
+        // {"type":"call","ref":1,"room":"lobby","event":"say","data":"hi"};
+        // everyone in the room gets {"type":"event","room":"lobby","event":"said","data":"hi"}
+        // and the caller the reply {"type":"reply","ref":1,"data":"delivered"}.
+        .on("say", |call: Call, text: String| async move {
+            // With the backplane down, `?` answers `503 temporarily unavailable, retry`.
+            call.broadcast("said", &text).await?;
+            Ok::<_, CallError>("delivered")
+        })
         .build();
 
     let app = Router::new()
@@ -35,16 +50,32 @@ async fn main() -> std::io::Result<()> {
             }),
         )
         .route("/ws", switchboard::integration::axum::route(hub.clone()))
+        // The browser client, served with an ETag (docs/js-client.md).
+        .route("/switchboard.js", switchboard::integration::axum::client_js())
         .with_state(AppState::default());
 
-    let addr = cli::addr_arg("axum-integration");
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("axum-integration listening on http://{}/ (WebSocket at /ws)", listener.local_addr()?);
-    let shutdown_hub = hub.clone();
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
-            cli::shutdown_signal().await;
-            shutdown_hub.shutdown(Duration::from_secs(5)).await;
+            stop_signal().await;
+            // Every connection gets a close frame (1001) before the exit.
+            hub.shutdown(Duration::from_secs(5)).await;
         })
         .await
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }

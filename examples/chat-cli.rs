@@ -43,6 +43,7 @@ fn args() -> Args {
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let slot = match flag.as_str() {
+            "-h" | "--help" => help(),
             "--url" => &mut a.url,
             "--name" => &mut a.name,
             "--room" => &mut a.room,
@@ -56,9 +57,23 @@ fn args() -> Args {
     a
 }
 
+const USAGE: &str = "usage: chat-cli --name NAME [--url ws://127.0.0.1:3000/ws] [--room lobby]";
+
 fn usage(msg: &str) -> ! {
-    eprintln!("chat-cli: {msg}\nusage: chat-cli --name NAME [--url ws://127.0.0.1:3000/ws] [--room lobby]");
+    eprintln!("chat-cli: {msg}\n{USAGE}   (--help for more)");
     std::process::exit(2)
+}
+
+fn help() -> ! {
+    println!(
+        "chat-cli: a terminal client for the `chat` example server (its browser users see you).\n\n{USAGE}\n\n  \
+         --name NAME   your name in the chat (required)\n  \
+         --url URL     the server's WebSocket endpoint (default ws://127.0.0.1:3000/ws)\n  \
+         --room ROOM   the room to join first (default lobby)\n  \
+         -h, --help    print this help and exit\n\n\
+         Type a line to send it; /join ROOM, /switch ROOM, /leave, /who, /quit."
+    );
+    std::process::exit(0)
 }
 
 fn encode(s: &str) -> String {

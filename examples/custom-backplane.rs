@@ -11,7 +11,32 @@
 //! `NATS_URL` picks the server (default `nats://127.0.0.1:4222`). Clients
 //! of either server that join the same room get each other's `say` calls.
 //! `tests/custom_backplane.rs` runs switchboard's backplane conformance
-//! suite against [`NatsBackplane`] on a private `nats-server`.
+//! suite against [`NatsBackplane`] on a private `nats-server`, and runs
+//! this program as a user would.
+//!
+//! Try it without writing a client: the servers speak the protocol of
+//! `docs/protocol.md` on a plain WebSocket, so a command-line WebSocket
+//! client will do, for example [websocat](https://github.com/vi/websocat),
+//! one per server:
+//!
+//! ```text
+//! websocat ws://127.0.0.1:3001/          # and ws://127.0.0.1:3002/ in another terminal
+//! {"type":"join","ref":1,"room":"lobby"}
+//! {"type":"call","ref":2,"room":"lobby","event":"say","data":"hello from 3001"}
+//! ```
+//!
+//! Both terminals then show `{"type":"event","room":"lobby","event":"said","data":"hello from 3001"}`.
+//! (The `chat-cli` example speaks the `chat` example's events, not these.)
+//!
+//! **When NATS is down.** Started without a reachable NATS, the program
+//! says which URL it tried and exits with status 1. When NATS goes away
+//! later, async-nats reconnects in the background; meanwhile a `subscribe`
+//! or `publish` fails **at once** (the client's connection state is checked
+//! first, and a round trip gives up after [`REQUEST_TIMEOUT`] when the loss
+//! is not noticed yet), so a join or a `say` gets `503 temporarily
+//! unavailable, retry` instead of hanging for async-nats's default 10 s
+//! request timeout. Ctrl-C or SIGTERM closes every connection with a close
+//! frame (1001) before exiting.
 //!
 //! What the `Backplane` contract asks, and how NATS core gives it:
 //!
@@ -43,10 +68,16 @@ use futures::StreamExt;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use switchboard::{Backplane, Call, CallError, Error, ErrorKind, Hub, Subscription};
 
 /// Messages a subscription buffers before it drops and reports.
 const CAPACITY: usize = 4096;
+
+/// How long a round trip to NATS may take before a `publish` or a
+/// `subscribe` fails (async-nats's default is 10 s, which a join would wait
+/// through when NATS is gone and the loss not noticed yet).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A [`Backplane`] on NATS core.
 #[derive(Clone, Debug)]
@@ -54,6 +85,8 @@ pub struct NatsBackplane {
     client: async_nats::Client,
     /// A subject nobody subscribes to, for round trips.
     sync_subject: String,
+    /// The server's URL, for error messages.
+    url: Arc<str>,
 }
 
 fn backplane_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
@@ -75,16 +108,30 @@ impl NatsBackplane {
         let client = async_nats::ConnectOptions::new()
             // async-nats's own per-subscription buffer; our relay drains it.
             .subscription_capacity(CAPACITY)
+            .request_timeout(Some(REQUEST_TIMEOUT))
             .connect(url)
             .await
             .map_err(backplane_error)?;
         let sync_subject = format!("switchboard-sync.{}", client.new_inbox());
-        Ok(NatsBackplane { client, sync_subject })
+        Ok(NatsBackplane { client, sync_subject, url: Arc::from(url) })
+    }
+
+    /// Fails at once while the client is not connected to NATS (it keeps
+    /// reconnecting in the background).
+    fn connected(&self) -> Result<(), Error> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            _ => Err(Error::with_source(
+                ErrorKind::Backplane,
+                format!("NATS at {} is unreachable (reconnecting)", self.url),
+            )),
+        }
     }
 
     /// Waits until the server has processed everything this connection sent
     /// so far.
     async fn round_trip(&self) -> Result<(), Error> {
+        self.connected()?;
         match self.client.request(self.sync_subject.clone(), Bytes::new()).await {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
@@ -108,6 +155,7 @@ impl Backplane for NatsBackplane {
         let this = self.clone();
         let subject = subject(topic);
         Box::pin(async move {
+            this.connected()?;
             this.client.publish(subject, message).await.map_err(backplane_error)?;
             this.round_trip().await
         })
@@ -117,6 +165,7 @@ impl Backplane for NatsBackplane {
         let this = self.clone();
         let subject = subject(topic);
         Box::pin(async move {
+            this.connected()?;
             let mut nats = this.client.subscribe(subject).await.map_err(backplane_error)?;
             this.round_trip().await?;
             // futures' channel holds `capacity + 1` messages per sender.
@@ -149,24 +198,62 @@ impl Backplane for NatsBackplane {
     }
 }
 
+const USAGE: cli::Usage = cli::Usage {
+    program: "custom-backplane",
+    about: "a switchboard server whose backplane is NATS core, written outside the crate.\nServers pointed at one nats-server share rooms; a `call` of event `say` in a room\nbroadcasts `said` to it. WebSocket endpoint at ws://ADDR/.",
+    flags: "",
+    details: "  NATS_URL=URL       the NATS server (default nats://127.0.0.1:4222)\n  RUST_LOG=LEVEL     log filter for stderr (default warn)\n",
+};
+
 #[allow(dead_code)] // the test includes this file for `NatsBackplane` only
 #[tokio::main]
-async fn main() -> std::io::Result<()> {
-    let addr = cli::addr_arg("custom-backplane");
+async fn main() -> std::process::ExitCode {
+    let addr = cli::addr_arg(&USAGE);
+    cli::init_logging();
     let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".to_owned());
-    let backplane = NatsBackplane::connect(&url).await.map_err(std::io::Error::other)?;
+    let backplane = match NatsBackplane::connect(&url).await {
+        Ok(b) => b,
+        Err(e) => {
+            let cause = std::error::Error::source(&e).map(ToString::to_string).unwrap_or_else(|| e.to_string());
+            eprintln!(
+                "custom-backplane: cannot reach NATS at {url} ({cause}).\n\
+                 Start one (`nats-server -p 4222`) or point NATS_URL at yours."
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let hub = Hub::builder()
         .backplane(backplane)
         .on("say", |call: Call, text: String| async move {
-            call.broadcast("said", &text).await.map_err(|e| CallError::internal(e.to_string()))?;
-            Ok(())
+            // `?`: with NATS down the client gets `503 temporarily
+            // unavailable, retry`; the cause goes to the log.
+            call.broadcast("said", &text).await?;
+            Ok::<_, CallError>(())
         })
         .build();
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    println!("custom-backplane listening on ws://{}/ (NATS at {url})", listener.local_addr()?);
-    tokio::select! {
-        r = switchboard::transport::ws::serve(listener, hub.clone(), Default::default()) => r?,
-        _ = cli::shutdown_signal() => println!("custom-backplane stopped"),
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("custom-backplane: cannot listen on {addr}: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match listener.local_addr() {
+        Ok(local) => println!("custom-backplane listening on ws://{local}/ (NATS at {url})"),
+        Err(e) => eprintln!("custom-backplane: {e}"),
     }
-    Ok(())
+    tokio::select! {
+        r = switchboard::transport::ws::serve(listener, hub.clone(), Default::default()) => {
+            if let Err(e) = r {
+                eprintln!("custom-backplane: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+        _ = cli::shutdown_signal() => {
+            // Every connection gets a close frame (1001 going away).
+            hub.shutdown(Duration::from_secs(5)).await;
+            println!("custom-backplane stopped");
+        }
+    }
+    std::process::ExitCode::SUCCESS
 }

@@ -14,9 +14,16 @@ use switchboard::transport::ws::{self, WsConfig};
 use switchboard::transport::{Frame, Transport};
 use tokio::net::TcpListener;
 
+const USAGE: cli::Usage = cli::Usage {
+    program: "echo",
+    about: "a WebSocket echo server (no switchboard protocol): every text and binary\nmessage comes back as it was sent. A target for WebSocket test suites such as Autobahn.",
+    flags: "",
+    details: "",
+};
+
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = cli::addr_arg("echo");
+    let addr = cli::addr_arg(&USAGE);
     let listener = TcpListener::bind(addr).await?;
     println!("echo listening on ws://{}/", listener.local_addr()?);
     // Autobahn sends messages up to 16 MiB.

@@ -67,6 +67,17 @@ impl Error {
         Error { kind, message: None, source: Some(cause.into()) }
     }
 
+    /// The message without the kind's prefix (the kind's text when there
+    /// is no message): for an error that becomes the cause of another of
+    /// the same kind, so a log line does not repeat "backplane error".
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn detail(&self) -> String {
+        match &self.message {
+            Some(m) => m.clone(),
+            None => self.to_string(),
+        }
+    }
+
     /// What kind of error this is.
     pub fn kind(&self) -> ErrorKind {
         self.kind

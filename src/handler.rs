@@ -213,6 +213,57 @@ impl fmt::Display for CallError {
 
 impl std::error::Error for CallError {}
 
+/// What a client is told when a handler fails with a hub [`Error`](crate::Error),
+/// so a handler can use `?` on `broadcast`, `publish` and the history and
+/// presence calls:
+///
+/// | [`ErrorKind`](crate::ErrorKind) | code | message |
+/// |---|---|---|
+/// | `Backplane`, `History`, `ShuttingDown` | 503 [`ErrorCode::UNAVAILABLE`] | `temporarily unavailable, retry` |
+/// | `InvalidRoom` | 400 [`ErrorCode::BAD_REQUEST`] | `invalid room name` |
+/// | any other | 500 [`ErrorCode::INTERNAL`] | `internal error` |
+///
+/// The client never sees the error's internals (which engine failed, and
+/// why): they go to the server log instead, as one `tracing` event at
+/// `warn` (503) or `error` (500) level with the whole cause chain.
+impl From<crate::Error> for CallError {
+    fn from(e: crate::Error) -> CallError {
+        use crate::ErrorKind;
+        let chain = error_chain(&e);
+        match e.kind() {
+            ErrorKind::Backplane | ErrorKind::History | ErrorKind::ShuttingDown => {
+                tracing::warn!(error = %chain, "call failed: temporarily unavailable");
+                CallError::with_code(ErrorCode::UNAVAILABLE, UNAVAILABLE_MESSAGE)
+            }
+            ErrorKind::InvalidRoom => CallError::bad_request("invalid room name"),
+            _ => {
+                tracing::error!(error = %chain, "call failed");
+                CallError::internal("internal error")
+            }
+        }
+    }
+}
+
+/// The message of a 503 for an outage (see `From<Error> for CallError`).
+pub(crate) const UNAVAILABLE_MESSAGE: &str = "temporarily unavailable, retry";
+
+/// `e` and its causes, joined by `: `, for a log line. A cause whose text the
+/// line already ends with is left out (an error that quotes its cause in its
+/// own message, as the Redis errors do, would otherwise print it twice).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
 /// One problem with one field of a payload, from a validator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FieldError {

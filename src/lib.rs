@@ -29,10 +29,10 @@
 //!     // A client `call` with event "say" in a room it joined.
 //!     .on("say", |call: Call, say: Say| async move {
 //!         let from = call.user_id().unwrap_or("?").to_owned();
-//!         call.broadcast("said", &serde_json::json!({ "from": from, "text": say.text }))
-//!             .await
-//!             .map_err(|e| CallError::internal(e.to_string()))?;
-//!         Ok(())
+//!         // `?` on a hub error: the client gets `503 temporarily unavailable,
+//!         // retry` when the backplane is down, and the cause is logged.
+//!         call.broadcast("said", &serde_json::json!({ "from": from, "text": say.text })).await?;
+//!         Ok::<_, CallError>(())
 //!     })
 //!     .build();
 //!

@@ -525,3 +525,71 @@ async fn a_redis_restart_without_data_tells_members_to_resync() {
         (recoverable_node(&server.url(), history()).await, recoverable_node(&server.url(), history()).await);
     support::redis::resync_after_redis_loses_the_room([&hub1, &hub2], "r", &mut server).await;
 }
+
+/// A log sink for one test: what the hub writes through `tracing`.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+// current_thread: the log subscriber below is this thread's default, and
+// every task of the test (the hub's included) runs on this thread.
+#[tokio::test]
+async fn a_call_during_a_redis_outage_gets_a_short_503_and_the_cause_goes_to_the_log() {
+    let logs = Logs::default();
+    let subscriber = tracing_subscriber::fmt().with_writer(logs.clone()).with_ansi(false).finish();
+    let _log = tracing::subscriber::set_default(subscriber);
+    let mut server = RedisServer::start().await;
+    let hub = Hub::builder()
+        .backplane(connect(&server.url()).await)
+        .on("say", |call: switchboard::Call, text: String| async move {
+            // `?`: a hub error becomes the documented client-facing error.
+            call.broadcast("said", &text).await?;
+            Ok::<_, switchboard::CallError>(())
+        })
+        .build();
+    let addr = serve(&hub).await;
+    let mut c = support::connect(addr).await;
+    c.join_ok("lobby").await;
+    assert_eq!(c.call_in("lobby", "say", json!("before")).await["type"], "reply");
+
+    server.kill();
+    let deadline = tokio::time::Instant::now() + 2 * WAIT;
+    let error = loop {
+        let r = c.call_in("lobby", "say", json!("during")).await;
+        if r["type"] == "error" {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "calls kept succeeding with Redis down: {r}");
+    };
+    assert_eq!(error["code"], 503, "{error}");
+    assert_eq!(error["message"], "temporarily unavailable, retry", "no internals for the client: {error}");
+
+    // A call made once the command link knows Redis is down: the reconnect
+    // error is its cause, and the log says what failed, each part once.
+    let error = c.call_in("lobby", "say", json!("during")).await;
+    assert_eq!(
+        (error["code"].as_u64(), error["message"].as_str()),
+        (Some(503), Some("temporarily unavailable, retry"))
+    );
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line =
+        text.lines().rfind(|l| l.contains("temporarily unavailable")).unwrap_or_else(|| panic!("no log line: {text}"));
+    assert!(line.contains("redis"), "the log names the cause: {line}");
+    assert_eq!(line.matches("backplane error").count(), 1, "one prefix: {line}");
+}

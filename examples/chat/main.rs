@@ -38,16 +38,14 @@ use std::time::Duration;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-
-    let (redis, rest) = match redis_arg(std::env::args().skip(1).collect()) {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    USAGE.help_if_asked(&args);
+    let (redis, rest) = match redis_arg(args) {
         Ok(v) => v,
-        Err(msg) => cli::usage("chat", USAGE, &msg),
+        Err(msg) => USAGE.fail(&msg),
     };
-    let addr = cli::addr_from("chat", USAGE, rest.into_iter());
+    let addr = cli::addr_from(&USAGE, rest);
+    cli::init_logging();
     let (router, hub) = match redis {
         None => app::app(),
         Some(url) => on_redis(&url).await,
@@ -63,8 +61,12 @@ async fn main() -> std::io::Result<()> {
         .await
 }
 
-/// The Redis flag in the usage line.
-const USAGE: &str = " [--redis URL]";
+const USAGE: cli::Usage = cli::Usage {
+    program: "chat",
+    about: "a multi-room chat in the browser: open http://ADDR/ (WebSocket endpoint /ws).",
+    flags: " [--redis URL]",
+    details: "  --redis URL        share rooms, presence and history with other instances through\n                     Redis, e.g. redis://127.0.0.1:6379 (needs the `redis` feature;\n                     also $SWITCHBOARD_REDIS)\n  RUST_LOG=LEVEL     log filter for stderr (default warn)\n",
+};
 
 /// Environment variable naming the Redis to share, like `--redis`.
 const REDIS_ENV: &str = "SWITCHBOARD_REDIS";

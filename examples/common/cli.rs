@@ -1,28 +1,72 @@
-//! What every server example shares: the `--addr` flag and stopping on
-//! Ctrl-C or SIGTERM. Included with `#[path = "../common/cli.rs"] mod cli;`.
+//! What every server example shares: `--help`, the `--addr` flag, logging,
+//! and stopping on Ctrl-C or SIGTERM. Included with
+//! `#[path = "../common/cli.rs"] mod cli;`.
 
+#![allow(dead_code)] // each example uses its own part of this file
+
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 
-/// `--addr HOST:PORT` (or `--addr=HOST:PORT`), default `127.0.0.1:3000`.
-/// Exits with a usage line on anything else.
-#[allow(dead_code)] // `chat` takes a flag of its own and calls `addr_from`
-pub fn addr_arg(program: &str) -> SocketAddr {
-    addr_from(program, "", std::env::args().skip(1))
+/// What an example says about itself, in `--help` and in a usage error.
+pub struct Usage {
+    /// The program name (`cargo run --example NAME`).
+    pub program: &'static str,
+    /// What it is, in a line or two.
+    pub about: &'static str,
+    /// Flags besides `--addr`, as they appear in the usage line
+    /// (`" [--redis URL]"`), or `""`.
+    pub flags: &'static str,
+    /// One line per extra flag or environment variable, indented, or `""`.
+    pub details: &'static str,
 }
 
-/// [`addr_arg`] over `args` (what is left after a program took its own
-/// flags); `more` is appended to the usage line.
-pub fn addr_from(program: &str, more: &str, args: impl Iterator<Item = String>) -> SocketAddr {
-    match parse_addr(args) {
-        Ok(a) => a,
-        Err(msg) => usage(program, more, &msg),
+impl Usage {
+    fn line(&self) -> String {
+        format!("usage: {} [--addr HOST:PORT]{}", self.program, self.flags)
+    }
+
+    /// The whole `--help` text.
+    pub fn help(&self) -> String {
+        format!(
+            "{}: {}\n\n{}\n\n  --addr HOST:PORT   where to listen (default 127.0.0.1:3000)\n{}  -h, --help         print this help and exit\n",
+            self.program,
+            self.about,
+            self.line(),
+            self.details
+        )
+    }
+
+    /// Prints `msg` and the usage line to stderr, and exits with status 2.
+    pub fn fail(&self, msg: &str) -> ! {
+        eprintln!("{}: {msg}\n{}   (--help for more)", self.program, self.line());
+        std::process::exit(2);
+    }
+
+    /// Prints the help to stdout and exits with status 0 when `args` ask
+    /// for it (`-h`, `--help`).
+    pub fn help_if_asked<'a>(&self, args: impl IntoIterator<Item = &'a String>) {
+        if args.into_iter().any(|a| a == "-h" || a == "--help") {
+            print!("{}", self.help());
+            std::process::exit(0);
+        }
     }
 }
 
-/// Prints `msg` and the usage line, and exits with status 2.
-pub fn usage(program: &str, more: &str, msg: &str) -> ! {
-    eprintln!("{program}: {msg}\nusage: {program} [--addr HOST:PORT]{more}   (default 127.0.0.1:3000)");
-    std::process::exit(2);
+/// `--addr HOST:PORT` (or `--addr=HOST:PORT`) from the command line, default
+/// `127.0.0.1:3000`; answers `--help`, exits with the usage on anything
+/// else.
+pub fn addr_arg(usage: &Usage) -> SocketAddr {
+    addr_from(usage, std::env::args().skip(1).collect())
+}
+
+/// [`addr_arg`] over `args` (what is left after a program took its own
+/// flags).
+pub fn addr_from(usage: &Usage, args: Vec<String>) -> SocketAddr {
+    usage.help_if_asked(&args);
+    match parse_addr(args.into_iter()) {
+        Ok(a) => a,
+        Err(msg) => usage.fail(&msg),
+    }
 }
 
 fn parse_addr(mut args: impl Iterator<Item = String>) -> Result<SocketAddr, String> {
@@ -36,6 +80,17 @@ fn parse_addr(mut args: impl Iterator<Item = String>) -> Result<SocketAddr, Stri
         addr = Some(value.parse().map_err(|e| format!("--addr {value}: {e}"))?);
     }
     Ok(addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3000))))
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `warn`). Colours only
+/// when stderr is a terminal: a log written to a file or a pipe (a service
+/// manager, `2> log`) gets no escape codes.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -27,14 +27,17 @@ mod cli;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+const USAGE: cli::Usage = cli::Usage {
+    program: "dashboard",
+    about: "a live metrics dashboard on Server-Sent Events: open http://ADDR/ in a browser.\nThe page streams room `metrics` from GET /events?room=metrics and POSTs notes to /events.",
+    flags: "",
+    details: "  RUST_LOG=LEVEL     log filter for stderr (default warn)\n",
+};
+
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-
-    let addr = cli::addr_arg("dashboard");
+    let addr = cli::addr_arg(&USAGE);
+    cli::init_logging();
     // Same-origin only (the default origin policy).
     let options = app::Options {
         period: Duration::from_secs(1),

@@ -132,6 +132,10 @@ impl Args {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().skip(1).any(|a| a == "-h" || a == "--help") {
+        println!("load: measures switchboard against raw WebSocket servers (throughput, latency, memory)\n\n{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let args = match Args::parse() {
         Ok(a) => a,
         Err(e) => {

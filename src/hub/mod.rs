@@ -925,14 +925,17 @@ impl Hub {
         let mut rollback = Rollback { hub: self, session, room, armed: true };
         if let Some(link) = &self.inner.backplane {
             if let Err(e) = link.ensure(self, room, created).await {
-                return Err(CallError::with_code(ErrorCode::UNAVAILABLE, format!("backplane: {e}")));
+                return Err(CallError::from(e));
             }
         }
         // The room's presence view (and other nodes' metas) is ready before
         // the reply, so the state sent right after it is complete.
         if let Some(presence) = &self.inner.presence {
             if let Err(e) = presence.prepare(self, room).await {
-                return Err(CallError::with_code(ErrorCode::UNAVAILABLE, e));
+                // The client gets the short 503 of every outage; the cause
+                // goes to the log only.
+                tracing::warn!(error = %e, room, "join failed: presence unavailable");
+                return Err(CallError::with_code(ErrorCode::UNAVAILABLE, crate::handler::UNAVAILABLE_MESSAGE));
             }
         }
         // A recoverable room: merge history and the live stream, queue the

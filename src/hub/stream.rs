@@ -409,8 +409,7 @@ impl Hub {
         reference: Option<u64>,
     ) -> Result<(), crate::CallError> {
         use crate::protocol::ErrorCode;
-        let unavailable =
-            |e: crate::Error| crate::CallError::with_code(ErrorCode::UNAVAILABLE, format!("history: {e}"));
+        let unavailable = crate::CallError::from;
         let Some(history) = self.history() else { return Ok(()) };
         let max_replay = stream.settings.max_replay;
         let mut merge = Merge { want, collected: Vec::new(), complete: true };

@@ -46,8 +46,11 @@ impl ErrorCode {
     /// 500: the handler failed unexpectedly (panicked, or its reply could not
     /// be encoded).
     pub const INTERNAL: ErrorCode = ErrorCode(500);
-    /// 503: the server is shutting down (or the backplane is unavailable)
-    /// and the join cannot be done.
+    /// 503: temporarily unavailable, retry (with backoff): the server is
+    /// shutting down, or the backplane, history store or presence store it
+    /// needs cannot be reached. The message is short
+    /// (`temporarily unavailable, retry`, or `server is shutting down`); the
+    /// cause goes to the server's log, not to the client.
     pub const UNAVAILABLE: ErrorCode = ErrorCode(503);
 
     /// Short snake_case name of a protocol code, `None` for host codes.

@@ -174,7 +174,8 @@ impl Link {
         match &mut *state {
             State::Up { conn, generation } => Ok((conn.clone(), *generation)),
             State::Down { error, reconnecting } => {
-                let err = Error::msg(ErrorKind::Backplane, format!("redis unavailable (reconnecting): {error}"));
+                let err =
+                    Error::msg_with_source(ErrorKind::Backplane, "redis unavailable (reconnecting)", error.clone());
                 if !*reconnecting {
                     *reconnecting = true;
                     tokio::spawn(reconnect(Arc::downgrade(self)));
@@ -310,7 +311,7 @@ async fn reconnect(weak: Weak<Link>) {
             Err(e) => {
                 tracing::debug!(attempt, error = %e, "redis reconnect failed");
                 if let State::Down { error, .. } = &mut *link.state.lock() {
-                    *error = e.to_string();
+                    *error = e.detail();
                 }
             }
         }

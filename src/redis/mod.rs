@@ -208,7 +208,16 @@ impl RedisConfig {
     }
 
     pub(crate) fn client(&self) -> Result<::redis::Client> {
-        ::redis::Client::open(self.url.as_str()).map_err(|e| Error::with_source(ErrorKind::Config, e))
+        ::redis::Client::open(self.url.as_str()).map_err(|e| {
+            // The commonest mistake is a bare `host:port`: say what a URL
+            // looks like, and which one was given.
+            let msg = format!(
+                "`{}` is not a Redis URL; it needs a scheme: redis://HOST:PORT (rediss:// for TLS, \
+                 redis+unix:///PATH for a socket)",
+                self.url
+            );
+            Error::msg_with_source(ErrorKind::Config, msg, e)
+        })
     }
 
     /// The Redis channel of `topic`: `<prefix><topic>` on a single Redis;

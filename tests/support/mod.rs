@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod examples;
 pub mod nats;
 pub mod process;
 pub mod redis;
