@@ -114,3 +114,25 @@ async fn two_chat_instances_share_rooms_presence_and_history_through_redis() {
     assert_eq!(message(&mut bob).await.0["text"], "live");
     assert_eq!(bob.pending_events(), 0, "nothing twice");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sent_while_redis_is_down_gets_the_short_503() {
+    let mut server = RedisServer::start().await;
+    let (addr, _hub) = instance(&server.url()).await;
+    let mut ann = user(addr, "ann").await;
+    ann.join_ok("lobby").await;
+    say(&mut ann, "before").await;
+
+    server.kill();
+    let deadline = tokio::time::Instant::now() + 2 * support::WAIT;
+    let error = loop {
+        let r = ann.call_in("lobby", "message", json!({ "text": "during" })).await;
+        if r["type"] == "error" {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "messages kept being accepted with Redis down: {r}");
+    };
+    // Not "error 500: backplane error: redis unavailable (reconnecting): ...".
+    assert_eq!(error["code"], 503, "{error}");
+    assert_eq!(error["message"], "temporarily unavailable, retry", "{error}");
+}

@@ -117,9 +117,9 @@ fn build(builder: HubBuilder) -> (Router, Hub) {
             }
             tracing::debug!(room, user, "message");
             let from = display_name(call.identity());
-            call.broadcast("message", &json!({ "from": from, "user": user, "text": text, "at": unix_millis() }))
-                .await
-                .map_err(|e| CallError::internal(e.to_string()))?;
+            // `?`: with Redis down the sender gets `503 temporarily
+            // unavailable, retry`; the cause goes to the server log.
+            call.broadcast("message", &json!({ "from": from, "user": user, "text": text, "at": unix_millis() })).await?;
             Ok(json!({ "ok": true }))
         })
         .on("members", |call: Call, _: IgnoredAny| async move {
@@ -127,8 +127,7 @@ fn build(builder: HubBuilder) -> (Router, Hub) {
             let members: Vec<String> = call
                 .hub()
                 .presence(room)
-                .await
-                .map_err(|e| CallError::internal(e.to_string()))?
+                .await?
                 .into_iter()
                 .map(|e| e.key)
                 .collect();

@@ -81,7 +81,7 @@ pub fn app(options: Options) -> (Router, Hub, SseEndpoint) {
                 return Err(CallError::bad_request("a name has 1 to 32 characters"));
             }
             let note = serde_json::json!({ "text": text, "author": author, "at": unix_millis() });
-            call.hub().publish("metrics", "note", &note).await.map_err(|e| CallError::internal(e.to_string()))?;
+            call.hub().publish("metrics", "note", &note).await?;
             Ok(serde_json::json!({ "ok": true }))
         })
         .build();
