@@ -119,18 +119,13 @@ fn build(builder: HubBuilder) -> (Router, Hub) {
             let from = display_name(call.identity());
             // `?`: with Redis down the sender gets `503 temporarily
             // unavailable, retry`; the cause goes to the server log.
-            call.broadcast("message", &json!({ "from": from, "user": user, "text": text, "at": unix_millis() })).await?;
+            call.broadcast("message", &json!({ "from": from, "user": user, "text": text, "at": unix_millis() }))
+                .await?;
             Ok(json!({ "ok": true }))
         })
         .on("members", |call: Call, _: IgnoredAny| async move {
             let room = call.room().ok_or_else(|| CallError::bad_request("`members` needs a room"))?;
-            let members: Vec<String> = call
-                .hub()
-                .presence(room)
-                .await?
-                .into_iter()
-                .map(|e| e.key)
-                .collect();
+            let members: Vec<String> = call.hub().presence(room).await?.into_iter().map(|e| e.key).collect();
             Ok(json!({ "members": members }))
         })
         // Who is online and who is typing, in every room; each meta carries
