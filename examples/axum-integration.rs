@@ -9,7 +9,6 @@
 //! ```
 
 use axum::{extract::State, routing::get, Router};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +55,7 @@ async fn main() -> std::io::Result<()> {
 
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("axum-integration listening on http://{}/ (WebSocket at /ws)", listener.local_addr()?);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+    switchboard::integration::axum::serve(listener, app, switchboard::integration::axum::ServeConfig::default())
         .with_graceful_shutdown(async move {
             stop_signal().await;
             // Every connection gets a close frame (1001) before the exit.

@@ -500,7 +500,7 @@ pub(crate) fn check_origin(
 }
 
 /// The address a connection is counted under: IPv4 as is, IPv6 by /64.
-fn ip_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn ip_key(ip: IpAddr) -> IpAddr {
     match canonical(ip) {
         IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & (u128::MAX << 64))),
         v4 => v4,

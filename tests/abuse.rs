@@ -19,6 +19,7 @@ use switchboard::handler::FieldErrors;
 use switchboard::security::{OriginPolicy, RateLimit, SecurityConfig};
 use switchboard::transport::Handshake;
 use switchboard::{Call, CallError, Hub, HubBuilder, HubConfig, HubStats, Identity};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -607,4 +608,83 @@ async fn room_churn_leaves_no_history_behind() {
     f.tick().await;
     drop(churner);
     f.finish().await;
+}
+
+// ---------------------------------------------------------------------------
+// The axum integration served by `integration::axum::serve`
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_serve_helper_closes_slow_heads_and_bodies_and_refuses_big_heads() {
+    // The attack (issue #24): `axum::serve` never times out a head or a body
+    // (1,500 half-open heads held 394 KiB each and were never closed; slow
+    // SSE POST bodies held theirs). Short timeouts here; every check waits
+    // for the server to close the connection, never for a duration.
+    use switchboard::integration::axum::ServeConfig;
+    let config =
+        ServeConfig::default().header_read_timeout(Duration::from_millis(300)).body_timeout(Duration::from_millis(300));
+    let hub = builder().build();
+    let addr = serve_safe(&hub, config).await;
+    let mut f = Fixture::with(hub, addr).await;
+    // Nothing sent, and half a head: closed.
+    assert_eq!(until_closed(addr, b"").await, "");
+    let half = until_closed(addr, b"GET /page HTTP/1.1\r\nHost: x\r\nX-Slow: 1").await;
+    assert!(!half.contains("200 OK"), "{half}");
+    // A body that stops coming: the handler's read fails, the client gets
+    // an error status, and the connection is closed.
+    let slow = until_closed(addr, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789").await;
+    assert!(slow.starts_with("HTTP/1.1 4"), "{slow}");
+    // A head over 8 KiB, or with more than 64 headers: 431.
+    let big = format!("GET /page HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(9000));
+    assert!(until_closed(addr, big.as_bytes()).await.starts_with("HTTP/1.1 431"));
+    let many: String = (0..80).map(|i| format!("X-H{i}: 1\r\n")).collect();
+    let many = format!("GET /page HTTP/1.1\r\nHost: x\r\n{many}\r\n");
+    assert!(until_closed(addr, many.as_bytes()).await.starts_with("HTTP/1.1 431"));
+    // A well-formed request is served, and the WebSocket bystander (served
+    // through the same helper) lost nothing.
+    let ok = until_closed(addr, b"GET /page HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(ok.starts_with("HTTP/1.1 200") && ok.ends_with("page"), "{ok}");
+    f.tick().await;
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn the_serve_helper_counts_connections_at_accept_per_address_and_in_total() {
+    // The attack (issue #24): 19,989 idle TCP connections from one address
+    // took every file descriptor; nothing counted a connection before its
+    // head. Now a socket is counted from its accept until it closes
+    // (upgraded WebSockets included), and one over a limit gets its answer
+    // without sending a byte.
+    use switchboard::integration::axum::ServeConfig;
+    let config = ServeConfig::default().per_ip_exempt(vec![]).max_connections_per_ip(3);
+    let hub = builder().build();
+    let addr = serve_safe(&hub, config).await;
+    // The bystander's WebSocket holds one of the address's three slots.
+    let mut f = Fixture::with(hub.clone(), addr).await;
+    let idle = [TcpStream::connect(addr).await.unwrap(), TcpStream::connect(addr).await.unwrap()];
+    let refused = until_closed(addr, b"").await;
+    assert!(refused.starts_with("HTTP/1.1 429") && refused.ends_with("too many connections from this address"));
+    f.tick().await;
+    // A closed socket gives its slot back.
+    drop(idle);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let served = until_closed(addr, b"GET /page HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+        if served.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(served.starts_with("HTTP/1.1 429"), "{served}");
+        assert!(tokio::time::Instant::now() < deadline, "the closed sockets' slots never came back");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    f.tick().await;
+    f.finish().await;
+
+    // The total, whatever the address.
+    let config = ServeConfig::default().max_connections(2);
+    let hub = builder().build();
+    let addr = serve_safe(&hub, config).await;
+    let _idle = [TcpStream::connect(addr).await.unwrap(), TcpStream::connect(addr).await.unwrap()];
+    let refused = until_closed(addr, b"").await;
+    assert!(refused.starts_with("HTTP/1.1 503") && refused.contains("retry-after: 1"), "{refused}");
 }

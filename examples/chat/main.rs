@@ -33,7 +33,6 @@ mod app;
 #[path = "../common/cli.rs"]
 mod cli;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 #[tokio::main]
@@ -53,7 +52,7 @@ async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("chat listening on http://{}/", listener.local_addr()?);
 
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+    switchboard::integration::axum::serve(listener, router, switchboard::integration::axum::ServeConfig::default())
         .with_graceful_shutdown(async move {
             cli::shutdown_signal().await;
             hub.shutdown(Duration::from_secs(5)).await;

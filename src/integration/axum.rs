@@ -10,9 +10,17 @@
 //!     .route("/", get(|| async { "hello" }))
 //!     .route("/ws", switchboard::integration::axum::route(hub.clone()));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+//! switchboard::integration::axum::serve(listener, app, Default::default()).await
 //! # }
 //! ```
+//!
+//! Serve the router with [`serve`] (not `axum::serve`): it times out
+//! request heads and bodies, limits head sizes, and counts connections per
+//! address and in total from their accept ([`ServeConfig`]); `axum::serve`
+//! does none of this. With another server, give the requests a
+//! `ConnectInfo<SocketAddr>` extension
+//! (`into_make_service_with_connect_info::<SocketAddr>()`), or the hub's
+//! per-address limit is skipped.
 //!
 //! The upgrade goes through hyper directly (not axum's own `WebSocket`
 //! type): the request is validated and negotiated exactly as the standalone
@@ -20,6 +28,10 @@
 //! is its HTTP status), and the upgraded connection is handed to the same
 //! tokio-tungstenite transport. The peer address is known when the app is
 //! served with `into_make_service_with_connect_info::<SocketAddr>()`.
+
+mod serve;
+
+pub use serve::{serve, Serve, ServeConfig};
 
 use crate::hub::Hub;
 use crate::transport::ws::{negotiate, Refusal, WsConfig, WsTransport};

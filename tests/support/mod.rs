@@ -549,3 +549,41 @@ pub async fn presence_until(c: &mut Client, room: &str, view: &mut PresenceView,
 fn is_presence(v: &Value) -> bool {
     v["type"] == "presence_state" || v["type"] == "presence_diff"
 }
+
+// ---------------------------------------------------------------------------
+// Helpers for the `integration::axum::serve` tests (appended).
+
+/// The hub's WebSocket route at `/` and a plain page at `/page` (a `POST`
+/// to `/echo` answers its body), served by `integration::axum::serve` with
+/// `config` on a free loopback port.
+pub async fn serve_safe(hub: &Hub, config: switchboard::integration::axum::ServeConfig) -> SocketAddr {
+    use std::future::IntoFuture;
+    let app = axum::Router::new()
+        .route("/", switchboard::integration::axum::route(hub.clone()))
+        .route("/page", axum::routing::get(|| async { "page" }))
+        .route("/echo", axum::routing::post(|body: String| async move { body }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(switchboard::integration::axum::serve(listener, app, config).into_future());
+    addr
+}
+
+/// Connects to `addr`, sends `request` (maybe nothing, maybe half a
+/// request), and reads until the server closes the connection: everything
+/// it answered. Fails if the server keeps the connection open past `WAIT`.
+pub async fn until_closed(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    if !request.is_empty() {
+        tcp.write_all(request).await.unwrap();
+    }
+    let mut answer = Vec::new();
+    match tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer)).await {
+        Ok(Ok(_)) => {}
+        // A reset after the answer (the server closed with unread input).
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(Err(e)) => panic!("read failed: {e}"),
+        Err(_) => panic!("the server kept the connection open; it answered {:?}", String::from_utf8_lossy(&answer)),
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
