@@ -79,7 +79,10 @@ export class Run {
 /**
  * Resizes `page` to `width` and checks that nothing scrolls sideways;
  * `more` (run in the page) returns extra problems as strings. Saves a
- * full-page screenshot as `<dir>/<shot>-<width>.png` when `shot` is set.
+ * screenshot as `<dir>/<shot>-<width>.png` when `shot` is set: the whole
+ * page on phones (up to 640 px), the window on wider screens (a full-page
+ * capture of a wide window grows the viewport, and with it every height
+ * given in `vh`, so it shows a layout no window has).
  */
 export async function checkLayout(page, width, { dir, shot, more } = {}) {
   await page.setViewportSize({ width, height: page.viewportSize()?.height ?? 800 });
@@ -92,7 +95,7 @@ export async function checkLayout(page, width, { dir, shot, more } = {}) {
   if (shot) {
     mkdirSync(dir, { recursive: true });
     const path = join(dir, `${shot}-${width}.png`);
-    await page.screenshot({ path, fullPage: true });
+    await page.screenshot({ path, fullPage: width <= 640 });
     console.log(`screenshot: ${path}`);
   }
 }
