@@ -280,6 +280,10 @@ export class Client {
     beat: any;
     /** @type {any} */
     renew: any;
+    /** @type {any} */
+    liveBy: any;
+    /** Joins given up (timed out) after they were written: ref -> room, left if they succeed. @type {Map<number, string>} */
+    abandoned: Map<number, string>;
     /** @type {Pending[]} */
     joinQueue: Pending[];
     /** Every status change. @param {(s: Status) => void} fn */
@@ -493,10 +497,14 @@ export type Count = {
     keys: number;
     connections: number;
 };
+/**
+ * `timeout`: ms for the first join (default the call timeout), also while offline
+ */
 export type JoinOptions = {
     rewind?: number;
     data?: unknown;
     recover?: boolean;
+    timeout?: number;
 };
 export type Resync = {
     reason: "not_recovered" | "no_history" | "missed" | "epoch_changed" | "lagged" | "gap_unrecovered";
@@ -508,7 +516,7 @@ export type EventInfo = {
     offset: number | null;
 };
 export type EventHandler = (data: any, info: EventInfo) => void;
-/** @typedef {{rewind?: number, data?: unknown, recover?: boolean}} JoinOptions */
+/** @typedef {{rewind?: number, data?: unknown, recover?: boolean, timeout?: number}} JoinOptions `timeout`: ms for the first join (default the call timeout), also while offline */
 /** @typedef {{reason: "not_recovered"|"no_history"|"missed"|"epoch_changed"|"lagged"|"gap_unrecovered", gap?: any}} Resync */
 /** @typedef {{event: string, room: string|null, offset: number|null}} EventInfo */
 /** @typedef {(data: any, info: EventInfo) => void} EventHandler */

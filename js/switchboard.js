@@ -512,6 +512,8 @@ export class Client {
         this.timer = null;
         this.beat = null;
         this.renew = null;
+        this.liveBy = null;
+        this.abandoned = new Map();
         this.joinQueue = [];
         const on = (ev, fn) => this.win.addEventListener?.(ev, fn);
         on("online", () => this.#wake());
@@ -537,7 +539,7 @@ export class Client {
             return have.ready;
         const room = new Room(this, name, opts, new Listeners((e) => this.#oops(e)));
         this.rooms.set(name, room);
-        return (room.ready = this.request(room.joinMsg(), { room, retry: true }).then(() => room, (e) => {
+        return (room.ready = this.request(room.joinMsg(), { room, retry: true, timeout: opts.timeout }).then(() => room, (e) => {
             if (this.rooms.get(name) === room)
                 this.rooms.delete(name);
             room.wanted = false;
@@ -576,6 +578,8 @@ export class Client {
             const p = { ref, text, resolve, reject, timer: null, written: false, retry: !!o.retry, room: o.room };
             p.timer = this.t.setTimeout(() => {
                 this.#forget(p);
+                if (p.room && p.written)
+                    this.abandoned.set(ref, p.room.name);
                 reject(new SwitchboardError("timeout", "no answer in time"));
             }, o.timeout ?? this.o.callTimeout ?? 10000);
             this.pending.set(ref, p);
@@ -778,6 +782,7 @@ export class Client {
             this.#live();
         if (h.expires_in_ms && h.refresh && this.o.token)
             this.#renewIn(h.expires_in_ms);
+        this.liveBy = this.t.setTimeout(() => this.#live(), this.o.callTimeout ?? 10000);
     }
     #inJoin() {
         for (const p of this.pending.values())
@@ -853,6 +858,10 @@ export class Client {
     #answer(env) {
         const p = this.pending.get((env.ref));
         if (!p) {
+            const gone = this.abandoned.get((env.ref));
+            this.abandoned.delete((env.ref));
+            if (gone != null && env.type === "reply" && !this.rooms.get(gone)?.joined)
+                this.send({ type: "leave", room: gone });
             if (env.type === "error")
                 this.#error("server", `server error ${env.code}: ${env.message ?? ""}`);
             else
@@ -899,6 +908,8 @@ export class Client {
     #ended() {
         this.t.clearTimeout(this.beat);
         this.t.clearTimeout(this.renew);
+        this.t.clearTimeout(this.liveBy);
+        this.abandoned.clear();
         this.live = false;
         this.hello = null;
         this.joinQueue = [];

@@ -392,7 +392,7 @@ function sse(fetchFn, timers, url, lastId, link) {
 
 // ---------------------------------------------------------------- rooms
 
-/** @typedef {{rewind?: number, data?: unknown, recover?: boolean}} JoinOptions */
+/** @typedef {{rewind?: number, data?: unknown, recover?: boolean, timeout?: number}} JoinOptions `timeout`: ms for the first join (default the call timeout), also while offline */
 /** @typedef {{reason: "not_recovered"|"no_history"|"missed"|"epoch_changed"|"lagged"|"gap_unrecovered", gap?: any}} Resync */
 /** @typedef {{event: string, room: string|null, offset: number|null}} EventInfo */
 /** @typedef {(data: any, info: EventInfo) => void} EventHandler */
@@ -704,6 +704,10 @@ export class Client {
     this.beat = null;
     /** @type {any} */
     this.renew = null;
+    /** @type {any} */
+    this.liveBy = null;
+    /** Joins given up (timed out) after they were written: ref -> room, left if they succeed. @type {Map<number, string>} */
+    this.abandoned = new Map();
     /** @type {Pending[]} */
     this.joinQueue = [];
     const on = (/** @type {string} */ ev, /** @type {Function} */ fn) => this.win.addEventListener?.(ev, fn);
@@ -740,7 +744,7 @@ export class Client {
     if (have) return have.ready;
     const room = new Room(this, name, opts, new Listeners((e) => this.#oops(e)));
     this.rooms.set(name, room);
-    return (room.ready = this.request(room.joinMsg(), { room, retry: true }).then(
+    return (room.ready = this.request(room.joinMsg(), { room, retry: true, timeout: opts.timeout }).then(
       () => room,
       (e) => {
         if (this.rooms.get(name) === room) this.rooms.delete(name);
@@ -789,6 +793,7 @@ export class Client {
       const p = { ref, text, resolve, reject, timer: null, written: false, retry: !!o.retry, room: o.room };
       p.timer = this.t.setTimeout(() => {
         this.#forget(p);
+        if (p.room && p.written) this.abandoned.set(ref, p.room.name);
         reject(new SwitchboardError("timeout", "no answer in time"));
       }, o.timeout ?? this.o.callTimeout ?? 10000);
       this.pending.set(ref, p);
@@ -977,6 +982,8 @@ export class Client {
     this.#pumpJoins();
     if (!this.joinQueue.length && !this.#inJoin()) this.#live();
     if (h.expires_in_ms && h.refresh && this.o.token) this.#renewIn(h.expires_in_ms);
+    // Rejoins that stay unanswered must not hold the buffer forever.
+    this.liveBy = this.t.setTimeout(() => this.#live(), this.o.callTimeout ?? 10000);
   }
   #inJoin() {
     for (const p of this.pending.values()) if (p.rejoin && p.written) return true;
@@ -1047,6 +1054,10 @@ export class Client {
   #answer(env) {
     const p = this.pending.get(/** @type {number} */ (env.ref));
     if (!p) {
+      const gone = this.abandoned.get(/** @type {number} */ (env.ref));
+      this.abandoned.delete(/** @type {number} */ (env.ref));
+      // A join that timed out here but succeeded there: leave again (unless joined since).
+      if (gone != null && env.type === "reply" && !this.rooms.get(gone)?.joined) this.send({ type: "leave", room: gone });
       if (env.type === "error") this.#error("server", `server error ${env.code}: ${env.message ?? ""}`);
       else this.stats.late++;
       return;
@@ -1087,6 +1098,8 @@ export class Client {
   #ended() {
     this.t.clearTimeout(this.beat);
     this.t.clearTimeout(this.renew);
+    this.t.clearTimeout(this.liveBy);
+    this.abandoned.clear();
     this.live = false;
     this.hello = null;
     this.joinQueue = [];

@@ -142,3 +142,34 @@ test("rejoins respect max_inflight and retry a 429 after another answer", async 
   for (const j of joins.slice(2)) t.ws().recv({ type: "reply", ref: j.ref, data: { room: j.room } });
   assert.equal(t.client.status.state, "open");
 });
+
+test("a join that timed out but succeeded on the server is left again", async () => {
+  const t = setup();
+  t.sockets[0].start();
+  const j = t.client.join("late", { timeout: 1000 }).catch((e) => e.code);
+  const req = t.ws().last("join");
+  await t.clock.advance(1000);
+  assert.equal(await j, "timeout");
+  t.ws().recv({ type: "reply", ref: req.ref, data: { room: "late" } });
+  assert.deepEqual(t.ws().last("leave"), { type: "leave", room: "late" });
+  assert.equal(t.client.rooms.size, 0);
+});
+
+test("unanswered rejoins do not hold the offline buffer forever", async () => {
+  const t = setup({ draws: [0] });
+  t.sockets[0].start();
+  await joined(t, "a", {});
+  t.ws().drop();
+  const call = t.client.call("c", 1, { timeout: 60000 }).catch((e) => e.code);
+  await t.clock.advance(0);
+  t.ws().start();
+  assert.deepEqual(t.ws().sent.map((m) => m.type), ["join"]);
+  await t.clock.advance(10000);
+  assert.deepEqual(t.ws().sent.map((m) => m.type), ["join", "call"]);
+  assert.equal(t.client.status.state, "open");
+  // The late answer still joins the room.
+  t.ws().recv({ type: "reply", ref: t.ws().sent[0].ref, data: { room: "a" } });
+  assert.equal(t.client.rooms.get("a").joined, true);
+  t.ws().recv({ type: "reply", ref: t.ws().sent[1].ref, data: 2 });
+  assert.equal(await call, 2);
+});
