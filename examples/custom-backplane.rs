@@ -243,7 +243,7 @@ async fn main() -> std::process::ExitCode {
         Err(e) => eprintln!("custom-backplane: {e}"),
     }
     tokio::select! {
-        r = switchboard::transport::ws::serve(listener, hub.clone(), Default::default()) => {
+        r = switchboard::integration::ws::serve(listener, hub.clone(), Default::default()) => {
             if let Err(e) = r {
                 eprintln!("custom-backplane: {e}");
                 return std::process::ExitCode::FAILURE;

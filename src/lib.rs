@@ -41,7 +41,7 @@
 //!
 //! // Standalone WebSocket server (feature `ws`):
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! switchboard::transport::ws::serve(listener, hub.clone(), Default::default()).await
+//! switchboard::integration::ws::serve(listener, hub.clone(), Default::default()).await
 //! # }
 //! ```
 //!
@@ -134,19 +134,19 @@ pub mod error;
 #[cfg(all(fuzzing, feature = "ws"))]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod handler;
 pub mod history;
 mod hub;
+pub use hub::{handler, room};
 pub mod integration;
 pub mod presence;
 pub mod protocol;
 #[cfg(feature = "redis")]
 pub mod redis;
-pub mod room;
 pub mod security;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transport;
+mod util;
 
 pub use auth::{Authenticate, AuthorizeJoin, Identity, JoinRequest, Refresh, Rejection};
 pub use backplane::{Backplane, MemoryBackplane, Subscription};

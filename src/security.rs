@@ -22,119 +22,17 @@
 //! `docs/security.md` has the threat model and the reasons for each default.
 
 use crate::auth::Rejection;
-use governor::clock::{Clock, Reference};
-use governor::middleware::NoOpMiddleware;
-use governor::state::{InMemoryState, NotKeyed};
-use governor::Quota;
+use crate::util::Limiter;
+pub use crate::util::RateLimit;
 use http::{HeaderMap, HeaderName, StatusCode};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
-use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// A token bucket: a sustained rate of `messages` per `per`, with bursts of
-/// up to `burst`.
-///
-/// A bucket starts full (`burst` tokens). Each message (or connection) takes
-/// one token; tokens come back one every `per / messages`. Implemented with
-/// the `governor` crate's GCRA, which is exactly this bucket without a
-/// refill task.
-///
-/// ```
-/// use std::time::Duration;
-/// use switchboard::security::RateLimit;
-/// let limit = RateLimit::per_second(10).burst(40);
-/// assert_eq!(limit.refill_interval(), Duration::from_millis(100));
-/// let slow = RateLimit::new(1, Duration::from_secs(60)).burst(5);
-/// assert_eq!(slow.burst, 5);
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RateLimit {
-    /// Tokens added per `per` (at least 1).
-    pub messages: u32,
-    /// The period `messages` refers to (at least 1 µs).
-    pub per: Duration,
-    /// Bucket size: how many may come at once after a quiet spell (at least 1).
-    pub burst: u32,
-}
-
-impl RateLimit {
-    /// `messages` per `per`, with a burst of `messages`.
-    pub fn new(messages: u32, per: Duration) -> RateLimit {
-        RateLimit { messages: messages.max(1), per: per.max(Duration::from_micros(1)), burst: messages.max(1) }
-    }
-
-    /// `n` per second, with a burst of `n`.
-    pub fn per_second(n: u32) -> RateLimit {
-        RateLimit::new(n, Duration::from_secs(1))
-    }
-
-    /// Sets [`RateLimit::burst`] (at least 1).
-    pub fn burst(mut self, burst: u32) -> RateLimit {
-        self.burst = burst.max(1);
-        self
-    }
-
-    /// Time for one token to come back: `per / messages`.
-    pub fn refill_interval(&self) -> Duration {
-        (self.per / self.messages.max(1)).max(Duration::from_nanos(1))
-    }
-
-    fn quota(&self) -> Quota {
-        let burst = NonZeroU32::new(self.burst).unwrap_or(NonZeroU32::MIN);
-        // `refill_interval` is never zero, so `with_period` always succeeds.
-        Quota::with_period(self.refill_interval()).unwrap_or_else(|| Quota::per_second(burst)).allow_burst(burst)
-    }
-}
-
-/// Time for governor, on tokio's clock: rate limits follow
-/// `tokio::time::pause()` and `advance()` in tests.
-#[derive(Debug, Clone)]
-pub(crate) struct TokioClock {
-    base: tokio::time::Instant,
-}
-
-impl TokioClock {
-    fn new() -> TokioClock {
-        TokioClock { base: tokio::time::Instant::now() }
-    }
-}
-
-impl Clock for TokioClock {
-    type Instant = Duration;
-
-    fn now(&self) -> Duration {
-        tokio::time::Instant::now().saturating_duration_since(self.base)
-    }
-}
-
-/// One token bucket (lock-free: a single atomic word).
-pub(crate) struct Limiter {
-    inner: governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>,
-    clock: TokioClock,
-}
-
-impl Limiter {
-    pub(crate) fn new(limit: &RateLimit) -> Limiter {
-        let clock = TokioClock::new();
-        Limiter { inner: governor::RateLimiter::direct_with_clock(limit.quota(), clock.clone()), clock }
-    }
-
-    /// Takes a token; `Err(wait)` when the bucket is empty, with the time
-    /// until the next token.
-    pub(crate) fn check(&self) -> Result<(), Duration> {
-        self.inner.check().map_err(|not_until| {
-            let now = self.clock.now();
-            not_until.earliest_possible().duration_since(now).into()
-        })
-    }
-}
 
 /// Which `Origin` a WebSocket upgrade may come from (cross-site WebSocket
 /// hijacking protection).
@@ -520,7 +418,7 @@ impl AdmissionState {
         AdmissionState {
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
-            rate: config.connection_rate.as_ref().map(Limiter::new),
+            rate: config.connection_rate.as_ref().map(RateLimit::limiter),
             warned_no_peer: AtomicBool::new(false),
         }
     }
@@ -766,7 +664,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn limiter_follows_tokio_time() {
-        let l = Limiter::new(&RateLimit::new(1, Duration::from_secs(10)).burst(2));
+        let l = RateLimit::new(1, Duration::from_secs(10)).burst(2).limiter();
         assert!(l.check().is_ok());
         assert!(l.check().is_ok());
         assert_eq!(l.check(), Err(Duration::from_secs(10)));

@@ -49,7 +49,7 @@ async fn next(sub: &mut Subscription, what: &str) -> Bytes {
 ///    only messages published after;
 /// 6. two [`Hub`]s, one on each handle, deliver a room publish across, once.
 pub async fn backplane<B: Backplane + Clone>(a: B, b: B) {
-    let tag = format!("conf{:x}", std::process::id() as u64 ^ crate::hub::random_u64());
+    let tag = format!("conf{:x}", std::process::id() as u64 ^ crate::util::random_u64());
     let t = |name: &str| format!("{tag}.{name}");
 
     // 1. Delivery across nodes, binary-safe.
@@ -170,7 +170,7 @@ async fn recv_event(peer: &mut memory::MemoryPeer, what: &str) -> serde_json::Va
 /// 6. rooms are separate streams.
 pub async fn history<H: crate::history::HistoryStore + Clone>(store: H) {
     use crate::history::{Append, Retention, StreamPosition};
-    let tag = format!("hist{:x}", crate::hub::random_u64());
+    let tag = format!("hist{:x}", crate::util::random_u64());
     let room = |n: &str| format!("{tag}-{n}");
     let retention = Retention::default().max_len(50);
     let append = |event: &str, key: Option<&str>| Append {

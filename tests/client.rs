@@ -16,8 +16,9 @@ use support::WAIT;
 use switchboard::client::{
     Backoff, Client, ClientConfig, ClientErrorKind, Disconnect, Event, JoinOptions, Room, RoomEvent, Status,
 };
+use switchboard::integration::ws;
 use switchboard::protocol::{CloseCode, Format};
-use switchboard::transport::ws::{self, WsConfig};
+use switchboard::transport::ws::WsConfig;
 use switchboard::transport::Handshake;
 use switchboard::{Call, CallError, ConnectionId, Hub, HubBuilder, Identity, PresenceConfig, Rejection};
 use tokio::net::{TcpListener, TcpStream};

@@ -26,8 +26,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use switchboard::history::{HistoryConfig, MemoryHistory, RoomHistory};
+use switchboard::integration::sse::{SseConfig, SseEndpoint};
 use switchboard::presence::PresenceConfig;
-use switchboard::transport::sse::{SseConfig, SseEndpoint};
 use switchboard::{Call, CallError, Handshake, Hub, Identity, Rejection};
 use tokio::net::TcpListener;
 

@@ -7,9 +7,9 @@ use serde_json::{json, Value};
 use sse_client::{post, request, EventSource, Item};
 use std::net::SocketAddr;
 use std::time::Duration;
+use switchboard::integration::sse::{SseConfig, SseEndpoint};
 use switchboard::protocol::CloseCode;
 use switchboard::security::{OriginPolicy, SecurityConfig};
-use switchboard::transport::sse::{SseConfig, SseEndpoint};
 use switchboard::{
     Call, CallError, ConnectionId, DisconnectReason, Hub, HubConfig, JoinRequest, MemoryBackplane, OverflowPolicy,
 };

@@ -17,8 +17,8 @@ use axum::Router;
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use switchboard::history::{HistoryConfig, MemoryHistory, RoomHistory};
+use switchboard::integration::sse::{SseConfig, SseEndpoint};
 use switchboard::security::{OriginPolicy, SecurityConfig};
-use switchboard::transport::sse::{SseConfig, SseEndpoint};
 use switchboard::{Call, CallError, Hub};
 
 const INDEX_HTML: &str = include_str!("index.html");

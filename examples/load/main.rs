@@ -495,9 +495,9 @@ async fn cmd_sizes() -> Result<ExitCode, String> {
     let hub = switchboard::Hub::builder().build();
     let config = switchboard::transport::ws::WsConfig::default();
     let stream = tokio::net::TcpStream::connect(addr).await.map_err(e)?;
-    let accept = switchboard::transport::ws::accept(stream, addr, &hub, &config);
+    let accept = switchboard::integration::ws::accept(stream, addr, &hub, &config);
     println!(
-        "switchboard: transport::ws::accept future (the handshake task, freed once upgraded): {} bytes",
+        "switchboard: integration::ws::accept future (the handshake task, freed once upgraded): {} bytes",
         std::mem::size_of_val(&accept)
     );
     drop(accept);

@@ -1,6 +1,6 @@
 //! The servers under test, run as `load server --kind K`:
 //!
-//! - `switchboard`: a [`Hub`] behind the standalone `transport::ws::serve`
+//! - `switchboard`: a [`Hub`] behind the standalone `integration::ws::serve`
 //!   listener; clients join room `bench`; a `pub` call is published to the
 //!   room, the caller excluded (`Call::broadcast_others`).
 //! - `raw`: the fastest honest broadcast server on tokio-tungstenite we know
@@ -27,7 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
-use switchboard::transport::ws::{self, WsConfig};
+use switchboard::integration::ws;
+use switchboard::transport::ws::WsConfig;
 use switchboard::{Call, CallError, Hub, HubConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};

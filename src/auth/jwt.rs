@@ -42,7 +42,7 @@
 
 use super::{Authenticate, Identity, Refresh, Rejection};
 use crate::error::{Error, ErrorKind};
-use crate::handler::CallError;
+use crate::protocol::CallError;
 use crate::protocol::ErrorCode;
 use crate::transport::Handshake;
 use futures::future::BoxFuture;

@@ -24,10 +24,10 @@
 #[cfg(feature = "jwt")]
 pub mod jwt;
 
-use crate::handler::CallError;
+use crate::protocol::CallError;
 use crate::protocol::Payload;
-use crate::security::RateLimit;
 use crate::transport::Handshake;
+use crate::util::RateLimit;
 use crate::ConnectionId;
 use futures::future::BoxFuture;
 use http::StatusCode;

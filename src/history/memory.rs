@@ -32,12 +32,13 @@
 
 use super::{Append, Appended, HistoryRead, HistoryStore, Publication, Retention, StreamPosition};
 use crate::error::Result;
+use crate::util::unix_ms as now_ms;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 /// Most timer entries handled per lock hold (see the module docs).
 const TIMER_BATCH: usize = 64;
@@ -175,10 +176,6 @@ impl Stored {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -190,7 +187,7 @@ fn ceil_second(ms: u64) -> u64 {
 }
 
 fn new_epoch() -> Arc<str> {
-    Arc::from(format!("{:016x}", crate::hub::random_u64()))
+    Arc::from(format!("{:016x}", crate::util::random_u64()))
 }
 
 impl Stream {

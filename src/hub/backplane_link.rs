@@ -22,13 +22,13 @@ use super::{Hub, HubInner, TaskGuard};
 use crate::backplane::message::RoomMessage;
 use crate::backplane::{Backplane, Subscription};
 use crate::error::{Error, ErrorKind, Result};
+use crate::util::AbortOnDrop;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use tokio::sync::{oneshot, Notify};
-use tokio::task::JoinHandle;
 
 type Waiter = oneshot::Sender<std::result::Result<(), String>>;
 
@@ -48,14 +48,6 @@ pub(crate) struct BackplaneLink {
     notify: Notify,
     started: OnceLock<()>,
     closed: AtomicBool,
-}
-
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl BackplaneLink {

@@ -2,20 +2,23 @@
 
 mod backplane_link;
 mod config;
+pub(crate) mod extension;
+pub mod handler;
 mod heartbeat;
+pub mod room;
 pub(crate) mod session;
 pub(crate) mod stream;
 
 pub use config::{HubConfig, OverflowPolicy};
 
+use super::handler::{CallError, FieldErrors, Handler, TypedHandler};
+use super::room::{validate_room_name, Member, Rooms};
 use crate::auth::{Authenticate, AuthorizeJoin, Identity, JoinRequest, Refresh, Rejection};
 use crate::backplane::message::RoomMessage;
 use crate::backplane::Backplane;
 use crate::error::{Error, ErrorKind, Result};
-use crate::handler::{CallError, FieldErrors, Handler, TypedHandler};
 use crate::history::{HistoryConfig, HistoryRead, HistoryStore, StreamPosition};
 use crate::protocol::{CloseCode, ErrorCode, Format, Kind, Parts, Payload, ProtocolError};
-use crate::room::{validate_room_name, Member, Rooms};
 use crate::security::{Admission, AdmissionState, SecurityConfig};
 use crate::transport::{Handshake, Transport};
 use backplane_link::BackplaneLink;
@@ -223,7 +226,8 @@ pub(crate) struct HubInner {
     pub(crate) tasks: AtomicUsize,
     heartbeat: OnceLock<mpsc::Sender<Weak<Session>>>,
     pub(crate) backplane: Option<Arc<BackplaneLink>>,
-    pub(crate) presence: Option<crate::presence::PresenceHub>,
+    /// Presence, when it is on (the hub knows it only as an extension).
+    pub(crate) extension: Option<Arc<dyn extension::RoomExtension>>,
     pub(crate) history: Option<HistoryLink>,
     shutting_down: AtomicBool,
     shutdown: CancellationToken,
@@ -291,7 +295,7 @@ pub struct HubBuilder {
     security: SecurityConfig,
     hooks: Hooks,
     backplane: Option<Arc<dyn Backplane>>,
-    pub(crate) presence: crate::presence::Setup,
+    pub(crate) extension: Option<Box<dyn extension::ExtensionSetup>>,
     history: Option<(Arc<dyn HistoryStore>, HistoryConfig)>,
 }
 
@@ -322,7 +326,7 @@ impl HubBuilder {
         Req: DeserializeOwned + Send + 'static,
         Resp: Serialize + Send + 'static,
     {
-        self.handler(event, TypedHandler::new(handler, crate::handler::no_validation::<Req>))
+        self.handler(event, TypedHandler::new(handler, super::handler::no_validation::<Req>))
     }
 
     /// Like [`HubBuilder::on`], with a validator run on the deserialized
@@ -425,7 +429,8 @@ impl HubBuilder {
 
     /// Builds the hub. Needs no runtime; tasks start with the first connection.
     pub fn build(self) -> Hub {
-        let node = random_u64();
+        let node = crate::util::random_u64();
+        let has_backplane = self.backplane.is_some();
         Hub {
             inner: Arc::new(HubInner {
                 node,
@@ -443,7 +448,7 @@ impl HubBuilder {
                 next_id: AtomicU64::new(1),
                 tasks: AtomicUsize::new(0),
                 heartbeat: OnceLock::new(),
-                presence: self.presence.build(node, self.backplane.is_some()),
+                extension: self.extension.and_then(|e| e.build(node, has_backplane)),
                 backplane: self.backplane.map(|b| Arc::new(BackplaneLink::new(b))),
                 history: self.history.map(|(store, config)| HistoryLink { store, config, checker: OnceLock::new() }),
                 shutting_down: AtomicBool::new(false),
@@ -452,12 +457,6 @@ impl HubBuilder {
             }),
         }
     }
-}
-
-pub(crate) fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    RandomState::new().hash_one(t) | 1
 }
 
 /// The future returned by [`Hub::publish`]: resolves when the backplane
@@ -621,7 +620,7 @@ impl Hub {
             security: SecurityConfig::default(),
             hooks: Hooks::default(),
             backplane: None,
-            presence: Default::default(),
+            extension: None,
             history: None,
         }
     }
@@ -709,6 +708,24 @@ impl Hub {
         }
     }
 
+    /// The gate every transport's opening goes through, in this order:
+    /// [`Hub::admit`] (a refused client costs no authentication work, and a
+    /// reconnect storm is cut off here), then [`Hub::authenticate`] bounded
+    /// by `timeout` (over it: 503 "authentication timed out"). The
+    /// [`Admission`] holds the connection's slots until it is dropped.
+    pub(crate) async fn open_gate(
+        &self,
+        handshake: &mut Handshake,
+        timeout: Duration,
+    ) -> std::result::Result<(Admission, Identity), Rejection> {
+        let admission = self.admit(handshake)?;
+        match tokio::time::timeout(timeout, self.authenticate(handshake)).await {
+            Ok(Ok(identity)) => Ok((admission, identity)),
+            Ok(Err(rejection)) => Err(rejection),
+            Err(_) => Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "authentication timed out")),
+        }
+    }
+
     /// Authenticates and then serves a connection of any [`Transport`] until
     /// it ends. For transports that have no HTTP step to reject at; a
     /// rejected handshake is returned as `Err` and the transport dropped.
@@ -791,7 +808,7 @@ impl Hub {
             max_rooms: usize,
             max_inflight: usize,
             #[serde(skip_serializing_if = "Option::is_none")]
-            presence: Option<crate::presence::HelloInfo>,
+            presence: Option<extension::PresenceHello>,
             #[serde(skip_serializing_if = "Option::is_none")]
             rate_limit: Option<RateHello>,
             #[serde(skip_serializing_if = "Option::is_none")]
@@ -817,7 +834,7 @@ impl Hub {
             max_message_size: cfg.max_message_size,
             max_rooms: cfg.max_rooms_per_connection,
             max_inflight: cfg.max_inflight,
-            presence: self.presence_hello(),
+            presence: self.inner.extension.as_ref().map(|e| e.hello()),
             rate_limit: rate.map(|r| RateHello {
                 messages: r.messages,
                 per_ms: r.per.as_millis().try_into().unwrap_or(u64::MAX),
@@ -857,7 +874,7 @@ impl Hub {
         let session = session.ok_or_else(|| CallError::with_code(ErrorCode::BAD_REQUEST, "not connected"))?;
         validate_room_name(room).map_err(CallError::bad_request)?;
         self.add_member(&session, room, stream::Want::Live, None).await?;
-        self.presence_joined(&session, room);
+        self.extension_joined(&session, room);
         Ok(())
     }
 
@@ -930,12 +947,12 @@ impl Hub {
         }
         // The room's presence view (and other nodes' metas) is ready before
         // the reply, so the state sent right after it is complete.
-        if let Some(presence) = &self.inner.presence {
-            if let Err(e) = presence.prepare(self, room).await {
+        if let Some(ext) = &self.inner.extension {
+            if let Err(e) = ext.prepare(self, room).await {
                 // The client gets the short 503 of every outage; the cause
                 // goes to the log only.
                 tracing::warn!(error = %e, room, "join failed: presence unavailable");
-                return Err(CallError::with_code(ErrorCode::UNAVAILABLE, crate::handler::UNAVAILABLE_MESSAGE));
+                return Err(CallError::with_code(ErrorCode::UNAVAILABLE, crate::protocol::UNAVAILABLE_MESSAGE));
             }
         }
         // A recoverable room: merge history and the live stream, queue the
@@ -969,8 +986,8 @@ impl Hub {
                 link.mark(self, room);
             }
         }
-        if let Some(presence) = &self.inner.presence {
-            presence.leave(self, session, room, removed == Some(true));
+        if let Some(ext) = &self.inner.extension {
+            ext.leave(self, session, room, removed == Some(true));
         }
         if hook {
             if let Some(h) = &self.inner.hooks.leave {
@@ -1344,7 +1361,9 @@ impl Hub {
             }
             self.wait_empty().await;
         }
-        self.presence_flush().await;
+        if let Some(ext) = &self.inner.extension {
+            ext.flush(self).await;
+        }
     }
 
     async fn wait_empty(&self) {

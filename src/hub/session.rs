@@ -6,15 +6,15 @@
 //! semaphore. Heartbeats are driven by the hub's shared timer wheel (see
 //! `heartbeat.rs`), not by a task here.
 
+use super::handler::{Call, CallError};
+use super::room::validate_room_name;
 use super::stream::Want;
 use super::{ConnectionState, DisconnectReason, Hub, OverflowPolicy, TaskGuard};
 use crate::auth::Identity;
-use crate::handler::{Call, CallError};
 use crate::history::StreamPosition;
 use crate::protocol::{CloseCode, Envelope, ErrorCode, Format, Kind, Parts, Payload};
-use crate::room::validate_room_name;
-use crate::security::Limiter;
 use crate::transport::{CloseFrame, Frame, Transport, TransportError};
+use crate::util::Limiter;
 use crate::ConnectionId;
 use bytes::Bytes;
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
@@ -117,10 +117,10 @@ impl Session {
             max_inflight: u32::try_from(cfg.max_inflight.max(1)).unwrap_or(u32::MAX),
             call_queues: Mutex::new(Vec::new()),
             rate: identity.rate_limit_or(cfg.rate_limit).map(|limit| Rate {
-                messages: Limiter::new(&limit),
+                messages: limit.limiter(),
                 // Same refill rate as the messages: a client sending up to
                 // twice its rate gets errors for the excess but stays.
-                violations: Limiter::new(&limit.burst(cfg.max_rate_violations.max(1))),
+                violations: limit.burst(cfg.max_rate_violations.max(1)).limiter(),
             }),
             grant: Mutex::new(Grant { refreshed: None, deadline: Grant::deadline_of(&identity) }),
             identity,
@@ -900,7 +900,7 @@ fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, binary: bool
         Kind::Join => on_join(hub, session, calls, env),
         Kind::Leave => on_leave(hub, session, env),
         Kind::Call => on_call(hub, session, calls, env),
-        Kind::Presence => hub.presence_request(session, env),
+        Kind::Presence => hub.extension_request(session, env),
         Kind::Refresh => on_refresh(hub, session, calls, env),
         other => session.send_error(
             env.reference,
@@ -1006,7 +1006,7 @@ fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, env: Envelope) 
                     room_reply(&session, env.reference, &room);
                 }
                 // Presence state goes right after the reply, never before.
-                hub.presence_joined(&session, &room);
+                hub.extension_joined(&session, &room);
             }
         }
     });

@@ -113,7 +113,7 @@ pub(crate) struct RoomStream {
     /// leaves hold the registry shard while they lock the stream). A room
     /// emptied and joined again is a new room with a new stream, so a late
     /// fill of an old stream never reaches the new room's members.
-    room: Weak<crate::room::Room>,
+    room: Weak<super::room::Room>,
     state: Mutex<StreamState>,
 }
 
@@ -180,7 +180,7 @@ pub(crate) enum Want {
 }
 
 impl RoomStream {
-    pub(crate) fn new(name: Arc<str>, settings: RoomHistory, room: Weak<crate::room::Room>) -> RoomStream {
+    pub(crate) fn new(name: Arc<str>, settings: RoomHistory, room: Weak<super::room::Room>) -> RoomStream {
         RoomStream {
             name,
             settings,
@@ -245,7 +245,7 @@ fn deliver_next(hub: &Hub, stream: &RoomStream, st: &mut StreamState, ev: Positi
 }
 
 /// The room `stream` belongs to, while it exists (see [`RoomStream::room`]).
-fn room_of(stream: &RoomStream) -> Option<Arc<crate::room::Room>> {
+fn room_of(stream: &RoomStream) -> Option<Arc<super::room::Room>> {
     stream.room.upgrade()
 }
 

@@ -99,19 +99,10 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
     if let Some(p) = negotiated.subprotocol {
         hs = hs.with_subprotocol(p);
     }
-    // The same admission as the standalone listener, before the
-    // authenticator and the upgrade.
-    let admission = match hub.admit(&mut hs) {
-        Ok(a) => a,
-        Err(rej) => return refusal(Refusal::from_rejection(&rej)),
-    };
-    let identity = match tokio::time::timeout(config.handshake_timeout, hub.authenticate(&hs)).await {
-        Ok(Ok(id)) => id,
-        Ok(Err(rej)) => return refusal(Refusal::from_rejection(&rej)),
-        Err(_) => {
-            let message = "authentication timed out".to_owned();
-            return refusal(Refusal { status: StatusCode::SERVICE_UNAVAILABLE, headers: Vec::new(), message });
-        }
+    // The same gate as the standalone listener, before the upgrade.
+    let (admission, identity) = match hub.open_gate(&mut hs, config.handshake_timeout).await {
+        Ok(admitted) => admitted,
+        Err(rej) => return refusal(super::ws::refusal(&rej)),
     };
     tokio::spawn(async move {
         // The admission is held until the connection ends, whichever way:
@@ -123,7 +114,7 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
                 let max = hub.config().max_message_size;
                 let transport = WsTransport::from_upgraded(TokioIo::new(upgraded), &config, max).await;
                 let session = hub.serve(transport, &hs, identity);
-                crate::transport::ws::spawn_session(session, Some(admission));
+                super::ws::spawn_session(session, admission);
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
@@ -142,13 +133,13 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
     res
 }
 
-/// A route serving an [`SseEndpoint`](crate::transport::sse::SseEndpoint)
+/// A route serving an [`SseEndpoint`](crate::integration::sse::SseEndpoint)
 /// (feature `sse`): `GET` opens a stream, `POST` delivers envelopes,
 /// `OPTIONS` answers CORS preflights, other methods get 405. The peer
 /// address is known when the app is served with
 /// `into_make_service_with_connect_info::<SocketAddr>()`.
 #[cfg(feature = "sse")]
-pub fn sse<S>(endpoint: crate::transport::sse::SseEndpoint) -> MethodRouter<S>
+pub fn sse<S>(endpoint: crate::integration::sse::SseEndpoint) -> MethodRouter<S>
 where
     S: Clone + Send + Sync + 'static,
 {
@@ -156,7 +147,7 @@ where
 }
 
 #[cfg(feature = "sse")]
-async fn serve_sse(endpoint: crate::transport::sse::SseEndpoint, req: Request) -> Response {
+async fn serve_sse(endpoint: crate::integration::sse::SseEndpoint, req: Request) -> Response {
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     endpoint.handle(req, peer).await.map(Body::new)
 }

@@ -2,3 +2,8 @@
 
 #[cfg(feature = "axum")]
 pub mod axum;
+#[cfg(feature = "sse")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sse")))]
+pub mod sse;
+#[cfg(feature = "ws")]
+pub mod ws;

@@ -31,7 +31,7 @@ fn sorted(mut records: Vec<PresenceRecord>) -> Vec<PresenceRecord> {
 /// # }
 /// ```
 pub async fn presence_store<S: PresenceStore>(store: S) {
-    let tag = format!("conf{:x}", std::process::id() as u64 ^ crate::hub::random_u64());
+    let tag = format!("conf{:x}", std::process::id() as u64 ^ crate::util::random_u64());
     let room = |name: &str| format!("{tag}.{name}");
     let key = |name: &str| format!("{tag}-{name}");
     let long = Duration::from_secs(60);

@@ -36,10 +36,12 @@ use super::{
     PresenceRecord, PresenceStats, PresenceStore, StoreChange,
 };
 use crate::backplane::Subscription;
+use crate::hub::extension::{PresenceHello, WeakHub};
+use crate::hub::room::validate_room_name;
 use crate::hub::session::{Session, Wire};
-use crate::hub::{Hub, HubInner, TaskGuard};
+use crate::hub::{Hub, TaskGuard};
 use crate::protocol::{Envelope, ErrorCode, Format, Kind, Parts, Payload};
-use crate::room::validate_room_name;
+use crate::util::{unix_ms, AbortOnDrop, TokenBucket};
 use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
@@ -50,7 +52,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
@@ -151,40 +152,13 @@ impl Meta {
     }
 }
 
-/// A per-meta token bucket for client updates.
-#[derive(Debug, Clone)]
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Bucket {
-    fn full(burst: u32, now: Instant) -> Bucket {
-        Bucket { tokens: f64::from(burst.max(1)), last: now }
-    }
-
-    /// Takes a token, or says how long until one is back.
-    fn take(&mut self, now: Instant, rate: u32, burst: u32) -> Result<(), Duration> {
-        let rate = f64::from(rate.max(1));
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(f64::from(burst.max(1)));
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - self.tokens) / rate))
-        }
-    }
-}
-
 struct Slot {
     meta: Meta,
     /// The token of this meta's expiry entry in the timer wheel, if any (an
     /// entry with another token is stale and does nothing).
     expiry: Option<u64>,
     /// This node's metas only: the client's update bucket.
-    bucket: Option<Bucket>,
+    bucket: Option<TokenBucket>,
 }
 
 /// A change waiting for the next diff, coalesced per meta.
@@ -526,14 +500,6 @@ pub(crate) struct RoomView {
     subscription: Mutex<Option<AbortOnDrop>>,
 }
 
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A timer entry. It holds its view weakly: a timer of a view that was
 /// dropped (and maybe replaced by a new one for the same room) does nothing.
 enum TimerCmd {
@@ -579,24 +545,11 @@ impl Drop for PresenceHub {
     }
 }
 
-/// `hello`'s `presence` field.
-#[derive(Serialize)]
-pub(crate) struct HelloInfo {
-    ephemeral_ttl_ms: u64,
-    max_meta_bytes: usize,
-    update_rate: u32,
-    update_burst: u32,
-}
-
 /// `now + d`, at most a year ahead (a peer node or a host setting may ask
 /// for absurd durations, and `Instant` addition would panic).
 fn later(now: Instant, d: Duration) -> Instant {
     const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
     now + d.min(YEAR)
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl PresenceHub {
@@ -635,8 +588,8 @@ impl PresenceHub {
         self.config.rooms.matches(room)
     }
 
-    pub(crate) fn hello(&self) -> HelloInfo {
-        HelloInfo {
+    pub(crate) fn hello(&self) -> PresenceHello {
+        PresenceHello {
             ephemeral_ttl_ms: self.config.ephemeral_ttl.as_millis() as u64,
             max_meta_bytes: self.config.max_meta_bytes,
             update_rate: self.config.update_rate,
@@ -650,7 +603,7 @@ impl PresenceHub {
 
     fn start(&self, hub: &Hub) {
         self.started.get_or_init(|| {
-            let weak = Arc::downgrade(&hub.inner);
+            let weak = hub.downgrade();
             tokio::spawn(timer_task(weak.clone(), self.shared.clone()));
             tokio::spawn(sync_task(weak, self.shared.clone(), self.config.refresh_interval()));
         });
@@ -708,7 +661,7 @@ impl PresenceHub {
             return Ok(());
         }
         self.start(hub);
-        let backplane = hub.inner.backplane.is_some();
+        let backplane = hub.backplane().is_some();
         let view = self
             .views
             .write()
@@ -729,13 +682,12 @@ impl PresenceHub {
     }
 
     async fn load(&self, hub: &Hub, view: &Arc<RoomView>) -> Result<(), String> {
-        let Some(link) = &hub.inner.backplane else { return Ok(()) };
+        let Some(backplane) = hub.backplane() else { return Ok(()) };
         // Subscribe first, then list: a change the snapshot misses was
         // published after the subscription started (nodes write the store
         // before they publish), so it is in the buffer.
-        let sub = link.backplane.subscribe(&wire::topic(&view.room)).await.map_err(|e| e.to_string())?;
-        let task =
-            tokio::spawn(forward(sub, Arc::downgrade(&hub.inner), Arc::downgrade(view), TaskGuard::new(&hub.inner)));
+        let sub = backplane.subscribe(&wire::topic(&view.room)).await.map_err(|e| e.to_string())?;
+        let task = tokio::spawn(forward(sub, hub.downgrade(), Arc::downgrade(view), hub.task_guard()));
         *view.subscription.lock() = Some(AbortOnDrop(task));
         let records = match self.store.list(PresenceQuery::Room(view.room.to_string())).await {
             Ok(r) => r,
@@ -813,7 +765,7 @@ impl PresenceHub {
             }
             let outcome = st.set(id, meta, &self.config);
             if let Some(slot) = st.slots.get_mut(&id) {
-                slot.bucket.get_or_insert_with(|| Bucket::full(self.config.update_burst, Instant::now()));
+                slot.bucket.get_or_insert_with(|| TokenBucket::full(Instant::now()));
             }
             st.update_mode(&self.config);
             // The state and the receiver are added under the same lock as
@@ -879,10 +831,10 @@ impl PresenceHub {
         // that meta (and its store record). Under the index's write lock, so
         // a join that made the room exist again either happened before (the
         // view stays) or creates a new view after.
-        if room_gone || !hub.inner.rooms.contains(room) {
+        if room_gone || !hub.has_local_room(room) {
             let mut views = self.views.write();
             let unused = views.get(room).is_some_and(|v| v.state.lock().slots.keys().all(|id| id.0 != self.node));
-            if unused && !hub.inner.rooms.contains(room) {
+            if unused && !hub.has_local_room(room) {
                 views.remove(room);
             }
         }
@@ -920,8 +872,8 @@ impl PresenceHub {
                 drop(st);
                 return not_joined();
             };
-            let bucket = slot.bucket.get_or_insert_with(|| Bucket::full(cfg.update_burst, now));
-            if let Err(wait) = bucket.take(now, cfg.update_rate, cfg.update_burst) {
+            let bucket = slot.bucket.get_or_insert_with(|| TokenBucket::full(now));
+            if let Err(wait) = bucket.take(now, Duration::from_secs(1) / cfg.update_rate.max(1), cfg.update_burst) {
                 drop(st);
                 return rate_limited(session, reference, wait);
             }
@@ -1095,10 +1047,10 @@ impl PresenceHub {
                 tracing::warn!(error = %e, "presence store write failed; the next refresh retries");
             }
         }
-        if let Some(link) = &hub.inner.backplane {
+        if let Some(backplane) = hub.backplane() {
             for (room, changes) in batches {
                 let batch = NodeBatch { v: wire::BATCH_VERSION, node: self.node, changes };
-                if let Err(e) = link.backplane.publish(&wire::topic(&room), batch.encode()).await {
+                if let Err(e) = backplane.publish(&wire::topic(&room), batch.encode()).await {
                     tracing::warn!(room = &*room, error = %e, "presence publish failed; other nodes reconcile from the store");
                 }
             }
@@ -1123,7 +1075,7 @@ impl PresenceHub {
             }
         }
         drop(write);
-        if hub.inner.backplane.is_some() {
+        if hub.backplane().is_some() {
             self.reconcile(hub, views).await;
         }
     }
@@ -1228,7 +1180,7 @@ fn finish(by_key: BTreeMap<&str, Vec<PresenceMeta>>) -> Vec<PresenceEntry> {
 }
 
 /// The timer task: batch-window flushes and ephemeral expiries.
-async fn timer_task(hub: Weak<HubInner>, shared: Arc<Shared>) {
+async fn timer_task(hub: WeakHub, shared: Arc<Shared>) {
     let mut wheel: DelayQueue<TimerCmd> = DelayQueue::new();
     loop {
         tokio::select! {
@@ -1239,8 +1191,8 @@ async fn timer_task(hub: Weak<HubInner>, shared: Arc<Shared>) {
                 }
             }
             Some(expired) = futures::future::poll_fn(|cx| wheel.poll_expired(cx)) => {
-                let Some(inner) = hub.upgrade() else { return };
-                let Some(presence) = &inner.presence else { return };
+                let Some(hub) = hub.upgrade() else { return };
+                let Some(presence) = hub.extension::<PresenceHub>() else { return };
                 if let Some((cmd, at)) = presence.on_timer(expired.into_inner()) {
                     wheel.insert_at(cmd, at);
                 }
@@ -1251,7 +1203,7 @@ async fn timer_task(hub: Weak<HubInner>, shared: Arc<Shared>) {
 
 /// The sync task: store writes and backplane publishes of this node's
 /// changes as they come, and a refresh every `ttl / 3`.
-async fn sync_task(hub: Weak<HubInner>, shared: Arc<Shared>, every: Duration) {
+async fn sync_task(hub: WeakHub, shared: Arc<Shared>, every: Duration) {
     let mut tick = tokio::time::interval_at(later(Instant::now(), every), every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -1260,16 +1212,15 @@ async fn sync_task(hub: Weak<HubInner>, shared: Arc<Shared>, every: Duration) {
             _ = shared.outgoing_notify.notified() => false,
             _ = tick.tick() => true,
         };
-        let Some(inner) = hub.upgrade() else { return };
-        let hub = Hub { inner };
-        let Some(presence) = &hub.inner.presence else { return };
+        let Some(hub) = hub.upgrade() else { return };
+        let Some(presence) = hub.extension::<PresenceHub>() else { return };
         presence.sync(&hub, refresh).await;
     }
 }
 
 /// Applies the changes other nodes publish on `$presence:<room>` to the
 /// room's view. Aborted when the view is dropped.
-async fn forward(mut sub: Subscription, hub: Weak<HubInner>, view: Weak<RoomView>, _guard: TaskGuard) {
+async fn forward(mut sub: Subscription, hub: WeakHub, view: Weak<RoomView>, _guard: TaskGuard) {
     while let Some(item) = sub.next().await {
         let bytes = match item {
             Ok(b) => b,
@@ -1282,12 +1233,11 @@ async fn forward(mut sub: Subscription, hub: Weak<HubInner>, view: Weak<RoomView
             tracing::warn!("ignoring a malformed presence message");
             continue;
         };
-        let (Some(inner), Some(view)) = (hub.upgrade(), view.upgrade()) else { return };
-        if batch.node == inner.node {
+        let (Some(hub), Some(view)) = (hub.upgrade(), view.upgrade()) else { return };
+        if batch.node == hub.node_id() {
             continue;
         }
-        let hub = Hub { inner };
-        if let Some(presence) = &hub.inner.presence {
+        if let Some(presence) = hub.extension::<PresenceHub>() {
             presence.apply_remote(&hub, &view, batch);
         }
     }

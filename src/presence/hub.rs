@@ -1,15 +1,18 @@
 //! Presence on [`HubBuilder`] and [`Hub`]: configuration, host reads, and
 //! the calls the hub makes on joins, leaves and `presence` requests.
 
-use super::engine::{HelloInfo, MetaFn, PresenceHook};
+use super::engine::{MetaFn, PresenceHook};
 use super::{
     MemoryPresence, PresenceConfig, PresenceCount, PresenceEntry, PresenceEvent, PresenceHub, PresenceStats,
     PresenceStore,
 };
+use crate::hub::extension::{ExtensionSetup, PresenceHello, RoomExtension};
 use crate::hub::session::Session;
-use crate::protocol::{Envelope, ErrorCode};
-use crate::{Connection, Hub, HubBuilder};
+use crate::hub::{Connection, Hub, HubBuilder};
+use crate::protocol::Envelope;
+use futures::future::BoxFuture;
 use serde::Serialize;
+use std::any::Any;
 use std::sync::Arc;
 
 /// What the builder collects for presence.
@@ -22,11 +25,48 @@ pub(crate) struct Setup {
     on_leave: Option<PresenceHook>,
 }
 
-impl Setup {
-    pub(crate) fn build(self, node: u64, backplane: bool) -> Option<PresenceHub> {
-        let config = self.config?;
-        let store = self.store.unwrap_or_else(|| Arc::new(MemoryPresence::new()));
-        Some(PresenceHub::new(config, node, backplane, store, self.meta, self.on_join, self.on_leave))
+impl ExtensionSetup for Setup {
+    fn build(self: Box<Self>, node: u64, backplane: bool) -> Option<Arc<dyn RoomExtension>> {
+        let this = *self;
+        let config = this.config?;
+        let store = this.store.unwrap_or_else(|| Arc::new(MemoryPresence::new()));
+        Some(Arc::new(PresenceHub::new(config, node, backplane, store, this.meta, this.on_join, this.on_leave)))
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+impl RoomExtension for PresenceHub {
+    fn hello(&self) -> PresenceHello {
+        PresenceHub::hello(self)
+    }
+
+    fn prepare<'a>(&'a self, hub: &'a Hub, room: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(PresenceHub::prepare(self, hub, room))
+    }
+
+    fn after_join(&self, hub: &Hub, session: &Arc<Session>, room: &str) {
+        PresenceHub::after_join(self, hub, session, room);
+    }
+
+    fn leave(&self, hub: &Hub, session: &Session, room: &str, room_gone: bool) {
+        PresenceHub::leave(self, hub, session, room, room_gone);
+    }
+
+    fn request(&self, session: &Arc<Session>, env: Envelope) {
+        PresenceHub::request(self, session, env);
+    }
+
+    /// Writes and publishes the leaves of the connections that just closed,
+    /// so other nodes do not wait for the TTL.
+    fn flush<'a>(&'a self, hub: &'a Hub) -> BoxFuture<'a, ()> {
+        Box::pin(self.sync(hub, false))
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -35,7 +75,7 @@ impl HubBuilder {
     /// [`PresenceConfig::rooms`] selects (default: all). See the
     /// [`presence`](crate::presence) module.
     pub fn presence(mut self, config: PresenceConfig) -> Self {
-        self.presence.config = Some(config);
+        self.extension_setup::<Setup>().config = Some(config);
         self
     }
 
@@ -43,7 +83,7 @@ impl HubBuilder {
     /// [`MemoryPresence`]). Hubs that share a backplane must share a store.
     /// Has no effect unless [`HubBuilder::presence`] turns presence on.
     pub fn presence_store(mut self, store: impl PresenceStore) -> Self {
-        self.presence.store = Some(Arc::new(store));
+        self.extension_setup::<Setup>().store = Some(Arc::new(store));
         self
     }
 
@@ -57,7 +97,7 @@ impl HubBuilder {
         F: Fn(&Connection, &str) -> M + Send + Sync + 'static,
         M: Serialize,
     {
-        self.presence.meta =
+        self.extension_setup::<Setup>().meta =
             Some(Arc::new(move |conn: &Connection, room: &str| match serde_json::to_value(f(conn, room)) {
                 Ok(serde_json::Value::Object(map)) => Some(map),
                 Ok(serde_json::Value::Null) => None,
@@ -75,7 +115,7 @@ impl HubBuilder {
     /// one of this node's connections caused it. Never runs under a lock;
     /// keep it short (spawn for I/O).
     pub fn on_presence_join(mut self, f: impl Fn(&Hub, &PresenceEvent) + Send + Sync + 'static) -> Self {
-        self.presence.on_join = Some(Arc::new(f));
+        self.extension_setup::<Setup>().on_join = Some(Arc::new(f));
         self
     }
 
@@ -83,7 +123,7 @@ impl HubBuilder {
     /// last meta went (a leave, a disconnect, a heartbeat timeout, or the
     /// expiry of a vanished node's entries). For "last seen" bookkeeping.
     pub fn on_presence_leave(mut self, f: impl Fn(&Hub, &PresenceEvent) + Send + Sync + 'static) -> Self {
-        self.presence.on_leave = Some(Arc::new(f));
+        self.extension_setup::<Setup>().on_leave = Some(Arc::new(f));
         self
     }
 }
@@ -94,7 +134,7 @@ impl Hub {
     /// (every node's metas, ephemeral flags included); otherwise the
     /// store's records. Empty when presence is off.
     pub async fn presence(&self, room: &str) -> crate::Result<Vec<PresenceEntry>> {
-        match &self.inner.presence {
+        match self.extension::<PresenceHub>() {
             Some(p) => p.entries(room).await,
             None => Ok(Vec::new()),
         }
@@ -103,7 +143,7 @@ impl Hub {
     /// How many keys and connections `room`'s presence has (same sources as
     /// [`Hub::presence`]).
     pub async fn presence_count(&self, room: &str) -> crate::Result<PresenceCount> {
-        match &self.inner.presence {
+        match self.extension::<PresenceHub>() {
             Some(p) => p.count(room).await,
             None => Ok(PresenceCount::default()),
         }
@@ -113,7 +153,7 @@ impl Hub {
     /// this node in a presence room, or a live record of another node in the
     /// store. `false` when presence is off.
     pub async fn is_user_online(&self, user: &str) -> crate::Result<bool> {
-        match &self.inner.presence {
+        match self.extension::<PresenceHub>() {
             Some(p) => p.user_online(user).await,
             None => Ok(false),
         }
@@ -121,34 +161,6 @@ impl Hub {
 
     /// Counts of this node's presence state (all zero when presence is off).
     pub fn presence_stats(&self) -> PresenceStats {
-        self.inner.presence.as_ref().map(PresenceHub::stats).unwrap_or_default()
-    }
-
-    /// After a successful join: the connection's meta and its state.
-    pub(crate) fn presence_joined(&self, session: &Arc<Session>, room: &str) {
-        if let Some(p) = &self.inner.presence {
-            p.after_join(self, session, room);
-        }
-    }
-
-    /// A client's `presence` envelope.
-    pub(crate) fn presence_request(&self, session: &Arc<Session>, env: Envelope) {
-        match &self.inner.presence {
-            Some(p) => p.request(session, env),
-            None => session.send_error(env.reference, ErrorCode::BAD_REQUEST.0, "presence is not enabled"),
-        }
-    }
-
-    /// `hello`'s `presence` field (absent when presence is off).
-    pub(crate) fn presence_hello(&self) -> Option<HelloInfo> {
-        self.inner.presence.as_ref().map(PresenceHub::hello)
-    }
-
-    /// At the end of a shutdown: writes and publishes the leaves of the
-    /// connections that just closed, so other nodes do not wait for the TTL.
-    pub(crate) async fn presence_flush(&self) {
-        if let Some(p) = &self.inner.presence {
-            p.sync(self, false).await;
-        }
+        self.extension::<PresenceHub>().map(PresenceHub::stats).unwrap_or_default()
     }
 }

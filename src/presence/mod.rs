@@ -70,8 +70,7 @@ mod wire;
 pub use config::{PresenceConfig, PresenceRooms};
 pub use memory::MemoryPresence;
 
-pub(crate) use engine::{HelloInfo, PresenceHub};
-pub(crate) use hub::Setup;
+pub(crate) use engine::PresenceHub;
 
 use crate::error::Result;
 use futures::future::BoxFuture;

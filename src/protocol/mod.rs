@@ -15,10 +15,13 @@
 //! field: decoding an envelope never decodes the payload, and a payload is
 //! only turned into a Rust type by the handler that wants it.
 
+mod call_error;
 mod codes;
 mod json;
 mod msgpack;
 
+pub(crate) use call_error::UNAVAILABLE_MESSAGE;
+pub use call_error::{CallError, FieldError, FieldErrors};
 pub use codes::{CloseCode, ErrorCode};
 pub(crate) use json::truncate;
 

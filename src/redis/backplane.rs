@@ -393,7 +393,7 @@ impl Shard {
     /// A shard owning `slots` (`None`: everything), not yet connected.
     fn new(shared: &Shared, slots: Option<&ShardSpec>) -> Result<Shard> {
         let config = &shared.config;
-        let id = crate::hub::random_u64();
+        let id = crate::util::random_u64();
         let (client, slots, probe_channel) = match slots {
             None => (shared.client.clone(), None, format!("{}$probe:{id:016x}", config.prefix)),
             Some(spec) => {
@@ -977,7 +977,7 @@ async fn session(shared: &Arc<Shared>, shard: &Arc<Shard>, mut conn: PubConn, re
             () = shard.wake.notified() => {}
             _ = tick.tick() => {
                 if probe.token.is_none() && probe_publish.is_none() && probe_ping.is_none() {
-                    let token = crate::hub::random_u64();
+                    let token = crate::util::random_u64();
                     probe.token = Some(token);
                     probe.deadline = Some(Box::pin(tokio::time::sleep(config.probe_timeout)));
                     let channel = shard.probe_channel.clone();

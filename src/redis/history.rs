@@ -310,7 +310,7 @@ impl HistoryStore for RedisHistory {
             let data: Vec<u8> = append.data.as_ref().map(|p| p.bytes().to_vec()).unwrap_or_default();
             let key = append.idempotency_key.unwrap_or_default();
             let max_age = millis(append.retention.max_age);
-            let epoch = format!("{:016x}", crate::hub::random_u64());
+            let epoch = format!("{:016x}", crate::util::random_u64());
             let reply: Value = link
                 .run("history append", move |mut conn| async move {
                     APPEND
@@ -346,7 +346,7 @@ impl HistoryStore for RedisHistory {
         let link = self.link.clone();
         let meta_ttl = self.meta_ttl_ms;
         Box::pin(async move {
-            let new_epoch = format!("{:016x}", crate::hub::random_u64());
+            let new_epoch = format!("{:016x}", crate::util::random_u64());
             let (mode, since_offset, expected) = match &since {
                 Some(p) => ("after", p.offset, p.epoch.to_string()),
                 None => ("newest", 0, String::new()),

@@ -60,7 +60,7 @@ pub(crate) fn backoff(config: &RedisConfig, attempt: u32) -> Duration {
     let capped = base.saturating_mul(1u32 << attempt.min(20)).min(config.reconnect_max.max(base));
     let half = capped / 2;
     let nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1);
-    capped - Duration::from_nanos(crate::hub::random_u64() % nanos)
+    capped - Duration::from_nanos(crate::util::random_u64() % nanos)
 }
 
 /// A command connection: to one Redis, or to a Redis Cluster.

@@ -3,7 +3,6 @@
 //! accept, negotiate and reject exactly alike.
 
 use crate::protocol::Format;
-use crate::Rejection;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use std::borrow::Cow;
 
@@ -29,12 +28,15 @@ impl Refusal {
         Refusal { status, headers: Vec::new(), message: message.to_owned() }
     }
 
-    /// The response for a rejection by admission or the authenticator: its
-    /// status and message, and `retry-after` (whole seconds, rounded up)
-    /// when it has a hint.
-    pub(crate) fn from_rejection(rej: &Rejection) -> Refusal {
-        let mut r = Refusal::new(rej.status(), rej.message());
-        if let Some(after) = rej.retry_after() {
+    /// A refusal with `retry-after` (whole seconds, rounded up) when there
+    /// is a hint.
+    pub(crate) fn with_retry_after(
+        status: StatusCode,
+        message: &str,
+        retry_after: Option<std::time::Duration>,
+    ) -> Refusal {
+        let mut r = Refusal::new(status, message);
+        if let Some(after) = retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
             r.headers.push(("retry-after", secs.max(1).to_string().into()));
         }

@@ -1,13 +1,12 @@
 //! WebSocket transport on tokio-tungstenite (feature `ws`).
 //!
-//! Two ways in:
-//! - **Standalone**: [`serve`] runs an accept loop on a `TcpListener` (and
-//!   [`accept`] serves one accepted socket). The handshake is read and
-//!   answered here, so the hub's async authenticator runs *before* the
-//!   upgrade and a refusal is a plain HTTP status on the same socket.
-//! - **Inside axum** (feature `axum`): see [`crate::integration::axum`]; it
-//!   validates the same way and upgrades through hyper, so both paths end in
-//!   the same tungstenite stream and the same session code.
+//! This module moves frames: it reads and answers the opening handshake
+//! ([`upgrade`] on an accepted socket) and turns the socket into a
+//! [`WsTransport`]. It knows nothing of hubs; the servers that admit,
+//! authenticate and run a session on top of it are
+//! [`integration::ws`](crate::integration::ws) (standalone) and
+//! `integration::axum` (inside axum), and both end in the same
+//! tungstenite stream and the same session code.
 //!
 //! tungstenite does the framing and the RFC 6455 rules (fragmentation,
 //! UTF-8 validation of text, masking, control frames, the close handshake,
@@ -21,7 +20,8 @@ mod handshake;
 pub use conn::{WsSink, WsStream, WsTransport};
 
 #[cfg(feature = "axum")]
-pub(crate) use handshake::{negotiate, Refusal};
+pub(crate) use handshake::negotiate;
+pub(crate) use handshake::Refusal;
 
 /// The handshake negotiation, for the `handshake` fuzz target.
 #[cfg(fuzzing)]
@@ -30,12 +30,11 @@ pub(crate) fn negotiate_for_fuzzing(method: &Method, headers: &HeaderMap) -> boo
 }
 
 use super::Handshake;
-use crate::hub::Hub;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite;
 
 /// WebSocket settings. The message size limit comes from
@@ -103,85 +102,6 @@ impl WsConfig {
     }
 }
 
-/// Accepts WebSocket connections on `listener` and serves each on its own
-/// task, until the hub starts shutting down. Connections already accepted
-/// keep running; [`Hub::shutdown`] closes them.
-pub async fn serve(listener: TcpListener, hub: Hub, config: WsConfig) -> std::io::Result<()> {
-    let stop = hub.shutdown_started();
-    tokio::pin!(stop);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut stop => return Ok(()),
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Running out of file descriptors and similar are
-                    // transient: log, back off briefly, keep accepting.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let (hub, config) = (hub.clone(), config.clone());
-        // The handshake runs on a short-lived task; the session gets a task
-        // of its own, so the memory of the handshake's state (the request
-        // head, the admission and authentication futures) is freed once it
-        // is done instead of being kept for the connection's whole life:
-        // a task's allocation is sized for the largest state of its future.
-        tokio::spawn(async move {
-            match admit_and_upgrade(stream, peer, &hub, &config).await {
-                Ok(Some((transport, hs, identity, admission))) => {
-                    let session = hub.serve(transport, &hs, identity);
-                    drop(hs);
-                    spawn_session(session, admission);
-                }
-                Ok(None) => {}
-                Err(e) => tracing::debug!(%peer, error = %e, "handshake failed"),
-            }
-        });
-    }
-}
-
-/// Runs a connection's session on a task of its own, holding its admission
-/// slots until it ends (or the task is dropped).
-pub(crate) fn spawn_session(
-    session: impl std::future::Future<Output = ()> + Send + 'static,
-    admission: Option<crate::security::Admission>,
-) {
-    use futures::FutureExt;
-    // `map`, not `async move { session.await; … }`: such a wrapper keeps both
-    // the captured future and the one being awaited, doubling the task
-    // (about 1 KB per connection).
-    tokio::spawn(session.map(move |()| drop(admission)));
-}
-
-/// The handshake of [`accept`], without serving the session.
-async fn admit_and_upgrade(
-    stream: TcpStream,
-    peer: SocketAddr,
-    hub: &Hub,
-    config: &WsConfig,
-) -> std::io::Result<Option<Admitted>> {
-    let max = hub.config().max_message_size;
-    let admit = |hs: &mut Handshake| hub.admit(hs).map(Some);
-    handshake(stream, peer, config, max, admit, |hs| hub.authenticate(hs)).await
-}
-
-/// Serves one accepted TCP connection: reads the upgrade request, runs the
-/// hub's admission ([`Hub::admit`]: origin, connection limits and rate) and
-/// authenticator, answers `101` or an HTTP error, then serves the WebSocket
-/// until it closes.
-pub async fn accept(stream: TcpStream, peer: SocketAddr, hub: &Hub, config: &WsConfig) -> std::io::Result<()> {
-    if let Some((transport, hs, identity, admission)) = admit_and_upgrade(stream, peer, hub, config).await? {
-        hub.serve(transport, &hs, identity).await;
-        // The connection's admission slots are freed only now (and on any
-        // early exit of this task, by the drop).
-        drop(admission);
-    }
-    Ok(())
-}
-
 /// Performs the server handshake on an accepted socket without a hub:
 /// `Ok(None)` when the request was refused (and answered with an HTTP
 /// error). For using the transport on its own, as `examples/echo.rs` does.
@@ -191,26 +111,25 @@ pub async fn upgrade(
     config: &WsConfig,
     max_message_size: usize,
 ) -> std::io::Result<Option<(WsTransport, Handshake)>> {
-    let admitted =
-        handshake(stream, peer, config, max_message_size, |_| Ok(None), |_| async { Ok(crate::Identity::anonymous()) })
-            .await?;
-    Ok(admitted.map(|(t, hs, _, _)| (t, hs)))
+    let admitted = handshake(stream, peer, config, max_message_size, |hs| async { (hs, Ok(())) }).await?;
+    Ok(admitted.map(|(t, hs, ())| (t, hs)))
 }
 
-type Admitted = (WsTransport, Handshake, crate::Identity, Option<crate::security::Admission>);
-
-async fn handshake<A, F, Fut>(
+/// The server handshake on an accepted socket: reads and validates the
+/// request head (bounded in size and by [`WsConfig::handshake_timeout`]),
+/// then lets `gate` decide on the [`Handshake`] (the host's admission and
+/// authentication live above this layer), and answers `101` or the gate's
+/// refusal. `Ok(None)` when the request was refused and answered.
+pub(crate) async fn handshake<G, Fut, X>(
     mut stream: TcpStream,
     peer: SocketAddr,
     config: &WsConfig,
     max_message_size: usize,
-    admit: A,
-    authenticate: F,
-) -> std::io::Result<Option<Admitted>>
+    gate: G,
+) -> std::io::Result<Option<(WsTransport, Handshake, X)>>
 where
-    A: FnOnce(&mut Handshake) -> Result<Option<crate::security::Admission>, crate::Rejection>,
-    F: FnOnce(&Handshake) -> Fut,
-    Fut: std::future::Future<Output = Result<crate::Identity, crate::Rejection>>,
+    G: FnOnce(Handshake) -> Fut,
+    Fut: std::future::Future<Output = (Handshake, Result<X, Refusal>)>,
 {
     let _ = stream.set_nodelay(true);
     let head = tokio::time::timeout(config.handshake_timeout, read_head(&mut stream, config.max_handshake_size)).await;
@@ -235,34 +154,18 @@ where
     if let Some(p) = negotiated.subprotocol {
         hs = hs.with_subprotocol(p);
     }
-    // Admission before the authenticator: a refused client costs no
-    // authentication work, and a reconnect storm is cut off here.
-    let admission = match admit(&mut hs) {
-        Ok(a) => a,
-        Err(rej) => {
-            stream.write_all(refuse(handshake::Refusal::from_rejection(&rej)).as_bytes()).await?;
-            return Ok(None);
-        }
-    };
-    // The authenticator gets the same bound as reading the request.
-    let identity = match tokio::time::timeout(config.handshake_timeout, authenticate(&hs)).await {
-        Ok(Ok(id)) => id,
-        Err(_) => {
-            let msg = "authentication timed out".to_owned();
-            let r =
-                handshake::Refusal { status: http::StatusCode::SERVICE_UNAVAILABLE, headers: Vec::new(), message: msg };
+    let (hs, decision) = gate(hs).await;
+    let admitted = match decision {
+        Ok(x) => x,
+        Err(r) => {
             stream.write_all(refuse(r).as_bytes()).await?;
-            return Ok(None);
-        }
-        Ok(Err(rej)) => {
-            stream.write_all(refuse(handshake::Refusal::from_rejection(&rej)).as_bytes()).await?;
             return Ok(None);
         }
     };
     stream.write_all(handshake::switching_protocols(&negotiated).as_bytes()).await?;
     let (read, write) = stream.into_split();
     let transport = WsTransport::from_halves(Box::new(read), Box::new(write), leftover, config, max_message_size).await;
-    Ok(Some((transport, hs, identity, admission)))
+    Ok(Some((transport, hs, admitted)))
 }
 
 enum HeadError {

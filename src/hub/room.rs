@@ -8,10 +8,10 @@
 //! ([`validate_room_name`]). The set is chosen so a name is safe as a Redis
 //! channel, a NATS subject token and a URL path segment without escaping.
 
+use super::session::Session;
+use super::stream::RoomStream;
+use super::ConnectionId;
 use crate::history::RoomHistory;
-use crate::hub::session::Session;
-use crate::hub::stream::RoomStream;
-use crate::ConnectionId;
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
