@@ -17,8 +17,9 @@ if ! cmp -s package-lock.json node_modules/.ci-lock 2>/dev/null; then
 fi
 tsc=node_modules/.bin/tsc
 
-echo "js: type check (tsc --checkJs)"
+echo "js: type check (tsc --checkJs), and the shipped types against test/types.ts"
 "$tsc" -p tsconfig.json
+"$tsc" -p tsconfig.test.json
 
 echo "js: built files up to date"
 out="$(mktemp -d)"

@@ -232,23 +232,24 @@ export class Client {
     /** @param {string} url @param {Options} [o] */
     constructor(url: string, o?: Options);
     url: string;
-    o: Options;
-    t: {
-        setTimeout: Function;
-        clearTimeout: Function;
-    };
-    now: () => number;
-    win: any;
-    log: {
-        error: (...a: any[]) => void;
-    };
-    backoff: Backoff;
+    /** @private */
+    private o;
+    /** @private */
+    private t;
+    /** @private */
+    private now;
+    /** @private */
+    private win;
+    /** @private */
+    private log;
+    /** @private */
+    private backoff;
     /** @type {Status} */
     status: Status;
     /** @type {Map<string, Room>} */
     rooms: Map<string, Room>;
-    /** @type {Map<number, Pending>} */
-    pending: Map<number, Pending>;
+    /** @type {Map<number, Pending>} @private */
+    private pending;
     /** Requests waiting for a connection (the offline buffer). @type {Pending[]} */
     buffer: Pending[];
     /** Counters: malformed/unknown messages, late replies, offline drops. */
@@ -258,34 +259,44 @@ export class Client {
         late: number;
         dropped: number;
     };
-    l: Listeners;
-    ref: number;
-    /** @type {Transport|null} */
-    tr: Transport | null;
-    live: boolean;
-    stopped: boolean;
-    sseOnly: boolean;
-    closedByApp: boolean;
-    /** @type {string|null} */
-    token: string | null;
-    lastId: string;
+    /** @private */
+    private l;
+    /** @private */
+    private ref;
+    /** @type {Transport|null} @private */
+    private tr;
+    /** @private */
+    private live;
+    /** @private */
+    private stopped;
+    /** @private */
+    private sseOnly;
+    /** @private */
+    private closedByApp;
+    /** @type {string|null} @private */
+    private token;
+    /** @private */
+    private lastId;
     /** @type {any} */
     hello: any;
-    openedAt: number;
-    lastRx: number;
-    garbage: number;
-    /** @type {any} */
-    timer: any;
-    /** @type {any} */
-    beat: any;
-    /** @type {any} */
-    renew: any;
-    /** @type {any} */
-    liveBy: any;
-    /** Joins given up (timed out) after they were written: ref -> room, left if they succeed. @type {Map<number, string>} */
-    abandoned: Map<number, string>;
-    /** @type {Pending[]} */
-    joinQueue: Pending[];
+    /** @private */
+    private openedAt;
+    /** @private */
+    private lastRx;
+    /** @private */
+    private garbage;
+    /** @type {any} @private */
+    private timer;
+    /** @type {any} @private */
+    private beat;
+    /** @type {any} @private */
+    private renew;
+    /** @type {any} @private */
+    private liveBy;
+    /** Joins given up (timed out) after they were written: ref -> room, left if they succeed. @type {Map<number, string>} @private */
+    private abandoned;
+    /** @type {Pending[]} @private */
+    private joinQueue;
     /** Every status change. @param {(s: Status) => void} fn */
     onStatus(fn: (s: Status) => void): () => void;
     /** Problems that are not a request's: bad server messages, throwing handlers, version mismatch. @param {(e: {kind: string, message: string, error?: unknown}) => void} fn */

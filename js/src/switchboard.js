@@ -666,49 +666,65 @@ export class Client {
   /** @param {string} url @param {Options} [o] */
   constructor(url, o = {}) {
     this.url = url;
+    /** @private */
     this.o = o;
+    /** @private */
     this.t = o.timers ?? globalThis;
+    /** @private */
     this.now = o.now ?? Date.now;
+    /** @private */
     this.win = o.window ?? globalThis;
+    /** @private */
     this.log = o.logger ?? console;
+    /** @private */
     this.backoff = new Backoff(o.backoff, o.random);
     /** @type {Status} */
     this.status = { state: "connecting", reason: null, attempt: 0, retryAt: null, transport: null, connection: null };
     /** @type {Map<string, Room>} */
     this.rooms = new Map();
-    /** @type {Map<number, Pending>} */
+    /** @type {Map<number, Pending>} @private */
     this.pending = new Map();
     /** Requests waiting for a connection (the offline buffer). @type {Pending[]} */
     this.buffer = [];
     /** Counters: malformed/unknown messages, late replies, offline drops. */
     this.stats = { malformed: 0, unknown: 0, late: 0, dropped: 0 };
+    /** @private */
     this.l = new Listeners((e) => this.#oops(e));
+    /** @private */
     this.ref = 0;
-    /** @type {Transport|null} */
+    /** @type {Transport|null} @private */
     this.tr = null;
+    /** @private */
     this.live = false;
+    /** @private */
     this.stopped = false;
+    /** @private */
     this.sseOnly = o.transport === "sse";
+    /** @private */
     this.closedByApp = false;
-    /** @type {string|null} */
+    /** @type {string|null} @private */
     this.token = null;
+    /** @private */
     this.lastId = "";
     /** @type {any} */
     this.hello = null;
+    /** @private */
     this.openedAt = 0;
+    /** @private */
     this.lastRx = 0;
+    /** @private */
     this.garbage = 0;
-    /** @type {any} */
+    /** @type {any} @private */
     this.timer = null;
-    /** @type {any} */
+    /** @type {any} @private */
     this.beat = null;
-    /** @type {any} */
+    /** @type {any} @private */
     this.renew = null;
-    /** @type {any} */
+    /** @type {any} @private */
     this.liveBy = null;
-    /** Joins given up (timed out) after they were written: ref -> room, left if they succeed. @type {Map<number, string>} */
+    /** Joins given up (timed out) after they were written: ref -> room, left if they succeed. @type {Map<number, string>} @private */
     this.abandoned = new Map();
-    /** @type {Pending[]} */
+    /** @type {Pending[]} @private */
     this.joinQueue = [];
     const on = (/** @type {string} */ ev, /** @type {Function} */ fn) => this.win.addEventListener?.(ev, fn);
     on("online", () => this.#wake());
