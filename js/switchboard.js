@@ -647,10 +647,13 @@ export class Client {
         if (this.token)
             u.searchParams.set(this.o.tokenParam ?? "access_token", this.token);
         let me = null;
+        let opened = false;
+        const fallback = ws && !!this.o.sse && this.o.transport !== "websocket";
         const link = {
             open: () => {
                 if (me !== this.tr)
                     return;
+                opened = true;
                 this.lastRx = this.now();
                 if (!ws)
                     this.sseOnly = true;
@@ -667,7 +670,7 @@ export class Client {
                 if (me !== this.tr)
                     return;
                 this.tr = null;
-                if (ws && !end.opened && this.o.sse && this.o.transport !== "websocket")
+                if (fallback && !end.opened)
                     return this.#open(false);
                 this.#closed(end);
             },
@@ -680,7 +683,14 @@ export class Client {
             me = sse(this.o.fetch ?? globalThis.fetch.bind(globalThis), this.t, u.href, this.lastId, link);
         this.tr = me;
         this.lastRx = this.now();
-        this.#arm(this.o.connectTimeout ?? 10000, () => this.#drop(1006, "connect_timeout", "the server did not answer in time"));
+        this.#arm(this.o.connectTimeout ?? 10000, () => {
+            if (fallback && !opened && me === this.tr) {
+                me?.close();
+                this.tr = null;
+                return this.#open(false);
+            }
+            this.#drop(1006, "connect_timeout", "the server did not answer in time");
+        });
     }
     #arm(ms, fn) {
         this.t.clearTimeout(this.beat);

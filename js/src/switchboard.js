@@ -878,10 +878,13 @@ export class Client {
     if (this.token) u.searchParams.set(this.o.tokenParam ?? "access_token", this.token);
     /** @type {Transport|null} */
     let me = null;
+    let opened = false;
+    const fallback = ws && !!this.o.sse && this.o.transport !== "websocket";
     /** @type {Link & {id: (id: string) => void}} */
     const link = {
       open: () => {
         if (me !== this.tr) return;
+        opened = true;
         this.lastRx = this.now();
         if (!ws) this.sseOnly = true;
       },
@@ -896,7 +899,7 @@ export class Client {
         if (me !== this.tr) return;
         this.tr = null;
         // "auto": a WebSocket that never opened: try SSE at once (kept once it works).
-        if (ws && !end.opened && this.o.sse && this.o.transport !== "websocket") return this.#open(false);
+        if (fallback && !end.opened) return this.#open(false);
         this.#closed(end);
       },
     };
@@ -906,7 +909,15 @@ export class Client {
     } else me = sse(this.o.fetch ?? globalThis.fetch.bind(globalThis), this.t, u.href, this.lastId, link);
     this.tr = me;
     this.lastRx = this.now();
-    this.#arm(this.o.connectTimeout ?? 10000, () => this.#drop(1006, "connect_timeout", "the server did not answer in time"));
+    this.#arm(this.o.connectTimeout ?? 10000, () => {
+      // A WebSocket upgrade that hangs (a proxy holding it) falls back too.
+      if (fallback && !opened && me === this.tr) {
+        me?.close();
+        this.tr = null;
+        return this.#open(false);
+      }
+      this.#drop(1006, "connect_timeout", "the server did not answer in time");
+    });
   }
   /** @param {number} ms @param {() => void} fn */
   #arm(ms, fn) {

@@ -148,7 +148,8 @@ test("SSE: $close that says stop, and 204, stop the client; a stream that ends r
   assert.equal(b.client.status.state, "closed");
 });
 
-test("auto: a WebSocket that cannot open falls back to SSE at once, and stays there", async () => {
+/** A client in "auto" mode whose WebSockets never open by themselves. */
+function autoClient(opts = {}) {
   const srv = sseServer();
   const clock = new Clock();
   const sockets = [];
@@ -157,9 +158,16 @@ test("auto: a WebSocket that cannot open falls back to SSE at once, and stays th
       this.url = url;
       sockets.push(this);
     }
-    close() {}
+    close() {
+      this.closed = true;
+    }
   }
-  const client = connect("http://s.test/ws?user=ann", { sse: "http://s.test/events?user=ann", WebSocket: WS, fetch: srv.fetch, timers: clock, now: () => clock.now, random: () => 0, window: new EventTarget() });
+  const client = connect("http://s.test/ws?user=ann", { sse: "http://s.test/events?user=ann", WebSocket: WS, fetch: srv.fetch, timers: clock, now: () => clock.now, random: () => 0, window: new EventTarget(), ...opts });
+  return { srv, clock, sockets, client };
+}
+
+test("auto: a WebSocket that cannot open falls back to SSE at once, and stays there", async () => {
+  const { srv, clock, sockets, client } = autoClient();
   assert.equal(sockets[0].url, "ws://s.test/ws?user=ann");
   sockets[0].onclose({ code: 1006 });
   await flush();
@@ -177,5 +185,21 @@ test("auto: a WebSocket that cannot open falls back to SSE at once, and stays th
   await flush();
   assert.equal(sockets.length, 1, "no new WebSocket once SSE worked");
   assert.equal(srv.gets.length, 2);
+  client.close();
+});
+
+test("auto: a WebSocket upgrade that hangs falls back to SSE after connectTimeout", async () => {
+  const { srv, clock, sockets, client } = autoClient({ connectTimeout: 3000 });
+  await clock.advance(2999);
+  assert.equal(srv.gets.length, 0);
+  await clock.advance(1);
+  await flush();
+  assert.ok(sockets[0].closed);
+  assert.equal(srv.gets.length, 1);
+  srv.gets[0].write(ev("$session", session) + ev("$hello", hello()));
+  await flush();
+  await flush();
+  assert.equal(client.status.state, "open");
+  assert.equal(client.status.transport, "sse");
   client.close();
 });
