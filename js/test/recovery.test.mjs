@@ -173,3 +173,26 @@ test("unanswered rejoins do not hold the offline buffer forever", async () => {
   t.ws().recv({ type: "reply", ref: t.ws().sent[1].ref, data: 2 });
   assert.equal(await call, 2);
 });
+
+test("after not_recovered a page can reload with leave + join(rewind)", async () => {
+  const t = setup({ draws: [0] });
+  t.sockets[0].start();
+  const { room } = await joined(t, "chat:1", { epoch: "E1", offset: 3 });
+  t.ws().drop();
+  await t.clock.advance(0);
+  t.ws().start();
+  answerJoin(t.ws(), { epoch: "E2", offset: 7, recovered: false });
+  const left = room.leave();
+  t.ws().recv({ type: "reply", ref: t.ws().last("leave").ref, data: { room: "chat:1" } });
+  await left;
+  const again = t.client.join("chat:1", { rewind: 5 });
+  const req = answerJoin(t.ws(), { epoch: "E2", offset: 7 });
+  assert.equal(req.rewind, 5);
+  assert.equal(req.offset, undefined);
+  const fresh = await again;
+  assert.notEqual(fresh, room);
+  const got = [];
+  fresh.on("*", (_d, i) => got.push(i.offset));
+  for (const o of [3, 4, 5, 6, 7, 8]) t.ws().recv({ type: "event", room: "chat:1", event: "e", offset: o, data: null });
+  assert.deepEqual(got, [3, 4, 5, 6, 7, 8]);
+});
