@@ -432,6 +432,56 @@ async fn backoff_resets_after_a_stable_connection() {
 }
 
 #[tokio::test]
+async fn a_short_connection_after_an_outage_restarts_the_backoff() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = ClientConfig::default()
+        .backoff(Backoff::default().initial(Duration::from_millis(5)).max(Duration::from_millis(20)))
+        .jitter_seed(Some(5));
+    let client = connect(addr, "x", config);
+    let mut rx = client.status();
+    // The next `Reconnecting` published (each attempt waits for this
+    // test's next accept, so none is missed).
+    let next_reconnecting = async |rx: &mut tokio::sync::watch::Receiver<Status>| loop {
+        tokio::time::timeout(WAIT, rx.changed()).await.expect("a status in time").unwrap();
+        if let Status::Reconnecting { attempt, reason, .. } = &*rx.borrow_and_update() {
+            return (*attempt, reason.clone());
+        }
+    };
+    // A failed attempt: the TCP connection is accepted and dropped.
+    let fail = async |rx: &mut tokio::sync::watch::Receiver<Status>| {
+        drop(tokio::time::timeout(WAIT, listener.accept()).await.unwrap().unwrap());
+        next_reconnecting(rx).await.0
+    };
+    // A short-lived connection: `hello`, then the end (`kill`: no close frame).
+    let greet = async |rx: &mut tokio::sync::watch::Receiver<Status>, kill: bool| {
+        let mut ws = accept_raw(&listener).await;
+        send(&mut ws, hello(0, 0)).await;
+        tokio::time::timeout(WAIT, rx.wait_for(Status::is_connected)).await.unwrap().unwrap();
+        if !kill {
+            close(&mut ws, 1001).await;
+        }
+        drop(ws);
+        next_reconnecting(rx).await
+    };
+    let mut attempts = Vec::new();
+    // An outage: four attempts fail before a `hello`.
+    for _ in 0..4 {
+        attempts.push(fail(&mut rx).await);
+    }
+    // The server is back, and killed soon after.
+    let (attempt, reason) = greet(&mut rx, true).await;
+    attempts.push(attempt);
+    // A killed server is a dropped connection, not a protocol violation.
+    assert!(matches!(reason, Disconnect::Dropped(_)), "{reason:?}: {reason}");
+    // One more failure, then a second short-lived connection in a row.
+    attempts.push(fail(&mut rx).await);
+    attempts.push(greet(&mut rx, false).await.0);
+    // Before the reset rule the fifth was 4: the outage's count carried over.
+    assert_eq!(attempts, [0, 1, 2, 3, 0, 1, 1]);
+}
+
+#[tokio::test]
 async fn many_clients_spread_their_reconnects_over_the_backoff_window() {
     const N: usize = 2000;
     let cap = Duration::from_secs(2);

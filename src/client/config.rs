@@ -5,10 +5,15 @@ use std::time::Duration;
 /// Reconnect backoff: exponential with **full jitter**, as `docs/protocol.md`
 /// §7.2 prescribes.
 ///
-/// Before reconnect attempt `n` (failures since the last stable connection,
-/// starting at 0) the client waits a uniformly random time in
-/// `[0, min(max, initial × 2^n)]`. A connection that stayed up for at least
-/// `reset_after` resets `n` to 0. Full jitter (rather than "delay ± 10 %")
+/// Before reconnect attempt `n` (failures since the last connection, from 0)
+/// the client waits a uniformly random time in
+/// `[0, min(max, initial × 2^n)]`. The **reset rule**: a connection that
+/// stayed up for at least `reset_after` after its `hello` resets `n` to 0;
+/// one that got its `hello` but ended sooner resets `n` to the number of
+/// such short-lived connections before it in a row (0 for the first). So a
+/// long outage's failures do not carry over to the next drop (the first
+/// wait after a short-lived connection is up to `initial` again), while a
+/// server that accepts and at once closes meets a growing backoff. Full jitter (rather than "delay ± 10 %")
 /// spreads a crowd of clients whose server restarted over the whole window,
 /// so the new instance is not hit by all of them at once.
 ///
@@ -28,7 +33,8 @@ pub struct Backoff {
     /// Largest ceiling. Default 30 s.
     pub max: Duration,
     /// How long a connection must stay up (counted from its `hello`) for the
-    /// attempt counter to start over at 0. Default 30 s.
+    /// attempt counter to start over at 0 and the count of short-lived
+    /// connections to be forgotten (see the reset rule above). Default 30 s.
     pub reset_after: Duration,
 }
 

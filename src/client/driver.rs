@@ -106,13 +106,15 @@ struct Outcome {
     reason: Disconnect,
     /// It stayed up for at least `reset_after` after its `hello`.
     stable: bool,
+    /// It got as far as the server's `hello`.
+    greeted: bool,
     /// The server's `retry-after` on a 429/503 refusal.
     retry_after: Option<Duration>,
 }
 
 impl From<Disconnect> for Outcome {
     fn from(reason: Disconnect) -> Self {
-        Outcome { reason, stable: false, retry_after: None }
+        Outcome { reason, stable: false, greeted: false, retry_after: None }
     }
 }
 
@@ -123,6 +125,9 @@ pub(crate) async fn run(shared: Arc<Shared>, connector: Connector) {
     let mut jitter = Jitter::new(shared.config.jitter_seed);
     let backoff = shared.config.backoff.clone();
     let mut attempt: u32 = 0;
+    // Connections in a row that got their `hello` but ended before
+    // `reset_after` (see `Backoff`).
+    let mut short_lived: u32 = 0;
     // The latest token; an in-band `refresh` replaces it too.
     let token: Arc<parking_lot::Mutex<Option<String>>> = Arc::default();
     let mut need_token = connector.token.is_some();
@@ -146,8 +151,17 @@ pub(crate) async fn run(shared: Arc<Shared>, connector: Connector) {
             }
             connect_and_serve(&shared, &connector, &token, &mut stop).await
         };
+        // The reset rule (`Backoff`): a stable connection starts over at 0;
+        // one that got its `hello` but ended sooner starts over at the
+        // number of such connections in a row, so the failures of the
+        // outage before it do not carry over, while a server that accepts
+        // and closes at once still meets a growing backoff.
         if outcome.stable {
             attempt = 0;
+            short_lived = 0;
+        } else if outcome.greeted {
+            attempt = short_lived;
+            short_lived = short_lived.saturating_add(1);
         }
         let reason = outcome.reason;
         let retry = match &reason {
@@ -248,6 +262,7 @@ async fn connect_and_serve(
                 return Outcome {
                     reason: Disconnect::Refused { status, body: body.unwrap_or_default() },
                     stable: false,
+                    greeted: false,
                     retry_after,
                 };
             }
@@ -463,7 +478,7 @@ impl Session {
         let reason = self.run(tx, rx, stop).await;
         let ended_at = self.ended_at.unwrap_or_else(Instant::now);
         let stable = ended_at - connected_at >= self.shared.config.backoff.reset_after;
-        Outcome { reason, stable, retry_after: None }
+        Outcome { reason, stable, greeted: true, retry_after: None }
     }
 
     fn liveness(&self) -> Liveness {
@@ -1096,9 +1111,16 @@ fn read_result(msg: Option<Result<Message, tungstenite::Error>>) -> Result<Messa
 }
 
 fn read_error(e: tungstenite::Error) -> Disconnect {
+    use tungstenite::error::ProtocolError;
     match e {
         tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed | tungstenite::Error::Io(_) => {
             Disconnect::Dropped(e.to_string())
+        }
+        // A killed server (or a reset on the way): the TCP connection ended
+        // without a close frame. That is a dropped connection (1006), not
+        // something the server did wrong.
+        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            Disconnect::Dropped("the server went away without a close frame".into())
         }
         other => Disconnect::Protocol(other.to_string()),
     }

@@ -28,7 +28,9 @@ pub enum Status {
     /// The connection was lost (or an attempt failed); the next attempt
     /// starts after `retry_in`.
     Reconnecting {
-        /// Failures since the last stable connection, starting at 0.
+        /// Failures since the last connection, starting at 0, plus the
+        /// short-lived connections in a row before it (the reset rule of
+        /// [`Backoff`](crate::client::Backoff)).
         attempt: u32,
         /// The wait before the next attempt (full jitter, §7.2).
         retry_in: Duration,

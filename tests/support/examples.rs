@@ -62,10 +62,17 @@ pub struct Running {
 impl Running {
     /// Starts example `name` and waits for the line containing `ready`.
     pub async fn start(name: &str, args: &[&str], env: &[(&str, &str)], ready: &str) -> (Running, String) {
+        let mut running = Running::spawn(name, args, env);
+        let line = running.line_with(ready).await;
+        (running, line)
+    }
+
+    /// Starts example `name` with a pipe for its input (`child.stdin`).
+    pub fn spawn(name: &str, args: &[&str], env: &[(&str, &str)]) -> Running {
         let mut child = Command::new(binary(name))
             .args(args)
             .envs(env.iter().copied())
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -74,9 +81,14 @@ impl Running {
         let (tx, rx) = mpsc::unbounded_channel();
         forward(child.stdout.take().expect("stdout"), "", tx.clone());
         forward(child.stderr.take().expect("stderr"), "!", tx);
-        let mut running = Running { child, lines: rx, seen: Vec::new() };
-        let line = running.line_with(ready).await;
-        (running, line)
+        Running { child, lines: rx, seen: Vec::new() }
+    }
+
+    /// Writes `line` and a newline to the program's input.
+    pub async fn type_line(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(format!("{line}\n").as_bytes()).await.expect("write to the program");
     }
 
     /// The next line containing `what` (earlier lines are kept in `seen`).
