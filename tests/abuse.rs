@@ -688,3 +688,98 @@ async fn the_serve_helper_counts_connections_at_accept_per_address_and_in_total(
     let refused = until_closed(addr, b"").await;
     assert!(refused.starts_with("HTTP/1.1 503") && refused.contains("retry-after: 1"), "{refused}");
 }
+
+// ---------------------------------------------------------------------------
+// Every frame counts: control frames and continuation fragments
+// ---------------------------------------------------------------------------
+
+/// Frames of one text message: `text` split into `parts` data frames (the
+/// first, then continuations), as a client may send it.
+fn fragmented(text: &str, parts: usize) -> Vec<Message> {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let bytes = text.as_bytes();
+    let step = bytes.len().div_ceil(parts);
+    (0..parts)
+        .map(|i| {
+            let chunk = bytes.get(i * step..((i + 1) * step).min(bytes.len())).unwrap_or_default().to_vec();
+            let opcode = OpCode::Data(if i == 0 { Data::Text } else { Data::Continue });
+            Message::Frame(Frame::message(chunk, opcode, i + 1 == parts))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn pings_count_toward_the_rate_limit_and_a_ping_flood_is_closed() {
+    // The attack (issue #24): connections sending nothing but WebSocket
+    // pings (or pongs) used 185 % CPU and were never closed: control frames
+    // bypassed the rate limit. Now each costs a token; over the rate a ping
+    // is not answered and counts as a violation, and the fourth closes 1008.
+    let config = HubConfig::default().rate_limit(Some(RateLimit::new(1, HOUR).burst(5))).max_rate_violations(3);
+    let mut f = Fixture::start(builder().config(config)).await;
+    let mut c = connect(f.addr).await;
+    c.join_ok("lobby").await; // one token
+    for _ in 0..200 {
+        c.ws.feed(Message::Ping(Vec::from(*b"flood").into())).await.unwrap();
+    }
+    c.ws.flush().await.unwrap();
+    let mut pongs = 0;
+    let close = loop {
+        match tokio::time::timeout(WAIT, c.ws.next()).await.expect("the flooder was never closed") {
+            Some(Ok(Message::Pong(_))) => pongs += 1,
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(Message::Text(_))) => {} // the lobby's events
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    // Four tokens were left after the join: at most four pings answered
+    // (pongs queued together are sent as one), then four violations.
+    assert!((1..=4).contains(&pongs), "{pongs} pongs");
+    assert_eq!(close, Some(1008));
+    drop(c);
+    eventually("the flooder is gone", || f.hub.stats().connections == 1).await;
+    f.tick().await;
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn continuation_fragments_count_and_a_message_in_too_many_fragments_is_refused() {
+    // The attack (issue #24): empty continuation frames, never finishing a
+    // message, cost CPU and never counted. Now every fragment costs a token,
+    // and a message in more than `WsConfig::max_fragments` (64) frames is
+    // refused with 1009.
+    let config = HubConfig::default().rate_limit(Some(RateLimit::new(1, HOUR).burst(10)));
+    let mut f = Fixture::start(builder().config(config)).await;
+    let mut c = connect(f.addr).await;
+    c.join_ok("lobby").await; // one token
+                              // A ping envelope in 8 frames costs 8: answered; the next one does not
+                              // fit in the 1 token left: refused with 420 like any message over the
+                              // rate.
+    for r in [1u64, 2] {
+        for m in fragmented(&json!({"type": "ping", "ref": r}).to_string(), 8) {
+            c.ws.feed(m).await.unwrap();
+        }
+    }
+    c.ws.flush().await.unwrap();
+    assert_eq!(c.recv().await, json!({"type": "pong", "ref": 1}));
+    retry_after_ms(&c.recv().await, 2);
+    f.tick().await;
+
+    // Without a rate limit (trusted), the fragment cap still holds: 64
+    // frames are one message, 65 are refused.
+    let mut t = connect_path(f.addr, "/?trusted").await;
+    let text = json!({"type": "ping", "ref": 3, "pad": "x".repeat(200)}).to_string();
+    for m in fragmented(&text, 64) {
+        t.ws.feed(m).await.unwrap();
+    }
+    t.ws.flush().await.unwrap();
+    assert_eq!(t.recv().await["ref"], 3);
+    for m in fragmented(&text, 65) {
+        t.ws.feed(m).await.unwrap();
+    }
+    t.ws.flush().await.unwrap();
+    assert_eq!(expect_close_frame(&mut t.ws).await.map(|(code, _)| code), Some(1009));
+    f.tick().await;
+    drop(c);
+    f.finish().await;
+}

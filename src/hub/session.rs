@@ -686,6 +686,7 @@ const MAX_EPOCH_LEN: usize = 64;
 
 /// Runs a connection to its end. Called by [`Hub::serve`].
 pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -> impl Future<Output = ()> + Send {
+    let fragments = transport.fragments();
     let (sink, mut stream) = transport.split();
     let task = TaskGuard::new(&hub.inner);
     // An `async move` block, not an `async fn`: an `async fn` moves its
@@ -715,7 +716,7 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
         hub.hook_connect(&session);
 
         let mut calls = Calls::default();
-        let peer_closed = read_loop(&hub, &session, &mut stream, &mut calls).await;
+        let peer_closed = read_loop(&hub, &session, &mut stream, &mut calls, fragments.as_ref()).await;
 
         // Closing: stop handlers, leave rooms (so nothing more is queued), then
         // let the writer drain what is queued and send the close frame.
@@ -758,7 +759,13 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
 
 /// Reads frames until the peer leaves or a close is decided. Returns whether
 /// the peer closed (sent a close frame or ended the stream).
-async fn read_loop<S>(hub: &Hub, session: &Arc<Session>, stream: &mut S, calls: &mut Calls) -> bool
+async fn read_loop<S>(
+    hub: &Hub,
+    session: &Arc<Session>,
+    stream: &mut S,
+    calls: &mut Calls,
+    fragments: Option<&crate::transport::Fragments>,
+) -> bool
 where
     S: Stream<Item = Result<Frame, TransportError>> + Unpin,
 {
@@ -808,6 +815,9 @@ where
                 }
                 Some(Ok(frame)) => {
                     session.alive.store(true, Ordering::Relaxed);
+                    // Every frame costs a token: a control frame one, a
+                    // message one per frame it came in.
+                    let cost = || fragments.map_or(1, |f| u64::from(f.next_message()));
                     match frame {
                         Frame::Close(cf) => {
                             let (code, text) = match &cf {
@@ -823,10 +833,18 @@ where
                         }
                         // Transports leave answering pings to the session, so
                         // the pong goes out through the one writer, in order.
-                        Frame::Ping(payload) => session.outbox.push_control(Frame::Pong(payload)),
-                        Frame::Pong(_) => {}
-                        Frame::Text(bytes) => on_message(hub, session, calls, false, bytes),
-                        Frame::Binary(bytes) => on_message(hub, session, calls, true, bytes),
+                        // Over the rate, a ping is not answered (a control
+                        // frame has no `ref` to refuse it with).
+                        Frame::Ping(payload) => {
+                            if charge(session, 1).is_ok() {
+                                session.outbox.push_control(Frame::Pong(payload));
+                            }
+                        }
+                        Frame::Pong(_) => {
+                            let _ = charge(session, 1);
+                        }
+                        Frame::Text(bytes) => on_message(hub, session, calls, false, bytes, cost()),
+                        Frame::Binary(bytes) => on_message(hub, session, calls, true, bytes, cost()),
                     }
                 }
             },
@@ -843,16 +861,28 @@ where
     }
 }
 
-/// Takes a token from the connection's message bucket. `false`: the
-/// message must not be processed (it was answered with 420, or the
-/// connection is being closed with 1008 for refusing to slow down).
-fn within_rate(session: &Session, bytes: &[u8]) -> bool {
-    let Some(rate) = &session.rate else { return true };
-    let Err(wait) = rate.messages.check() else { return true };
+/// Takes `cost` tokens from the connection's message bucket.
+/// `Err(Some(wait))`: over the rate, the frame must be refused;
+/// `Err(None)`: over it too often, the connection is being closed with 1008
+/// for refusing to slow down.
+fn charge(session: &Session, cost: u64) -> Result<(), Option<std::time::Duration>> {
+    let Some(rate) = &session.rate else { return Ok(()) };
+    let Err(wait) = (0..cost).try_for_each(|_| rate.messages.check()) else { return Ok(()) };
     if rate.violations.check().is_err() {
         session.close(DisconnectReason::RateLimited, CloseCode::POLICY, "rate limit exceeded", false);
-        return false;
+        return Err(None);
     }
+    Err(Some(wait))
+}
+
+/// Charges a message `cost` tokens. `false`: the message must not be
+/// processed (it was answered with 420, or the connection is closing).
+fn within_rate(session: &Session, bytes: &[u8], cost: u64) -> bool {
+    let wait = match charge(session, cost) {
+        Ok(()) => return true,
+        Err(None) => return false,
+        Err(Some(wait)) => wait,
+    };
     let retry_after_ms = u64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u64::MAX).max(1);
     session.send_error_data(
         Envelope::reference_of(session.format, bytes),
@@ -863,7 +893,7 @@ fn within_rate(session: &Session, bytes: &[u8]) -> bool {
     false
 }
 
-fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, binary: bool, bytes: bytes::Bytes) {
+fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, binary: bool, bytes: bytes::Bytes, cost: u64) {
     let cfg = &hub.inner.config;
     if bytes.len() > cfg.max_message_size {
         // Transports that enforce the limit themselves never get here.
@@ -875,7 +905,7 @@ fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, binary: bool
         );
         return;
     }
-    if !within_rate(session, &bytes) {
+    if !within_rate(session, &bytes, cost) {
         return;
     }
     if binary != session.format.is_binary() {

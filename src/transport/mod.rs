@@ -119,6 +119,74 @@ pub trait Transport: Send + 'static {
     fn prefer_framed(&mut self) -> bool {
         false
     }
+
+    /// How many frames each inbound message came in, when the transport
+    /// assembles messages from several frames (WebSocket continuation
+    /// fragments), for the rate limit: the session charges a message one
+    /// token per frame, so every frame the peer sent counts (control frames
+    /// are yielded on their own and cost one each). Called once, before
+    /// [`Transport::split`]. Default: `None` (one frame per message).
+    fn fragments(&self) -> Option<Fragments> {
+        None
+    }
+}
+
+/// Frames per inbound message, reported by a transport that assembles
+/// messages from several frames ([`Transport::fragments`]). The transport
+/// calls [`Fragments::message_read`] for every data message it reads, in
+/// order, before its stream yields it; the session takes the counts as it
+/// receives the messages. Clones share the counts.
+#[derive(Debug, Clone, Default)]
+pub struct Fragments {
+    inner: std::sync::Arc<FragmentsInner>,
+}
+
+#[derive(Debug, Default)]
+struct FragmentsInner {
+    /// Messages read, and messages taken by the session, so far.
+    read: std::sync::atomic::AtomicU64,
+    taken: std::sync::atomic::AtomicU64,
+    /// `(message number, frames)` of the messages read in more than one
+    /// frame and not taken yet: empty (no allocation, no lock taken by the
+    /// session) while clients send whole messages. At most the messages the
+    /// transport reads ahead of its stream.
+    split: parking_lot::Mutex<std::collections::VecDeque<(u64, u32)>>,
+    split_len: std::sync::atomic::AtomicUsize,
+}
+
+impl Fragments {
+    /// Counts for a new connection.
+    pub fn new() -> Fragments {
+        Fragments::default()
+    }
+
+    /// The transport read a whole data message, in `frames` frames.
+    pub fn message_read(&self, frames: u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let number = self.inner.read.fetch_add(1, Relaxed);
+        if frames > 1 {
+            self.inner.split.lock().push_back((number, frames));
+            self.inner.split_len.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The frames of the next message the stream yields (1 when unknown).
+    pub(crate) fn next_message(&self) -> u32 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let number = self.inner.taken.fetch_add(1, Relaxed);
+        if self.inner.split_len.load(Relaxed) == 0 {
+            return 1;
+        }
+        let mut split = self.inner.split.lock();
+        match split.front() {
+            Some(&(n, frames)) if n == number => {
+                split.pop_front();
+                self.inner.split_len.fetch_sub(1, Relaxed);
+                frames
+            }
+            _ => 1,
+        }
+    }
 }
 
 /// The header of a final, unmasked WebSocket frame (RFC 6455 §5.2) with

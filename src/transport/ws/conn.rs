@@ -15,9 +15,10 @@
 //! reference count and a slot in an `IoSlice` array: no UTF-8 re-check, no
 //! copy into a per-connection buffer.
 
+use super::frames::{FrameCounter, TooManyFragments};
 use super::WsConfig;
 use crate::protocol::CloseCode;
-use crate::transport::{CloseFrame, Frame, Transport, TransportError};
+use crate::transport::{CloseFrame, Fragments, Frame, Transport, TransportError};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{Sink, Stream};
 use std::collections::VecDeque;
@@ -34,6 +35,8 @@ type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 /// A server-side WebSocket connection as a [`Transport`].
 pub struct WsTransport {
     read: WebSocketStream<ReadSide>,
+    /// Frames per message read (see [`FrameCounter`]).
+    fragments: Fragments,
     write: BoxWrite,
     /// Data frames come framed ([`Transport::prefer_framed`]).
     framed: bool,
@@ -66,8 +69,14 @@ impl WsTransport {
         max_message_size: usize,
     ) -> WsTransport {
         let cfg = config.tungstenite(max_message_size);
-        let read = WebSocketStream::from_partially_read(ReadSide(read), leftover, Role::Server, Some(cfg)).await;
-        WsTransport { read, write, framed: false }
+        let mut frames = FrameCounter::new(config.max_fragments);
+        // The bytes read with the handshake are the first frames' too. (Too
+        // many fragments already there: the first read fails the same way.)
+        let early = frames.feed(&leftover).err();
+        let fragments = frames.counts();
+        let side = ReadSide { io: read, frames, early };
+        let read = WebSocketStream::from_partially_read(side, leftover, Role::Server, Some(cfg)).await;
+        WsTransport { read, fragments, write, framed: false }
     }
 }
 
@@ -84,16 +93,36 @@ impl Transport for WsTransport {
         self.framed = true;
         true
     }
+
+    fn fragments(&self) -> Option<Fragments> {
+        Some(self.fragments.clone())
+    }
 }
 
-/// The read half as tungstenite sees it: reads from the socket, and
-/// discards what tungstenite writes (its automatic replies; see the module
-/// docs).
-struct ReadSide(BoxRead);
+/// The read half as tungstenite sees it: reads from the socket, counting
+/// frames on the way ([`FrameCounter`]), and discards what tungstenite
+/// writes (its automatic replies; see the module docs).
+struct ReadSide {
+    io: BoxRead,
+    frames: FrameCounter,
+    /// Too many fragments in the bytes read with the handshake.
+    early: Option<TooManyFragments>,
+}
 
 impl AsyncRead for ReadSide {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let this = &mut *self;
+        if let Some(e) = this.early.take() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+        }
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
+        // A message in too many fragments fails the read: tungstenite
+        // passes the error on, and the stream reports it as too big.
+        match this.frames.feed(&buf.filled()[before..]) {
+            Ok(()) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
+        }
     }
 }
 
@@ -295,6 +324,7 @@ fn map_error(e: tungstenite::Error) -> TransportError {
     use tungstenite::Error as E;
     match e {
         E::Capacity(_) => TransportError::MessageTooBig,
+        E::Io(io) if io.get_ref().is_some_and(|e| e.is::<TooManyFragments>()) => TransportError::MessageTooBig,
         E::Utf8(_) => TransportError::InvalidUtf8,
         E::Protocol(p) => TransportError::Protocol(p.to_string()),
         E::Io(io) => TransportError::Io(io),

@@ -15,6 +15,7 @@
 //! connections, so [`WsConfig`] defaults to small ones.
 
 mod conn;
+mod frames;
 mod handshake;
 
 pub use conn::{WsSink, WsStream, WsTransport};
@@ -55,6 +56,11 @@ pub struct WsConfig {
     /// Largest upgrade request head accepted (standalone listener); a larger
     /// one gets 431. Default 8 KiB.
     pub max_handshake_size: usize,
+    /// Most frames one inbound message may come in (its first frame and
+    /// continuations); a message in more is refused with close 1009, as too
+    /// big. Browsers and the crate's client never fragment; every fragment
+    /// also counts toward the rate limit. Default 64.
+    pub max_fragments: u32,
 }
 
 impl Default for WsConfig {
@@ -64,6 +70,7 @@ impl Default for WsConfig {
             write_buffer_size: 8 * 1024,
             handshake_timeout: Duration::from_secs(10),
             max_handshake_size: 8 * 1024,
+            max_fragments: 64,
         }
     }
 }
@@ -90,6 +97,12 @@ impl WsConfig {
     /// Sets [`WsConfig::max_handshake_size`].
     pub fn max_handshake_size(mut self, v: usize) -> Self {
         self.max_handshake_size = v;
+        self
+    }
+
+    /// Sets [`WsConfig::max_fragments`] (at least 1).
+    pub fn max_fragments(mut self, n: u32) -> Self {
+        self.max_fragments = n.max(1);
         self
     }
 
