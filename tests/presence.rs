@@ -392,14 +392,20 @@ async fn joins_in_one_window_arrive_as_one_diff() {
     assert!(watcher.pending.is_empty(), "more presence messages: {:?}", watcher.pending);
 }
 
-#[tokio::test]
-async fn a_large_room_switches_to_counts_and_back() {
+/// A hub switching to counts above 4 keys (8 connections), and a watcher
+/// in its room `big`.
+async fn counts_room() -> (Hub, std::net::SocketAddr, Client, Model) {
     let config = PresenceConfig::default().counts_only_above(4);
     let hub = Hub::builder().authenticate(user_from_query).presence(config).build();
     let addr = serve(&hub).await;
     let mut watcher = connect_path(addr, "/?user=watcher").await;
     watcher.join_ok("big").await;
-    let mut model = Model::default();
+    (hub, addr, watcher, Model::default())
+}
+
+#[tokio::test]
+async fn a_large_room_switches_to_counts_and_back() {
+    let (_hub, addr, mut watcher, mut model) = counts_room().await;
     let mut others = Vec::new();
     for (i, name) in ["a", "b", "c", "d"].into_iter().enumerate() {
         let mut c = connect_path(addr, &format!("/?user={name}")).await;
@@ -707,4 +713,35 @@ async fn a_host_join_tracks_presence_once() {
 
     assert!(hub.leave(id, "r"));
     eventually("alice's presence in r is gone", || hub.presence_stats().rooms == 1).await;
+}
+
+#[tokio::test]
+async fn one_user_with_many_tabs_switches_the_room_to_counts() {
+    // The attack (issue #24): counts-only mode switched on by keys (users)
+    // only, so one user with ~960 tabs, each with a 990-byte meta, kept the
+    // full member list and `presence_state` outgrew the 1 MiB queue: every
+    // joiner was closed with 4000. Now a room also switches when it has
+    // more than twice `counts_only_above` connections, so a member list
+    // holds at most that many metas.
+    let (_hub, addr, mut watcher, mut model) = counts_room().await;
+    let mut tabs = Vec::new();
+    for n in 2..=9usize {
+        let mut tab = connect_path(addr, "/?user=tabs").await;
+        tab.join_ok("big").await;
+        tabs.push(tab);
+        watch(&mut watcher, "big", &mut model, |m| m.count["connections"] == n).await;
+        // Two keys throughout: up to 8 connections a member list, above
+        // counts only.
+        assert_eq!(model.counts_only, n > 8, "with {n} connections: {model:?}");
+    }
+    assert_eq!(model.count, json!({"keys": 2, "connections": 9}));
+    assert!(model.keys.is_empty(), "counts-only state still lists members");
+    // Back to lists at three quarters (6 connections), not before.
+    for n in [8usize, 7, 6] {
+        let mut tab = tabs.pop().unwrap();
+        assert_eq!(tab.request(json!({"type": "leave", "room": "big"})).await["type"], "reply");
+        watch(&mut watcher, "big", &mut model, |m| m.count["connections"] == n).await;
+        assert_eq!(model.counts_only, n > 6, "with {n} connections: {model:?}");
+    }
+    assert_eq!(model.metas("tabs"), 5);
 }

@@ -62,11 +62,17 @@ pub struct PresenceConfig {
     /// and sent to its members as one `presence_diff` (joins and leaves of
     /// one meta within a window cancel out). Default 50 ms.
     pub batch_window: Duration,
-    /// A room with more presence keys than this sends counts (`{"keys",
-    /// "connections"}`) instead of member lists and diffs; it goes back to
-    /// member lists when it has at most three quarters of this many keys.
-    /// Default 100 (a member list longer than that is rarely shown; apps
-    /// show "1,234 online" instead). `usize::MAX` turns it off.
+    /// A room with more presence keys than this, or more than twice as many
+    /// connections, sends counts (`{"keys", "connections"}`) instead of
+    /// member lists and diffs; it goes back to member lists when both are at
+    /// most three quarters of their thresholds. Default 100 (a member list
+    /// longer than that is rarely shown; apps show "1,234 online" instead).
+    /// `usize::MAX` turns it off. A member list thus holds at most `2 ×` this
+    /// many metas: with the default 100 and 1 KiB metas, a `presence_state`
+    /// stays under about 230 KiB, less than a quarter of the default 1 MiB
+    /// outbound queue. Keep `2 × counts_only_above × (max_meta_bytes + 150)`
+    /// under a quarter of `HubConfig::outbound_queue_bytes` when raising
+    /// either.
     pub counts_only_above: usize,
     /// How long an ephemeral flag (`typing`, …) lives unless the client sets
     /// it again. Default 5 s.

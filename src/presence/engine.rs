@@ -320,9 +320,17 @@ impl RoomState {
     /// the thresholds (with hysteresis); a switch makes everyone get the
     /// state again.
     fn update_mode(&mut self, cfg: &PresenceConfig) {
-        let keys = self.keys.len();
+        let (keys, connections) = (self.keys.len(), self.slots.len());
         let limit = cfg.counts_only_above;
-        let want = if self.counts_mode { keys > limit - limit / 4 } else { keys > limit };
+        // Connections too, not only keys: one user with hundreds of tabs
+        // must not grow the member list (and every joiner's state) past
+        // what a connection's queue holds.
+        let conn_limit = limit.saturating_mul(2);
+        let want = if self.counts_mode {
+            keys > limit - limit / 4 || connections > conn_limit - conn_limit / 4
+        } else {
+            keys > limit || connections > conn_limit
+        };
         if want != self.counts_mode {
             self.counts_mode = want;
             self.full_pending = true;
