@@ -1,0 +1,107 @@
+//! The admission gate: every transport's way in. [`Hub::admit`] (limits,
+//! origin, rate), [`Hub::authenticate`], both in one place for the
+//! servers (`open_gate`), and the entry points that run a session.
+
+use super::*;
+
+impl Hub {
+    /// Decides whether an upgrade request may proceed, before the
+    /// authenticator and the upgrade: shutdown (503), the client's address
+    /// (from the peer, or from a trusted proxy's forwarded-for header; a
+    /// malformed one is 400), the `Origin` check (403), the connection limit
+    /// (503), the per-address limit (429) and the connection rate (429 with
+    /// `retry-after`). Both the standalone listener and the axum route call
+    /// it; a host's own transport should too.
+    ///
+    /// On success the handshake's [`Handshake::client_ip`] is set, and the
+    /// returned [`Admission`] holds the connection's slots until dropped:
+    /// keep it alive as long as the connection.
+    pub fn admit(&self, handshake: &mut Handshake) -> std::result::Result<Admission, Rejection> {
+        if self.is_shutting_down() {
+            return Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"));
+        }
+        let peer = handshake.peer_addr().map(|p| p.ip());
+        let (ticket, client) =
+            crate::security::admit(&self.inner.security, &self.inner.admission, peer, handshake.headers())?;
+        if let Some(ip) = client {
+            handshake.set_client_ip(ip);
+        }
+        Ok(ticket)
+    }
+
+    /// Runs the authenticator on a handshake. Transports call this *before*
+    /// upgrading, and answer a rejection with its HTTP status. During
+    /// shutdown every handshake is rejected with 503.
+    /// The returned future does not borrow the handshake.
+    pub fn authenticate(&self, handshake: &Handshake) -> BoxFuture<'static, std::result::Result<Identity, Rejection>> {
+        if self.is_shutting_down() {
+            return Box::pin(async {
+                Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))
+            });
+        }
+        let Some(auth) = &self.inner.authenticate else { return Box::pin(async { Ok(Identity::anonymous()) }) };
+        // A panicking authenticator refuses with 500 instead of dropping the
+        // socket without an answer.
+        let failed = || Rejection::new(http::StatusCode::INTERNAL_SERVER_ERROR, "authentication failed");
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| auth.authenticate(handshake))) {
+            Ok(fut) => {
+                Box::pin(async move { AssertUnwindSafe(fut).catch_unwind().await.unwrap_or_else(|_| Err(failed())) })
+            }
+            Err(_) => Box::pin(async move { Err(failed()) }),
+        }
+    }
+
+    /// The gate every transport's opening goes through, in this order:
+    /// [`Hub::admit`] (a refused client costs no authentication work, and a
+    /// reconnect storm is cut off here), then [`Hub::authenticate`] bounded
+    /// by `timeout` (over it: 503 "authentication timed out"). The
+    /// [`Admission`] holds the connection's slots until it is dropped.
+    pub(crate) async fn open_gate(
+        &self,
+        handshake: &mut Handshake,
+        timeout: Duration,
+    ) -> std::result::Result<(Admission, Identity), Rejection> {
+        let admission = self.admit(handshake)?;
+        match tokio::time::timeout(timeout, self.authenticate(handshake)).await {
+            Ok(Ok(identity)) => Ok((admission, identity)),
+            Ok(Err(rejection)) => Err(rejection),
+            Err(_) => Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "authentication timed out")),
+        }
+    }
+
+    /// Authenticates and then serves a connection of any [`Transport`] until
+    /// it ends. For transports that have no HTTP step to reject at; a
+    /// rejected handshake is returned as `Err` and the transport dropped.
+    pub async fn connect<T: Transport>(
+        &self,
+        transport: T,
+        handshake: Handshake,
+    ) -> std::result::Result<(), Rejection> {
+        let identity = self.authenticate(&handshake).await?;
+        self.serve(transport, &handshake, identity).await;
+        Ok(())
+    }
+
+    /// Serves an authenticated connection until it ends. Resolves after the
+    /// connection is closed and forgotten (rooms left, hooks run).
+    ///
+    /// The connection is registered when this is called; the returned future
+    /// does not borrow the handshake, so the caller can drop it (and its
+    /// headers) right away instead of keeping it for the connection's life.
+    pub fn serve<T: Transport>(
+        &self,
+        transport: T,
+        handshake: &Handshake,
+        identity: Identity,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let id = ConnectionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
+        let mut transport = transport;
+        let wire = (transport.native_ping(), transport.prefer_framed());
+        let session = Arc::new(Session::new(id, handshake.format(), identity, wire, self));
+        self.register(&session);
+        if self.is_shutting_down() {
+            session.close(DisconnectReason::ServerShutdown, CloseCode::GOING_AWAY, "server shutting down", true);
+        }
+        session::run(self.clone(), session, transport)
+    }
+}

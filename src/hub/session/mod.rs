@@ -1,0 +1,470 @@
+//! One connection: its bounded outbound queue, its writer, its reader.
+//!
+//! Tasks per connection: the reader runs in the task that called
+//! [`Hub::serve`](crate::Hub::serve); the writer is one spawned task; each
+//! in-flight call or join is a short-lived task bounded by the connection's
+//! semaphore. Heartbeats are driven by the hub's shared timer wheel (see
+//! `heartbeat.rs`), not by a task here.
+
+mod call;
+mod join;
+mod leave;
+mod outbox;
+mod reader;
+mod refresh;
+mod writer;
+
+use super::handler::{Call, CallError};
+use super::room::validate_room_name;
+use super::stream::Want;
+use super::{ConnectionState, DisconnectReason, Hub, OverflowPolicy, TaskGuard};
+use crate::auth::Identity;
+use crate::history::StreamPosition;
+use crate::protocol::{CloseCode, Envelope, ErrorCode, Format, Kind, Parts, Payload};
+use crate::transport::{CloseFrame, Frame, Transport, TransportError};
+use crate::util::Limiter;
+use crate::ConnectionId;
+use bytes::Bytes;
+use call::{on_call, RoomCalls};
+use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
+use join::on_join;
+use leave::on_leave;
+pub(crate) use outbox::{Outbox, Push};
+use parking_lot::Mutex;
+use reader::{acquire, read_loop, room_field, room_reply, Permit};
+use refresh::on_refresh;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::ready;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use writer::write_loop;
+
+/// Shared state of one connection. Reachable from rooms (for fan-out), the
+/// hub's session index, the heartbeat wheel (weakly) and handler calls.
+pub(crate) struct Session {
+    pub(crate) id: ConnectionId,
+    pub(crate) format: Format,
+    pub(crate) identity: Identity,
+    pub(crate) native_ping: bool,
+    /// The transport takes data frames framed for the wire
+    /// ([`Transport::prefer_framed`](crate::transport::Transport::prefer_framed)).
+    framed: bool,
+    pub(crate) outbox: Outbox,
+    /// Rooms this connection is in. Locked only for quick reads and edits;
+    /// the room registry is always locked *after* this one when both are held.
+    pub(crate) rooms: Mutex<Vec<Arc<str>>>,
+    state: AtomicU8,
+    /// Set by any inbound frame; cleared when the heartbeat sends a ping.
+    pub(crate) alive: AtomicBool,
+    /// The stop signals: [`STOP_READ`] tells the reader to stop (a close
+    /// was decided), [`STOP_DRAIN`] tells the session to stop waiting for
+    /// a graceful drain. Inline: a `CancellationToken` each was two
+    /// allocations (~260 bytes) per connection.
+    stops: Stops,
+    reason: Mutex<Option<DisconnectReason>>,
+    /// Requests in flight (handler calls, joins, refreshes), at most
+    /// `max_inflight`; each holds a [`Permit`].
+    inflight: AtomicU32,
+    max_inflight: u32,
+    /// Calls naming a room wait here, per room, for that room's worker task:
+    /// one task per room with work drains its queue in arrival order, so a
+    /// publisher's broadcasts stay in order and run back to back (writers
+    /// then batch them), while calls in different rooms or without a room
+    /// run concurrently. An entry exists only while its room has work; the
+    /// queued calls hold in-flight permits, so the total is bounded by
+    /// `max_inflight`.
+    pub(crate) call_queues: Mutex<Vec<RoomCalls>>,
+    /// Inbound message rate (`None`: unlimited). Checked by the reader only.
+    rate: Option<Rate>,
+    /// The credentials in force: the identity's expiry and room
+    /// restriction, replaced by a successful `refresh`. Locked briefly by the
+    /// reader, joins and refreshes; never across an await.
+    grant: Mutex<Grant>,
+}
+
+/// A connection's message bucket, and the bucket of its refusals: when
+/// that one is empty too, the connection is closed with 1008.
+struct Rate {
+    messages: Limiter,
+    violations: Limiter,
+}
+
+/// Expiry and room restriction of the credentials in force.
+pub(crate) struct Grant {
+    /// The identity of the latest successful `refresh`; `None`: the
+    /// connection's own (boxed: most connections never refresh).
+    refreshed: Option<Box<Identity>>,
+    /// When the credentials expire, on tokio's clock.
+    pub(crate) deadline: Option<tokio::time::Instant>,
+}
+
+impl Grant {
+    fn deadline_of(identity: &Identity) -> Option<tokio::time::Instant> {
+        identity.expires_in().map(|left| tokio::time::Instant::now() + left)
+    }
+}
+
+impl Session {
+    pub(crate) fn new(
+        id: ConnectionId,
+        format: Format,
+        identity: Identity,
+        (native_ping, framed): (bool, bool),
+        hub: &Hub,
+    ) -> Session {
+        let cfg = &hub.inner.config;
+        Session {
+            id,
+            format,
+            native_ping,
+            framed,
+            outbox: Outbox::new(cfg.outbound_queue_bytes, cfg.overflow),
+            rooms: Mutex::new(Vec::new()),
+            state: AtomicU8::new(ConnectionState::Connecting as u8),
+            alive: AtomicBool::new(true),
+            stops: Stops { raised: AtomicU8::new(0), notify: Notify::new() },
+            reason: Mutex::new(None),
+            inflight: AtomicU32::new(0),
+            max_inflight: u32::try_from(cfg.max_inflight.max(1)).unwrap_or(u32::MAX),
+            call_queues: Mutex::new(Vec::new()),
+            rate: identity.rate_limit_or(cfg.rate_limit).map(|limit| Rate {
+                messages: limit.limiter(),
+                // Same refill rate as the messages: a client sending up to
+                // twice its rate gets errors for the excess but stays.
+                violations: limit.burst(cfg.max_rate_violations.max(1)).limiter(),
+            }),
+            grant: Mutex::new(Grant { refreshed: None, deadline: Grant::deadline_of(&identity) }),
+            identity,
+        }
+    }
+
+    /// When the credentials in force expire (tokio clock), if they do.
+    pub(crate) fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.grant.lock().deadline
+    }
+
+    /// Whether the credentials in force allow a client `join` of `room`.
+    fn allows_room(&self, room: &str) -> bool {
+        self.grant.lock().refreshed.as_deref().unwrap_or(&self.identity).allows_room(room)
+    }
+
+    pub(crate) fn state(&self) -> ConnectionState {
+        ConnectionState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    fn set_state(&self, s: ConnectionState) {
+        self.state.store(s as u8, Ordering::Release);
+    }
+
+    pub(crate) fn is_member(&self, room: &str) -> bool {
+        self.rooms.lock().iter().any(|r| &**r == room)
+    }
+
+    /// An encoded envelope as a frame: text or binary by the format.
+    fn frame(&self, bytes: bytes::Bytes) -> Frame {
+        if self.format.is_binary() {
+            Frame::Binary(bytes)
+        } else {
+            Frame::Text(bytes)
+        }
+    }
+
+    /// The form this connection's frames are queued in.
+    pub(crate) fn wire(&self) -> Wire {
+        Wire { format: self.format, framed: self.framed }
+    }
+
+    /// A notice the writer sends itself (`lagged`, `gap`), as a frame.
+    fn notice(&self, parts: Parts<'_>) -> Frame {
+        self.frame(self.wire().prepare(parts.encode(self.format)))
+    }
+
+    /// Queues an encoded envelope (a text or binary frame by format) under
+    /// the overflow policy.
+    pub(crate) fn push_encoded(&self, bytes: bytes::Bytes) {
+        self.push_prepared(self.wire().prepare(bytes));
+    }
+
+    /// Queues an envelope already in this connection's [`Wire`] form (from
+    /// a broadcast's per-form cache) under the overflow policy.
+    pub(crate) fn push_prepared(&self, bytes: bytes::Bytes) {
+        if let Push::Overflow = self.outbox.push_queued(bytes, None) {
+            self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
+        }
+    }
+
+    /// Queues an event of a recoverable room, in this connection's
+    /// [`Wire`] form: if the drop-oldest policy drops it, the client is
+    /// told the room and offset range in a `gap`.
+    pub(crate) fn push_tagged(&self, bytes: bytes::Bytes, room: &Arc<str>, offset: u64) {
+        if let Push::Overflow = self.outbox.push_queued(bytes, Some((room, offset))) {
+            self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
+        }
+    }
+
+    pub(crate) fn send_parts(&self, parts: &Parts<'_>) {
+        self.push_encoded(parts.encode(self.format));
+    }
+
+    pub(crate) fn send_error(&self, reference: Option<u64>, code: u32, message: &str) {
+        self.send_parts(&Parts { reference, code: Some(code), message: Some(message), ..Parts::new(Kind::Error) });
+    }
+
+    /// An `error` with structured `data` (rate-limit hints, field errors).
+    pub(crate) fn send_error_data(&self, reference: Option<u64>, code: u32, message: &str, data: &serde_json::Value) {
+        let Ok(data) = Payload::encode(self.format, data) else { return self.send_error(reference, code, message) };
+        let parts = Parts {
+            reference,
+            code: Some(code),
+            message: Some(message),
+            data: Some(data.bytes()),
+            ..Parts::new(Kind::Error)
+        };
+        self.send_parts(&parts);
+    }
+
+    /// A handler's or authorizer's error, with its `data` when it has some.
+    pub(crate) fn send_call_error(&self, reference: Option<u64>, e: &CallError) {
+        match e.data() {
+            Some(data) => self.send_error_data(reference, e.code(), e.message(), data),
+            None => self.send_error(reference, e.code(), e.message()),
+        }
+    }
+
+    pub(crate) fn send_reply(&self, reference: u64, data: &Payload) {
+        let data = match data.to_format(self.format) {
+            Ok(d) => d,
+            Err(e) => return self.send_error(Some(reference), ErrorCode::INTERNAL.0, &e.to_string()),
+        };
+        self.send_parts(&Parts { reference: Some(reference), data: Some(data.bytes()), ..Parts::new(Kind::Reply) });
+    }
+
+    /// Sends a heartbeat ping: a transport ping when the transport has one,
+    /// the protocol's `ping` envelope otherwise. Bypasses the byte bound
+    /// (at most one is outstanding).
+    pub(crate) fn send_ping(&self) {
+        let frame = if self.native_ping {
+            Frame::Ping(bytes::Bytes::new())
+        } else {
+            let bytes = Parts::new(Kind::Ping).encode(self.format);
+            if self.format.is_binary() {
+                Frame::Binary(bytes)
+            } else {
+                Frame::Text(bytes)
+            }
+        };
+        self.outbox.push_control(frame);
+    }
+
+    /// Decides to close. The first reason wins. `discard` drops what is still
+    /// queued (slow consumer, errors); otherwise the writer sends it first
+    /// (shutdown, host close). `code` is sent in a close frame.
+    pub(crate) fn close(&self, reason: DisconnectReason, code: CloseCode, text: &str, discard: bool) {
+        self.close_with(reason, Some(CloseFrame { code, reason: text.to_owned() }), discard);
+    }
+
+    pub(crate) fn close_with(&self, reason: DisconnectReason, frame: Option<CloseFrame>, discard: bool) {
+        {
+            let mut r = self.reason.lock();
+            if r.is_some() {
+                return;
+            }
+            *r = Some(reason);
+        }
+        if self.state() != ConnectionState::Closed {
+            self.set_state(ConnectionState::Closing);
+        }
+        self.outbox.close(frame, discard);
+        self.stops.raise(STOP_READ);
+    }
+
+    /// Whether a close was decided (the reader has been told to stop).
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.stops.is_raised(STOP_READ)
+    }
+
+    /// Ends the wait for a graceful drain (the shutdown deadline passed).
+    pub(crate) fn kill(&self) {
+        self.stops.raise(STOP_DRAIN);
+    }
+
+    pub(crate) fn reason(&self) -> Option<DisconnectReason> {
+        self.reason.lock().clone()
+    }
+}
+
+/// The form of a connection's queued frames: its format, and whether its
+/// transport takes them framed for the wire
+/// ([`Transport::prefer_framed`](crate::transport::Transport::prefer_framed)).
+/// A broadcast prepares each form once ([`Wire::COUNT`] at most), however
+/// many recipients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Wire {
+    pub(crate) format: Format,
+    framed: bool,
+}
+
+impl Wire {
+    pub(crate) const COUNT: usize = 4;
+
+    /// The unframed form of `format`.
+    pub(crate) fn plain(format: Format) -> Wire {
+        Wire { format, framed: false }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self.format.index() * 2 + usize::from(self.framed)
+    }
+
+    /// An encoded envelope of this form's format, in this form.
+    pub(crate) fn prepare(self, envelope: Bytes) -> Bytes {
+        if self.framed {
+            crate::transport::ws_framed(self.format.is_binary(), &envelope)
+        } else {
+            envelope
+        }
+    }
+}
+
+/// The connection's handler tasks. The set is created by the first one:
+/// an empty `JoinSet` is an allocation, and most connections never call.
+#[derive(Default)]
+struct Calls(Option<JoinSet<()>>);
+
+impl Calls {
+    fn spawn(&mut self, task: impl Future<Output = ()> + Send + 'static) {
+        self.0.get_or_insert_with(JoinSet::new).spawn(task);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.as_ref().is_none_or(JoinSet::is_empty)
+    }
+
+    async fn join_next(&mut self) -> Option<()> {
+        match &mut self.0 {
+            Some(set) => set.join_next().await.map(|_| ()),
+            None => None,
+        }
+    }
+
+    fn abort_all(&mut self) {
+        if let Some(set) = &mut self.0 {
+            set.abort_all();
+        }
+    }
+}
+
+/// Tells the reader to stop.
+const STOP_READ: u8 = 1;
+/// Tells the session to stop waiting for a graceful drain.
+const STOP_DRAIN: u8 = 2;
+
+/// One-way signals, each raised at most once and awaited by any number of
+/// tasks: what `CancellationToken`s would do, without an allocation each.
+struct Stops {
+    raised: AtomicU8,
+    notify: Notify,
+}
+
+impl Stops {
+    fn raise(&self, signal: u8) {
+        if self.raised.fetch_or(signal, Ordering::AcqRel) & signal == 0 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    fn is_raised(&self, signal: u8) -> bool {
+        self.raised.load(Ordering::Acquire) & signal != 0
+    }
+
+    async fn wait(&self, signal: u8) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a raise between the check and
+            // the await still wakes this waiter.
+            notified.as_mut().enable();
+            if self.is_raised(signal) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Runs a connection to its end. Called by [`Hub::serve`].
+pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -> impl Future<Output = ()> + Send {
+    let fragments = transport.fragments();
+    let (sink, mut stream) = transport.split();
+    let task = TaskGuard::new(&hub.inner);
+    // An `async move` block, not an `async fn`: an `async fn` moves its
+    // arguments into locals, holding each twice for the connection's life;
+    // a block uses what it captured in place.
+    async move {
+        let _task = task;
+        let writer = {
+            let guard = TaskGuard::new(&hub.inner);
+            // `map`, not an `async` wrapper: a wrapper would keep the captured
+            // future and the awaited one, two copies per connection.
+            tokio::spawn(write_loop(session.clone(), sink).map(move |sent| {
+                drop(guard);
+                sent
+            }))
+        };
+        hub.send_hello(&session);
+        // Open, unless a close was already decided (e.g. shutdown began while
+        // this connection was being set up): states never go backwards.
+        let _ = session.state.compare_exchange(
+            ConnectionState::Connecting as u8,
+            ConnectionState::Open as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        hub.register_heartbeat(&session).await;
+        hub.hook_connect(&session);
+
+        let mut calls = Calls::default();
+        let peer_closed = read_loop(&hub, &session, &mut stream, &mut calls, fragments.as_ref()).await;
+
+        // Closing: stop handlers, leave rooms (so nothing more is queued), then
+        // let the writer drain what is queued and send the close frame.
+        calls.abort_all();
+        hub.leave_all(&session);
+        let close_timeout = hub.inner.config.close_timeout;
+        let mut writer = writer;
+        let sent_close = tokio::select! {
+            r = &mut writer => r.unwrap_or(false),
+            _ = session.stops.wait(STOP_DRAIN) => { writer.abort(); false }
+            _ = tokio::time::sleep(close_timeout) => { writer.abort(); false }
+        };
+        if sent_close && !peer_closed {
+            // Wait (bounded) for the peer's close frame so the close handshake
+            // completes cleanly; anything else it sends now is ignored.
+            let drain = async {
+                while let Some(Ok(frame)) = stream.next().await {
+                    if let Frame::Close(_) = frame {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = drain => {}
+                _ = session.stops.wait(STOP_DRAIN) => {}
+                _ = tokio::time::sleep(close_timeout) => {}
+            }
+        }
+        drop(stream);
+        drop(calls);
+        // Only now is the connection gone: until here it was Closing, still
+        // counted and reachable (so `shutdown` waits for its drain and close).
+        hub.deregister(&session);
+        session.set_state(ConnectionState::Closed);
+        let reason = session.reason().unwrap_or(DisconnectReason::ConnectionLost);
+        hub.hook_disconnect(&session, &reason);
+        hub.session_ended();
+    }
+}
