@@ -10,6 +10,19 @@ pub(crate) enum Push {
     Closed,
 }
 
+/// What the writer takes in one go ([`Outbox::take`]).
+pub(super) struct Taken {
+    pub(super) ping: Option<Frame>,
+    pub(super) pong: Option<Frame>,
+    /// The bytes of the data frames taken (still counted in the bound).
+    pub(super) bytes: usize,
+    /// Data frames dropped since the last batch (`DropOldest`).
+    pub(super) lagged: u64,
+    pub(super) close: Option<CloseFrame>,
+    /// Whether the outbox was closed (nothing more will be queued).
+    pub(super) closing: bool,
+}
+
 /// The bounded outbound queue, drained by the connection's single writer.
 ///
 /// **Bound:** the bytes of queued data frames *plus* the batch the writer is
@@ -20,8 +33,8 @@ pub(crate) enum Push {
 /// The lock is a plain mutex held only to move frames in or out; no await
 /// happens under it, and publishers never wait on a slow connection.
 pub(crate) struct Outbox {
-    /// The writer takes batches out under this lock (`writer.rs`).
-    pub(super) state: Mutex<OutState>,
+    state: Mutex<OutState>,
+    /// Wakes the writer (`writer.rs`) when something was queued.
     pub(super) notify: Notify,
     limit: usize,
     policy: OverflowPolicy,
@@ -32,41 +45,41 @@ pub(crate) struct Outbox {
 pub(super) const MAX_GAP_RANGES: usize = 64;
 
 #[derive(Default)]
-pub(super) struct OutState {
+struct OutState {
     /// Encoded envelopes, each a data frame of the connection's format:
     /// bare `Bytes` (32 bytes a slot), since each slot is written by the
     /// publishing task and read by the writer, usually on another core.
-    pub(super) queue: VecDeque<Bytes>,
+    queue: VecDeque<Bytes>,
     /// Events of recoverable rooms in `queue`: `(seq, room, offset)`, so a
     /// drop can be reported as a gap. Kept aside: most queued frames have
     /// no tag, and a tag in every slot would double its size.
-    pub(super) tags: VecDeque<(u64, Arc<str>, u64)>,
+    tags: VecDeque<(u64, Arc<str>, u64)>,
     /// Sequence number of `queue`'s front (counts every frame queued).
-    pub(super) head: u64,
+    head: u64,
     /// The pending heartbeat ping, written before the queue. Kept apart so it
     /// is never counted in `bytes` (a protocol ping is a text or binary
     /// frame) nor dropped as data under the drop-oldest policy.
-    pub(super) ping: Option<Frame>,
+    ping: Option<Frame>,
     /// The pending answer to the peer's latest transport ping (RFC 6455 lets
     /// a pong answer only the most recent ping, so one slot bounds a ping
     /// flood). Not counted in `bytes` either.
-    pub(super) pong: Option<Frame>,
-    pub(super) bytes: usize,
-    pub(super) peak: usize,
+    pong: Option<Frame>,
+    bytes: usize,
+    peak: usize,
     /// Dropped since the last `lagged` notice (drop-oldest policy).
-    pub(super) lagged: u64,
+    lagged: u64,
     /// Offset ranges of recoverable rooms dropped since the last write:
     /// `(room, from, to)`, sent as `gap` notices.
-    pub(super) gaps: Vec<(Arc<str>, u64, u64)>,
-    pub(super) dropped_total: u64,
+    gaps: GapRanges,
+    dropped_total: u64,
     /// Close decided: no more data is accepted.
-    pub(super) closing: bool,
+    closing: bool,
     /// The writer was woken and has not taken the queue since: further
     /// pushes need not wake it again (one `notify` per batch, not per
     /// message — a publish to N members costs N pushes).
-    pub(super) woken: bool,
+    woken: bool,
     /// The close frame still to send (taken by the writer).
-    pub(super) close_frame: Option<CloseFrame>,
+    close_frame: Option<CloseFrame>,
 }
 
 impl Outbox {
@@ -158,6 +171,52 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    /// The writer's side: moves everything queued into `batch` (which must
+    /// be empty) and the gap ranges into `gaps`, and takes the control
+    /// frames. The taken bytes stay counted until [`Outbox::written`], so
+    /// the bound covers the batch in flight.
+    pub(super) fn take(&self, batch: &mut VecDeque<Bytes>, gaps: &mut GapRanges) -> Taken {
+        let mut st = self.state.lock();
+        std::mem::swap(&mut st.queue, batch);
+        // Taken frames are on their way: no longer droppable.
+        st.head += batch.len() as u64;
+        st.tags.clear();
+        // From here a push must wake the writer again (Notify keeps the
+        // permit if the writer is not waiting yet).
+        st.woken = false;
+        // Everything counted in `bytes` is in the queue just taken: the
+        // previous batch was subtracted when it was written.
+        let bytes = st.bytes;
+        debug_assert_eq!(bytes, batch.iter().map(Bytes::len).sum::<usize>());
+        if !st.gaps.is_empty() {
+            std::mem::swap(&mut st.gaps, gaps);
+        }
+        let ping = st.ping.take();
+        if ping.is_some() && batch.is_empty() {
+            // A heartbeat ping with no data since the last write: the
+            // connection is idle, so its two queue buffers (grown by
+            // earlier traffic) are given back rather than kept for
+            // the next burst. A busy connection keeps them: its pings
+            // travel with data.
+            st.queue = VecDeque::new();
+            st.tags = VecDeque::new();
+            *batch = VecDeque::new();
+        }
+        Taken {
+            ping,
+            pong: st.pong.take(),
+            bytes,
+            lagged: std::mem::take(&mut st.lagged),
+            close: st.close_frame.take(),
+            closing: st.closing,
+        }
+    }
+
+    /// The writer wrote a batch of `bytes` (from [`Outbox::take`]).
+    pub(super) fn written(&self, bytes: usize) {
+        self.state.lock().bytes -= bytes;
+    }
+
     pub(crate) fn queued_bytes(&self) -> usize {
         self.state.lock().bytes
     }
@@ -171,8 +230,11 @@ impl Outbox {
     }
 }
 
+/// Dropped events of recoverable rooms: `(room, first offset, last offset)`.
+pub(super) type GapRanges = Vec<(Arc<str>, u64, u64)>;
+
 /// Adds a dropped event to the gap ranges (see [`MAX_GAP_RANGES`]).
-pub(super) fn note_gap(gaps: &mut Vec<(Arc<str>, u64, u64)>, room: Arc<str>, offset: u64) {
+pub(super) fn note_gap(gaps: &mut GapRanges, room: Arc<str>, offset: u64) {
     if let Some(g) = gaps.iter_mut().rev().find(|g| g.0 == room) {
         if g.2 + 1 == offset {
             g.2 = offset;
@@ -186,4 +248,126 @@ pub(super) fn note_gap(gaps: &mut Vec<(Arc<str>, u64, u64)>, room: Arc<str>, off
         }
     }
     gaps.push((room, offset, offset));
+}
+
+#[cfg(test)]
+mod tests {
+    //! The outbox on its own, without a session or a socket: what is
+    //! queued, dropped, counted and handed to the writer, under each policy.
+
+    use super::*;
+
+    fn b(n: usize) -> Bytes {
+        Bytes::from(vec![b'x'; n])
+    }
+
+    fn take(outbox: &Outbox) -> (VecDeque<Bytes>, GapRanges, Taken) {
+        let (mut batch, mut gaps) = (VecDeque::new(), Vec::new());
+        let taken = outbox.take(&mut batch, &mut gaps);
+        (batch, gaps, taken)
+    }
+
+    #[test]
+    fn frames_come_out_in_order_and_stay_counted_until_written() {
+        let outbox = Outbox::new(100, OverflowPolicy::Disconnect);
+        for n in [10, 20, 30] {
+            assert!(matches!(outbox.push_queued(b(n), None), Push::Queued));
+        }
+        assert_eq!((outbox.queued_bytes(), outbox.peak_bytes()), (60, 60));
+        let (batch, gaps, taken) = take(&outbox);
+        assert_eq!(batch.iter().map(Bytes::len).collect::<Vec<_>>(), [10, 20, 30]);
+        assert!(gaps.is_empty());
+        assert_eq!((taken.bytes, taken.lagged, taken.closing), (60, 0, false));
+        // The batch in flight still counts against the bound.
+        assert_eq!(outbox.queued_bytes(), 60);
+        assert!(matches!(outbox.push_queued(b(41), None), Push::Overflow));
+        outbox.written(taken.bytes);
+        assert_eq!(outbox.queued_bytes(), 0);
+        assert!(matches!(outbox.push_queued(b(100), None), Push::Queued));
+        assert_eq!(outbox.peak_bytes(), 100);
+        assert_eq!(outbox.dropped(), 0);
+    }
+
+    #[test]
+    fn disconnect_policy_refuses_what_does_not_fit_and_keeps_the_rest() {
+        let outbox = Outbox::new(50, OverflowPolicy::Disconnect);
+        assert!(matches!(outbox.push_queued(b(30), None), Push::Queued));
+        assert!(matches!(outbox.push_queued(b(21), None), Push::Overflow));
+        assert!(matches!(outbox.push_queued(b(20), None), Push::Queued));
+        let (batch, _, taken) = take(&outbox);
+        assert_eq!((batch.len(), taken.bytes), (2, 50));
+    }
+
+    #[test]
+    fn drop_oldest_makes_room_reports_lag_and_the_gaps_of_recoverable_rooms() {
+        let outbox = Outbox::new(30, OverflowPolicy::DropOldest);
+        let room: Arc<str> = Arc::from("r");
+        for offset in 1..=3 {
+            assert!(matches!(outbox.push_queued(b(10), Some((&room, offset))), Push::Queued));
+        }
+        // Offsets 1 and 2 make way for a 20-byte frame.
+        assert!(matches!(outbox.push_queued(b(20), None), Push::Queued));
+        assert_eq!((outbox.queued_bytes(), outbox.dropped()), (30, 2));
+        let (batch, gaps, taken) = take(&outbox);
+        assert_eq!(batch.iter().map(Bytes::len).collect::<Vec<_>>(), [10, 20]);
+        assert_eq!(taken.lagged, 2);
+        assert_eq!(gaps, vec![(room.clone(), 1, 2)], "one contiguous range");
+        // While that batch is in flight nothing queued can be dropped: a
+        // frame that does not fit is dropped itself, and reported.
+        assert!(matches!(outbox.push_queued(b(5), Some((&room, 9))), Push::Dropped));
+        outbox.written(taken.bytes);
+        let (batch, gaps, taken) = take(&outbox);
+        assert!(batch.is_empty());
+        assert_eq!((taken.lagged, gaps), (1, vec![(room, 9, 9)]));
+        assert_eq!(outbox.dropped(), 3);
+    }
+
+    #[test]
+    fn gap_ranges_are_bounded_and_only_ever_widened() {
+        let mut gaps = Vec::new();
+        let room: Arc<str> = Arc::from("r");
+        for offset in (0..(MAX_GAP_RANGES as u64 * 4)).step_by(2) {
+            note_gap(&mut gaps, room.clone(), offset);
+        }
+        assert_eq!(gaps.len(), MAX_GAP_RANGES);
+        let covered = |o: u64| gaps.iter().any(|g| g.1 <= o && o <= g.2);
+        assert!((0..(MAX_GAP_RANGES as u64 * 4)).step_by(2).all(covered), "no dropped offset left out");
+    }
+
+    #[test]
+    fn control_frames_are_not_counted_and_close_discards_on_request() {
+        let outbox = Outbox::new(10, OverflowPolicy::Disconnect);
+        outbox.push_control(Frame::Ping(Bytes::new()));
+        outbox.push_control(Frame::Pong(Bytes::new()));
+        assert!(matches!(outbox.push_queued(b(10), None), Push::Queued));
+        assert_eq!(outbox.queued_bytes(), 10);
+        let (batch, _, taken) = take(&outbox);
+        assert!(taken.ping.is_some() && taken.pong.is_some());
+        assert_eq!(batch.len(), 1);
+        outbox.written(taken.bytes);
+
+        assert!(matches!(outbox.push_queued(b(4), None), Push::Queued));
+        outbox.close(None, true);
+        assert_eq!(outbox.queued_bytes(), 0, "discarded at once");
+        assert!(matches!(outbox.push_queued(b(1), None), Push::Closed));
+        outbox.push_control(Frame::Ping(Bytes::new()));
+        let (batch, _, taken) = take(&outbox);
+        assert!(batch.is_empty() && taken.ping.is_none() && taken.closing);
+    }
+
+    #[test]
+    fn an_idle_ping_gives_the_queue_buffers_back() {
+        let outbox = Outbox::new(1 << 20, OverflowPolicy::Disconnect);
+        for _ in 0..64 {
+            let _ = outbox.push_queued(b(1), None);
+        }
+        let (_, _, taken) = take(&outbox);
+        outbox.written(taken.bytes);
+        outbox.push_control(Frame::Ping(Bytes::new()));
+        let (mut batch, mut gaps) = (VecDeque::with_capacity(64), Vec::new());
+        let taken = outbox.take(&mut batch, &mut gaps);
+        assert!(taken.ping.is_some());
+        assert_eq!(batch.capacity(), 0, "the writer's buffer was freed");
+        assert_eq!(outbox.state.lock().queue.capacity(), 0, "and the queue's");
+    }
 }

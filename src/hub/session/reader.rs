@@ -140,7 +140,14 @@ pub(super) fn within_rate(session: &Session, bytes: &[u8], cost: u64) -> bool {
     false
 }
 
-pub(super) fn on_message(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, binary: bool, bytes: bytes::Bytes, cost: u64) {
+pub(super) fn on_message(
+    hub: &Hub,
+    session: &Arc<Session>,
+    calls: &mut Calls,
+    binary: bool,
+    bytes: bytes::Bytes,
+    cost: u64,
+) {
     let cfg = &hub.inner.config;
     if bytes.len() > cfg.max_message_size {
         // Transports that enforce the limit themselves never get here.

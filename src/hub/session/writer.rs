@@ -1,6 +1,7 @@
 //! The connection's writer: drains the outbox into the transport's sink,
 //! one batch and one flush at a time.
 
+use super::outbox::{GapRanges, Taken};
 use super::*;
 
 /// The writer: takes everything queued in one go, feeds it to the sink, and
@@ -17,37 +18,10 @@ where
 {
     async move {
         let mut batch: VecDeque<Bytes> = VecDeque::new();
-        let mut gaps: Vec<(Arc<str>, u64, u64)> = Vec::new();
+        let mut gaps: GapRanges = Vec::new();
         loop {
-            let (mut ping, mut pong, batch_bytes, mut lagged, mut close, closing) = {
-                let mut st = session.outbox.state.lock();
-                std::mem::swap(&mut st.queue, &mut batch);
-                // Taken frames are on their way: no longer droppable.
-                st.head += batch.len() as u64;
-                st.tags.clear();
-                // From here a push must wake the writer again (Notify keeps the
-                // permit if the writer is not waiting yet).
-                st.woken = false;
-                // Everything counted in `bytes` is in the queue just taken: the
-                // previous batch was subtracted when it was written.
-                let bytes = st.bytes;
-                debug_assert_eq!(bytes, batch.iter().map(Bytes::len).sum::<usize>());
-                if !st.gaps.is_empty() {
-                    std::mem::swap(&mut st.gaps, &mut gaps);
-                }
-                let ping = st.ping.take();
-                if ping.is_some() && batch.is_empty() {
-                    // A heartbeat ping with no data since the last write: the
-                    // connection is idle, so its two queue buffers (grown by
-                    // earlier traffic) are given back rather than kept for
-                    // the next burst. A busy connection keeps them: its pings
-                    // travel with data.
-                    st.queue = VecDeque::new();
-                    st.tags = VecDeque::new();
-                    batch = VecDeque::new();
-                }
-                (ping, st.pong.take(), bytes, std::mem::take(&mut st.lagged), st.close_frame.take(), st.closing)
-            };
+            let Taken { mut ping, mut pong, bytes: batch_bytes, mut lagged, mut close, closing } =
+                session.outbox.take(&mut batch, &mut gaps);
             if ping.is_none() && pong.is_none() && batch.is_empty() && lagged == 0 && gaps.is_empty() && close.is_none()
             {
                 if closing {
@@ -99,7 +73,7 @@ where
             .await;
             gaps.clear();
             batch.clear();
-            session.outbox.state.lock().bytes -= batch_bytes;
+            session.outbox.written(batch_bytes);
             if let Err(e) = result {
                 tracing::debug!(connection = %session.id, error = %e, "write failed");
                 session.close_with(DisconnectReason::ConnectionLost, None, true);
