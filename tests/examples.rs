@@ -12,7 +12,8 @@ use serde_json::json;
 use support::examples::{listening_addr, run, Running};
 
 /// Every program that `cargo run --example` offers.
-const EXAMPLES: [&str; 7] = ["chat", "chat-cli", "dashboard", "echo", "axum-integration", "custom-backplane", "load"];
+const EXAMPLES: [&str; 8] =
+    ["chat", "chat-cli", "dashboard", "echo", "axum-integration", "custom-backplane", "load", "video-call"];
 
 #[tokio::test]
 async fn every_example_answers_help_with_its_usage_and_status_0() {

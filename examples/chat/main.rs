@@ -33,8 +33,6 @@ mod app;
 #[path = "../common/cli.rs"]
 mod cli;
 
-use std::time::Duration;
-
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -49,15 +47,7 @@ async fn main() -> std::io::Result<()> {
         None => app::app(),
         Some(url) => on_redis(&url).await,
     };
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    println!("chat listening on http://{}/", listener.local_addr()?);
-
-    switchboard::integration::axum::serve(listener, router, switchboard::integration::axum::ServeConfig::default())
-        .with_graceful_shutdown(async move {
-            cli::shutdown_signal().await;
-            hub.shutdown(Duration::from_secs(5)).await;
-        })
-        .await
+    cli::serve_app("chat", addr, router, hub).await
 }
 
 const USAGE: cli::Usage = cli::Usage {

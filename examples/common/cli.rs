@@ -93,6 +93,28 @@ pub fn init_logging() {
         .init();
 }
 
+/// Binds `addr`, prints "`program` listening on http://ADDR/", and serves
+/// `router` on switchboard's HTTP server (`integration::axum::serve`, with
+/// its safe limits) until Ctrl-C or SIGTERM; then shuts `hub` down: every
+/// connection gets a close frame (within 5 s) before the exit.
+#[cfg(feature = "axum")]
+pub async fn serve_app(
+    program: &str,
+    addr: SocketAddr,
+    router: axum::Router,
+    hub: switchboard::Hub,
+) -> std::io::Result<()> {
+    use switchboard::integration::axum::{serve, ServeConfig};
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    println!("{program} listening on http://{}/", listener.local_addr()?);
+    serve(listener, router, ServeConfig::default())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            hub.shutdown(std::time::Duration::from_secs(5)).await;
+        })
+        .await
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -44,13 +44,5 @@ async fn main() -> std::io::Result<()> {
         history: switchboard::history::MemoryHistory::new(),
     };
     let (router, hub, _sse) = app::app(options);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    println!("dashboard listening on http://{}/", listener.local_addr()?);
-
-    switchboard::integration::axum::serve(listener, router, switchboard::integration::axum::ServeConfig::default())
-        .with_graceful_shutdown(async move {
-            cli::shutdown_signal().await;
-            hub.shutdown(Duration::from_secs(5)).await;
-        })
-        .await
+    cli::serve_app("dashboard", addr, router, hub).await
 }

@@ -36,14 +36,14 @@ export class Run {
     }
   }
 
-  /** Launches Chromium ($CHROMIUM_PATH or /usr/bin/chromium). */
-  async launch() {
+  /** Launches Chromium ($CHROMIUM_PATH or /usr/bin/chromium), with `extra` flags. */
+  async launch(extra = []) {
     const executablePath = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
     this.browser = await this.step(`launch ${executablePath} (run \`bash .ci/install-browser.sh\`)`, () =>
       chromium.launch({
         executablePath,
         args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-          "--no-first-run", "--disable-component-update", "--disable-sync"],
+          "--no-first-run", "--disable-component-update", "--disable-sync", ...extra],
       }),
     );
   }

@@ -22,8 +22,15 @@ pub fn binary(name: &str) -> PathBuf {
             bin.display()
         )
     });
+    // The example's own files (`NAME.rs`, or every file of `NAME/`), and the
+    // shared `common/cli.rs` when it includes it.
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let sources = [root.join(format!("{name}.rs")), root.join(name).join("main.rs"), root.join("common/cli.rs")];
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(root.join(name))
+        .map(|dir| dir.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_else(|_| vec![root.join(format!("{name}.rs"))]);
+    if sources.iter().any(|s| std::fs::read_to_string(s).is_ok_and(|t| t.contains("common/cli.rs"))) {
+        sources.push(root.join("common/cli.rs"));
+    }
     for src in sources {
         let changed = std::fs::metadata(&src).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
         assert!(
