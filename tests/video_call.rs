@@ -2,8 +2,10 @@
 //! in-process and runs `node tests/browser/video.mjs`: two headless
 //! Chromium pages with fake media devices call each other through
 //! switchboard's signaling, both `RTCPeerConnection`s reach `connected` and
-//! decode video frames, and a page reloaded mid-call rejoins and
-//! renegotiates. Screenshots at 390 and 1280 px under
+//! decode video frames, a page reloaded mid-call rejoins and renegotiates,
+//! and while the server is killed and restarted the video goes on (it is
+//! peer to peer), the pages say so in words with a countdown, "Retry now"
+//! reconnects, and the call is signaled again. Screenshots at 390 and 1280 px under
 //! `target/tmp/browser-screenshots/`.
 //!
 //! A second test checks the signaling relay's rules over plain WebSocket
@@ -28,11 +30,18 @@ async fn serve() -> SocketAddr {
     addr
 }
 
+fn router() -> axum::Router {
+    app::app().0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browsers_call_each_other_and_a_reloaded_page_comes_back() {
-    let addr = serve().await;
+    use support::browser::{levers, Node};
+    let (addr, node) =
+        tokio::task::spawn_blocking(|| Node::start("127.0.0.1:0".parse().unwrap(), router)).await.unwrap();
+    let control = levers(addr, node, router).await;
     let dir = support::browser::screenshot_dir();
-    let args = [format!("http://{addr}"), dir.display().to_string()];
+    let args = [format!("http://{addr}"), control, dir.display().to_string()];
     let out = support::browser::run_script("tests/browser/video.mjs", &args, "browser video test passed").await;
     assert!(out.contains("video-call-390.png") && out.contains("video-call-1280.png"), "{out}");
 }

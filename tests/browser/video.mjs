@@ -6,11 +6,20 @@
 // both reach "connected" again with new frames. The layout holds from 360 to
 // 1280 px (screenshots at 390 and 1280 px).
 //
-// Usage: node tests/browser/video.mjs <base url> <screenshot dir>
+// The server is then killed (CONTROL /kill): the video keeps flowing (it is
+// peer to peer), both pages say they are reconnecting with a countdown;
+// after /start, "Retry now" reconnects at once and the call is signaled
+// again between the new peers.
+//
+// Usage: node tests/browser/video.mjs <base url> <control url> <screenshot dir>
 
 import { Run, checkLayout } from "./harness.mjs";
 
-const [base, shots] = process.argv.slice(2);
+const [base, control, shots] = process.argv.slice(2);
+const lever = async (what) => {
+  const res = await fetch(`${control}/${what}`);
+  if (!res.ok) throw new Error(`${what}: ${res.status}`);
+};
 const run = new Run("video", 150_000);
 const step = (what, fn) => run.step(what, fn);
 await run.launch(["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]);
@@ -61,6 +70,42 @@ await step("ann's peer for bob is the new one", async () => {
   if (annAgain[0].key === before) throw new Error(`still the old peer ${before}`);
   if ((await ann.locator(".tile").count()) !== 2) throw new Error("an old tile was left behind");
   if (again[0].name !== "Ann <b>") throw new Error(JSON.stringify(again));
+});
+
+// The signaling server goes away: the call does not.
+await step("the server is killed", () => lever("kill"));
+await step("both pages say they are reconnecting, with a countdown and Retry now", async () => {
+  for (const p of [ann, bob]) {
+    await p.waitForFunction(() => /Reconnecting in \d+ s/.test(document.getElementById("banner-text").textContent));
+    if (!(await p.isVisible("#retry-now"))) throw new Error(`${p.label}: no Retry now`);
+    if (/\b1006\b|Error/.test(await p.textContent("#banner-text"))) throw new Error(`${p.label}: a raw code`);
+  }
+});
+const during = await step("the video keeps flowing peer to peer meanwhile", () => connected(ann, 1, annAgain[0].framesDecoded));
+await step("ann's next retry is a few seconds away", () =>
+  ann.waitForFunction(() => {
+    const m = /Reconnecting in (\d+) s/.exec(document.getElementById("banner-text").textContent);
+    return m && Number(m[1]) >= 3;
+  }, null, { timeout: 60000 }),
+);
+await step("the server is back", () => lever("start"));
+await step("Retry now reconnects without waiting for the countdown", async () => {
+  await ann.click("#retry-now", { timeout: 2000 });
+  await ann.waitForFunction(() => document.getElementById("status").textContent === "Connected", null, { timeout: 5000 });
+});
+await step("both are connected again and signaled a new call", async () => {
+  await bob.waitForFunction(() => document.getElementById("status").textContent === "Connected", null, { timeout: 30000 });
+  const a = await connected(ann, 1, 0);
+  await connected(bob, 1, 0);
+  if (a[0].key === during[0].key) throw new Error("the call was not signaled again");
+});
+await step("every tile is labeled with its person's name, as text", async () => {
+  for (const [p, other] of [[ann, "Bob"], [bob, "Ann <b>"]]) {
+    await p.waitForFunction((want) => {
+      const label = document.querySelector('.tile:not([data-peer="self"]) .label');
+      return label && label.textContent === want;
+    }, other, { timeout: 10000 });
+  }
 });
 
 for (const width of [360, 390, 768, 1280]) {
