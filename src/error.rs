@@ -36,6 +36,9 @@ pub enum ErrorKind {
     Config,
     /// The history store failed (room history and recovery).
     History,
+    /// The presence store failed or did not answer within
+    /// [`PresenceConfig::store_timeout`](crate::presence::PresenceConfig::store_timeout).
+    Presence,
 }
 
 /// The error type of every fallible switchboard API.
@@ -52,6 +55,14 @@ impl Error {
 
     pub(crate) fn msg(kind: ErrorKind, message: impl Into<String>) -> Error {
         Error { kind, message: Some(message.into()), source: None }
+    }
+
+    /// The same error reported as `kind` (a store on a shared connection:
+    /// the failing feature is the store's, not the backplane's).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn with_kind(mut self, kind: ErrorKind) -> Error {
+        self.kind = kind;
+        self
     }
 
     /// An error of `kind` with a message and a cause.
@@ -130,6 +141,7 @@ impl fmt::Display for Error {
             ErrorKind::Io => "i/o error",
             ErrorKind::Config => "invalid configuration",
             ErrorKind::History => "history store failed",
+            ErrorKind::Presence => "presence store failed",
         };
         f.write_str(what)?;
         if let Some(m) = &self.message {

@@ -745,3 +745,55 @@ async fn one_user_with_many_tabs_switches_the_room_to_counts() {
     }
     assert_eq!(model.metas("tabs"), 5);
 }
+
+/// A presence store that never answers.
+struct HungStore;
+
+impl switchboard::presence::PresenceStore for HungStore {
+    fn write(
+        &self,
+        _: Vec<switchboard::presence::StoreChange>,
+        _: Duration,
+    ) -> futures::future::BoxFuture<'static, switchboard::Result<()>> {
+        Box::pin(std::future::pending())
+    }
+
+    fn list(
+        &self,
+        _: switchboard::presence::PresenceQuery,
+    ) -> futures::future::BoxFuture<'static, switchboard::Result<Vec<switchboard::presence::PresenceRecord>>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_store_delays_presence_by_its_timeout_and_never_stalls_it() {
+    let timeout = Duration::from_secs(2);
+    let hub =
+        presence_hub().presence(PresenceConfig::default().store_timeout(timeout)).presence_store(HungStore).build();
+    let mut alice = mem_connect(&hub, "alice").await;
+    alice.join_ok("a").await;
+    assert_eq!(alice.next_presence("a").await["type"], "presence_state");
+
+    // A host read of a room this node has no view of asks the store: the
+    // hung call fails after the timeout, with its own kind.
+    let asked = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(60), hub.presence("elsewhere")).await;
+    let err = read.expect("a host read hung on the store").unwrap_err();
+    assert_eq!(err.kind(), switchboard::ErrorKind::Presence, "{err}");
+    assert!(asked.elapsed() >= timeout);
+
+    // The periodic write (every ttl / 3 = 10 s) hangs in the store and is
+    // given up; presence goes on for everyone, in every room.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let mut bob = mem_connect(&hub, "bob").await;
+    bob.join_ok("b").await;
+    assert_eq!(bob.next_presence("b").await["type"], "presence_state");
+    bob.join_ok("a").await;
+    let mut model = Model::default();
+    bob.watch("a", &mut model, |m| m.metas("alice") == 1 && m.metas("bob") == 1).await;
+
+    // Shutdown's final write cannot stall it either.
+    let shutdown = tokio::time::timeout(Duration::from_secs(60), hub.shutdown(Duration::from_secs(5))).await;
+    shutdown.expect("shutdown stalled on the hung presence store");
+}

@@ -363,7 +363,7 @@ async fn history_lost_with_a_redis_restart_gets_a_new_epoch() {
 
     server.kill();
     let err = store.append("r", appended("down", None, Retention::default())).await.expect_err("redis is down");
-    assert!(err.is_backplane(), "{err}");
+    assert_eq!(err.kind(), switchboard::ErrorKind::History, "{err}");
     server.restart().await;
 
     // The first calls after the restart may still find the old connection

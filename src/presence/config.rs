@@ -96,6 +96,14 @@ pub struct PresenceConfig {
     /// changes than this, the room's members get the full `presence_state`
     /// again instead of a diff. Default 256.
     pub max_pending: usize,
+    /// Longest wait for one call of the [`PresenceStore`](super::PresenceStore)
+    /// (a `write` or a `list`). Over it the call counts as failed with
+    /// [`ErrorKind::Presence`](crate::ErrorKind::Presence): a join that needs
+    /// the room's records gets `error 503`, a host read returns the error,
+    /// and a periodic write is retried at the next refresh. So a store that
+    /// hangs delays presence by at most this, never stalls it (nor
+    /// shutdown). Default 5 s.
+    pub store_timeout: Duration,
 }
 
 impl Default for PresenceConfig {
@@ -110,6 +118,7 @@ impl Default for PresenceConfig {
             update_rate: 10,
             update_burst: 20,
             max_pending: 256,
+            store_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -170,4 +179,6 @@ setters! {
     update_burst: u32,
     /// Sets [`PresenceConfig::max_pending`].
     max_pending: usize,
+    /// Sets [`PresenceConfig::store_timeout`].
+    store_timeout: Duration,
 }

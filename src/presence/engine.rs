@@ -553,6 +553,24 @@ impl Drop for PresenceHub {
     }
 }
 
+/// A call of the host's store that gives up after `timeout`, with an
+/// [`ErrorKind::Presence`](crate::ErrorKind::Presence) error: a hung store
+/// must not hold the sync lock (and so every room's writes, and shutdown)
+/// forever.
+async fn bounded<T>(
+    timeout: Duration,
+    what: &'static str,
+    call: impl std::future::Future<Output = crate::Result<T>>,
+) -> crate::Result<T> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_) => Err(crate::Error::msg(
+            crate::ErrorKind::Presence,
+            format!("presence store {what}: no answer within {timeout:?}"),
+        )),
+    }
+}
+
 /// `now + d`, at most a year ahead (a peer node or a host setting may ask
 /// for absurd durations, and `Instant` addition would panic).
 fn later(now: Instant, d: Duration) -> Instant {
@@ -561,6 +579,23 @@ fn later(now: Instant, d: Duration) -> Instant {
 }
 
 impl PresenceHub {
+    /// `store.list`, bounded by [`PresenceConfig::store_timeout`].
+    fn store_list(
+        &self,
+        query: PresenceQuery,
+    ) -> impl std::future::Future<Output = crate::Result<Vec<PresenceRecord>>> {
+        bounded(self.config.store_timeout, "list", self.store.list(query))
+    }
+
+    /// `store.write`, bounded by [`PresenceConfig::store_timeout`].
+    fn store_write(
+        &self,
+        changes: Vec<StoreChange>,
+        ttl: Duration,
+    ) -> impl std::future::Future<Output = crate::Result<()>> {
+        bounded(self.config.store_timeout, "write", self.store.write(changes, ttl))
+    }
+
     pub(crate) fn new(
         config: PresenceConfig,
         node: u64,
@@ -697,7 +732,7 @@ impl PresenceHub {
         let sub = backplane.subscribe(&wire::topic(&view.room)).await.map_err(|e| e.to_string())?;
         let task = tokio::spawn(forward(sub, hub.downgrade(), Arc::downgrade(view), hub.task_guard()));
         *view.subscription.lock() = Some(AbortOnDrop(task));
-        let records = match self.store.list(PresenceQuery::Room(view.room.to_string())).await {
+        let records = match self.store_list(PresenceQuery::Room(view.room.to_string())).await {
             Ok(r) => r,
             Err(e) => {
                 view.subscription.lock().take();
@@ -973,7 +1008,7 @@ impl PresenceHub {
                 return Ok(finish(by_key));
             }
         }
-        let records = self.store.list(PresenceQuery::Room(room.to_owned())).await?;
+        let records = self.store_list(PresenceQuery::Room(room.to_owned())).await?;
         let mut by_key: BTreeMap<&str, Vec<PresenceMeta>> = BTreeMap::new();
         for r in &records {
             let meta = Meta::from_record(r.clone(), BTreeMap::new());
@@ -990,7 +1025,7 @@ impl PresenceHub {
                 return Ok(PresenceCount { keys: c.keys, connections: c.connections });
             }
         }
-        let records = self.store.list(PresenceQuery::Room(room.to_owned())).await?;
+        let records = self.store_list(PresenceQuery::Room(room.to_owned())).await?;
         let keys: HashSet<&str> = records.iter().map(|r| r.key.as_str()).collect();
         Ok(PresenceCount { keys: keys.len(), connections: records.len() })
     }
@@ -1001,7 +1036,7 @@ impl PresenceHub {
         if self.local_keys.lock().contains_key(user) {
             return Ok(true);
         }
-        let records = self.store.list(PresenceQuery::Key(user.to_owned())).await?;
+        let records = self.store_list(PresenceQuery::Key(user.to_owned())).await?;
         Ok(records.iter().any(|r| r.node != self.node))
     }
 
@@ -1051,7 +1086,7 @@ impl PresenceHub {
         // The store first, then the backplane: a node that lists the store
         // after subscribing misses nothing (see `load`).
         if !changes.is_empty() {
-            if let Err(e) = self.store.write(changes, self.config.ttl).await {
+            if let Err(e) = self.store_write(changes, self.config.ttl).await {
                 tracing::warn!(error = %e, "presence store write failed; the next refresh retries");
             }
         }
@@ -1078,7 +1113,7 @@ impl PresenceHub {
             );
         }
         if !records.is_empty() {
-            if let Err(e) = self.store.write(records, self.config.ttl).await {
+            if let Err(e) = self.store_write(records, self.config.ttl).await {
                 tracing::warn!(error = %e, "presence store refresh failed");
             }
         }
@@ -1100,7 +1135,7 @@ impl PresenceHub {
             })
             .collect();
         let mut lists = futures::stream::iter(views.into_iter().map(|view| {
-            let list = self.store.list(PresenceQuery::Room(view.room.to_string()));
+            let list = self.store_list(PresenceQuery::Room(view.room.to_string()));
             async move { (view, list.await) }
         }))
         .buffer_unordered(16);

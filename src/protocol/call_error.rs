@@ -79,7 +79,7 @@ impl std::error::Error for CallError {}
 ///
 /// | [`ErrorKind`](crate::ErrorKind) | code | message |
 /// |---|---|---|
-/// | `Backplane`, `History`, `ShuttingDown` | 503 [`ErrorCode::UNAVAILABLE`] | `temporarily unavailable, retry` |
+/// | `Backplane`, `History`, `Presence`, `ShuttingDown` | 503 [`ErrorCode::UNAVAILABLE`] | `temporarily unavailable, retry` |
 /// | `InvalidRoom` | 400 [`ErrorCode::BAD_REQUEST`] | `invalid room name` |
 /// | any other | 500 [`ErrorCode::INTERNAL`] | `internal error` |
 ///
@@ -91,7 +91,7 @@ impl From<crate::Error> for CallError {
         use crate::ErrorKind;
         let chain = error_chain(&e);
         match e.kind() {
-            ErrorKind::Backplane | ErrorKind::History | ErrorKind::ShuttingDown => {
+            ErrorKind::Backplane | ErrorKind::History | ErrorKind::Presence | ErrorKind::ShuttingDown => {
                 tracing::warn!(error = %chain, "call failed: temporarily unavailable");
                 CallError::with_code(ErrorCode::UNAVAILABLE, UNAVAILABLE_MESSAGE)
             }

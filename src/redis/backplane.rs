@@ -621,8 +621,17 @@ impl Stream for SubStream {
 /// connection to one cluster master, messages as pushes).
 enum PubConn {
     Classic(PubSubSink, PubSubStream),
-    Sharded(MultiplexedConnection, mpsc::UnboundedReceiver<PushInfo>),
+    /// The pushes arrive through a bounded queue of [`PUSH_QUEUE`]; when
+    /// the reader falls that far behind, the flag is raised and the
+    /// connection is treated as lost (reopened, with a gap on every
+    /// subscription), as Redis itself drops a pub/sub client whose output
+    /// buffer overflows: never a silent loss, never unbounded memory.
+    Sharded(MultiplexedConnection, mpsc::Receiver<PushInfo>, Arc<AtomicBool>),
 }
+
+/// Pushes a sharded pub/sub connection may hold before its reader takes
+/// them; one more and the connection is dropped (see [`PubConn::Sharded`]).
+const PUSH_QUEUE: usize = 4096;
 
 /// What a pub/sub connection delivers.
 enum Event {
@@ -639,7 +648,12 @@ impl PubConn {
     async fn next(&mut self) -> Option<Event> {
         match self {
             PubConn::Classic(_, stream) => stream.next().await.map(Event::Message),
-            PubConn::Sharded(_, rx) => rx.recv().await.and_then(sharded_event),
+            PubConn::Sharded(_, rx, overflowed) => {
+                if overflowed.load(Ordering::Acquire) {
+                    return None;
+                }
+                rx.recv().await.and_then(sharded_event)
+            }
         }
     }
 
@@ -647,7 +661,8 @@ impl PubConn {
     fn try_next(&mut self) -> Option<Event> {
         match self {
             PubConn::Classic(_, stream) => stream.next().now_or_never().flatten().map(Event::Message),
-            PubConn::Sharded(_, rx) => rx.try_recv().ok().and_then(sharded_event),
+            PubConn::Sharded(_, _, overflowed) if overflowed.load(Ordering::Acquire) => None,
+            PubConn::Sharded(_, rx, _) => rx.try_recv().ok().and_then(sharded_event),
         }
     }
 
@@ -665,7 +680,7 @@ impl PubConn {
                     }
                 })
             }
-            PubConn::Sharded(conn, _) => {
+            PubConn::Sharded(conn, ..) => {
                 // One channel per command: each is answered by exactly one
                 // confirmation (which redis-rs takes for the reply), and a
                 // command's channels would have to share a slot. Pipelined.
@@ -694,7 +709,7 @@ impl PubConn {
                 let mut s = sink.clone();
                 Box::pin(async move { matches!(tokio::time::timeout(timeout, s.ping::<Value>()).await, Ok(Ok(_))) })
             }
-            PubConn::Sharded(conn, _) => {
+            PubConn::Sharded(conn, ..) => {
                 let mut c = conn.clone();
                 Box::pin(async move {
                     let ping = async move { ::redis::cmd("PING").query_async::<Value>(&mut c).await };
@@ -723,14 +738,23 @@ type SubFuture = BoxFuture<'static, RedisResult<()>>;
 async fn open_pubsub(shared: &Shared, shard: &Shard) -> Result<PubConn> {
     let config = &shared.config;
     let conn = if shard.sharded() {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let flag = overflowed.clone();
+        let push = move |info: PushInfo| {
+            tx.try_send(info).inspect_err(|e| {
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    flag.store(true, Ordering::Release);
+                }
+            })
+        };
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.command_timeout))
-            .set_push_sender(tx);
+            .set_push_sender(push);
         let open = shard.client.get_multiplexed_async_connection_with_config(&cfg);
         match tokio::time::timeout(config.connect_timeout + config.command_timeout, open).await {
-            Ok(Ok(c)) => PubConn::Sharded(c, rx),
+            Ok(Ok(c)) => PubConn::Sharded(c, rx, overflowed),
             Ok(Err(e)) => return Err(link::redis_error("pub/sub connect", e)),
             Err(_) => return Err(Error::msg(ErrorKind::Backplane, "redis pub/sub connect: timed out")),
         }
@@ -934,7 +958,9 @@ async fn session(shared: &Arc<Shared>, shard: &Arc<Shard>, mut conn: PubConn, re
                     if is_redirect(&e) {
                         return End { why: format!("(un)subscribe redirected: {e}"), was_up: true, topology: true };
                     }
-                    if is_connection_error(&e) || e.to_string().contains("timed out") {
+                    // A timeout is classified by its kind (`with_timeout` makes an
+                    // `io::ErrorKind::TimedOut`), never by its text.
+                    if is_connection_error(&e) {
                         return End::lost(format!("(un)subscribe failed: {e}"));
                     }
                     // Refused by the server (an ACL, say): the waiting

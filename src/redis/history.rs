@@ -25,7 +25,7 @@
 //! A read is a script too, so the meta and the entries it returns are one
 //! snapshot.
 
-use super::link::Link;
+use super::link::{self, Link};
 use super::RedisConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::history::{Append, Appended, HistoryRead, HistoryStore, Publication, StreamPosition};
@@ -45,7 +45,7 @@ use std::time::Duration;
 /// stream: offsets, epochs and retained events are the same everywhere.
 ///
 /// Errors (Redis unreachable, a reply that does not parse) are of kind
-/// [`ErrorKind::Backplane`]; while Redis is unreachable, calls fail at once.
+/// [`ErrorKind::History`]; while Redis is unreachable, calls fail at once.
 #[derive(Clone)]
 pub struct RedisHistory {
     link: Arc<Link>,
@@ -237,7 +237,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn bad_reply(what: &str, v: &Value) -> Error {
-    Error::msg(ErrorKind::Backplane, format!("redis history: unexpected reply to {what}: {v:?}"))
+    Error::msg(ErrorKind::History, format!("redis history: unexpected reply to {what}: {v:?}"))
 }
 
 fn as_int(v: &Value) -> Option<i64> {
@@ -305,7 +305,7 @@ impl HistoryStore for RedisHistory {
         let [stream, meta, idem] = self.keys(room);
         let link = self.link.clone();
         let meta_ttl = self.meta_ttl_ms;
-        Box::pin(async move {
+        link::store_call(ErrorKind::History, async move {
             let format = format_tag(append.data.as_ref());
             let data: Vec<u8> = append.data.as_ref().map(|p| p.bytes().to_vec()).unwrap_or_default();
             let key = append.idempotency_key.unwrap_or_default();
@@ -345,7 +345,7 @@ impl HistoryStore for RedisHistory {
         let [stream, meta, idem] = self.keys(room);
         let link = self.link.clone();
         let meta_ttl = self.meta_ttl_ms;
-        Box::pin(async move {
+        link::store_call(ErrorKind::History, async move {
             let new_epoch = format!("{:016x}", crate::util::random_u64());
             let (mode, since_offset, expected) = match &since {
                 Some(p) => ("after", p.offset, p.epoch.to_string()),

@@ -45,6 +45,17 @@ pub(crate) fn redis_error(context: &str, e: RedisError) -> Error {
     Error::msg_with_source(ErrorKind::Backplane, format!("redis {context}: {e}"), e)
 }
 
+/// A call of a Redis store (history, presence) whose connection errors are
+/// reported with the store's own kind, not as [`ErrorKind::Backplane`].
+pub(crate) fn store_call<T: Send + 'static>(
+    kind: ErrorKind,
+    call: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> futures::future::BoxFuture<'static, Result<T>> {
+    Box::pin(
+        async move { call.await.map_err(|e| if e.kind() == ErrorKind::Backplane { e.with_kind(kind) } else { e }) },
+    )
+}
+
 /// Whether `e` means the connection is unusable (rather than a command the
 /// server refused, such as a script error).
 pub(crate) fn is_connection_error(e: &RedisError) -> bool {

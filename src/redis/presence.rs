@@ -30,7 +30,7 @@
 //! record is gone or carries another key. No key is shared by all rooms:
 //! the busiest key is the index of one presence key (one user).
 
-use super::link::Link;
+use super::link::{self, Link};
 use super::RedisConfig;
 use crate::error::{Error, ErrorKind, Result};
 use crate::presence::{PresenceQuery, PresenceRecord, PresenceStore, StoreChange};
@@ -46,7 +46,7 @@ use std::time::Duration;
 /// entries of a node that stops refreshing them expire after their TTL.
 ///
 /// Cheap to clone (clones share one connection). Errors are of kind
-/// [`ErrorKind::Backplane`]; while Redis is unreachable, calls fail at once.
+/// [`ErrorKind::Presence`]; while Redis is unreachable, calls fail at once.
 #[derive(Clone)]
 pub struct RedisPresence {
     link: Arc<Link>,
@@ -425,7 +425,7 @@ impl PresenceStore for RedisPresence {
     fn write(&self, changes: Vec<StoreChange>, ttl: Duration) -> BoxFuture<'static, Result<()>> {
         if self.cluster {
             let this = self.clone();
-            return Box::pin(async move {
+            return link::store_call(ErrorKind::Presence, async move {
                 if changes.is_empty() {
                     return Ok(());
                 }
@@ -434,7 +434,7 @@ impl PresenceStore for RedisPresence {
         }
         let link = self.link.clone();
         let prefix = self.prefix.clone();
-        Box::pin(async move {
+        link::store_call(ErrorKind::Presence, async move {
             if changes.is_empty() {
                 return Ok(());
             }
@@ -461,7 +461,7 @@ impl PresenceStore for RedisPresence {
 
     fn list(&self, query: PresenceQuery) -> BoxFuture<'static, Result<Vec<PresenceRecord>>> {
         let this = self.clone();
-        Box::pin(async move {
+        link::store_call(ErrorKind::Presence, async move {
             let values = if this.cluster {
                 this.list_sharded(query).await?
             } else {
@@ -477,10 +477,7 @@ impl PresenceStore for RedisPresence {
                     })
                     .await?;
                 let Value::Array(values) = reply else {
-                    return Err(Error::msg(
-                        ErrorKind::Backplane,
-                        format!("redis presence: unexpected reply {reply:?}"),
-                    ));
+                    return Err(Error::msg(ErrorKind::Presence, format!("redis presence: unexpected reply {reply:?}")));
                 };
                 values
             };
@@ -491,7 +488,7 @@ impl PresenceStore for RedisPresence {
                     _ => None,
                 })
                 .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| Error::msg(ErrorKind::Backplane, "redis presence: a stored record does not parse"))
+                .ok_or_else(|| Error::msg(ErrorKind::Presence, "redis presence: a stored record does not parse"))
         })
     }
 }
