@@ -783,3 +783,35 @@ async fn continuation_fragments_count_and_a_message_in_too_many_fragments_is_ref
     drop(c);
     f.finish().await;
 }
+
+#[tokio::test]
+async fn join_and_leave_cycles_are_rate_limited_apart_from_messages() {
+    // The attack (issue #24): join/leave cycles made the server send the
+    // room's presence state (and history) to the joiner each time: 9,809
+    // bytes out per byte in. Joins and leaves now take a token from their
+    // own bucket too (`HubConfig::join_rate`); over it, 420, not processed.
+    let config = HubConfig::default().join_rate(Some(RateLimit::new(1, HOUR).burst(3)));
+    let mut f = Fixture::start(builder().config(config)).await;
+    let mut c = connect(f.addr).await;
+    c.join_ok("churn").await;
+    assert_eq!(c.request(json!({"type": "leave", "room": "churn"})).await["type"], "reply");
+    c.join_ok("churn").await;
+    // A join of a room already joined, and a leave of one not joined, cost
+    // nothing: nothing to send.
+    c.join_ok("churn").await;
+    let r = c.next_ref();
+    c.send(json!({"type": "leave", "room": "elsewhere", "ref": r})).await;
+    assert_eq!(c.reply_to(r).await["code"], 405, "not a member");
+    // The fourth join or leave: refused, still a member.
+    let r = c.next_ref();
+    c.send(json!({"type": "leave", "room": "churn", "ref": r})).await;
+    let refused = c.reply_to(r).await;
+    assert_eq!((refused["code"].as_u64(), refused["message"].as_str()), (Some(420), Some("join rate exceeded")));
+    assert!(refused["data"]["retry_after_ms"].as_u64().unwrap() > 3_000_000, "{refused}");
+    assert_eq!(f.hub.stats().rooms, 2, "lobby and churn");
+    // Other messages are not affected.
+    assert_eq!(c.call("echo", json!(7)).await["data"], 7);
+    f.tick().await;
+    drop(c);
+    f.finish().await;
+}

@@ -58,8 +58,9 @@ pub struct HubConfig {
     /// Connections closed per step during shutdown (the hub yields between
     /// steps). Default 256.
     pub shutdown_batch: usize,
-    /// Inbound message rate per connection (every text or binary message
-    /// counts, valid or not). A message over it is answered with `error 420`
+    /// Inbound message rate per connection (every frame counts, valid or
+    /// not: a message one token per WebSocket frame it came in, a ping or
+    /// pong one). A message over it is answered with `error 420`
     /// (`data: {"retry_after_ms": n}`) and not processed. An
     /// [`Identity`](crate::Identity) may override it. `None` turns it off.
     /// Default 50 messages per second with a burst of 200 (more than
@@ -73,6 +74,17 @@ pub struct HubConfig {
     /// twice its rate only gets errors for the excess, while one that keeps
     /// sending faster is closed. Default 10.
     pub max_rate_violations: u32,
+    /// Joins and leaves per connection, on top of the message rate (each
+    /// also takes a message token). A `join` or `leave` over it is answered
+    /// with `error 420` (`data: {"retry_after_ms": n}`) and not processed,
+    /// and counts as a violation ([`HubConfig::max_rate_violations`]).
+    /// Applies to connections the message rate applies to (an identity
+    /// without a rate limit has none). `None` turns it off. Default 5 per
+    /// second with a burst of 150: a reconnecting client rejoins every room
+    /// (at most [`HubConfig::max_rooms_per_connection`], 128) at once, while
+    /// join/leave cycles, each making the room send presence and history to
+    /// the joiner, stay at a few per second.
+    pub join_rate: Option<RateLimit>,
     /// Largest `data` of a `join` (the join params), in encoded bytes; a
     /// larger one gets a 400 error. Default 4 KiB.
     pub max_join_params_size: usize,
@@ -97,6 +109,7 @@ impl Default for HubConfig {
             shutdown_batch: 256,
             rate_limit: Some(RateLimit::per_second(50).burst(200)),
             max_rate_violations: 10,
+            join_rate: Some(RateLimit::per_second(5).burst(150)),
             max_join_params_size: 4 * 1024,
             max_payload_depth: crate::protocol::MAX_DEPTH,
         }
@@ -142,6 +155,8 @@ setters! {
     rate_limit: Option<RateLimit>,
     /// Sets [`HubConfig::max_rate_violations`].
     max_rate_violations: u32,
+    /// Sets [`HubConfig::join_rate`].
+    join_rate: Option<RateLimit>,
     /// Sets [`HubConfig::max_join_params_size`].
     max_join_params_size: usize,
     /// Sets [`HubConfig::max_payload_depth`].

@@ -11,6 +11,9 @@ pub(super) fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, env:
     if session.is_member(&room) {
         return room_reply(session, env.reference, &room);
     }
+    if !reader::within_join_rate(session, env.reference) {
+        return;
+    }
     let max_params = hub.inner.config.max_join_params_size;
     if env.data.as_ref().is_some_and(|d| d.bytes().len() > max_params) {
         let msg = format!("join params larger than {max_params} bytes");

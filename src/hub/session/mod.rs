@@ -91,6 +91,8 @@ pub(crate) struct Session {
 struct Rate {
     messages: Limiter,
     violations: Limiter,
+    /// Joins and leaves (`HubConfig::join_rate`).
+    joins: Option<Limiter>,
 }
 
 /// Expiry and room restriction of the credentials in force.
@@ -136,6 +138,7 @@ impl Session {
                 // Same refill rate as the messages: a client sending up to
                 // twice its rate gets errors for the excess but stays.
                 violations: limit.burst(cfg.max_rate_violations.max(1)).limiter(),
+                joins: cfg.join_rate.as_ref().map(|l| l.limiter()),
             }),
             grant: Mutex::new(Grant { refreshed: None, deadline: Grant::deadline_of(&identity) }),
             identity,

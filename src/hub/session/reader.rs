@@ -115,11 +115,36 @@ where
 pub(super) fn charge(session: &Session, cost: u64) -> Result<(), Option<std::time::Duration>> {
     let Some(rate) = &session.rate else { return Ok(()) };
     let Err(wait) = (0..cost).try_for_each(|_| rate.messages.check()) else { return Ok(()) };
+    over_rate(session, rate, wait)
+}
+
+/// A refusal: takes a token from the violations bucket, or, when that is
+/// empty too, closes the connection with 1008 (`Err(None)`).
+fn over_rate(session: &Session, rate: &Rate, wait: std::time::Duration) -> Result<(), Option<std::time::Duration>> {
     if rate.violations.check().is_err() {
         session.close(DisconnectReason::RateLimited, CloseCode::POLICY, "rate limit exceeded", false);
         return Err(None);
     }
     Err(Some(wait))
+}
+
+/// The `data` of a 420 refusal.
+fn retry_after(wait: std::time::Duration) -> serde_json::Value {
+    let retry_after_ms = u64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u64::MAX).max(1);
+    serde_json::json!({ "retry_after_ms": retry_after_ms })
+}
+
+/// Takes a token from the connection's join/leave bucket. `false`: the
+/// `join` or `leave` must not be processed (answered with 420, or the
+/// connection is closing with 1008).
+pub(super) fn within_join_rate(session: &Session, reference: Option<u64>) -> bool {
+    let Some(rate) = &session.rate else { return true };
+    let Some(joins) = &rate.joins else { return true };
+    let Err(wait) = joins.check() else { return true };
+    if let Err(Some(wait)) = over_rate(session, rate, wait) {
+        session.send_error_data(reference, ErrorCode::RATE_LIMITED.0, "join rate exceeded", &retry_after(wait));
+    }
+    false
 }
 
 /// Charges a message `cost` tokens. `false`: the message must not be
@@ -130,13 +155,8 @@ pub(super) fn within_rate(session: &Session, bytes: &[u8], cost: u64) -> bool {
         Err(None) => return false,
         Err(Some(wait)) => wait,
     };
-    let retry_after_ms = u64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u64::MAX).max(1);
-    session.send_error_data(
-        Envelope::reference_of(session.format, bytes),
-        ErrorCode::RATE_LIMITED.0,
-        "rate limit exceeded",
-        &serde_json::json!({ "retry_after_ms": retry_after_ms }),
-    );
+    let reference = Envelope::reference_of(session.format, bytes);
+    session.send_error_data(reference, ErrorCode::RATE_LIMITED.0, "rate limit exceeded", &retry_after(wait));
     false
 }
 
