@@ -580,3 +580,22 @@ async fn client_close_is_echoed_and_rooms_are_left() {
     hub.publish("r", "still", &json!(null)).await.unwrap();
     assert_eq!(other.event().await["event"], "still");
 }
+
+#[tokio::test]
+async fn after_shutdown_starts_publish_and_send_fail_with_shutting_down() {
+    let hub = Hub::builder().build();
+    let addr = serve(&hub).await;
+    let mut c = connect(addr).await;
+    c.join_ok("r").await;
+    let id = member_id(&hub, "r", c.connection_id());
+    hub.publish("r", "m", &json!(1)).await.expect("a publish before shutdown");
+    hub.send(id, "m", &json!(1)).expect("a send before shutdown");
+    hub.shutdown(Duration::from_secs(5)).await;
+    assert!(hub.is_shutting_down());
+    let err = hub.publish("r", "m", &json!(2)).await.expect_err("no new work once shutdown started");
+    assert!(err.is_shutting_down(), "{err}");
+    let err = hub.send(id, "m", &json!(2)).expect_err("no new work once shutdown started");
+    assert!(err.is_shutting_down(), "{err}");
+    let err = hub.send_to_user("u", "m", &json!(2)).expect_err("no new work once shutdown started");
+    assert!(err.is_shutting_down(), "{err}");
+}

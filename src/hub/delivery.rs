@@ -76,8 +76,10 @@ impl Hub {
     }
 
     /// Sends `event` straight to one connection of this node (an `event`
-    /// envelope without `room`). Errors if it is not connected here.
+    /// envelope without `room`). Errors if it is not connected here, or
+    /// once [`Hub::shutdown`] has started ([`Error::is_shutting_down`]).
     pub fn send<T: Serialize + ?Sized>(&self, id: ConnectionId, event: &str, data: &T) -> Result<()> {
+        self.taking_work()?;
         check_event(event)?;
         let session = self.inner.sessions.read().get(&id).cloned();
         let session = session.ok_or_else(|| Error::new(ErrorKind::NotConnected))?;
@@ -87,8 +89,10 @@ impl Hub {
     }
 
     /// Sends `event` to every connection of `user` on this node; returns how
-    /// many connections it was queued to. Serializes once per format.
+    /// many connections it was queued to. Serializes once per format. Errors
+    /// once [`Hub::shutdown`] has started ([`Error::is_shutting_down`]).
     pub fn send_to_user<T: Serialize + ?Sized>(&self, user: &str, event: &str, data: &T) -> Result<usize> {
+        self.taking_work()?;
         check_event(event)?;
         let sessions: Vec<Arc<Session>> = {
             let users = self.inner.users.read();

@@ -88,6 +88,15 @@ impl Hub {
         self.inner.shutting_down.load(Ordering::Acquire)
     }
 
+    /// `Err(ShuttingDown)` once [`Hub::shutdown`] has started: the host-facing
+    /// calls that would start new work (publish, send) fail with it.
+    pub(crate) fn taking_work(&self) -> Result<()> {
+        if self.is_shutting_down() {
+            return Err(Error::new(ErrorKind::ShuttingDown));
+        }
+        Ok(())
+    }
+
     /// Resolves when shutdown starts; accept loops select on it to stop
     /// accepting.
     pub fn shutdown_started(&self) -> impl Future<Output = ()> + Send + 'static {

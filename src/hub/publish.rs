@@ -137,8 +137,10 @@ impl Hub {
     /// Local members are queued *when this is called*; the returned future
     /// resolves once the backplane accepted the message (at once without a
     /// backplane). It errors when the room or event name is invalid, the data
-    /// does not serialize (nothing is delivered then), or the backplane fails
-    /// (local members were served). The future is `'static` and `Send`, so
+    /// does not serialize (nothing is delivered then), the hub is shutting
+    /// down ([`Error::is_shutting_down`]: once [`Hub::shutdown`] has started
+    /// nothing new is published), or the backplane fails (local members were
+    /// served). The future is `'static` and `Send`, so
     /// it can be spawned.
     pub fn publish<T: Serialize + ?Sized>(&self, room: &str, event: &str, data: &T) -> Publish {
         Publish(self.publish_now(room, event, data, 0, None))
@@ -200,6 +202,9 @@ impl Hub {
         key: Option<&str>,
     ) -> PublishState {
         let done = |e: Error| PublishState::Done(Some(e), Published::default());
+        if let Err(e) = self.taking_work() {
+            return done(e);
+        }
         if let Err(why) = validate_room_name(room) {
             return done(Error::msg(ErrorKind::InvalidRoom, why));
         }
