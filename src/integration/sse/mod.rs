@@ -14,7 +14,8 @@
 //! // GET streams, POST sends envelopes, OPTIONS answers CORS preflights.
 //! let app: Router = Router::new().route("/events", switchboard::integration::axum::sse(sse));
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>()).await
+//! // Body timeout for slow POSTs, head limits, connection caps at accept:
+//! switchboard::integration::axum::serve(listener, app, Default::default()).await
 //! # }
 //! ```
 //!
