@@ -694,3 +694,175 @@ async fn an_ended_subscription_is_made_again_and_the_gap_filled() {
         assert_eq!(next_offset(&mut c).await, (k, k));
     }
 }
+
+/// A backplane whose first subscription to each topic ends when the test
+/// says so, and whose next subscribe waits for the test's release (telling
+/// it first), so events can be published while a room has no subscription.
+#[derive(Clone)]
+struct EndsOnCue {
+    inner: MemoryBackplane,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+    end: Arc<tokio::sync::Notify>,
+    resubscribing: tokio::sync::mpsc::UnboundedSender<()>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl switchboard::Backplane for EndsOnCue {
+    fn publish(&self, topic: &str, message: bytes::Bytes) -> BoxFuture<'static, switchboard::Result<()>> {
+        self.inner.publish(topic, message)
+    }
+
+    fn subscribe(&self, topic: &str) -> BoxFuture<'static, switchboard::Result<switchboard::Subscription>> {
+        use futures::StreamExt;
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (this, topic) = (self.clone(), topic.to_owned());
+        Box::pin(async move {
+            if call == 0 {
+                let sub = this.inner.subscribe(&topic).await?;
+                let end = this.end.clone();
+                return Ok(switchboard::Subscription::new(sub.take_until(async move { end.notified().await })));
+            }
+            // Not subscribed until released: what is published meanwhile
+            // reaches the store only.
+            let _ = this.resubscribing.send(());
+            this.release.notified().await;
+            this.inner.subscribe(&topic).await
+        })
+    }
+}
+
+impl EndsOnCue {
+    fn new(resubscribing: tokio::sync::mpsc::UnboundedSender<()>) -> EndsOnCue {
+        EndsOnCue {
+            inner: MemoryBackplane::new(),
+            calls: Default::default(),
+            end: Default::default(),
+            resubscribing,
+            release: Default::default(),
+        }
+    }
+}
+
+/// Two hubs on `history`: the first (returned) only publishes, through the
+/// plain memory backplane, so it never subscribes; the member (returned)
+/// is on the second, served at the returned address, which reads through
+/// `store` and subscribes through `backplane`, and has had events 1..=3
+/// live. The position check and the gap wait are out of reach (600 s):
+/// only a read of the store made for the resubscription can fill a gap.
+async fn serve_on_cue(
+    history: &MemoryHistory,
+    store: impl HistoryStore,
+    backplane: &EndsOnCue,
+) -> (Hub, SocketAddr, Client) {
+    let config = HistoryConfig::all_rooms().position_check(Duration::from_secs(600)).gap_wait(Duration::from_secs(600));
+    let hub1 = Hub::builder().backplane(backplane.inner.clone()).history(history.clone(), config.clone()).build();
+    let hub2 = Hub::builder().backplane(backplane.clone()).history(store, config).build();
+    let addr2 = serve(&hub2).await;
+    let mut c = connect(addr2).await;
+    c.join_ok("r").await;
+    publish_range(&hub1, "r", 1..=3).await;
+    for n in 1..=3 {
+        assert_eq!(next_offset(&mut c).await, (n, n), "live through the first subscription");
+    }
+    (hub1, addr2, c)
+}
+
+/// Events 4..=6 (published while the room had no subscription) reach `c`
+/// in order, then 7 comes live, and nothing came twice. Nothing else is
+/// published, so only a read of the store made for the resubscription can
+/// deliver 4..=6. Within a second is the promise; the 5 s bound only keeps
+/// a failure from waiting the 600 s check out.
+async fn expect_window_then_live(hub1: &Hub, c: &mut Client, why: &str) {
+    for n in 4..=6 {
+        let got = tokio::time::timeout(Duration::from_secs(5), next_offset(c)).await;
+        assert_eq!(got.expect(why), (n, n));
+    }
+    hub1.publish("r", "m", &json!({"n": 7})).await.unwrap();
+    assert_eq!(next_offset(c).await, (7, 7));
+    assert_eq!(c.pending_events(), 0);
+}
+
+/// Events published after a subscription ended and before it was made again
+/// are read from the store as soon as the new subscription is active: in
+/// order, once, without waiting for the position check (which is out of
+/// reach here, as is the gap wait).
+#[tokio::test]
+async fn events_published_while_resubscribing_arrive_once_subscribed_again() {
+    let history = MemoryHistory::new();
+    let (tx, mut resubscribing) = tokio::sync::mpsc::unbounded_channel();
+    let backplane = EndsOnCue::new(tx);
+    let (hub1, _, mut c) = serve_on_cue(&history, history.clone(), &backplane).await;
+
+    backplane.end.notify_one();
+    resubscribing.recv().await.unwrap();
+    // The window: the room has no subscription.
+    publish_range(&hub1, "r", 4..=6).await;
+    backplane.release.notify_one();
+
+    expect_window_then_live(&hub1, &mut c, "the gap was not filled after the resubscription").await;
+    assert_eq!(backplane.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// A store whose next read, once armed, reads at once but answers only when
+/// released (telling the test it is held).
+#[derive(Clone)]
+struct HeldRead {
+    inner: MemoryHistory,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    held: tokio::sync::mpsc::UnboundedSender<()>,
+    release: Arc<tokio::sync::Notify>,
+}
+
+impl HistoryStore for HeldRead {
+    fn append(&self, room: &str, append: Append) -> BoxFuture<'static, switchboard::Result<Appended>> {
+        self.inner.append(room, append)
+    }
+
+    fn read(
+        &self,
+        room: &str,
+        since: Option<StreamPosition>,
+        limit: usize,
+    ) -> BoxFuture<'static, switchboard::Result<HistoryRead>> {
+        let read = self.inner.read(room, since, limit);
+        let hold = self.armed.swap(false, std::sync::atomic::Ordering::SeqCst);
+        let (held, release) = (self.held.clone(), self.release.clone());
+        Box::pin(async move {
+            let read = read.await;
+            if hold {
+                let _ = held.send(());
+                release.notified().await;
+            }
+            read
+        })
+    }
+}
+
+/// The read made when the subscription ended is still in flight when the
+/// new subscription is active: its answer predates the events published in
+/// between, so the fill reads once more instead of stopping there.
+#[tokio::test]
+async fn a_fill_still_reading_when_the_subscription_is_made_again_reads_once_more() {
+    let history = MemoryHistory::new();
+    let (tx, mut resubscribing) = tokio::sync::mpsc::unbounded_channel();
+    let backplane = EndsOnCue::new(tx);
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    let store =
+        HeldRead { inner: history.clone(), armed: Default::default(), held: held_tx, release: Default::default() };
+    let (hub1, addr2, mut c) = serve_on_cue(&history, store.clone(), &backplane).await;
+
+    // The fill started by the end reads 1..=3 and is held there.
+    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    backplane.end.notify_one();
+    held.recv().await.unwrap();
+    resubscribing.recv().await.unwrap();
+    publish_range(&hub1, "r", 4..=6).await;
+    backplane.release.notify_one();
+    // A join is answered only after the manager is done with the room's
+    // resubscription (and so has asked for the fill again).
+    let mut d = connect(addr2).await;
+    d.join_ok("r").await;
+    store.release.notify_one();
+
+    expect_window_then_live(&hub1, &mut c, "the fill stopped at its stale read").await;
+}

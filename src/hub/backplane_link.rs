@@ -15,8 +15,10 @@
 //! made while the room has members is not left that way: its room is marked
 //! again, after [`RESUBSCRIBE_DELAY`] (doubling to [`RESUBSCRIBE_MAX`] while
 //! it keeps failing), and the manager subscribes anew if the room still has
-//! members. A recoverable room then reads what it missed from its history
-//! store.
+//! members. A recoverable room reads what it missed from its history store
+//! twice: at once when the subscription ends (for what the old one lost) and
+//! again as soon as the new one is active (for what was published in
+//! between, which no subscription saw).
 
 use super::{Hub, HubInner, TaskGuard};
 use crate::backplane::message::RoomMessage;
@@ -141,7 +143,15 @@ async fn manage(link: Arc<BackplaneLink>, hub: Weak<HubInner>) {
                             TaskGuard::new(&inner),
                         ));
                         subs.insert(room.clone(), AbortOnDrop(task));
-                        link.failures.lock().remove(&room);
+                        // Made again after an end or a failure while the room
+                        // had members: what was published before this
+                        // subscription was active went by unseen, so a
+                        // recoverable room reads it from the store now (not
+                        // at the next position check). The read at the end
+                        // cannot cover it: it ran before the window closed.
+                        if link.failures.lock().remove(&room).is_some() {
+                            Hub { inner: inner.clone() }.backplane_gap(&room);
+                        }
                         Ok(())
                     }
                     Err(e) => {

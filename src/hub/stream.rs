@@ -136,6 +136,11 @@ struct StreamState {
     recent_start: u64,
     /// A fill task is scheduled or running.
     filling: bool,
+    /// An immediate fill was asked for while one was running: its read may
+    /// predate what the caller knows is missing (a backplane subscription
+    /// made again after that read started), so the running fill reads once
+    /// more before it stops.
+    refill: bool,
 }
 
 /// A join's merge in progress.
@@ -193,6 +198,7 @@ impl RoomStream {
                 recent: std::collections::VecDeque::new(),
                 recent_start: 0,
                 filling: false,
+                refill: false,
             }),
         }
     }
@@ -380,6 +386,7 @@ impl Hub {
     /// Starts the room's fill task unless one is scheduled.
     fn arm_fill(&self, stream: &Arc<RoomStream>, st: &mut StreamState, now: bool) {
         if st.filling {
+            st.refill |= now;
             return;
         }
         let Some(history) = self.history() else { return };
@@ -722,6 +729,9 @@ async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
         drain_pending(&hub, &stream, &mut st);
         let caught_up = st.last.unwrap_or(0) >= read.top.offset;
         if st.pending.is_empty() && (caught_up || fetched == 0) {
+            if std::mem::take(&mut st.refill) {
+                continue;
+            }
             st.filling = false;
             return;
         }
