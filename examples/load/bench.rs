@@ -9,7 +9,7 @@ use serde::Serialize;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -44,8 +44,13 @@ pub struct RunOpts {
     pub rate: Option<f64>,
     /// Size of the publisher's JSON payload, in bytes.
     pub payload: usize,
-    /// Flat out: most messages the publisher is ahead of the average subscriber.
+    /// Flat out: most messages the publisher is ahead of the average
+    /// subscriber; 0 is an unpaced burst (every message sent at once).
     pub window: u64,
+    /// `raw-padded`: the frame size subscribers must receive (the publisher
+    /// pads its payload to it); `None`: switchboard's envelope around
+    /// `payload` ([`crate::server::switchboard_event_len`]).
+    pub pad_to: Option<usize>,
     pub timeout: Option<Duration>,
     /// Runs `perf <args> -p <server pid>` during the publishing phase.
     pub perf: Option<String>,
@@ -220,7 +225,12 @@ struct Shared {
     wake_at: AtomicU64,
     progress: Notify,
     frame_len: AtomicUsize,
-    hist: Mutex<Histogram<u64>>,
+    /// Latency histograms, one per shard of subscribers (merged at the
+    /// end): with a multi-thread generator one shared lock per delivery
+    /// would be contended by every thread.
+    hists: Vec<Mutex<Histogram<u64>>>,
+    /// The run is over and the server is being stopped.
+    stopping: AtomicBool,
 }
 
 impl Shared {
@@ -247,7 +257,8 @@ pub struct RunReport {
     pub messages: u64,
     pub rate: Option<f64>,
     pub payload_bytes: usize,
-    /// Flat out: messages the publisher may run ahead of the subscribers.
+    /// Flat out: messages the publisher may run ahead of the subscribers
+    /// (0: an unpaced burst).
     pub window: Option<u64>,
     /// The switchboard server's `max_inflight`.
     pub max_inflight: Option<usize>,
@@ -317,7 +328,10 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
         wake_at: AtomicU64::new(u64::MAX),
         progress: Notify::new(),
         frame_len: AtomicUsize::new(0),
-        hist: Mutex::new(Histogram::new_with_bounds(1, 120_000_000, 3).map_err(io::Error::other)?),
+        stopping: AtomicBool::new(false),
+        hists: (0..HIST_SHARDS)
+            .map(|_| Histogram::new_with_bounds(1, 120_000_000, 3).map(Mutex::new).map_err(io::Error::other))
+            .collect::<io::Result<_>>()?,
     });
     let client_errors = Arc::new(AtomicU64::new(0));
 
@@ -357,7 +371,13 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
                     return;
                 }
             }
-            if let Err(e) = subscribe(&mut c, &sh).await {
+            if let Err(e) = subscribe(&mut c, &sh, i).await {
+                // Once the run is over the server is killed: a reset then
+                // (seen by a task still running on another generator
+                // thread) is not the server's fault.
+                if sh.stopping.load(Ordering::Acquire) {
+                    return;
+                }
                 if errors.fetch_add(1, Ordering::Relaxed) < 3 {
                     eprintln!("load: subscriber {i}: {e}");
                 }
@@ -427,7 +447,11 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
     let t_publish = Instant::now();
     let publish = {
         let sh = sh.clone();
-        let (kind, size, rate, window) = (opts.conn.kind, opts.payload, opts.rate, opts.window);
+        let (kind, rate, window) = (opts.conn.kind, opts.rate, opts.window);
+        let size = match kind {
+            Kind::RawPadded => opts.pad_to.unwrap_or_else(|| crate::server::switchboard_event_len(opts.payload)),
+            _ => opts.payload,
+        };
         async move {
             let mut tick = rate.map(|r| {
                 let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / r));
@@ -442,7 +466,7 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
                     Some(t) => {
                         t.tick().await;
                     }
-                    None if seq >= window => {
+                    None if window > 0 && seq >= window => {
                         let need = (seq - window) * sh.n;
                         while sh.delivered.load(Ordering::Relaxed) < need {
                             sh.wake_at.store(need, Ordering::Relaxed);
@@ -486,6 +510,7 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
     let gen_cpu_s = self_cpu() - gen_cpu1;
     let server_peak_rss_kib = procfs::hwm_kib(server.pid).unwrap_or(0);
     perf.stop();
+    sh.stopping.store(true, Ordering::Release);
     server.stop().await;
     drop(pwr_keep);
     publisher_reader.abort();
@@ -496,7 +521,10 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
     let first = sh.first_send_ns.load(Ordering::Relaxed);
     let last = sh.last_delivery_ns.load(Ordering::Relaxed);
     let span = (last.saturating_sub(first)) as f64 / 1e9;
-    let hist = sh.hist.lock();
+    let mut hist = sh.hists[0].lock().clone();
+    for h in &sh.hists[1..] {
+        hist.add(&*h.lock()).map_err(io::Error::other)?;
+    }
     let latency = Latency {
         p50_us: hist.value_at_quantile(0.50),
         p90_us: hist.value_at_quantile(0.90),
@@ -562,8 +590,12 @@ async fn wait_done(sh: &Shared) {
     }
 }
 
+/// Latency histogram shards ([`Shared::hists`]).
+const HIST_SHARDS: usize = 16;
+
 /// A subscriber's receive loop: latency, order, completion.
-async fn subscribe(c: &mut Client, sh: &Shared) -> io::Result<()> {
+async fn subscribe(c: &mut Client, sh: &Shared, index: usize) -> io::Result<()> {
+    let hist = &sh.hists[index % HIST_SHARDS];
     let mut next_seq = 0u64;
     let mut received = 0u64;
     loop {
@@ -588,7 +620,7 @@ async fn subscribe(c: &mut Client, sh: &Shared) -> io::Result<()> {
             sh.reordered.fetch_add(1, Ordering::Relaxed);
         }
         received += 1;
-        sh.hist.lock().saturating_record(now.saturating_sub(sent) / 1000);
+        hist.lock().saturating_record(now.saturating_sub(sent) / 1000);
         sh.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
         let d = sh.delivered.fetch_add(1, Ordering::Relaxed) + 1;
         if d >= sh.wake_at.load(Ordering::Relaxed) {

@@ -5,6 +5,7 @@
 //! cargo run --release --example load -- smoke
 //! cargo run --release --example load -- run --kind switchboard --subscribers 1000 --messages 2000
 //! cargo run --release --example load -- compare --subscribers 1000 --messages 2000 --runs 3
+//! cargo run --release --example load -- compare --subscribers 1000 --messages 2000 --window 0
 //! cargo run --release --example load -- compare --subscribers 8000 --messages 500 --rate 50
 //! cargo run --release --example load -- idle --kind switchboard --connections 8000 --seconds 20 --heartbeat-ms 1000
 //! cargo run --release --example load -- compare-idle --connections 8000 --seconds 20
@@ -37,7 +38,10 @@ commands:
   server   --kind switchboard|raw|raw-select [--addr 127.0.0.1:0] [--heartbeat-ms N] [--max-inflight N] [--threads N]
   run      --kind K --subscribers N --messages M [--rate R] [--payload 100] [--json out.json]
   idle     --kind K --connections N --seconds T [--heartbeat-ms 1000] [--json out.json]
-  compare  --subscribers N --messages M [--rate R] [--runs 3] [--kinds raw,switchboard,raw-select] [--json out.json]
+  compare  --subscribers N --messages M [--rate R] [--runs 3] [--kinds raw,switchboard,raw-padded] [--json out.json]
+           (runs interleaved, a fresh server each; prints medians and two sets of ratios: switchboard
+           against raw at equal payload, `what a user gets`, and against raw-padded at equal bytes,
+           `what the machinery costs`)
   compare-idle --connections N --seconds T [--heartbeat-ms 1000] [--runs 1] [--kinds raw,switchboard] [--json out.json]
   smoke    (200 subscribers x 200 messages flat out per kind; fails on any loss or reordering)
   sizes    (bytes of the per-connection task futures each server spawns; what idle RSS is made of)
@@ -46,11 +50,16 @@ generator options (run, idle, compare, compare-idle):
   --source-ips N     spread connections over 127.0.0.2 .. 127.0.0.(N+1) (default 4; 0 = no bind)
   --concurrency N    connection attempts in flight (default 64)
   --checked N        subscribers using a full tokio-tungstenite client (default 8)
-  --window N         flat out: messages the publisher may run ahead of the subscribers (default 64)
+  --window N         flat out: messages the publisher may run ahead of the subscribers (default 64;
+                     0 = an unpaced burst: every message written at once)
+  --pad-to BYTES     raw-padded: frame payload size subscribers receive (default: in `compare`, what
+                     switchboard's subscribers received in the latest run; else switchboard's envelope
+                     size around --payload)
   --timeout S        give up waiting for deliveries after S seconds
-  --gen-threads N    generator runtime threads (default 1: a current-thread runtime)
+  --gen-threads N    generator runtime threads (default 2; 1 = a current-thread runtime)
   --perf \"ARGS\"     run: attach `perf ARGS -p <server pid>` while publishing (e.g. \"record -g -o sb.data\")
-  --max-inflight N   switchboard server's HubConfig::max_inflight (default 256; the hub's default is 16)
+  --max-inflight N   switchboard server's HubConfig::max_inflight (default 256, with --window 0 the
+                     number of messages; the hub's default is 16)
   --server-threads N server runtime worker threads (default: tokio's, one per CPU; 0 = current-thread runtime)
 ";
 
@@ -102,9 +111,14 @@ impl Args {
             concurrency: self.or("concurrency", 64)?,
             checked: self.or("checked", 8)?,
             heartbeat_ms: self.get("heartbeat-ms")?.or(default_heartbeat),
-            // A flat-out publisher pipelines up to `--window` calls; the hub's
-            // default bound (16) would refuse some with 429 (see docs).
-            max_inflight: Some(self.or("max-inflight", 256)?),
+            // A flat-out publisher pipelines up to `--window` calls, an
+            // unpaced one all of them; the hub's default bound (16) would
+            // refuse the excess with 429 (see docs).
+            max_inflight: Some(match self.get("max-inflight")? {
+                Some(n) => n,
+                None if self.get::<u64>("window")? == Some(0) => 256.max(self.or("messages", 0)?),
+                None => 256,
+            }),
             server_threads: self.get("server-threads")?,
         })
     }
@@ -117,6 +131,7 @@ impl Args {
             rate: self.get("rate")?,
             payload: self.or("payload", 100)?,
             window: self.or("window", 64)?,
+            pad_to: self.get("pad-to")?,
             timeout: self.get::<f64>("timeout")?.map(Duration::from_secs_f64),
             perf: self.get("perf")?,
         })
@@ -169,7 +184,7 @@ fn dispatch(args: &Args) -> Result<ExitCode, String> {
         rt.block_on(server::run(opts)).map_err(|e| e.to_string())?;
         return Ok(ExitCode::SUCCESS);
     }
-    let threads: usize = args.or("gen-threads", 1)?;
+    let threads: usize = args.or("gen-threads", 2)?;
     let rt = if threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
     } else {
@@ -254,6 +269,7 @@ async fn cmd_smoke(args: &Args) -> Result<ExitCode, String> {
             rate: None,
             payload: 100,
             window: args.or("window", 64)?,
+            pad_to: None,
             timeout: Some(Duration::from_secs(args.or("timeout", 5)?)),
             perf: None,
         };
@@ -303,20 +319,41 @@ struct RunMedian {
 #[derive(Debug, Clone, Serialize)]
 struct Ratios {
     kind: Kind,
-    /// Higher is better for switchboard: its figure over raw's.
+    /// The kind the figures are divided by (`raw` or `raw-padded`).
+    base: Kind,
+    /// Higher is better for `kind`: its figure over the base's.
     deliveries_per_s: f64,
     connects_per_s: f64,
-    /// Lower is better: its figure over raw's.
+    /// Lower is better: its figure over the base's.
     p50: f64,
     p99: f64,
     server_cpu_per_delivery: f64,
     server_peak_rss: f64,
 }
 
+impl Ratios {
+    fn of(m: &RunMedian, base: &RunMedian) -> Ratios {
+        Ratios {
+            kind: m.kind,
+            base: base.kind,
+            deliveries_per_s: m.deliveries_per_s / base.deliveries_per_s,
+            connects_per_s: m.connects_per_s / base.connects_per_s,
+            p50: m.p50_us / base.p50_us,
+            p99: m.p99_us / base.p99_us,
+            server_cpu_per_delivery: m.server_cpu_s_per_million / base.server_cpu_s_per_million,
+            server_peak_rss: m.server_peak_rss_kib / base.server_peak_rss_kib,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct CompareSummary {
     medians: Vec<RunMedian>,
+    /// Every other kind against `raw`: equal payload ("what a user gets").
     ratios_to_raw: Vec<Ratios>,
+    /// Switchboard against `raw-padded`: equal bytes on the wire ("what the
+    /// machinery costs").
+    ratios_to_raw_padded: Vec<Ratios>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -333,14 +370,44 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+fn run_median(kind: Kind, reports: &[RunReport]) -> RunMedian {
+    let rs: Vec<&RunReport> = reports.iter().filter(|r| r.kind == kind).collect();
+    let med = |f: &dyn Fn(&RunReport) -> f64| median(rs.iter().map(|r| f(r)).collect());
+    RunMedian {
+        kind,
+        runs: rs.len(),
+        connects_per_s: med(&|r| r.connects_per_s),
+        deliveries_per_s: med(&|r| r.deliveries_per_s),
+        lost_total: rs.iter().map(|r| r.lost).sum(),
+        reordered_total: rs.iter().map(|r| r.reordered).sum(),
+        publisher_errors_total: rs.iter().map(|r| r.publisher_errors).sum(),
+        p50_us: med(&|r| r.latency.p50_us as f64),
+        p90_us: med(&|r| r.latency.p90_us as f64),
+        p99_us: med(&|r| r.latency.p99_us as f64),
+        max_us: med(&|r| r.latency.max_us as f64),
+        server_cpu_s_per_million: med(&|r| r.server_cpu_s_per_million),
+        server_peak_rss_kib: med(&|r| r.server_peak_rss_kib as f64),
+        generator_cpu_s_per_million: med(&|r| r.generator_cpu_s_per_million),
+    }
+}
+
 async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
-    let kinds = args.kinds("raw,switchboard,raw-select")?;
+    let kinds = args.kinds("raw,switchboard,raw-padded")?;
     let runs: usize = args.or("runs", 3)?;
     print_machine();
     let mut reports: Vec<RunReport> = Vec::new();
     for i in 0..runs {
         for &kind in &kinds {
-            let opts = args.run_opts(kind)?;
+            let mut opts = args.run_opts(kind)?;
+            if kind == Kind::RawPadded && opts.pad_to.is_none() {
+                // Equal bytes: what switchboard's subscribers received in
+                // the latest run (the envelope as the server wrote it).
+                opts.pad_to = reports
+                    .iter()
+                    .rev()
+                    .find(|r| r.kind == Kind::Switchboard && r.received_message_bytes > 0)
+                    .map(|r| r.received_message_bytes);
+            }
             eprintln!("load: run {}/{runs} {}", i + 1, kind.name());
             let r = bench::run(&opts).await.map_err(|e| format!("{}: {e}", kind.name()))?;
             print_runs(std::slice::from_ref(&r));
@@ -349,33 +416,12 @@ async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
     }
     println!("\nall runs:");
     print_runs(&reports);
-    let medians: Vec<RunMedian> = kinds
-        .iter()
-        .map(|&kind| {
-            let rs: Vec<&RunReport> = reports.iter().filter(|r| r.kind == kind).collect();
-            let med = |f: &dyn Fn(&RunReport) -> f64| median(rs.iter().map(|r| f(r)).collect());
-            RunMedian {
-                kind,
-                runs: rs.len(),
-                connects_per_s: med(&|r| r.connects_per_s),
-                deliveries_per_s: med(&|r| r.deliveries_per_s),
-                lost_total: rs.iter().map(|r| r.lost).sum(),
-                reordered_total: rs.iter().map(|r| r.reordered).sum(),
-                publisher_errors_total: rs.iter().map(|r| r.publisher_errors).sum(),
-                p50_us: med(&|r| r.latency.p50_us as f64),
-                p90_us: med(&|r| r.latency.p90_us as f64),
-                p99_us: med(&|r| r.latency.p99_us as f64),
-                max_us: med(&|r| r.latency.max_us as f64),
-                server_cpu_s_per_million: med(&|r| r.server_cpu_s_per_million),
-                server_peak_rss_kib: med(&|r| r.server_peak_rss_kib as f64),
-                generator_cpu_s_per_million: med(&|r| r.generator_cpu_s_per_million),
-            }
-        })
-        .collect();
+    let medians: Vec<RunMedian> = kinds.iter().map(|&kind| run_median(kind, &reports)).collect();
     println!("\nmedians of {runs} run(s):");
     println!(
-        "{:<12} {:>10} {:>11} {:>6} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>9} {:>11}",
+        "{:<12} {:>6} {:>10} {:>11} {:>6} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>9} {:>11}",
         "kind",
+        "bytes",
         "connect/s",
         "deliv/s",
         "lost",
@@ -390,9 +436,11 @@ async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
         "gen s/Mdel"
     );
     for m in &medians {
+        let bytes = reports.iter().rev().find(|r| r.kind == m.kind).map_or(0, |r| r.received_message_bytes);
         println!(
-            "{:<12} {:>10.0} {:>11.0} {:>6} {:>6} {:>5} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>11.3} {:>9.1} {:>11.3}",
+            "{:<12} {:>6} {:>10.0} {:>11.0} {:>6} {:>6} {:>5} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>11.3} {:>9.1} {:>11.3}",
             m.kind.name(),
+            bytes,
             m.connects_per_s,
             m.deliveries_per_s,
             m.lost_total,
@@ -407,23 +455,33 @@ async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
             m.generator_cpu_s_per_million
         );
     }
-    let mut ratios = Vec::new();
-    if let Some(raw) = medians.iter().find(|m| m.kind == Kind::Raw) {
-        println!("\nratios to raw (deliv/s and connect/s: higher is better; latency, CPU, RSS: lower is better):");
-        println!(
-            "{:<12} {:>8} {:>10} {:>8} {:>8} {:>12} {:>8}",
-            "kind", "deliv/s", "connect/s", "p50", "p99", "cpu/deliv", "rss"
-        );
-        for m in medians.iter().filter(|m| m.kind != Kind::Raw) {
-            let r = Ratios {
-                kind: m.kind,
-                deliveries_per_s: m.deliveries_per_s / raw.deliveries_per_s,
-                connects_per_s: m.connects_per_s / raw.connects_per_s,
-                p50: m.p50_us / raw.p50_us,
-                p99: m.p99_us / raw.p99_us,
-                server_cpu_per_delivery: m.server_cpu_s_per_million / raw.server_cpu_s_per_million,
-                server_peak_rss: m.server_peak_rss_kib / raw.server_peak_rss_kib,
-            };
+    let find = |k: Kind| medians.iter().find(|m| m.kind == k);
+    let mut to_raw = Vec::new();
+    if let Some(raw) = find(Kind::Raw) {
+        let others: Vec<&RunMedian> = medians.iter().filter(|m| m.kind != Kind::Raw).collect();
+        to_raw = print_ratios("what a user gets: equal payload, ratios to raw", raw, &others);
+    }
+    let mut to_padded = Vec::new();
+    if let (Some(padded), Some(sb)) = (find(Kind::RawPadded), find(Kind::Switchboard)) {
+        to_padded = print_ratios("what the machinery costs: equal bytes, ratios to raw-padded", padded, &[sb]);
+    }
+    let clean = reports.iter().all(|r| r.clean() && !r.timed_out);
+    let summary = CompareSummary { medians, ratios_to_raw: to_raw, ratios_to_raw_padded: to_padded };
+    write_json(args, &reports, Some(summary))?;
+    Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Prints (and returns) each of `others` divided by `base`.
+fn print_ratios(title: &str, base: &RunMedian, others: &[&RunMedian]) -> Vec<Ratios> {
+    println!("\n{title} (deliv/s and connect/s: higher is better; latency, CPU, RSS: lower is better):");
+    println!(
+        "{:<12} {:>8} {:>10} {:>8} {:>8} {:>12} {:>8}",
+        "kind", "deliv/s", "connect/s", "p50", "p99", "cpu/deliv", "rss"
+    );
+    others
+        .iter()
+        .map(|m| {
+            let r = Ratios::of(m, base);
             println!(
                 "{:<12} {:>7.2}x {:>9.2}x {:>7.2}x {:>7.2}x {:>11.2}x {:>7.2}x",
                 m.kind.name(),
@@ -434,12 +492,9 @@ async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
                 r.server_cpu_per_delivery,
                 r.server_peak_rss
             );
-            ratios.push(r);
-        }
-    }
-    let clean = reports.iter().all(|r| r.clean() && !r.timed_out);
-    write_json(args, &reports, Some(CompareSummary { medians, ratios_to_raw: ratios }))?;
-    Ok(if clean { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            r
+        })
+        .collect()
 }
 
 async fn cmd_compare_idle(args: &Args) -> Result<ExitCode, String> {
@@ -555,7 +610,11 @@ fn print_runs(reports: &[RunReport]) {
             r.kind.name(),
             r.subscribers,
             r.messages,
-            r.rate.map_or("max".into(), |x| format!("{x}")),
+            match (r.rate, r.window) {
+                (Some(x), _) => format!("{x}"),
+                (None, Some(0)) => "burst".into(),
+                (None, _) => "max".into(),
+            },
             r.connect_s,
             r.connects_per_s,
             r.join_s.map_or("-".into(), |x| format!("{x:.2}")),
