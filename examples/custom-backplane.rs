@@ -54,6 +54,13 @@
 //!   error saying how many were lost.
 //! - *dropping a subscription unsubscribes*: dropping it stops the relay,
 //!   whose NATS subscriber unsubscribes when dropped.
+//! - *a lost connection is a loss*: async-nats reconnects and resubscribes
+//!   by itself, silently — messages published meanwhile are gone. The
+//!   client's event callback counts losses (disconnected, reconnected,
+//!   async-nats's own buffer overflowing: `SlowConsumer`) and every open
+//!   subscription yields an error for each, so the hub refills recoverable
+//!   rooms from history. (Found by the conformance suite's lost-connection
+//!   check: without it, a gap during a NATS restart went unnoticed.)
 //!
 //! Topics become subjects `switchboard.<topic as hex>`: a topic may contain
 //! characters that are special in subjects (`.`, `*`, `>`, spaces).
@@ -66,13 +73,13 @@ use futures::channel::mpsc;
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use switchboard::{Backplane, Call, CallError, Error, ErrorKind, Hub, Subscription};
 
 /// Messages a subscription buffers before it drops and reports.
-const CAPACITY: usize = 4096;
+pub const CAPACITY: usize = 4096;
 
 /// How long a round trip to NATS may take before a `publish` or a
 /// `subscribe` fails (async-nats's default is 10 s, which a join would wait
@@ -87,6 +94,9 @@ pub struct NatsBackplane {
     sync_subject: String,
     /// The server's URL, for error messages.
     url: Arc<str>,
+    /// Bumped on every event that may have lost messages; subscriptions
+    /// watch it.
+    losses: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn backplane_error(e: impl std::error::Error + Send + Sync + 'static) -> Error {
@@ -105,7 +115,28 @@ fn subject(topic: &str) -> String {
 impl NatsBackplane {
     /// Connects to the NATS server at `url`.
     pub async fn connect(url: &str) -> Result<NatsBackplane, Error> {
+        let losses = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let (tx, down) = (losses.clone(), Arc::new(AtomicBool::new(false)));
         let client = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                let (tx, down) = (tx.clone(), down.clone());
+                async move {
+                    let lost = match event {
+                        async_nats::Event::Disconnected => {
+                            down.store(true, Ordering::Relaxed);
+                            true
+                        }
+                        // The first connect is no loss; a reconnect ends
+                        // one (messages may have gone before the resubscribe).
+                        async_nats::Event::Connected => down.swap(false, Ordering::Relaxed),
+                        async_nats::Event::SlowConsumer(_) => true,
+                        _ => false,
+                    };
+                    if lost {
+                        tx.send_modify(|n| *n += 1);
+                    }
+                }
+            })
             // async-nats's own per-subscription buffer; our relay drains it.
             .subscription_capacity(CAPACITY)
             .request_timeout(Some(REQUEST_TIMEOUT))
@@ -113,7 +144,7 @@ impl NatsBackplane {
             .await
             .map_err(backplane_error)?;
         let sync_subject = format!("switchboard-sync.{}", client.new_inbox());
-        Ok(NatsBackplane { client, sync_subject, url: Arc::from(url) })
+        Ok(NatsBackplane { client, sync_subject, url: Arc::from(url), losses })
     }
 
     /// Fails at once while the client is not connected to NATS (it keeps
@@ -184,14 +215,27 @@ impl Backplane for NatsBackplane {
                 }
             });
             let guard = AbortOnDrop(relay);
-            let stream = futures::stream::unfold((rx, dropped, guard), |(mut rx, dropped, guard)| async move {
+            let mut losses = this.losses.subscribe();
+            losses.mark_unchanged();
+            let state = (rx, dropped, guard, losses);
+            let stream = futures::stream::unfold(state, |(mut rx, dropped, guard, mut losses)| async move {
                 let lost = dropped.swap(0, Ordering::Relaxed);
                 if lost > 0 {
                     let err = Error::with_source(ErrorKind::Backplane, format!("lagged: {lost} messages dropped"));
-                    return Some((Err(err), (rx, dropped, guard)));
+                    return Some((Err(err), (rx, dropped, guard, losses)));
                 }
-                let msg = rx.next().await?;
-                Some((Ok(msg), (rx, dropped, guard)))
+                tokio::select! {
+                    // The sender lives as long as the client: `Err` only
+                    // when the whole backplane is gone.
+                    Ok(()) = losses.changed() => {
+                        let err = Error::with_source(
+                            ErrorKind::Backplane,
+                            "the connection to NATS was lost or lagged: messages may be missing",
+                        );
+                        Some((Err(err), (rx, dropped, guard, losses)))
+                    }
+                    msg = rx.next() => Some((Ok(msg?), (rx, dropped, guard, losses))),
+                }
             });
             Ok(Subscription::new(stream))
         })

@@ -1,17 +1,25 @@
-//! The backplane conformance suite against the shipped in-memory backplane.
+//! The conformance suites against the shipped in-memory implementations.
 
-use switchboard::MemoryBackplane;
+use switchboard::history::MemoryHistory;
+use switchboard::testing::{BackplaneSuite, HistorySuite, PresenceStoreSuite};
+use switchboard::{MemoryBackplane, MemoryPresence};
 
 #[tokio::test]
 async fn memory_backplane_conforms() {
-    let engine = MemoryBackplane::new();
-    switchboard::testing::backplane(engine.clone(), engine.clone()).await;
+    let engine = MemoryBackplane::with_capacity(256);
+    BackplaneSuite::new(engine.clone(), engine.clone()).subscription_capacity(256).run().await.unwrap();
     // Everything the suite subscribed is unsubscribed again once its hubs and
     // subscriptions are dropped.
-    support_eventually(|| engine.topic_count() == 0).await;
+    eventually(|| engine.topic_count() == 0).await;
 }
 
-async fn support_eventually(mut f: impl FnMut() -> bool) {
+#[tokio::test]
+async fn memory_backplane_with_the_default_capacity_conforms() {
+    let engine = MemoryBackplane::new();
+    switchboard::testing::backplane(engine.clone(), engine).await;
+}
+
+async fn eventually(mut f: impl FnMut() -> bool) {
     for _ in 0..2000 {
         if f() {
             return;
@@ -21,7 +29,15 @@ async fn support_eventually(mut f: impl FnMut() -> bool) {
     panic!("backplane topics were not released");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_history_conforms() {
-    switchboard::testing::history(switchboard::history::MemoryHistory::new()).await;
+    let store = MemoryHistory::new();
+    HistorySuite::new(store.clone(), store).run().await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_presence_conforms() {
+    let store = MemoryPresence::new();
+    PresenceStoreSuite::new(store.clone(), store.clone()).run().await.unwrap();
+    assert!(store.is_empty(), "the suite cleans up after itself");
 }

@@ -671,12 +671,6 @@ async fn presence_updates_are_checked_and_rate_limited() {
     assert_eq!(serde_json::Value::Object(meta.clone()), json!({"name": "alice", "room": "r", "status": "busy"}));
 }
 
-#[cfg(feature = "testing")]
-#[tokio::test(start_paused = true)]
-async fn memory_presence_passes_the_conformance_suite() {
-    switchboard::testing::presence_store(MemoryPresence::new()).await;
-}
-
 #[tokio::test]
 async fn a_host_join_tracks_presence_once() {
     let hub = presence_hub().build();

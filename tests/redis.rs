@@ -14,6 +14,7 @@ use std::time::Duration;
 use support::redis::{next, next_ok, until, Proxy, RedisServer, Reply};
 use support::*;
 use switchboard::redis::{RedisBackplane, RedisConfig};
+use switchboard::testing::{BackplaneSuite, HistorySuite, PresenceStoreSuite};
 use switchboard::{Backplane, Hub};
 
 /// Settings for tests: fast reconnects, a probe that does not fire under a
@@ -37,7 +38,12 @@ async fn redis_backplane_conforms() {
     let server = RedisServer::start().await;
     let a = connect(&server.url()).await;
     let b = connect(&server.url()).await;
-    switchboard::testing::backplane(a.clone(), b.clone()).await;
+    let port = server.port();
+    BackplaneSuite::new(a.clone(), b.clone())
+        .cut_connection(move || support::redis::cut_clients(vec![port]))
+        .run()
+        .await
+        .unwrap();
     // Everything the suite subscribed (topics and its hubs' rooms) is
     // unsubscribed again, here and on the server: only the two probe
     // channels are left.
@@ -313,8 +319,10 @@ fn appended(event: &str, key: Option<&str>, retention: Retention) -> Append {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_history_conforms() {
     let server = RedisServer::start().await;
-    let store = RedisHistory::connect(config(&server.url())).await.expect("connect");
-    switchboard::testing::history(store).await;
+    let a = RedisHistory::connect(config(&server.url())).await.expect("connect");
+    let b = RedisHistory::connect(config(&server.url())).await.expect("connect");
+    let port = server.port();
+    HistorySuite::new(a, b).cut_connection(move || support::redis::cut_clients(vec![port])).run().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,8 +436,10 @@ use switchboard::HubBuilder;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_presence_conforms() {
     let server = RedisServer::start().await;
-    let store = RedisPresence::connect(config(&server.url())).await.expect("connect");
-    switchboard::testing::presence_store(store).await;
+    let a = RedisPresence::connect(config(&server.url())).await.expect("connect");
+    let b = RedisPresence::connect(config(&server.url())).await.expect("connect");
+    let port = server.port();
+    PresenceStoreSuite::new(a, b).cut_connection(move || support::redis::cut_clients(vec![port])).run().await.unwrap();
     // The suite cleans up after itself; expired records went with their
     // indexes, so nothing is left but empty-or-expiring keys.
     until("no presence keys left", || async {

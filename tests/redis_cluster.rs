@@ -17,6 +17,7 @@ use support::*;
 use switchboard::history::{Append, HistoryConfig, HistoryStore, Retention};
 use switchboard::presence::{PresenceConfig, PresenceQuery, PresenceRecord, PresenceStore, StoreChange};
 use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory, RedisPresence};
+use switchboard::testing::{BackplaneSuite, HistorySuite, PresenceStoreSuite};
 use switchboard::{Backplane, Hub};
 
 /// Settings for tests: fast reconnects, a probe that does not fire under a
@@ -62,7 +63,12 @@ async fn cluster_backplane_conforms_with_sharded_pubsub() {
     let (a, b) = (backplane(&cluster).await, backplane(&cluster).await);
     assert_eq!(a.stats().shards, 3, "one pub/sub connection per master");
     assert_eq!(a.channel("lobby"), "switchboard:{lobby}", "the topic is the hash tag");
-    switchboard::testing::backplane(a.clone(), b.clone()).await;
+    let ports = cluster.nodes.iter().map(|n| n.port()).collect::<Vec<_>>();
+    BackplaneSuite::new(a.clone(), b.clone())
+        .cut_connection(move || support::redis::cut_clients(ports.clone()))
+        .run()
+        .await
+        .unwrap();
     // Everything the suite subscribed is unsubscribed again, here and on
     // every node: only the probes' shard channels are left (one per master
     // and handle), and no classic channel was ever used.
@@ -137,15 +143,23 @@ fn append(event: &str) -> Append {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_history_conforms() {
     let cluster = RedisCluster::start().await;
-    let store = RedisHistory::connect(config(&cluster)).await.expect("connect");
-    switchboard::testing::history(store).await;
+    let a = RedisHistory::connect(config(&cluster)).await.expect("connect");
+    let b = RedisHistory::connect(config(&cluster)).await.expect("connect");
+    let ports = cluster.nodes.iter().map(|n| n.port()).collect::<Vec<_>>();
+    HistorySuite::new(a, b).cut_connection(move || support::redis::cut_clients(ports.clone())).run().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_presence_conforms() {
     let cluster = RedisCluster::start().await;
-    let store = RedisPresence::connect(config(&cluster)).await.expect("connect");
-    switchboard::testing::presence_store(store).await;
+    let a = RedisPresence::connect(config(&cluster)).await.expect("connect");
+    let b = RedisPresence::connect(config(&cluster)).await.expect("connect");
+    let ports = cluster.nodes.iter().map(|n| n.port()).collect::<Vec<_>>();
+    PresenceStoreSuite::new(a, b)
+        .cut_connection(move || support::redis::cut_clients(ports.clone()))
+        .run()
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,20 +15,57 @@
 //!   whoever published).
 //!
 //! The hub subscribes to a room's topic while the room has at least one local
-//! member and unsubscribes when the last one leaves. Topics are room names
-//! (room names never start with `$`; topics starting with `$` are reserved for
-//! the hub's own use). Messages are opaque bytes to the backplane; the hub
-//! tags each with its node id and ignores its own messages when a backplane
-//! echoes them back, so a backplane may or may not deliver to the publisher.
+//! member and unsubscribes when the last one leaves. Messages are opaque
+//! bytes to the backplane; the hub tags each with its node id and ignores its
+//! own messages when a backplane echoes them back, so a backplane may or may
+//! not deliver to the publisher.
 //!
-//! Subscriptions must be bounded: when a subscriber falls behind, the
-//! backplane drops messages and yields an error of kind
-//! [`ErrorKind::Backplane`](crate::ErrorKind::Backplane) in their place, so
-//! the gap is reported rather than hidden.
+//! # The rules an implementation keeps
+//!
+//! `switchboard::testing::BackplaneSuite` (feature `testing`) checks each of
+//! them; `docs/extending.md` walks through an implementation on a real
+//! engine.
+//!
+//! 1. **Active on resolve.** A message published (by any node) after
+//!    `subscribe` resolved is delivered to that subscription. Nothing
+//!    published *before* the subscription existed is delivered to it — not
+//!    even when the handle shares one engine subscription between several
+//!    [`Subscription`]s of a topic and has messages buffered for the others.
+//! 2. **Binary-safe and in order.** Messages arrive unchanged (any bytes,
+//!    tens of KiB), each once, in publish order per publisher.
+//! 3. **Per subscription.** Two subscriptions to one topic both receive;
+//!    dropping one leaves the other working (count references when the
+//!    engine subscription is shared).
+//! 4. **Topics are kept apart exactly.** A topic is a room name (1 to
+//!    [`MAX_ROOM_NAME_LEN`](crate::room::MAX_ROOM_NAME_LEN) bytes of
+//!    `A–Z a–z 0–9 _ - . : / @ # = + ~`) or one of the hub's own topics,
+//!    which start with `$` (`$presence:<room>`, `$sse.<node>`): at most
+//!    [`MAX_TOPIC_LEN`] bytes of ASCII. No two topics may collide — mind an
+//!    engine's own limits (a Postgres channel name is cut at 63 bytes; a
+//!    NATS subject treats `.`, `*` and `>` specially): hash or hex-encode
+//!    topics that do not fit.
+//! 5. **Bounded, and losses are reported.** A subscriber that falls behind
+//!    must not make the handle buffer without limit: drop messages and
+//!    yield an `Err` of kind [`ErrorKind::Backplane`](crate::ErrorKind::Backplane)
+//!    in their place. Never lose a message silently: the hub treats an
+//!    `Err` item as "something may be missing" and resyncs recoverable
+//!    rooms from history.
+//! 6. **A lost connection is a loss.** When the connection under a
+//!    subscription breaks, either yield an `Err` item (and go on once
+//!    reconnected and resubscribed) or end the stream; the hub answers
+//!    both by refilling recoverable rooms from history, and after an end
+//!    it subscribes again. An `Err` item means "the stream goes on"; the
+//!    end means "this subscription is over". Meanwhile `publish` and
+//!    `subscribe` fail with an error (promptly, not after a long timeout)
+//!    until the handle has reconnected by itself.
+//! 7. **The first poll starts the work.** Both methods return boxed
+//!    futures that own what they need (`'static`). A publish is ordered
+//!    when its future is first polled: take the connection and queue the
+//!    command there, with no `.await` before it (a pool checkout first lets
+//!    a later publish overtake an earlier one).
 //!
 //! [`MemoryBackplane`] links hubs in one process. A host's own backplane is a
-//! type implementing this trait; the conformance suite in
-//! `switchboard::testing` (feature `testing`) checks it behaves like ours.
+//! type implementing this trait.
 
 mod memory;
 pub(crate) mod message;
@@ -43,13 +80,20 @@ use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-/// A pub/sub engine linking hubs. See the [module docs](self).
+/// Longest topic the hub uses, in bytes: a `$presence:` prefix (10 bytes)
+/// and a room name of [`MAX_ROOM_NAME_LEN`](crate::room::MAX_ROOM_NAME_LEN)
+/// bytes. A backplane must keep topics of up to this length apart exactly.
+pub const MAX_TOPIC_LEN: usize = 10 + crate::room::MAX_ROOM_NAME_LEN;
+
+/// A pub/sub engine linking hubs. See the [module docs](self) for the rules
+/// an implementation keeps.
 pub trait Backplane: Send + Sync + 'static {
     /// Publishes `message` to every subscriber of `topic` on every node.
     fn publish(&self, topic: &str, message: Bytes) -> BoxFuture<'static, Result<()>>;
 
     /// Subscribes to `topic`; resolves once the subscription is active, so a
-    /// message published after this resolves is delivered.
+    /// message published after this resolves is delivered, and nothing
+    /// published before it existed is.
     fn subscribe(&self, topic: &str) -> BoxFuture<'static, Result<Subscription>>;
 }
 
@@ -69,9 +113,11 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Wraps a stream of messages. An `Err` item reports a problem (a gap, a
-    /// reconnect) and the stream goes on; the end of the stream means the
-    /// subscription is over.
+    /// Wraps a stream of messages. An `Err` item reports a problem (dropped
+    /// messages, a reconnect: something may be missing) and the stream goes
+    /// on; the end of the stream means the subscription is over (the hub
+    /// subscribes again). The stream must be bounded (see the
+    /// [module docs](self)).
     pub fn new(stream: impl Stream<Item = Result<Bytes>> + Send + 'static) -> Subscription {
         Subscription { stream: Box::pin(stream) }
     }

@@ -15,21 +15,59 @@
 //! differs, or events after P were already trimmed, [`HistoryRead::complete`]
 //! is `false` — a partial replay is never presented as complete.
 //!
-//! The contract, which [`MemoryHistory`] implements and
-//! `switchboard::testing::history` (feature `testing`) checks:
+//! # The rules a store keeps
 //!
-//! - [`HistoryStore::append`] assigns the offset atomically with storing the
-//!   event: concurrent appends to one room get distinct, consecutive offsets.
-//!   With an idempotency key already seen in the room's retained history, it
-//!   stores nothing and returns the original position (`duplicate: true`).
-//! - [`HistoryStore::read`] returns retained events with offset greater than
-//!   `since.offset`, oldest first, at most `limit`, plus the stream's current
-//!   top position. Reading a room that has no stream creates it (offset 0,
-//!   a new epoch), so the position a first join gets stays valid for the
-//!   appends that follow.
-//! - The first poll of an `append` future starts the work (e.g. queues the
-//!   command on the connection), so appends started in order by one
-//!   publisher get offsets in that order.
+//! [`MemoryHistory`] keeps them; `switchboard::testing::HistorySuite`
+//! (feature `testing`) checks each of them, with two handles on the store
+//! (two nodes), and `docs/extending.md` walks through a store on SQL.
+//!
+//! 1. **Offsets are assigned atomically with storing.** A room's first
+//!    append gets offset 1, then 2, 3, … with no gap and no repeat, also
+//!    when appends race through different handles (nodes): the counter
+//!    lives in the store and is read and advanced in the same atomic step
+//!    (a transaction with a row lock, a script), never read by one
+//!    statement and written by the next.
+//! 2. **The first poll starts the work**, so appends started in order by
+//!    one publisher get offsets in that order: queue the command on the
+//!    connection on the first poll, with no `.await` before it (no pool
+//!    checkout, no statement preparation that another append can overtake).
+//! 3. **Offsets are `u64`.** Positions up to `u64::MAX` compare as
+//!    unsigned; an engine with signed 64-bit integers must not let a
+//!    position above `i64::MAX` wrap into a negative number (a read after
+//!    it would replay everything). Such a position is beyond the top.
+//! 4. **Epochs** are 1 to [`MAX_EPOCH_LEN`] bytes (clients send them back in
+//!    `join`, which refuses longer ones with 400), and change whenever the
+//!    stream's history was lost — never because a connection was cut and
+//!    remade.
+//! 5. **Retention is applied by reads too.** [`HistoryStore::append`]
+//!    receives the room's [`Retention`]; the store keeps exactly the newest
+//!    `max_len` events, and a read never returns an event older than
+//!    `max_age`, even when nothing was appended since (remember the
+//!    retention of the last append, or store each event's expiry).
+//! 6. **Reads say whether they are complete.** [`HistoryStore::read`]
+//!    returns retained events with offset greater than `since.offset`,
+//!    oldest first, at most `limit`, plus the stream's current top position;
+//!    [`HistoryRead::complete`] is `true` only when they are *everything*
+//!    after `since`: same epoch, nothing after it trimmed or expired, not cut
+//!    by `limit`. With `since: None` the newest `limit` events are
+//!    returned, complete only when they are all the stream ever had.
+//! 7. **Idempotency keys store once**, also when retries race through
+//!    different handles: the lookup of the key and the append are one
+//!    atomic step (a unique index, a script). A duplicate stores nothing,
+//!    takes no offset and returns the original position with
+//!    `duplicate: true`, for as long as the original is retained.
+//! 8. **A read of a room without a stream creates it** (offset 0, a new
+//!    epoch), so the position a first join gets stays valid for the appends
+//!    that follow.
+//! 9. **Room names** are 1 to
+//!    [`MAX_ROOM_NAME_LEN`](crate::room::MAX_ROOM_NAME_LEN) bytes of
+//!    `A–Z a–z 0–9 _ - . : / @ # = + ~` and are kept apart exactly (no
+//!    length cut in a key or column).
+//! 10. **A lost connection is not lost history.** Calls fail with an error
+//!     of kind [`ErrorKind::History`](crate::ErrorKind::History) while the
+//!     store is unreachable and work again once the handle reconnected by
+//!     itself; the hub retries a failed publish with the same idempotency
+//!     key, which must then be stored once.
 //!
 //! The store is where a Redis implementation (streams plus an atomic
 //! publish script) and a host's own fit; hubs sharing a store share streams.
@@ -45,6 +83,10 @@ use crate::protocol::Payload;
 use futures::future::BoxFuture;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Longest epoch a store may make, in bytes: clients send it back in a
+/// `join`, which refuses a longer one (`docs/protocol.md`).
+pub const MAX_EPOCH_LEN: usize = 64;
 
 /// A point in a room's stream: the offset of the last event seen, in an
 /// epoch. Offset 0 means "before the first event".
@@ -134,7 +176,8 @@ pub struct HistoryRead {
     pub complete: bool,
 }
 
-/// Where room history lives. See the [module docs](self).
+/// Where room history lives. See the [module docs](self) for the rules an
+/// implementation keeps.
 pub trait HistoryStore: Send + Sync + 'static {
     /// Appends an event to `room`'s stream, assigning its offset atomically.
     fn append(&self, room: &str, append: Append) -> BoxFuture<'static, Result<Appended>>;

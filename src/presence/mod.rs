@@ -60,8 +60,6 @@
 //! [`MemoryBackplane`](crate::MemoryBackplane)).
 
 mod config;
-#[cfg(feature = "testing")]
-pub(crate) mod conformance;
 mod engine;
 mod hub;
 mod memory;
@@ -168,10 +166,33 @@ pub enum PresenceQuery {
 /// accumulates) is up to the store; [`MemoryPresence`] does it on every
 /// call.
 ///
+/// The rules an implementation keeps (the conformance suite
+/// `switchboard::testing::PresenceStoreSuite`, feature `testing`, checks
+/// each of them with two handles on the store; `docs/extending.md` shows a
+/// store on SQL):
+///
+/// - A record is identified by `(room, node, connection)`: writing it again
+///   replaces it entirely — key, meta and expiry (an upsert, not an
+///   "insert unless present"), and the same connection id on two nodes is
+///   two records.
+/// - Listing by room or by key matches exactly (no prefix or pattern
+///   match: `chat:1` is not `chat:10`), sees what every handle wrote, and
+///   never returns an expired record, whether or not it was purged yet.
+/// - A [`write`](Self::write) batch is applied in order (a `Put` then a
+///   `Remove` of the same record leaves nothing); writes racing through
+///   different handles to one room all land (no read-modify-write of a
+///   room's whole list).
+/// - Room names are 1 to
+///   [`MAX_ROOM_NAME_LEN`](crate::room::MAX_ROOM_NAME_LEN) bytes of room
+///   name characters; keys are user ids, any UTF-8 of any length the host
+///   allows (or `anon:<ref>`): keep both apart exactly.
+/// - While the store is unreachable calls fail with an error; once the
+///   handle reconnected by itself they work again, and records written
+///   before are still there until they expire.
+///
 /// A Redis store fits this shape: a hash per record with `PEXPIRE`, a
 /// sorted set per room and per key scored by expiry time, `write` as one
-/// pipeline. The conformance suite `switchboard::testing::presence_store`
-/// (feature `testing`) checks an implementation.
+/// pipeline.
 ///
 /// Both methods must be cancel-safe enough that a dropped future leaves the
 /// store usable; the hub never runs two `write`s of one node at once.

@@ -391,6 +391,18 @@ impl RedisCluster {
     }
 }
 
+/// Cuts every client connection of the servers on `ports` (`CLIENT KILL
+/// TYPE normal`, then `pubsub`), as a network failure would; the data
+/// stays. The conformance suites' `cut_connection` hook.
+pub async fn cut_clients(ports: Vec<u16>) {
+    for port in ports {
+        let mut c = Resp::connect(port).await.expect("connect to the test redis-server");
+        for kind in ["normal", "pubsub"] {
+            c.cmd(&["CLIENT", "KILL", "TYPE", kind]).await.expect("CLIENT KILL");
+        }
+    }
+}
+
 /// The Redis that holds a scenario's room: `kill -9` it, then start it
 /// again empty. A single server, or one master of a cluster ([`Master`]).
 pub trait Outage {

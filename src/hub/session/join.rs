@@ -3,8 +3,9 @@
 
 use super::*;
 
-/// Longest `epoch` a client may send in a `join`.
-pub(super) const MAX_EPOCH_LEN: usize = 64;
+// The longest `epoch` a client may send in a `join` is the longest a store
+// may make.
+use crate::history::MAX_EPOCH_LEN;
 
 pub(super) fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, env: Envelope) {
     let Some(room) = room_field(session, &env) else { return };
