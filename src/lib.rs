@@ -95,6 +95,7 @@
 //! | [`backplane`] | the [`Backplane`] trait and [`MemoryBackplane`] |
 //! | [`presence`] | [`PresenceConfig`], the [`PresenceStore`] trait and [`MemoryPresence`], presence entries and events (`docs/presence.md`) |
 //! | [`history`] | [`HistoryConfig`], [`RoomHistory`], the [`HistoryStore`] trait and [`MemoryHistory`] (`docs/recovery.md`) |
+//! | [`sync`] | synced rooms: [`sync::SyncRooms`], the [`sync::Reducer`] trait, [`sync::JsonDoc`], the [`sync::SnapshotStore`] trait (`docs/sync.md`) |
 //! | [`integration`] | framework adapters (`axum`) |
 //! | `client` | the Rust client: `Client`, `Room`, status, backoff, presence view (feature `client`, `docs/client.md`) |
 //! | [`client_js`] | the browser client `switchboard.js` as bytes to serve, with its ETag (`docs/js-client.md`) |
@@ -143,6 +144,7 @@ pub mod protocol;
 #[cfg(feature = "redis")]
 pub mod redis;
 pub mod security;
+pub mod sync;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod transport;

@@ -16,9 +16,7 @@ use support::WAIT;
 use switchboard::client::{
     Backoff, Client, ClientConfig, ClientErrorKind, Disconnect, Event, JoinOptions, Room, RoomEvent, Status,
 };
-use switchboard::integration::ws;
 use switchboard::protocol::{CloseCode, Format};
-use switchboard::transport::ws::WsConfig;
 use switchboard::transport::Handshake;
 use switchboard::{Call, CallError, ConnectionId, Hub, HubBuilder, Identity, PresenceConfig, Rejection};
 use tokio::net::{TcpListener, TcpStream};
@@ -56,23 +54,6 @@ fn chat_hub(log: Arc<Mutex<Vec<String>>>) -> HubBuilder {
             }
         })
         .on("echo", |_: Call, v: Value| async move { Ok(v) })
-}
-
-/// Serves `hub` on exactly `addr` (after a restart the old listener may take
-/// a moment to go away).
-async fn serve_on(addr: SocketAddr, hub: &Hub) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let listener = loop {
-        match TcpListener::bind(addr).await {
-            Ok(l) => break l,
-            Err(e) => {
-                assert!(tokio::time::Instant::now() < deadline, "cannot bind {addr} again: {e}");
-                tokio::task::yield_now().await;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
-    tokio::spawn(ws::serve(listener, hub.clone(), WsConfig::default()));
 }
 
 /// A loopback address nothing listens on (yet).
@@ -290,7 +271,7 @@ async fn server_restart_reconnects_rejoins_and_flushes_the_offline_buffer_in_ord
     let addr = free_addr().await;
     let log1 = Arc::new(Mutex::new(Vec::new()));
     let hub1 = chat_hub(log1.clone()).build();
-    serve_on(addr, &hub1).await;
+    support::serve_on(addr, &hub1).await;
 
     let client = connect(addr, "ann", fast());
     let mut lobby = client.join("lobby").await.unwrap();
@@ -320,7 +301,7 @@ async fn server_restart_reconnects_rejoins_and_flushes_the_offline_buffer_in_ord
 
     let log2 = Arc::new(Mutex::new(Vec::new()));
     let hub2 = chat_hub(log2.clone()).build();
-    serve_on(addr, &hub2).await;
+    support::serve_on(addr, &hub2).await;
 
     // Rejoined (no history on this hub: nothing recovered), then the
     // buffered sends in order, broadcast to the rejoined room.
@@ -487,7 +468,7 @@ async fn many_clients_spread_their_reconnects_over_the_backoff_window() {
     let cap = Duration::from_secs(2);
     let addr = free_addr().await;
     let hub1 = Hub::builder().build();
-    serve_on(addr, &hub1).await;
+    support::serve_on(addr, &hub1).await;
     let config = ClientConfig::default()
         .backoff(Backoff::default().initial(cap).max(cap))
         .read_buffer_size(1024)
@@ -519,7 +500,7 @@ async fn many_clients_spread_their_reconnects_over_the_backoff_window() {
     let recorded = arrivals.clone();
     let hub2 = Hub::builder().on_connect(move |_| recorded.lock().unwrap().push(std::time::Instant::now())).build();
     hub1.shutdown(Duration::from_secs(10)).await;
-    serve_on(addr, &hub2).await;
+    support::serve_on(addr, &hub2).await;
     let mut delays = Vec::with_capacity(N);
     for w in watchers {
         if let Ok(Ok(Some(d))) = tokio::time::timeout(WAIT, w).await {
@@ -803,7 +784,7 @@ async fn the_offline_buffer_is_bounded_and_drops_the_oldest() {
             }
         })
         .build();
-    serve_on(addr, &hub).await;
+    support::serve_on(addr, &hub).await;
     eventually("notes delivered", || notes.lock().unwrap().len() == 5).await;
     let notes = notes.lock().unwrap().clone();
     let of = |u: &str| notes.iter().filter(|(w, _)| w == u).map(|(_, n)| *n).collect::<Vec<_>>();
@@ -1153,7 +1134,7 @@ async fn restart_with_history(format: Format) {
         |h: &MemoryHistory| chat_hub(Arc::default()).history(h.clone(), HistoryConfig::all_rooms()).build();
     let addr = free_addr().await;
     let hub1 = recoverable(&history);
-    serve_on(addr, &hub1).await;
+    support::serve_on(addr, &hub1).await;
 
     let client = Client::builder(format!("ws://{addr}/?user=ann")).format(format).config(fast()).connect().unwrap();
     let mut room = client.join("r").await.unwrap();
@@ -1177,7 +1158,7 @@ async fn restart_with_history(format: Format) {
     // And the client says something while offline (buffered: sent after the
     // rejoin, so it is broadcast after the recovered events).
     room.send("say", &json!({"text": "back"})).await.unwrap();
-    serve_on(addr, &hub2).await;
+    support::serve_on(addr, &hub2).await;
 
     let mut items = Vec::new();
     loop {
@@ -1202,7 +1183,7 @@ async fn restart_with_history(format: Format) {
     // client is told to resync, and follows the new stream.
     let hub3 = recoverable(&MemoryHistory::new());
     hub2.shutdown(Duration::from_secs(5)).await;
-    serve_on(addr, &hub3).await;
+    support::serve_on(addr, &hub3).await;
     assert_eq!(next(&mut room).await, RoomEvent::Rejoined { recovered: false });
     hub3.publish("r", "said", &json!({"text": "new"})).await.unwrap();
     let (e, _) = next_event(&mut room).await;

@@ -50,6 +50,7 @@ mod presence;
 mod room;
 mod shared;
 mod status;
+pub mod sync;
 
 pub use config::{Backoff, ClientConfig, TokenPlacement};
 pub use error::{ClientError, ClientErrorKind};

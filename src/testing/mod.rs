@@ -61,6 +61,7 @@ mod backplane;
 mod history;
 mod presence_store;
 
+pub use crate::sync::conformance::snapshot_store;
 pub use backplane::{backplane, BackplaneSuite};
 pub use history::{history, HistorySuite};
 pub use presence_store::{presence_store, PresenceStoreSuite};

@@ -39,6 +39,23 @@ pub async fn serve_with(hub: &Hub, config: WsConfig) -> SocketAddr {
     addr
 }
 
+/// Serves `hub` on exactly `addr` (after a restart the old listener may take
+/// a moment to go away).
+pub async fn serve_on(addr: SocketAddr, hub: &Hub) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => break l,
+            Err(e) => {
+                assert!(tokio::time::Instant::now() < deadline, "cannot bind {addr} again: {e}");
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    tokio::spawn(ws::serve(listener, hub.clone(), WsConfig::default()));
+}
+
 /// A protocol client over a real WebSocket.
 pub struct Client {
     pub ws: Ws,

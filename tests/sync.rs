@@ -1,0 +1,376 @@
+//! Synced rooms end to end: real hubs on 127.0.0.1, the Rust client's
+//! `Synced` handle and raw WebSocket clients for bad input. Two hubs over a
+//! `MemoryBackplane` and one shared `MemorySnapshots` stand for two nodes
+//! (the Redis store has its own tests in tests/sync_redis.rs).
+
+mod support;
+
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+use support::WAIT;
+use switchboard::client::sync::Synced;
+use switchboard::client::{Backoff, Client, ClientConfig};
+use switchboard::sync::{JsonDoc, JsonOp, MemorySnapshots, SnapshotStore, SyncConfig, SyncRooms};
+use switchboard::transport::Handshake;
+use switchboard::{Hub, Identity, MemoryBackplane, Rejection};
+use tokio::net::TcpListener;
+
+fn user_from_query(hs: &Handshake) -> impl std::future::Future<Output = Result<Identity, Rejection>> + Send + 'static {
+    let user = hs.query("user");
+    async move { Ok(user.map(Identity::user).unwrap_or_default()) }
+}
+
+fn hub_with(store: MemorySnapshots, config: SyncConfig, backplane: Option<MemoryBackplane>) -> Hub {
+    let mut b =
+        Hub::builder().authenticate(user_from_query).sync(SyncRooms::new(store).config(config).room("doc:", JsonDoc));
+    if let Some(bp) = backplane {
+        b = b.backplane(bp);
+    }
+    b.build()
+}
+
+fn hub(store: MemorySnapshots) -> Hub {
+    hub_with(store, SyncConfig::default(), None)
+}
+
+fn fast() -> ClientConfig {
+    ClientConfig::default()
+        .backoff(Backoff::default().initial(Duration::from_millis(20)).max(Duration::from_millis(100)))
+        .jitter_seed(Some(1))
+        .call_timeout(WAIT)
+}
+
+fn connect(addr: SocketAddr, user: &str) -> Client {
+    Client::builder(format!("ws://{addr}/?user={user}")).config(fast()).connect().expect("client")
+}
+
+fn set(path: &[&str], value: Value) -> JsonOp {
+    JsonOp::Set { path: path.iter().map(|s| (*s).into()).collect(), value }
+}
+
+fn delete(path: &[&str]) -> JsonOp {
+    JsonOp::Delete { path: path.iter().map(|s| (*s).into()).collect() }
+}
+
+async fn settled(s: &Synced<JsonDoc>) {
+    tokio::time::timeout(WAIT, s.settled()).await.unwrap_or_else(|_| panic!("not settled: {:?}", s.view()));
+}
+
+/// Waits until `s`'s confirmed version reaches `v`.
+async fn at_version(s: &Synced<JsonDoc>, v: u64) {
+    let mut rx = s.watch();
+    tokio::time::timeout(WAIT, rx.wait_for(|view| view.version >= v && view.pending == 0))
+        .await
+        .unwrap_or_else(|_| panic!("version {v} not reached: {:?}", s.view()))
+        .unwrap();
+}
+
+/// A hub, and ann's and bob's synced handles on `room`.
+async fn ann_and_bob(room: &str) -> (SocketAddr, (Client, Synced<JsonDoc>), (Client, Synced<JsonDoc>)) {
+    let h = hub(MemorySnapshots::new());
+    let addr = support::serve(&h).await;
+    let (ann, bob) = (connect(addr, "ann"), connect(addr, "bob"));
+    let a = Synced::join(&ann, room, JsonDoc).await.unwrap();
+    let b = Synced::join(&bob, room, JsonDoc).await.unwrap();
+    (addr, (ann, a), (bob, b))
+}
+
+// ---------------------------------------------------------------------------
+// The Rust client
+
+#[tokio::test]
+async fn local_ops_show_at_once_and_every_member_converges() {
+    let (addr, (_ann, a), (_bob, b)) = ann_and_bob("doc:1").await;
+    assert_eq!(a.view().state, Value::Null, "an empty room's document is null");
+    a.apply(set(&["items"], json!({}))).unwrap();
+    at_version(&b, 1).await;
+
+    a.apply(set(&["title"], json!("Groceries"))).unwrap();
+    // Predicted: in the view before any round trip, not yet confirmed.
+    assert_eq!(a.view().state["title"], "Groceries");
+    assert_eq!(a.confirmed().1, 1);
+    // Both edit the same field and different ones at once.
+    for i in 0..20 {
+        a.apply(set(&["n"], json!(format!("a{i}")))).unwrap();
+        b.apply(set(&["n"], json!(format!("b{i}")))).unwrap();
+        b.apply(set(&["items", &format!("b{i}")], json!({"text": i}))).unwrap();
+    }
+    settled(&a).await;
+    settled(&b).await;
+    at_version(&a, 62).await;
+    at_version(&b, 62).await;
+    assert_eq!(a.view().state, b.view().state, "the two views converge");
+    assert_eq!(a.view().state["items"].as_object().unwrap().len(), 20);
+    assert_eq!(a.view().version, 62, "every op applied once");
+    // A newcomer gets a snapshot equal to both.
+    let carl = connect(addr, "carl");
+    let c = Synced::join(&carl, "doc:1", JsonDoc).await.unwrap();
+    assert_eq!((c.view().state, c.view().version), (a.view().state, 62));
+}
+
+#[tokio::test]
+async fn a_refused_op_is_rolled_back_on_its_sender_only() {
+    let (_, (_ann, a), (_bob, b)) = ann_and_bob("doc:r").await;
+    a.apply(set(&["items"], json!({"x": {"text": "milk"}}))).unwrap();
+    at_version(&a, 1).await;
+    at_version(&b, 1).await;
+
+    // Bob deletes the item; Ann, not yet seeing that, edits it.
+    let (_, before) = a.confirmed();
+    b.apply(delete(&["items", "x"])).unwrap();
+    at_version(&b, 2).await;
+    // Ann's edit is predicted against her (stale) view.
+    if a.view().version == before {
+        a.apply(set(&["items", "x", "text"], json!("oat milk"))).unwrap();
+    } else {
+        // Bob's delete already arrived: the edit is refused locally, not sent.
+        let e = a.apply(set(&["items", "x", "text"], json!("oat milk"))).unwrap_err();
+        assert_eq!(e.code(), 409);
+        return;
+    }
+    let undone = tokio::time::timeout(WAIT, a.rollback()).await.expect("a rollback").unwrap();
+    assert_eq!(undone.code, 409);
+    assert!(undone.message.contains("no value at"), "{}", undone.message);
+    settled(&a).await;
+    assert_eq!(a.view().state, json!({"items": {}}));
+    assert_eq!(a.view().version, 2, "the refused op got no version");
+    assert!(b.try_rollback().is_none(), "only the sender rolls back");
+}
+
+#[tokio::test]
+async fn pending_ops_survive_a_server_restart_and_are_applied_once() {
+    let store = MemorySnapshots::new();
+    let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let hub1 = hub(store.clone());
+    support::serve_on(addr, &hub1).await;
+    let ann = connect(addr, "ann");
+    let a = Synced::join(&ann, "doc:off", JsonDoc).await.unwrap();
+    a.apply(JsonOp::Increment { path: vec!["n".into()], by: 1.0 }).unwrap();
+    at_version(&a, 1).await;
+
+    hub1.shutdown(Duration::from_secs(5)).await;
+    // Offline edits: predicted at once, pending.
+    for _ in 0..5 {
+        a.apply(JsonOp::Increment { path: vec!["n".into()], by: 1.0 }).unwrap();
+    }
+    assert_eq!(a.view().state["n"], 6);
+    assert_eq!(a.view().pending, 5);
+
+    let hub2 = hub(store.clone());
+    support::serve_on(addr, &hub2).await;
+    settled(&a).await;
+    assert_eq!(a.view().state["n"], 6);
+    assert_eq!(a.view().version, 6, "each increment applied once");
+    let loaded = store.load("doc:off", None).await.unwrap();
+    assert_eq!(loaded.version, 6);
+}
+
+#[tokio::test]
+async fn two_hubs_share_one_order_and_converge() {
+    let store = MemorySnapshots::new();
+    let bp = MemoryBackplane::new();
+    let h1 = hub_with(store.clone(), SyncConfig::default(), Some(bp.clone()));
+    let h2 = hub_with(store.clone(), SyncConfig::default(), Some(bp.clone()));
+    let (addr1, addr2) = (support::serve(&h1).await, support::serve(&h2).await);
+    let clients: Vec<Client> =
+        (0..4).map(|i| connect(if i % 2 == 0 { addr1 } else { addr2 }, &format!("u{i}"))).collect();
+    let mut synced = Vec::new();
+    for c in &clients {
+        synced.push(Synced::join(c, "doc:2n", JsonDoc).await.unwrap());
+    }
+    for round in 0..25 {
+        for (i, s) in synced.iter().enumerate() {
+            s.apply(JsonOp::Increment { path: vec!["n".into()], by: 1.0 }).unwrap();
+            s.apply(set(&["last"], json!(format!("{i}-{round}")))).unwrap();
+        }
+    }
+    for s in &synced {
+        settled(s).await;
+    }
+    for s in &synced {
+        at_version(s, 200).await;
+    }
+    let first = synced[0].view();
+    assert_eq!(first.state["n"], 100, "every increment applied exactly once across nodes");
+    for s in &synced[1..] {
+        assert_eq!(s.view().state, first.state, "all members converge");
+    }
+    let log = store.load("doc:2n", Some(0)).await.unwrap();
+    assert_eq!(log.version, 200);
+    let versions: Vec<u64> = log.ops.iter().map(|o| o.version).collect();
+    assert_eq!(versions, (1..=200).collect::<Vec<_>>(), "no version assigned twice, none skipped");
+}
+
+// ---------------------------------------------------------------------------
+// The wire, with a raw client
+
+async fn raw(addr: SocketAddr, user: &str, room: &str) -> support::Client {
+    let mut c = support::connect_path(addr, &format!("/?user={user}")).await;
+    c.join_ok(room).await;
+    c
+}
+
+fn op(client: &str, seq: u64, base: Value, op: Value) -> Value {
+    json!({"client": client, "seq": seq, "base": base, "op": op})
+}
+
+async fn version(c: &mut support::Client, room: &str) -> (u64, Value) {
+    let r = c.call_in(room, "sync.get", json!({})).await;
+    assert_eq!(r["type"], "reply", "{r}");
+    (r["data"]["version"].as_u64().unwrap(), r["data"]["state"].clone())
+}
+
+#[tokio::test]
+async fn the_wire_ack_broadcast_duplicate_and_snapshot() {
+    let h = hub(MemorySnapshots::new());
+    let addr = support::serve(&h).await;
+    let mut c = raw(addr, "ann", "doc:w").await;
+    let mut other = raw(addr, "bob", "doc:w").await;
+    let set_a = json!({"type":"set","path":["a"],"value":1});
+    let r = c.call_in("doc:w", "sync.op", op("c1", 1, json!(0), set_a.clone())).await;
+    assert_eq!(r["data"], json!({"version": 1}), "{r}");
+    let ev = other.event().await;
+    assert_eq!(ev["event"], "sync.op");
+    assert_eq!(
+        ev["data"],
+        json!({"version":1,"client":"c1","seq":1,"user":"ann","base":0,"op":set_a}),
+        "the broadcast names the op, its version and its origin"
+    );
+    // A resend (same id) is answered with the original outcome and not applied again.
+    let r = c.call_in("doc:w", "sync.op", op("c1", 1, json!(0), set_a.clone())).await;
+    assert_eq!(r["data"], json!({"version": 1, "duplicate": true}), "{r}");
+    assert_eq!(version(&mut c, "doc:w").await, (1, json!({"a": 1})));
+    // `since` within the log: the ops; a client's last applied seq.
+    let r = c.call_in("doc:w", "sync.get", json!({"since": 0, "client": "c1"})).await;
+    assert_eq!(r["data"]["ops"].as_array().map(Vec::len), Some(1), "{r}");
+    assert_eq!(r["data"]["client_seq"], 1);
+    assert_eq!(r["data"]["user"], "ann");
+    // A refusal carries the current version and changes nothing.
+    let r = c.call_in("doc:w", "sync.op", op("c1", 2, json!(1), json!({"type":"delete","path":["zz"]}))).await;
+    assert_eq!((r["type"].as_str(), r["code"].as_u64()), (Some("error"), Some(409)), "{r}");
+    assert_eq!(r["data"], json!({"version": 1}));
+    // Its resend gets the same refusal.
+    let again =
+        c.call_in("doc:w", "sync.op", op("c1", 2, json!(1), json!({"type":"set","path":["b"],"value":2}))).await;
+    assert_eq!((again["code"].as_u64(), &again["message"]), (Some(409), &r["message"]), "{again}");
+    assert_eq!(version(&mut c, "doc:w").await, (1, json!({"a": 1})));
+}
+
+#[tokio::test]
+async fn bad_ops_get_their_documented_error_and_change_nothing() {
+    let config = SyncConfig::default().max_op_bytes(300).max_state_bytes(150);
+    let h = hub_with(MemorySnapshots::new(), config, None);
+    let addr = support::serve(&h).await;
+    let mut c = raw(addr, "ann", "doc:bad").await;
+    let good = json!({"type":"set","path":["a"],"value":1});
+    let r = c.call_in("doc:bad", "sync.op", op("c1", 1, json!(0), good.clone())).await;
+    assert_eq!(r["type"], "reply", "{r}");
+    let before = version(&mut c, "doc:bad").await;
+
+    let cases: Vec<(&str, Value, u64)> = vec![
+        ("garbage data", json!("not an op request"), 422),
+        ("missing fields", json!({"client": "c1", "seq": 2}), 422),
+        ("unknown field", json!({"client": "c1", "seq": 2, "base": 1, "op": good, "x": 1}), 422),
+        ("unknown op type", op("c1", 2, json!(1), json!({"type":"frob","path":[]})), 422),
+        ("op of the wrong shape", op("c1", 2, json!(1), json!({"type":"set","path":"a"})), 422),
+        ("negative base", op("c1", 2, json!(-1), good.clone()), 422),
+        ("fractional base", op("c1", 2, json!(0.5), good.clone()), 422),
+        ("future base", op("c1", 2, json!(99), good.clone()), 400),
+        ("seq 0", op("c1", 0, json!(1), good.clone()), 400),
+        ("bad client id", op("c 1", 2, json!(1), good.clone()), 400),
+        ("empty client id", op("", 2, json!(1), good.clone()), 400),
+        ("oversized op", op("c1", 2, json!(1), json!({"type":"set","path":["a"],"value":"x".repeat(400)})), 413),
+        ("state too large", op("c1", 2, json!(1), json!({"type":"set","path":["a"],"value":"x".repeat(200)})), 413),
+    ];
+    for (what, data, code) in cases {
+        let r = c.call_in("doc:bad", "sync.op", data).await;
+        assert_eq!((r["type"].as_str(), r["code"].as_u64()), (Some("error"), Some(code)), "{what}: {r}");
+        assert_eq!(version(&mut c, "doc:bad").await, before, "{what}: the state is untouched");
+    }
+    // The state bound is checked on the result: small ops still fit. (Seq 2
+    // was refused for its size: a resend of it would get that answer again.)
+    for seq in 3..=4 {
+        let r = c
+            .call_in("doc:bad", "sync.op", op("c1", seq, json!(1), json!({"type":"set","path":["s"],"value":seq})))
+            .await;
+        assert_eq!(r["type"], "reply", "{r}");
+    }
+    // A stale seq of this client (below its last applied one): 409.
+    let r = c.call_in("doc:bad", "sync.op", op("c1", 1, json!(3), good.clone())).await;
+    assert_eq!(r["code"], 409, "{r}");
+    let r = c.call_in("doc:bad", "sync.op", op("c1", 2, json!(3), good.clone())).await;
+    assert_eq!(r["code"], 413, "a resent refused op gets its refusal again: {r}");
+    // Another user replaying ann's client id: 403, nothing applied.
+    let mut mallory = raw(addr, "mallory", "doc:bad").await;
+    let r = mallory.call_in("doc:bad", "sync.op", op("c1", 5, json!(3), good.clone())).await;
+    assert_eq!((r["code"].as_u64(), r["data"]["version"].as_u64()), (Some(403), Some(3)), "{r}");
+    let r = mallory.call_in("doc:bad", "sync.op", op("c1", 4, json!(3), good.clone())).await;
+    assert_eq!(r["code"], 403, "a replayed id is not acknowledged to another user: {r}");
+    assert_eq!(version(&mut c, "doc:bad").await.0, 3);
+    // A room that is not synced, a call without a room, a get ahead of the room.
+    c.join_ok("plain").await;
+    let r = c.call_in("plain", "sync.op", op("c1", 9, json!(0), good.clone())).await;
+    assert_eq!(r["code"], 404, "{r}");
+    let r = c.call("sync.get", json!({})).await;
+    assert_eq!(r["code"], 400, "{r}");
+    let r = c.call_in("doc:bad", "sync.get", json!({"since": 50})).await;
+    assert_eq!((r["code"].as_u64(), r["data"]["version"].as_u64()), (Some(400), Some(3)), "{r}");
+    let r = c.call_in("doc:bad", "sync.get", json!({"since": -1})).await;
+    assert_eq!(r["code"], 422, "{r}");
+    // Still alive and usable.
+    let r = c.call_in("doc:bad", "sync.op", op("c1", 5, json!(3), good)).await;
+    assert_eq!(r["data"]["version"], 4, "{r}");
+}
+
+#[tokio::test]
+async fn ops_over_the_rate_get_420_with_retry_after() {
+    let config = SyncConfig::default().op_rate(1).op_burst(3);
+    let h = hub_with(MemorySnapshots::new(), config, None);
+    let addr = support::serve(&h).await;
+    let mut c = raw(addr, "ann", "doc:rate").await;
+    let mut codes = Vec::new();
+    for seq in 1..=5 {
+        let r = c
+            .call_in(
+                "doc:rate",
+                "sync.op",
+                op("c1", seq, json!(seq - 1), json!({"type":"set","path":["n"],"value":seq})),
+            )
+            .await;
+        codes.push(r["code"].as_u64().unwrap_or(0));
+        if r["code"] == 420 {
+            assert!(r["data"]["retry_after_ms"].as_u64().unwrap() > 0, "{r}");
+        }
+    }
+    assert_eq!(codes, [0, 0, 0, 420, 420]);
+    assert_eq!(version(&mut c, "doc:rate").await.0, 3);
+}
+
+#[tokio::test]
+async fn a_late_joiner_far_behind_gets_a_snapshot() {
+    let config = SyncConfig::default().snapshot_every(10).op_rate(10_000).op_burst(10_000);
+    let h = hub_with(MemorySnapshots::new().retain(5), config, None);
+    let addr = support::serve(&h).await;
+    let mut c = raw(addr, "ann", "doc:snap").await;
+    for seq in 1..=37u64 {
+        let r = c
+            .call_in(
+                "doc:snap",
+                "sync.op",
+                op("c1", seq, json!(seq - 1), json!({"type":"increment","path":["n"],"by":1})),
+            )
+            .await;
+        assert_eq!(r["data"]["version"], seq, "{r}");
+    }
+    // Near the top: the ops. Far behind: the state.
+    let r = c.call_in("doc:snap", "sync.get", json!({"since": 35})).await;
+    assert_eq!(r["data"]["ops"].as_array().map(Vec::len), Some(2), "{r}");
+    let r = c.call_in("doc:snap", "sync.get", json!({"since": 3})).await;
+    assert_eq!((r["data"]["version"].as_u64(), &r["data"]["state"]), (Some(37), &json!({"n": 37})), "{r}");
+}
+
+#[tokio::test]
+async fn memory_snapshots_pass_the_conformance_suite() {
+    switchboard::testing::snapshot_store(MemorySnapshots::new().retain(4)).await;
+}
