@@ -5,13 +5,17 @@
 //! ```text
 //! cargo run --example echo -- --addr 127.0.0.1:9001
 //! ```
+//!
+//! `permessage-deflate` is negotiated when offered, and every echoed
+//! message is compressed (`Compression::On`), so the suite's compression
+//! cases (groups 12 and 13) exercise both directions.
 
 #[path = "common/cli.rs"]
 mod cli;
 
 use futures::{SinkExt, StreamExt};
-use switchboard::transport::ws::{self, WsConfig};
-use switchboard::transport::{Frame, Transport};
+use switchboard::transport::ws::{self, Compression, WsConfig};
+use switchboard::transport::{CloseFrame, Frame, Transport};
 use tokio::net::TcpListener;
 
 const USAGE: cli::Usage = cli::Usage {
@@ -39,11 +43,25 @@ async fn accept_loop(listener: TcpListener, max: usize) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else { continue };
         tokio::spawn(async move {
-            let Ok(Some((transport, _handshake))) = ws::upgrade(stream, peer, &WsConfig::default(), max).await else {
+            let config = WsConfig::default().compression(Compression::On);
+            let Ok(Some((transport, _handshake))) = ws::upgrade(stream, peer, &config, max).await else {
                 return;
             };
             let (mut sink, mut stream) = transport.split();
-            while let Some(Ok(frame)) = stream.next().await {
+            while let Some(item) = stream.next().await {
+                let frame = match item {
+                    Ok(frame) => frame,
+                    // A broken frame or message: fail the connection with
+                    // its close code (1002, 1007, 1009), as RFC 6455 asks.
+                    Err(e) => {
+                        if let Some(code) = e.close_code() {
+                            let close = CloseFrame { code, reason: String::new() };
+                            let _ = sink.send(Frame::Close(Some(close))).await;
+                        }
+                        let _ = sink.close().await;
+                        return;
+                    }
+                };
                 // The transport leaves answering pings and closes to its user.
                 let reply = match frame {
                     Frame::Text(_) | Frame::Binary(_) => frame,

@@ -61,3 +61,11 @@ pub fn backplane_message(data: &[u8]) {
     let again = RoomMessage::encode(msg.origin, msg.exclude, &msg.event, msg.payload.as_ref(), msg.position.as_ref());
     assert_eq!(RoomMessage::decode(again), Some(msg));
 }
+
+/// The WebSocket frame reader with `permessage-deflate` negotiated: the
+/// first byte picks the read size, the rest is what a client sent. Reading
+/// never panics, never yields a message over the limit or text that is not
+/// UTF-8, and stops after the first error or close.
+pub fn ws_frames(data: &[u8]) {
+    crate::transport::ws::read_frames_for_fuzzing(data);
+}

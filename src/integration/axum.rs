@@ -79,7 +79,7 @@ fn refusal(r: Refusal) -> Response {
 /// Handles one upgrade request: validate, authenticate, answer `101`, and
 /// serve the connection on a spawned task once hyper hands it over.
 pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
-    let negotiated = match negotiate(req.method(), req.headers()) {
+    let negotiated = match negotiate(req.method(), req.headers(), config.compression) {
         Ok(n) => n,
         Err(r) => return refusal(r),
     };
@@ -104,6 +104,7 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
         Ok(admitted) => admitted,
         Err(rej) => return refusal(super::ws::refusal(&rej)),
     };
+    let deflate = negotiated.deflate;
     tokio::spawn(async move {
         // The admission is held until the connection ends, whichever way:
         // the session task's end (or its cancellation) drops it and frees
@@ -112,7 +113,7 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
         match on_upgrade.await {
             Ok(upgraded) => {
                 let max = hub.config().max_message_size;
-                let transport = WsTransport::from_upgraded(TokioIo::new(upgraded), &config, max).await;
+                let transport = WsTransport::upgraded(TokioIo::new(upgraded), &config, max, deflate);
                 let session = hub.serve(transport, &hs, identity);
                 super::ws::spawn_session(session, admission);
             }
@@ -129,6 +130,9 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
     }
     if let Some(p) = negotiated.subprotocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    if negotiated.deflate.is_some() {
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(crate::transport::ws::DEFLATE_RESPONSE));
     }
     res
 }

@@ -63,6 +63,11 @@ pub enum TransportError {
     /// An inbound text message was not valid UTF-8 (close 1007).
     #[error("invalid UTF-8 in a text message")]
     InvalidUtf8,
+    /// An inbound message's data was not what the negotiated encoding
+    /// allows, e.g. a `permessage-deflate` message that is not valid
+    /// deflate (close 1007).
+    #[error("invalid message data: {0}")]
+    InvalidData(String),
     /// The peer broke the transport's protocol (close 1002).
     #[error("protocol violation: {0}")]
     Protocol(String),
@@ -80,7 +85,7 @@ impl TransportError {
     pub fn close_code(&self) -> Option<CloseCode> {
         match self {
             TransportError::MessageTooBig => Some(CloseCode::TOO_BIG),
-            TransportError::InvalidUtf8 => Some(CloseCode::INVALID_DATA),
+            TransportError::InvalidUtf8 | TransportError::InvalidData(_) => Some(CloseCode::INVALID_DATA),
             TransportError::Protocol(_) => Some(CloseCode::PROTOCOL_ERROR),
             TransportError::Closed | TransportError::Io(_) => None,
         }

@@ -16,7 +16,10 @@
 // - "Retry now" connects before the countdown ends;
 // - offline (Chromium's emulation) is said in words, and the page comes
 //   back by itself when the network does, with what it missed;
-// - a new name while connected keeps the rooms.
+// - a new name while connected keeps the rooms;
+// - every connection negotiated permessage-deflate (the page's WebSocket
+//   `extensions`, i.e. the Sec-WebSocket-Extensions response header), so
+//   all of the above ran compressed.
 //
 //   node tests/browser/chat.mjs http://127.0.0.1:CHAT http://127.0.0.1:CONTROL SCREENSHOT_DIR
 //
@@ -62,10 +65,28 @@ async function openUser(name, context) {
     socket.on("framesent", parse(page.frames_.sent));
     socket.on("framereceived", parse(page.frames_.received));
   });
+  // The extensions each WebSocket negotiated (its `extensions` attribute is
+  // the Sec-WebSocket-Extensions response header the page saw).
+  await page.addInitScript(() => {
+    const Native = window.WebSocket;
+    window.wsExtensions_ = [];
+    window.WebSocket = class extends Native {
+      constructor(...args) {
+        super(...args);
+        this.addEventListener("open", () => window.wsExtensions_.push(this.extensions));
+      }
+    };
+  });
   await page.goto(`${base}/`);
   await page.fill("#name", name);
   await page.click("#connect");
   await waitConnected(page);
+  // Chromium offers permessage-deflate; the server accepts it, without
+  // context takeover either way (docs/performance.md).
+  const extensions = await page.evaluate(() => window.wsExtensions_.at(-1));
+  if (extensions !== "permessage-deflate; server_no_context_takeover; client_no_context_takeover") {
+    throw new Error(`${name}: negotiated extensions ${JSON.stringify(extensions)}, not permessage-deflate`);
+  }
   await page.waitForFunction(() => document.querySelector("#current-room")?.textContent === "# lobby");
   return page;
 }

@@ -1,11 +1,12 @@
-//! The WebSocket connection itself: tungstenite reads, we write.
+//! The WebSocket connection itself: the crate's frame reader reads, we
+//! write.
 //!
-//! **Reading** goes through tungstenite, which enforces RFC 6455 on what the
-//! client sends (masking, fragmentation, UTF-8 in text, control-frame rules,
-//! size limits). Its *own* writes — the automatic pong and close replies it
-//! produces while reading — go to a sink that discards them: the session
-//! answers pings and closes through the writer below, so every byte sent on
-//! the socket comes from one place, in order.
+//! **Reading** goes through [`FrameReader`](super::reader), which enforces
+//! RFC 6455 on what the client sends (masking, fragmentation, UTF-8 in
+//! text, control-frame rules, size limits) and inflates `permessage-deflate`
+//! messages. It never writes: the session answers pings and closes through
+//! the writer below, so every byte sent on the socket comes from one place,
+//! in order.
 //!
 //! **Writing** does not go through tungstenite. Server frames are unmasked,
 //! so a frame is a 2–10 byte header followed by the payload unchanged: the
@@ -15,9 +16,9 @@
 //! reference count and a slot in an `IoSlice` array: no UTF-8 re-check, no
 //! copy into a per-connection buffer.
 
-use super::frames::{FrameCounter, TooManyFragments};
+use super::deflate::Deflate;
+use super::reader::{FrameReader, Limits, Role};
 use super::WsConfig;
-use crate::protocol::CloseCode;
 use crate::transport::{CloseFrame, Fragments, Frame, Transport, TransportError};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{Sink, Stream};
@@ -25,58 +26,78 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_tungstenite::tungstenite::{self, protocol::Role, Message};
-use tokio_tungstenite::WebSocketStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// A server-side WebSocket connection as a [`Transport`].
 pub struct WsTransport {
-    read: WebSocketStream<ReadSide>,
-    /// Frames per message read (see [`FrameCounter`]).
+    read: FrameReader,
+    /// Frames per message read.
     fragments: Fragments,
     write: BoxWrite,
     /// Data frames come framed ([`Transport::prefer_framed`]).
     framed: bool,
+    /// `permessage-deflate` as negotiated, if it was.
+    deflate: Option<Deflate>,
 }
 
 impl std::fmt::Debug for WsTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WsTransport").finish_non_exhaustive()
+        f.debug_struct("WsTransport").field("deflate", &self.deflate.is_some()).finish_non_exhaustive()
     }
 }
 
 impl WsTransport {
     /// Wraps a stream whose handshake is already done (server role), e.g. a
-    /// hyper upgrade. The stream is split with `tokio::io::split`.
+    /// hyper upgrade, without `permessage-deflate`. The stream is split
+    /// with `tokio::io::split`.
     pub async fn from_upgraded<S>(io: S, config: &WsConfig, max_message_size: usize) -> WsTransport
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        WsTransport::upgraded(io, config, max_message_size, None)
+    }
+
+    /// [`WsTransport::from_upgraded`], with the extension as negotiated.
+    pub(crate) fn upgraded<S>(
+        io: S,
+        config: &WsConfig,
+        max_message_size: usize,
+        deflate: Option<Deflate>,
+    ) -> WsTransport
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let (r, w) = tokio::io::split(io);
-        WsTransport::from_halves(Box::new(r), Box::new(w), Vec::new(), config, max_message_size).await
+        WsTransport::from_halves(Box::new(r), Box::new(w), Vec::new(), config, max_message_size, deflate)
     }
 
     /// Builds the transport from the two halves of an upgraded connection
     /// and the bytes already read past the handshake.
-    pub(crate) async fn from_halves(
+    pub(crate) fn from_halves(
         read: BoxRead,
         write: BoxWrite,
         leftover: Vec<u8>,
         config: &WsConfig,
         max_message_size: usize,
+        deflate: Option<Deflate>,
     ) -> WsTransport {
-        let cfg = config.tungstenite(max_message_size);
-        let mut frames = FrameCounter::new(config.max_fragments);
-        // The bytes read with the handshake are the first frames' too. (Too
-        // many fragments already there: the first read fails the same way.)
-        let early = frames.feed(&leftover).err();
-        let fragments = frames.counts();
-        let side = ReadSide { io: read, frames, early };
-        let read = WebSocketStream::from_partially_read(side, leftover, Role::Server, Some(cfg)).await;
-        WsTransport { read, fragments, write, framed: false }
+        let limits = Limits {
+            max_message_size,
+            max_fragments: config.max_fragments,
+            read_buffer_size: config.read_buffer_size,
+            deflate: deflate.is_some(),
+        };
+        let read = FrameReader::new(read, leftover, Role::Server, limits);
+        let fragments = read.counts();
+        WsTransport { read, fragments, write, framed: false, deflate }
+    }
+
+    /// Whether `permessage-deflate` was negotiated.
+    pub fn compressed(&self) -> bool {
+        self.deflate.is_some()
     }
 }
 
@@ -85,7 +106,8 @@ impl Transport for WsTransport {
     type Stream = WsStream;
 
     fn split(self) -> (WsSink, WsStream) {
-        let sink = WsSink { io: self.write, out: VecDeque::new(), data: false, framed: self.framed };
+        let sink =
+            WsSink { io: self.write, out: VecDeque::new(), data: false, framed: self.framed, deflate: self.deflate };
         (sink, WsStream { inner: self.read })
     }
 
@@ -96,47 +118,6 @@ impl Transport for WsTransport {
 
     fn fragments(&self) -> Option<Fragments> {
         Some(self.fragments.clone())
-    }
-}
-
-/// The read half as tungstenite sees it: reads from the socket, counting
-/// frames on the way ([`FrameCounter`]), and discards what tungstenite
-/// writes (its automatic replies; see the module docs).
-struct ReadSide {
-    io: BoxRead,
-    frames: FrameCounter,
-    /// Too many fragments in the bytes read with the handshake.
-    early: Option<TooManyFragments>,
-}
-
-impl AsyncRead for ReadSide {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if let Some(e) = this.early.take() {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
-        }
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-        // A message in too many fragments fails the read: tungstenite
-        // passes the error on, and the stream reports it as too big.
-        match this.frames.feed(&buf.filled()[before..]) {
-            Ok(()) => Poll::Ready(Ok(())),
-            Err(e) => Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
-        }
-    }
-}
-
-impl AsyncWrite for ReadSide {
-    fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -152,6 +133,9 @@ pub struct WsSink {
     data: bool,
     /// Data frames arrive framed (header included): queued as they are.
     framed: bool,
+    /// `permessage-deflate` as negotiated: unframed data frames at or over
+    /// its threshold are compressed here (framed ones were by the hub).
+    deflate: Option<Deflate>,
 }
 
 /// One frame on its way out: a 2–10 byte header kept inline (no allocation
@@ -207,11 +191,18 @@ impl WsSink {
         self.push(head, len, payload);
     }
 
-    /// A data frame: framed by the hub already, or given a header here.
+    /// A data frame: framed by the hub already, or given a header (and
+    /// compressed, when that was negotiated and it is big enough) here.
     fn queue_data(&mut self, opcode: u8, payload: Bytes) {
         self.data = true;
         if self.framed {
             self.push([0; 10], 0, payload);
+        } else if let Some(frame) = self
+            .deflate
+            .filter(|d| payload.len() >= d.threshold)
+            .and_then(|_| super::deflate::compressed_frame(opcode, &payload))
+        {
+            self.push([0; 10], 0, frame);
         } else {
             self.queue(opcode, payload);
         }
@@ -311,7 +302,7 @@ impl Sink<Frame> for WsSink {
 
 /// Reading half of a [`WsTransport`].
 pub struct WsStream {
-    inner: WebSocketStream<ReadSide>,
+    inner: FrameReader,
 }
 
 impl std::fmt::Debug for WsStream {
@@ -320,56 +311,18 @@ impl std::fmt::Debug for WsStream {
     }
 }
 
-fn map_error(e: tungstenite::Error) -> TransportError {
-    use tungstenite::Error as E;
-    match e {
-        E::Capacity(_) => TransportError::MessageTooBig,
-        E::Io(io) if io.get_ref().is_some_and(|e| e.is::<TooManyFragments>()) => TransportError::MessageTooBig,
-        E::Utf8(_) => TransportError::InvalidUtf8,
-        E::Protocol(p) => TransportError::Protocol(p.to_string()),
-        E::Io(io) => TransportError::Io(io),
-        E::ConnectionClosed | E::AlreadyClosed => TransportError::Closed,
-        other => TransportError::Protocol(other.to_string()),
-    }
-}
-
 impl Stream for WsStream {
     type Item = Result<Frame, TransportError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            let item = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
-                None => return Poll::Ready(None),
-                Some(item) => item,
-            };
-            let frame = match item {
-                Ok(Message::Text(t)) => Frame::Text(t.into()),
-                Ok(Message::Binary(b)) => Frame::Binary(b),
-                Ok(Message::Ping(b)) => Frame::Ping(b),
-                Ok(Message::Pong(b)) => Frame::Pong(b),
-                Ok(Message::Close(c)) => {
-                    Frame::Close(c.map(|c| CloseFrame { code: CloseCode(c.code.into()), reason: c.reason.to_string() }))
-                }
-                // Raw frames are never produced when reading.
-                Ok(Message::Frame(_)) => continue,
-                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                    return Poll::Ready(None)
-                }
-                // The peer dropped the connection without a close frame: the
-                // stream ended (connection lost), not a protocol violation.
-                Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => {
-                    return Poll::Ready(None)
-                }
-                Err(e) => return Poll::Ready(Some(Err(map_error(e)))),
-            };
-            return Poll::Ready(Some(Ok(frame)));
-        }
+        self.inner.poll_frame(cx)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::CloseCode;
 
     #[test]
     fn headers_for_each_length_class() {
@@ -454,7 +407,7 @@ mod tests {
         for step in [1, 2, 3, 5, 7, 64, 1000] {
             let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
             let io = Box::new(Trickle { got: got.clone(), step });
-            let mut sink = WsSink { io, out: VecDeque::new(), data: false, framed: false };
+            let mut sink = WsSink { io, out: VecDeque::new(), data: false, framed: false, deflate: None };
             futures::executor::block_on(async {
                 for f in frames() {
                     sink.feed(f).await.unwrap();
@@ -474,7 +427,7 @@ mod tests {
         use futures::SinkExt;
         let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let io = Box::new(Trickle { got: got.clone(), step: 1000 });
-        let mut sink = WsSink { io, out: VecDeque::new(), data: false, framed: true };
+        let mut sink = WsSink { io, out: VecDeque::new(), data: false, framed: true, deflate: None };
         let text = crate::transport::ws_framed(false, b"hello");
         let binary = crate::transport::ws_framed(true, &[7u8; 300]);
         futures::executor::block_on(async {

@@ -2,6 +2,7 @@
 //! shared by the standalone listener and the axum integration so both
 //! accept, negotiate and reject exactly alike.
 
+use super::deflate::{self, Compression, Deflate};
 use crate::protocol::Format;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use std::borrow::Cow;
@@ -13,6 +14,8 @@ pub(crate) struct Negotiated {
     pub accept: String,
     /// The subprotocol chosen (the client's first offer that we speak), if any.
     pub subprotocol: Option<&'static str>,
+    /// `permessage-deflate`, when offered and accepted.
+    pub deflate: Option<Deflate>,
 }
 
 /// A refused handshake: status, extra headers, body.
@@ -61,8 +64,13 @@ fn header_has_token(headers: &HeaderMap, name: http::header::HeaderName, token: 
 /// - Subprotocol: the first of the client's offers that is ours
 ///   (`switchboard.v1.json`, `switchboard.v1.msgpack`); no offer at all →
 ///   none selected, the connection speaks JSON; offers but none of ours → 400.
-pub(crate) fn negotiate(method: &Method, headers: &HeaderMap) -> Result<Negotiated, Refusal> {
-    use http::header::{CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE};
+/// - Extensions: `permessage-deflate` when `compression` is not
+///   [`Compression::Off`] and the client offers one we can honour
+///   ([`deflate::negotiate`]); anything else offered is ignored.
+pub(crate) fn negotiate(method: &Method, headers: &HeaderMap, compression: Compression) -> Result<Negotiated, Refusal> {
+    use http::header::{
+        CONNECTION, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
+    };
     if !header_has_token(headers, UPGRADE, "websocket") || !header_has_token(headers, CONNECTION, "upgrade") {
         let mut r = Refusal::new(StatusCode::UPGRADE_REQUIRED, "this endpoint only speaks WebSocket");
         r.headers.push(("upgrade", "websocket".into()));
@@ -98,7 +106,9 @@ pub(crate) fn negotiate(method: &Method, headers: &HeaderMap) -> Result<Negotiat
             "no supported subprotocol offered: offer switchboard.v1.json or switchboard.v1.msgpack",
         ));
     }
-    Ok(Negotiated { accept: tokio_tungstenite::tungstenite::handshake::derive_accept_key(key), subprotocol })
+    let extensions = headers.get_all(SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok());
+    let deflate = deflate::negotiate(extensions, compression);
+    Ok(Negotiated { accept: tokio_tungstenite::tungstenite::handshake::derive_accept_key(key), subprotocol, deflate })
 }
 
 /// The raw `101 Switching Protocols` response.
@@ -110,6 +120,11 @@ pub(crate) fn switching_protocols(n: &Negotiated) -> String {
     if let Some(p) = n.subprotocol {
         out.push_str("sec-websocket-protocol: ");
         out.push_str(p);
+        out.push_str("\r\n");
+    }
+    if n.deflate.is_some() {
+        out.push_str("sec-websocket-extensions: ");
+        out.push_str(deflate::RESPONSE);
         out.push_str("\r\n");
     }
     out.push_str("\r\n");
@@ -155,7 +170,7 @@ mod tests {
 
     #[test]
     fn rfc_sample_key() {
-        let n = negotiate(&Method::GET, &upgrade_headers()).unwrap();
+        let n = negotiate(&Method::GET, &upgrade_headers(), Compression::On).unwrap();
         assert_eq!(n.accept, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
         assert_eq!(n.subprotocol, None);
     }
@@ -164,19 +179,36 @@ mod tests {
     fn picks_first_offer_we_speak() {
         let mut h = upgrade_headers();
         h.insert("sec-websocket-protocol", "chat, switchboard.v1.msgpack, switchboard.v1.json".parse().unwrap());
-        assert_eq!(negotiate(&Method::GET, &h).unwrap().subprotocol, Some("switchboard.v1.msgpack"));
+        assert_eq!(negotiate(&Method::GET, &h, Compression::On).unwrap().subprotocol, Some("switchboard.v1.msgpack"));
+    }
+
+    #[test]
+    fn permessage_deflate_is_accepted_unless_off() {
+        let mut h = upgrade_headers();
+        h.insert("sec-websocket-extensions", "permessage-deflate; client_max_window_bits".parse().unwrap());
+        let n = negotiate(&Method::GET, &h, Compression::Above(64)).unwrap();
+        assert_eq!(n.deflate, Some(Deflate { threshold: 64 }));
+        let text = switching_protocols(&n);
+        assert!(
+            text.contains("sec-websocket-extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n"),
+            "{text}"
+        );
+        let n = negotiate(&Method::GET, &h, Compression::Off).unwrap();
+        assert_eq!(n.deflate, None);
+        assert!(!switching_protocols(&n).contains("extensions"));
+        assert_eq!(negotiate(&Method::GET, &upgrade_headers(), Compression::On).unwrap().deflate, None);
     }
 
     #[test]
     fn foreign_subprotocols_only_is_refused() {
         let mut h = upgrade_headers();
         h.insert("sec-websocket-protocol", "chat, mqtt".parse().unwrap());
-        assert_eq!(negotiate(&Method::GET, &h).unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert_eq!(negotiate(&Method::GET, &h, Compression::On).unwrap_err().status, StatusCode::BAD_REQUEST);
     }
 
     #[test]
     fn one_connection_header_in_426() {
-        let r = negotiate(&Method::GET, &HeaderMap::new()).unwrap_err();
+        let r = negotiate(&Method::GET, &HeaderMap::new(), Compression::On).unwrap_err();
         let text = refusal_response(&r);
         assert_eq!(text.matches("connection:").count(), 1, "{text}");
         assert!(text.contains("connection: upgrade"), "{text}");
@@ -184,13 +216,19 @@ mod tests {
 
     #[test]
     fn refusals() {
-        assert_eq!(negotiate(&Method::GET, &HeaderMap::new()).unwrap_err().status, StatusCode::UPGRADE_REQUIRED);
-        assert_eq!(negotiate(&Method::POST, &upgrade_headers()).unwrap_err().status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            negotiate(&Method::GET, &HeaderMap::new(), Compression::On).unwrap_err().status,
+            StatusCode::UPGRADE_REQUIRED
+        );
+        assert_eq!(
+            negotiate(&Method::POST, &upgrade_headers(), Compression::On).unwrap_err().status,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
         let mut h = upgrade_headers();
         h.insert("sec-websocket-version", "8".parse().unwrap());
-        assert_eq!(negotiate(&Method::GET, &h).unwrap_err().status, StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(negotiate(&Method::GET, &h, Compression::On).unwrap_err().status, StatusCode::UPGRADE_REQUIRED);
         let mut h = upgrade_headers();
         h.insert("sec-websocket-key", "short".parse().unwrap());
-        assert_eq!(negotiate(&Method::GET, &h).unwrap_err().status, StatusCode::BAD_REQUEST);
+        assert_eq!(negotiate(&Method::GET, &h, Compression::On).unwrap_err().status, StatusCode::BAD_REQUEST);
     }
 }

@@ -8,18 +8,26 @@
 //! `integration::axum` (inside axum), and both end in the same
 //! tungstenite stream and the same session code.
 //!
-//! tungstenite does the framing and the RFC 6455 rules (fragmentation,
-//! UTF-8 validation of text, masking, control frames, the close handshake,
-//! automatic pongs). Its default buffers (128 KiB read buffer per
-//! connection) are far too large for a server holding many mostly idle
-//! connections, so [`WsConfig`] defaults to small ones.
+//! The crate reads frames itself (`reader`: the RFC 6455 rules, the
+//! limits, and `permessage-deflate`, which tungstenite cannot read) and
+//! writes them itself (`conn`); tungstenite is used for the accept key
+//! only. The read buffer is small by default (4 KiB per connection), as a
+//! server holds many mostly idle connections.
+//!
+//! **Compression** (`permessage-deflate`, RFC 7692) is negotiated per
+//! [`WsConfig::compression`], always without context takeover in either
+//! direction (see [`Compression`] and docs/performance.md).
 
 mod conn;
-mod frames;
+mod deflate;
 mod handshake;
+mod reader;
 
 pub use conn::{WsSink, WsStream, WsTransport};
+pub use deflate::Compression;
 
+#[cfg(feature = "axum")]
+pub(crate) use deflate::RESPONSE as DEFLATE_RESPONSE;
 #[cfg(feature = "axum")]
 pub(crate) use handshake::negotiate;
 pub(crate) use handshake::Refusal;
@@ -27,7 +35,15 @@ pub(crate) use handshake::Refusal;
 /// The handshake negotiation, for the `handshake` fuzz target.
 #[cfg(fuzzing)]
 pub(crate) fn negotiate_for_fuzzing(method: &Method, headers: &HeaderMap) -> bool {
-    handshake::negotiate(method, headers).is_ok()
+    handshake::negotiate(method, headers, Compression::On).is_ok()
+}
+
+/// Reads frames from `data` as a server with `permessage-deflate`
+/// negotiated (a 4 KiB message limit), for the `ws_frames` fuzz target:
+/// the first byte picks how many bytes each read returns.
+#[cfg(fuzzing)]
+pub(crate) fn read_frames_for_fuzzing(data: &[u8]) {
+    reader::read_for_fuzzing(data)
 }
 
 use super::Handshake;
@@ -36,18 +52,17 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite;
 
 /// WebSocket settings. The message size limit comes from
 /// [`HubConfig::max_message_size`](crate::HubConfig::max_message_size).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct WsConfig {
-    /// tungstenite's read buffer, allocated per connection. Default 4 KiB
-    /// (tungstenite's own default is 128 KiB).
+    /// The frame reader's buffer, allocated per connection (it grows to
+    /// hold a larger frame whole). Default 4 KiB.
     pub read_buffer_size: usize,
-    /// Bytes tungstenite gathers before writing to the socket; the writer
-    /// flushes after every batch anyway. Default 8 KiB.
+    /// Unused since the writer writes each batch with vectored writes of
+    /// the shared buffers (kept for compatibility). Default 8 KiB.
     pub write_buffer_size: usize,
     /// Longest time a client may take to send its upgrade request (standalone
     /// listener), and longest the hub's authenticator may take (both paths;
@@ -61,6 +76,16 @@ pub struct WsConfig {
     /// big. Browsers and the crate's client never fragment; every fragment
     /// also counts toward the rate limit. Default 64.
     pub max_fragments: u32,
+    /// `permessage-deflate` (RFC 7692): whether it is negotiated with
+    /// clients that offer it (every browser does), and which outbound
+    /// messages are then compressed. Inbound compressed messages are
+    /// inflated whatever the threshold, capped at the message size limit.
+    /// Default `Above(256)`: chat lines and presence diffs under 256 bytes
+    /// gain little and cost CPU, larger envelopes shrink 3 to 10 times
+    /// (measured in docs/performance.md). A room broadcast is compressed
+    /// once and the frame shared by every member that negotiated it; no
+    /// connection keeps deflate state between messages.
+    pub compression: Compression,
 }
 
 impl Default for WsConfig {
@@ -71,6 +96,7 @@ impl Default for WsConfig {
             handshake_timeout: Duration::from_secs(10),
             max_handshake_size: 8 * 1024,
             max_fragments: 64,
+            compression: Compression::Above(256),
         }
     }
 }
@@ -106,12 +132,10 @@ impl WsConfig {
         self
     }
 
-    pub(crate) fn tungstenite(&self, max_message_size: usize) -> tungstenite::protocol::WebSocketConfig {
-        tungstenite::protocol::WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer_size)
-            .write_buffer_size(self.write_buffer_size)
-            .max_message_size(Some(max_message_size))
-            .max_frame_size(Some(max_message_size))
+    /// Sets [`WsConfig::compression`].
+    pub fn compression(mut self, v: Compression) -> Self {
+        self.compression = v;
+        self
     }
 }
 
@@ -156,7 +180,7 @@ where
         }
         Ok(Ok(h)) => h,
     };
-    let negotiated = match handshake::negotiate(&method, &headers) {
+    let negotiated = match handshake::negotiate(&method, &headers, config.compression) {
         Ok(n) => n,
         Err(r) => {
             stream.write_all(refuse(r).as_bytes()).await?;
@@ -177,7 +201,14 @@ where
     };
     stream.write_all(handshake::switching_protocols(&negotiated).as_bytes()).await?;
     let (read, write) = stream.into_split();
-    let transport = WsTransport::from_halves(Box::new(read), Box::new(write), leftover, config, max_message_size).await;
+    let transport = WsTransport::from_halves(
+        Box::new(read),
+        Box::new(write),
+        leftover,
+        config,
+        max_message_size,
+        negotiated.deflate,
+    );
     Ok(Some((transport, hs, admitted)))
 }
 
