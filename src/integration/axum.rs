@@ -105,6 +105,7 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
         Err(rej) => return refusal(super::ws::refusal(&rej)),
     };
     let deflate = negotiated.deflate;
+    tracing::trace!(peer = ?peer, compressed = deflate.is_some(), "websocket upgrade accepted");
     tokio::spawn(async move {
         // The admission is held until the connection ends, whichever way:
         // the session task's end (or its cancellation) drops it and frees

@@ -199,6 +199,7 @@ where
             return Ok(None);
         }
     };
+    tracing::trace!(%peer, compressed = negotiated.deflate.is_some(), "websocket upgrade accepted");
     stream.write_all(handshake::switching_protocols(&negotiated).as_bytes()).await?;
     let (read, write) = stream.into_split();
     let transport = WsTransport::from_halves(
