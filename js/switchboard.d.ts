@@ -130,7 +130,7 @@ export class PresenceView {
     self: string;
     /** @param {any} d the `data` of `presence_state`; replaces everything */
     state(d: any): void;
-    /** @param {any} d the `data` of `presence_diff`: joins replace by ref, then leaves, then count */
+    /** @param {any} d the `data` of `presence_diff`: joins replace by ref, then leaves, then ephemeral flag changes, then count */
     diff(d: any): void;
     /** The members, in the order they were first seen; `self` marks this connection's metas and key. @returns {Member[]} */
     list(): Member[];

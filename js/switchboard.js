@@ -114,7 +114,29 @@ export class PresenceView {
             this.#merge(d.joins, true);
         if (isObj(d.leaves))
             this.#merge(d.leaves, false);
+        if (isObj(d.ephemeral))
+            this.#flags(d.ephemeral);
         this.#count(d);
+    }
+    #flags(byKey) {
+        for (const [key, refs] of Object.entries(byKey)) {
+            const metas = this.members.get(key);
+            if (!metas || !isObj(refs))
+                continue;
+            for (const [ref, flags] of Object.entries(refs)) {
+                const i = metas.findIndex((m) => m.ref === ref);
+                if (i < 0 || !isObj(flags))
+                    continue;
+                const ephemeral = { ...(isObj(metas[i].ephemeral) ? metas[i].ephemeral : {}) };
+                for (const [flag, value] of Object.entries(flags)) {
+                    if (value === null)
+                        delete ephemeral[flag];
+                    else
+                        ephemeral[flag] = value;
+                }
+                metas[i] = { ...metas[i], ephemeral };
+            }
+        }
     }
     #count(d) {
         if (isObj(d.count) && uint(d.count.keys) && uint(d.count.connections))

@@ -26,12 +26,14 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 /// Handlers, and an authenticator: `?trusted` connections have no rate
 /// limit (the per-identity override); everyone else has the hub's.
+/// `?user=u` connections are user `u`, the others anonymous.
 fn builder() -> HubBuilder {
     Hub::builder()
         .authenticate(|hs: &Handshake| {
             let trusted = hs.query("trusted").is_some();
+            let user = hs.query("user");
             async move {
-                let id = Identity::anonymous();
+                let id = user.map(Identity::user).unwrap_or_else(Identity::anonymous);
                 Ok(if trusted { id.with_rate_limit(None) } else { id })
             }
         })
@@ -813,5 +815,195 @@ async fn join_and_leave_cycles_are_rate_limited_apart_from_messages() {
     assert_eq!(c.call("echo", json!(7)).await["data"], 7);
     f.tick().await;
     drop(c);
+    f.finish().await;
+}
+
+// ---------------------------------------------------------------------------
+// Presence
+// ---------------------------------------------------------------------------
+
+/// A presence room `p:room` (the bystander's `lobby` has none) on a hub
+/// whose connections have `queue` bytes of outbound queue. Counts-only by
+/// keys and connections is far away (1000): only the byte bound acts.
+fn presence_builder(queue: usize, presence: switchboard::presence::PresenceConfig) -> HubBuilder {
+    builder()
+        .config(HubConfig::default().outbound_queue_bytes(queue))
+        .presence(presence.room_prefixes(["p:"]).counts_only_above(1000))
+}
+
+/// Opens `n` tabs of user `tabs` in `p:room`, each with a meta of `bio`
+/// bytes (under the 1 KiB cap).
+async fn open_tabs(addr: SocketAddr, n: usize, bio: usize) -> Vec<Client> {
+    let mut tabs = Vec::new();
+    for i in 0..n {
+        let mut tab = connect_path(addr, "/?trusted&user=tabs").await;
+        tab.join_ok("p:room").await;
+        let r = tab
+            .request(json!({"type": "presence", "room": "p:room", "data": {"meta": {"bio": "x".repeat(bio)}}}))
+            .await;
+        assert_eq!(r["type"], "reply", "tab {i}: {r}");
+        tabs.push(tab);
+    }
+    tabs
+}
+
+/// The next presence message of `p:room`, and its size as JSON.
+async fn next_presence(c: &mut Client) -> (Value, usize) {
+    loop {
+        let v = c.recv().await;
+        if v["room"] == "p:room" && v["type"].as_str().is_some_and(|t| t.starts_with("presence_")) {
+            let size = v.to_string().len();
+            return (v, size);
+        }
+    }
+}
+
+#[tokio::test]
+async fn one_user_with_many_big_metas_cannot_make_the_state_outgrow_a_quarter_of_the_queue() {
+    // The attack (issue #24): one user with ~960 tabs, each with a 990-byte
+    // meta, grew `presence_state` past the 1 MiB queue: every joiner got its
+    // join reply and was closed with 4000. Scaled down: a 64 KiB queue and
+    // 70 tabs (~77 KB of metas), with the key and connection thresholds out
+    // of reach. A member list is now bounded in bytes too
+    // (`max_state_bytes`, at most a quarter of the queue): the room sends
+    // counts, and every joiner's state and queue stay within the bound.
+    let queue = 64 * 1024;
+    let mut f = Fixture::start(presence_builder(queue, Default::default())).await;
+    let mut member = connect_path(f.addr, "/?trusted&user=member").await;
+    member.join_ok("p:room").await;
+    let tabs = open_tabs(f.addr, 70, 990).await;
+    f.tick().await;
+    for i in 0..8 {
+        let mut joiner = connect_path(f.addr, &format!("/?trusted&user=joiner{i}")).await;
+        joiner.join_ok("p:room").await;
+        let (state, size) = next_presence(&mut joiner).await;
+        assert_eq!(state["type"], "presence_state", "{state}");
+        assert!(size <= queue / 4, "joiner {i}: a state of {size} bytes");
+        assert!(state["data"].get("presences").is_none(), "the list is over the bound: counts only");
+        assert!(state["data"]["count"]["connections"].as_u64().unwrap() >= 71, "{state}");
+        // Still open, and its queue never held more than the bound.
+        assert_eq!(joiner.call("echo", json!(1)).await["data"], 1);
+        let id = member_id(&f.hub, "p:room", joiner.connection_id());
+        let peak = f.hub.connection(id).unwrap().peak_queued_bytes();
+        assert!(peak <= queue / 4, "joiner {i}: {peak} bytes queued at most");
+    }
+    // The member saw the room switch to counts, and was never closed.
+    let mut counts = false;
+    while !counts {
+        let (v, size) = next_presence(&mut member).await;
+        assert!(size <= queue / 2, "a presence message of {size} bytes");
+        counts = v["type"] == "presence_state" && v["data"].get("presences").is_none();
+    }
+    assert_eq!(member.call("echo", json!(1)).await["data"], 1);
+    assert_eq!(f.hub.presence_stats().behind, 0);
+    f.tick().await;
+    drop((member, tabs));
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn a_presence_broadcast_never_closes_a_member_whose_queue_is_nearly_full() {
+    // The attack (issue #24): 300 ephemeral updates inside one batch window
+    // (over `max_pending`) broadcast the whole state, which closed every
+    // member whose queue could not take it (4000), the bystander included.
+    // Here: a member that stopped reading has its queue filled to within
+    // 8 KB of its 64 KiB bound, then ten tabs with 1 KB metas change them
+    // in one window (over a `max_pending` of 4): the whole state (~12 KB)
+    // does not fit. The member is put behind instead of being closed, and
+    // gets the whole state once it reads again.
+    let queue = 64 * 1024;
+    let presence =
+        switchboard::presence::PresenceConfig::default().max_pending(4).batch_window(Duration::from_millis(200));
+    let mut f = Fixture::start(presence_builder(queue, presence)).await;
+    let mut slow = connect_path(f.addr, "/?trusted&user=slow").await;
+    slow.join_ok("p:room").await;
+    slow.join_ok("stuff").await;
+    let mut tabs = open_tabs(f.addr, 10, 900).await;
+    let mut member = connect_path(f.addr, "/?trusted&user=member").await;
+    member.join_ok("p:room").await;
+    let mut view = PresenceView::default();
+    presence_until(&mut member, "p:room", &mut view, |v| v.get("tabs").is_some_and(|m| m.len() == 10)).await;
+    // Fill the slow member's queue (it reads nothing from here on).
+    let slow_id = member_id(&f.hub, "p:room", slow.connection_id());
+    let slow_conn = f.hub.connection(slow_id).unwrap();
+    // The writer moves what the socket takes: fill until the socket's
+    // buffers are full and the queue stays within 8 KB of its bound.
+    let mut published = 0u64;
+    loop {
+        while slow_conn.queued_bytes() + 8 * 1024 <= queue {
+            f.hub.publish("stuff", "fill", &json!({"n": published, "pad": "y".repeat(2000)})).await.unwrap();
+            published += 1;
+            assert!(published < 100_000, "the queue never filled");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if slow_conn.queued_bytes() + 8 * 1024 > queue {
+            break;
+        }
+    }
+    // Ten meta changes in one window: more than `max_pending`, so the next
+    // flush sends the whole state to every member.
+    for (i, tab) in tabs.iter_mut().enumerate() {
+        let r = tab.next_ref();
+        tab.send(
+            json!({"type": "presence", "ref": r, "room": "p:room", "data": {"meta": {"bio": "z".repeat(900), "n": i}}}),
+        )
+        .await;
+    }
+    for tab in &mut tabs {
+        let r = tab.next_ref() - 1;
+        assert_eq!(tab.reply_to(r).await["type"], "reply");
+    }
+    eventually("the slow member is behind", || f.hub.presence_stats().behind == 1).await;
+    assert!(f.hub.connection(slow_id).is_some(), "the slow member was closed");
+    // The reading member got the new metas (a state or diffs).
+    presence_until(&mut member, "p:room", &mut view, |v| {
+        v.get("tabs").is_some_and(|m| m.values().all(|meta| meta["meta"]["n"].is_u64()))
+    })
+    .await;
+    f.tick().await;
+    // The slow member reads again: every event, in order, then the state
+    // with the new metas; it was never closed.
+    let mut next = 0;
+    while next < published {
+        let e = slow.event().await;
+        assert_eq!(e["data"]["n"], next, "{e}");
+        next += 1;
+    }
+    let mut slow_view = PresenceView::default();
+    presence_until(&mut slow, "p:room", &mut slow_view, |v| {
+        v.get("tabs").is_some_and(|m| m.len() == 10 && m.values().all(|meta| meta["meta"]["n"].is_u64()))
+    })
+    .await;
+    assert_eq!(slow.call("echo", json!(1)).await["data"], 1);
+    eventually("nobody is behind", || f.hub.presence_stats().behind == 0).await;
+    drop((slow, member, tabs, slow_conn));
+    f.finish().await;
+}
+
+#[tokio::test]
+async fn a_typing_toggle_sends_the_flag_not_the_whole_meta() {
+    // The attack (issue #24): an ephemeral flag toggle resent the tab's
+    // whole meta to every member (14x per member). A change of flags alone
+    // now carries the flags (`ephemeral` of `presence_diff`).
+    let mut f = Fixture::start(presence_builder(1024 * 1024, Default::default())).await;
+    let mut tabs = open_tabs(f.addr, 1, 990).await;
+    let mut member = connect_path(f.addr, "/?trusted&user=member").await;
+    member.join_ok("p:room").await;
+    let mut view = PresenceView::default();
+    presence_until(&mut member, "p:room", &mut view, |v| v.contains_key("tabs") && v.contains_key("member")).await;
+    let tab = &mut tabs[0];
+    for typing in [json!(true), Value::Null, json!(true)] {
+        let r =
+            tab.request(json!({"type": "presence", "room": "p:room", "data": {"ephemeral": {"typing": typing}}})).await;
+        assert_eq!(r["type"], "reply", "{r}");
+        let (diff, size) = next_presence(&mut member).await;
+        assert_eq!(diff["type"], "presence_diff", "{diff}");
+        assert_eq!((diff["data"]["joins"].clone(), diff["data"]["leaves"].clone()), (json!({}), json!({})), "{diff}");
+        let flags = &diff["data"]["ephemeral"]["tabs"][r["data"]["ref"].as_str().unwrap()];
+        assert_eq!(flags, &json!({"typing": typing}), "{diff}");
+        assert!(size < 200, "a toggle of {size} bytes: {diff}");
+    }
+    f.tick().await;
+    drop((member, tabs));
     f.finish().await;
 }

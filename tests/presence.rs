@@ -39,7 +39,8 @@ fn events(log: &Log, key: &str) -> Vec<(bool, PresenceCause)> {
 
 /// One room's presence as a client keeps it, following docs/protocol.md:
 /// a `presence_state` replaces everything; a diff's `joins` add or replace
-/// metas by `ref`, its `leaves` remove them, and a key without metas is gone.
+/// metas by `ref`, its `leaves` remove them, a key without metas is gone,
+/// and its `ephemeral` sets (or with `null` clears) flags of metas by `ref`.
 #[derive(Debug, Default, Clone)]
 struct Model {
     keys: BTreeMap<String, BTreeMap<String, Value>>,
@@ -69,6 +70,20 @@ impl Model {
                         metas.remove(meta["ref"].as_str().unwrap());
                         if metas.is_empty() {
                             self.keys.remove(key);
+                        }
+                    }
+                }
+                for (key, refs) in data["ephemeral"].as_object().into_iter().flatten() {
+                    for (r, flags) in refs.as_object().unwrap() {
+                        let meta = self.keys.get_mut(key).and_then(|m| m.get_mut(r));
+                        let meta = meta.unwrap_or_else(|| panic!("flags of an unknown meta: {m}"));
+                        let ephemeral = meta["ephemeral"].as_object_mut().unwrap();
+                        for (flag, value) in flags.as_object().unwrap() {
+                            if value.is_null() {
+                                ephemeral.remove(flag);
+                            } else {
+                                ephemeral.insert(flag.clone(), value.clone());
+                            }
                         }
                     }
                 }
@@ -227,10 +242,13 @@ async fn multi_tab_user_is_one_key_that_leaves_with_its_last_tab() {
     assert_eq!(bob.hello["data"]["presence"]["ephemeral_ttl_ms"], 5000, "{}", bob.hello);
     bob.join_ok("lobby").await;
     let mut model = Model::default();
-    // The state comes right after the join reply and holds bob himself.
+    // The state comes right after the join reply: the room as its members
+    // have it (empty); bob's own join comes in the next diff.
     let state = bob.recv().await;
     assert_eq!(state["type"], "presence_state", "{state}");
     model.apply(&state);
+    assert_eq!(model.key_list(), Vec::<&str>::new());
+    watch(&mut bob, "lobby", &mut model, |m| m.metas("bob") == 1).await;
     assert_eq!(model.key_list(), ["bob"]);
     let node = bob.hello["data"]["node"].as_str().unwrap().to_owned();
     assert_eq!(model.meta("bob")["ref"], format!("{node}.{}", bob.connection_id()), "ref is <node>.<connection_id>");
@@ -276,9 +294,12 @@ async fn multi_tab_user_is_one_key_that_leaves_with_its_last_tab() {
     assert_eq!(next_msgpack(&mut mp).await["type"], "reply");
     let state = next_msgpack(&mut mp).await;
     assert_eq!(state["type"], "presence_state", "{state}");
-    assert_eq!(state["data"]["count"], json!({"keys": 2, "connections": 2}), "bob and the anonymous client");
+    assert_eq!(state["data"]["count"], json!({"keys": 1, "connections": 1}), "bob; the joiner comes in a diff");
     assert!(state["data"]["presences"]["bob"]["metas"][0]["ref"].is_string(), "{state}");
-    let anon: Vec<&String> = state["data"]["presences"].as_object().unwrap().keys().filter(|k| *k != "bob").collect();
+    let diff = next_msgpack(&mut mp).await;
+    assert_eq!(diff["type"], "presence_diff", "{diff}");
+    assert_eq!(diff["data"]["count"], json!({"keys": 2, "connections": 2}), "bob and the anonymous client");
+    let anon: Vec<&String> = diff["data"]["joins"].as_object().unwrap().keys().collect();
     assert!(anon.len() == 1 && anon[0].starts_with("anon:"), "an anonymous connection is its own key: {anon:?}");
 }
 
@@ -478,12 +499,15 @@ async fn two_hubs_on_one_backplane_agree_on_presence() {
     let alice2_ref = r["data"]["ref"].as_str().unwrap().to_owned();
     watch(&mut alice1, "r", &mut m1, |m| m.keys["alice"][&alice2_ref]["ephemeral"]["typing"] == true).await;
 
-    // A late joiner on node 1 gets everyone from the start.
+    // A late joiner on node 1 gets everyone from the start, and itself in
+    // the next diff.
     let mut carol1 = connect_path(addr1, "/?user=carol").await;
     carol1.join_ok("r").await;
     let mut m4 = Model::default();
     m4.apply(&carol1.recv().await);
-    assert_eq!((m4.metas("alice"), m4.metas("bob"), m4.metas("carol")), (2, 1, 1), "{m4:?}");
+    assert_eq!((m4.metas("alice"), m4.metas("bob"), m4.metas("carol")), (2, 1, 0), "{m4:?}");
+    watch(&mut carol1, "r", &mut m4, |m| m.metas("carol") == 1).await;
+    assert_eq!((m4.metas("alice"), m4.metas("bob")), (2, 1), "{m4:?}");
 
     // Bob leaves node 2: node 1 sees it, and its hook fires once.
     drop(bob2);

@@ -179,11 +179,33 @@ export class PresenceView {
     this.#count(d);
     this.synced = true;
   }
-  /** @param {any} d the `data` of `presence_diff`: joins replace by ref, then leaves, then count */
+  /** @param {any} d the `data` of `presence_diff`: joins replace by ref, then leaves, then ephemeral flag changes, then count */
   diff(d) {
     if (isObj(d.joins)) this.#merge(d.joins, true);
     if (isObj(d.leaves)) this.#merge(d.leaves, false);
+    if (isObj(d.ephemeral)) this.#flags(d.ephemeral);
     this.#count(d);
+  }
+  /**
+   * Flag changes of metas whose `meta` did not change: key → ref → flags
+   * (`null`: gone). Unknown keys and refs are skipped.
+   * @param {Record<string, any>} byKey
+   */
+  #flags(byKey) {
+    for (const [key, refs] of Object.entries(byKey)) {
+      const metas = this.members.get(key);
+      if (!metas || !isObj(refs)) continue;
+      for (const [ref, flags] of Object.entries(refs)) {
+        const i = metas.findIndex((m) => m.ref === ref);
+        if (i < 0 || !isObj(flags)) continue;
+        const ephemeral = { ...(isObj(metas[i].ephemeral) ? metas[i].ephemeral : {}) };
+        for (const [flag, value] of Object.entries(flags)) {
+          if (value === null) delete ephemeral[flag];
+          else ephemeral[flag] = value;
+        }
+        metas[i] = { ...metas[i], ephemeral };
+      }
+    }
   }
   /** @param {any} d */
   #count(d) {

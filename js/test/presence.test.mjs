@@ -34,6 +34,22 @@ test("presence_state replaces everything; diffs add by ref, then remove, then co
   assert.deepEqual(keys(v), ["cy:c.1"]);
 });
 
+test("ephemeral flag changes: set and cleared on the meta by ref, the rest of the meta kept", () => {
+  const v = new PresenceView();
+  v.state({ count: { keys: 1, connections: 2 }, presences: { ann: { metas: [meta("n.1", { meta: { name: "Ann" } }), meta("n.2", { ephemeral: { cursor: 3 } })] } } });
+  v.diff({ count: { keys: 1, connections: 2 }, joins: {}, leaves: {}, ephemeral: { ann: { "n.1": { typing: true } } } });
+  const [ann] = v.list();
+  assert.deepEqual(ann.metas[0].ephemeral, { typing: true });
+  assert.deepEqual(ann.metas[0].meta, { name: "Ann" });
+  assert.deepEqual(ann.metas[1].ephemeral, { cursor: 3 });
+  // null clears a flag; unknown keys, refs and malformed entries are skipped.
+  v.diff({ ephemeral: { ann: { "n.1": { typing: null }, "n.2": { cursor: 4 }, "n.9": { typing: true } }, zed: { "z.1": { typing: true } }, bad: 3 } });
+  const [ann2] = v.list();
+  assert.deepEqual(ann2.metas[0].ephemeral, {});
+  assert.deepEqual(ann2.metas[1].ephemeral, { cursor: 4 });
+  assert.deepEqual(keys(v), ["ann:n.1+n.2"]);
+});
+
 test("a join and leave of the same ref in one diff: joins first, then leaves", () => {
   const v = new PresenceView();
   v.state({ presences: {} });

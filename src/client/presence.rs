@@ -88,7 +88,12 @@ struct DiffData {
     count: Option<PresenceCount>,
     joins: Option<BTreeMap<String, Entry>>,
     leaves: Option<BTreeMap<String, Entry>>,
+    /// key → ref → changed flags (`null`: gone).
+    ephemeral: Option<BTreeMap<String, FlagsByRef>>,
 }
+
+/// One key's flag changes in a diff: ref → flags.
+type FlagsByRef = BTreeMap<String, Map<String, Value>>;
 
 /// Replaces `view` with a `presence_state`. An undecodable payload is an
 /// error and leaves the view as it was.
@@ -107,7 +112,9 @@ pub(crate) fn apply_state(view: &mut PresenceView, data: &Payload) -> Result<(),
 }
 
 /// Applies a `presence_diff`: joins (add or replace by `ref`), then leaves,
-/// then the count. Repeating what the view already has is not an error.
+/// then the flag changes of `ephemeral` (set, or remove on `null`; a `ref`
+/// the view does not have is skipped), then the count. Repeating what the
+/// view already has is not an error.
 pub(crate) fn apply_diff(view: &mut PresenceView, data: &Payload) -> Result<(), String> {
     let diff: DiffData = data.decode().map_err(|e| e.to_string())?;
     for (key, entry) in diff.joins.into_iter().flatten() {
@@ -122,6 +129,19 @@ pub(crate) fn apply_diff(view: &mut PresenceView, data: &Payload) -> Result<(), 
             }
             if metas.is_empty() {
                 view.members.remove(&key);
+            }
+        }
+    }
+    for (key, refs) in diff.ephemeral.into_iter().flatten() {
+        let Some(metas) = view.members.get_mut(&key) else { continue };
+        for (reference, flags) in refs {
+            let Some(meta) = metas.iter_mut().find(|m| m.reference == reference) else { continue };
+            for (flag, value) in flags {
+                if value.is_null() {
+                    meta.ephemeral.remove(&flag);
+                } else {
+                    meta.ephemeral.insert(flag, value);
+                }
             }
         }
     }
@@ -183,6 +203,18 @@ mod tests {
         assert!(!v.contains("ann"));
         assert_eq!(v.members["bob"][1].ephemeral["typing"], json!(true));
         assert_eq!(v.count, PresenceCount { keys: 1, connections: 2 });
+        // Flag changes only: the meta stays, one flag set, one cleared;
+        // unknown keys and refs are skipped.
+        apply_diff(
+            &mut v,
+            &p(json!({"count": {"keys": 1, "connections": 2}, "joins": {}, "leaves": {},
+                "ephemeral": {"bob": {"m.4": {"typing": null, "cursor": 7}, "m.9": {"typing": true}},
+                              "zed": {"z.1": {"typing": true}}}})),
+        )
+        .unwrap();
+        assert_eq!(v.members["bob"][1].ephemeral, json!({"cursor": 7}).as_object().unwrap().clone());
+        assert_eq!(v.members["bob"][1].joined_at, 9);
+        assert!(!v.contains("zed") && v.members["bob"].len() == 2);
         // Counts only.
         apply_state(&mut v, &p(json!({"count": {"keys": 101, "connections": 117}}))).unwrap();
         assert!(v.counts_only && v.members.is_empty());

@@ -169,6 +169,7 @@ impl HubBuilder {
     pub fn build(self) -> Hub {
         let node = crate::util::random_u64();
         let has_backplane = self.backplane.is_some();
+        let queue_bytes = self.config.outbound_queue_bytes;
         Hub {
             inner: Arc::new(HubInner {
                 node,
@@ -186,7 +187,7 @@ impl HubBuilder {
                 next_id: AtomicU64::new(1),
                 tasks: AtomicUsize::new(0),
                 heartbeat: OnceLock::new(),
-                extension: self.extension.and_then(|e| e.build(node, has_backplane)),
+                extension: self.extension.and_then(|e| e.build(node, has_backplane, queue_bytes)),
                 backplane: self.backplane.map(|b| Arc::new(BackplaneLink::new(b))),
                 history: self.history.map(|(store, config)| HistoryLink { store, config, checker: OnceLock::new() }),
                 shutting_down: AtomicBool::new(false),

@@ -45,8 +45,11 @@ pub(crate) trait RoomExtension: Send + Sync + 'static {
 
 /// What the builder collects for a [`RoomExtension`] before the hub exists.
 pub(crate) trait ExtensionSetup: Send + 'static {
-    /// The extension, if the collected settings turn it on.
-    fn build(self: Box<Self>, node: u64, backplane: bool) -> Option<Arc<dyn RoomExtension>>;
+    /// The extension, if the collected settings turn it on. `queue_bytes`:
+    /// the bound of each connection's outbound queue
+    /// (`HubConfig::outbound_queue_bytes`), which the feature's messages
+    /// must stay well within.
+    fn build(self: Box<Self>, node: u64, backplane: bool, queue_bytes: usize) -> Option<Arc<dyn RoomExtension>>;
     /// For [`HubBuilder::extension_setup`].
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }

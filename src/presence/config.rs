@@ -68,12 +68,19 @@ pub struct PresenceConfig {
     /// most three quarters of their thresholds. Default 100 (a member list
     /// longer than that is rarely shown; apps show "1,234 online" instead).
     /// `usize::MAX` turns it off. A member list thus holds at most `2 ×` this
-    /// many metas: with the default 100 and 1 KiB metas, a `presence_state`
-    /// stays under about 230 KiB, less than a quarter of the default 1 MiB
-    /// outbound queue. Keep `2 × counts_only_above × (max_meta_bytes + 150)`
-    /// under a quarter of `HubConfig::outbound_queue_bytes` when raising
-    /// either.
+    /// many metas, and at most [`PresenceConfig::max_state_bytes`] bytes.
     pub counts_only_above: usize,
+    /// Largest member list a room sends, in bytes of its JSON encoding (its
+    /// MessagePack encoding is smaller): a room whose list is larger sends
+    /// counts instead, like a room over [`PresenceConfig::counts_only_above`],
+    /// and goes back to lists at three quarters of it. So a `presence_state`
+    /// never takes more than this of a connection's queue, and a diff (its
+    /// joins from the list, its leaves from the list before) at most twice
+    /// this. Default 256 KiB; never more than a quarter of
+    /// `HubConfig::outbound_queue_bytes` (the hub lowers it to that), so with
+    /// the default 1 MiB queue a state fills at most a quarter of it, however
+    /// big hosts' metas or users' keys are.
+    pub max_state_bytes: usize,
     /// How long an ephemeral flag (`typing`, …) lives unless the client sets
     /// it again. Default 5 s.
     pub ephemeral_ttl: Duration,
@@ -112,6 +119,7 @@ impl Default for PresenceConfig {
             rooms: PresenceRooms::All,
             batch_window: Duration::from_millis(50),
             counts_only_above: 100,
+            max_state_bytes: 256 * 1024,
             ephemeral_ttl: Duration::from_secs(5),
             ttl: Duration::from_secs(30),
             max_meta_bytes: 1024,
@@ -167,6 +175,8 @@ setters! {
     batch_window: Duration,
     /// Sets [`PresenceConfig::counts_only_above`].
     counts_only_above: usize,
+    /// Sets [`PresenceConfig::max_state_bytes`].
+    max_state_bytes: usize,
     /// Sets [`PresenceConfig::ephemeral_ttl`].
     ephemeral_ttl: Duration,
     /// Sets [`PresenceConfig::ttl`].

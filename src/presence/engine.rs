@@ -30,7 +30,9 @@
 //! store buffers them and applies them after the store's snapshot.
 
 use super::config::PresenceConfig;
-use super::wire::{self, Count, DiffData, NodeBatch, StateData, UpdateReply, UpdateRequest, WireChange, WireEntry};
+use super::wire::{
+    self, Count, DiffData, FlagChanges, NodeBatch, StateData, UpdateReply, UpdateRequest, WireChange, WireEntry,
+};
 use super::{
     conn_ref, Map, PresenceCause, PresenceCount, PresenceEntry, PresenceEvent, PresenceMeta, PresenceQuery,
     PresenceRecord, PresenceStats, PresenceStore, StoreChange,
@@ -154,6 +156,8 @@ impl Meta {
 
 struct Slot {
     meta: Meta,
+    /// What the meta adds to the member list's JSON ([`wire::list_size`]).
+    size: usize,
     /// The token of this meta's expiry entry in the timer wheel, if any (an
     /// entry with another token is stale and does nothing).
     expiry: Option<u64>,
@@ -163,10 +167,11 @@ struct Slot {
 
 /// A change waiting for the next diff, coalesced per meta.
 struct Pending {
-    /// Whether the meta was in the view when the window began.
-    existed_before: bool,
-    /// The meta as it was when it was removed (sent in `leaves`).
-    removed: Option<Meta>,
+    /// The meta as the members last got it (at the start of the window):
+    /// `None` if it was not in the view then. A leave sends it; a change of
+    /// its flags alone is diffed against it; and the joiners' state (the
+    /// view as the members have it) is rebuilt from it.
+    before: Option<Meta>,
 }
 
 #[derive(Default)]
@@ -182,6 +187,17 @@ pub(crate) struct RoomState {
     keys: HashMap<Arc<str>, usize>,
     /// Local connections that got the state and get the diffs.
     receivers: HashMap<u64, Weak<Session>>,
+    /// Receivers whose queue had no room for a presence message: they get
+    /// no diffs, and the whole state as soon as it fits (retried every
+    /// batch window). A presence message never closes a connection.
+    behind: HashSet<u64>,
+    /// The view as the members have it (as of the last flush), encoded per
+    /// wire form: every joiner until the next flush gets these same bytes.
+    joiner_states: [Option<Bytes>; Wire::COUNT],
+    /// How many times a joiners' state was encoded (tests).
+    states_encoded: u64,
+    /// The member list's JSON size: the sum of the slots' `size`.
+    list_bytes: usize,
     pending: HashMap<Id, Pending>,
     /// Send the whole state at the next flush (mode switch, too many changes).
     full_pending: bool,
@@ -206,6 +222,10 @@ impl RoomState {
             slots: HashMap::new(),
             keys: HashMap::new(),
             receivers: HashMap::new(),
+            behind: HashSet::new(),
+            joiner_states: Default::default(),
+            states_encoded: 0,
+            list_bytes: 0,
             pending: HashMap::new(),
             full_pending: false,
             counts_mode: false,
@@ -223,23 +243,29 @@ impl RoomState {
         Count { keys: self.keys.len(), connections: self.slots.len() }
     }
 
-    /// Notes a change of one meta for the next diff.
-    fn record(&mut self, id: Id, before: Option<Meta>, present: bool, cfg: &PresenceConfig) {
-        if self.counts_mode || self.full_pending {
+    /// Notes a change of one meta for the next diff; `before`: the meta
+    /// before this change (`None`: it is new).
+    fn record(&mut self, id: Id, before: Option<Meta>, cfg: &PresenceConfig) {
+        if self.counts_mode {
             return;
         }
-        if let Some(p) = self.pending.get_mut(&id) {
-            p.removed = if present { None } else { before.or(p.removed.take()) };
+        if self.full_pending {
+            // Joiners get the view as it is (`joiner_state`): it changed.
+            self.joiner_states = Default::default();
+            return;
+        }
+        if self.pending.contains_key(&id) {
+            // The window's first `before` is what the members have.
             return;
         }
         if self.pending.len() >= cfg.max_pending {
             // Overflow: the next flush sends the whole state instead.
             self.full_pending = true;
             self.pending.clear();
+            self.joiner_states = Default::default();
             return;
         }
-        let existed_before = before.is_some();
-        self.pending.insert(id, Pending { existed_before, removed: if present { None } else { before } });
+        self.pending.insert(id, Pending { before });
     }
 
     fn set(&mut self, id: Id, meta: Meta, cfg: &PresenceConfig) -> SetOutcome {
@@ -249,21 +275,27 @@ impl RoomState {
                 slot.meta.ephemeral = meta.ephemeral;
                 return SetOutcome::default();
             }
+            let size = wire::list_size(&meta);
+            self.list_bytes = self.list_bytes - slot.size + size;
+            slot.size = size;
             let before = std::mem::replace(&mut slot.meta, meta);
-            self.record(id, Some(before), true, cfg);
+            self.record(id, Some(before), cfg);
             return SetOutcome { changed: true, ..SetOutcome::default() };
         }
         let n = self.keys.entry(meta.key.clone()).or_insert(0);
         *n += 1;
         let key_joined = *n == 1;
-        self.slots.insert(id, Slot { meta, expiry: None, bucket: None });
-        self.record(id, None, true, cfg);
+        let size = wire::list_size(&meta);
+        self.list_bytes += size;
+        self.slots.insert(id, Slot { meta, size, expiry: None, bucket: None });
+        self.record(id, None, cfg);
         SetOutcome { inserted: true, key_joined, changed: true }
     }
 
     /// Removes a meta; returns its key and whether the key left.
     fn unset(&mut self, id: Id, cfg: &PresenceConfig) -> Option<(Arc<str>, bool)> {
         let slot = self.slots.remove(&id)?;
+        self.list_bytes -= slot.size;
         let key = slot.meta.key.clone();
         let left = match self.keys.get_mut(&key) {
             Some(n) if *n > 1 => {
@@ -275,7 +307,7 @@ impl RoomState {
                 true
             }
         };
-        self.record(id, Some(slot.meta), false, cfg);
+        self.record(id, Some(slot.meta), cfg);
         Some((key, left))
     }
 
@@ -311,25 +343,29 @@ impl RoomState {
         slot.meta.ephemeral.retain(|_, (_, d)| *d > now);
         let changed = slot.meta.ephemeral.len() != before_len;
         if changed {
-            self.record(id, Some(before), true, cfg);
+            let size = wire::list_size(&slot.meta);
+            self.list_bytes = self.list_bytes - slot.size + size;
+            slot.size = size;
+            self.record(id, Some(before), cfg);
         }
         (changed, self.arm_expiry(id))
     }
 
-    /// Switches between member lists and counts as the key count crosses
-    /// the thresholds (with hysteresis); a switch makes everyone get the
-    /// state again.
+    /// Switches between member lists and counts as the room crosses the
+    /// thresholds (with hysteresis); a switch makes everyone get the state
+    /// again.
     fn update_mode(&mut self, cfg: &PresenceConfig) {
-        let (keys, connections) = (self.keys.len(), self.slots.len());
+        let (keys, connections, bytes) = (self.keys.len(), self.slots.len(), self.list_bytes);
         let limit = cfg.counts_only_above;
-        // Connections too, not only keys: one user with hundreds of tabs
-        // must not grow the member list (and every joiner's state) past
-        // what a connection's queue holds.
+        // Connections and bytes too, not only keys: one user with hundreds
+        // of tabs, or big metas, must not grow the member list (and every
+        // joiner's state) past a share of what a connection's queue holds.
         let conn_limit = limit.saturating_mul(2);
+        let byte_limit = cfg.max_state_bytes;
         let want = if self.counts_mode {
-            keys > limit - limit / 4 || connections > conn_limit - conn_limit / 4
+            keys > limit - limit / 4 || connections > conn_limit - conn_limit / 4 || bytes > byte_limit - byte_limit / 4
         } else {
-            keys > limit || connections > conn_limit
+            keys > limit || connections > conn_limit || bytes > byte_limit
         };
         if want != self.counts_mode {
             self.counts_mode = want;
@@ -338,47 +374,110 @@ impl RoomState {
         }
     }
 
-    fn state_data(&self) -> StateData<'_> {
-        state_data(&self.slots, self.count(), self.counts_mode)
+    /// The `presence_state` for a joiner, in `wire`'s form: the view as the
+    /// members have it (as of the last flush; the joiner's own meta and
+    /// what else changed since come in the next diff, which it gets too).
+    /// Encoded once per flush and form, then shared by every joiner: a join
+    /// storm costs one encoding per batch window, not one per join. In a
+    /// counts-only room, the current count.
+    fn joiner_state(&mut self, room: &str, wire: Wire, cfg: &PresenceConfig) -> Option<Bytes> {
+        // After an overflow the pending changes are gone, so the members'
+        // view cannot be rebuilt: joiners get the view as it is (the flush
+        // sends it to everyone), or its count if its list is over the bound.
+        let overflowed_big = self.full_pending && self.list_bytes > cfg.max_state_bytes;
+        if self.counts_mode || overflowed_big {
+            let data = StateData { count: self.count(), presences: None };
+            return encode(Kind::PresenceState, room, &data, wire.format).map(|b| wire.prepare(b));
+        }
+        if let Some(bytes) = &self.joiner_states[wire.index()] {
+            return Some(bytes.clone());
+        }
+        let bytes = if self.full_pending {
+            encode(Kind::PresenceState, room, &state_data(&self.slots, self.count(), false), wire.format)
+        } else {
+            let metas = self
+                .slots
+                .iter()
+                .filter(|(id, _)| !self.pending.contains_key(id))
+                .map(|(_, s)| &s.meta)
+                .chain(self.pending.values().filter_map(|p| p.before.as_ref()));
+            let presences = wire::group(metas);
+            let count = Count { keys: presences.len(), connections: presences.values().map(|m| m.0.len()).sum() };
+            encode(Kind::PresenceState, room, &StateData { count, presences: Some(presences) }, wire.format)
+        };
+        let bytes = wire.prepare(bytes?);
+        self.states_encoded += 1;
+        self.joiner_states[wire.index()] = Some(bytes.clone());
+        Some(bytes)
     }
 
     /// The end of a batch window: sends the room's members one diff (or the
-    /// whole state, or the new count).
-    fn flush(&mut self, room: &str, cfg: &PresenceConfig) {
-        self.flush_armed = false;
+    /// whole state, or the new count), then the whole state to receivers
+    /// that were behind and have room now. Returns whether some are still
+    /// behind: then the flush stays armed and runs again a window later.
+    fn flush(&mut self, room: &str, cfg: &PresenceConfig) -> bool {
         self.update_mode(cfg);
         let count = self.count();
         let pending = std::mem::take(&mut self.pending);
         if std::mem::take(&mut self.full_pending) {
+            // Everyone gets it, those behind included.
+            self.behind.clear();
             let data = state_data(&self.slots, count, self.counts_mode);
-            broadcast(&mut self.receivers, Kind::PresenceState, room, &data);
+            broadcast(&mut self.receivers, &mut self.behind, Kind::PresenceState, room, &data);
         } else if self.counts_mode {
-            if self.last_count == Some(count) {
-                return;
+            if self.last_count != Some(count) {
+                let data = DiffData { count, joins: None, leaves: None, ephemeral: None };
+                broadcast(&mut self.receivers, &mut self.behind, Kind::PresenceDiff, room, &data);
             }
-            let data = DiffData { count, joins: None, leaves: None };
-            broadcast(&mut self.receivers, Kind::PresenceDiff, room, &data);
         } else {
             let mut joins = Vec::new();
             let mut leaves = Vec::new();
+            let mut flags = FlagChanges::new();
             for (id, p) in &pending {
-                match self.slots.get(id) {
-                    Some(slot) => joins.push(&slot.meta),
-                    None if p.existed_before => leaves.extend(p.removed.as_ref()),
-                    None => {} // joined and left within the window
+                match (self.slots.get(id), &p.before) {
+                    // Changed and back within the window.
+                    (Some(slot), Some(before)) if slot.meta.same_view(before) => {}
+                    (Some(slot), Some(before)) if wire::flags_only(before, &slot.meta) => {
+                        let m = &slot.meta;
+                        flags.entry(&m.key).or_default().insert(&m.conn_ref, wire::flag_changes(before, m));
+                    }
+                    (Some(slot), _) => joins.push(&slot.meta),
+                    (None, Some(before)) => leaves.push(before),
+                    (None, None) => {} // joined and left within the window
                 }
             }
-            if joins.is_empty() && leaves.is_empty() && self.last_count == Some(count) {
-                return;
+            if !(joins.is_empty() && leaves.is_empty() && flags.is_empty() && self.last_count == Some(count)) {
+                let data = DiffData {
+                    count,
+                    joins: Some(wire::group(joins.into_iter())),
+                    leaves: Some(wire::group(leaves.into_iter())),
+                    ephemeral: (!flags.is_empty()).then_some(flags),
+                };
+                broadcast(&mut self.receivers, &mut self.behind, Kind::PresenceDiff, room, &data);
             }
-            let data = DiffData {
-                count,
-                joins: Some(wire::group(joins.into_iter())),
-                leaves: Some(wire::group(leaves.into_iter())),
-            };
-            broadcast(&mut self.receivers, Kind::PresenceDiff, room, &data);
         }
         self.last_count = Some(count);
+        // The members have the view as it is now: so do the next joiners.
+        self.joiner_states = Default::default();
+        self.catch_up(room, cfg);
+        self.flush_armed = !self.behind.is_empty();
+        self.flush_armed
+    }
+
+    /// Receivers behind get the whole state if their queue has room for it
+    /// now; the others stay behind until a later flush.
+    fn catch_up(&mut self, room: &str, cfg: &PresenceConfig) {
+        let ids: Vec<u64> = self.behind.iter().copied().collect();
+        for id in ids {
+            let Some(session) = self.receivers.get(&id).and_then(Weak::upgrade) else {
+                self.receivers.remove(&id);
+                self.behind.remove(&id);
+                continue;
+            };
+            if self.joiner_state(room, session.wire(), cfg).is_some_and(|b| session.offer_prepared(b)) {
+                self.behind.remove(&id);
+            }
+        }
     }
 
     /// Applies another node's changes.
@@ -472,17 +571,33 @@ fn state_data(slots: &HashMap<Id, Slot>, count: Count, counts_mode: bool) -> Sta
     StateData { count, presences }
 }
 
-/// Queues a presence envelope to every receiver, encoded at most once per
-/// format; forgets receivers that are gone.
-fn broadcast<T: Serialize>(receivers: &mut HashMap<u64, Weak<Session>>, kind: Kind, room: &str, data: &T) {
+/// Queues a presence envelope to every receiver that is not behind, encoded
+/// at most once per wire form, if it fits in the receiver's queue; a
+/// receiver whose queue has no room is put `behind` (it gets the whole
+/// state later), never closed. Forgets receivers that are gone.
+fn broadcast<T: Serialize>(
+    receivers: &mut HashMap<u64, Weak<Session>>,
+    behind: &mut HashSet<u64>,
+    kind: Kind,
+    room: &str,
+    data: &T,
+) {
     let mut frames: [Option<Option<Bytes>>; Wire::COUNT] = Default::default();
-    receivers.retain(|_, weak| {
-        let Some(session) = weak.upgrade() else { return false };
+    receivers.retain(|id, weak| {
+        let Some(session) = weak.upgrade() else {
+            behind.remove(id);
+            return false;
+        };
+        if behind.contains(id) {
+            return true;
+        }
         let wire = session.wire();
         let slot = &mut frames[wire.index()];
         if let Some(bytes) = slot.get_or_insert_with(|| encode(kind, room, data, wire.format).map(|b| wire.prepare(b)))
         {
-            session.push_prepared(bytes.clone());
+            if !session.offer_prepared(bytes.clone()) {
+                behind.insert(*id);
+            }
         }
         true
     });
@@ -754,6 +869,7 @@ impl PresenceHub {
             // Nobody has the state yet: the first receivers get a snapshot.
             st.pending.clear();
             st.full_pending = false;
+            st.joiner_states = Default::default();
             st.loaded = true;
         }
         self.schedule(
@@ -810,11 +926,15 @@ impl PresenceHub {
             if let Some(slot) = st.slots.get_mut(&id) {
                 slot.bucket.get_or_insert_with(|| TokenBucket::full(Instant::now()));
             }
-            st.update_mode(&self.config);
             // The state and the receiver are added under the same lock as
-            // flushes: every diff after this state is queued after it.
-            if let Some(bytes) = encode(Kind::PresenceState, room, &st.state_data(), session.format) {
-                session.push_encoded(bytes);
+            // flushes: every diff after this state is queued after it. The
+            // state is the members' view, shared by this window's joiners;
+            // this join (and a switch to counts it causes) comes in the
+            // flush it arms. No room in the queue: the state follows when
+            // there is (`catch_up`), never a close.
+            let state = st.joiner_state(room, session.wire(), &self.config);
+            if !state.is_some_and(|b| session.offer_prepared(b)) {
+                st.behind.insert(id.1);
             }
             st.receivers.insert(id.1, Arc::downgrade(session));
             if outcome.inserted {
@@ -848,6 +968,7 @@ impl PresenceHub {
             let (removed, flush) = {
                 let mut st = view.state.lock();
                 st.receivers.remove(&id.1);
+                st.behind.remove(&id.1);
                 match st.unset(id, &self.config) {
                     Some((key, left)) => {
                         self.local_key(&key, -1);
@@ -1047,6 +1168,7 @@ impl PresenceHub {
             let st = view.state.lock();
             stats.metas += st.slots.len();
             stats.receivers += st.receivers.len();
+            stats.behind += st.behind.len();
             stats.pending += st.pending.len();
         }
         stats.unsynced = self.shared.outgoing.lock().values().map(HashMap::len).sum();
@@ -1191,10 +1313,11 @@ impl PresenceHub {
 
     fn on_timer(&self, cmd: TimerCmd) -> Option<(TimerCmd, Instant)> {
         match cmd {
-            TimerCmd::Flush(view) => {
-                let view = view.upgrade()?;
-                view.state.lock().flush(&view.room, &self.config);
-                None
+            TimerCmd::Flush(weak) => {
+                let view = weak.upgrade()?;
+                let again = view.state.lock().flush(&view.room, &self.config);
+                // Receivers still behind: try again a window later.
+                again.then(|| (TimerCmd::Flush(weak), later(Instant::now(), self.config.batch_window)))
             }
             TimerCmd::Expire(weak, id, token) => {
                 let view = weak.upgrade()?;
@@ -1283,5 +1406,130 @@ async fn forward(mut sub: Subscription, hub: WeakHub, view: Weak<RoomView>, _gua
         if let Some(presence) = hub.extension::<PresenceHub>() {
             presence.apply_remote(&hub, &view, batch);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The room state machine on its own: the joiners' shared state, flag
+    //! diffs, and the byte bound of member lists.
+    use super::*;
+    use serde_json::json;
+
+    fn meta(key: &str, conn: u64, client: Value) -> Meta {
+        Meta {
+            key: key.into(),
+            conn_ref: conn_ref(1, conn).into(),
+            joined_at: conn,
+            host: Map::new(),
+            meta: client.as_object().cloned().unwrap_or_default(),
+            ephemeral: BTreeMap::new(),
+        }
+    }
+
+    fn json_state(st: &mut RoomState, cfg: &PresenceConfig) -> (Bytes, Value) {
+        let bytes = st.joiner_state("r", Wire::plain(Format::Json), cfg).expect("encodes");
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        (bytes, v)
+    }
+
+    #[test]
+    fn joiners_share_one_encoding_of_the_members_view_until_the_next_flush() {
+        let cfg = PresenceConfig::default();
+        let mut st = RoomState::new(true);
+        st.set((1, 1), meta("ann", 1, json!({"name": "Ann"})), &cfg);
+        assert!(!st.flush("r", &cfg), "nobody is behind");
+        // Three joins in one window: each joiner gets the view as of the
+        // last flush (ann only), the same bytes, encoded once.
+        let (first, v) = json_state(&mut st, &cfg);
+        assert_eq!(v["data"]["count"], json!({"keys": 1, "connections": 1}));
+        assert_eq!(v["data"]["presences"]["ann"]["metas"][0]["meta"], json!({"name": "Ann"}));
+        for c in 2..5 {
+            st.set((1, c), meta(&format!("u{c}"), c, json!({})), &cfg);
+            let (again, _) = json_state(&mut st, &cfg);
+            assert_eq!(again.as_ptr(), first.as_ptr(), "re-encoded for joiner {c}");
+        }
+        // A change of ann's meta and a leave within the window: the joiners'
+        // state still shows what the members have.
+        st.set((1, 1), meta("ann", 1, json!({"name": "Queen Ann"})), &cfg);
+        let (_, v) = json_state(&mut st, &cfg);
+        assert_eq!(v["data"]["presences"]["ann"]["metas"][0]["meta"], json!({"name": "Ann"}));
+        assert_eq!(st.states_encoded, 1);
+        // After the flush: the view as it is, encoded once more.
+        st.flush("r", &cfg);
+        let (_, v) = json_state(&mut st, &cfg);
+        assert_eq!(v["data"]["count"], json!({"keys": 4, "connections": 4}));
+        assert_eq!(v["data"]["presences"]["ann"]["metas"][0]["meta"], json!({"name": "Queen Ann"}));
+        json_state(&mut st, &cfg);
+        assert_eq!(st.states_encoded, 2);
+    }
+
+    #[test]
+    fn a_flag_change_is_diffed_as_the_flag_alone() {
+        let cfg = PresenceConfig::default();
+        let mut st = RoomState::new(true);
+        let big = json!({"bio": "x".repeat(900)});
+        st.set((1, 1), meta("ann", 1, big.clone()), &cfg);
+        st.flush("r", &cfg);
+        let mut typing = meta("ann", 1, big.clone());
+        typing.ephemeral.insert("typing".into(), (json!(true), Instant::now() + Duration::from_secs(5)));
+        st.set((1, 1), typing.clone(), &cfg);
+        let before = st.pending[&(1, 1)].before.clone().unwrap();
+        assert!(wire::flags_only(&before, &typing));
+        assert_eq!(Value::Object(wire::flag_changes(&before, &typing)), json!({"typing": true}));
+        assert_eq!(Value::Object(wire::flag_changes(&typing, &before)), json!({"typing": null}));
+        // What the flush sends: the flag, not the 900-byte meta.
+        let data = DiffData {
+            count: st.count(),
+            joins: Some(wire::group(std::iter::empty())),
+            leaves: Some(wire::group(std::iter::empty())),
+            ephemeral: Some(FlagChanges::from([(
+                "ann",
+                BTreeMap::from([(&*typing.conn_ref, wire::flag_changes(&before, &typing))]),
+            )])),
+        };
+        let bytes = serde_json::to_vec(&data).unwrap();
+        assert!(bytes.len() < 200, "{} bytes: {}", bytes.len(), String::from_utf8_lossy(&bytes));
+        // A meta change is not flags only.
+        let renamed = meta("ann", 1, json!({"bio": "y"}));
+        assert!(!wire::flags_only(&before, &renamed));
+    }
+
+    #[test]
+    fn a_member_list_over_max_state_bytes_switches_to_counts() {
+        let cfg = PresenceConfig::default().max_state_bytes(20_000).counts_only_above(1000);
+        let mut st = RoomState::new(true);
+        let big = json!({"bio": "x".repeat(990)});
+        let mut n = 0;
+        // One key (one user, many tabs): neither the key nor the
+        // connection threshold is near; the bytes are.
+        loop {
+            n += 1;
+            st.set((1, n), meta("tabs", n, big.clone()), &cfg);
+            st.flush("r", &cfg);
+            if st.list_bytes > 20_000 {
+                break;
+            }
+            assert!(!st.counts_mode, "counts with {n} metas, {} bytes", st.list_bytes);
+            let (bytes, _) = json_state(&mut st, &cfg);
+            assert!(bytes.len() <= 20_000, "a state of {} bytes", bytes.len());
+        }
+        assert!(n < 25, "{n} metas of ~1 KiB");
+        assert!(st.counts_mode, "{} bytes", st.list_bytes);
+        let (_, v) = json_state(&mut st, &cfg);
+        assert!(v["data"].get("presences").is_none(), "{v}");
+        // Back to lists at three quarters of the bound.
+        while st.list_bytes > 15_000 {
+            st.unset((1, n), &cfg);
+            n -= 1;
+            st.flush("r", &cfg);
+            assert_eq!(st.counts_mode, st.list_bytes > 15_000);
+        }
+        assert!(!st.counts_mode);
+        // The sizes add up to what is encoded.
+        let listed: usize = st.slots.values().map(|s| s.size).sum();
+        assert_eq!(listed, st.list_bytes);
+        let (bytes, _) = json_state(&mut st, &cfg);
+        assert!(bytes.len() <= st.list_bytes + 100, "{} > {}", bytes.len(), st.list_bytes);
     }
 }

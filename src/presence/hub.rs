@@ -26,9 +26,11 @@ pub(crate) struct Setup {
 }
 
 impl ExtensionSetup for Setup {
-    fn build(self: Box<Self>, node: u64, backplane: bool) -> Option<Arc<dyn RoomExtension>> {
+    fn build(self: Box<Self>, node: u64, backplane: bool, queue_bytes: usize) -> Option<Arc<dyn RoomExtension>> {
         let this = *self;
-        let config = this.config?;
+        let mut config = this.config?;
+        // A state never takes more than a quarter of a connection's queue.
+        config.max_state_bytes = config.max_state_bytes.min(queue_bytes / 4);
         let store = this.store.unwrap_or_else(|| Arc::new(MemoryPresence::new()));
         Some(Arc::new(PresenceHub::new(config, node, backplane, store, this.meta, this.on_join, this.on_leave)))
     }

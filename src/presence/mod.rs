@@ -320,6 +320,9 @@ pub struct PresenceStats {
     pub metas: usize,
     /// Local connections receiving presence messages.
     pub receivers: usize,
+    /// Receivers whose queue had no room for a presence message: they get
+    /// the room's whole state as soon as it fits.
+    pub behind: usize,
     /// Changes waiting for the next diff, summed over rooms.
     pub pending: usize,
     /// This node's own changes waiting to be written to the store and the

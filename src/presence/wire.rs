@@ -84,7 +84,7 @@ pub(super) struct StateData<'a> {
 }
 
 /// `data` of `presence_diff`: the count, and (unless counts-only) joins and
-/// leaves.
+/// leaves, and the metas whose ephemeral flags alone changed.
 #[derive(Serialize)]
 pub(super) struct DiffData<'a> {
     pub count: Count,
@@ -92,6 +92,57 @@ pub(super) struct DiffData<'a> {
     pub joins: Option<Presences<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub leaves: Option<Presences<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ephemeral: Option<FlagChanges<'a>>,
+}
+
+/// `ephemeral` of a `presence_diff`: key → ref → the flags that changed
+/// (`null`: gone), for metas whose `meta` and `joined_at` did not change.
+/// A typing toggle costs its flag, not the whole meta.
+pub(super) type FlagChanges<'a> = BTreeMap<&'a str, BTreeMap<&'a str, Map>>;
+
+/// Whether `before` and `after` differ in their ephemeral flags only.
+pub(super) fn flags_only(before: &Meta, after: &Meta) -> bool {
+    before.key == after.key && before.joined_at == after.joined_at && before.meta == after.meta
+}
+
+/// The flags of `after` that differ from `before`'s, and `null` for those
+/// `before` had and `after` has not.
+pub(super) fn flag_changes(before: &Meta, after: &Meta) -> Map {
+    let mut out = Map::new();
+    for (k, (v, _)) in &after.ephemeral {
+        if before.ephemeral.get(k).map(|(b, _)| b) != Some(v) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    for k in before.ephemeral.keys() {
+        if !after.ephemeral.contains_key(k) {
+            out.insert(k.clone(), serde_json::Value::Null);
+        }
+    }
+    out
+}
+
+/// Bytes one meta adds to a member list in JSON: its object, its key and
+/// the key's `{"metas":[…]}` (counted for every meta, so an upper bound).
+pub(super) fn list_size(meta: &Meta) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Counter(0);
+    // Writing to a counter fails only if the meta does not serialize, and
+    // then it is never sent either.
+    let _ = serde_json::to_writer(&mut n, &WireMeta(meta));
+    let _ = serde_json::to_writer(&mut n, &*meta.key);
+    // `:{"metas":[` `]}` and two commas.
+    n.0 + 16
 }
 
 /// `data` of a client's `presence` request.

@@ -558,6 +558,20 @@ pub async fn presence_until(c: &mut Client, room: &str, view: &mut PresenceView,
                 }
             }
         }
+        // Flag changes alone: key -> ref -> flags (`null`: gone).
+        for (key, refs) in v["data"]["ephemeral"].as_object().into_iter().flatten() {
+            for (r, flags) in refs.as_object().into_iter().flatten() {
+                let Some(meta) = view.get_mut(key).and_then(|m| m.get_mut(r)) else { continue };
+                let Some(ephemeral) = meta["ephemeral"].as_object_mut() else { continue };
+                for (flag, value) in flags.as_object().into_iter().flatten() {
+                    if value.is_null() {
+                        ephemeral.remove(flag);
+                    } else {
+                        ephemeral.insert(flag.clone(), value.clone());
+                    }
+                }
+            }
+        }
         if done(view) {
             return;
         }

@@ -200,6 +200,14 @@ impl Session {
         }
     }
 
+    /// Queues an envelope already in this connection's [`Wire`] form only if
+    /// the queue has room for it, whatever the overflow policy. `false`: it
+    /// did not fit (or the connection is closing), and nothing was queued,
+    /// dropped or closed; the caller sends something else later.
+    pub(crate) fn offer_prepared(&self, bytes: bytes::Bytes) -> bool {
+        matches!(self.outbox.push_if_room(bytes), Push::Queued)
+    }
+
     /// Queues an event of a recoverable room, in this connection's
     /// [`Wire`] form: if the drop-oldest policy drops it, the client is
     /// told the room and offset range in a `gap`.

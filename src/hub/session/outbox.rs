@@ -126,6 +126,34 @@ impl Outbox {
                 }
             }
         }
+        self.enqueue(guard, item, tag)
+    }
+
+    /// Queues an encoded envelope only if it fits within the bound, whatever
+    /// the overflow policy: [`Push::Dropped`] when it does not, and then
+    /// nothing was queued or dropped. For messages whose sender repairs a
+    /// refusal itself (presence sends the whole state once there is room),
+    /// so that they never close a connection nor push its data out.
+    pub(super) fn push_if_room(&self, item: Bytes) -> Push {
+        let guard = self.state.lock();
+        if guard.closing {
+            return Push::Closed;
+        }
+        if guard.bytes + item.len() > self.limit {
+            return Push::Dropped;
+        }
+        self.enqueue(guard, item, None)
+    }
+
+    /// The end of a push that fits: queues `item` and wakes the writer.
+    fn enqueue(
+        &self,
+        mut guard: parking_lot::MutexGuard<'_, OutState>,
+        item: Bytes,
+        tag: Option<(&Arc<str>, u64)>,
+    ) -> Push {
+        let st = &mut *guard;
+        let len = item.len();
         st.bytes += len;
         st.peak = st.peak.max(st.bytes);
         if st.queue.capacity() == 0 {
