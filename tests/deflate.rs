@@ -338,3 +338,50 @@ async fn a_message_over_the_limit_once_inflated_is_refused_and_one_at_it_is_read
     c.send(&frame(true, true, 0x1, &deflate(envelope(max + 1).as_bytes()))).await;
     assert_eq!(c.close_code().await, 1009);
 }
+
+#[tokio::test]
+async fn a_broadcast_is_compressed_once_for_members_that_negotiated_and_plain_for_others() {
+    let hub = hub();
+    for (addr, path) in [(serve(&hub).await, "/"), (serve_axum(&hub).await, "/ws")] {
+        let mut a = Raw::open(addr, path, Some(OFFER)).await;
+        let mut b = Raw::open(addr, path, Some(OFFER)).await;
+        let mut plain = Raw::open(addr, path, None).await;
+        for (i, c) in [&mut a, &mut b, &mut plain].into_iter().enumerate() {
+            c.text(&json!({"type": "join", "ref": i, "room": "lobby"}), false).await;
+            assert_eq!(c.reply(i as u64).await["type"], "reply");
+        }
+        // Over the 256-byte threshold: compressed, the same bytes for both.
+        let line = json!({"user": "ann", "text": "hello everyone, ".repeat(30)});
+        hub.publish("lobby", "message", &line).await.unwrap();
+        let fa = a.frame().await.unwrap();
+        let fb = b.frame().await.unwrap();
+        let fp = plain.frame().await.unwrap();
+        assert!(fa.rsv1() && fb.rsv1(), "compressed for members that negotiated");
+        assert_eq!(fa.payload, fb.payload);
+        assert!(!fp.rsv1(), "plain for the member that did not");
+        assert_eq!(inflate(&fa.payload), fp.payload);
+        assert!(fa.payload.len() * 3 < fp.payload.len(), "{} vs {}", fa.payload.len(), fp.payload.len());
+        let v: Value = serde_json::from_slice(&fp.payload).unwrap();
+        assert_eq!(v["data"], line);
+        // Under it: plain (RSV1 clear) for everyone.
+        hub.publish("lobby", "message", &json!({"text": "hi"})).await.unwrap();
+        for c in [&mut a, &mut b, &mut plain] {
+            let (compressed, v) = c.message().await;
+            assert!(!compressed);
+            assert_eq!(v["data"]["text"], "hi");
+        }
+        // A reply to one connection is compressed for it too.
+        a.text(&json!({"type": "call", "ref": 9, "event": "echo", "data": "x".repeat(1000)}), true).await;
+        let f = a.frame().await.unwrap();
+        assert!(f.rsv1());
+        let v: Value = serde_json::from_slice(&inflate(&f.payload)).unwrap();
+        assert_eq!((v["ref"].as_u64(), v["data"].as_str().map(str::len)), (Some(9), Some(1000)));
+    }
+    // Compression::On compresses small ones too, when they shrink.
+    let on = serve_with(&hub, WsConfig::default().compression(Compression::On)).await;
+    let mut c = Raw::open(on, "/", Some(OFFER)).await;
+    c.text(&json!({"type": "call", "ref": 1, "event": "echo", "data": "abababababababababababab"}), false).await;
+    let (compressed, v) = c.message().await;
+    assert!(compressed);
+    assert_eq!(v["ref"], 1);
+}

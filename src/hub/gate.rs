@@ -96,7 +96,8 @@ impl Hub {
     ) -> impl Future<Output = ()> + Send + 'static {
         let id = ConnectionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         let mut transport = transport;
-        let wire = (transport.native_ping(), transport.prefer_framed());
+        let framed = transport.prefer_framed();
+        let wire = (transport.native_ping(), framed, transport.compress_above().filter(|_| framed));
         let session = Arc::new(Session::new(id, handshake.format(), identity, wire, self));
         self.register(&session);
         if self.is_shutting_down() {

@@ -114,7 +114,14 @@ impl Encoded<'_> {
                 bytes
             }
         };
-        let bytes = wire.prepare(envelope);
+        let bytes = match wire.compressed(&envelope) {
+            Some(frame) => frame,
+            // Not compressed for this form: the framed one, shared.
+            None => match wire.uncompressed() {
+                Some(framed) => self.get(framed)?,
+                None => wire.prepare(envelope),
+            },
+        };
         self.frames[wire.index()] = Some(bytes.clone());
         Ok(bytes)
     }
@@ -308,5 +315,44 @@ impl Hub {
             }
             Err(_) => PublishState::Task(work),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broadcast is encoded once per format and compressed once for every
+    /// member that negotiated `permessage-deflate`: they all get the very
+    /// same buffer. Below the threshold they share the framed one instead.
+    #[test]
+    fn compressed_once_per_broadcast_and_shared() {
+        let text = "a chat line that repeats, a chat line that repeats, a chat line that repeats";
+        let mut encodings = 0;
+        let mut payload = |f: Format| {
+            encodings += 1;
+            Payload::encode(f, &text).map(Some)
+        };
+        let mut e =
+            Encoded { room: Some("r"), event: "m", offset: None, payload: &mut payload, frames: Default::default() };
+        let z = Wire::compressing(Format::Json, 64);
+        let first = e.get(z).unwrap();
+        let again = e.get(z).unwrap();
+        assert_eq!(first.as_ptr(), again.as_ptr(), "one compressed buffer for every member");
+        assert_eq!(first[0], 0xC1, "final text frame with RSV1");
+        let framed = e.get(z.uncompressed().unwrap()).unwrap();
+        assert_eq!(framed[0], 0x81);
+        assert!(first.len() < framed.len());
+        drop(e);
+        assert_eq!(encodings, 1);
+
+        // Below the threshold: the framed buffer itself, RSV1 clear.
+        let mut payload = |f: Format| Payload::encode(f, &"short").map(Some);
+        let mut e =
+            Encoded { room: Some("r"), event: "m", offset: None, payload: &mut payload, frames: Default::default() };
+        let small = e.get(Wire::compressing(Format::Json, 1024)).unwrap();
+        let framed = e.get(Wire::compressing(Format::Json, 1024).uncompressed().unwrap()).unwrap();
+        assert_eq!(small.as_ptr(), framed.as_ptr());
+        assert_eq!(small[0], 0x81);
     }
 }

@@ -125,6 +125,19 @@ pub trait Transport: Send + 'static {
         false
     }
 
+    /// For a transport whose sink takes framed data frames
+    /// ([`Transport::prefer_framed`]) and whose peer negotiated WebSocket
+    /// `permessage-deflate` without server context takeover: the size (in
+    /// bytes of payload) from which the hub should send data frames
+    /// compressed. The hub then compresses each broadcast once, for every
+    /// such recipient, into a final frame with RSV1 set (or frames it plain
+    /// when it is smaller than this or does not shrink); the sink writes it
+    /// as it is. Called once, before [`Transport::split`]. Default: `None`
+    /// (never compressed).
+    fn compress_above(&self) -> Option<usize> {
+        None
+    }
+
     /// How many frames each inbound message came in, when the transport
     /// assembles messages from several frames (WebSocket continuation
     /// fragments), for the rate limit: the session charges a message one
@@ -228,6 +241,21 @@ pub(crate) fn ws_framed(binary: bool, payload: &[u8]) -> Bytes {
     out.extend_from_slice(&head[..usize::from(n)]);
     out.extend_from_slice(payload);
     out.freeze()
+}
+
+/// A data frame of `payload` compressed with `permessage-deflate` (RSV1
+/// set, no context kept), framed for the wire; `None` when compressing does
+/// not make it smaller (or without the `ws` feature).
+pub(crate) fn ws_deflated(binary: bool, payload: &[u8]) -> Option<Bytes> {
+    #[cfg(feature = "ws")]
+    {
+        ws::compressed_frame(if binary { WS_BINARY } else { WS_TEXT }, payload)
+    }
+    #[cfg(not(feature = "ws"))]
+    {
+        let _ = (binary, payload);
+        None
+    }
 }
 
 /// What the opening of a connection saw, before any frame.

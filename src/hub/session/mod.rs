@@ -53,6 +53,9 @@ pub(crate) struct Session {
     /// The transport takes data frames framed for the wire
     /// ([`Transport::prefer_framed`](crate::transport::Transport::prefer_framed)).
     framed: bool,
+    /// ... and compressed from this size on
+    /// ([`Transport::compress_above`](crate::transport::Transport::compress_above)).
+    compress_above: Option<u32>,
     pub(crate) outbox: Outbox,
     /// Rooms this connection is in. Locked only for quick reads and edits;
     /// the room registry is always locked *after* this one when both are held.
@@ -115,7 +118,7 @@ impl Session {
         id: ConnectionId,
         format: Format,
         identity: Identity,
-        (native_ping, framed): (bool, bool),
+        (native_ping, framed, compress_above): (bool, bool, Option<usize>),
         hub: &Hub,
     ) -> Session {
         let cfg = &hub.inner.config;
@@ -124,6 +127,7 @@ impl Session {
             format,
             native_ping,
             framed,
+            compress_above: compress_above.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             outbox: Outbox::new(cfg.outbound_queue_bytes, cfg.overflow),
             rooms: Mutex::new(Vec::new()),
             state: AtomicU8::new(ConnectionState::Connecting as u8),
@@ -178,7 +182,7 @@ impl Session {
 
     /// The form this connection's frames are queued in.
     pub(crate) fn wire(&self) -> Wire {
-        Wire { format: self.format, framed: self.framed }
+        Wire { format: self.format, framed: self.framed, compress_above: self.compress_above }
     }
 
     /// A notice the writer sends itself (`lagged`, `gap`), as a frame.
@@ -308,36 +312,69 @@ impl Session {
     }
 }
 
-/// The form of a connection's queued frames: its format, and whether its
+/// The form of a connection's queued frames: its format, whether its
 /// transport takes them framed for the wire
-/// ([`Transport::prefer_framed`](crate::transport::Transport::prefer_framed)).
+/// ([`Transport::prefer_framed`](crate::transport::Transport::prefer_framed)),
+/// and whether compressed with `permessage-deflate`
+/// ([`Transport::compress_above`](crate::transport::Transport::compress_above)).
 /// A broadcast prepares each form once ([`Wire::COUNT`] at most), however
-/// many recipients.
+/// many recipients: one compression per broadcast for every member that
+/// negotiated it.
+///
+/// The threshold is not part of the form: when connections with different
+/// thresholds (different `WsConfig`s on one hub) share a broadcast, the
+/// first one prepared decides whether it is compressed for all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Wire {
     pub(crate) format: Format,
     framed: bool,
+    compress_above: Option<u32>,
 }
 
 impl Wire {
-    pub(crate) const COUNT: usize = 4;
+    pub(crate) const COUNT: usize = 6;
 
     /// The unframed form of `format`.
     pub(crate) fn plain(format: Format) -> Wire {
-        Wire { format, framed: false }
+        Wire { format, framed: false, compress_above: None }
+    }
+
+    /// For a compressing form, the framed uncompressed one of the same
+    /// format (what its members get when a message is not compressed).
+    pub(crate) fn uncompressed(self) -> Option<Wire> {
+        self.compress_above.map(|_| Wire { format: self.format, framed: true, compress_above: None })
+    }
+
+    /// The framed form of `format`, compressed from `above` bytes on.
+    #[cfg(test)]
+    pub(crate) fn compressing(format: Format, above: u32) -> Wire {
+        Wire { format, framed: true, compress_above: Some(above) }
     }
 
     pub(crate) fn index(self) -> usize {
-        self.format.index() * 2 + usize::from(self.framed)
+        self.format.index() * 3 + usize::from(self.framed) + usize::from(self.compress_above.is_some())
     }
 
     /// An encoded envelope of this form's format, in this form.
     pub(crate) fn prepare(self, envelope: Bytes) -> Bytes {
+        if let Some(frame) = self.compressed(&envelope) {
+            return frame;
+        }
         if self.framed {
             crate::transport::ws_framed(self.format.is_binary(), &envelope)
         } else {
             envelope
         }
+    }
+
+    /// The envelope compressed and framed, when this form compresses it
+    /// (big enough, and it shrinks).
+    pub(crate) fn compressed(self, envelope: &[u8]) -> Option<Bytes> {
+        let above = self.compress_above?;
+        if !self.framed || envelope.len() < above as usize {
+            return None;
+        }
+        crate::transport::ws_deflated(self.format.is_binary(), envelope)
     }
 }
 

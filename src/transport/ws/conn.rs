@@ -116,6 +116,10 @@ impl Transport for WsTransport {
         true
     }
 
+    fn compress_above(&self) -> Option<usize> {
+        self.deflate.map(|d| d.threshold)
+    }
+
     fn fragments(&self) -> Option<Fragments> {
         Some(self.fragments.clone())
     }

@@ -26,6 +26,7 @@ mod reader;
 pub use conn::{WsSink, WsStream, WsTransport};
 pub use deflate::Compression;
 
+pub(crate) use deflate::compressed_frame;
 #[cfg(feature = "axum")]
 pub(crate) use deflate::RESPONSE as DEFLATE_RESPONSE;
 #[cfg(feature = "axum")]
