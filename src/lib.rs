@@ -99,7 +99,7 @@
 //! | [`integration`] | framework adapters (`axum`) |
 //! | `client` | the Rust client: `Client`, `Room`, status, backoff, presence view (feature `client`, `docs/client.md`) |
 //! | [`client_js`] | the browser client `switchboard.js` as bytes to serve, with its ETag (`docs/js-client.md`) |
-//! | `testing` | conformance suites for host implementations of [`Backplane`], [`HistoryStore`], [`PresenceStore`] (feature `testing`) |
+//! | `testing` | conformance suites for host implementations of [`Backplane`], [`HistoryStore`], [`PresenceStore`], [`sync::SnapshotStore`] (feature `testing`) |
 //! | [`error`] | [`Error`], [`ErrorKind`], [`Result`] |
 //!
 //! Longer guides live in the repository's `docs/`: `protocol.md` (the wire
@@ -118,7 +118,7 @@
 //! | `sse` | no | Server-Sent Events transport (`transport::sse`), mountable with `integration::axum::sse` |
 //! | `jwt` | no | JSON Web Token authentication and `refresh` (`auth::jwt`, the `jsonwebtoken` crate) |
 //! | `redis` | no | `switchboard::redis`: a backplane on Redis pub/sub, history and presence stores on Redis or a Redis Cluster (the redis-rs crate; Rust 1.88) |
-//! | `testing` | no | `switchboard::testing`: conformance suites for your own [`Backplane`], [`HistoryStore`] and [`PresenceStore`] |
+//! | `testing` | no | `switchboard::testing`: conformance suites for your own [`Backplane`], [`HistoryStore`], [`PresenceStore`] and [`sync::SnapshotStore`] |
 //! | `client` | no | `switchboard::client`: a reconnecting Rust client (rooms, recovery, calls, presence) |
 //!
 //! Logging goes through `tracing` (always on; silent without a subscriber).

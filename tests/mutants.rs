@@ -36,10 +36,7 @@ type Run = BoxFuture<'static, Result<(), Failure>>;
 
 /// Runs every mutant of a suite at once, then checks each failed at its
 /// check and that every check of the suite was tripped.
-async fn expect_caught<M: std::fmt::Debug>(
-    mutants: Vec<(M, &'static str, Run)>,
-    checks: &[&str],
-) {
+async fn expect_caught<M: std::fmt::Debug>(mutants: Vec<(M, &'static str, Run)>, checks: &[&str]) {
     let (names, runs): (Vec<_>, Vec<_>) = mutants.into_iter().map(|(m, check, run)| ((m, check), run)).unzip();
     let results = futures::future::join_all(runs.into_iter().map(tokio::spawn)).await;
     let mut report = String::new();

@@ -6,8 +6,9 @@
 //! | backplane | [`Backplane`](crate::Backplane) | [`backplane(a, b)`](backplane()) | [`BackplaneSuite`] |
 //! | history store | [`HistoryStore`](crate::history::HistoryStore) | [`history(a, b)`](history()) | [`HistorySuite`] |
 //! | presence store | [`PresenceStore`](crate::presence::PresenceStore) | [`presence_store(a, b)`](presence_store()) | [`PresenceStoreSuite`] |
+//! | synced-room snapshot store | [`SnapshotStore`](crate::sync::SnapshotStore) | [`snapshot_store(store)`](snapshot_store()) | (panics only; `docs/sync.md`) |
 //!
-//! Each takes **two handles on the same engine** (`a` and `b`: two
+//! The first three take **two handles on the same engine** (`a` and `b`: two
 //! connections, as two nodes would have), because several rules are about
 //! what one node sees of another's work and about races between them.
 //! A host that writes its own [`Backplane`](crate::Backplane) proves it
