@@ -240,7 +240,8 @@ fn bad_reply(what: &str, v: &Value) -> Error {
     Error::msg(ErrorKind::History, format!("redis history: unexpected reply to {what}: {v:?}"))
 }
 
-fn as_int(v: &Value) -> Option<i64> {
+/// An integer reply (also as text). Shared with the other Redis stores.
+pub(super) fn as_int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(n) => Some(*n),
         Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
@@ -249,7 +250,8 @@ fn as_int(v: &Value) -> Option<i64> {
     }
 }
 
-fn as_bytes(v: &Value) -> Option<&[u8]> {
+/// A string reply's bytes. Shared with the other Redis stores.
+pub(super) fn as_bytes(v: &Value) -> Option<&[u8]> {
     match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.as_bytes()),

@@ -73,10 +73,12 @@ mod backplane;
 mod history;
 mod link;
 mod presence;
+mod sync;
 
 pub use backplane::{RedisBackplane, RedisStats};
 pub use history::RedisHistory;
 pub use presence::RedisPresence;
+pub use sync::RedisSnapshots;
 
 use crate::error::{Error, ErrorKind, Result};
 use std::time::Duration;

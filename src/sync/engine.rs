@@ -220,7 +220,7 @@ struct Slot<S> {
     /// when it grows past 10,000 (then fetched again per client).
     clients: HashMap<String, ClientRecord>,
     /// Recent refusals per client, so a resend gets the same answer.
-    refused: HashMap<String, VecDeque<(u64, Reject)>>,
+    refused: HashMap<String, VecDeque<(u64, Option<String>, Reject)>>,
 }
 
 impl<S: Default> Default for Slot<S> {
@@ -371,7 +371,9 @@ impl<R: Reducer> Typed<R> {
             if !slot.loaded {
                 self.catch_up(room, &mut slot).await?;
             }
-            if let Some((_, r)) = slot.refused.get(&req.client).and_then(|q| q.iter().find(|(s, _)| *s == req.seq)) {
+            let earlier =
+                slot.refused.get(&req.client).and_then(|q| q.iter().find(|(s, u, _)| *s == req.seq && *u == user));
+            if let Some((_, _, r)) = earlier {
                 return Err(refusal(r.code(), r.message(), slot.version));
             }
             if let Some(rec) = self.client_record(room, &mut slot, &req.client).await? {
@@ -406,7 +408,7 @@ impl<R: Reducer> Typed<R> {
             };
             if let Some(r) = refused {
                 let q = slot.refused.entry(req.client.clone()).or_default();
-                q.push_back((req.seq, r.clone()));
+                q.push_back((req.seq, user.clone(), r.clone()));
                 while q.len() > config.refusal_window {
                     q.pop_front();
                 }
