@@ -2,7 +2,9 @@
 //!
 //! [`Error`] is opaque: match on [`Error::kind`] or use the `is_*` helpers;
 //! the underlying cause, when there is one, is reachable through
-//! [`std::error::Error::source`]. Errors a *client* sees on the wire are a
+//! [`std::error::Error::source`], and its `Display` prints the whole cause
+//! chain (`backplane error: lagged: 3 messages dropped`), so the text of a
+//! host's own store or backplane error reaches the hub's log lines. Errors a *client* sees on the wire are a
 //! separate set of codes: see [`crate::protocol::ErrorCode`] and
 //! [`crate::protocol::CloseCode`].
 
@@ -143,11 +145,30 @@ impl fmt::Display for Error {
             ErrorKind::History => "history store failed",
             ErrorKind::Presence => "presence store failed",
         };
-        f.write_str(what)?;
+        // The cause chain too: a host's store or backplane error is the
+        // cause of ours, and a log line of ours must say what it was.
+        let mut line = String::from(what);
         if let Some(m) = &self.message {
-            write!(f, ": {m}")?;
+            line.push_str(": ");
+            line.push_str(m);
         }
-        Ok(())
+        push_causes(&mut line, std::error::Error::source(self));
+        f.write_str(&line)
+    }
+}
+
+/// Appends `cause` and its own causes to `line`, each after `: `, leaving
+/// out a cause whose text the line already holds (an error that quotes its
+/// cause in its message, as the Redis errors do, or one of ours, whose text
+/// holds its chain, would otherwise print it twice).
+pub(crate) fn push_causes(line: &mut String, mut cause: Option<&(dyn std::error::Error + 'static)>) {
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
     }
 }
 
@@ -166,5 +187,41 @@ impl From<crate::protocol::ProtocolError> for Error {
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Error {
         Error::with_source(ErrorKind::Io, e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("query failed")
+        }
+    }
+
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn display_prints_the_cause_chain_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset by peer");
+        // A host's error with a cause of its own: every link is printed.
+        let e = Error::with_source(ErrorKind::History, Outer(io()));
+        assert_eq!(e.to_string(), "history store failed: query failed: connection reset by peer");
+        // A message that quotes its cause does not print it twice.
+        let e = Error::msg_with_source(ErrorKind::Backplane, "redis publish: connection reset by peer", io());
+        assert_eq!(e.to_string(), "backplane error: redis publish: connection reset by peer");
+        // One of ours as the cause of another: its chain once.
+        let inner = Error::with_source(ErrorKind::Backplane, "lagged: 3 messages dropped");
+        let e = Error::msg_with_source(ErrorKind::Presence, "sync failed", inner);
+        assert_eq!(e.to_string(), "presence store failed: sync failed: backplane error: lagged: 3 messages dropped");
+        assert_eq!(Error::new(ErrorKind::Io).to_string(), "i/o error");
     }
 }

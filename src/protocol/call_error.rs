@@ -107,20 +107,10 @@ impl From<crate::Error> for CallError {
 /// The message of a 503 for an outage (see `From<Error> for CallError`).
 pub(crate) const UNAVAILABLE_MESSAGE: &str = "temporarily unavailable, retry";
 
-/// `e` and its causes, joined by `: `, for a log line. A cause whose text the
-/// line already ends with is left out (an error that quotes its cause in its
-/// own message, as the Redis errors do, would otherwise print it twice).
+/// `e` and its causes, joined by `: `, for a log line (each cause once).
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !line.ends_with(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        cause = c.source();
-    }
+    crate::error::push_causes(&mut line, e.source());
     line
 }
 

@@ -47,7 +47,8 @@ pub async fn presence_store<S: PresenceStore + Clone>(a: S, b: S) {
 /// 7. `presence_store.names`: room names of up to [`MAX_ROOM_NAME_LEN`]
 ///    bytes of every allowed character, and keys of any UTF-8 (the crate
 ///    sets no length limit on user ids; the suite uses 512 bytes), are kept
-///    apart exactly;
+///    apart exactly; node and connection ids up to `u64::MAX` come back
+///    unchanged;
 /// 8. `presence_store.concurrent_writes`: writes racing through two handles
 ///    to one room all land (no lost update);
 /// 9. `presence_store.expiry`: a record expires `ttl` after its last write
@@ -201,6 +202,8 @@ impl<S: PresenceStore + Clone> PresenceStoreSuite<S> {
         for (i, k) in keys.iter().enumerate() {
             written.push(PresenceRecord::new(room("names"), k.clone(), 6, i as u64));
         }
+        // Node ids are random u64s, most of them above i64::MAX.
+        written.push(PresenceRecord::new(room("ids"), key("ids"), u64::MAX, u64::MAX - 1));
         let changes = written.iter().cloned().map(StoreChange::Put).collect();
         store.write(changes, long).await.step(SUITE, check, "write")?;
         for r in written.iter().take(rooms.len()) {
