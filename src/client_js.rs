@@ -18,6 +18,12 @@ use std::sync::OnceLock;
 /// The module's source, exactly as a browser should load it.
 pub const SOURCE: &str = include_str!("../js/switchboard.js");
 
+/// The synced-room part (`sync.js`, `docs/sync.md`): a separate module a
+/// page imports next to [`SOURCE`] when it uses synced rooms. Serve it like
+/// [`SOURCE`] (same content type).
+pub const SYNC_SOURCE: &str = include_str!("../js/sync.js");
+/// Its TypeScript declarations (`sync.d.ts`).
+pub const SYNC_TYPES: &str = include_str!("../js/sync.d.ts");
 /// Its TypeScript declarations (`switchboard.d.ts`).
 pub const TYPES: &str = include_str!("../js/switchboard.d.ts");
 

@@ -1,5 +1,6 @@
 // Compile-only check (tsc -p tsconfig.test.json, run by .ci/js.sh) that the
 // shipped declarations (switchboard.d.ts) describe the documented API.
+import { Synced, synced, jsonDoc, Reject } from "../sync.js";
 import { connect, SwitchboardError, closeAction, VERSION, type Status, type Member } from "../switchboard.js";
 
 const client = connect("/ws?user=ann", { sse: "/events?user=ann", token: async () => "t", backoff: { initial: 500 } });
@@ -34,3 +35,20 @@ void use;
 const action: "reconnect" | "stop" = closeAction(1006);
 const v: string = VERSION;
 void [action, v];
+
+// The synced-room module (sync.js).
+async function useSync(): Promise<void> {
+  const room = await client.join("todo:1");
+  const doc: Synced = await synced(room, jsonDoc, { clientId: "tab1", gapWait: 500 });
+  doc.onChange((s) => console.log(s.state, s.version, s.pending.length, s.synced));
+  doc.onRollback(({ op, code, message }) => console.log(op, code + 1, message.length));
+  doc.apply({ type: "set", path: ["items", "a"], value: { text: "milk" } });
+  const counter = new Synced(room, (state: { n: number } | null, op: { add: number }) => {
+    const n = (state?.n ?? 0) + op.add;
+    if (n > 10) throw new Reject("at most 10", 1001);
+    return { n };
+  });
+  await counter.ready;
+  counter.stop();
+}
+void useSync;
