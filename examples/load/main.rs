@@ -19,6 +19,7 @@
 //! else runs; the ratios between kinds measured in one `compare` are the
 //! figures to read. See `docs/performance.md`.
 
+mod attack;
 mod bench;
 mod client;
 mod procfs;
@@ -45,6 +46,8 @@ commands:
   compare-idle --connections N --seconds T [--heartbeat-ms 1000] [--runs 1] [--kinds raw,switchboard] [--json out.json]
   smoke    (200 subscribers x 200 messages flat out per kind; fails on any loss or reordering)
   sizes    (bytes of the per-connection task futures each server spawns; what idle RSS is made of)
+  attack   --mode tabs|history|churn|fanout|pings|fragments|heads [--seconds S] [--max-p99-ms 250]
+           (issue 24: attacks on the chat example with a bystander; see examples/load/attack.rs)
 
 generator options (run, idle, compare, compare-idle):
   --source-ips N     spread connections over 127.0.0.2 .. 127.0.0.(N+1) (default 4; 0 = no bind)
@@ -199,6 +202,7 @@ fn dispatch(args: &Args) -> Result<ExitCode, String> {
             "compare-idle" => cmd_compare_idle(args).await,
             "smoke" => cmd_smoke(args).await,
             "sizes" => cmd_sizes().await,
+            "attack" => attack::cmd(args).await,
             other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
         }
     })

@@ -386,7 +386,13 @@ impl RoomState {
         // sends it to everyone), or its count if its list is over the bound.
         let overflowed_big = self.full_pending && self.list_bytes > cfg.max_state_bytes;
         if self.counts_mode || overflowed_big {
-            let data = StateData { count: self.count(), presences: None };
+            let count = self.count();
+            if self.last_count != Some(count) {
+                // The joiner has a count the members have not: the flush
+                // this join armed sends the count whatever it is then.
+                self.last_count = None;
+            }
+            let data = StateData { count, presences: None };
             return encode(Kind::PresenceState, room, &data, wire.format).map(|b| wire.prepare(b));
         }
         if let Some(bytes) = &self.joiner_states[wire.index()] {
