@@ -36,10 +36,12 @@ async fn publish_until_ok(bp: &RedisBackplane, topic: &str, msg: &'static [u8]) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_backplane_conforms() {
     let server = RedisServer::start().await;
-    let a = connect(&server.url()).await;
-    let b = connect(&server.url()).await;
+    // A small declared bound, so the suite checks overflow is reported.
+    let small = || RedisBackplane::connect(config(&server.url()).subscription_capacity(256));
+    let (a, b) = (small().await.unwrap(), small().await.unwrap());
     let port = server.port();
     BackplaneSuite::new(a.clone(), b.clone())
+        .subscription_capacity(256)
         .cut_connection(move || support::redis::cut_clients(vec![port]))
         .run()
         .await

@@ -60,11 +60,14 @@ fn fair_share(what: &str, counts: Vec<usize>, total: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_backplane_conforms_with_sharded_pubsub() {
     let cluster = RedisCluster::start().await;
-    let (a, b) = (backplane(&cluster).await, backplane(&cluster).await);
+    // A small declared bound, so the suite checks overflow is reported.
+    let small = || RedisBackplane::connect(config(&cluster).subscription_capacity(256));
+    let (a, b) = (small().await.unwrap(), small().await.unwrap());
     assert_eq!(a.stats().shards, 3, "one pub/sub connection per master");
     assert_eq!(a.channel("lobby"), "switchboard:{lobby}", "the topic is the hash tag");
     let ports = cluster.nodes.iter().map(|n| n.port()).collect::<Vec<_>>();
     BackplaneSuite::new(a.clone(), b.clone())
+        .subscription_capacity(256)
         .cut_connection(move || support::redis::cut_clients(ports.clone()))
         .run()
         .await
