@@ -61,11 +61,11 @@ export function parseEnvelope(text: unknown, maxBytes?: number): Envelope | stri
  * @param {Options} [options]
  */
 export function connect(url: string, options?: Options): Client;
-/*! switchboard.js | MIT | the browser client of switchboard (protocol v1); guide: docs/js-client.md */
+/*! switchboard.js | MIT | the browser client of switchboard (protocol v1, v2); guide: docs/js-client.md */
 /** This module's version; equal to the server crate's (checked against `hello`). */
 export const VERSION: "0.1.0";
-/** The wire protocol version this module speaks. */
-export const PROTOCOL: 1;
+/** The newest wire protocol version this module speaks (it speaks 1 too). */
+export const PROTOCOL: 2;
 /**
  * A failed request. `code` is the protocol's error code (a number, e.g. 403,
  * 405, 420, 1000+) for an answer of the server, or a string for a local

@@ -1,7 +1,7 @@
-/*! switchboard.js | MIT | the browser client of switchboard (protocol v1); guide: docs/js-client.md */
+/*! switchboard.js | MIT | the browser client of switchboard (protocol v1, v2); guide: docs/js-client.md */
 export const VERSION = "0.1.0";
-export const PROTOCOL = 1;
-const SUBPROTOCOL = "switchboard.v1.json";
+export const PROTOCOL = 2;
+const SUBPROTOCOLS = ["switchboard.v2.json", "switchboard.v1.json"];
 export class SwitchboardError extends Error {
     constructor(code, message, data) {
         super(message);
@@ -66,6 +66,8 @@ export function parseEnvelope(text, maxBytes = 16 << 20) {
     catch {
         return "not JSON";
     }
+    if (Array.isArray(v))
+        return eventArray(v);
     if (!isObj(v))
         return "not a JSON object";
     for (const k of ["ref", "offset"])
@@ -92,6 +94,23 @@ export function parseEnvelope(text, maxBytes = 16 << 20) {
     if (need === false)
         return `malformed ${v.type}`;
     return v;
+}
+function eventArray(a) {
+    if (a.length < 3 || a.length > 4)
+        return "malformed event";
+    const [room, event, data, offset] = a;
+    if (room !== null && typeof room !== "string")
+        return "bad room";
+    if (typeof event !== "string")
+        return "bad event";
+    if (offset !== undefined && !uint(offset))
+        return "bad offset";
+    const env = { type: "event", event, data };
+    if (room !== null)
+        env.room = room;
+    if (offset !== undefined)
+        env.offset = offset;
+    return env;
 }
 export class PresenceView {
     constructor() {
@@ -168,7 +187,7 @@ export class PresenceView {
     }
 }
 function webSocket(WS, url, link) {
-    const ws = new WS(url, [SUBPROTOCOL]);
+    const ws = new WS(url, SUBPROTOCOLS);
     let opened = false;
     let done = false;
     ws.onopen = () => {
@@ -792,7 +811,7 @@ export class Client {
         }
     }
     #hello(h) {
-        if (h.version !== PROTOCOL) {
+        if (h.version < 1 || h.version > PROTOCOL) {
             this.log.error(`switchboard: the server speaks protocol v${h.version}, this client v${PROTOCOL}`);
             this.stopped = true;
             return this.#drop(1002, "version", "this page's client does not match the server: reload the page");

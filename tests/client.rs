@@ -16,7 +16,7 @@ use support::WAIT;
 use switchboard::client::{
     Backoff, Client, ClientConfig, ClientErrorKind, Disconnect, Event, JoinOptions, Room, RoomEvent, Status,
 };
-use switchboard::protocol::{CloseCode, Format};
+use switchboard::protocol::{CloseCode, Format, Version};
 use switchboard::transport::Handshake;
 use switchboard::{Call, CallError, ConnectionId, Hub, HubBuilder, Identity, PresenceConfig, Rejection};
 use tokio::net::{TcpListener, TcpStream};
@@ -196,15 +196,25 @@ async fn close(ws: &mut RawWs, code: u16) {
 
 #[tokio::test]
 async fn joins_calls_and_receives_room_and_direct_events() {
-    for format in [Format::Json, Format::MsgPack] {
+    let forms = [Format::Json, Format::MsgPack].into_iter().flat_map(|f| [(f, Version::V1), (f, Version::V2)]);
+    for (format, version) in forms {
         let log = Arc::default();
         let hub = chat_hub(log).build();
         let addr = support::serve(&hub).await;
-        let client = Client::builder(format!("ws://{addr}/?user=ann")).format(format).config(fast()).connect().unwrap();
+        let client = Client::builder(format!("ws://{addr}/?user=ann"))
+            .format(format)
+            .version(version)
+            .config(fast())
+            .connect()
+            .unwrap();
         connected(&client).await;
         assert!(matches!(*client.status().borrow(), Status::Connected { connection_id: 1, .. }));
 
         let mut lobby = client.join("lobby").await.expect("join");
+        // The server speaks the newest version the client offered (in
+        // version 2 every event below arrives as a compact array).
+        let conn = hub.connection(support::member_id(&hub, "lobby", 1)).expect("connected");
+        assert_eq!((conn.format(), conn.version()), (format, version));
         let reply: Value = lobby.call("say", &json!({"text": "hi"})).await.expect("call");
         assert_eq!(reply, json!({"ok": true}));
         let (e, _) = next_event(&mut lobby).await;

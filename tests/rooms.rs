@@ -3,7 +3,7 @@
 
 mod support;
 
-use futures::StreamExt;
+use futures::{SinkExt, StreamExt};
 use serde::{Serialize, Serializer};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
@@ -14,6 +14,7 @@ use std::time::Duration;
 use support::*;
 use switchboard::transport::{Frame, Handshake};
 use switchboard::{Call, CallError, Hub, HubConfig, Identity, MemoryBackplane, Rejection};
+use tokio_tungstenite::tungstenite::Message;
 
 fn internal(e: switchboard::Error) -> CallError {
     CallError::internal(e.to_string())
@@ -374,6 +375,107 @@ async fn messagepack_end_to_end() {
         next_msgpack(&mut ws).await,
         json!({"type": "event", "room": "mp", "event": "news", "data": {"k": [1, 2, 3]}})
     );
+}
+
+/// The next data frame as bytes (text or binary), skipping pings.
+async fn next_frame(ws: &mut Ws) -> Message {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for a message");
+        match msg.expect("stream ended").expect("read error") {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test]
+async fn version_2_events_are_compact_arrays_next_to_version_1_clients() {
+    let history = switchboard::MemoryHistory::new();
+    let hub = Hub::builder()
+        .history(history, switchboard::HistoryConfig::default().rooms("log", switchboard::RoomHistory::default()))
+        .on("relay", |call: Call, data: Value| async move {
+            call.broadcast_others("said", &data).await.map(|_| ()).map_err(|e| CallError::internal(e.to_string()))
+        })
+        .build();
+    let addr = serve(&hub).await;
+    // One client of each subprotocol in room "r" (and "log", recoverable).
+    let mut clients = Vec::new();
+    for protocol in ["switchboard.v1.json", "switchboard.v2.json", "switchboard.v1.msgpack", "switchboard.v2.msgpack"] {
+        let (mut ws, chosen) = connect_protocol(addr, protocol).await;
+        assert_eq!(chosen.as_deref(), Some(protocol));
+        let msgpack = protocol.ends_with("msgpack");
+        let hello = if msgpack { next_msgpack(&mut ws).await } else { next_json(&mut ws).await };
+        let v2 = protocol.contains(".v2.");
+        // Everything but events is as in version 1: the hello names the version.
+        assert_eq!(hello["data"]["version"], if v2 { 2 } else { 1 }, "{hello}");
+        for (r, room) in [(1, "r"), (2, "log")] {
+            let join = json!({"type": "join", "ref": r, "room": room});
+            let reply = if msgpack {
+                send_msgpack(&mut ws, &join).await;
+                next_msgpack(&mut ws).await
+            } else {
+                ws.send(Message::text(join.to_string())).await.unwrap();
+                next_json(&mut ws).await
+            };
+            assert_eq!(reply["type"], "reply", "{protocol}: {reply}");
+        }
+        let id = hello["data"]["connection_id"].as_u64().unwrap();
+        clients.push((protocol, ws, id));
+    }
+    let data = json!({"text": "hé", "n": [1, 2]});
+    hub.publish("r", "news", &data).await.unwrap();
+    let position = hub.publish("log", "line", &data).await.unwrap().position.unwrap();
+    let v2_json = member_id(&hub, "r", clients[1].2);
+    hub.send(v2_json, "direct", &data).unwrap();
+    let v2_msgpack = member_id(&hub, "r", clients[3].2);
+    hub.send(v2_msgpack, "direct", &data).unwrap();
+
+    for (protocol, ws, _) in &mut clients {
+        let v1_news = json!({"type": "event", "room": "r", "event": "news", "data": data});
+        let v1_line = json!({"type": "event", "room": "log", "event": "line", "data": data, "offset": position.offset});
+        let v2_news = json!(["r", "news", data]);
+        let v2_line = json!(["log", "line", data, position.offset]);
+        let v2_direct = json!([null, "direct", data]);
+        let frames = [next_frame(ws).await, next_frame(ws).await];
+        let got: Vec<Value> = frames
+            .iter()
+            .map(|f| match f {
+                Message::Text(t) => serde_json::from_str(t).unwrap(),
+                Message::Binary(b) => rmp_serde::from_slice(b).unwrap(),
+                other => panic!("{protocol}: unexpected {other:?}"),
+            })
+            .collect();
+        match *protocol {
+            "switchboard.v1.json" | "switchboard.v1.msgpack" => assert_eq!(got, [v1_news, v1_line], "{protocol}"),
+            _ => {
+                assert_eq!(got, [v2_news, v2_line], "{protocol}");
+                assert_eq!(
+                    match next_frame(ws).await {
+                        Message::Text(t) => serde_json::from_str::<Value>(&t).unwrap(),
+                        Message::Binary(b) => rmp_serde::from_slice(&b).unwrap(),
+                        other => panic!("{other:?}"),
+                    },
+                    v2_direct,
+                    "{protocol}"
+                );
+            }
+        }
+        let binary = protocol.ends_with("msgpack");
+        assert!(frames.iter().all(|f| f.is_binary() == binary), "{protocol}: frame kinds follow the format");
+    }
+
+    // A client's call broadcast by its handler: the v1 JSON client relays,
+    // the v2 JSON client gets the array.
+    let (_, relay, _) = &mut clients[0];
+    relay
+        .send(Message::text(json!({"type": "call", "room": "r", "event": "relay", "data": {"k": 1}}).to_string()))
+        .await
+        .unwrap();
+    let (_, v2, _) = &mut clients[1];
+    match next_frame(v2).await {
+        Message::Text(t) => assert_eq!(t.as_str(), r#"["r","said",{"k":1}]"#),
+        other => panic!("{other:?}"),
+    }
 }
 
 fn token_hub() -> Hub {

@@ -173,21 +173,30 @@ fn self_cpu() -> f64 {
 /// Opens a client and waits for the server's first message (`hello` or
 /// `welcome`): from then on it receives what is published.
 async fn open(addr: SocketAddr, opts: &ConnOpts, i: usize, checked: bool) -> io::Result<Client> {
-    let mut c = Client::connect(addr, source_ip(i, opts.source_ips), checked, 0x9E37_79B9 ^ i as u32).await?;
+    let mut c =
+        Client::connect(addr, source_ip(i, opts.source_ips), checked, 0x9E37_79B9 ^ i as u32, opts.kind.subprotocol())
+            .await?;
     c.next_data(|_| ()).await?.ok_or_else(|| io::Error::other("closed before the first message"))?;
     Ok(c)
 }
 
-/// Sends `join` and waits for its reply (switchboard only).
-async fn join(c: &mut Client) -> io::Result<()> {
-    let msg = format!(r#"{{"type":"join","ref":1,"room":"{ROOM}"}}"#);
-    c.text(msg.as_bytes()).await?;
+/// Sends `join` and waits for its reply (switchboard only), in MessagePack
+/// on a `msgpack` connection.
+async fn join(c: &mut Client, msgpack: bool) -> io::Result<()> {
+    let (reply, error): (&[u8], &[u8]) = if msgpack {
+        c.binary(&client::msgpack_join(ROOM)).await?;
+        (b"\xa4type\xa5reply", b"\xa4type\xa5error")
+    } else {
+        let msg = format!(r#"{{"type":"join","ref":1,"room":"{ROOM}"}}"#);
+        c.text(msg.as_bytes()).await?;
+        (br#""type":"reply""#, br#""type":"error""#)
+    };
     loop {
         let kind = c
             .next_data(|m| {
-                if client::find(m, br#""type":"reply""#).is_some() {
+                if client::find(m, reply).is_some() {
                     Ok(true)
-                } else if client::find(m, br#""type":"error""#).is_some() {
+                } else if client::find(m, error).is_some() {
                     Err(String::from_utf8_lossy(m).into_owned())
                 } else {
                     Ok(false)
@@ -360,18 +369,18 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
                     return;
                 }
             };
-            if conn.kind == Kind::Switchboard {
+            if conn.kind.is_switchboard() {
                 if phase.wait_for(|p| *p >= Phase::Join).await.is_err() {
                     return;
                 }
-                let joined = join(&mut c).await;
+                let joined = join(&mut c, conn.kind.msgpack()).await;
                 let failed = joined.is_err();
                 let _ = ready.send(joined);
                 if failed {
                     return;
                 }
             }
-            if let Err(e) = subscribe(&mut c, &sh, i).await {
+            if let Err(e) = subscribe(&mut c, &sh, i, conn.kind.msgpack()).await {
                 // Once the run is over the server is killed: a reset then
                 // (seen by a task still running on another generator
                 // thread) is not the server's fault.
@@ -387,7 +396,7 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
     drop(ready_tx);
     wait_all(&mut ready_rx, n, "connect").await?;
     let connect_s = t_connect.elapsed().as_secs_f64();
-    let join_s = if opts.conn.kind == Kind::Switchboard {
+    let join_s = if opts.conn.kind.is_switchboard() {
         let t = Instant::now();
         let _ = phase_tx.send(Phase::Join);
         wait_all(&mut ready_rx, n, "join").await?;
@@ -400,12 +409,12 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
 
     // The publisher: a lean client; it reads its own socket on the side
     // (errors, pings) and writes the messages.
-    let publisher = Lean::handshake(client::tcp(addr, None).await?, addr, 0xC0FF_EE11).await?;
+    let publisher = Lean::handshake(client::tcp(addr, None).await?, addr, 0xC0FF_EE11, None).await?;
     let (mut prd, mut pwr) = (publisher.rd, publisher.wr);
     let first = prd.frame().await?.ok_or_else(|| io::Error::other("publisher closed"))?;
     debug_assert!(first.0 == client::OP_TEXT);
     let publisher_errors = Arc::new(AtomicU64::new(0));
-    if opts.conn.kind == Kind::Switchboard {
+    if opts.conn.kind.is_switchboard() {
         pwr.text(format!(r#"{{"type":"join","ref":1,"room":"{ROOM}"}}"#).as_bytes()).await?;
         loop {
             let (op, r) = prd.frame().await?.ok_or_else(|| io::Error::other("publisher closed while joining"))?;
@@ -485,7 +494,7 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
                 }
                 let p = payload(seq, sent, size);
                 let msg = match kind {
-                    Kind::Switchboard => format!(r#"{{"type":"call","room":"{ROOM}","event":"pub","data":{p}}}"#),
+                    k if k.is_switchboard() => format!(r#"{{"type":"call","room":"{ROOM}","event":"pub","data":{p}}}"#),
                     _ => p,
                 };
                 pwr.text(msg.as_bytes()).await?;
@@ -540,7 +549,7 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
         rate: opts.rate,
         payload_bytes: opts.payload,
         window: opts.rate.is_none().then_some(opts.window),
-        max_inflight: (opts.conn.kind == Kind::Switchboard).then_some(opts.conn.max_inflight).flatten(),
+        max_inflight: opts.conn.kind.is_switchboard().then_some(opts.conn.max_inflight).flatten(),
         checked_subscribers: opts.conn.checked.min(n),
         received_message_bytes: sh.frame_len.load(Ordering::Relaxed),
         connect_s,
@@ -590,19 +599,28 @@ async fn wait_done(sh: &Shared) {
     }
 }
 
+/// Reads the number after a key in a message (JSON or MessagePack).
+type NumberAfter = fn(&[u8], &[u8]) -> Option<u64>;
+
 /// Latency histogram shards ([`Shared::hists`]).
 const HIST_SHARDS: usize = 16;
 
 /// A subscriber's receive loop: latency, order, completion.
-async fn subscribe(c: &mut Client, sh: &Shared, index: usize) -> io::Result<()> {
+async fn subscribe(c: &mut Client, sh: &Shared, index: usize, msgpack: bool) -> io::Result<()> {
     let hist = &sh.hists[index % HIST_SHARDS];
+    // The payload's fields: JSON, or MessagePack keys (fixstr) before uints.
+    let (seq_key, sent_key, number): (&[u8], &[u8], NumberAfter) = if msgpack {
+        (b"\xa3seq", b"\xa7sent_ns", client::msgpack_uint_after)
+    } else {
+        (br#""seq":"#, br#""sent_ns":"#, client::number_after)
+    };
     let mut next_seq = 0u64;
     let mut received = 0u64;
     loop {
         let got = c
             .next_data(|msg| {
-                let seq = client::number_after(msg, br#""seq":"#)?;
-                let sent = client::number_after(msg, br#""sent_ns":"#)?;
+                let seq = number(msg, seq_key)?;
+                let sent = number(msg, sent_key)?;
                 Some((seq, sent, msg.len()))
             })
             .await?;
@@ -679,12 +697,17 @@ pub async fn idle(opts: &IdleOpts) -> io::Result<IdleReport> {
         tasks.spawn(async move {
             let permit = sem.acquire_owned().await;
             let opened = async {
-                let mut c =
-                    Lean::handshake(client::tcp(addr, source_ip(i, conn.source_ips)).await?, addr, i as u32).await?;
+                let mut c = Lean::handshake(
+                    client::tcp(addr, source_ip(i, conn.source_ips)).await?,
+                    addr,
+                    i as u32,
+                    conn.kind.subprotocol(),
+                )
+                .await?;
                 c.next_data(|_| ()).await?.ok_or_else(|| io::Error::other("closed before the first message"))?;
                 let mut c = Client::Lean(Box::new(c));
-                if conn.kind == Kind::Switchboard {
-                    join(&mut c).await?;
+                if conn.kind.is_switchboard() {
+                    join(&mut c, conn.kind.msgpack()).await?;
                 }
                 Ok::<_, io::Error>(c)
             }

@@ -71,12 +71,18 @@ pub struct Lean {
 const READ_BUF: usize = 16 * 1024;
 
 impl Lean {
-    /// Opens the WebSocket on a connected socket.
-    pub async fn handshake(mut stream: TcpStream, addr: SocketAddr, seed: u32) -> io::Result<Lean> {
+    /// Opens the WebSocket on a connected socket, offering `subprotocol`.
+    pub async fn handshake(
+        mut stream: TcpStream,
+        addr: SocketAddr,
+        seed: u32,
+        subprotocol: Option<&str>,
+    ) -> io::Result<Lean> {
         let key = generate_key();
+        let offer = subprotocol.map_or(String::new(), |p| format!("Sec-WebSocket-Protocol: {p}\r\n"));
         let req = format!(
             "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
         );
         stream.write_all(req.as_bytes()).await?;
         let mut buf = vec![0u8; READ_BUF];
@@ -104,6 +110,15 @@ impl Lean {
         });
         if !accepted {
             return Err(proto("wrong or missing Sec-WebSocket-Accept"));
+        }
+        if let Some(p) = subprotocol {
+            let selected = head.lines().any(|l| {
+                l.split_once(':')
+                    .is_some_and(|(k, v)| k.eq_ignore_ascii_case("sec-websocket-protocol") && v.trim() == p)
+            });
+            if !selected {
+                return Err(proto(format!("the server did not select {p}")));
+            }
         }
         let (rd, wr) = stream.into_split();
         Ok(Lean {
@@ -262,15 +277,45 @@ impl LeanWriter {
     }
 }
 
+/// A switchboard `join` of `room` with ref 1, as a MessagePack map.
+pub fn msgpack_join(room: &str) -> Vec<u8> {
+    let mut out = vec![0x83, 0xa4];
+    out.extend_from_slice(b"type\xa4join\xa3ref\x01\xa4room");
+    out.push(0xa0 | room.len() as u8);
+    out.extend_from_slice(room.as_bytes());
+    out
+}
+
+/// The MessagePack unsigned integer right after `key` (an encoded key,
+/// e.g. `\xa3seq`) in `hay`.
+pub fn msgpack_uint_after(hay: &[u8], key: &[u8]) -> Option<u64> {
+    let at = find(hay, key)? + key.len();
+    let rest = hay.get(at..)?;
+    let be = |n: usize| rest.get(1..1 + n).map(|b| b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x)));
+    match *rest.first()? {
+        m @ 0x00..=0x7f => Some(u64::from(m)),
+        0xcc => be(1),
+        0xcd => be(2),
+        0xce => be(4),
+        0xcf => be(8),
+        _ => None,
+    }
+}
+
 /// A full tokio-tungstenite client.
 pub struct Checked {
     ws: WebSocketStream<TcpStream>,
 }
 
 impl Checked {
-    pub async fn handshake(stream: TcpStream, addr: SocketAddr) -> io::Result<Checked> {
+    pub async fn handshake(stream: TcpStream, addr: SocketAddr, subprotocol: Option<&str>) -> io::Result<Checked> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let config = WebSocketConfig::default().read_buffer_size(16 * 1024);
-        let (ws, _) = tokio_tungstenite::client_async_with_config(format!("ws://{addr}/"), stream, Some(config))
+        let mut req = format!("ws://{addr}/").into_client_request().map_err(|e| proto(e.to_string()))?;
+        if let Some(p) = subprotocol {
+            req.headers_mut().insert("sec-websocket-protocol", p.parse().map_err(|_| proto("bad subprotocol"))?);
+        }
+        let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
             .await
             .map_err(|e| proto(e.to_string()))?;
         Ok(Checked { ws })
@@ -293,6 +338,10 @@ impl Checked {
         let text = std::str::from_utf8(payload).map_err(|_| proto("not UTF-8"))?;
         self.ws.send(Message::text(text)).await.map_err(|e| proto(e.to_string()))
     }
+
+    pub async fn binary(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.ws.send(Message::binary(payload.to_vec())).await.map_err(|e| proto(e.to_string()))
+    }
 }
 
 /// Either kind of subscriber connection.
@@ -302,12 +351,18 @@ pub enum Client {
 }
 
 impl Client {
-    pub async fn connect(addr: SocketAddr, source: Option<IpAddr>, checked: bool, seed: u32) -> io::Result<Client> {
+    pub async fn connect(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        checked: bool,
+        seed: u32,
+        subprotocol: Option<&str>,
+    ) -> io::Result<Client> {
         let stream = tcp(addr, source).await?;
         Ok(if checked {
-            Client::Checked(Box::new(Checked::handshake(stream, addr).await?))
+            Client::Checked(Box::new(Checked::handshake(stream, addr, subprotocol).await?))
         } else {
-            Client::Lean(Box::new(Lean::handshake(stream, addr, seed).await?))
+            Client::Lean(Box::new(Lean::handshake(stream, addr, seed, subprotocol).await?))
         })
     }
 
@@ -322,6 +377,13 @@ impl Client {
         match self {
             Client::Lean(c) => c.wr.text(payload).await,
             Client::Checked(c) => c.text(payload).await,
+        }
+    }
+
+    pub async fn binary(&mut self, payload: &[u8]) -> io::Result<()> {
+        match self {
+            Client::Lean(c) => c.wr.send(OP_BINARY, payload).await,
+            Client::Checked(c) => c.binary(payload).await,
         }
     }
 }

@@ -49,6 +49,10 @@ commands:
   attack   --mode tabs|history|churn|fanout|pings|fragments|heads [--seconds S] [--max-p99-ms 250]
            (issue 24: attacks on the chat example with a bystander; see examples/load/attack.rs)
 
+kinds: raw, raw-padded, raw-select, and switchboard with its subscribers on switchboard.v1.json
+(`switchboard`), switchboard.v2.json (`sb-v2`), switchboard.v1.msgpack (`sb-msgpack`),
+switchboard.v2.msgpack (`sb-v2-msgpack`)
+
 generator options (run, idle, compare, compare-idle):
   --source-ips N     spread connections over 127.0.0.2 .. 127.0.0.(N+1) (default 4; 0 = no bind)
   --concurrency N    connection attempts in flight (default 64)
@@ -397,6 +401,9 @@ fn run_median(kind: Kind, reports: &[RunReport]) -> RunMedian {
 
 async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
     let kinds = args.kinds("raw,switchboard,raw-padded")?;
+    // `raw-padded` is padded to what the first switchboard kind's
+    // subscribers receive, and compared with it.
+    let first_sb = kinds.iter().copied().find(|k| k.is_switchboard());
     let runs: usize = args.or("runs", 3)?;
     print_machine();
     let mut reports: Vec<RunReport> = Vec::new();
@@ -409,7 +416,7 @@ async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
                 opts.pad_to = reports
                     .iter()
                     .rev()
-                    .find(|r| r.kind == Kind::Switchboard && r.received_message_bytes > 0)
+                    .find(|r| Some(r.kind) == first_sb && r.received_message_bytes > 0)
                     .map(|r| r.received_message_bytes);
             }
             eprintln!("load: run {}/{runs} {}", i + 1, kind.name());
@@ -466,7 +473,7 @@ async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
         to_raw = print_ratios("what a user gets: equal payload, ratios to raw", raw, &others);
     }
     let mut to_padded = Vec::new();
-    if let (Some(padded), Some(sb)) = (find(Kind::RawPadded), find(Kind::Switchboard)) {
+    if let (Some(padded), Some(sb)) = (find(Kind::RawPadded), first_sb.and_then(find)) {
         to_padded = print_ratios("what the machinery costs: equal bytes, ratios to raw-padded", padded, &[sb]);
     }
     let clean = reports.iter().all(|r| r.clean() && !r.timed_out);

@@ -46,7 +46,14 @@ const MAX_MESSAGE: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
+    /// Subscribers speak `switchboard.v1.json` (objects).
     Switchboard,
+    /// Subscribers speak `switchboard.v2.json`: events are compact arrays.
+    SwitchboardV2,
+    /// Subscribers speak `switchboard.v1.msgpack` (binary frames).
+    SwitchboardMsgpack,
+    /// Subscribers speak `switchboard.v2.msgpack`.
+    SwitchboardV2Msgpack,
     Raw,
     /// The `raw` server, with the publisher's payload padded so that a
     /// subscriber receives as many bytes per message as from switchboard
@@ -61,6 +68,9 @@ impl Kind {
     pub fn parse(s: &str) -> Option<Kind> {
         Some(match s {
             "switchboard" | "sb" => Kind::Switchboard,
+            "switchboard-v2" | "sb-v2" => Kind::SwitchboardV2,
+            "switchboard-msgpack" | "sb-msgpack" => Kind::SwitchboardMsgpack,
+            "switchboard-v2-msgpack" | "sb-v2-msgpack" => Kind::SwitchboardV2Msgpack,
             "raw" => Kind::Raw,
             "raw-padded" => Kind::RawPadded,
             "raw-select" => Kind::RawSelect,
@@ -71,10 +81,36 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Switchboard => "switchboard",
+            Kind::SwitchboardV2 => "sb-v2",
+            Kind::SwitchboardMsgpack => "sb-msgpack",
+            Kind::SwitchboardV2Msgpack => "sb-v2-msgpack",
             Kind::Raw => "raw",
             Kind::RawPadded => "raw-padded",
             Kind::RawSelect => "raw-select",
         }
+    }
+}
+
+impl Kind {
+    /// Whether the server is switchboard (subscribers join, the publisher calls).
+    pub fn is_switchboard(self) -> bool {
+        self.subprotocol().is_some()
+    }
+
+    /// The subprotocol switchboard subscribers offer.
+    pub fn subprotocol(self) -> Option<&'static str> {
+        Some(match self {
+            Kind::Switchboard => "switchboard.v1.json",
+            Kind::SwitchboardV2 => "switchboard.v2.json",
+            Kind::SwitchboardMsgpack => "switchboard.v1.msgpack",
+            Kind::SwitchboardV2Msgpack => "switchboard.v2.msgpack",
+            _ => return None,
+        })
+    }
+
+    /// Whether subscribers receive MessagePack (binary frames).
+    pub fn msgpack(self) -> bool {
+        self.subprotocol().is_some_and(|p| p.ends_with("msgpack"))
     }
 }
 
@@ -113,7 +149,7 @@ pub async fn run(opts: ServerOpts) -> io::Result<()> {
     let listener = listen(opts.addr)?;
     let addr = listener.local_addr()?;
     match opts.kind {
-        Kind::Switchboard => {
+        Kind::Switchboard | Kind::SwitchboardV2 | Kind::SwitchboardMsgpack | Kind::SwitchboardV2Msgpack => {
             let hub = switchboard_hub(&opts);
             println!("ready {addr}");
             ws::serve(listener, hub, WsConfig::default()).await

@@ -1,13 +1,14 @@
-/*! switchboard.js | MIT | the browser client of switchboard (protocol v1); guide: docs/js-client.md */
+/*! switchboard.js | MIT | the browser client of switchboard (protocol v1, v2); guide: docs/js-client.md */
 // Source of the served module: `npm run build` writes ../switchboard.js (comments
 // stripped) and ../switchboard.d.ts. Sections: errors, backoff, close codes,
 // validation, presence, transports (WebSocket, SSE + POST), room, client.
 
 /** This module's version; equal to the server crate's (checked against `hello`). */
 export const VERSION = "0.1.0";
-/** The wire protocol version this module speaks. */
-export const PROTOCOL = 1;
-const SUBPROTOCOL = "switchboard.v1.json";
+/** The newest wire protocol version this module speaks (it speaks 1 too). */
+export const PROTOCOL = 2;
+/** Offered newest first: the server selects the first it speaks (v2: events are compact arrays). */
+const SUBPROTOCOLS = ["switchboard.v2.json", "switchboard.v1.json"];
 
 // ---------------------------------------------------------------- errors
 
@@ -129,6 +130,7 @@ export function parseEnvelope(text, maxBytes = 16 << 20) {
   } catch {
     return "not JSON";
   }
+  if (Array.isArray(v)) return eventArray(v);
   if (!isObj(v)) return "not a JSON object";
   for (const k of ["ref", "offset"]) if (v[k] != null && !uint(v[k])) return `bad ${k}`;
   for (const k of ["room", "event", "message", "epoch"]) if (v[k] != null && typeof v[k] !== "string") return `bad ${k}`;
@@ -146,6 +148,25 @@ export function parseEnvelope(text, maxBytes = 16 << 20) {
   }[/** @type {string} */ (v.type)];
   if (need === false) return `malformed ${v.type}`;
   return v;
+}
+
+/**
+ * A protocol v2 compact event, `[room, event, data]` or `[room, event, data, offset]`
+ * (`room` null for an event sent to this connection), as the v1 envelope it stands for.
+ * @param {any[]} a
+ * @returns {Envelope|string}
+ */
+function eventArray(a) {
+  if (a.length < 3 || a.length > 4) return "malformed event";
+  const [room, event, data, offset] = a;
+  if (room !== null && typeof room !== "string") return "bad room";
+  if (typeof event !== "string") return "bad event";
+  if (offset !== undefined && !uint(offset)) return "bad offset";
+  /** @type {Envelope} */
+  const env = { type: "event", event, data };
+  if (room !== null) env.room = room;
+  if (offset !== undefined) env.offset = offset;
+  return env;
 }
 
 // ---------------------------------------------------------------- presence
@@ -255,7 +276,7 @@ export class PresenceView {
  * @returns {Transport}
  */
 function webSocket(WS, url, link) {
-  const ws = new WS(url, [SUBPROTOCOL]);
+  const ws = new WS(url, SUBPROTOCOLS);
   let opened = false;
   let done = false;
   ws.onopen = () => {
@@ -1012,7 +1033,7 @@ export class Client {
   }
   /** @param {any} h */
   #hello(h) {
-    if (h.version !== PROTOCOL) {
+    if (h.version < 1 || h.version > PROTOCOL) {
       this.log.error(`switchboard: the server speaks protocol v${h.version}, this client v${PROTOCOL}`);
       this.stopped = true;
       return this.#drop(1002, "version", "this page's client does not match the server: reload the page");

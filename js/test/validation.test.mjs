@@ -9,7 +9,11 @@ test("parseEnvelope refuses garbage with a reason and never throws", () => {
     [new ArrayBuffer(3), "not a text message"],
     ["", "not JSON"],
     ["{", "not JSON"],
-    ["[1,2]", "not a JSON object"],
+    ["[1,2]", "malformed event"],
+    ['["r","e",1,2,3]', "malformed event"],
+    ['[1,"e",null]', "bad room"],
+    ['["r",null,null]', "bad event"],
+    ['["r","e",null,-1]', "bad offset"],
     ["null", "not a JSON object"],
     ['"hello"', "not a JSON object"],
     ["{}", "no type"],
@@ -34,6 +38,26 @@ test("parseEnvelope refuses garbage with a reason and never throws", () => {
   const ok = parseEnvelope('{"type":"event","room":"r","event":"e","offset":3,"data":{"x":1},"future":[1]}');
   assert.equal(typeof ok, "object");
   assert.equal(ok.data.x, 1);
+  // Protocol v2's compact events read as the v1 envelopes they stand for.
+  assert.deepEqual(parseEnvelope('["r","e",{"x":1}]'), { type: "event", room: "r", event: "e", data: { x: 1 } });
+  assert.deepEqual(parseEnvelope('["r","e",null,7]'), { type: "event", room: "r", event: "e", data: null, offset: 7 });
+  assert.deepEqual(parseEnvelope('[null,"e",[1]]'), { type: "event", event: "e", data: [1] });
+});
+
+test("protocol v2: offered before v1; compact events reach the room like v1 ones", async () => {
+  const { client, sockets } = setup();
+  assert.deepEqual(sockets[0].protocols, ["switchboard.v2.json", "switchboard.v1.json"]);
+  sockets[0].start({ version: 2 });
+  assert.equal(client.status.state, "open");
+  const j = client.join("r");
+  answerJoin(sockets[0], { epoch: "E", offset: 1 });
+  const room = await j;
+  const got = [];
+  room.on("e", (d, info) => got.push([d, info.offset]));
+  sockets[0].recv('["r","e",{"n":1},2]');
+  sockets[0].recv({ type: "event", room: "r", event: "e", data: { n: 2 }, offset: 3 });
+  sockets[0].recv('["other","e",{"n":9}]');
+  assert.deepEqual(got, [[{ n: 1 }, 2], [{ n: 2 }, 3]]);
 });
 
 test("garbage, unknown types and oversized frames are reported and change nothing", async () => {
@@ -115,10 +139,10 @@ test("an error listener that throws falls back to the logger; no listener logs t
 
 test("version: another protocol stops the client; another crate version is reported", async () => {
   const a = setup();
-  a.sockets[0].start({ version: 2 });
+  a.sockets[0].start({ version: 3 });
   assert.equal(a.client.status.state, "closed");
   assert.equal(a.client.status.reason.kind, "version");
-  assert.match(a.logged[0], /protocol v2/);
+  assert.match(a.logged[0], /the server speaks protocol v3, this client v2/);
   const b = setup();
   b.sockets[0].start({ server_version: "0.2.0" });
   assert.equal(b.client.status.state, "open");

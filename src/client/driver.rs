@@ -12,7 +12,7 @@ use super::presence;
 use super::room::{Event, Gap, RoomEvent};
 use super::shared::{fail, Link, Outgoing, Pending, PendingKind, RoomState, Shared, State, MAX_MISSING};
 use super::status::{Disconnect, Status};
-use crate::protocol::{CloseCode, Envelope, Format, Kind, Payload, ProtocolError};
+use crate::protocol::{CloseCode, Envelope, Format, Kind, Payload, ProtocolError, Version};
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -61,7 +61,7 @@ pub(crate) struct Connector {
 impl Connector {
     fn request(
         &self,
-        format: Format,
+        (format, version): (Format, Version),
         placement: &TokenPlacement,
         token: Option<&str>,
     ) -> Result<http::Request<()>, String> {
@@ -72,7 +72,13 @@ impl Connector {
         }
         let mut req = url.into_client_request().map_err(|e| e.to_string())?;
         let headers = req.headers_mut();
-        headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(format.subprotocol()));
+        // The newest version first: the server selects the first it speaks.
+        let offer = match version {
+            Version::V1 => http::HeaderValue::from_static(format.subprotocol()),
+            _ => http::HeaderValue::try_from(format!("{}, {}", version.subprotocol(format), format.subprotocol()))
+                .map_err(|e| e.to_string())?,
+        };
+        headers.insert(http::header::SEC_WEBSOCKET_PROTOCOL, offer);
         for (k, v) in &self.headers {
             headers.append(k.clone(), v.clone());
         }
@@ -236,7 +242,8 @@ async fn connect_and_serve(
     let config = &shared.config;
     let deadline = Instant::now() + config.connect_timeout;
     let current = token.lock().clone();
-    let request = match connector.request(shared.format, &config.token_placement, current.as_deref()) {
+    let request = match connector.request((shared.format, shared.version), &config.token_placement, current.as_deref())
+    {
         Ok(r) => r,
         Err(e) => return Disconnect::Connect(e).into(),
     };
@@ -271,14 +278,16 @@ async fn connect_and_serve(
                 let chosen = resp.headers().get(http::header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok());
                 // A server that answers without a subprotocol speaks JSON (§1.1).
                 let format = chosen.and_then(Format::from_subprotocol).unwrap_or(Format::Json);
-                if format != shared.format {
+                let version = chosen.and_then(Version::from_subprotocol).unwrap_or(Version::V1);
+                if format != shared.format || version > shared.version {
                     return Disconnect::Protocol(format!("the server selected {chosen:?}, not {}", shared.format.subprotocol())).into();
                 }
-                ws
+                (ws, version)
             }
         },
     };
-    let mut session = Session::new(shared.clone(), ws);
+    let (ws, version) = ws;
+    let mut session = Session::new(shared.clone(), ws, version);
     session.refresh = connector.token.clone().map(|provider| (provider, token.clone()));
     session.serve(deadline, stop).await
 }
@@ -353,6 +362,8 @@ enum Liveness {
 struct Session {
     shared: Arc<Shared>,
     ws: Ws,
+    /// The protocol version the server selected for this connection.
+    version: Version,
     generation: u64,
     last_rx: Instant,
     pinged: bool,
@@ -380,10 +391,11 @@ enum Step {
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, ws: Ws) -> Session {
+    fn new(shared: Arc<Shared>, ws: Ws, version: Version) -> Session {
         Session {
             shared,
             ws,
+            version,
             generation: 0,
             last_rx: Instant::now(),
             pinged: false,
@@ -409,7 +421,7 @@ impl Session {
             }
             _ => return None,
         };
-        Some(Envelope::decode(self.shared.format, &bytes))
+        Some(Envelope::decode_as(self.shared.format, self.version, &bytes))
     }
 
     async fn serve(mut self, deadline: Instant, stop: &mut watch::Receiver<bool>) -> Outcome {

@@ -58,7 +58,7 @@ pub use presence::{PresenceCount, PresenceMeta, PresenceView};
 pub use room::{Event, Gap, JoinOptions, Room, RoomEvent};
 pub use status::{Disconnect, Status};
 
-use crate::protocol::{Envelope, Format, Kind, Payload};
+use crate::protocol::{Envelope, Format, Kind, Payload, Version};
 use driver::{Connector, TokenProvider};
 use room::EventQueue;
 use serde::{de::DeserializeOwned, Serialize};
@@ -106,6 +106,7 @@ pub struct ClientBuilder {
     url: String,
     config: ClientConfig,
     format: Format,
+    version: Version,
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
     token: Option<TokenProvider>,
     error: Option<String>,
@@ -117,6 +118,7 @@ impl fmt::Debug for ClientBuilder {
             .field("url", &self.url)
             .field("config", &self.config)
             .field("format", &self.format)
+            .field("version", &self.version)
             .field("token", &self.token.is_some())
             .finish()
     }
@@ -132,6 +134,15 @@ impl ClientBuilder {
     /// Sets the envelope format (default JSON).
     pub fn format(mut self, format: Format) -> Self {
         self.format = format;
+        self
+    }
+
+    /// Sets the newest protocol version to offer (default [`Version::V2`]:
+    /// compact `event` arrays, offered before version 1, so a server that
+    /// speaks only version 1 still selects it). [`Version::V1`] offers
+    /// version 1 only. Either way the client's API is the same.
+    pub fn version(mut self, version: Version) -> Self {
+        self.version = version;
         self
     }
 
@@ -178,7 +189,7 @@ impl ClientBuilder {
         if let Err(e) = self.url.as_str().into_client_request() {
             return Err(ClientError::new(ClientErrorKind::Config, format!("invalid URL {:?}: {e}", self.url)));
         }
-        let shared = Arc::new(Shared::new(self.config, self.format));
+        let shared = Arc::new(Shared::new(self.config, (self.format, self.version)));
         let connector = Connector { url: self.url, headers: self.headers, token: self.token };
         tokio::spawn(driver::run(shared.clone(), connector));
         Ok(Client { _owner: Arc::new(Owner { shared: shared.clone() }), shared })
@@ -239,6 +250,7 @@ impl Client {
             url: url.into(),
             config: ClientConfig::default(),
             format: Format::Json,
+            version: Version::V2,
             headers: Vec::new(),
             token: None,
             error: None,

@@ -11,7 +11,7 @@ use super::presence::PresenceView;
 use super::room::{EventQueue, RoomEvent};
 use super::status::Status;
 use super::ClientStats;
-use crate::protocol::{Envelope, Format, Kind, Payload};
+use crate::protocol::{Envelope, Format, Kind, Payload, Version};
 use bytes::Bytes;
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -140,6 +140,8 @@ pub(crate) struct Counters {
 pub(crate) struct Shared {
     pub config: ClientConfig,
     pub format: Format,
+    /// The newest protocol version offered at the upgrade.
+    pub version: Version,
     pub state: Mutex<State>,
     pub status: watch::Sender<Status>,
     pub counters: Counters,
@@ -161,11 +163,12 @@ fn add(c: &AtomicU64, n: u64) {
 }
 
 impl Shared {
-    pub(crate) fn new(config: ClientConfig, format: Format) -> Shared {
+    pub(crate) fn new(config: ClientConfig, (format, version): (Format, Version)) -> Shared {
         let direct = EventQueue::new(config.room_buffer);
         Shared {
             config,
             format,
+            version,
             state: Mutex::new(State::default()),
             status: watch::Sender::new(Status::Connecting),
             counters: Counters::default(),

@@ -114,6 +114,13 @@ impl Connection {
         self.0.format
     }
 
+    /// The protocol version it speaks (from its subprotocol; in
+    /// [`Version::V2`](crate::protocol::Version::V2) events are compact
+    /// arrays).
+    pub fn version(&self) -> crate::protocol::Version {
+        self.0.version
+    }
+
     /// Its lifecycle state.
     pub fn state(&self) -> ConnectionState {
         self.0.state()

@@ -98,7 +98,7 @@ impl Hub {
         let mut transport = transport;
         let framed = transport.prefer_framed();
         let wire = (transport.native_ping(), framed, transport.compress_above().filter(|_| framed));
-        let session = Arc::new(Session::new(id, handshake.format(), identity, wire, self));
+        let session = Arc::new(Session::new(id, (handshake.format(), handshake.version()), identity, wire, self));
         self.register(&session);
         if self.is_shutting_down() {
             session.close(DisconnectReason::ServerShutdown, CloseCode::GOING_AWAY, "server shutting down", true);

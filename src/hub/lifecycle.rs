@@ -34,7 +34,7 @@ impl Hub {
         let cfg = &self.inner.config;
         let rate = session.identity.rate_limit_or(cfg.rate_limit);
         let hello = Hello {
-            version: crate::protocol::VERSION,
+            version: session.version.number(),
             server_version: env!("CARGO_PKG_VERSION"),
             connection_id: session.id.0,
             node: format!("{:016x}", self.inner.node),

@@ -97,7 +97,7 @@ impl Encoded<'_> {
         if let Some(b) = &self.frames[wire.index()] {
             return Ok(b.clone());
         }
-        let plain = Wire::plain(wire.format);
+        let plain = wire.plain();
         let envelope = match &self.frames[plain.index()] {
             Some(b) => b.clone(),
             None => {
@@ -109,7 +109,7 @@ impl Encoded<'_> {
                     offset: self.offset,
                     ..Parts::new(Kind::Event)
                 };
-                let bytes = parts.encode(wire.format);
+                let bytes = parts.encode_as(wire.format, wire.version);
                 self.frames[plain.index()] = Some(bytes.clone());
                 bytes
             }

@@ -1434,7 +1434,7 @@ mod tests {
     }
 
     fn json_state(st: &mut RoomState, cfg: &PresenceConfig) -> (Bytes, Value) {
-        let bytes = st.joiner_state("r", Wire::plain(Format::Json), cfg).expect("encodes");
+        let bytes = st.joiner_state("r", Wire::unframed(Format::Json), cfg).expect("encodes");
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         (bytes, v)
     }

@@ -186,3 +186,60 @@ fn string_field(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
         let _ = serde_json::to_writer(&mut *out, v);
     }
 }
+
+/// Whether a JSON document is an array (its first non-blank byte is `[`):
+/// a [`Version::V2`](super::Version::V2) compact `event`.
+pub(super) fn is_array(bytes: &[u8]) -> bool {
+    bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
+}
+
+/// A compact `event`: `[room, event, data]` or `[room, event, data, offset]`.
+#[derive(Deserialize)]
+struct EventArray<'a>(
+    #[serde(borrow)] Option<Cow<'a, str>>,
+    #[serde(borrow)] Cow<'a, str>,
+    #[serde(borrow)] &'a RawValue,
+    #[serde(default)] Option<u64>,
+);
+
+/// Decodes a compact `event` array (`docs/protocol.md` §13).
+pub(super) fn decode_event_array(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
+    let EventArray(room, event, raw, offset) = serde_json::from_slice(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ProtocolError::Invalid(e.to_string()),
+        _ => ProtocolError::Malformed(e.to_string()),
+    })?;
+    check_depth(raw.get().as_bytes())?;
+    let text = raw.get();
+    let start = text.as_ptr() as usize - bytes.as_ptr() as usize;
+    let data = Payload { format: Format::Json, bytes: bytes.slice(start..start + text.len()) };
+    Ok(Envelope {
+        room: room.map(Cow::into_owned),
+        event: Some(event.into_owned()),
+        data: Some(data),
+        offset,
+        ..Envelope::new(Kind::Event)
+    })
+}
+
+/// Encodes a compact `event` array; `data` absent is `null`.
+pub(super) fn encode_event_array(room: Option<&str>, event: &str, data: Option<&[u8]>, offset: Option<u64>) -> Bytes {
+    let data = data.unwrap_or(b"null");
+    let mut out = Vec::with_capacity(16 + room.map_or(4, str::len) + event.len() + data.len());
+    out.push(b'[');
+    // Serializing a str into a Vec cannot fail.
+    match room {
+        Some(r) => {
+            let _ = serde_json::to_writer(&mut out, r);
+        }
+        None => out.extend_from_slice(b"null"),
+    }
+    out.push(b',');
+    let _ = serde_json::to_writer(&mut out, event);
+    out.push(b',');
+    out.extend_from_slice(data);
+    if let Some(o) = offset {
+        let _ = write!(out, ",{o}");
+    }
+    out.push(b']');
+    Bytes::from(out)
+}

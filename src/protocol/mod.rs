@@ -1,11 +1,17 @@
-//! The wire protocol, version 1: envelopes, payloads, codecs, and the codes a
-//! client sees.
+//! The wire protocol: envelopes, payloads, codecs, and the codes a client
+//! sees.
 //!
 //! Every message on a connection is one [`Envelope`]. It is encoded in one of
 //! two [`Format`]s, chosen per connection at the handshake (the WebSocket
 //! subprotocols `switchboard.v1.json` and `switchboard.v1.msgpack`; JSON when
 //! the client offers neither). JSON envelopes travel in text frames,
 //! MessagePack envelopes in binary frames.
+//!
+//! [`Version::V2`] (`switchboard.v2.json`, `switchboard.v2.msgpack`) is
+//! version 1 with one change: an `event` is a compact array
+//! `[room, event, data]` (`[room, event, data, offset]` in a recoverable
+//! room) instead of an object, 16 bytes of envelope around the payload
+//! instead of about 50.
 //!
 //! The full specification, with a worked example of every message, is
 //! `docs/protocol.md`; this module is its implementation and is what the
@@ -29,13 +35,72 @@ use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 use std::fmt;
 
-/// Protocol version spoken by this crate.
+/// The base protocol version: what `hello` reports on a connection that
+/// did not negotiate [`Version::V2`] (which reports 2).
 pub const VERSION: u32 = 1;
 
 /// Subprotocol name for JSON envelopes in text frames.
 pub const SUBPROTOCOL_JSON: &str = "switchboard.v1.json";
 /// Subprotocol name for MessagePack envelopes in binary frames.
 pub const SUBPROTOCOL_MSGPACK: &str = "switchboard.v1.msgpack";
+/// Subprotocol name for [`Version::V2`] JSON: compact `event` arrays.
+pub const SUBPROTOCOL_V2_JSON: &str = "switchboard.v2.json";
+/// Subprotocol name for [`Version::V2`] MessagePack: compact `event` arrays.
+pub const SUBPROTOCOL_V2_MSGPACK: &str = "switchboard.v2.msgpack";
+
+/// The protocol version a connection speaks, chosen with its subprotocol
+/// (`docs/protocol.md` §1.1 and §13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Version {
+    /// Every envelope is an object (a map in MessagePack):
+    /// `switchboard.v1.*`, and connections that offer no subprotocol.
+    #[default]
+    V1,
+    /// Version 1, except that `event` envelopes are arrays:
+    /// `[room, event, data]`, `[room, event, data, offset]` in a recoverable
+    /// room, `room` `null` for an event sent to one connection
+    /// (`switchboard.v2.*`). Everything else is unchanged.
+    V2,
+}
+
+impl Version {
+    /// The subprotocol name of this version in `format`.
+    pub fn subprotocol(self, format: Format) -> &'static str {
+        match (self, format) {
+            (Version::V1, Format::Json) => SUBPROTOCOL_JSON,
+            (Version::V1, Format::MsgPack) => SUBPROTOCOL_MSGPACK,
+            (Version::V2, Format::Json) => SUBPROTOCOL_V2_JSON,
+            (Version::V2, Format::MsgPack) => SUBPROTOCOL_V2_MSGPACK,
+        }
+    }
+
+    /// The version a subprotocol name selects, if it is one of ours.
+    pub fn from_subprotocol(name: &str) -> Option<Version> {
+        match name.trim() {
+            SUBPROTOCOL_JSON | SUBPROTOCOL_MSGPACK => Some(Version::V1),
+            SUBPROTOCOL_V2_JSON | SUBPROTOCOL_V2_MSGPACK => Some(Version::V2),
+            _ => None,
+        }
+    }
+
+    /// The number the `hello` envelope reports (`data.version`).
+    pub fn number(self) -> u32 {
+        match self {
+            Version::V1 => 1,
+            Version::V2 => 2,
+        }
+    }
+
+    pub(crate) const COUNT: usize = 2;
+
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Version::V1 => 0,
+            Version::V2 => 1,
+        }
+    }
+}
 
 /// Maximum nesting depth of arrays and maps in an envelope's `data`, in both
 /// formats; a deeper one is refused when the envelope is decoded (400).
@@ -52,19 +117,18 @@ pub enum Format {
 }
 
 impl Format {
-    /// The subprotocol name that selects this format.
+    /// The version 1 subprotocol name that selects this format (see
+    /// [`Version::subprotocol`] for the others).
     pub fn subprotocol(self) -> &'static str {
-        match self {
-            Format::Json => SUBPROTOCOL_JSON,
-            Format::MsgPack => SUBPROTOCOL_MSGPACK,
-        }
+        Version::V1.subprotocol(self)
     }
 
-    /// The format a subprotocol name selects, if it is one of ours.
+    /// The format a subprotocol name selects, if it is one of ours (of
+    /// either [`Version`]).
     pub fn from_subprotocol(name: &str) -> Option<Format> {
         match name.trim() {
-            SUBPROTOCOL_JSON => Some(Format::Json),
-            SUBPROTOCOL_MSGPACK => Some(Format::MsgPack),
+            SUBPROTOCOL_JSON | SUBPROTOCOL_V2_JSON => Some(Format::Json),
+            SUBPROTOCOL_MSGPACK | SUBPROTOCOL_V2_MSGPACK => Some(Format::MsgPack),
             _ => None,
         }
     }
@@ -200,10 +264,23 @@ impl fmt::Debug for Payload {
 
 impl Payload {
     /// Serializes `value` into a payload of the given format.
+    ///
+    /// A [`serde_json::value::RawValue`] (a handler relaying a client's
+    /// `data` untouched, at any depth) becomes the MessagePack value of its
+    /// JSON text.
     pub fn encode<T: Serialize + ?Sized>(format: Format, value: &T) -> Result<Payload, ProtocolError> {
         let bytes = match format {
             Format::Json => serde_json::to_vec(value).map_err(|e| ProtocolError::Encode(e.to_string()))?,
-            Format::MsgPack => rmp_serde::to_vec_named(value).map_err(|e| ProtocolError::Encode(e.to_string()))?,
+            Format::MsgPack => {
+                let bytes = rmp_serde::to_vec_named(value).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+                // rmp_serde writes a RawValue as serde_json's private marker
+                // struct, a map `{"$serde_json::private::RawValue": "<json>"}`:
+                // only serde_json knows it, so go through JSON then.
+                if memchr::memmem::find(&bytes, RAW_VALUE_TOKEN).is_some() {
+                    return Payload::encode(Format::Json, value)?.to_format(Format::MsgPack);
+                }
+                bytes
+            }
         };
         Ok(Payload { format, bytes: Bytes::from(bytes) })
     }
@@ -300,6 +377,11 @@ impl Payload {
         }
     }
 }
+
+/// The name under which serde_json serializes a `RawValue` (a private
+/// detail of serde_json, stable since 1.0.29; the test
+/// `msgpack_payload_of_a_raw_value_is_its_value` notices a change).
+const RAW_VALUE_TOKEN: &[u8] = b"$serde_json::private::RawValue";
 
 fn transcode<'de, D, S>(de: D, ser: S) -> Result<(), ProtocolError>
 where
@@ -409,11 +491,22 @@ impl Envelope {
         Envelope { code: Some(code), message: Some(message.into()), reference, ..Envelope::new(Kind::Error) }
     }
 
-    /// Decodes one envelope from a frame's bytes.
+    /// Decodes one version 1 envelope from a frame's bytes.
     pub fn decode(format: Format, bytes: &Bytes) -> Result<Envelope, ProtocolError> {
         match format {
             Format::Json => json::decode(bytes),
             Format::MsgPack => msgpack::decode(bytes),
+        }
+    }
+
+    /// Decodes one envelope of `version` from a frame's bytes: in
+    /// [`Version::V2`] an array is a compact `event`, anything else is
+    /// decoded as in version 1.
+    pub fn decode_as(format: Format, version: Version, bytes: &Bytes) -> Result<Envelope, ProtocolError> {
+        match (version, format) {
+            (Version::V2, Format::Json) if json::is_array(bytes) => json::decode_event_array(bytes),
+            (Version::V2, Format::MsgPack) if msgpack::is_array(bytes) => msgpack::decode_event_array(bytes),
+            _ => Envelope::decode(format, bytes),
         }
     }
 
@@ -427,8 +520,16 @@ impl Envelope {
         }
     }
 
-    /// Encodes the envelope; `data` is transcoded if it is in the other format.
+    /// Encodes the envelope in version 1; `data` is transcoded if it is in
+    /// the other format.
     pub fn encode(&self, format: Format) -> Result<Bytes, ProtocolError> {
+        self.encode_as(format, Version::V1)
+    }
+
+    /// Encodes the envelope in `version` (an `event` with an `event` name is
+    /// an array in [`Version::V2`]); `data` is transcoded if it is in the
+    /// other format.
+    pub fn encode_as(&self, format: Format, version: Version) -> Result<Bytes, ProtocolError> {
         let data = match &self.data {
             Some(p) => Some(p.to_format(format)?),
             None => None,
@@ -445,7 +546,7 @@ impl Envelope {
             epoch: self.epoch.as_deref(),
             rewind: self.rewind,
         };
-        Ok(parts.encode(format))
+        Ok(parts.encode_as(format, version))
     }
 }
 
@@ -482,10 +583,23 @@ impl<'a> Parts<'a> {
         }
     }
 
+    /// Encodes in version 1.
     pub(crate) fn encode(&self, format: Format) -> Bytes {
         match format {
             Format::Json => json::encode(self),
             Format::MsgPack => msgpack::encode(self),
+        }
+    }
+
+    /// Encodes in `version`: the compact array for an `event` in
+    /// [`Version::V2`], as [`Parts::encode`] otherwise.
+    pub(crate) fn encode_as(&self, format: Format, version: Version) -> Bytes {
+        match (version, self.kind, self.event) {
+            (Version::V2, Kind::Event, Some(event)) => match format {
+                Format::Json => json::encode_event_array(self.room, event, self.data, self.offset),
+                Format::MsgPack => msgpack::encode_event_array(self.room, event, self.data, self.offset),
+            },
+            _ => self.encode(format),
         }
     }
 }

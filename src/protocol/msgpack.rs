@@ -249,3 +249,63 @@ pub(super) fn encode(p: &Parts<'_>) -> Bytes {
     }
     Bytes::from(out)
 }
+
+/// Whether a MessagePack document is an array: a
+/// [`Version::V2`](super::Version::V2) compact `event`.
+pub(super) fn is_array(bytes: &[u8]) -> bool {
+    matches!(bytes.first(), Some(0x90..=0x9f | 0xdc | 0xdd))
+}
+
+/// Decodes a compact `event` array: `[room, event, data]` or
+/// `[room, event, data, offset]` (`docs/protocol.md` §13).
+pub(super) fn decode_event_array(bytes: &Bytes) -> Result<Envelope, ProtocolError> {
+    let mut buf: &[u8] = bytes;
+    let len = match byte(&mut buf)? {
+        m @ 0x90..=0x9f => u64::from(m & 0x0f),
+        0xdc => be(&mut buf, 2)?,
+        0xdd => be(&mut buf, 4)?,
+        _ => return Err(ProtocolError::Invalid("msgpack: expected an array".into())),
+    };
+    if !(3..=4).contains(&len) {
+        return Err(ProtocolError::Invalid(format!("msgpack: an event array has 3 or 4 items, not {len}")));
+    }
+    let mut env = Envelope::new(Kind::Event);
+    env.room = read_str(&mut buf)?.map(str::to_owned);
+    env.event = Some(
+        read_str(&mut buf)?.ok_or_else(|| ProtocolError::Invalid("msgpack: event name is nil".into()))?.to_owned(),
+    );
+    let before = buf;
+    skip_value(&mut buf, 1)?;
+    let start = before.as_ptr() as usize - bytes.as_ptr() as usize;
+    let end = start + (before.len() - buf.len());
+    env.data = Some(Payload { format: Format::MsgPack, bytes: bytes.slice(start..end) });
+    if len == 4 {
+        env.offset = read_uint(&mut buf)?;
+    }
+    if !buf.is_empty() {
+        return Err(malformed("trailing bytes after envelope"));
+    }
+    Ok(env)
+}
+
+/// Encodes a compact `event` array; `data` absent is nil.
+pub(super) fn encode_event_array(room: Option<&str>, event: &str, data: Option<&[u8]>, offset: Option<u64>) -> Bytes {
+    let data = data.unwrap_or(&[0xc0]);
+    let mut out = Vec::with_capacity(16 + room.map_or(1, str::len) + event.len() + data.len());
+    // Writes into a Vec cannot fail; the results are ignored on purpose.
+    let _ = rmp::encode::write_array_len(&mut out, if offset.is_some() { 4 } else { 3 });
+    match room {
+        Some(r) => {
+            let _ = rmp::encode::write_str(&mut out, r);
+        }
+        None => {
+            let _ = rmp::encode::write_nil(&mut out);
+        }
+    }
+    let _ = rmp::encode::write_str(&mut out, event);
+    out.extend_from_slice(data);
+    if let Some(o) = offset {
+        let _ = rmp::encode::write_uint(&mut out, o);
+    }
+    Bytes::from(out)
+}

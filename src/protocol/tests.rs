@@ -209,3 +209,105 @@ fn both_formats_keep_the_same_ref_of_a_refused_envelope() {
         assert_eq!(Envelope::reference_of(format, &bytes[..bytes.len() - 4]), None, "{format:?}");
     }
 }
+
+#[test]
+fn v2_events_are_compact_arrays_and_round_trip() {
+    let data = Payload::encode(Format::Json, &serde_json::json!({"seq": 1, "text": "hé"})).unwrap();
+    let cases = [
+        Envelope::new(Kind::Event).with_room("bench").with_event("pub").with_data(data.clone()),
+        Envelope { offset: Some(42), ..Envelope::new(Kind::Event).with_room("r/ü").with_event("say \"hi\"") },
+        // Sent to one connection: no room.
+        Envelope::new(Kind::Event).with_event("direct").with_data(data.clone()),
+    ];
+    for format in [Format::Json, Format::MsgPack] {
+        for env in &cases {
+            let bytes = env.encode_as(format, Version::V2).unwrap();
+            let v1 = env.encode(format).unwrap();
+            assert!(bytes.len() < v1.len(), "{format:?}: v2 {} bytes, v1 {}", bytes.len(), v1.len());
+            let back = Envelope::decode_as(format, Version::V2, &bytes).unwrap();
+            assert_eq!(back.kind, Kind::Event);
+            assert_eq!(back.room, env.room);
+            assert_eq!(back.event, env.event);
+            assert_eq!(back.offset, env.offset);
+            let got: serde_json::Value = back.data.unwrap().decode().unwrap();
+            let want: serde_json::Value = env.data.as_ref().map_or(serde_json::Value::Null, |d| d.decode().unwrap());
+            assert_eq!(got, want);
+            // A v2 decoder reads v1 objects too; a v1 decoder refuses arrays.
+            assert_eq!(Envelope::decode_as(format, Version::V2, &v1).unwrap().event, env.event);
+            assert!(Envelope::decode(format, &bytes).is_err());
+        }
+    }
+    let json = cases[0].encode_as(Format::Json, Version::V2).unwrap();
+    assert_eq!(&json[..], r#"["bench","pub",{"seq":1,"text":"hé"}]"#.as_bytes());
+    let direct = cases[2].encode_as(Format::Json, Version::V2).unwrap();
+    assert!(direct.starts_with(br#"[null,"direct","#));
+    let offset = cases[1].encode_as(Format::Json, Version::V2).unwrap();
+    assert_eq!(&offset[..], r#"["r/ü","say \"hi\"",null,42]"#.as_bytes());
+}
+
+#[test]
+fn v2_leaves_every_other_envelope_as_in_v1() {
+    for format in [Format::Json, Format::MsgPack] {
+        for env in sample().into_iter().filter(|e| e.kind != Kind::Event) {
+            assert_eq!(env.encode_as(format, Version::V2).unwrap(), env.encode(format).unwrap());
+        }
+    }
+}
+
+#[test]
+fn v2_refuses_malformed_event_arrays() {
+    for bad in [
+        &br#"[]"#[..],
+        br#"["room"]"#,
+        br#"["room","e"]"#,
+        br#"["room",null,1]"#,
+        br#"[1,"e",1]"#,
+        br#"["room","e",1,-1]"#,
+        br#"["room","e",1,2,3]"#,
+        br#"["room","e",1"#,
+    ] {
+        let got = Envelope::decode_as(Format::Json, Version::V2, &Bytes::from_static(bad));
+        assert!(got.is_err(), "{} was accepted", String::from_utf8_lossy(bad));
+    }
+    let deep = format!(r#"["r","e",{}{}]"#, "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+    assert!(Envelope::decode_as(Format::Json, Version::V2, &Bytes::from(deep)).is_err());
+    for bad in [&[0x92, 0xa1, b'r', 0xa1, b'e'][..], &[0x93, 0xa1, b'r', 0xc0, 0x01], &[0x93, 0xa1, b'r', 0xa1, b'e']] {
+        assert!(Envelope::decode_as(Format::MsgPack, Version::V2, &Bytes::copy_from_slice(bad)).is_err());
+    }
+}
+
+#[test]
+fn subprotocols_name_format_and_version() {
+    for format in [Format::Json, Format::MsgPack] {
+        for version in [Version::V1, Version::V2] {
+            let name = version.subprotocol(format);
+            assert_eq!(Format::from_subprotocol(name), Some(format));
+            assert_eq!(Version::from_subprotocol(name), Some(version));
+        }
+    }
+    assert_eq!(Version::from_subprotocol("switchboard.v3.json"), None);
+    assert_eq!(Format::Json.subprotocol(), SUBPROTOCOL_JSON);
+}
+
+#[test]
+fn msgpack_payload_of_a_raw_value_is_its_value() {
+    // A handler relaying a client's `data` as `Box<RawValue>`: MessagePack
+    // members must get the value, not serde_json's private marker struct.
+    let raw: Box<serde_json::value::RawValue> = serde_json::from_str(r#"{"seq":5,"k":[1,"x"]}"#).unwrap();
+    let want = serde_json::json!({"seq": 5, "k": [1, "x"]});
+    let p = Payload::encode(Format::MsgPack, &*raw).unwrap();
+    assert_eq!(p.decode::<serde_json::Value>().unwrap(), want);
+    assert_eq!(p.bytes()[0], 0x82, "a map of two");
+    // Nested too.
+    let nested = serde_json::json!({"outer": 1});
+    #[derive(serde::Serialize)]
+    struct Wrap<'a> {
+        inner: &'a serde_json::value::RawValue,
+        n: serde_json::Value,
+    }
+    let p = Payload::encode(Format::MsgPack, &Wrap { inner: &raw, n: nested }).unwrap();
+    assert_eq!(p.decode::<serde_json::Value>().unwrap(), serde_json::json!({"inner": want, "n": {"outer": 1}}));
+    // Values JSON cannot hold still go straight to MessagePack.
+    let map = std::collections::BTreeMap::from([(1u8, "a")]);
+    assert!(Payload::encode(Format::MsgPack, &map).is_ok());
+}

@@ -21,7 +21,7 @@ pub mod sse;
 #[cfg(feature = "ws")]
 pub mod ws;
 
-use crate::protocol::{CloseCode, Format};
+use crate::protocol::{CloseCode, Format, Version};
 use bytes::Bytes;
 use futures::{Sink, Stream};
 use http::{HeaderMap, Uri};
@@ -333,6 +333,11 @@ impl Handshake {
     /// The envelope format the subprotocol selects (JSON when none).
     pub fn format(&self) -> Format {
         self.subprotocol.as_deref().and_then(Format::from_subprotocol).unwrap_or_default()
+    }
+
+    /// The protocol version the subprotocol selects (version 1 when none).
+    pub fn version(&self) -> Version {
+        self.subprotocol.as_deref().and_then(Version::from_subprotocol).unwrap_or_default()
     }
 
     /// The first value of query parameter `name`, percent-decoded.

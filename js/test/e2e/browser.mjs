@@ -53,6 +53,14 @@ const control = async (path) => Number(await (await fetch(`${ctl}${path}`)).text
 async function setup(page, opts) {
   await page.evaluate(async ({ url, o, room }) => {
     const log = (window.log = { status: [], events: [], resync: [], joins: [], errors: [], presence: [] });
+    // The page's WebSockets, to read the subprotocol the server selected.
+    const sockets = (window.sockets = []);
+    o.WebSocket = class extends WebSocket {
+      constructor(u, p) {
+        super(u, p);
+        sockets.push(this);
+      }
+    };
     const c = (window.c = window.sb.connect(url, o));
     c.onStatus((s) => log.status.push({ state: s.state, kind: s.reason?.kind ?? null, retryAt: s.retryAt, transport: s.transport, attempt: s.attempt, at: Date.now() }));
     c.onError((e) => log.errors.push(`${e.kind}: ${e.message}`));
@@ -131,6 +139,9 @@ await step("transports", async () => {
   for (const p of pages) await until(p, () => window.c.status.state === "open");
   const kinds = await Promise.all(pages.map((p) => get(p, () => window.c.status.transport)));
   check(same(kinds, ["websocket", "websocket", "sse", "sse"]), `transports ${kinds}`);
+  // Protocol v2 (compact event arrays) on the WebSocket pages: every event below arrives as an array there.
+  const protocols = await Promise.all([ann, bob].map((p) => get(p, () => window.sockets.at(-1)?.protocol)));
+  check(same(protocols, ["switchboard.v2.json", "switchboard.v2.json"]), `subprotocols ${protocols}`);
 });
 
 await step("presence: everyone, self marked", async () => {

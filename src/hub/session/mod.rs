@@ -20,7 +20,7 @@ use super::stream::Want;
 use super::{ConnectionState, DisconnectReason, Hub, OverflowPolicy, TaskGuard};
 use crate::auth::Identity;
 use crate::history::StreamPosition;
-use crate::protocol::{CloseCode, Envelope, ErrorCode, Format, Kind, Parts, Payload};
+use crate::protocol::{CloseCode, Envelope, ErrorCode, Format, Kind, Parts, Payload, Version};
 use crate::transport::{CloseFrame, Frame, Transport, TransportError};
 use crate::util::Limiter;
 use crate::ConnectionId;
@@ -48,6 +48,9 @@ use writer::write_loop;
 pub(crate) struct Session {
     pub(crate) id: ConnectionId,
     pub(crate) format: Format,
+    /// The protocol version (from the subprotocol): in v2 events are
+    /// compact arrays.
+    pub(crate) version: Version,
     pub(crate) identity: Identity,
     pub(crate) native_ping: bool,
     /// The transport takes data frames framed for the wire
@@ -116,7 +119,7 @@ impl Grant {
 impl Session {
     pub(crate) fn new(
         id: ConnectionId,
-        format: Format,
+        (format, version): (Format, Version),
         identity: Identity,
         (native_ping, framed, compress_above): (bool, bool, Option<usize>),
         hub: &Hub,
@@ -125,6 +128,7 @@ impl Session {
         Session {
             id,
             format,
+            version,
             native_ping,
             framed,
             compress_above: compress_above.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
@@ -182,12 +186,12 @@ impl Session {
 
     /// The form this connection's frames are queued in.
     pub(crate) fn wire(&self) -> Wire {
-        Wire { format: self.format, framed: self.framed, compress_above: self.compress_above }
+        Wire { format: self.format, version: self.version, framed: self.framed, compress_above: self.compress_above }
     }
 
     /// A notice the writer sends itself (`lagged`, `gap`), as a frame.
     fn notice(&self, parts: Parts<'_>) -> Frame {
-        self.frame(self.wire().prepare(parts.encode(self.format)))
+        self.frame(self.wire().prepare(parts.encode_as(self.format, self.version)))
     }
 
     /// Queues an encoded envelope (a text or binary frame by format) under
@@ -222,7 +226,7 @@ impl Session {
     }
 
     pub(crate) fn send_parts(&self, parts: &Parts<'_>) {
-        self.push_encoded(parts.encode(self.format));
+        self.push_encoded(parts.encode_as(self.format, self.version));
     }
 
     pub(crate) fn send_error(&self, reference: Option<u64>, code: u32, message: &str) {
@@ -312,8 +316,8 @@ impl Session {
     }
 }
 
-/// The form of a connection's queued frames: its format, whether its
-/// transport takes them framed for the wire
+/// The form of a connection's queued frames: its format and protocol
+/// version, whether its transport takes them framed for the wire
 /// ([`Transport::prefer_framed`](crate::transport::Transport::prefer_framed)),
 /// and whether compressed with `permessage-deflate`
 /// ([`Transport::compress_above`](crate::transport::Transport::compress_above)).
@@ -327,32 +331,43 @@ impl Session {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Wire {
     pub(crate) format: Format,
+    pub(crate) version: Version,
     framed: bool,
     compress_above: Option<u32>,
 }
 
 impl Wire {
-    pub(crate) const COUNT: usize = 6;
+    /// Formats × versions × (unframed, framed, framed and compressed).
+    pub(crate) const COUNT: usize = 2 * Version::COUNT * 3;
 
-    /// The unframed form of `format`.
-    pub(crate) fn plain(format: Format) -> Wire {
-        Wire { format, framed: false, compress_above: None }
+    /// This form unframed and uncompressed: the envelope itself.
+    pub(crate) fn plain(self) -> Wire {
+        Wire { framed: false, compress_above: None, ..self }
     }
 
     /// For a compressing form, the framed uncompressed one of the same
-    /// format (what its members get when a message is not compressed).
+    /// format and version (what its members get when a message is not
+    /// compressed).
     pub(crate) fn uncompressed(self) -> Option<Wire> {
-        self.compress_above.map(|_| Wire { format: self.format, framed: true, compress_above: None })
+        self.compress_above.map(|_| Wire { framed: true, compress_above: None, ..self })
     }
 
-    /// The framed form of `format`, compressed from `above` bytes on.
+    /// The unframed version 1 form of `format`.
+    #[cfg(test)]
+    pub(crate) fn unframed(format: Format) -> Wire {
+        Wire { format, version: Version::V1, framed: false, compress_above: None }
+    }
+
+    /// The framed form of `format` (version 1), compressed from `above` bytes on.
     #[cfg(test)]
     pub(crate) fn compressing(format: Format, above: u32) -> Wire {
-        Wire { format, framed: true, compress_above: Some(above) }
+        Wire { format, version: Version::V1, framed: true, compress_above: Some(above) }
     }
 
     pub(crate) fn index(self) -> usize {
-        self.format.index() * 3 + usize::from(self.framed) + usize::from(self.compress_above.is_some())
+        (self.format.index() * Version::COUNT + self.version.index()) * 3
+            + usize::from(self.framed)
+            + usize::from(self.compress_above.is_some())
     }
 
     /// An encoded envelope of this form's format, in this form.

@@ -3,7 +3,7 @@
 //! accept, negotiate and reject exactly alike.
 
 use super::deflate::{self, Compression, Deflate};
-use crate::protocol::Format;
+use crate::protocol::{Format, Version};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use std::borrow::Cow;
 
@@ -62,7 +62,7 @@ fn header_has_token(headers: &HeaderMap, name: http::header::HeaderName, token: 
 /// - wrong method → 405; a version other than 13 → 426 with
 ///   `Sec-WebSocket-Version: 13`; a missing or malformed key → 400.
 /// - Subprotocol: the first of the client's offers that is ours
-///   (`switchboard.v1.json`, `switchboard.v1.msgpack`); no offer at all →
+///   (`switchboard.v{1,2}.json`, `switchboard.v{1,2}.msgpack`); no offer at all →
 ///   none selected, the connection speaks JSON; offers but none of ours → 400.
 /// - Extensions: `permessage-deflate` when `compression` is not
 ///   [`Compression::Off`] and the client offers one we can honour
@@ -97,13 +97,15 @@ pub(crate) fn negotiate(method: &Method, headers: &HeaderMap, compression: Compr
         .flat_map(|v| v.split(','))
         .peekable();
     let offered_any = offers.peek().is_some();
-    let subprotocol = offers.find_map(|offer| Format::from_subprotocol(offer).map(Format::subprotocol));
+    let subprotocol =
+        offers.find_map(|offer| Some(Version::from_subprotocol(offer)?.subprotocol(Format::from_subprotocol(offer)?)));
     if offered_any && subprotocol.is_none() {
         // Answering 101 without selecting one of the offers makes browsers
         // fail the connection (1006) with no reason given: say why instead.
         return Err(Refusal::new(
             StatusCode::BAD_REQUEST,
-            "no supported subprotocol offered: offer switchboard.v1.json or switchboard.v1.msgpack",
+            "no supported subprotocol offered: offer switchboard.v2.json, switchboard.v2.msgpack, \
+             switchboard.v1.json or switchboard.v1.msgpack",
         ));
     }
     let extensions = headers.get_all(SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok());
@@ -197,6 +199,19 @@ mod tests {
         assert_eq!(n.deflate, None);
         assert!(!switching_protocols(&n).contains("extensions"));
         assert_eq!(negotiate(&Method::GET, &upgrade_headers(), Compression::On).unwrap().deflate, None);
+    }
+
+    #[test]
+    fn version_2_offers_are_selected_by_their_own_names() {
+        for (offer, chosen) in [
+            ("switchboard.v2.json, switchboard.v1.json", "switchboard.v2.json"),
+            ("chat, switchboard.v2.msgpack", "switchboard.v2.msgpack"),
+            ("switchboard.v1.json, switchboard.v2.json", "switchboard.v1.json"),
+        ] {
+            let mut h = upgrade_headers();
+            h.insert("sec-websocket-protocol", offer.parse().unwrap());
+            assert_eq!(negotiate(&Method::GET, &h, Compression::On).unwrap().subprotocol, Some(chosen), "{offer}");
+        }
     }
 
     #[test]
