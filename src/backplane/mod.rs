@@ -38,7 +38,8 @@
 //!    engine subscription is shared).
 //! 4. **Topics are kept apart exactly.** A topic is a room name (1 to
 //!    [`MAX_ROOM_NAME_LEN`](crate::room::MAX_ROOM_NAME_LEN) bytes of
-//!    `A–Z a–z 0–9 _ - . : / @ # = + ~`) or one of the hub's own topics,
+//!    `A–Z a–z 0–9` and [`ROOM_NAME_PUNCTUATION`](crate::room::ROOM_NAME_PUNCTUATION)
+//!    `_ - . : / @ # = + ~`) or one of the hub's own topics,
 //!    which start with `$` (`$presence:<room>`, `$sse.<node>`): at most
 //!    [`MAX_TOPIC_LEN`] bytes of ASCII. No two topics may collide — mind an
 //!    engine's own limits (a Postgres channel name is cut at 63 bytes; a

@@ -61,7 +61,8 @@
 //!    that follow.
 //! 9. **Room names** are 1 to
 //!    [`MAX_ROOM_NAME_LEN`](crate::room::MAX_ROOM_NAME_LEN) bytes of
-//!    `A–Z a–z 0–9 _ - . : / @ # = + ~` and are kept apart exactly (no
+//!    `A–Z a–z 0–9` and [`ROOM_NAME_PUNCTUATION`](crate::room::ROOM_NAME_PUNCTUATION)
+//!    and are kept apart exactly (no
 //!    length cut in a key or column).
 //! 10. **A lost connection is not lost history.** Calls fail with an error
 //!     of kind [`ErrorKind::History`](crate::ErrorKind::History) while the

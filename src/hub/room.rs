@@ -20,6 +20,10 @@ use std::sync::Arc;
 /// Longest room name, in bytes.
 pub const MAX_ROOM_NAME_LEN: usize = 128;
 
+/// The punctuation a room name may contain, besides ASCII letters and
+/// digits.
+pub const ROOM_NAME_PUNCTUATION: &str = "_-.:/@#=+~";
+
 /// Checks a room name against the naming rules; `Err` says why it is invalid.
 pub fn validate_room_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
@@ -28,7 +32,7 @@ pub fn validate_room_name(name: &str) -> Result<(), &'static str> {
     if name.len() > MAX_ROOM_NAME_LEN {
         return Err("room name is longer than 128 bytes");
     }
-    let ok = name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:/@#=+~".contains(&b));
+    let ok = name.bytes().all(|b| b.is_ascii_alphanumeric() || ROOM_NAME_PUNCTUATION.as_bytes().contains(&b));
     if !ok {
         return Err("room name has a character outside A-Z a-z 0-9 _ - . : / @ # = + ~");
     }

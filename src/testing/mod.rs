@@ -127,23 +127,22 @@ pub(crate) fn tag(prefix: &str) -> String {
     format!("{prefix}{:016x}", crate::util::random_u64())
 }
 
-/// Every character a room name may contain (see [`crate::room`]).
-pub(crate) const ROOM_CHARSET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.:/@#=+~";
-
 /// Two distinct names of exactly `len` bytes that start with `prefix`, use
 /// the characters a name may have and differ only in their last byte, plus
 /// names that a careless escaping would map onto each other.
 pub(crate) fn long_names(prefix: &str, len: usize) -> Vec<String> {
     let mut base = String::from(prefix);
-    let chars = ROOM_CHARSET.as_bytes();
+    // Every character a room name may contain (see `crate::room`).
+    let chars: Vec<u8> =
+        (b'A'..=b'Z').chain(b'a'..=b'z').chain(b'0'..=b'9').chain(crate::room::ROOM_NAME_PUNCTUATION.bytes()).collect();
     let mut i = 0;
     while base.len() < len - 1 {
         base.push(char::from(chars[i % chars.len()]));
         i += 1;
     }
     let mut names = vec![format!("{base}a"), format!("{base}b")];
-    // Separators an engine might escape alike, and case.
-    for sep in [":", ".", "/", "_", "-", "#", "~", "A"] {
+    // Every separator (an engine might escape them alike), and case.
+    for sep in crate::room::ROOM_NAME_PUNCTUATION.chars().chain(['A', 'a']) {
         names.push(format!("{prefix}x{sep}y"));
     }
     names

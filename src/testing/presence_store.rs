@@ -202,7 +202,7 @@ impl<S: PresenceStore + Clone> PresenceStoreSuite<S> {
         for (i, k) in keys.iter().enumerate() {
             written.push(PresenceRecord::new(room("names"), k.clone(), 6, i as u64));
         }
-        // Node ids are random u64s, most of them above i64::MAX.
+        // Node ids are random u64s, half of them above i64::MAX.
         written.push(PresenceRecord::new(room("ids"), key("ids"), u64::MAX, u64::MAX - 1));
         let changes = written.iter().cloned().map(StoreChange::Put).collect();
         store.write(changes, long).await.step(SUITE, check, "write")?;
