@@ -140,6 +140,37 @@ async fn transport_without_native_ping_gets_protocol_pings() {
     assert!(t.elapsed() <= Duration::from_millis(35_100), "closed only after {:?}", t.elapsed());
 }
 
+/// A one-way transport (`Capabilities::bidirectional` false, as SSE): the
+/// peer cannot answer, so a ping the writer flushed is the answer. A peer
+/// that reads stays; one that stops reading (the flush never finishes) is
+/// closed by the heartbeat timeout.
+#[tokio::test(start_paused = true)]
+async fn one_way_transport_a_flushed_ping_is_the_answer() {
+    let (builder, ended) = record_disconnects(Hub::builder().config(heartbeat_25_10()));
+    let hub = builder.build();
+    let (transport, mut peer) = memory::pair(1);
+    tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.connect(transport.one_way(), Handshake::new()).await.unwrap() }
+    });
+    assert_eq!(text(&peer.recv().await.unwrap())["type"], "hello");
+    for round in 0..10 {
+        let frame = peer.recv().await.unwrap();
+        assert!(matches!(frame, Frame::Ping(_)), "round {round}: {frame:?}");
+    }
+    assert_eq!(hub.stats().connections, 1);
+    assert!(ended.lock().unwrap().is_empty(), "closed: {:?}", reasons(&ended));
+
+    // Stop reading: the channel (one frame) fills, the next ping's flush
+    // never finishes, and the heartbeat times out.
+    let t = Instant::now();
+    // (Two rounds at most, then the close timeout for a writer that cannot
+    // write its close frame.)
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    assert_eq!(reasons(&ended), [DisconnectReason::HeartbeatTimeout], "after {:?}", t.elapsed());
+    drop(peer);
+}
+
 #[tokio::test(start_paused = true)]
 async fn heartbeat_ping_is_not_dropped_as_data_under_drop_oldest() {
     let config = heartbeat_25_10().outbound_queue_bytes(2048).overflow(OverflowPolicy::DropOldest);

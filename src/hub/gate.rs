@@ -96,9 +96,13 @@ impl Hub {
     ) -> impl Future<Output = ()> + Send + 'static {
         let id = ConnectionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         let mut transport = transport;
-        let framed = transport.prefer_framed();
-        let wire = (transport.native_ping(), framed, transport.compress_above().filter(|_| framed));
-        let session = Arc::new(Session::new(id, (handshake.format(), handshake.version()), identity, wire, self));
+        let caps = transport.capabilities();
+        if let Some(framing) = caps.framing {
+            transport.use_framing(framing);
+        }
+        let compress = transport.compress_above().filter(|_| caps.framing.is_some());
+        let session =
+            Arc::new(Session::new(id, (handshake.format(), handshake.version()), identity, (caps, compress), self));
         self.register(&session);
         if self.is_shutting_down() {
             session.close(DisconnectReason::ServerShutdown, CloseCode::GOING_AWAY, "server shutting down", true);

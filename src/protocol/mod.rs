@@ -138,6 +138,9 @@ impl Format {
         matches!(self, Format::MsgPack)
     }
 
+    /// How many formats there are (for per-format caches).
+    pub(crate) const COUNT: usize = 2;
+
     pub(crate) fn index(self) -> usize {
         match self {
             Format::Json => 0,

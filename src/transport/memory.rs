@@ -5,7 +5,7 @@
 //! client. Used by the crate's own tests and benchmarks, and handy for a
 //! host's tests of its handlers.
 
-use super::{Frame, Transport, TransportError};
+use super::{Capabilities, Frame, Transport, TransportError};
 use futures::channel::mpsc;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use std::pin::Pin;
@@ -17,6 +17,7 @@ pub struct MemoryTransport {
     to_peer: mpsc::Sender<Frame>,
     from_peer: mpsc::Receiver<Result<Frame, TransportError>>,
     native_ping: bool,
+    bidirectional: bool,
 }
 
 /// Client half of an in-memory connection.
@@ -30,7 +31,10 @@ pub struct MemoryPeer {
 pub fn pair(capacity: usize) -> (MemoryTransport, MemoryPeer) {
     let (to_peer, from_server) = mpsc::channel(capacity);
     let (to_server, from_peer) = mpsc::channel(capacity);
-    (MemoryTransport { to_peer, from_peer, native_ping: true }, MemoryPeer { to_server, from_server })
+    (
+        MemoryTransport { to_peer, from_peer, native_ping: true, bidirectional: true },
+        MemoryPeer { to_server, from_server },
+    )
 }
 
 impl MemoryTransport {
@@ -38,6 +42,15 @@ impl MemoryTransport {
     /// protocol's `ping` envelope (as SSE-like transports do).
     pub fn without_native_ping(mut self) -> Self {
         self.native_ping = false;
+        self
+    }
+
+    /// Makes the transport report itself one-way
+    /// ([`Capabilities::bidirectional`] false), as an SSE stream does: the
+    /// session then takes a heartbeat ping it flushed to the peer as the
+    /// answer, so a peer that reads stays without answering pings.
+    pub fn one_way(mut self) -> Self {
+        self.bidirectional = false;
         self
     }
 }
@@ -78,8 +91,8 @@ impl Transport for MemoryTransport {
         (MemorySink(self.to_peer), MemoryStream(self.from_peer))
     }
 
-    fn native_ping(&self) -> bool {
-        self.native_ping
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default().with_native_ping(self.native_ping).with_bidirectional(self.bidirectional)
     }
 }
 

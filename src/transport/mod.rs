@@ -107,26 +107,27 @@ pub trait Transport: Send + 'static {
     /// Splits the transport into its two halves.
     fn split(self) -> (Self::Sink, Self::Stream);
 
-    /// Whether the transport has its own ping/pong frames. When it does not,
-    /// heartbeats use the protocol's `ping` envelope instead. Default: `true`.
-    fn native_ping(&self) -> bool {
-        true
+    /// What the transport can do: whether the peer answers on the same
+    /// connection, whether it has its own ping frames, and the form its
+    /// sink takes data frames in. Asked once, before [`Transport::split`].
+    /// Default: [`Capabilities::default`] (bidirectional, native pings,
+    /// payload-only data frames).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
     }
 
-    /// Asks the sink to take data frames already framed for the wire:
-    /// [`Frame::Text`] and [`Frame::Binary`] then carry a whole unmasked
-    /// WebSocket frame (the RFC 6455 header, then the payload), which the
-    /// hub builds once per broadcast for all its recipients instead of once
-    /// per recipient in each sink. A transport that agrees returns `true`,
-    /// and its sink must then write such frames as they are; control frames
-    /// stay unframed. Called once, before [`Transport::split`]. Default:
-    /// `false` (frames carry the payload only).
-    fn prefer_framed(&mut self) -> bool {
-        false
+    /// The session will hand the sink data frames in `framing` (one this
+    /// transport reported in [`Capabilities::framing`]): from now on its
+    /// sink must write [`Frame::Text`] and [`Frame::Binary`] as they come.
+    /// Called at most once, before [`Transport::split`]; a transport used
+    /// without a session (or with one that does not pre-frame) never gets
+    /// this call and keeps taking payloads. Default: does nothing.
+    fn use_framing(&mut self, framing: Framing) {
+        let _ = framing;
     }
 
     /// For a transport whose sink takes framed data frames
-    /// ([`Transport::prefer_framed`]) and whose peer negotiated WebSocket
+    /// ([`Transport::use_framing`]) and whose peer negotiated WebSocket
     /// `permessage-deflate` without server context takeover: the size (in
     /// bytes of payload) from which the hub should send data frames
     /// compressed. The hub then compresses each broadcast once, for every
@@ -233,28 +234,115 @@ pub(crate) fn ws_header(opcode: u8, len: usize) -> ([u8; 10], u8) {
 pub(crate) const WS_TEXT: u8 = 0x1;
 pub(crate) const WS_BINARY: u8 = 0x2;
 
-/// A data frame of `payload`, framed for the wire (see
-/// [`Transport::prefer_framed`]): one copy, made once per broadcast.
-pub(crate) fn ws_framed(binary: bool, payload: &[u8]) -> Bytes {
-    let (head, n) = ws_header(if binary { WS_BINARY } else { WS_TEXT }, payload.len());
-    let mut out = bytes::BytesMut::with_capacity(usize::from(n) + payload.len());
-    out.extend_from_slice(&head[..usize::from(n)]);
-    out.extend_from_slice(payload);
-    out.freeze()
+/// What a [`Transport`] can do ([`Transport::capabilities`]). The session
+/// adapts to it: heartbeats, liveness and the form of queued data frames
+/// come from here, never from the transport's type.
+///
+/// ```
+/// use switchboard::transport::{Capabilities, Framing};
+/// // A one-way stream whose peer cannot answer a ping on it.
+/// let caps = Capabilities::default().with_bidirectional(false);
+/// assert!(caps.native_ping && !caps.bidirectional && caps.framing.is_none());
+/// let ws = Capabilities::default().with_framing(Some(Framing::WebSocket));
+/// assert_eq!(ws.framing, Some(Framing::WebSocket));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// The peer writes on this same connection, so it can answer a ping.
+    /// `false` for a one-way stream (Server-Sent Events: what the peer sends
+    /// comes through other requests): the session then counts a heartbeat
+    /// ping the sink flushed as the answer, so a peer that stops reading
+    /// still shows as a write that does not finish. Default: `true`.
+    pub bidirectional: bool,
+    /// The transport has its own ping/pong frames ([`Frame::Ping`]). When
+    /// it does not, heartbeats use the protocol's `ping` envelope instead.
+    /// Default: `true`.
+    pub native_ping: bool,
+    /// A form the sink can also take [`Frame::Text`] and [`Frame::Binary`]
+    /// in, already framed for the wire by [`Framing::frame`]: the session
+    /// then calls [`Transport::use_framing`] and frames each broadcast once
+    /// for all its recipients instead of once per recipient in each sink.
+    /// Control frames are never pre-framed. `None`: data frames always
+    /// carry the payload only. Default: `None`.
+    pub framing: Option<Framing>,
 }
 
-/// A data frame of `payload` compressed with `permessage-deflate` (RSV1
-/// set, no context kept), framed for the wire; `None` when compressing does
-/// not make it smaller (or without the `ws` feature).
-pub(crate) fn ws_deflated(binary: bool, payload: &[u8]) -> Option<Bytes> {
-    #[cfg(feature = "ws")]
-    {
-        ws::compressed_frame(if binary { WS_BINARY } else { WS_TEXT }, payload)
+impl Default for Capabilities {
+    fn default() -> Capabilities {
+        Capabilities { bidirectional: true, native_ping: true, framing: None }
     }
-    #[cfg(not(feature = "ws"))]
-    {
-        let _ = (binary, payload);
-        None
+}
+
+impl Capabilities {
+    /// Sets [`Capabilities::bidirectional`].
+    pub fn with_bidirectional(mut self, bidirectional: bool) -> Self {
+        self.bidirectional = bidirectional;
+        self
+    }
+
+    /// Sets [`Capabilities::native_ping`].
+    pub fn with_native_ping(mut self, native_ping: bool) -> Self {
+        self.native_ping = native_ping;
+        self
+    }
+
+    /// Sets [`Capabilities::framing`].
+    pub fn with_framing(mut self, framing: Option<Framing>) -> Self {
+        self.framing = framing;
+        self
+    }
+}
+
+/// A wire framing the session can apply to data frames before they reach
+/// a sink ([`Capabilities::framing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Framing {
+    /// A whole final, unmasked WebSocket frame (RFC 6455 §5.2): the 2–10
+    /// byte header, then the payload unchanged. Server frames are never
+    /// masked, so one framed buffer serves every recipient.
+    WebSocket,
+}
+
+impl Framing {
+    /// How many framings there are (for per-framing caches).
+    pub(crate) const COUNT: usize = 1;
+
+    /// This framing's index, below [`Framing::COUNT`].
+    pub(crate) fn index(self) -> usize {
+        match self {
+            Framing::WebSocket => 0,
+        }
+    }
+
+    /// A data frame of `payload` (binary or text) in this framing: one
+    /// copy, made once per broadcast.
+    pub fn frame(self, binary: bool, payload: &[u8]) -> Bytes {
+        match self {
+            Framing::WebSocket => {
+                let (head, n) = ws_header(if binary { WS_BINARY } else { WS_TEXT }, payload.len());
+                let mut out = bytes::BytesMut::with_capacity(usize::from(n) + payload.len());
+                out.extend_from_slice(&head[..usize::from(n)]);
+                out.extend_from_slice(payload);
+                out.freeze()
+            }
+        }
+    }
+
+    /// A data frame of `payload` compressed with `permessage-deflate`
+    /// (RSV1 set, no context kept), in this framing; `None` when
+    /// compressing does not make it smaller (or without the `ws` feature).
+    pub(crate) fn frame_compressed(self, binary: bool, payload: &[u8]) -> Option<Bytes> {
+        match self {
+            #[cfg(feature = "ws")]
+            Framing::WebSocket => ws::compressed_frame(if binary { WS_BINARY } else { WS_TEXT }, payload),
+            #[cfg(not(feature = "ws"))]
+            Framing::WebSocket => {
+                let _ = (binary, payload);
+                None
+            }
+        }
     }
 }
 

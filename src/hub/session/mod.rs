@@ -21,7 +21,7 @@ use super::{ConnectionState, DisconnectReason, Hub, OverflowPolicy, TaskGuard};
 use crate::auth::Identity;
 use crate::history::StreamPosition;
 use crate::protocol::{CloseCode, Envelope, ErrorCode, Format, Kind, Parts, Payload, Version};
-use crate::transport::{CloseFrame, Frame, Transport, TransportError};
+use crate::transport::{Capabilities, CloseFrame, Frame, Framing, Transport, TransportError};
 use crate::util::Limiter;
 use crate::ConnectionId;
 use bytes::Bytes;
@@ -52,11 +52,9 @@ pub(crate) struct Session {
     /// compact arrays.
     pub(crate) version: Version,
     pub(crate) identity: Identity,
-    pub(crate) native_ping: bool,
-    /// The transport takes data frames framed for the wire
-    /// ([`Transport::prefer_framed`](crate::transport::Transport::prefer_framed)).
-    framed: bool,
-    /// ... and compressed from this size on
+    /// What the transport can do (heartbeat form, liveness, framing).
+    caps: Capabilities,
+    /// Data frames are compressed from this size on
     /// ([`Transport::compress_above`](crate::transport::Transport::compress_above)).
     compress_above: Option<u32>,
     pub(crate) outbox: Outbox,
@@ -121,7 +119,7 @@ impl Session {
         id: ConnectionId,
         (format, version): (Format, Version),
         identity: Identity,
-        (native_ping, framed, compress_above): (bool, bool, Option<usize>),
+        (caps, compress_above): (Capabilities, Option<usize>),
         hub: &Hub,
     ) -> Session {
         let cfg = &hub.inner.config;
@@ -129,8 +127,7 @@ impl Session {
             id,
             format,
             version,
-            native_ping,
-            framed,
+            caps,
             compress_above: compress_above.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             outbox: Outbox::new(cfg.outbound_queue_bytes, cfg.overflow),
             rooms: Mutex::new(Vec::new()),
@@ -186,7 +183,12 @@ impl Session {
 
     /// The form this connection's frames are queued in.
     pub(crate) fn wire(&self) -> Wire {
-        Wire { format: self.format, version: self.version, framed: self.framed, compress_above: self.compress_above }
+        Wire {
+            format: self.format,
+            version: self.version,
+            framing: self.caps.framing,
+            compress_above: self.compress_above,
+        }
     }
 
     /// A notice the writer sends itself (`lagged`, `gap`), as a frame.
@@ -266,7 +268,7 @@ impl Session {
     /// the protocol's `ping` envelope otherwise. Bypasses the byte bound
     /// (at most one is outstanding).
     pub(crate) fn send_ping(&self) {
-        let frame = if self.native_ping {
+        let frame = if self.caps.native_ping {
             Frame::Ping(bytes::Bytes::new())
         } else {
             let bytes = Parts::new(Kind::Ping).encode(self.format);
@@ -317,8 +319,8 @@ impl Session {
 }
 
 /// The form of a connection's queued frames: its format and protocol
-/// version, whether its transport takes them framed for the wire
-/// ([`Transport::prefer_framed`](crate::transport::Transport::prefer_framed)),
+/// version, the framing its transport takes them in
+/// ([`Capabilities::framing`]),
 /// and whether compressed with `permessage-deflate`
 /// ([`Transport::compress_above`](crate::transport::Transport::compress_above)).
 /// A broadcast prepares each form once ([`Wire::COUNT`] at most), however
@@ -332,41 +334,42 @@ impl Session {
 pub(crate) struct Wire {
     pub(crate) format: Format,
     pub(crate) version: Version,
-    framed: bool,
+    framing: Option<Framing>,
     compress_above: Option<u32>,
 }
 
 impl Wire {
     /// Formats × versions × (unframed, framed, framed and compressed).
-    pub(crate) const COUNT: usize = 2 * Version::COUNT * 3;
+    /// (One framing: [`Framing::COUNT`] is 1.)
+    pub(crate) const COUNT: usize = Format::COUNT * Version::COUNT * 3;
 
     /// This form unframed and uncompressed: the envelope itself.
     pub(crate) fn plain(self) -> Wire {
-        Wire { framed: false, compress_above: None, ..self }
+        Wire { framing: None, compress_above: None, ..self }
     }
 
     /// For a compressing form, the framed uncompressed one of the same
     /// format and version (what its members get when a message is not
     /// compressed).
     pub(crate) fn uncompressed(self) -> Option<Wire> {
-        self.compress_above.map(|_| Wire { framed: true, compress_above: None, ..self })
+        self.compress_above.map(|_| Wire { compress_above: None, ..self })
     }
 
     /// The unframed version 1 form of `format`.
     #[cfg(test)]
     pub(crate) fn unframed(format: Format) -> Wire {
-        Wire { format, version: Version::V1, framed: false, compress_above: None }
+        Wire { format, version: Version::V1, framing: None, compress_above: None }
     }
 
     /// The framed form of `format` (version 1), compressed from `above` bytes on.
     #[cfg(test)]
     pub(crate) fn compressing(format: Format, above: u32) -> Wire {
-        Wire { format, version: Version::V1, framed: true, compress_above: Some(above) }
+        Wire { format, version: Version::V1, framing: Some(Framing::WebSocket), compress_above: Some(above) }
     }
 
     pub(crate) fn index(self) -> usize {
         (self.format.index() * Version::COUNT + self.version.index()) * 3
-            + usize::from(self.framed)
+            + usize::from(self.framing.is_some())
             + usize::from(self.compress_above.is_some())
     }
 
@@ -375,10 +378,9 @@ impl Wire {
         if let Some(frame) = self.compressed(&envelope) {
             return frame;
         }
-        if self.framed {
-            crate::transport::ws_framed(self.format.is_binary(), &envelope)
-        } else {
-            envelope
+        match self.framing {
+            Some(framing) => framing.frame(self.format.is_binary(), &envelope),
+            None => envelope,
         }
     }
 
@@ -386,10 +388,11 @@ impl Wire {
     /// (big enough, and it shrinks).
     pub(crate) fn compressed(self, envelope: &[u8]) -> Option<Bytes> {
         let above = self.compress_above?;
-        if !self.framed || envelope.len() < above as usize {
+        let framing = self.framing?;
+        if envelope.len() < above as usize {
             return None;
         }
-        crate::transport::ws_deflated(self.format.is_binary(), envelope)
+        framing.frame_compressed(self.format.is_binary(), envelope)
     }
 }
 

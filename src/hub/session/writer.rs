@@ -31,6 +31,10 @@ where
                 continue;
             }
             let closes = close.is_some();
+            // A one-way transport's peer cannot answer the heartbeat: the
+            // ping flushed is its answer (a peer that stopped reading shows
+            // as a flush that does not finish; the heartbeat then times out).
+            let ping_is_answer = ping.is_some() && !session.caps.bidirectional;
             let mut gap = 0;
             // In order: the pong, the heartbeat ping, the `lagged` notice, the
             // gap notices, the data, the close frame; then one flush.
@@ -78,6 +82,9 @@ where
                 tracing::debug!(connection = %session.id, error = %e, "write failed");
                 session.close_with(DisconnectReason::ConnectionLost, None, true);
                 return false;
+            }
+            if ping_is_answer {
+                session.alive.store(true, Ordering::Relaxed);
             }
             if closes {
                 return true;

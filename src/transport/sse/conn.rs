@@ -20,7 +20,7 @@
 use super::encode::Batch;
 use super::resume::{self, Position};
 use crate::protocol::CloseCode;
-use crate::transport::{Frame, Transport, TransportError};
+use crate::transport::{Capabilities, Frame, Transport, TransportError};
 use bytes::Bytes;
 use futures::channel::mpsc as fmpsc;
 use futures::task::AtomicWaker;
@@ -56,7 +56,7 @@ pub(crate) struct Shared {
     /// POSTed frames for the reader. Bounded; `try_reserve_many` keeps a
     /// POST all-or-nothing.
     pub(crate) inbound: mpsc::Sender<Frame>,
-    /// Wakes the reader half (pong due, joins answered, body gone, dead).
+    /// Wakes the reader half (joins answered, body gone, dead).
     reader: AtomicWaker,
     /// Wakes the body (keep-alive due).
     body: AtomicWaker,
@@ -64,7 +64,6 @@ pub(crate) struct Shared {
     /// stream was found stuck: the write fails at once instead of waiting
     /// for the close timeout).
     sink: AtomicWaker,
-    pong_due: AtomicBool,
     joins_in_flight: AtomicUsize,
     /// The response body was dropped: the client went away.
     body_gone: AtomicBool,
@@ -95,7 +94,6 @@ impl Shared {
             reader: AtomicWaker::new(),
             body: AtomicWaker::new(),
             sink: AtomicWaker::new(),
-            pong_due: AtomicBool::new(false),
             joins_in_flight: AtomicUsize::new(0),
             body_gone: AtomicBool::new(false),
             sink_closed: AtomicBool::new(false),
@@ -184,7 +182,6 @@ impl SseTransport {
                 rooms,
                 offsets,
                 epochs,
-                ping_fed: false,
                 close,
                 closed: false,
             },
@@ -201,11 +198,12 @@ impl Transport for SseTransport {
         (self.sink, self.stream)
     }
 
-    /// `true`: a heartbeat ping is written as a comment line, and a
-    /// successful write of it counts as the client's pong (SSE has no way
-    /// back; a failed or stuck write is what shows a dead client).
-    fn native_ping(&self) -> bool {
-        true
+    /// One-way with native pings: a heartbeat ping is written as a comment
+    /// line, and the session counts a flushed one as the client's answer
+    /// (the stream has no way back; a failed or stuck write is what shows
+    /// a dead client). Data frames are payloads (JSON envelopes).
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default().with_bidirectional(false)
     }
 }
 
@@ -217,7 +215,6 @@ pub struct SseSink {
     rooms: StreamRooms,
     offsets: Vec<Option<u64>>,
     epochs: Vec<Option<String>>,
-    ping_fed: bool,
     close: CloseRetry,
     closed: bool,
 }
@@ -522,13 +519,6 @@ impl SseSink {
         }
         tx.start_send(self.batch.take()).map_err(|_| TransportError::Closed)?;
         self.shared.body.wake();
-        if std::mem::take(&mut self.ping_fed) {
-            // The ping's comment was handed to the body: count it as the
-            // client's pong (a stuck client never gets here: the channel
-            // stays full and the hub's heartbeat times out).
-            self.shared.pong_due.store(true, Ordering::Release);
-            self.shared.reader.wake();
-        }
         Poll::Ready(Ok(()))
     }
 }
@@ -558,10 +548,7 @@ impl Sink<Frame> for SseSink {
             Frame::Text(bytes) => this.envelope(bytes),
             // SSE sessions speak JSON only; a binary frame cannot happen.
             Frame::Binary(_) => {}
-            Frame::Ping(_) => {
-                this.batch.comment("ping");
-                this.ping_fed = true;
-            }
+            Frame::Ping(_) => this.batch.comment("ping"),
             Frame::Pong(_) => {}
             Frame::Close(frame) => this.close_event(frame),
         }
@@ -632,9 +619,6 @@ impl Stream for SseStream {
         }
         if shared.sink_closed.load(Ordering::Acquire) || shared.body_gone.load(Ordering::Acquire) {
             return Poll::Ready(None);
-        }
-        if shared.pong_due.swap(false, Ordering::AcqRel) {
-            return Poll::Ready(Some(Ok(Frame::Pong(Bytes::new()))));
         }
         if !this.joins.is_empty() {
             if shared.joins_in_flight.load(Ordering::Acquire) < JOINS_IN_FLIGHT {
@@ -730,9 +714,9 @@ mod tests {
     }
 
     /// The sink alone (tier a): names, ids from offsets and join replies,
-    /// `$resync`, pings answered by pongs, and the close.
+    /// `$resync`, pings as comments, and the close.
     #[tokio::test]
-    async fn events_ids_pongs_and_close() {
+    async fn events_ids_pings_and_close() {
         let (in_tx, in_rx) = mpsc::channel(4);
         let shared = Arc::new(Shared::new(1, [0; 16], in_tx));
         let (out_tx, mut out_rx) = fmpsc::channel(8);
@@ -749,7 +733,8 @@ mod tests {
             CloseRetry { retry_ms: 1234, reconnect_on_gap: true },
             Box::new(|| {}),
         );
-        assert!(t.native_ping());
+        let caps = t.capabilities();
+        assert!(caps.native_ping && !caps.bidirectional && caps.framing.is_none(), "{caps:?}");
         let (mut sink, mut stream) = t.split();
         // The stream's join comes first.
         assert!(matches!(stream.next().await, Some(Ok(Frame::Text(_)))));
@@ -788,8 +773,6 @@ mod tests {
         assert_eq!(events[4].0, both);
         assert_eq!(serde_json::from_str::<serde_json::Value>(&events[5].2).unwrap()["room"], "b");
         assert!(s.contains(": ping\n\n"), "{s}");
-        // The ping was handed over: the reader sees a pong.
-        assert_eq!(stream.next().await.unwrap().unwrap(), Frame::Pong(Bytes::new()));
 
         // A reconnectable close: retry, then $close; the reader ends.
         let close = CloseFrame { code: CloseCode::GOING_AWAY, reason: "bye".into() };

@@ -19,7 +19,7 @@
 use super::deflate::Deflate;
 use super::reader::{FrameReader, Limits, Role};
 use super::WsConfig;
-use crate::transport::{CloseFrame, Fragments, Frame, Transport, TransportError};
+use crate::transport::{Capabilities, CloseFrame, Fragments, Frame, Framing, Transport, TransportError};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{Sink, Stream};
 use std::collections::VecDeque;
@@ -37,7 +37,8 @@ pub struct WsTransport {
     /// Frames per message read.
     fragments: Fragments,
     write: BoxWrite,
-    /// Data frames come framed ([`Transport::prefer_framed`]).
+    /// Data frames come framed ([`Framing::WebSocket`], after
+    /// [`Transport::use_framing`]).
     framed: bool,
     /// `permessage-deflate` as negotiated, if it was.
     deflate: Option<Deflate>,
@@ -111,9 +112,15 @@ impl Transport for WsTransport {
         (sink, WsStream { inner: self.read })
     }
 
-    fn prefer_framed(&mut self) -> bool {
-        self.framed = true;
-        true
+    /// Bidirectional, native pings, and data frames framed for the wire
+    /// ([`Framing::WebSocket`]) when the session asks: the hub then frames a
+    /// broadcast once for all its recipients, and the sink writes it as it is.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default().with_framing(Some(Framing::WebSocket))
+    }
+
+    fn use_framing(&mut self, framing: Framing) {
+        self.framed = framing == Framing::WebSocket;
     }
 
     fn compress_above(&self) -> Option<usize> {
@@ -423,7 +430,7 @@ mod tests {
         }
     }
 
-    /// A sink that took `prefer_framed` writes data frames as they come
+    /// A framed sink ([`Framing::WebSocket`]) writes data frames as they come
     /// (the hub framed them once for every recipient) and still frames
     /// control frames itself.
     #[test]
@@ -432,8 +439,8 @@ mod tests {
         let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let io = Box::new(Trickle { got: got.clone(), step: 1000 });
         let mut sink = WsSink { io, out: VecDeque::new(), data: false, framed: true, deflate: None };
-        let text = crate::transport::ws_framed(false, b"hello");
-        let binary = crate::transport::ws_framed(true, &[7u8; 300]);
+        let text = Framing::WebSocket.frame(false, b"hello");
+        let binary = Framing::WebSocket.frame(true, &[7u8; 300]);
         futures::executor::block_on(async {
             sink.feed(Frame::Text(text.clone())).await.unwrap();
             sink.feed(Frame::Ping(Bytes::new())).await.unwrap();
