@@ -306,16 +306,6 @@ pub enum Framing {
 }
 
 impl Framing {
-    /// How many framings there are (for per-framing caches).
-    pub(crate) const COUNT: usize = 1;
-
-    /// This framing's index, below [`Framing::COUNT`].
-    pub(crate) fn index(self) -> usize {
-        match self {
-            Framing::WebSocket => 0,
-        }
-    }
-
     /// A data frame of `payload` (binary or text) in this framing: one
     /// copy, made once per broadcast.
     pub fn frame(self, binary: bool, payload: &[u8]) -> Bytes {

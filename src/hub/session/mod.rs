@@ -340,7 +340,7 @@ pub(crate) struct Wire {
 
 impl Wire {
     /// Formats × versions × (unframed, framed, framed and compressed).
-    /// (One framing: [`Framing::COUNT`] is 1.)
+    /// (One framing so far, [`Framing::WebSocket`]: a second one adds a form.)
     pub(crate) const COUNT: usize = Format::COUNT * Version::COUNT * 3;
 
     /// This form unframed and uncompressed: the envelope itself.
