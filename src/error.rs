@@ -29,8 +29,6 @@ pub enum ErrorKind {
     InvalidRoom,
     /// The backplane failed to carry a message between nodes.
     Backplane,
-    /// A transport (socket) failed.
-    Transport,
     /// An I/O error outside a connection (binding a listener, …).
     Io,
     /// The configuration is invalid, or a feature used is not configured
@@ -74,8 +72,11 @@ impl Error {
     }
 
     /// Builds an error of `kind` around `cause`. Meant for host
-    /// implementations of [`Backplane`](crate::Backplane) and
-    /// [`Transport`](crate::Transport), which must report failures as this type.
+    /// implementations of [`Backplane`](crate::Backplane) and the stores,
+    /// which must report failures as this type (a
+    /// [`Transport`](crate::Transport) reports its own
+    /// [`TransportError`](crate::transport::TransportError), which the
+    /// session turns into a close code).
     pub fn with_source(kind: ErrorKind, cause: impl Into<Cause>) -> Error {
         Error { kind, message: None, source: Some(cause.into()) }
     }
@@ -139,7 +140,6 @@ impl fmt::Display for Error {
             ErrorKind::Protocol => "protocol error",
             ErrorKind::InvalidRoom => "invalid room name",
             ErrorKind::Backplane => "backplane error",
-            ErrorKind::Transport => "transport error",
             ErrorKind::Io => "i/o error",
             ErrorKind::Config => "invalid configuration",
             ErrorKind::History => "history store failed",

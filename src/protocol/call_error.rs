@@ -89,7 +89,8 @@ impl std::error::Error for CallError {}
 impl From<crate::Error> for CallError {
     fn from(e: crate::Error) -> CallError {
         use crate::ErrorKind;
-        let chain = error_chain(&e);
+        // `Error`'s `Display` holds its cause chain.
+        let chain = e.to_string();
         match e.kind() {
             ErrorKind::Backplane | ErrorKind::History | ErrorKind::Presence | ErrorKind::ShuttingDown => {
                 tracing::warn!(error = %chain, "call failed: temporarily unavailable");
@@ -106,13 +107,6 @@ impl From<crate::Error> for CallError {
 
 /// The message of a 503 for an outage (see `From<Error> for CallError`).
 pub(crate) const UNAVAILABLE_MESSAGE: &str = "temporarily unavailable, retry";
-
-/// `e` and its causes, joined by `: `, for a log line (each cause once).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    crate::error::push_causes(&mut line, e.source());
-    line
-}
 
 /// One problem with one field of a payload, from a validator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
