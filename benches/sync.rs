@@ -30,7 +30,10 @@ const ROOM: &str = "doc:bench";
 
 fn hub(store: impl SnapshotStore, backplane: Option<switchboard::redis::RedisBackplane>) -> Hub {
     let config = SyncConfig::default().op_rate(1_000_000).op_burst(1_000_000);
-    let mut b = Hub::builder().sync(SyncRooms::new(store).config(config).room("doc:", JsonDoc));
+    // No per-connection message rate (default 50/s): the bench measures the room, not that limit.
+    let mut b = Hub::builder()
+        .config(switchboard::HubConfig::default().rate_limit(None))
+        .sync(SyncRooms::new(store).config(config).room("doc:", JsonDoc));
     if let Some(bp) = backplane {
         b = b.backplane(bp);
     }
