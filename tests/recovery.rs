@@ -866,3 +866,33 @@ async fn a_fill_still_reading_when_the_subscription_is_made_again_reads_once_mor
 
     expect_window_then_live(&hub1, &mut c, "the fill stopped at its stale read").await;
 }
+
+/// A store that never answers: the hub gives up after
+/// `HistoryConfig::store_timeout` with `ErrorKind::History` (a publish to a
+/// recoverable room fails; `history_page` too), instead of waiting forever.
+#[tokio::test(start_paused = true)]
+async fn a_store_that_never_answers_fails_with_history_after_the_timeout() {
+    struct Hung;
+    impl HistoryStore for Hung {
+        fn append(&self, _: &str, _: Append) -> BoxFuture<'static, switchboard::Result<Appended>> {
+            Box::pin(futures::future::pending())
+        }
+        fn read(
+            &self,
+            _: &str,
+            _: Option<StreamPosition>,
+            _: usize,
+        ) -> BoxFuture<'static, switchboard::Result<HistoryRead>> {
+            Box::pin(futures::future::pending())
+        }
+    }
+    let timeout = Duration::from_secs(3);
+    let hub = Hub::builder().history(Hung, HistoryConfig::all_rooms().store_timeout(timeout)).build();
+    let start = tokio::time::Instant::now();
+    let e = hub.publish("r", "m", &json!(1)).await.unwrap_err();
+    assert_eq!(e.kind(), switchboard::ErrorKind::History, "{e}");
+    assert_eq!(start.elapsed(), timeout);
+    let e = hub.history_page("r", None, 10).await.unwrap_err();
+    assert_eq!(e.kind(), switchboard::ErrorKind::History, "{e}");
+    assert_eq!(start.elapsed(), timeout * 2);
+}

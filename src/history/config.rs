@@ -74,6 +74,13 @@ pub struct HistoryConfig {
     /// Most out-of-order events a room holds while waiting for a gap to
     /// fill; one more reads the store at once. Default 1000.
     pub max_pending: usize,
+    /// How long the hub waits for the store to answer an append or a read
+    /// before it gives up with [`ErrorKind::History`](crate::ErrorKind::History):
+    /// a publish to a recoverable room fails (an append that timed out may
+    /// still have been stored: publish with an idempotency key to retry
+    /// safely), a join is refused with 503, a gap fill tries again later.
+    /// Default 5 s.
+    pub store_timeout: Duration,
 }
 
 impl Default for HistoryConfig {
@@ -83,6 +90,7 @@ impl Default for HistoryConfig {
             gap_wait: Duration::from_millis(250),
             position_check: Duration::from_secs(10),
             max_pending: 1000,
+            store_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -110,6 +118,12 @@ impl HistoryConfig {
     /// Sets [`HistoryConfig::position_check`].
     pub fn position_check(mut self, every: Duration) -> Self {
         self.position_check = every;
+        self
+    }
+
+    /// Sets [`HistoryConfig::store_timeout`].
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout;
         self
     }
 

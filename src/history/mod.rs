@@ -190,6 +190,54 @@ pub trait HistoryStore: Send + Sync + 'static {
     fn read(&self, room: &str, since: Option<StreamPosition>, limit: usize) -> BoxFuture<'static, Result<HistoryRead>>;
 }
 
+/// The host's store as the hub uses it: every call bounded by
+/// [`HistoryConfig::store_timeout`], so a store that never answers fails a
+/// publish or a join with [`ErrorKind::History`](crate::ErrorKind::History)
+/// instead of holding it forever.
+pub(crate) struct Bounded {
+    store: Arc<dyn HistoryStore>,
+    timeout: Duration,
+}
+
+impl Bounded {
+    pub(crate) fn new(store: Arc<dyn HistoryStore>, timeout: Duration) -> Bounded {
+        Bounded { store, timeout }
+    }
+}
+
+/// `call` bounded by `timeout`. An answer ready at once needs no timer (a
+/// publish polls its append once, possibly outside a runtime); without a
+/// runtime there is no clock to bound it by.
+fn bounded<T: Send + 'static>(timeout: Duration, call: BoxFuture<'static, Result<T>>) -> BoxFuture<'static, Result<T>> {
+    use futures::FutureExt;
+    Box::pin(async move {
+        let mut call = call;
+        if let Some(done) = (&mut call).now_or_never() {
+            return done;
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return call.await;
+        }
+        match tokio::time::timeout(timeout, call).await {
+            Ok(done) => done,
+            Err(_) => Err(crate::Error::msg(
+                crate::ErrorKind::History,
+                format!("history store did not answer within {timeout:?}"),
+            )),
+        }
+    })
+}
+
+impl HistoryStore for Bounded {
+    fn append(&self, room: &str, append: Append) -> BoxFuture<'static, Result<Appended>> {
+        bounded(self.timeout, self.store.append(room, append))
+    }
+
+    fn read(&self, room: &str, since: Option<StreamPosition>, limit: usize) -> BoxFuture<'static, Result<HistoryRead>> {
+        bounded(self.timeout, self.store.read(room, since, limit))
+    }
+}
+
 impl<H: HistoryStore + ?Sized> HistoryStore for Arc<H> {
     fn append(&self, room: &str, append: Append) -> BoxFuture<'static, Result<Appended>> {
         (**self).append(room, append)

@@ -189,7 +189,11 @@ impl HubBuilder {
                 heartbeat: OnceLock::new(),
                 extension: self.extension.and_then(|e| e.build(node, has_backplane, queue_bytes)),
                 backplane: self.backplane.map(|b| Arc::new(BackplaneLink::new(b))),
-                history: self.history.map(|(store, config)| HistoryLink { store, config, checker: OnceLock::new() }),
+                history: self.history.map(|(store, config)| HistoryLink {
+                    store: Arc::new(crate::history::Bounded::new(store, config.store_timeout)),
+                    config,
+                    checker: OnceLock::new(),
+                }),
                 shutting_down: AtomicBool::new(false),
                 shutdown: CancellationToken::new(),
                 sessions_changed: Notify::new(),
