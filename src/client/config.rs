@@ -156,6 +156,11 @@ pub struct ClientConfig {
     /// Where the token from the token provider goes. Default
     /// [`TokenPlacement::BearerHeader`].
     pub token_placement: TokenPlacement,
+    /// Offer `permessage-deflate` (RFC 7692) when connecting. When the
+    /// server accepts, compressed messages from it are inflated (capped at
+    /// `max_message_size`) and messages of 256 bytes or more are sent
+    /// compressed. Default `true`.
+    pub compression: bool,
 }
 
 impl Default for ClientConfig {
@@ -175,6 +180,7 @@ impl Default for ClientConfig {
             read_buffer_size: 8 * 1024,
             write_buffer_size: 8 * 1024,
             token_placement: TokenPlacement::BearerHeader,
+            compression: true,
         }
     }
 }
@@ -220,6 +226,8 @@ setters! {
     read_buffer_size: usize,
     /// Sets [`ClientConfig::write_buffer_size`].
     write_buffer_size: usize,
+    /// Sets [`ClientConfig::compression`].
+    compression: bool,
     /// Sets [`ClientConfig::token_placement`].
     token_placement: TokenPlacement,
 }

@@ -12,7 +12,9 @@ use super::presence;
 use super::room::{Event, Gap, RoomEvent};
 use super::shared::{fail, Link, Outgoing, Pending, PendingKind, RoomState, Shared, State, MAX_MISSING};
 use super::status::{Disconnect, Status};
+use super::ws::{ConnectError, Ws, WsOptions};
 use crate::protocol::{CloseCode, Envelope, Format, Kind, Payload, ProtocolError, Version};
+use crate::transport::{CloseFrame, Frame as Message, TransportError};
 use futures::future::BoxFuture;
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -20,16 +22,9 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The application's token provider.
 pub(crate) type TokenProvider = Arc<dyn Fn() -> BoxFuture<'static, Result<String, String>> + Send + Sync>;
@@ -247,33 +242,31 @@ async fn connect_and_serve(
         Ok(r) => r,
         Err(e) => return Disconnect::Connect(e).into(),
     };
-    let mut ws_config = WebSocketConfig::default();
-    ws_config.read_buffer_size = config.read_buffer_size.max(1024);
-    ws_config.write_buffer_size = config.write_buffer_size;
-    ws_config.max_message_size = Some(config.max_message_size);
-    ws_config.max_frame_size = Some(config.max_message_size);
-    let connect = tokio_tungstenite::connect_async_with_config(request, Some(ws_config), true);
+    let options = WsOptions {
+        max_message_size: config.max_message_size,
+        read_buffer_size: config.read_buffer_size,
+        compression: config.compression,
+    };
+    let connect = super::ws::connect(request, options);
     let ws = tokio::select! {
         _ = stopped(stop) => return Disconnect::ClientClosed.into(),
         r = tokio::time::timeout_at(deadline, connect) => match r {
             Err(_) => return Disconnect::Connect("timed out".into()).into(),
-            Ok(Err(tungstenite::Error::Http(resp))) => {
-                let status = resp.status().as_u16();
-                let retry_after = resp
-                    .headers()
+            Ok(Err(ConnectError::Http { status, headers, body })) => {
+                let retry_after = headers
                     .get(http::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
-                let body = resp.body().as_deref().map(|b| String::from_utf8_lossy(&b[..b.len().min(256)]).into_owned());
+                let body = String::from_utf8_lossy(&body[..body.len().min(256)]).into_owned();
                 return Outcome {
-                    reason: Disconnect::Refused { status, body: body.unwrap_or_default() },
+                    reason: Disconnect::Refused { status, body },
                     stable: false,
                     greeted: false,
                     retry_after,
                 };
             }
-            Ok(Err(e)) => return Disconnect::Connect(e.to_string()).into(),
+            Ok(Err(ConnectError::Other(e))) => return Disconnect::Connect(e).into(),
             Ok(Ok((ws, resp))) => {
                 let chosen = resp.headers().get(http::header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok());
                 // A server that answers without a subprotocol speaks JSON (§1.1).
@@ -414,7 +407,7 @@ impl Session {
 
     fn decode(&self, msg: Message) -> Option<Result<Envelope, ProtocolError>> {
         let bytes = match (msg, self.shared.format) {
-            (Message::Text(t), Format::Json) => bytes::Bytes::from(t),
+            (Message::Text(t), Format::Json) => t,
             (Message::Binary(b), Format::MsgPack) => b,
             (Message::Text(_) | Message::Binary(_), _) => {
                 return Some(Err(ProtocolError::Malformed("frame of the wrong kind for the format".into())))
@@ -685,11 +678,9 @@ impl Session {
             }
         }
         for o in items {
+            // Our JSON encoder writes UTF-8.
             let msg = match self.shared.format {
-                Format::Json => match Utf8Bytes::try_from(o.bytes) {
-                    Ok(t) => Message::Text(t),
-                    Err(_) => continue, // our JSON encoder writes UTF-8; never happens
-                },
+                Format::Json => Message::Text(o.bytes),
                 Format::MsgPack => Message::Binary(o.bytes),
             };
             self.ws.feed(msg).await.map_err(write_error)?;
@@ -699,9 +690,9 @@ impl Session {
 
     async fn close_gracefully(&mut self) -> Disconnect {
         self.ended_at.get_or_insert_with(Instant::now);
-        let frame = CloseFrame { code: WsCloseCode::Normal, reason: "client closed".into() };
+        let frame = CloseFrame { code: CloseCode::NORMAL, reason: "client closed".into() };
         let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            if self.ws.close(Some(frame)).await.is_ok() {
+            if self.ws.send(Message::Close(Some(frame))).await.is_ok() {
                 while let Some(Ok(_)) = self.ws.next().await {}
             }
         })
@@ -711,11 +702,11 @@ impl Session {
 
     async fn closed_by_server(&mut self, frame: Option<CloseFrame>) -> Disconnect {
         self.ended_at.get_or_insert_with(Instant::now);
-        // Keep reading so tungstenite answers the close, until the server
-        // ends the socket (bounded).
+        // The close was echoed when it was read; keep reading until the
+        // server ends the socket (bounded).
         let _ = tokio::time::timeout(CLOSE_WAIT, async { while let Some(Ok(_)) = self.ws.next().await {} }).await;
         match frame {
-            Some(f) => Disconnect::Closed { code: CloseCode(u16::from(f.code)), reason: f.reason.to_string() },
+            Some(f) => Disconnect::Closed { code: f.code, reason: f.reason },
             // A close frame without a status (1005) is "any other code".
             None => Disconnect::Closed { code: CloseCode(1005), reason: String::new() },
         }
@@ -1114,31 +1105,25 @@ impl Session {
     }
 }
 
-fn read_result(msg: Option<Result<Message, tungstenite::Error>>) -> Result<Message, Disconnect> {
+fn read_result(msg: Option<Result<Message, TransportError>>) -> Result<Message, Disconnect> {
     match msg {
-        None => Err(Disconnect::Dropped("the connection ended".into())),
+        // A killed server (or a reset on the way): the TCP connection ended
+        // without a close frame. That is a dropped connection (1006), not
+        // something the server did wrong.
+        None => Err(Disconnect::Dropped("the server went away without a close frame".into())),
         Some(Ok(m)) => Ok(m),
         Some(Err(e)) => Err(read_error(e)),
     }
 }
 
-fn read_error(e: tungstenite::Error) -> Disconnect {
-    use tungstenite::error::ProtocolError;
+fn read_error(e: TransportError) -> Disconnect {
     match e {
-        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed | tungstenite::Error::Io(_) => {
-            Disconnect::Dropped(e.to_string())
-        }
-        // A killed server (or a reset on the way): the TCP connection ended
-        // without a close frame. That is a dropped connection (1006), not
-        // something the server did wrong.
-        tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
-            Disconnect::Dropped("the server went away without a close frame".into())
-        }
+        TransportError::Closed | TransportError::Io(_) => Disconnect::Dropped(e.to_string()),
         other => Disconnect::Protocol(other.to_string()),
     }
 }
 
-fn write_error(e: tungstenite::Error) -> Disconnect {
+fn write_error(e: TransportError) -> Disconnect {
     Disconnect::Dropped(format!("write failed: {e}"))
 }
 

@@ -51,6 +51,7 @@ mod room;
 mod shared;
 mod status;
 pub mod sync;
+mod ws;
 
 pub use config::{Backoff, ClientConfig, TokenPlacement};
 pub use error::{ClientError, ClientErrorKind};

@@ -121,27 +121,40 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// `payload` as one final data frame with RSV1 set, compressed on its own
-/// (no context kept), for the wire; `None` when compressing does not make
-/// it smaller (it is then sent as it is).
-pub(crate) fn compressed_frame(opcode: u8, payload: &[u8]) -> Option<Bytes> {
+/// `payload` compressed on its own (no context kept), without the tail:
+/// a message's payload for a frame with RSV1 set (a client masks it);
+/// `None` when compressing does not make it smaller.
+pub(crate) fn compress_body(payload: &[u8]) -> Option<Vec<u8>> {
+    with_compressed(payload, <[u8]>::to_vec)
+}
+
+/// Compresses `payload` into the per-thread scratch buffer and hands `f`
+/// the body (without the tail) when it is smaller than `payload`.
+fn with_compressed<R>(payload: &[u8], f: impl FnOnce(&[u8]) -> R) -> Option<R> {
     SCRATCH.with_borrow_mut(|out| {
         out.clear();
         COMPRESS.with_borrow_mut(|c| compress(c, payload, out));
         let body = out.strip_suffix(&TAIL).unwrap_or(out);
-        if body.len() >= payload.len() {
-            return None;
+        let r = (body.len() < payload.len()).then(|| f(body));
+        // The scratch buffer grows with the largest message; keep it small.
+        if out.capacity() > 64 * 1024 {
+            *out = Vec::new();
         }
+        r
+    })
+}
+
+/// `payload` as one final data frame with RSV1 set, compressed on its own
+/// (no context kept), for the wire; `None` when compressing does not make
+/// it smaller (it is then sent as it is).
+pub(crate) fn compressed_frame(opcode: u8, payload: &[u8]) -> Option<Bytes> {
+    with_compressed(payload, |body| {
         let (mut head, n) = crate::transport::ws_header(opcode, body.len());
         head[0] |= 0x40; // RSV1: compressed
         let mut frame = BytesMut::with_capacity(usize::from(n) + body.len());
         frame.put_slice(&head[..usize::from(n)]);
         frame.put_slice(body);
-        // The scratch buffer grows with the largest message; keep it small.
-        if out.capacity() > 64 * 1024 {
-            *out = Vec::new();
-        }
-        Some(frame.freeze())
+        frame.freeze()
     })
 }
 

@@ -19,9 +19,9 @@
 //! direction (see [`Compression`] and docs/performance.md).
 
 mod conn;
-mod deflate;
+pub(crate) mod deflate;
 mod handshake;
-mod reader;
+pub(crate) mod reader;
 
 pub use conn::{WsSink, WsStream, WsTransport};
 pub use deflate::Compression;

@@ -47,7 +47,8 @@ type BoxRead = Box<dyn AsyncRead + Send + Unpin>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Role {
     Server,
-    #[allow(dead_code)] // the client's reader (the client still reads with tungstenite)
+    /// The Rust client's reader (`client::ws`).
+    #[cfg_attr(not(feature = "client"), allow(dead_code))]
     Client,
 }
 
@@ -157,6 +158,28 @@ fn unmask(data: &mut [u8], key: [u8; 4]) {
     for (b, k) in chunks.into_remainder().iter_mut().zip(key) {
         *b ^= k;
     }
+}
+
+/// Appends a masked frame (a client's): first byte `b0`, `payload` masked
+/// with `key`.
+#[cfg(any(test, feature = "client"))]
+pub(crate) fn masked_frame(out: &mut Vec<u8>, b0: u8, payload: &[u8], key: [u8; 4]) {
+    out.push(b0);
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&key);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    unmask(&mut out[start..], key);
 }
 
 /// Close codes a peer may send (RFC 6455 §7.4, IANA registry).
@@ -437,21 +460,9 @@ mod tests {
 
     /// A masked client frame.
     pub(crate) fn frame(fin: bool, rsv1: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mut f = vec![if fin { 0x80 } else { 0 } | if rsv1 { 0x40 } else { 0 } | opcode];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n <= 0xFFFF => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let key = [0x12, 0x34, 0x56, 0x78];
-        f.extend_from_slice(&key);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        let mut f = Vec::new();
+        let b0 = if fin { 0x80 } else { 0 } | if rsv1 { 0x40 } else { 0 } | opcode;
+        masked_frame(&mut f, b0, payload, [0x12, 0x34, 0x56, 0x78]);
         f
     }
 
