@@ -1007,3 +1007,53 @@ async fn a_typing_toggle_sends_the_flag_not_the_whole_meta() {
     drop((member, tabs));
     f.finish().await;
 }
+
+#[tokio::test]
+async fn a_flooder_that_ignores_its_close_is_dropped_after_a_few_frames() {
+    // Measured with `load attack --mode pings` (issue 24): a connection
+    // closed 1008 for a ping flood that kept flooding had every frame it
+    // sent parsed while the server waited `close_timeout` for its close
+    // reply, with no rate limit: 16 such attackers held bystanders at
+    // ~0.5 s. The wait now reads at most 64 frames. Here the close timeout
+    // is an hour: only the frame bound can end the connection.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = HubConfig::default().close_timeout(HOUR);
+    let mut f = Fixture::start(builder().config(config)).await;
+    let c = connect(f.addr).await;
+    let mut tcp = match c.ws.into_inner() {
+        tokio_tungstenite::MaybeTlsStream::Plain(s) => s,
+        _ => unreachable!("plain TCP"),
+    };
+    // Masked empty pings, 300 of them: over the burst (200) and the
+    // violations (10), so the server closes with 1008.
+    let ping = [0x89u8, 0x80, 1, 2, 3, 4];
+    let flood: Vec<u8> = ping.iter().copied().cycle().take(ping.len() * 300).collect();
+    tcp.write_all(&flood).await.unwrap();
+    // Read until the server's close frame, then keep pinging (never a
+    // close reply) until the server ends the socket.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut extra = 0;
+    loop {
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await.expect("the server never ended the socket");
+        match n {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+        // The server's frames are hello (ASCII text), pongs (0x8a) and the
+        // close frame (0x88).
+        if seen.contains(&0x88) {
+            // Close frame seen: flood on, 100 pings at a time.
+            if tcp.write_all(&flood[..ping.len() * 100]).await.is_err() {
+                break;
+            }
+            extra += 100;
+            assert!(extra <= 10_000, "the server kept reading after its close");
+        }
+    }
+    let at = seen.iter().position(|&b| b == 0x88).expect("a close frame");
+    let code = seen.get(at + 2..at + 4).map(|c| u16::from_be_bytes([c[0], c[1]]));
+    assert_eq!(code, Some(1008), "closed for the flood");
+    f.tick().await;
+    f.finish().await;
+}

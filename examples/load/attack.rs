@@ -587,8 +587,14 @@ async fn floods(args: &Args, chat: &Chat, checks: &mut Checks, pings: bool) -> R
             let (addr, batch) = (chat.addr, batch.clone());
             tokio::spawn(async move {
                 let (mut made, mut refused, mut frames, mut open_s) = (0u64, 0u64, 0u64, 0f64);
+                let mut refused_upgrades = 0u64;
                 while Instant::now() < end {
-                    let Ok(ws) = open(addr, source(c), &format!("flood{c}")).await else { break };
+                    let Ok(ws) = open(addr, source(c), &format!("flood{c}")).await else {
+                        // Refused (the hub's connection rate: 429): again soon.
+                        refused_upgrades += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    };
                     made += 1;
                     let started = Instant::now();
                     let mut stream = ws.into_inner();
@@ -622,18 +628,19 @@ async fn floods(args: &Args, chat: &Chat, checks: &mut Checks, pings: bool) -> R
                     open_s += started.elapsed().as_secs_f64();
                     refused += u64::from(matches!(code, Some(1008 | 1009)));
                 }
-                (made, refused, frames, open_s)
+                (made, refused, frames, open_s, refused_upgrades)
             })
         })
         .collect();
-    let (mut made, mut refused, mut frames, mut open_s) = (0, 0, 0, 0.0);
+    let (mut made, mut refused, mut frames, mut open_s, mut upgrades_refused) = (0, 0, 0, 0.0, 0);
     for t in tasks {
-        if let Ok((m, r, f, o)) = t.await {
-            (made, refused, frames, open_s) = (made + m, refused + r, frames + f, open_s + o);
+        if let Ok((m, r, f, o, u)) = t.await {
+            (made, refused, frames, open_s, upgrades_refused) =
+                (made + m, refused + r, frames + f, open_s + o, upgrades_refused + u);
         }
     }
     println!(
-        "{conns} attackers, {seconds} s: {made} connections, {refused} closed with 1008/1009, {frames} frames written, {:.3} s open on average",
+        "{conns} attackers, {seconds} s: {made} connections ({upgrades_refused} more refused at the upgrade), {refused} closed with 1008/1009, {frames} frames written, {:.3} s open on average",
         open_s / made.max(1) as f64
     );
     // The last connection of each attacker may still be open at the end.

@@ -53,7 +53,8 @@ pub struct HubConfig {
     /// Default 128.
     pub max_rooms_per_connection: usize,
     /// How long a closing connection may take to drain its queue and finish
-    /// the close handshake before it is dropped. Default 5 s.
+    /// the close handshake before it is dropped (the handshake also ends
+    /// after 64 frames from the peer that are not its close). Default 5 s.
     pub close_timeout: Duration,
     /// Connections closed per step during shutdown (the hub yields between
     /// steps). Default 256.

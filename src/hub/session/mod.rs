@@ -43,6 +43,10 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use writer::write_loop;
 
+/// Most frames read from a peer after the server's close frame while
+/// waiting for the peer's own: what a well-behaved peer had in flight.
+const MAX_FRAMES_AFTER_CLOSE: u32 = 64;
+
 /// Shared state of one connection. Reachable from rooms (for fan-out), the
 /// hub's session index, the heartbeat wheel (weakly) and handler calls.
 pub(crate) struct Session {
@@ -509,10 +513,16 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
         };
         if sent_close && !peer_closed {
             // Wait (bounded) for the peer's close frame so the close handshake
-            // completes cleanly; anything else it sends now is ignored.
+            // completes cleanly; anything else it sends now is ignored. Bounded
+            // in frames too, not only in time: a peer closed for flooding
+            // (1008, 1009) that keeps flooding would otherwise have every frame
+            // it sends for `close_timeout` parsed, with no rate limit (issue
+            // 24: 16 reconnecting ping flooders held bystanders at ~0.5 s).
             let drain = async {
+                let mut frames = 0;
                 while let Some(Ok(frame)) = stream.next().await {
-                    if let Frame::Close(_) = frame {
+                    frames += 1;
+                    if matches!(frame, Frame::Close(_)) || frames >= MAX_FRAMES_AFTER_CLOSE {
                         break;
                     }
                 }
