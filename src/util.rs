@@ -17,6 +17,32 @@ pub(crate) fn random_u64() -> u64 {
     RandomState::new().hash_one(t) | 1
 }
 
+/// A host-supplied store's or backplane's `call`, bounded by `timeout`:
+/// past it, an error of `kind` saying what did not answer. An answer ready
+/// at once needs no timer (a publish polls once, possibly outside a
+/// runtime); without a runtime there is no clock to bound it by.
+pub(crate) fn bounded<T: Send + 'static>(
+    timeout: Duration,
+    kind: crate::ErrorKind,
+    what: &'static str,
+    call: futures::future::BoxFuture<'static, crate::Result<T>>,
+) -> futures::future::BoxFuture<'static, crate::Result<T>> {
+    use futures::FutureExt;
+    Box::pin(async move {
+        let mut call = call;
+        if let Some(done) = (&mut call).now_or_never() {
+            return done;
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return call.await;
+        }
+        match tokio::time::timeout(timeout, call).await {
+            Ok(done) => done,
+            Err(_) => Err(crate::Error::msg(kind, format!("{what} did not answer within {timeout:?}"))),
+        }
+    })
+}
+
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)

@@ -896,3 +896,26 @@ async fn a_store_that_never_answers_fails_with_history_after_the_timeout() {
     assert_eq!(e.kind(), switchboard::ErrorKind::History, "{e}");
     assert_eq!(start.elapsed(), timeout * 2);
 }
+
+/// A backplane that never answers: a publish fails with
+/// `ErrorKind::Backplane` after `HubConfig::backplane_timeout` (local
+/// members still got the event), instead of waiting forever.
+#[tokio::test(start_paused = true)]
+async fn a_backplane_that_never_answers_fails_the_publish_after_the_timeout() {
+    use switchboard::backplane::{Backplane, Subscription};
+    struct Hung;
+    impl Backplane for Hung {
+        fn publish(&self, _: &str, _: bytes::Bytes) -> BoxFuture<'static, switchboard::Result<()>> {
+            Box::pin(futures::future::pending())
+        }
+        fn subscribe(&self, _: &str) -> BoxFuture<'static, switchboard::Result<Subscription>> {
+            Box::pin(futures::future::pending())
+        }
+    }
+    let timeout = Duration::from_secs(4);
+    let hub = Hub::builder().backplane(Hung).config(HubConfig::default().backplane_timeout(timeout)).build();
+    let start = tokio::time::Instant::now();
+    let e = hub.publish("r", "m", &json!(1)).await.unwrap_err();
+    assert_eq!(e.kind(), switchboard::ErrorKind::Backplane, "{e}");
+    assert_eq!(start.elapsed(), timeout);
+}

@@ -98,6 +98,34 @@ pub trait Backplane: Send + Sync + 'static {
     fn subscribe(&self, topic: &str) -> BoxFuture<'static, Result<Subscription>>;
 }
 
+/// The host's backplane as the hub uses it: every call bounded by
+/// [`HubConfig::backplane_timeout`](crate::HubConfig::backplane_timeout), so
+/// a backplane that never answers fails a publish (or a subscription, which
+/// is retried) with [`ErrorKind::Backplane`](crate::ErrorKind::Backplane)
+/// instead of holding it forever.
+pub(crate) struct Bounded {
+    backplane: std::sync::Arc<dyn Backplane>,
+    timeout: std::time::Duration,
+}
+
+impl Bounded {
+    pub(crate) fn new(backplane: std::sync::Arc<dyn Backplane>, timeout: std::time::Duration) -> Bounded {
+        Bounded { backplane, timeout }
+    }
+}
+
+impl Backplane for Bounded {
+    fn publish(&self, topic: &str, message: Bytes) -> BoxFuture<'static, Result<()>> {
+        let call = self.backplane.publish(topic, message);
+        crate::util::bounded(self.timeout, crate::ErrorKind::Backplane, "backplane publish", call)
+    }
+
+    fn subscribe(&self, topic: &str) -> BoxFuture<'static, Result<Subscription>> {
+        let call = self.backplane.subscribe(topic);
+        crate::util::bounded(self.timeout, crate::ErrorKind::Backplane, "backplane subscribe", call)
+    }
+}
+
 impl<B: Backplane + ?Sized> Backplane for std::sync::Arc<B> {
     fn publish(&self, topic: &str, message: Bytes) -> BoxFuture<'static, Result<()>> {
         (**self).publish(topic, message)

@@ -205,36 +205,18 @@ impl Bounded {
     }
 }
 
-/// `call` bounded by `timeout`. An answer ready at once needs no timer (a
-/// publish polls its append once, possibly outside a runtime); without a
-/// runtime there is no clock to bound it by.
-fn bounded<T: Send + 'static>(timeout: Duration, call: BoxFuture<'static, Result<T>>) -> BoxFuture<'static, Result<T>> {
-    use futures::FutureExt;
-    Box::pin(async move {
-        let mut call = call;
-        if let Some(done) = (&mut call).now_or_never() {
-            return done;
-        }
-        if tokio::runtime::Handle::try_current().is_err() {
-            return call.await;
-        }
-        match tokio::time::timeout(timeout, call).await {
-            Ok(done) => done,
-            Err(_) => Err(crate::Error::msg(
-                crate::ErrorKind::History,
-                format!("history store did not answer within {timeout:?}"),
-            )),
-        }
-    })
-}
-
 impl HistoryStore for Bounded {
     fn append(&self, room: &str, append: Append) -> BoxFuture<'static, Result<Appended>> {
-        bounded(self.timeout, self.store.append(room, append))
+        crate::util::bounded(self.timeout, crate::ErrorKind::History, "history store", self.store.append(room, append))
     }
 
     fn read(&self, room: &str, since: Option<StreamPosition>, limit: usize) -> BoxFuture<'static, Result<HistoryRead>> {
-        bounded(self.timeout, self.store.read(room, since, limit))
+        crate::util::bounded(
+            self.timeout,
+            crate::ErrorKind::History,
+            "history store",
+            self.store.read(room, since, limit),
+        )
     }
 }
 

@@ -170,6 +170,7 @@ impl HubBuilder {
         let node = crate::util::random_u64();
         let has_backplane = self.backplane.is_some();
         let queue_bytes = self.config.outbound_queue_bytes;
+        let backplane_timeout = self.config.backplane_timeout;
         Hub {
             inner: Arc::new(HubInner {
                 node,
@@ -188,7 +189,10 @@ impl HubBuilder {
                 tasks: AtomicUsize::new(0),
                 heartbeat: OnceLock::new(),
                 extension: self.extension.and_then(|e| e.build(node, has_backplane, queue_bytes)),
-                backplane: self.backplane.map(|b| Arc::new(BackplaneLink::new(b))),
+                backplane: self.backplane.map(|b| {
+                    let bounded = crate::backplane::Bounded::new(b, backplane_timeout);
+                    Arc::new(BackplaneLink::new(Arc::new(bounded)))
+                }),
                 history: self.history.map(|(store, config)| HistoryLink {
                     store: Arc::new(crate::history::Bounded::new(store, config.store_timeout)),
                     config,

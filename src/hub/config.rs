@@ -56,6 +56,13 @@ pub struct HubConfig {
     /// the close handshake before it is dropped (the handshake also ends
     /// after 64 frames from the peer that are not its close). Default 5 s.
     pub close_timeout: Duration,
+    /// How long the hub waits for the backplane to answer a publish or a
+    /// subscribe before it gives up with
+    /// [`ErrorKind::Backplane`](crate::ErrorKind::Backplane) (the publish
+    /// fails; a subscription is tried again). Above the Redis backplane's
+    /// own command timeout (2 s), so its errors come first; this bounds a
+    /// host's backplane. Default 10 s.
+    pub backplane_timeout: Duration,
     /// Connections closed per step during shutdown (the hub yields between
     /// steps). Default 256.
     pub shutdown_batch: usize,
@@ -107,6 +114,7 @@ impl Default for HubConfig {
             handler_timeout: Duration::from_secs(10),
             max_rooms_per_connection: 128,
             close_timeout: Duration::from_secs(5),
+            backplane_timeout: Duration::from_secs(10),
             shutdown_batch: 256,
             rate_limit: Some(RateLimit::per_second(50).burst(200)),
             max_rate_violations: 10,
@@ -150,6 +158,8 @@ setters! {
     max_rooms_per_connection: usize,
     /// Sets [`HubConfig::close_timeout`].
     close_timeout: Duration,
+    /// Sets [`HubConfig::backplane_timeout`].
+    backplane_timeout: Duration,
     /// Sets [`HubConfig::shutdown_batch`].
     shutdown_batch: usize,
     /// Sets [`HubConfig::rate_limit`].
