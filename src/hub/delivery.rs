@@ -18,18 +18,18 @@ impl Hub {
         let members = room.members.read();
         let mut delivered = 0;
         let mut failed: [Option<ProtocolError>; 2] = [None, None];
-        for (id, session) in members.iter() {
+        for (id, (wire, session)) in members.iter() {
             if id.0 == exclude {
                 continue;
             }
             // A value one format cannot represent (a map with non-string
             // keys in JSON) still reaches the members using the other one;
             // the error is returned once every member was tried.
-            let slot = &mut failed[session.format.index()];
+            let slot = &mut failed[wire.format.index()];
             if slot.is_some() {
                 continue;
             }
-            match encoded.get(session.wire()) {
+            match encoded.get(*wire) {
                 Ok(bytes) => {
                     session.push_prepared(bytes);
                     delivered += 1;

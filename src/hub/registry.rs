@@ -209,8 +209,10 @@ impl Hub {
     pub fn room_members(&self, room: &str) -> Vec<Member> {
         let Some(r) = self.inner.rooms.get(room) else { return Vec::new() };
         let members = r.members.read();
-        let mut out: Vec<Member> =
-            members.values().map(|s| Member { connection: s.id, user_id: s.identity.user_arc().cloned() }).collect();
+        let mut out: Vec<Member> = members
+            .values()
+            .map(|(_, s)| Member { connection: s.id, user_id: s.identity.user_arc().cloned() })
+            .collect();
         out.sort_by_key(|m| m.connection);
         out
     }

@@ -267,11 +267,11 @@ fn deliver(stream: &RoomStream, st: &StreamState, ev: &Positioned) {
         frames: Default::default(),
     };
     let members = room.members.read();
-    for (id, session) in members.iter() {
+    for (id, (wire, session)) in members.iter() {
         if id.get() == ev.exclude || st.recovering.contains(id) {
             continue;
         }
-        match encoded.get(session.wire()) {
+        match encoded.get(*wire) {
             Ok(bytes) => session.push_tagged(bytes, &stream.name, ev.offset),
             Err(e) => tracing::warn!(room = %stream.name, error = %e, "event not representable in a member's format"),
         }
@@ -285,11 +285,11 @@ fn announce_gap(stream: &RoomStream, st: &StreamState, from: Option<u64>, to: Op
     let epoch = Some(&*st.epoch);
     let mut frames: [Option<bytes::Bytes>; Wire::COUNT] = Default::default();
     let members = room.members.read();
-    for (id, session) in members.iter() {
+    for (id, (wire, session)) in members.iter() {
         if st.recovering.contains(id) {
             continue;
         }
-        let wire = session.wire();
+        let wire = *wire;
         let f = wire.format;
         let bytes = frames[wire.index()]
             .get_or_insert_with(|| {

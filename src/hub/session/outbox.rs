@@ -32,12 +32,20 @@ pub(super) struct Taken {
 ///
 /// The lock is a plain mutex held only to move frames in or out; no await
 /// happens under it, and publishers never wait on a slow connection.
+///
+/// **Layout** (`repr(C)`, issue 21): what a push reads and writes — the
+/// bound, the policy, the lock, `bytes`, `closing`, `woken`, the queue's
+/// header — comes first, in about 80 bytes (two cache lines). A publish
+/// to N members touches these lines of N connections, last written by
+/// each connection's writer on the other core; with the compiler's field
+/// order they were spread over four or five lines.
+#[repr(C)]
 pub(crate) struct Outbox {
+    limit: usize,
+    policy: OverflowPolicy,
     state: Mutex<OutState>,
     /// Wakes the writer (`writer.rs`) when something was queued.
     pub(super) notify: Notify,
-    limit: usize,
-    policy: OverflowPolicy,
 }
 
 /// Most gap ranges remembered between two writes; beyond it a room's last
@@ -45,11 +53,21 @@ pub(crate) struct Outbox {
 pub(super) const MAX_GAP_RANGES: usize = 64;
 
 #[derive(Default)]
+#[repr(C)] // the push's fields first (see `Outbox`)
 struct OutState {
+    bytes: usize,
+    /// Close decided: no more data is accepted.
+    closing: bool,
+    /// The writer was woken and has not taken the queue since: further
+    /// pushes need not wake it again (one `notify` per batch, not per
+    /// message — a publish to N members costs N pushes).
+    woken: bool,
     /// Encoded envelopes, each a data frame of the connection's format:
     /// bare `Bytes` (32 bytes a slot), since each slot is written by the
     /// publishing task and read by the writer, usually on another core.
     queue: VecDeque<Bytes>,
+    /// The most `bytes` ever was.
+    peak: usize,
     /// Events of recoverable rooms in `queue`: `(seq, room, offset)`, so a
     /// drop can be reported as a gap. Kept aside: most queued frames have
     /// no tag, and a tag in every slot would double its size.
@@ -64,27 +82,19 @@ struct OutState {
     /// a pong answer only the most recent ping, so one slot bounds a ping
     /// flood). Not counted in `bytes` either.
     pong: Option<Frame>,
-    bytes: usize,
-    peak: usize,
     /// Dropped since the last `lagged` notice (drop-oldest policy).
     lagged: u64,
     /// Offset ranges of recoverable rooms dropped since the last write:
     /// `(room, from, to)`, sent as `gap` notices.
     gaps: GapRanges,
     dropped_total: u64,
-    /// Close decided: no more data is accepted.
-    closing: bool,
-    /// The writer was woken and has not taken the queue since: further
-    /// pushes need not wake it again (one `notify` per batch, not per
-    /// message — a publish to N members costs N pushes).
-    woken: bool,
     /// The close frame still to send (taken by the writer).
     close_frame: Option<CloseFrame>,
 }
 
 impl Outbox {
     pub(super) fn new(limit: usize, policy: OverflowPolicy) -> Outbox {
-        Outbox { state: Mutex::new(OutState::default()), notify: Notify::new(), limit, policy }
+        Outbox { limit, policy, state: Mutex::new(OutState::default()), notify: Notify::new() }
     }
 
     /// Queues an encoded envelope; `tag`: its room and offset, for an event
