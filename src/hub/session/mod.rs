@@ -544,3 +544,41 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
         hub.session_ended();
     }
 }
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+    use crate::protocol::Version;
+
+    /// Every form of a queued frame has its own slot in a broadcast's cache
+    /// (so one encoding serves exactly the members of that form), and a
+    /// framed form is the framing's frame of the plain envelope, reached
+    /// through [`Framing::frame`].
+    #[test]
+    fn each_wire_form_has_its_own_cache_slot_and_frames_through_its_framing() {
+        let mut seen = std::collections::HashSet::new();
+        for format in [Format::Json, Format::MsgPack] {
+            for version in [Version::V1, Version::V2] {
+                for framing in [None, Some(Framing::WebSocket)] {
+                    let compress = if framing.is_some() { vec![None, Some(16)] } else { vec![None] };
+                    for compress_above in compress {
+                        let wire = Wire { format, version, framing, compress_above };
+                        assert!(wire.index() < Wire::COUNT, "{wire:?}");
+                        assert!(seen.insert(wire.index()), "two forms share slot {}: {wire:?}", wire.index());
+                        assert_eq!(wire.plain(), Wire { format, version, framing: None, compress_above: None });
+                    }
+                }
+            }
+        }
+        assert_eq!(seen.len(), Wire::COUNT);
+        let envelope = Bytes::from_static(b"{\"type\":\"event\"}");
+        let framed = Wire {
+            format: Format::Json,
+            version: Version::V1,
+            framing: Some(Framing::WebSocket),
+            compress_above: None,
+        };
+        assert_eq!(framed.prepare(envelope.clone()), Framing::WebSocket.frame(false, &envelope));
+        assert_eq!(Wire::unframed(Format::Json).prepare(envelope.clone()), envelope);
+    }
+}
