@@ -108,7 +108,7 @@ fn chat(i: u64) -> String {
 /// A dashboard update: 4 KiB of JSON samples (timestamps and values).
 fn dashboard(i: u64) -> String {
     let mut x = i.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-    let samples: Vec<serde_json::Value> = (0..96)
+    let samples: Vec<serde_json::Value> = (0..131)
         .map(|k| {
             x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             serde_json::json!({"t": 1_733_212_345_000u64 + i * 1000 + k * 10, "v": ((x >> 40) % 100_000) as f64 / 100.0})
