@@ -124,6 +124,7 @@ thread_local! {
 /// `payload` compressed on its own (no context kept), without the tail:
 /// a message's payload for a frame with RSV1 set (a client masks it);
 /// `None` when compressing does not make it smaller.
+#[cfg(feature = "client")]
 pub(crate) fn compress_body(payload: &[u8]) -> Option<Vec<u8>> {
     with_compressed(payload, <[u8]>::to_vec)
 }
