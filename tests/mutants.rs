@@ -1,6 +1,7 @@
 //! Tests of the tests: deliberately broken implementations of `Backplane`,
-//! `HistoryStore` and `PresenceStore`, one plausible bug each (the bugs of
-//! issue 23, found in a real PostgreSQL implementation), and a check that
+//! `HistoryStore`, `PresenceStore` and `Transport`, one plausible bug each (for
+//! the stores and backplane, the bugs of issue 23, found in a real PostgreSQL
+//! implementation), and a check that
 //! the conformance suite fails every one of them **at the check meant for
 //! it**. Every check of every suite is tripped by at least one mutant, so
 //! none is dead weight. The table is in `docs/extending.md`.
@@ -20,7 +21,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use switchboard::history::{Append, Appended, HistoryRead, HistoryStore, MemoryHistory, StreamPosition};
 use switchboard::presence::{PresenceQuery, PresenceRecord, PresenceStore, PresenceStoreExt, StoreChange};
-use switchboard::testing::{BackplaneSuite, Failure, HistorySuite, PresenceStoreSuite};
+use switchboard::testing::{BackplaneSuite, Failure, HistorySuite, PresenceStoreSuite, TransportSuite};
+use switchboard::transport::{Capabilities, CloseFrame, Frame, Transport, TransportError};
 use switchboard::{Backplane, Error, ErrorKind, MemoryBackplane, MemoryPresence, Subscription};
 use tokio::sync::watch;
 
@@ -795,4 +797,115 @@ async fn every_presence_mutant_fails_its_check() {
     ];
     let mutants = table.into_iter().map(|(bug, check)| (bug, check, presence_run(bug))).collect();
     expect_caught(mutants, PresenceStoreSuite::<Ps>::CHECKS).await;
+}
+
+// ---------------------------------------------------------------------------
+// Transport
+
+/// The inbound limit every mutant transport declares.
+const LIMIT: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TBug {
+    None,
+    /// Inbound frames come out in swapped pairs (two reader tasks racing).
+    Reorder,
+    /// The close frame goes out without its reason.
+    DropCloseReason,
+    /// The peer's close frame ends the stream instead of coming out of it.
+    CloseAsEnd,
+    /// Declares a limit but hands over messages of any size.
+    SwallowOversize,
+    /// Hands over text without checking it is UTF-8.
+    SkipUtf8,
+    /// The stream never ends once the peer is gone (a reader that waits
+    /// for a close frame that never comes).
+    NeverEnd,
+    /// Inbound pings are answered internally and never surface.
+    DropPings,
+}
+
+/// The memory transport with a declared inbound limit and UTF-8 checks
+/// (as a socket transport has), and one bug.
+struct Mt(switchboard::transport::memory::MemoryTransport, TBug);
+
+type FrameSink = std::pin::Pin<Box<dyn futures::Sink<Frame, Error = TransportError> + Send>>;
+
+impl Transport for Mt {
+    type Sink = FrameSink;
+    type Stream = futures::stream::BoxStream<'static, Result<Frame, TransportError>>;
+
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+
+    fn split(self) -> (Self::Sink, Self::Stream) {
+        use futures::SinkExt;
+        let bug = self.1;
+        let (sink, stream) = self.0.split();
+        let sink: FrameSink = Box::pin(sink.with(move |frame: Frame| async move {
+            Ok::<_, TransportError>(match frame {
+                Frame::Close(Some(c)) if bug == TBug::DropCloseReason => {
+                    Frame::Close(Some(CloseFrame { code: c.code, reason: String::new() }))
+                }
+                frame => frame,
+            })
+        }));
+        let stream = stream
+            .filter_map(move |item| async move {
+                Some(match item {
+                    Ok(Frame::Ping(_)) if bug == TBug::DropPings => return None,
+                    Ok(Frame::Text(b)) if bug != TBug::SkipUtf8 && std::str::from_utf8(&b).is_err() => {
+                        Err(TransportError::InvalidUtf8)
+                    }
+                    Ok(Frame::Text(b) | Frame::Binary(b)) if bug != TBug::SwallowOversize && b.len() > LIMIT => {
+                        Err(TransportError::MessageTooBig)
+                    }
+                    other => other,
+                })
+            })
+            .boxed();
+        let stream = match bug {
+            TBug::Reorder => stream.chunks(2).flat_map(|pair| futures::stream::iter(pair.into_iter().rev())).boxed(),
+            TBug::CloseAsEnd => {
+                stream.take_while(|item| std::future::ready(!matches!(item, Ok(Frame::Close(_))))).boxed()
+            }
+            TBug::NeverEnd => stream.chain(futures::stream::pending()).boxed(),
+            _ => stream,
+        };
+        (sink, stream)
+    }
+}
+
+fn transport_run(bug: TBug) -> Run {
+    Box::pin(async move {
+        TransportSuite::new(move || async move {
+            let (t, peer) = switchboard::transport::memory::pair(16);
+            (Mt(t, bug), peer)
+        })
+        .max_message_size(LIMIT)
+        .run()
+        .await
+        .map(|report| assert!(report.skipped.is_empty(), "{report:?}"))
+    })
+}
+
+#[tokio::test]
+async fn the_unbroken_transport_wrapper_passes() {
+    transport_run(TBug::None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_transport_mutant_fails_its_check() {
+    let mutants = [
+        (TBug::Reorder, "transport.order"),
+        (TBug::DropCloseReason, "transport.close_sent"),
+        (TBug::CloseAsEnd, "transport.close_received"),
+        (TBug::SwallowOversize, "transport.too_big"),
+        (TBug::SkipUtf8, "transport.invalid_utf8"),
+        (TBug::NeverEnd, "transport.vanish"),
+        (TBug::DropPings, "transport.ping"),
+    ];
+    let mutants = mutants.into_iter().map(|(bug, check)| (bug, check, transport_run(bug))).collect();
+    expect_caught(mutants, TransportSuite::<()>::CHECKS).await;
 }

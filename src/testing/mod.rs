@@ -6,6 +6,7 @@
 //! | backplane | [`Backplane`](crate::Backplane) | [`backplane(a, b)`](backplane()) | [`BackplaneSuite`] |
 //! | history store | [`HistoryStore`](crate::history::HistoryStore) | [`history(a, b)`](history()) | [`HistorySuite`] |
 //! | presence store | [`PresenceStore`](crate::presence::PresenceStore) | [`presence_store(a, b)`](presence_store()) | [`PresenceStoreSuite`] |
+//! | transport | [`Transport`](crate::transport::Transport) | — | [`TransportSuite`] (a connected pair per check) |
 //! | synced-room snapshot store | [`SnapshotStore`](crate::sync::SnapshotStore) | [`snapshot_store(store)`](snapshot_store()) | (panics only; `docs/sync.md`) |
 //!
 //! The first three take **two handles on the same engine** (`a` and `b`: two
@@ -61,11 +62,13 @@ macro_rules! ensure {
 mod backplane;
 mod history;
 mod presence_store;
+mod transport;
 
 pub use crate::sync::conformance::snapshot_store;
 pub use backplane::{backplane, BackplaneSuite};
 pub use history::{history, HistorySuite};
 pub use presence_store::{presence_store, PresenceStoreSuite};
+pub use transport::{Peer, Report, TransportSuite};
 
 use futures::future::BoxFuture;
 use std::fmt;
