@@ -84,7 +84,8 @@ pub const WAIT: Duration = Duration::from_secs(5);
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Failure {
-    /// The suite: `"backplane"`, `"history"` or `"presence_store"`.
+    /// The suite: `"backplane"`, `"history"`, `"presence_store"` or
+    /// `"transport"`.
     pub suite: &'static str,
     /// The check, one of the suite's `CHECKS` (e.g. `"history.max_age"`).
     pub check: &'static str,
