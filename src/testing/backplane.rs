@@ -51,7 +51,8 @@ pub async fn backplane<B: Backplane + Clone>(a: B, b: B) {
 ///     [`cut_connection`](Self::cut_connection)): after the cut, an open
 ///     subscription yields an `Err` or ends within [`WAIT`] (it must not
 ///     hide what it missed), new subscriptions and publishes work again
-///     within [`WAIT`], and a subscription that went on receives again;
+///     within [`WAIT`] on both handles, and a subscription that went on
+///     receives again;
 /// 11. `backplane.hubs`: two [`Hub`]s, one on each handle, deliver a room
 ///     publish across, once: every node subscribed to a topic receives its
 ///     messages (not one of them, as a queue group or consumer group
@@ -323,6 +324,19 @@ impl<B: Backplane + Clone> BackplaneSuite<B> {
         };
         let mut fresh = retry(SUITE, check, "subscribe", || b.subscribe(topic)).await?;
         publish_until_received(a, topic, &mut fresh, check, "a new subscription after the cut").await?;
+        // Both handles were cut: the other one must subscribe again too
+        // (a node whose subscriptions stay broken refuses every join). On
+        // a topic of its own, so this is the only subscriber.
+        let topic_a = format!("{topic}.again");
+        let mut fresh_a = retry(SUITE, check, "subscribe on the other handle", || a.subscribe(&topic_a)).await?;
+        publish_until_received(
+            b,
+            &topic_a,
+            &mut fresh_a,
+            check,
+            "a new subscription on the other handle after the cut",
+        )
+        .await?;
         if goes_on {
             publish_until_received(a, topic, &mut sub, check, "the subscription that went on after its error").await?;
         }
