@@ -178,7 +178,7 @@ fn server(mode: &str) -> (tokio::runtime::Runtime, Hub, SocketAddr) {
     let (hub, addr) = rt.block_on(async move {
         // As examples/load: no per-connection message rate or admission
         // limits (thousands of connections open in a burst from one address).
-        let security = switchboard::SecurityConfig::default().connection_rate(None).max_connections(1 << 20);
+        let security = switchboard::security::SecurityConfig::default().connection_rate(None).max_connections(1 << 20);
         let hub = Hub::builder()
             .config(HubConfig::default().rate_limit(None).outbound_queue_bytes(4 << 20))
             .security(security)

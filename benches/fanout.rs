@@ -33,7 +33,7 @@ use switchboard::presence::{PresenceRecord, PresenceStoreExt};
 use switchboard::protocol::{Envelope, Format, Kind, Payload};
 use switchboard::transport::memory::{self, MemoryPeer};
 use switchboard::transport::{Frame, Handshake};
-use switchboard::{ConnectionId, Hub, HubConfig, Identity, MemoryPresence, PresenceConfig};
+use switchboard::{presence::MemoryPresence, presence::PresenceConfig, ConnectionId, Hub, HubConfig, Identity};
 
 async fn joined_peers(hub: &Hub, room: &str, n: usize) -> Vec<MemoryPeer> {
     let mut peers = Vec::with_capacity(n);

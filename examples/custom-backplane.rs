@@ -76,7 +76,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use switchboard::{Backplane, Call, CallError, Error, ErrorKind, Hub, Subscription};
+use switchboard::{backplane::Backplane, backplane::Subscription, Call, CallError, Error, ErrorKind, Hub};
 
 /// Messages a subscription buffers before it drops and reports.
 pub const CAPACITY: usize = 4096;

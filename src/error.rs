@@ -72,9 +72,9 @@ impl Error {
     }
 
     /// Builds an error of `kind` around `cause`. Meant for host
-    /// implementations of [`Backplane`](crate::Backplane) and the stores,
+    /// implementations of [`Backplane`](crate::backplane::Backplane) and the stores,
     /// which must report failures as this type (a
-    /// [`Transport`](crate::Transport) reports its own
+    /// [`Transport`](crate::transport::Transport) reports its own
     /// [`TransportError`](crate::transport::TransportError), which the
     /// session turns into a close code).
     pub fn with_source(kind: ErrorKind, cause: impl Into<Cause>) -> Error {

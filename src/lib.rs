@@ -59,14 +59,14 @@
 //! - **Lifecycle**: connecting → open → closing → closed with hooks;
 //!   heartbeats on one shared timer wheel per hub; graceful shutdown.
 //! - **Bounded everything**: each connection's outbound queue is bounded in
-//!   bytes with a documented overflow policy ([`OverflowPolicy`]).
+//!   bytes with a documented overflow policy ([`hub::OverflowPolicy`]).
 //! - **Safe to expose**: origin check, connection limits per hub and per
 //!   address, a connection rate and a per-connection message rate, payload
 //!   validation, and optional JWT authentication with in-band `refresh`
 //!   ([`security`], `docs/security.md`).
 //! - **Encode once per broadcast**: a publish is serialized once per envelope
 //!   format and the same buffer is queued to every member.
-//! - **Scaling out** through a [`Backplane`]: [`MemoryBackplane`] links hubs
+//! - **Scaling out** through a [`backplane::Backplane`]: [`backplane::MemoryBackplane`] links hubs
 //!   in one process; `redis::RedisBackplane` (feature `redis`) links hubs on
 //!   several servers through Redis; a host can write its own.
 //! - **Server-Sent Events** (feature `sse`, `transport::sse`): the same
@@ -74,7 +74,7 @@
 //!   holding the stream, with resume from `Last-Event-ID` (`docs/sse.md`).
 //! - **Presence**: who is in a room, per user across tabs and nodes, with
 //!   batched join/leave diffs, counts for large rooms, ephemeral flags such
-//!   as "typing" that expire by themselves, and a [`PresenceStore`] trait
+//!   as "typing" that expire by themselves, and a [`presence::PresenceStore`] trait
 //!   ([`presence`], `docs/presence.md`).
 //! - **History and recovery**: recoverable rooms number their events; a
 //!   client that reconnects rejoins with its last offset and gets exactly
@@ -85,21 +85,21 @@
 //!
 //! | module | what it holds |
 //! |---|---|
-//! | [`hub`](Hub) (root re-exports) | [`Hub`], [`HubBuilder`], [`HubConfig`], connections, stats, shutdown |
-//! | [`handler`] | [`Call`] context, [`CallError`], the [`Handler`] trait |
-//! | [`auth`] | [`Identity`], [`Authenticate`], [`AuthorizeJoin`], [`Refresh`], [`Rejection`]; `auth::jwt` (feature `jwt`) |
-//! | [`security`] | admission ([`SecurityConfig`]: origin check, connection limits, trusted proxies), [`RateLimit`] |
+//! | [`hub`] | [`Hub`], [`HubBuilder`], [`HubConfig`], [`hub::OverflowPolicy`], [`hub::Connection`], [`ConnectionId`], [`hub::HubStats`], publishing, shutdown |
+//! | [`handler`] | [`Call`] context, [`CallError`], the [`handler::Handler`] trait |
+//! | [`auth`] | [`Identity`], [`auth::Authenticate`], [`auth::AuthorizeJoin`], [`auth::Refresh`], [`Rejection`]; `auth::jwt` (feature `jwt`) |
+//! | [`security`] | admission ([`security::SecurityConfig`]: origin check, connection limits, trusted proxies), [`security::RateLimit`] |
 //! | [`room`] | room naming rules, [`room::Member`] |
 //! | [`protocol`] | envelopes, payloads, JSON and MessagePack codecs, error and close codes |
-//! | [`transport`] | the [`Transport`] trait, [`Frame`], [`Handshake`]; `ws`, `sse` and `memory` implementations |
-//! | [`backplane`] | the [`Backplane`] trait and [`MemoryBackplane`] |
-//! | [`presence`] | [`PresenceConfig`], the [`PresenceStore`] trait and [`MemoryPresence`], presence entries and events (`docs/presence.md`) |
-//! | [`history`] | [`HistoryConfig`], [`RoomHistory`], the [`HistoryStore`] trait and [`MemoryHistory`] (`docs/recovery.md`) |
+//! | [`transport`] | the [`transport::Transport`] trait, [`transport::Frame`], [`Handshake`]; `ws`, `sse` and `memory` implementations |
+//! | [`backplane`] | the [`backplane::Backplane`] trait and [`backplane::MemoryBackplane`] |
+//! | [`presence`] | [`presence::PresenceConfig`], the [`presence::PresenceStore`] trait and [`presence::MemoryPresence`], presence entries and events (`docs/presence.md`) |
+//! | [`history`] | [`history::HistoryConfig`], [`history::RoomHistory`], the [`history::HistoryStore`] trait and [`history::MemoryHistory`] (`docs/recovery.md`) |
 //! | [`sync`] | synced rooms: [`sync::SyncRooms`], the [`sync::Reducer`] trait, [`sync::JsonDoc`], the [`sync::SnapshotStore`] trait (`docs/sync.md`) |
 //! | [`integration`] | framework adapters (`axum`) |
 //! | `client` | the Rust client: `Client`, `Room`, status, backoff, presence view (feature `client`, `docs/client.md`) |
 //! | [`client_js`] | the browser client `switchboard.js` as bytes to serve, with its ETag (`docs/js-client.md`) |
-//! | `testing` | conformance suites for host implementations of [`Backplane`], [`HistoryStore`], [`PresenceStore`], [`sync::SnapshotStore`] (feature `testing`) |
+//! | `testing` | conformance suites for host implementations of [`backplane::Backplane`], [`history::HistoryStore`], [`presence::PresenceStore`], [`sync::SnapshotStore`] (feature `testing`) |
 //! | [`error`] | [`Error`], [`ErrorKind`], [`Result`] |
 //!
 //! Longer guides live in the repository's `docs/`: `protocol.md` (the wire
@@ -118,7 +118,7 @@
 //! | `sse` | no | Server-Sent Events transport (`transport::sse`), mountable with `integration::axum::sse` |
 //! | `jwt` | no | JSON Web Token authentication and `refresh` (`auth::jwt`, the `jsonwebtoken` crate) |
 //! | `redis` | no | `switchboard::redis`: a backplane on Redis pub/sub, history and presence stores on Redis or a Redis Cluster (the redis-rs crate; Rust 1.88) |
-//! | `testing` | no | `switchboard::testing`: conformance suites for your own [`Backplane`], [`HistoryStore`], [`PresenceStore`] and [`sync::SnapshotStore`] |
+//! | `testing` | no | `switchboard::testing`: conformance suites for your own [`backplane::Backplane`], [`history::HistoryStore`], [`presence::PresenceStore`] and [`sync::SnapshotStore`] |
 //! | `client` | no | `switchboard::client`: a reconnecting Rust client (rooms, recovery, calls, presence) |
 //!
 //! Logging goes through `tracing` (always on; silent without a subscriber).
@@ -136,7 +136,7 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod history;
-mod hub;
+pub mod hub;
 pub use hub::{handler, room};
 pub mod integration;
 pub mod presence;
@@ -150,20 +150,14 @@ pub mod testing;
 pub mod transport;
 mod util;
 
-pub use auth::{Authenticate, AuthorizeJoin, Identity, JoinRequest, Refresh, Rejection};
-pub use backplane::{Backplane, MemoryBackplane, Subscription};
+// The root holds what the tour above uses and what a newcomer reaches for
+// first; everything else (stores, backplanes, admission, presence and history
+// types, connection details) is named through its module.
+pub use auth::{Identity, Rejection};
 pub use error::{Error, ErrorKind, Result};
-pub use handler::{Call, CallError, FieldErrors, Handler};
-pub use history::{HistoryConfig, HistoryStore, MemoryHistory, RoomHistory};
-pub use hub::{
-    Connection, ConnectionId, ConnectionState, DisconnectReason, Hub, HubBuilder, HubConfig, HubStats, OverflowPolicy,
-    Publish, Published,
-};
-pub use presence::{MemoryPresence, PresenceConfig, PresenceStore};
-#[cfg(feature = "redis")]
-pub use redis::{RedisBackplane, RedisConfig};
-pub use security::{Admission, OriginPolicy, RateLimit, SecurityConfig};
-pub use transport::{Frame, Handshake, Transport};
+pub use handler::{Call, CallError};
+pub use hub::{ConnectionId, Hub, HubBuilder, HubConfig};
+pub use transport::Handshake;
 
 /// Compiles the README's code blocks as doctests.
 #[cfg(doctest)]

@@ -18,7 +18,7 @@ use support::*;
 use switchboard::handler::FieldErrors;
 use switchboard::security::{OriginPolicy, RateLimit, SecurityConfig};
 use switchboard::transport::Handshake;
-use switchboard::{Call, CallError, Hub, HubBuilder, HubConfig, HubStats, Identity};
+use switchboard::{hub::HubStats, Call, CallError, Hub, HubBuilder, HubConfig, Identity};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 

@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use support::*;
 use switchboard::transport::ws::WsConfig;
-use switchboard::{Call, CallError, Hub, HubBuilder, HubConfig, HubStats, JoinRequest};
+use switchboard::{auth::JoinRequest, hub::HubStats, Call, CallError, Hub, HubBuilder, HubConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};

@@ -18,7 +18,7 @@ use switchboard::client::{
 };
 use switchboard::protocol::{CloseCode, Format, Version};
 use switchboard::transport::Handshake;
-use switchboard::{Call, CallError, ConnectionId, Hub, HubBuilder, Identity, PresenceConfig, Rejection};
+use switchboard::{presence::PresenceConfig, Call, CallError, ConnectionId, Hub, HubBuilder, Identity, Rejection};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -1241,7 +1241,7 @@ async fn an_unanswered_rejoin_does_not_hold_the_offline_buffer_forever() {
 #[tokio::test]
 async fn a_slow_consumer_gap_is_recovered_exactly_once() {
     use switchboard::history::{HistoryConfig, MemoryHistory, RoomHistory};
-    use switchboard::{HubConfig, OverflowPolicy};
+    use switchboard::{hub::OverflowPolicy, HubConfig};
     // `r…` rooms keep history; `big` does not. The connection's queue
     // holds 16 KiB and drops the oldest when full.
     let config = HubConfig::default().outbound_queue_bytes(16 * 1024).overflow(OverflowPolicy::DropOldest);

@@ -2,7 +2,7 @@
 
 use switchboard::history::MemoryHistory;
 use switchboard::testing::{BackplaneSuite, HistorySuite, PresenceStoreSuite};
-use switchboard::{MemoryBackplane, MemoryPresence};
+use switchboard::{backplane::MemoryBackplane, presence::MemoryPresence};
 
 #[tokio::test]
 async fn memory_backplane_conforms() {

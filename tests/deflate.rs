@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use support::*;
 use switchboard::transport::ws::{Compression, WsConfig};
-use switchboard::{Call, Hub, HubConfig, HubStats};
+use switchboard::{hub::HubStats, Call, Hub, HubConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use support::*;
 use switchboard::auth::jwt::{unix_now, JwtAuth, JwtClaims, JwtKey, TokenSource};
 use switchboard::transport::Handshake;
-use switchboard::{Call, CallError, Hub, HubConfig, HubStats};
+use switchboard::{hub::HubStats, Call, CallError, Hub, HubConfig};
 
 const SECRET: &[u8] = b"switchboard test secret, 32+ bytes long";
 
@@ -351,8 +351,8 @@ async fn without_a_refresh_the_old_expiry_holds_and_refresh_comes_too_late_after
     assert_eq!(c.closed().await, Some(4003));
     // A refresh after the expiry reaches a closed connection: nothing answers.
     let late = json!({"type": "refresh", "ref": 2, "data": {"token": token("ann", 3600)}});
-    let _ = c.peer.send(switchboard::Frame::Text(late.to_string().into())).await;
-    assert!(!matches!(c.recv_frame().await, Some(switchboard::Frame::Text(_))));
+    let _ = c.peer.send(switchboard::transport::Frame::Text(late.to_string().into())).await;
+    assert!(!matches!(c.recv_frame().await, Some(switchboard::transport::Frame::Text(_))));
     eventually("gone", || hub.stats() == HubStats::default()).await;
 
     // A hub without a refresh hook says so.

@@ -11,7 +11,7 @@ use support::*;
 use switchboard::protocol::CloseCode;
 use switchboard::transport::memory::{self, MemoryPeer};
 use switchboard::transport::{CloseFrame, Frame, Handshake};
-use switchboard::{Connection, DisconnectReason, Hub, HubBuilder, HubConfig, OverflowPolicy};
+use switchboard::{hub::Connection, hub::DisconnectReason, hub::OverflowPolicy, Hub, HubBuilder, HubConfig};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -262,7 +262,7 @@ async fn heartbeat_over_a_real_socket() {
         }
     }
     let live_conn = hub.connection(live_id).expect("the answering client was closed");
-    assert_eq!(live_conn.state(), switchboard::ConnectionState::Open);
+    assert_eq!(live_conn.state(), switchboard::hub::ConnectionState::Open);
     assert_eq!(hub.room_len("r"), 1);
 
     // The silent client's socket holds pings, then the close 4001.
@@ -415,7 +415,7 @@ async fn slow_consumer_under_drop_oldest_lags() {
     assert_eq!(events.len() as u64 + dropped, published, "every event is either delivered or counted as dropped");
     assert_eq!(slow_conn.dropped_messages(), dropped);
     assert!(ended.lock().unwrap().is_empty(), "closed: {:?}", reasons(&ended));
-    assert_eq!(slow_conn.state(), switchboard::ConnectionState::Open);
+    assert_eq!(slow_conn.state(), switchboard::hub::ConnectionState::Open);
 }
 
 /// Reads a client until close: the events' data, then the close code.

@@ -23,7 +23,10 @@ use switchboard::history::{Append, Appended, HistoryRead, HistoryStore, MemoryHi
 use switchboard::presence::{PresenceQuery, PresenceRecord, PresenceStore, PresenceStoreExt, StoreChange};
 use switchboard::testing::{BackplaneSuite, Failure, HistorySuite, PresenceStoreSuite, TransportSuite};
 use switchboard::transport::{Capabilities, CloseFrame, Frame, Transport, TransportError};
-use switchboard::{Backplane, Error, ErrorKind, MemoryBackplane, MemoryPresence, Subscription};
+use switchboard::{
+    backplane::Backplane, backplane::MemoryBackplane, backplane::Subscription, presence::MemoryPresence, Error,
+    ErrorKind,
+};
 use tokio::sync::watch;
 
 /// The bound of every mutant backplane's subscriptions (but `Unbounded`'s).

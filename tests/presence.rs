@@ -13,7 +13,7 @@ use support::*;
 use switchboard::presence::{PresenceCause, PresenceConfig, PresenceEvent};
 use switchboard::transport::memory::{self, MemoryPeer};
 use switchboard::transport::{Frame, Handshake};
-use switchboard::{CallError, Hub, HubBuilder, HubConfig, MemoryBackplane, MemoryPresence};
+use switchboard::{backplane::MemoryBackplane, presence::MemoryPresence, CallError, Hub, HubBuilder, HubConfig};
 use tokio::time::Instant;
 
 /// Admits everyone; `?user=NAME` makes the connection user NAME.
@@ -610,14 +610,14 @@ async fn churn_leaves_no_presence_behind() {
 async fn presence_is_only_visible_to_authorized_members() {
     let hub = Hub::builder()
         .authenticate(user_from_query)
-        .authorize_join(|req: switchboard::JoinRequest| async move {
+        .authorize_join(|req: switchboard::auth::JoinRequest| async move {
             match (req.room.as_str(), req.identity.user_id()) {
                 ("secret", Some("eve")) => Err(CallError::forbidden("not for you")),
                 _ => Ok(()),
             }
         })
         .presence(PresenceConfig::default().room_prefixes(["secret", "lobby"]))
-        .presence_meta(|conn: &switchboard::Connection, _room: &str| json!({"name": conn.user_id()}))
+        .presence_meta(|conn: &switchboard::hub::Connection, _room: &str| json!({"name": conn.user_id()}))
         .build();
     let addr = serve(&hub).await;
     let mut alice = connect_path(addr, "/?user=alice").await;
@@ -661,7 +661,7 @@ async fn presence_updates_are_checked_and_rate_limited() {
     let hub = Hub::builder()
         .authenticate(user_from_query)
         .presence(config)
-        .presence_meta(|conn: &switchboard::Connection, room: &str| json!({"name": conn.user_id(), "room": room}))
+        .presence_meta(|conn: &switchboard::hub::Connection, room: &str| json!({"name": conn.user_id(), "room": room}))
         .build();
     let addr = serve(&hub).await;
     let mut alice = connect_path(addr, "/?user=alice").await;

@@ -14,7 +14,7 @@ use support::*;
 use switchboard::history::{
     Append, Appended, HistoryConfig, HistoryRead, HistoryStore, MemoryHistory, RoomHistory, StreamPosition,
 };
-use switchboard::{Hub, HubConfig, MemoryBackplane, OverflowPolicy};
+use switchboard::{backplane::MemoryBackplane, hub::OverflowPolicy, Hub, HubConfig};
 
 fn hub(history: &MemoryHistory, config: HistoryConfig) -> Hub {
     Hub::builder().history(history.clone(), config).build()
@@ -634,12 +634,12 @@ struct EndsOnce {
     ended: Arc<parking_lot::Mutex<std::collections::HashSet<String>>>,
 }
 
-impl switchboard::Backplane for EndsOnce {
+impl switchboard::backplane::Backplane for EndsOnce {
     fn publish(&self, topic: &str, message: bytes::Bytes) -> BoxFuture<'static, switchboard::Result<()>> {
         self.inner.publish(topic, message)
     }
 
-    fn subscribe(&self, topic: &str) -> BoxFuture<'static, switchboard::Result<switchboard::Subscription>> {
+    fn subscribe(&self, topic: &str) -> BoxFuture<'static, switchboard::Result<switchboard::backplane::Subscription>> {
         let first = self.ended.lock().insert(topic.to_owned());
         let sub = self.inner.subscribe(topic);
         Box::pin(async move {
@@ -648,7 +648,7 @@ impl switchboard::Backplane for EndsOnce {
                 return Ok(sub);
             }
             use futures::StreamExt;
-            Ok(switchboard::Subscription::new(sub.take(1)))
+            Ok(switchboard::backplane::Subscription::new(sub.take(1)))
         })
     }
 }
@@ -707,12 +707,12 @@ struct EndsOnCue {
     release: Arc<tokio::sync::Notify>,
 }
 
-impl switchboard::Backplane for EndsOnCue {
+impl switchboard::backplane::Backplane for EndsOnCue {
     fn publish(&self, topic: &str, message: bytes::Bytes) -> BoxFuture<'static, switchboard::Result<()>> {
         self.inner.publish(topic, message)
     }
 
-    fn subscribe(&self, topic: &str) -> BoxFuture<'static, switchboard::Result<switchboard::Subscription>> {
+    fn subscribe(&self, topic: &str) -> BoxFuture<'static, switchboard::Result<switchboard::backplane::Subscription>> {
         use futures::StreamExt;
         let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let (this, topic) = (self.clone(), topic.to_owned());
@@ -720,7 +720,9 @@ impl switchboard::Backplane for EndsOnCue {
             if call == 0 {
                 let sub = this.inner.subscribe(&topic).await?;
                 let end = this.end.clone();
-                return Ok(switchboard::Subscription::new(sub.take_until(async move { end.notified().await })));
+                return Ok(switchboard::backplane::Subscription::new(
+                    sub.take_until(async move { end.notified().await }),
+                ));
             }
             // Not subscribed until released: what is published meanwhile
             // reaches the store only.

@@ -15,7 +15,7 @@ use support::redis::{next, next_ok, until, Proxy, RedisServer, Reply};
 use support::*;
 use switchboard::redis::{RedisBackplane, RedisConfig};
 use switchboard::testing::{BackplaneSuite, HistorySuite, PresenceStoreSuite};
-use switchboard::{Backplane, Hub};
+use switchboard::{backplane::Backplane, Hub};
 
 /// Settings for tests: fast reconnects, a probe that does not fire under a
 /// loaded machine by accident.
@@ -296,7 +296,7 @@ async fn connecting_to_nothing_fails_cleanly() {
 async fn measure() {
     let server = RedisServer::start().await;
     let (a, b) = (connect(&server.url()).await, connect(&server.url()).await);
-    let memory = switchboard::MemoryBackplane::new();
+    let memory = switchboard::backplane::MemoryBackplane::new();
     println!("{}", support::redis::latency("redis", &a, &b).await);
     println!("{}", support::redis::latency("memory", &memory, &memory).await);
     println!("{}", support::redis::throughput("redis", &a).await);

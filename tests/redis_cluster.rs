@@ -18,7 +18,7 @@ use switchboard::history::{Append, HistoryConfig, HistoryStore, Retention};
 use switchboard::presence::{PresenceConfig, PresenceQuery, PresenceRecord, PresenceStore, StoreChange};
 use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory, RedisPresence};
 use switchboard::testing::{BackplaneSuite, HistorySuite, PresenceStoreSuite};
-use switchboard::{Backplane, Hub};
+use switchboard::{backplane::Backplane, Hub};
 
 /// Settings for tests: fast reconnects, a probe that does not fire under a
 /// loaded machine by accident.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use support::*;
 use switchboard::transport::{Frame, Handshake};
-use switchboard::{Call, CallError, Hub, HubConfig, Identity, MemoryBackplane, Rejection};
+use switchboard::{backplane::MemoryBackplane, Call, CallError, Hub, HubConfig, Identity, Rejection};
 use tokio_tungstenite::tungstenite::Message;
 
 fn internal(e: switchboard::Error) -> CallError {
@@ -390,9 +390,12 @@ async fn next_frame(ws: &mut Ws) -> Message {
 
 #[tokio::test]
 async fn version_2_events_are_compact_arrays_next_to_version_1_clients() {
-    let history = switchboard::MemoryHistory::new();
+    let history = switchboard::history::MemoryHistory::new();
     let hub = Hub::builder()
-        .history(history, switchboard::HistoryConfig::default().rooms("log", switchboard::RoomHistory::default()))
+        .history(
+            history,
+            switchboard::history::HistoryConfig::default().rooms("log", switchboard::history::RoomHistory::default()),
+        )
         .on("relay", |call: Call, data: Value| async move {
             call.broadcast_others("said", &data).await.map(|_| ()).map_err(|e| CallError::internal(e.to_string()))
         })

@@ -11,7 +11,8 @@ use switchboard::integration::sse::{SseConfig, SseEndpoint};
 use switchboard::protocol::CloseCode;
 use switchboard::security::{OriginPolicy, SecurityConfig};
 use switchboard::{
-    Call, CallError, ConnectionId, DisconnectReason, Hub, HubConfig, JoinRequest, MemoryBackplane, OverflowPolicy,
+    auth::JoinRequest, backplane::MemoryBackplane, hub::DisconnectReason, hub::OverflowPolicy, Call, CallError,
+    ConnectionId, Hub, HubConfig,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;

@@ -13,7 +13,7 @@ use switchboard::client::sync::Synced;
 use switchboard::client::{Backoff, Client, ClientConfig};
 use switchboard::sync::{JsonDoc, JsonOp, MemorySnapshots, SnapshotStore, SyncConfig, SyncRooms};
 use switchboard::transport::Handshake;
-use switchboard::{Hub, Identity, MemoryBackplane, Rejection};
+use switchboard::{backplane::MemoryBackplane, Hub, Identity, Rejection};
 use tokio::net::TcpListener;
 
 fn user_from_query(hs: &Handshake) -> impl std::future::Future<Output = Result<Identity, Rejection>> + Send + 'static {

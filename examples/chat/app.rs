@@ -48,7 +48,7 @@ use sha2::{Digest, Sha256};
 use std::time::{SystemTime, UNIX_EPOCH};
 use switchboard::history::{HistoryConfig, MemoryHistory};
 use switchboard::transport::Handshake;
-use switchboard::{Call, CallError, Connection, Hub, HubBuilder, Identity, PresenceConfig, Rejection};
+use switchboard::{hub::Connection, presence::PresenceConfig, Call, CallError, Hub, HubBuilder, Identity, Rejection};
 
 /// The page, served at `/`.
 const INDEX_HTML: &str = include_str!("index.html");

@@ -182,7 +182,7 @@ fn switchboard_hub(opts: &ServerOpts) -> Hub {
     config = config.rate_limit(None);
     // Likewise the admission limits (connection rate 429s, total cap):
     // the generator opens thousands of connections in a burst.
-    let security = switchboard::SecurityConfig::default().connection_rate(None).max_connections(1 << 20);
+    let security = switchboard::security::SecurityConfig::default().connection_rate(None).max_connections(1 << 20);
     Hub::builder()
         .config(config)
         .security(security)

@@ -24,7 +24,7 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
-use switchboard::{Call, CallError, Connection, Handshake, Hub, Identity, PresenceConfig, Rejection};
+use switchboard::{hub::Connection, presence::PresenceConfig, Call, CallError, Handshake, Hub, Identity, Rejection};
 
 const INDEX_HTML: &str = include_str!("index.html");
 

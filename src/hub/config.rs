@@ -19,7 +19,7 @@ pub enum OverflowPolicy {
 ///
 /// ```
 /// use std::time::Duration;
-/// use switchboard::{HubConfig, OverflowPolicy};
+/// use switchboard::{HubConfig, hub::OverflowPolicy};
 /// let config = HubConfig::default()
 ///     .heartbeat_interval(Duration::from_secs(10))
 ///     .overflow(OverflowPolicy::DropOldest);

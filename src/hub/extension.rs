@@ -90,7 +90,7 @@ impl Hub {
         self.inner.backplane.as_ref().map(|link| &link.backplane)
     }
 
-    /// Counts a background task in [`HubStats::tasks`](crate::HubStats::tasks)
+    /// Counts a background task in [`HubStats::tasks`](crate::hub::HubStats::tasks)
     /// until the guard is dropped.
     pub(crate) fn task_guard(&self) -> TaskGuard {
         TaskGuard::new(&self.inner)

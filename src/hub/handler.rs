@@ -132,7 +132,11 @@ impl Call {
 
     /// Publishes `event` to the call's room, the caller included. An error
     /// when the call names no room, or when the backplane fails.
-    pub async fn broadcast<T: Serialize + ?Sized>(&self, event: &str, data: &T) -> crate::Result<crate::Published> {
+    pub async fn broadcast<T: Serialize + ?Sized>(
+        &self,
+        event: &str,
+        data: &T,
+    ) -> crate::Result<crate::hub::Published> {
         let room =
             self.room.as_deref().ok_or_else(|| crate::Error::msg(crate::ErrorKind::InvalidRoom, "call has no room"))?;
         self.hub.publish(room, event, data).await
@@ -143,7 +147,7 @@ impl Call {
         &self,
         event: &str,
         data: &T,
-    ) -> crate::Result<crate::Published> {
+    ) -> crate::Result<crate::hub::Published> {
         let room =
             self.room.as_deref().ok_or_else(|| crate::Error::msg(crate::ErrorKind::InvalidRoom, "call has no room"))?;
         self.hub.publish_except(room, event, data, self.session.id).await

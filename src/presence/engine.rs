@@ -58,7 +58,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 
-pub(crate) type MetaFn = Arc<dyn Fn(&crate::Connection, &str) -> Option<Map> + Send + Sync>;
+pub(crate) type MetaFn = Arc<dyn Fn(&crate::hub::Connection, &str) -> Option<Map> + Send + Sync>;
 pub(crate) type PresenceHook = Arc<dyn Fn(&Hub, &PresenceEvent) + Send + Sync>;
 
 /// A meta's identity: (node, connection on that node).

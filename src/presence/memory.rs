@@ -13,7 +13,7 @@ use tokio::time::Instant;
 ///
 /// A hub with presence and no store of its own gets a private one. Give
 /// several hubs in one process clones of the same `MemoryPresence` (and of
-/// the same [`MemoryBackplane`](crate::MemoryBackplane)) and they share
+/// the same [`MemoryBackplane`](crate::backplane::MemoryBackplane)) and they share
 /// presence as separate nodes would.
 ///
 /// Expiry runs on tokio's clock, so tests with paused time control it.

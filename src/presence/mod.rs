@@ -32,7 +32,7 @@
 //!     // Presence in rooms whose name starts with `chat:`.
 //!     .presence(PresenceConfig::default().room_prefixes(["chat:"]))
 //!     // Host-supplied part of each meta (read-only for the client).
-//!     .presence_meta(|conn: &switchboard::Connection, _room: &str| {
+//!     .presence_meta(|conn: &switchboard::hub::Connection, _room: &str| {
 //!         serde_json::json!({ "name": conn.user_id().unwrap_or("guest") })
 //!     })
 //!     // Once per key: first meta joined, last meta left (for "last seen").
@@ -57,7 +57,7 @@
 //! into leaves. Changes travel between nodes over the backplane (topic
 //! `$presence:<room>`). [`MemoryPresence`] is the in-memory store: one per
 //! hub by default, or one shared by several hubs in a process (with a
-//! [`MemoryBackplane`](crate::MemoryBackplane)).
+//! [`MemoryBackplane`](crate::backplane::MemoryBackplane)).
 
 mod config;
 mod engine;

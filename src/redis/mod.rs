@@ -1,8 +1,8 @@
-//! Redis support (feature `redis`): a [`Backplane`](crate::Backplane) on
+//! Redis support (feature `redis`): a [`Backplane`](crate::backplane::Backplane) on
 //! Redis pub/sub, so hubs on several servers share rooms
 //! ([`RedisBackplane`]), and a [`HistoryStore`](crate::history::HistoryStore)
 //! on Redis streams, so they share room history ([`RedisHistory`]), and a
-//! [`PresenceStore`](crate::PresenceStore) with TTLs ([`RedisPresence`]).
+//! [`PresenceStore`](crate::presence::PresenceStore) with TTLs ([`RedisPresence`]).
 //!
 //! ```no_run
 //! use switchboard::redis::{RedisBackplane, RedisConfig};
@@ -26,7 +26,7 @@
 //!   unreachable it fails at once with an error of kind
 //!   [`ErrorKind::Backplane`];
 //! - subscriptions share one pub/sub connection; a channel is subscribed
-//!   while at least one [`Subscription`](crate::Subscription) for it lives;
+//!   while at least one [`Subscription`](crate::backplane::Subscription) for it lives;
 //! - every subscription buffers at most
 //!   [`RedisConfig::subscription_capacity`] messages; beyond that messages
 //!   are dropped for that subscription and it yields an error saying how

@@ -3,7 +3,7 @@
 //!
 //! | suite | trait | shorthand | with options |
 //! |---|---|---|---|
-//! | backplane | [`Backplane`](crate::Backplane) | [`backplane(a, b)`](backplane()) | [`BackplaneSuite`] |
+//! | backplane | [`Backplane`](crate::backplane::Backplane) | [`backplane(a, b)`](backplane()) | [`BackplaneSuite`] |
 //! | history store | [`HistoryStore`](crate::history::HistoryStore) | [`history(a, b)`](history()) | [`HistorySuite`] |
 //! | presence store | [`PresenceStore`](crate::presence::PresenceStore) | [`presence_store(a, b)`](presence_store()) | [`PresenceStoreSuite`] |
 //! | transport | [`Transport`](crate::transport::Transport) | — | [`TransportSuite`] (a connected pair per check) |
@@ -12,12 +12,12 @@
 //! The first three take **two handles on the same engine** (`a` and `b`: two
 //! connections, as two nodes would have), because several rules are about
 //! what one node sees of another's work and about races between them.
-//! A host that writes its own [`Backplane`](crate::Backplane) proves it
+//! A host that writes its own [`Backplane`](crate::backplane::Backplane) proves it
 //! behaves like ours with one call in a test:
 //!
 //! ```no_run
 //! # async fn run() {
-//! use switchboard::MemoryBackplane;
+//! use switchboard::backplane::MemoryBackplane;
 //! let engine = MemoryBackplane::new();
 //! switchboard::testing::backplane(engine.clone(), engine).await;
 //! # }
@@ -32,7 +32,7 @@
 //! ```no_run
 //! # async fn run() {
 //! use switchboard::testing::BackplaneSuite;
-//! let engine = switchboard::MemoryBackplane::with_capacity(64);
+//! let engine = switchboard::backplane::MemoryBackplane::with_capacity(64);
 //! BackplaneSuite::new(engine.clone(), engine)
 //!     .subscription_capacity(64)
 //!     // .cut_connection(|| async { /* e.g. restart the engine's server */ })

@@ -20,7 +20,7 @@ fn sorted(mut records: Vec<PresenceRecord>) -> Vec<PresenceRecord> {
 ///
 /// ```no_run
 /// # async fn run() {
-/// let store = switchboard::MemoryPresence::new();
+/// let store = switchboard::presence::MemoryPresence::new();
 /// switchboard::testing::presence_store(store.clone(), store).await;
 /// # }
 /// ```

@@ -373,21 +373,23 @@ impl MemClient {
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.peer.send(switchboard::Frame::Text(v.to_string().into())).await.expect("send");
+        self.peer.send(switchboard::transport::Frame::Text(v.to_string().into())).await.expect("send");
     }
 
     /// The next envelope; panics on a close or the end.
     pub async fn recv(&mut self) -> Value {
         loop {
             match self.recv_frame().await {
-                Some(switchboard::Frame::Text(b)) => return serde_json::from_slice(&b).expect("invalid JSON"),
-                Some(switchboard::Frame::Ping(_)) => continue,
+                Some(switchboard::transport::Frame::Text(b)) => {
+                    return serde_json::from_slice(&b).expect("invalid JSON")
+                }
+                Some(switchboard::transport::Frame::Ping(_)) => continue,
                 other => panic!("expected a message, got {other:?}"),
             }
         }
     }
 
-    pub async fn recv_frame(&mut self) -> Option<switchboard::Frame> {
+    pub async fn recv_frame(&mut self) -> Option<switchboard::transport::Frame> {
         tokio::time::timeout(WAIT, self.peer.recv()).await.expect("timed out waiting for the server")
     }
 
@@ -396,7 +398,7 @@ impl MemClient {
         loop {
             match self.recv_frame().await {
                 None => return None,
-                Some(switchboard::Frame::Close(c)) => return c.map(|c| c.code.0),
+                Some(switchboard::transport::Frame::Close(c)) => return c.map(|c| c.code.0),
                 Some(_) => continue,
             }
         }

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use switchboard::Backplane;
+use switchboard::backplane::Backplane;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -33,7 +33,7 @@ where
 }
 
 /// The next item of a backplane subscription (a message or an error).
-pub async fn next(sub: &mut switchboard::Subscription, what: &str) -> switchboard::Result<Bytes> {
+pub async fn next(sub: &mut switchboard::backplane::Subscription, what: &str) -> switchboard::Result<Bytes> {
     tokio::time::timeout(2 * super::WAIT, sub.next())
         .await
         .unwrap_or_else(|_| panic!("{what}: nothing within {:?}", 2 * super::WAIT))
@@ -41,7 +41,7 @@ pub async fn next(sub: &mut switchboard::Subscription, what: &str) -> switchboar
 }
 
 /// The next message of a backplane subscription; an error item fails.
-pub async fn next_ok(sub: &mut switchboard::Subscription, what: &str) -> Bytes {
+pub async fn next_ok(sub: &mut switchboard::backplane::Subscription, what: &str) -> Bytes {
     next(sub, what).await.unwrap_or_else(|e| panic!("{what}: unexpected error item: {e}"))
 }
 

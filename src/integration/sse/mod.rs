@@ -870,7 +870,7 @@ impl Inner {
     }
 }
 
-fn backplane_of(hub: &Hub) -> Option<Arc<dyn crate::Backplane>> {
+fn backplane_of(hub: &Hub) -> Option<Arc<dyn crate::backplane::Backplane>> {
     hub.backplane().cloned()
 }
 
@@ -930,7 +930,11 @@ fn split_envelopes(
 
 /// Reads this node's `$sse.<node>` topic: delivers forwarded POSTs and
 /// hands answers to the POSTs waiting for them.
-async fn routing_task(mut sub: crate::Subscription, inner: Weak<Inner>, backplane: Arc<dyn crate::Backplane>) {
+async fn routing_task(
+    mut sub: crate::backplane::Subscription,
+    inner: Weak<Inner>,
+    backplane: Arc<dyn crate::backplane::Backplane>,
+) {
     while let Some(item) = sub.next().await {
         let Some(inner) = inner.upgrade() else { return };
         let bytes = match item {
