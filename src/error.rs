@@ -7,6 +7,31 @@
 //! host's own store or backplane error reaches the hub's log lines. Errors a *client* sees on the wire are a
 //! separate set of codes: see [`crate::protocol::ErrorCode`] and
 //! [`crate::protocol::CloseCode`].
+//!
+//! # One error for the host
+//!
+//! Every fallible method of [`Hub`](crate::Hub) returns this [`Error`]:
+//! `publish`, `send`, `send_to_user`, `join`, `admit`, `authenticate`,
+//! `connect`, and the [`Call`](crate::Call) helpers (`broadcast`). A host
+//! decides what to do from the [`ErrorKind`] alone. Where the hub refused
+//! something with an answer meant for a client, that answer travels as the
+//! error's source and can be read back by type, never by text:
+//!
+//! - [`Error::rejection`]: the HTTP status (and `retry-after`) a refused
+//!   handshake gets from [`Hub::admit`](crate::Hub::admit) and
+//!   [`Hub::authenticate`](crate::Hub::authenticate) (kind
+//!   [`ErrorKind::Refused`], or [`ErrorKind::ShuttingDown`] for the 503
+//!   of a hub that is shutting down). A host's own transport answers the
+//!   upgrade request with it.
+//! - [`Error::call_error`]: the protocol error reply of a join refused by
+//!   [`Hub::join`](crate::Hub::join) (the room limit, a closing
+//!   connection, shutdown).
+//!
+//! The other direction: a handler returns a
+//! [`CallError`](crate::CallError) (the reply a client sees), and `?` on an
+//! [`Error`] inside a handler turns it into one (see the table on
+//! `From<Error> for CallError`); an error that carries a client answer
+//! becomes exactly that answer.
 
 use std::fmt;
 
@@ -39,6 +64,12 @@ pub enum ErrorKind {
     /// The presence store failed or did not answer within
     /// [`PresenceConfig::store_timeout`](crate::presence::PresenceConfig::store_timeout).
     Presence,
+    /// The hub refused the request under its rules: a handshake refused by
+    /// admission (origin, limits, rate) or by the authenticator
+    /// ([`Error::rejection`] holds the HTTP answer), or a join over the
+    /// per-connection room limit ([`Error::call_error`] holds the protocol
+    /// reply).
+    Refused,
 }
 
 /// The error type of every fallible switchboard API.
@@ -116,6 +147,17 @@ impl Error {
     pub fn is_protocol(&self) -> bool {
         self.kind == ErrorKind::Protocol
     }
+
+    /// The hub refused the request (see [`ErrorKind::Refused`]).
+    pub fn is_refused(&self) -> bool {
+        self.kind == ErrorKind::Refused
+    }
+
+    /// The source, if it is a `T` (the client answers an error carries:
+    /// found by type, never by text).
+    pub(crate) fn source_as<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        self.source.as_deref().and_then(|s| (s as &(dyn std::error::Error + 'static)).downcast_ref::<T>())
+    }
 }
 
 impl fmt::Debug for Error {
@@ -144,6 +186,7 @@ impl fmt::Display for Error {
             ErrorKind::Config => "invalid configuration",
             ErrorKind::History => "history store failed",
             ErrorKind::Presence => "presence store failed",
+            ErrorKind::Refused => "refused",
         };
         // The cause chain too: a host's store or backplane error is the
         // cause of ours, and a log line of ours must say what it was.

@@ -629,4 +629,14 @@ async fn after_shutdown_starts_publish_and_send_fail_with_shutting_down() {
     assert!(err.is_shutting_down(), "{err}");
     let err = hub.send_to_user("u", "m", &json!(2)).expect_err("no new work once shutdown started");
     assert!(err.is_shutting_down(), "{err}");
+    // The handshake gate says the same, with the HTTP answer for the client.
+    let err = hub.admit(&mut Handshake::new()).expect_err("no new connections once shutdown started");
+    assert!(err.is_shutting_down(), "{err}");
+    assert_eq!(err.rejection().map(|r| r.status().as_u16()), Some(503), "{err:?}");
+    let err = hub.authenticate(&Handshake::new()).await.expect_err("no new connections once shutdown started");
+    assert!(err.is_shutting_down(), "{err}");
+    assert_eq!(err.rejection().map(|r| r.status().as_u16()), Some(503), "{err:?}");
+    let (transport, _peer) = memory::pair(8);
+    let err = hub.connect(transport, Handshake::new()).await.expect_err("no new connections once shutdown started");
+    assert!(err.is_shutting_down(), "{err}");
 }

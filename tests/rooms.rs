@@ -577,3 +577,55 @@ async fn calls_in_one_room_are_handled_in_order() {
         assert_eq!(e["data"], json!(n), "broadcast {n} arrived out of order");
     }
 }
+
+/// `Hub::join` reports every failure as a `switchboard::Error` a host can
+/// match on, and a refusal carries the reply a client's own `join` gets.
+#[tokio::test]
+async fn host_join_errors_have_kinds_and_the_client_reply() {
+    use switchboard::ErrorKind;
+    let hub = Hub::builder().config(HubConfig::default().max_rooms_per_connection(1)).build();
+    let addr = serve(&hub).await;
+    let mut c = connect(addr).await;
+    c.join_ok("a").await;
+    let id = member_id(&hub, "a", c.connection_id());
+
+    let err = hub.join(id, "b").await.expect_err("over the room limit");
+    assert_eq!(err.kind(), ErrorKind::Refused, "{err}");
+    assert!(err.is_refused());
+    let reply = err.call_error().expect("the client's reply");
+    assert_eq!(reply.code(), switchboard::protocol::ErrorCode::TOO_MANY_ROOMS.0);
+    // `?` in a handler turns it into exactly that reply.
+    assert_eq!(
+        CallError::from(err),
+        CallError::with_code(switchboard::protocol::ErrorCode::TOO_MANY_ROOMS, "room limit reached")
+    );
+    // The client's own join over the limit gets the same reply.
+    let r = c.join("b").await;
+    assert_eq!(r["type"], "error", "{r}");
+    assert_eq!(r["code"], switchboard::protocol::ErrorCode::TOO_MANY_ROOMS.0, "{r}");
+    assert_eq!(r["message"], "room limit reached", "{r}");
+
+    let err = hub.join(id, "").await.expect_err("an invalid name");
+    assert_eq!(err.kind(), ErrorKind::InvalidRoom, "{err}");
+    assert!(err.call_error().is_none());
+
+    drop(c);
+    eventually("the connection is gone", || hub.connection(id).is_none()).await;
+    let err = hub.join(id, "a").await.expect_err("a connection that is gone");
+    assert!(err.is_not_connected(), "{err}");
+}
+
+/// `Hub::admit` refuses with `ErrorKind::Refused` and the HTTP answer.
+#[tokio::test]
+async fn admit_refusal_is_an_error_with_its_http_answer() {
+    let hub = Hub::builder().build();
+    let mut headers = http::HeaderMap::new();
+    headers.insert(http::header::HOST, "app.example.com".parse().unwrap());
+    headers.insert(http::header::ORIGIN, "https://evil.example".parse().unwrap());
+    let err = hub.admit(&mut Handshake::new().with_headers(headers)).expect_err("a foreign origin");
+    assert!(err.is_refused(), "{err}");
+    assert!(!err.is_shutting_down());
+    let rejection = err.rejection().expect("the HTTP answer");
+    assert_eq!(rejection.status().as_u16(), 403);
+    assert!(!rejection.message().is_empty());
+}

@@ -204,6 +204,33 @@ impl Rejection {
     }
 }
 
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.status.as_u16())
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// A refused handshake as the host-facing [`Error`](crate::Error), of kind
+/// [`ErrorKind::Refused`](crate::ErrorKind::Refused); the rejection is its
+/// source ([`Error::rejection`](crate::Error::rejection)).
+impl From<Rejection> for crate::error::Error {
+    fn from(r: Rejection) -> crate::error::Error {
+        crate::error::Error::with_source(crate::error::ErrorKind::Refused, r)
+    }
+}
+
+impl crate::error::Error {
+    /// The HTTP answer of a refused handshake ([`Hub::admit`](crate::Hub::admit),
+    /// [`Hub::authenticate`](crate::Hub::authenticate),
+    /// [`Hub::connect`](crate::Hub::connect)): its status, message and
+    /// `retry-after`. `None` for any other error.
+    pub fn rejection(&self) -> Option<&Rejection> {
+        self.source_as::<Rejection>()
+    }
+}
+
 /// Decides who a new connection is. See the [module docs](self).
 pub trait Authenticate: Send + Sync + 'static {
     /// Inspects the handshake; `Err` refuses the connection with an HTTP status.

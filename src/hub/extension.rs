@@ -29,8 +29,8 @@ pub(crate) trait RoomExtension: Send + Sync + 'static {
     /// What `hello` says about the feature.
     fn hello(&self) -> PresenceHello;
     /// Before a join completes: the feature's room state is ready (an
-    /// `Err` refuses the join with its message as a 503).
-    fn prepare<'a>(&'a self, hub: &'a Hub, room: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    /// `Err` refuses the join: a client gets the 503 of every outage).
+    fn prepare<'a>(&'a self, hub: &'a Hub, room: &'a str) -> BoxFuture<'a, crate::Result<()>>;
     /// After a join was answered.
     fn after_join(&self, hub: &Hub, session: &Arc<Session>, room: &str);
     /// After a member left (`room_gone`: it was the last one here).

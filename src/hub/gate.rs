@@ -16,7 +16,23 @@ impl Hub {
     /// On success the handshake's [`Handshake::client_ip`] is set, and the
     /// returned [`Admission`] holds the connection's slots until dropped:
     /// keep it alive as long as the connection.
-    pub fn admit(&self, handshake: &mut Handshake) -> std::result::Result<Admission, Rejection> {
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Refused`] (or [`ErrorKind::ShuttingDown`] during
+    /// shutdown); [`Error::rejection`] is the HTTP answer to send.
+    pub fn admit(&self, handshake: &mut Handshake) -> Result<Admission> {
+        self.gate_admit(handshake).map_err(|r| self.refused(r))
+    }
+
+    /// A refused handshake as the host-facing error: `ShuttingDown` once
+    /// shutdown has started (the flag never goes back), else `Refused`.
+    fn refused(&self, rejection: Rejection) -> Error {
+        let kind = if self.is_shutting_down() { ErrorKind::ShuttingDown } else { ErrorKind::Refused };
+        Error::with_source(kind, rejection)
+    }
+
+    fn gate_admit(&self, handshake: &mut Handshake) -> std::result::Result<Admission, Rejection> {
         if self.is_shutting_down() {
             return Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"));
         }
@@ -33,7 +49,19 @@ impl Hub {
     /// upgrading, and answer a rejection with its HTTP status. During
     /// shutdown every handshake is rejected with 503.
     /// The returned future does not borrow the handshake.
-    pub fn authenticate(&self, handshake: &Handshake) -> BoxFuture<'static, std::result::Result<Identity, Rejection>> {
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Refused`] with the authenticator's answer (or
+    /// [`ErrorKind::ShuttingDown`] during shutdown); [`Error::rejection`] is
+    /// the HTTP answer to send.
+    pub fn authenticate(&self, handshake: &Handshake) -> BoxFuture<'static, Result<Identity>> {
+        let hub = self.clone();
+        let fut = self.gate_authenticate(handshake);
+        Box::pin(async move { fut.await.map_err(|r| hub.refused(r)) })
+    }
+
+    fn gate_authenticate(&self, handshake: &Handshake) -> BoxFuture<'static, std::result::Result<Identity, Rejection>> {
         if self.is_shutting_down() {
             return Box::pin(async {
                 Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))
@@ -61,8 +89,8 @@ impl Hub {
         handshake: &mut Handshake,
         timeout: Duration,
     ) -> std::result::Result<(Admission, Identity), Rejection> {
-        let admission = self.admit(handshake)?;
-        match tokio::time::timeout(timeout, self.authenticate(handshake)).await {
+        let admission = self.gate_admit(handshake)?;
+        match tokio::time::timeout(timeout, self.gate_authenticate(handshake)).await {
             Ok(Ok(identity)) => Ok((admission, identity)),
             Ok(Err(rejection)) => Err(rejection),
             Err(_) => Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "authentication timed out")),
@@ -71,12 +99,9 @@ impl Hub {
 
     /// Authenticates and then serves a connection of any [`Transport`] until
     /// it ends. For transports that have no HTTP step to reject at; a
-    /// rejected handshake is returned as `Err` and the transport dropped.
-    pub async fn connect<T: Transport>(
-        &self,
-        transport: T,
-        handshake: Handshake,
-    ) -> std::result::Result<(), Rejection> {
+    /// rejected handshake is returned as `Err` (as from
+    /// [`Hub::authenticate`]) and the transport dropped.
+    pub async fn connect<T: Transport>(&self, transport: T, handshake: Handshake) -> Result<()> {
         let identity = self.authenticate(&handshake).await?;
         self.serve(transport, &handshake, identity).await;
         Ok(())

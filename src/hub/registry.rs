@@ -59,12 +59,20 @@ impl Hub {
     }
 
     /// Joins a connection to a room, as if it had sent `join` (the join
-    /// authorizer is not asked: the host decided). Errors if the room name
-    /// is invalid or the connection's room limit is reached.
-    pub async fn join(&self, id: ConnectionId, room: &str) -> std::result::Result<(), CallError> {
+    /// authorizer is not asked: the host decided).
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::NotConnected`] (no such connection, or it is closing),
+    /// [`ErrorKind::InvalidRoom`], [`ErrorKind::Refused`] (the
+    /// connection's room limit), [`ErrorKind::ShuttingDown`], and the
+    /// engines' own kinds (`Backplane`, `History`, `Presence`) when the
+    /// room could not be brought in step. [`Error::call_error`] holds the
+    /// reply a client's own `join` would get, for a host relaying it.
+    pub async fn join(&self, id: ConnectionId, room: &str) -> Result<()> {
         let session = self.inner.sessions.read().get(&id).cloned();
-        let session = session.ok_or_else(|| CallError::with_code(ErrorCode::BAD_REQUEST, "not connected"))?;
-        validate_room_name(room).map_err(CallError::bad_request)?;
+        let session = session.ok_or_else(|| Error::new(ErrorKind::NotConnected))?;
+        validate_room_name(room).map_err(|why| Error::msg(ErrorKind::InvalidRoom, why))?;
         self.add_member(&session, room, stream::Want::Live, None).await?;
         self.extension_joined(&session, room);
         Ok(())
@@ -96,20 +104,22 @@ impl Hub {
             };
             auth.authorize(req).await?;
         }
-        self.add_member(session, room, want, reference).await
+        Ok(self.add_member(session, room, want, reference).await?)
     }
 
     /// Adds the membership; returns whether a reply was queued (only with a
-    /// `reference`, in a recoverable room).
+    /// `reference`, in a recoverable room). A refusal carries the client's
+    /// reply as its source (see [`Error::call_error`]).
     pub(super) async fn add_member(
         &self,
         session: &Arc<Session>,
         room: &str,
         want: stream::Want,
         reference: Option<u64>,
-    ) -> std::result::Result<bool, CallError> {
+    ) -> Result<bool> {
+        let refuse = |kind, code, message| Error::with_source(kind, CallError::with_code(code, message));
         if self.is_shutting_down() {
-            return Err(CallError::with_code(ErrorCode::UNAVAILABLE, "server is shutting down"));
+            return Err(refuse(ErrorKind::ShuttingDown, ErrorCode::UNAVAILABLE, "server is shutting down"));
         }
         let created = {
             let mut rooms = session.rooms.lock();
@@ -117,10 +127,10 @@ impl Hub {
                 return Ok(false);
             }
             if rooms.len() >= self.inner.config.max_rooms_per_connection {
-                return Err(CallError::with_code(ErrorCode::TOO_MANY_ROOMS, "room limit reached"));
+                return Err(refuse(ErrorKind::Refused, ErrorCode::TOO_MANY_ROOMS, "room limit reached"));
             }
             if session.is_cancelled() {
-                return Err(CallError::with_code(ErrorCode::UNAVAILABLE, "connection is closing"));
+                return Err(refuse(ErrorKind::NotConnected, ErrorCode::UNAVAILABLE, "connection is closing"));
             }
             let (name, created, stream) = self.inner.rooms.join(room, session, self.recoverable(room));
             rooms.push(name);
@@ -133,19 +143,14 @@ impl Hub {
         // never finished.
         let mut rollback = Rollback { hub: self, session, room, armed: true };
         if let Some(link) = &self.inner.backplane {
-            if let Err(e) = link.ensure(self, room, created).await {
-                return Err(CallError::from(e));
-            }
+            link.ensure(self, room, created).await?;
         }
         // The room's presence view (and other nodes' metas) is ready before
         // the reply, so the state sent right after it is complete.
         if let Some(ext) = &self.inner.extension {
-            if let Err(e) = ext.prepare(self, room).await {
-                // The client gets the short 503 of every outage; the cause
-                // goes to the log only.
-                tracing::warn!(error = %e, room, "join failed: presence unavailable");
-                return Err(CallError::with_code(ErrorCode::UNAVAILABLE, crate::protocol::UNAVAILABLE_MESSAGE));
-            }
+            // A client gets the short 503 of every outage (`From<Error>
+            // for CallError`); the cause goes to the log only.
+            ext.prepare(self, room).await?;
         }
         // A recoverable room: merge history and the live stream, queue the
         // reply and the replay, make the member live.

@@ -414,9 +414,8 @@ impl Hub {
         stream: &Arc<RoomStream>,
         want: Want,
         reference: Option<u64>,
-    ) -> Result<(), crate::CallError> {
+    ) -> crate::Result<()> {
         use crate::protocol::ErrorCode;
-        let unavailable = crate::CallError::from;
         let Some(history) = self.history() else { return Ok(()) };
         let max_replay = stream.settings.max_replay;
         let mut merge = Merge { want, collected: Vec::new(), complete: true };
@@ -431,8 +430,7 @@ impl Hub {
             }
         }
         for _attempt in 0..16 {
-            let read: HistoryRead =
-                history.store.read(&stream.name, since.clone(), limit).await.map_err(unavailable)?;
+            let read: HistoryRead = history.store.read(&stream.name, since.clone(), limit).await?;
             let st = stream.state.lock();
             match self.merge_locked(session, stream, st, &mut merge, Some(read), reference) {
                 Step::Done => return Ok(()),
@@ -454,7 +452,9 @@ impl Hub {
                 }
             }
         }
-        Err(crate::CallError::with_code(ErrorCode::UNAVAILABLE, "history: the room moved faster than it could be read"))
+        let reply =
+            crate::CallError::with_code(ErrorCode::UNAVAILABLE, "history: the room moved faster than it could be read");
+        Err(crate::Error::with_source(crate::ErrorKind::History, reply))
     }
 
     /// One merge attempt under the stream's lock (never across an await).

@@ -820,7 +820,7 @@ impl PresenceHub {
     /// Before a join is answered: makes sure the room's view exists and
     /// holds the other nodes' metas (subscribed to their changes, then the
     /// store's snapshot). Called with the connection already a member.
-    pub(crate) async fn prepare(&self, hub: &Hub, room: &str) -> Result<(), String> {
+    pub(crate) async fn prepare(&self, hub: &Hub, room: &str) -> crate::Result<()> {
         if !self.enabled(room) {
             return Ok(());
         }
@@ -845,19 +845,19 @@ impl PresenceHub {
         view.loader.get_or_try_init(|| self.load(hub, &view)).await.map(|_| ())
     }
 
-    async fn load(&self, hub: &Hub, view: &Arc<RoomView>) -> Result<(), String> {
+    async fn load(&self, hub: &Hub, view: &Arc<RoomView>) -> crate::Result<()> {
         let Some(backplane) = hub.backplane() else { return Ok(()) };
         // Subscribe first, then list: a change the snapshot misses was
         // published after the subscription started (nodes write the store
         // before they publish), so it is in the buffer.
-        let sub = backplane.subscribe(&wire::topic(&view.room)).await.map_err(|e| e.to_string())?;
+        let sub = backplane.subscribe(&wire::topic(&view.room)).await?;
         let task = tokio::spawn(forward(sub, hub.downgrade(), Arc::downgrade(view), hub.task_guard()));
         *view.subscription.lock() = Some(AbortOnDrop(task));
         let records = match self.store_list(PresenceQuery::Room(view.room.to_string())).await {
             Ok(r) => r,
             Err(e) => {
                 view.subscription.lock().take();
-                return Err(format!("presence store: {e}"));
+                return Err(e);
             }
         };
         let mut events = Vec::new();

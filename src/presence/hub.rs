@@ -45,7 +45,7 @@ impl RoomExtension for PresenceHub {
         PresenceHub::hello(self)
     }
 
-    fn prepare<'a>(&'a self, hub: &'a Hub, room: &'a str) -> BoxFuture<'a, Result<(), String>> {
+    fn prepare<'a>(&'a self, hub: &'a Hub, room: &'a str) -> BoxFuture<'a, crate::Result<()>> {
         Box::pin(PresenceHub::prepare(self, hub, room))
     }
 

@@ -83,6 +83,10 @@ impl std::error::Error for CallError {}
 /// | `InvalidRoom` | 400 [`ErrorCode::BAD_REQUEST`] | `invalid room name` |
 /// | any other | 500 [`ErrorCode::INTERNAL`] | `internal error` |
 ///
+/// An error that carries a client answer ([`Error::call_error`](crate::Error::call_error),
+/// e.g. the room limit from [`Hub::join`](crate::Hub::join)) becomes that
+/// answer, whatever its kind.
+///
 /// The client never sees the error's internals (which engine failed, and
 /// why): they go to the server log instead, as one `tracing` event at
 /// `warn` (503) or `error` (500) level with the whole cause chain.
@@ -90,6 +94,9 @@ impl From<crate::Error> for CallError {
     fn from(e: crate::Error) -> CallError {
         use crate::ErrorKind;
         // `Error`'s `Display` holds its cause chain.
+        if let Some(reply) = e.call_error() {
+            return reply.clone();
+        }
         let chain = e.to_string();
         match e.kind() {
             ErrorKind::Backplane | ErrorKind::History | ErrorKind::Presence | ErrorKind::ShuttingDown => {
@@ -105,8 +112,19 @@ impl From<crate::Error> for CallError {
     }
 }
 
+impl crate::Error {
+    /// The protocol error reply a client gets for this error, when the hub
+    /// refused something with a specific one ([`Hub::join`](crate::Hub::join):
+    /// `room limit reached`, `connection is closing`, `server is shutting
+    /// down`). `None` for any other error (which `From<Error> for CallError`
+    /// maps by kind).
+    pub fn call_error(&self) -> Option<&CallError> {
+        self.source_as::<CallError>()
+    }
+}
+
 /// The message of a 503 for an outage (see `From<Error> for CallError`).
-pub(crate) const UNAVAILABLE_MESSAGE: &str = "temporarily unavailable, retry";
+const UNAVAILABLE_MESSAGE: &str = "temporarily unavailable, retry";
 
 /// One problem with one field of a payload, from a validator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -26,7 +26,6 @@ mod codes;
 mod json;
 mod msgpack;
 
-pub(crate) use call_error::UNAVAILABLE_MESSAGE;
 pub use call_error::{CallError, FieldError, FieldErrors};
 pub use codes::{CloseCode, ErrorCode};
 pub(crate) use json::truncate;

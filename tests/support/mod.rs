@@ -361,7 +361,7 @@ pub struct MemClient {
 }
 
 impl MemClient {
-    pub async fn connect(hub: &Hub, handshake: switchboard::Handshake) -> Result<MemClient, switchboard::Rejection> {
+    pub async fn connect(hub: &Hub, handshake: switchboard::Handshake) -> switchboard::Result<MemClient> {
         let (transport, peer) = switchboard::transport::memory::pair(1024);
         let identity = hub.authenticate(&handshake).await?;
         let served = hub.clone();
