@@ -86,6 +86,7 @@
 //! | module | what it holds |
 //! |---|---|
 //! | [`hub`] | [`Hub`], [`HubBuilder`], [`HubConfig`], [`hub::OverflowPolicy`], [`hub::Connection`], [`ConnectionId`], [`hub::HubStats`], publishing, shutdown |
+//! | [`hub::admin`] | the admin API (list rooms and connections, kick, close a room), drain and readiness (`docs/operations.md`) |
 //! | [`handler`] | [`Call`] context, [`CallError`], the [`handler::Handler`] trait |
 //! | [`auth`] | [`Identity`], [`auth::Authenticate`], [`auth::AuthorizeJoin`], [`auth::Refresh`], [`Rejection`]; `auth::jwt` (feature `jwt`) |
 //! | [`security`] | admission ([`security::SecurityConfig`]: origin check, connection limits, trusted proxies), [`security::RateLimit`] |

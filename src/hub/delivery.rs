@@ -94,11 +94,7 @@ impl Hub {
     pub fn send_to_user<T: Serialize + ?Sized>(&self, user: &str, event: &str, data: &T) -> Result<usize> {
         self.taking_work()?;
         check_event(event)?;
-        let sessions: Vec<Arc<Session>> = {
-            let users = self.inner.users.read();
-            let sessions = self.inner.sessions.read();
-            users.get(user).map(|ids| ids.iter().filter_map(|i| sessions.get(i).cloned()).collect()).unwrap_or_default()
-        };
+        let sessions = self.user_sessions(user);
         let mut payload_fn = |format: Format| Payload::encode(format, data).map(Some);
         let mut encoded =
             Encoded { room: None, event, offset: None, payload: &mut payload_fn, frames: Default::default() };

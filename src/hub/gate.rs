@@ -126,8 +126,15 @@ impl Hub {
             transport.use_framing(framing);
         }
         let compress = transport.compress_above().filter(|_| caps.framing.is_some());
-        let session =
-            Arc::new(Session::new(id, (handshake.format(), handshake.version()), identity, (caps, compress), self));
+        let origin = admin::Origin::new(transport.name(), handshake);
+        let session = Arc::new(Session::new(
+            id,
+            (handshake.format(), handshake.version()),
+            identity,
+            (caps, compress),
+            origin,
+            self,
+        ));
         self.register(&session);
         if self.is_shutting_down() {
             session.close(DisconnectReason::ServerShutdown, CloseCode::GOING_AWAY, "server shutting down", true);

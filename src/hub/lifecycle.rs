@@ -71,16 +71,11 @@ impl Hub {
     }
 
     /// Closes a connection with `code` and `reason` after what is already
-    /// queued for it has been written. `false` if it is not connected here.
+    /// queued for it has been written. `false` if it is not connected here
+    /// or a close was already decided for it (which keeps its first code).
     pub fn disconnect(&self, id: ConnectionId, code: CloseCode, reason: &str) -> bool {
         let session = self.inner.sessions.read().get(&id).cloned();
-        match session {
-            Some(s) => {
-                s.close(DisconnectReason::Host(code), code, reason, false);
-                true
-            }
-            None => false,
-        }
+        session.is_some_and(|s| s.close_by_host(code, reason))
     }
 
     /// Whether [`Hub::shutdown`] has started.

@@ -1,5 +1,6 @@
 //! The hub: the host's handle on rooms, connections, handlers and shutdown.
 
+pub mod admin;
 mod backplane_link;
 mod builder;
 mod config;

@@ -156,6 +156,14 @@ impl Rooms {
             .collect()
     }
 
+    /// Every room and its member count (one shard locked at a time).
+    pub(crate) fn list(&self) -> Vec<(Arc<str>, usize)> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.read().iter().map(|(k, r)| (k.clone(), r.members.read().len())).collect::<Vec<_>>())
+            .collect()
+    }
+
     pub(crate) fn count(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
     }

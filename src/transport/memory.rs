@@ -87,6 +87,10 @@ impl Transport for MemoryTransport {
     type Sink = MemorySink;
     type Stream = MemoryStream;
 
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
     fn split(self) -> (MemorySink, MemoryStream) {
         (MemorySink(self.to_peer), MemoryStream(self.from_peer))
     }

@@ -148,6 +148,14 @@ pub trait Transport: Send + 'static {
     fn fragments(&self) -> Option<Fragments> {
         None
     }
+
+    /// A short, fixed name for the kind of transport (`"websocket"`,
+    /// `"sse"`, `"memory"`), shown by the admin API
+    /// ([`ConnectionInfo::transport`](crate::hub::admin::ConnectionInfo::transport)).
+    /// Called once, before [`Transport::split`]. Default: `"custom"`.
+    fn name(&self) -> &'static str {
+        "custom"
+    }
 }
 
 /// Frames per inbound message, reported by a transport that assembles

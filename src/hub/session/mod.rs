@@ -56,6 +56,8 @@ pub(crate) struct Session {
     /// compact arrays.
     pub(crate) version: Version,
     pub(crate) identity: Identity,
+    /// Where and when it came from, for the admin API.
+    pub(crate) origin: crate::hub::admin::Origin,
     /// What the transport can do (heartbeat form, liveness, framing).
     caps: Capabilities,
     /// Data frames are compressed from this size on
@@ -124,6 +126,7 @@ impl Session {
         (format, version): (Format, Version),
         identity: Identity,
         (caps, compress_above): (Capabilities, Option<usize>),
+        origin: crate::hub::admin::Origin,
         hub: &Hub,
     ) -> Session {
         let cfg = &hub.inner.config;
@@ -131,6 +134,7 @@ impl Session {
             id,
             format,
             version,
+            origin,
             caps,
             compress_above: compress_above.map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
             outbox: Outbox::new(cfg.outbound_queue_bytes, cfg.overflow),
@@ -292,11 +296,13 @@ impl Session {
         self.close_with(reason, Some(CloseFrame { code, reason: text.to_owned() }), discard);
     }
 
-    pub(crate) fn close_with(&self, reason: DisconnectReason, frame: Option<CloseFrame>, discard: bool) {
+    /// [`Session::close`] with any close frame (or none). Returns whether
+    /// this call decided the close (`false`: an earlier one did).
+    pub(crate) fn close_with(&self, reason: DisconnectReason, frame: Option<CloseFrame>, discard: bool) -> bool {
         {
             let mut r = self.reason.lock();
             if r.is_some() {
-                return;
+                return false;
             }
             *r = Some(reason);
         }
@@ -305,6 +311,7 @@ impl Session {
         }
         self.outbox.close(frame, discard);
         self.stops.raise(STOP_READ);
+        true
     }
 
     /// Whether a close was decided (the reader has been told to stop).

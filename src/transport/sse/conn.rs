@@ -194,6 +194,10 @@ impl Transport for SseTransport {
     type Sink = SseSink;
     type Stream = SseStream;
 
+    fn name(&self) -> &'static str {
+        "sse"
+    }
+
     fn split(self) -> (SseSink, SseStream) {
         (self.sink, self.stream)
     }

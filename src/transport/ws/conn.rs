@@ -106,6 +106,10 @@ impl Transport for WsTransport {
     type Sink = WsSink;
     type Stream = WsStream;
 
+    fn name(&self) -> &'static str {
+        "websocket"
+    }
+
     fn split(self) -> (WsSink, WsStream) {
         let sink =
             WsSink { io: self.write, out: VecDeque::new(), data: false, framed: self.framed, deflate: self.deflate };

@@ -1,0 +1,213 @@
+//! The admin API over real sockets: lists and lookups are exact, a kicked
+//! connection gets the chosen close code and reason, a user's connections
+//! are all closed, a shut room's members are told with a `leave` and get
+//! nothing more from it.
+
+mod support;
+
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use support::*;
+use switchboard::hub::admin::RoomInfo;
+use switchboard::auth::{Identity, Rejection};
+use switchboard::protocol::CloseCode;
+use switchboard::{Connection, DisconnectReason, Handshake, Hub, HubBuilder};
+
+/// `?user=u` connections are user `u`, the others anonymous.
+fn builder() -> HubBuilder {
+    Hub::builder().authenticate(|hs: &Handshake| {
+        let user = hs.query("user");
+        async move { Ok::<_, Rejection>(user.map(Identity::user).unwrap_or_else(Identity::anonymous)) }
+    })
+}
+
+async fn connect_as(addr: SocketAddr, user: &str) -> Client {
+    connect_path(addr, &format!("/?user={user}")).await
+}
+
+fn room(name: &str, members: usize) -> (String, usize) {
+    (name.to_owned(), members)
+}
+
+fn names(rooms: Vec<RoomInfo>) -> Vec<(String, usize)> {
+    rooms.into_iter().map(|r| (r.name, r.members)).collect()
+}
+
+#[tokio::test]
+async fn lists_and_lookups_are_exact() {
+    let hub = builder().build();
+    let addr = serve(&hub).await;
+    let before = SystemTime::now();
+    let mut alice1 = connect_as(addr, "alice").await;
+    let mut alice2 = connect_as(addr, "alice").await;
+    let mut bob = connect_as(addr, "bob").await;
+    let mut anon = connect(addr).await;
+    let after = SystemTime::now();
+    alice1.join_ok("lobby").await;
+    alice1.join_ok("dev").await;
+    alice2.join_ok("lobby").await;
+    bob.join_ok("lobby").await;
+    bob.join_ok("ops").await;
+    anon.join_ok("dev").await;
+
+    assert_eq!(names(hub.rooms()), vec![room("dev", 2), room("lobby", 3), room("ops", 1)]);
+
+    let all = hub.connections();
+    let wire: Vec<u64> = all.iter().map(|c| c.id.get()).collect();
+    assert_eq!(wire, vec![alice1.connection_id(), alice2.connection_id(), bob.connection_id(), anon.connection_id()]);
+    for c in &all {
+        assert_eq!(c.transport, "websocket");
+        assert!(c.connected_at >= before && c.connected_at <= after, "{c:?}");
+        let peer = c.peer_addr.expect("the standalone listener knows the peer");
+        assert!(peer.ip().is_loopback() && peer.port() != 0, "{peer}");
+        assert_eq!(c.client_ip, Some(peer.ip()));
+        assert_eq!(c.state, switchboard::ConnectionState::Open);
+    }
+    // Each listed peer is a distinct client socket.
+    assert_eq!(all.iter().map(|c| c.peer_addr).collect::<BTreeSet<_>>().len(), 4);
+
+    let lobby = hub.room_connections("lobby");
+    assert_eq!(
+        lobby.iter().map(|c| (c.id.get(), c.user_id.as_deref().map(str::to_owned))).collect::<Vec<_>>(),
+        vec![
+            (alice1.connection_id(), Some("alice".to_owned())),
+            (alice2.connection_id(), Some("alice".to_owned())),
+            (bob.connection_id(), Some("bob".to_owned())),
+        ]
+    );
+    assert!(hub.room_connections("nowhere").is_empty());
+
+    let alice = hub.user_connections("alice");
+    assert_eq!(
+        alice.iter().map(|c| c.id.get()).collect::<Vec<_>>(),
+        vec![alice1.connection_id(), alice2.connection_id()]
+    );
+    let mut rooms = alice[0].rooms.clone();
+    rooms.sort();
+    assert_eq!(rooms, vec!["dev", "lobby"]);
+    assert_eq!(alice[1].rooms, vec!["lobby"]);
+    assert!(hub.user_connections("carol").is_empty());
+
+    let one = hub.connection_info(all[2].id).unwrap();
+    assert_eq!(one.user_id.as_deref(), Some("bob"));
+    let mut bob_rooms = one.rooms.clone();
+    bob_rooms.sort();
+    assert_eq!(bob_rooms, vec!["lobby", "ops"]);
+    let handle = hub.connection(all[2].id).unwrap();
+    assert_eq!(handle.info(), one);
+    assert_eq!(
+        (handle.transport(), handle.peer_addr(), handle.connected_at()),
+        ("websocket", one.peer_addr, one.connected_at)
+    );
+
+    // A leave and a disconnect show at once in the lists.
+    bob.send(json!({"type": "leave", "room": "ops"})).await;
+    anon.ws.close(None).await.unwrap();
+    eventually("bob left ops and anon is gone", || hub.rooms().len() == 2 && hub.connections().len() == 3).await;
+    assert_eq!(names(hub.rooms()), vec![room("dev", 1), room("lobby", 3)]);
+    assert!(hub.connection_info(all[3].id).is_none());
+}
+
+#[tokio::test]
+async fn a_kicked_connection_gets_the_chosen_code_and_reason() {
+    let reasons = Arc::new(Mutex::new(Vec::new()));
+    let log = reasons.clone();
+    let hub = builder()
+        .on_disconnect(move |c: &Connection, r: &DisconnectReason| log.lock().unwrap().push((c.id(), r.clone())))
+        .build();
+    let addr = serve(&hub).await;
+    let mut target = connect_as(addr, "mallory").await;
+    let mut bystander = connect_as(addr, "alice").await;
+    target.join_ok("lobby").await;
+    bystander.join_ok("lobby").await;
+    let id = hub.user_connections("mallory")[0].id;
+
+    // Queued before the kick: delivered before the close frame.
+    hub.publish("lobby", "last", &"words").await.unwrap();
+    assert!(hub.disconnect(id, CloseCode(4321), "moved to another shard"));
+    // A second close keeps the first one's code.
+    assert!(!hub.disconnect(id, CloseCode::KICKED, "again"));
+    assert_eq!(target.event().await["data"], "words");
+    assert_eq!(expect_close_frame(&mut target.ws).await, Some((4321, "moved to another shard".to_owned())));
+    eventually("the kicked connection is gone", || hub.connection_info(id).is_none()).await;
+    assert_eq!(reasons.lock().unwrap().clone(), vec![(id, DisconnectReason::Host(CloseCode(4321)))]);
+    assert!(!hub.disconnect(id, CloseCode::KICKED, "gone"));
+
+    // The bystander is untouched.
+    assert_eq!(bystander.event().await["data"], "words");
+    hub.publish("lobby", "still", &1).await.unwrap();
+    assert_eq!(bystander.event().await["data"], 1);
+    assert_eq!(names(hub.rooms()), vec![room("lobby", 1)]);
+}
+
+#[tokio::test]
+async fn all_of_a_users_connections_are_closed() {
+    let hub = builder().build();
+    let addr = serve(&hub).await;
+    let mut m1 = connect_as(addr, "mallory").await;
+    let mut m2 = connect_as(addr, "mallory").await;
+    let mut m3 = connect_as(addr, "mallory").await;
+    let mut other = connect_as(addr, "alice").await;
+    other.join_ok("r").await;
+
+    assert_eq!(hub.disconnect_user("mallory", CloseCode::KICKED, "banned"), 3);
+    for c in [&mut m1, &mut m2, &mut m3] {
+        assert_eq!(expect_close_frame(&mut c.ws).await, Some((4500, "banned".to_owned())));
+    }
+    eventually("mallory's connections are gone", || hub.user_connections("mallory").is_empty()).await;
+    assert_eq!(hub.disconnect_user("mallory", CloseCode::KICKED, "banned"), 0);
+    assert_eq!(hub.disconnect_user("nobody", CloseCode::KICKED, "banned"), 0);
+    assert_eq!(hub.connections().len(), 1);
+    hub.publish("r", "ok", &true).await.unwrap();
+    assert_eq!(other.event().await["data"], true);
+}
+
+#[tokio::test]
+async fn a_shut_rooms_members_are_told_and_get_nothing_more_from_it() {
+    let left = Arc::new(Mutex::new(Vec::new()));
+    let log = left.clone();
+    let hub = builder()
+        .on_leave(move |c: &Connection, room: &str| log.lock().unwrap().push((c.id().get(), room.to_owned())))
+        .build();
+    let addr = serve(&hub).await;
+    let mut a = connect_as(addr, "alice").await;
+    let mut b = connect_as(addr, "bob").await;
+    a.join_ok("war-room").await;
+    a.join_ok("lobby").await;
+    b.join_ok("war-room").await;
+
+    hub.publish("war-room", "before", &1).await.unwrap();
+    assert_eq!(hub.close_room("war-room", "closed by a moderator"), 2);
+    // Published after the close: no member is left to get it.
+    hub.publish("war-room", "after", &2).await.unwrap();
+    hub.publish("lobby", "lobby", &3).await.unwrap();
+
+    for c in [&mut a, &mut b] {
+        let e = c.recv().await;
+        assert_eq!(
+            (e["type"].clone(), e["event"].clone(), e["data"].clone()),
+            (json!("event"), json!("before"), json!(1))
+        );
+        let notice = c.recv().await;
+        assert_eq!(notice, json!({"type": "leave", "room": "war-room", "message": "closed by a moderator"}));
+    }
+    // Alice's next message is the lobby's event: nothing of the war room
+    // after the notice. The connections stay open and usable.
+    assert_eq!(a.recv().await["event"], "lobby");
+    assert_eq!(b.call("nothing", json!(null)).await["code"], 404);
+    assert_eq!(names(hub.rooms()), vec![room("lobby", 1)]);
+    assert_eq!(hub.connections().len(), 2);
+    let mut seen = left.lock().unwrap().clone();
+    seen.sort();
+    let mut want = vec![(a.connection_id(), "war-room".to_owned()), (b.connection_id(), "war-room".to_owned())];
+    want.sort();
+    assert_eq!(seen, want);
+    // A member may join again (keeping it closed is the join authorizer's
+    // call); a room with no members closes nothing.
+    b.join_ok("war-room").await;
+    assert_eq!(hub.room_connections("war-room").len(), 1);
+    assert_eq!(hub.close_room("empty", "x"), 0);
+}
