@@ -11,10 +11,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use support::*;
-use switchboard::hub::admin::RoomInfo;
 use switchboard::auth::{Identity, Rejection};
+use switchboard::hub::admin::RoomInfo;
+use switchboard::hub::{Connection, ConnectionState, DisconnectReason};
 use switchboard::protocol::CloseCode;
-use switchboard::{Connection, DisconnectReason, Handshake, Hub, HubBuilder};
+use switchboard::transport::Handshake;
+use switchboard::{Hub, HubBuilder};
 
 /// `?user=u` connections are user `u`, the others anonymous.
 fn builder() -> HubBuilder {
@@ -64,7 +66,7 @@ async fn lists_and_lookups_are_exact() {
         let peer = c.peer_addr.expect("the standalone listener knows the peer");
         assert!(peer.ip().is_loopback() && peer.port() != 0, "{peer}");
         assert_eq!(c.client_ip, Some(peer.ip()));
-        assert_eq!(c.state, switchboard::ConnectionState::Open);
+        assert_eq!(c.state, ConnectionState::Open);
     }
     // Each listed peer is a distinct client socket.
     assert_eq!(all.iter().map(|c| c.peer_addr).collect::<BTreeSet<_>>().len(), 4);
