@@ -121,6 +121,7 @@
 //! | `redis` | no | `switchboard::redis`: a backplane on Redis pub/sub, history and presence stores on Redis or a Redis Cluster (the redis-rs crate; Rust 1.88) |
 //! | `testing` | no | `switchboard::testing`: conformance suites for your own [`backplane::Backplane`], [`history::HistoryStore`], [`presence::PresenceStore`] and [`sync::SnapshotStore`] |
 //! | `client` | no | `switchboard::client`: a reconnecting Rust client (rooms, recovery, calls, presence) |
+//! | `metrics` | no | `switchboard::metrics`: counters, gauges and histograms through the `metrics` facade (`docs/operations.md`) |
 //!
 //! Logging goes through `tracing` (always on; silent without a subscriber).
 
@@ -140,6 +141,11 @@ pub mod history;
 pub mod hub;
 pub use hub::{handler, room};
 pub mod integration;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
+#[cfg(not(feature = "metrics"))]
+mod metrics;
 pub mod presence;
 pub mod protocol;
 #[cfg(feature = "redis")]

@@ -22,6 +22,7 @@
 //! `docs/security.md` has the threat model and the reasons for each default.
 
 use crate::auth::Rejection;
+use crate::metrics::{refused, refusing, Refusal};
 use crate::util::Limiter;
 pub use crate::util::RateLimit;
 use http::{HeaderMap, HeaderName, StatusCode};
@@ -477,7 +478,7 @@ pub(crate) fn admit(
     headers: &HeaderMap,
 ) -> Result<(Admission, Option<IpAddr>), Rejection> {
     let client = match peer {
-        Some(p) => Some(client_ip(config, p, headers)?),
+        Some(p) => Some(client_ip(config, p, headers).map_err(|r| refusing(Refusal::Address, r))?),
         None => None,
     };
     let via_proxy = peer.is_some_and(|p| config.is_trusted(canonical(p)));
@@ -487,12 +488,13 @@ pub(crate) fn admit(
         Some(h) if via_proxy => Some(h),
         _ => headers.get(http::header::HOST).and_then(|v| v.to_str().ok()),
     };
-    check_origin(config, headers, host, "cross-origin WebSocket refused")?;
+    check_origin(config, headers, host, "cross-origin WebSocket refused").map_err(|r| refusing(Refusal::Origin, r))?;
 
     // Total first: fetch_add, and undo when over (never blocks, never races
     // past the bound by more than the requests refused at that instant).
     if state.total.fetch_add(1, Ordering::AcqRel) >= config.max_connections {
         state.total.fetch_sub(1, Ordering::AcqRel);
+        refused(Refusal::Limit);
         return Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "server is at its connection limit")
             .with_retry_after(Duration::from_secs(1)));
     }
@@ -508,6 +510,7 @@ pub(crate) fn admit(
                 if *n == 0 {
                     per_ip.remove(&key);
                 }
+                refused(Refusal::AddressLimit);
                 return Err(Rejection::new(StatusCode::TOO_MANY_REQUESTS, "too many connections from this address"));
             }
             *n += 1;
@@ -524,6 +527,7 @@ pub(crate) fn admit(
     }
     if let Some(rate) = &state.rate {
         if let Err(wait) = rate.check() {
+            refused(Refusal::Rate);
             return Err(Rejection::new(StatusCode::TOO_MANY_REQUESTS, "too many new connections, retry later")
                 .with_retry_after(wait));
         }

@@ -23,6 +23,13 @@
 //! Without the feature, `--redis` (or `SWITCHBOARD_REDIS`) is refused with a
 //! message saying how to enable it.
 //!
+//! `--metrics ADDR` (feature `metrics`) serves the hub's metrics in the
+//! Prometheus text format at `http://ADDR/metrics` (`docs/operations.md`):
+//!
+//! ```text
+//! cargo run --example chat --features metrics -- --metrics 127.0.0.1:9100
+//! ```
+//!
 //! Open the printed URL in two browser windows with different names. Ctrl-C
 //! or SIGTERM shuts down gracefully: every connection is closed with 1001
 //! "going away" (within 5 s) before the process exits.
@@ -32,6 +39,8 @@
 mod app;
 #[path = "../common/cli.rs"]
 mod cli;
+#[cfg(feature = "metrics")]
+mod metrics;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
@@ -41,20 +50,29 @@ async fn main() -> std::io::Result<()> {
         Ok(v) => v,
         Err(msg) => USAGE.fail(&msg),
     };
+    let (metrics, rest) = match take_flag("--metrics", rest) {
+        Ok(v) => v,
+        Err(msg) => USAGE.fail(&msg),
+    };
+    let metrics = metrics.map(|a| a.parse().unwrap_or_else(|e| USAGE.fail(&format!("--metrics {a}: {e}"))));
     let addr = cli::addr_from(&USAGE, rest);
     cli::init_logging();
+    // The recorder goes in before the server accepts anything, so no count is lost.
     let (router, hub) = match redis {
         None => app::app(),
         Some(url) => on_redis(&url).await,
     };
+    if let Some(metrics_addr) = metrics {
+        serve_metrics(metrics_addr, hub.clone()).await?;
+    }
     cli::serve_app("chat", addr, router, hub).await
 }
 
 const USAGE: cli::Usage = cli::Usage {
     program: "chat",
     about: "a multi-room chat in the browser: open http://ADDR/ (WebSocket endpoint /ws).",
-    flags: " [--redis URL]",
-    details: "  --redis URL        share rooms, presence and history with other instances through\n                     Redis, e.g. redis://127.0.0.1:6379 (needs the `redis` feature;\n                     also $SWITCHBOARD_REDIS)\n  RUST_LOG=LEVEL     log filter for stderr (default warn)\n",
+    flags: " [--redis URL] [--metrics ADDR]",
+    details: "  --redis URL        share rooms, presence and history with other instances through\n                     Redis, e.g. redis://127.0.0.1:6379 (needs the `redis` feature;\n                     also $SWITCHBOARD_REDIS)\n  --metrics ADDR     serve Prometheus metrics at http://ADDR/metrics (needs the\n                     `metrics` feature)\n  RUST_LOG=LEVEL     log filter for stderr (default warn)\n",
 };
 
 /// Environment variable naming the Redis to share, like `--redis`.
@@ -63,18 +81,39 @@ const REDIS_ENV: &str = "SWITCHBOARD_REDIS";
 /// Takes `--redis URL` (or `--redis=URL`) out of `args`, falling back to
 /// `$SWITCHBOARD_REDIS`; returns the URL, if any, and the other arguments.
 fn redis_arg(args: Vec<String>) -> Result<(Option<String>, Vec<String>), String> {
-    let mut url = None;
+    let (url, rest) = take_flag("--redis", args)?;
+    let url = url.or_else(|| std::env::var(REDIS_ENV).ok().filter(|v| !v.is_empty()));
+    Ok((url, rest))
+}
+
+/// Takes `FLAG VALUE` (or `FLAG=VALUE`) out of `args`; returns the value,
+/// if any, and the other arguments.
+fn take_flag(flag: &str, args: Vec<String>) -> Result<(Option<String>, Vec<String>), String> {
+    let mut value = None;
     let mut rest = Vec::new();
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
-        match arg.strip_prefix("--redis") {
-            Some("") => url = Some(args.next().ok_or("--redis needs a URL")?),
-            Some(v) if v.starts_with('=') => url = Some(v[1..].to_owned()),
+        match arg.strip_prefix(flag) {
+            Some("") => value = Some(args.next().ok_or(format!("{flag} needs a value"))?),
+            Some(v) if v.starts_with('=') => value = Some(v[1..].to_owned()),
             _ => rest.push(arg),
         }
     }
-    let url = url.or_else(|| std::env::var(REDIS_ENV).ok().filter(|v| !v.is_empty()));
-    Ok((url, rest))
+    Ok((value, rest))
+}
+
+/// Serves `/metrics` at `addr` (see `metrics.rs`).
+#[cfg(feature = "metrics")]
+async fn serve_metrics(addr: std::net::SocketAddr, hub: switchboard::Hub) -> std::io::Result<()> {
+    metrics::serve(addr, hub).await
+}
+
+/// Without the `metrics` feature the hub records nothing: refuse, and say
+/// how to get it.
+#[cfg(not(feature = "metrics"))]
+async fn serve_metrics(addr: std::net::SocketAddr, _hub: switchboard::Hub) -> std::io::Result<()> {
+    eprintln!("chat: --metrics {addr} needs the `metrics` feature: cargo run --example chat --features metrics -- --metrics {addr}");
+    std::process::exit(2);
 }
 
 /// The hub on Redis; exits with a message when Redis cannot be reached.

@@ -13,6 +13,7 @@ impl Hub {
         encoded: &mut Encoded<'_>,
     ) -> std::result::Result<usize, ProtocolError> {
         let Some(room) = self.inner.rooms.get(room) else { return Ok(0) };
+        let timer = crate::metrics::Timer::start();
         // Read lock held while queueing: queueing never awaits or blocks on
         // a peer, so publishers to the same room proceed in parallel.
         let members = room.members.read();
@@ -37,6 +38,7 @@ impl Hub {
                 Err(e) => *slot = Some(e),
             }
         }
+        timer.fanout_done(delivered);
         match failed {
             [Some(e), _] | [None, Some(e)] => Err(e),
             [None, None] => Ok(delivered),
@@ -111,6 +113,7 @@ impl Hub {
                 Err(e) => error = Some(e),
             }
         }
+        crate::metrics::messages_out(Kind::Event, sent);
         match error {
             Some(e) => Err(e.into()),
             None => Ok(sent),

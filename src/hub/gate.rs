@@ -34,6 +34,7 @@ impl Hub {
 
     fn gate_admit(&self, handshake: &mut Handshake) -> std::result::Result<Admission, Rejection> {
         if self.is_shutting_down() {
+            crate::metrics::refused(crate::metrics::Refusal::Shutdown);
             return Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"));
         }
         let peer = handshake.peer_addr().map(|p| p.ip());
@@ -92,8 +93,11 @@ impl Hub {
         let admission = self.gate_admit(handshake)?;
         match tokio::time::timeout(timeout, self.gate_authenticate(handshake)).await {
             Ok(Ok(identity)) => Ok((admission, identity)),
-            Ok(Err(rejection)) => Err(rejection),
-            Err(_) => Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "authentication timed out")),
+            Ok(Err(rejection)) => Err(crate::metrics::refusing(crate::metrics::Refusal::Auth, rejection)),
+            Err(_) => Err(crate::metrics::refusing(
+                crate::metrics::Refusal::AuthTimeout,
+                Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "authentication timed out"),
+            )),
         }
     }
 

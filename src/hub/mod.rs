@@ -179,6 +179,14 @@ impl Hub {
         }
     }
 
+    /// Open connections by transport, in [`crate::metrics::TRANSPORTS`] order.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn connections_by_transport(&self) -> [usize; 3] {
+        let mut n = [0; 3];
+        self.inner.sessions.read().values().for_each(|s| n[s.transport_index()] += 1);
+        n
+    }
+
     /// The admission policy.
     pub fn security(&self) -> &SecurityConfig {
         &self.inner.security

@@ -167,6 +167,12 @@ impl Rooms {
     pub(crate) fn count(&self) -> usize {
         self.shards.iter().map(|s| s.read().len()).sum()
     }
+
+    /// Room memberships of local connections (the sum of member counts).
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn memberships(&self) -> usize {
+        self.shards.iter().map(|s| s.read().values().map(|r| r.members.read().len()).sum::<usize>()).sum()
+    }
 }
 
 #[cfg(test)]

@@ -266,16 +266,22 @@ fn deliver(stream: &RoomStream, st: &StreamState, ev: &Positioned) {
         payload: &mut payload_fn,
         frames: Default::default(),
     };
+    let timer = crate::metrics::Timer::start();
     let members = room.members.read();
+    let mut delivered = 0;
     for (id, (wire, session)) in members.iter() {
         if id.get() == ev.exclude || st.recovering.contains(id) {
             continue;
         }
         match encoded.get(*wire) {
-            Ok(bytes) => session.push_tagged(bytes, &stream.name, ev.offset),
+            Ok(bytes) => {
+                session.push_tagged(bytes, &stream.name, ev.offset);
+                delivered += 1;
+            }
             Err(e) => tracing::warn!(room = %stream.name, error = %e, "event not representable in a member's format"),
         }
     }
+    timer.fanout_done(delivered);
 }
 
 /// Tells every live member that events `from..=to` are lost to them.

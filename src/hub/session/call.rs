@@ -104,11 +104,22 @@ pub(super) async fn room_worker(session: Arc<Session>, room: Arc<str>, timeout: 
 pub(super) async fn run_call(session: &Session, timeout: std::time::Duration, queued: QueuedCall) {
     let QueuedCall { make, reference, _permit } = queued;
     let fut = async move { make().await };
+    let timer = crate::metrics::Timer::start();
     match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
-        Err(_) => session.send_error(reference, ErrorCode::TIMEOUT.0, "handler timed out"),
-        Ok(Err(_panic)) => session.send_error(reference, ErrorCode::INTERNAL.0, "handler failed"),
-        Ok(Ok(Err(e))) => session.send_call_error(reference, &e),
+        Err(_) => {
+            timer.call_done(Some(ErrorCode::TIMEOUT.0));
+            session.send_error(reference, ErrorCode::TIMEOUT.0, "handler timed out")
+        }
+        Ok(Err(_panic)) => {
+            timer.call_done(Some(ErrorCode::INTERNAL.0));
+            session.send_error(reference, ErrorCode::INTERNAL.0, "handler failed")
+        }
+        Ok(Ok(Err(e))) => {
+            timer.call_done(Some(e.code()));
+            session.send_call_error(reference, &e)
+        }
         Ok(Ok(Ok(payload))) => {
+            timer.call_done(None);
             if let Some(r) = reference {
                 session.send_reply(r, &payload);
             }

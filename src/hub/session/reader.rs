@@ -115,6 +115,7 @@ where
 pub(super) fn charge(session: &Session, cost: u64) -> Result<(), Option<std::time::Duration>> {
     let Some(rate) = &session.rate else { return Ok(()) };
     let Err(wait) = (0..cost).try_for_each(|_| rate.messages.check()) else { return Ok(()) };
+    crate::metrics::rate_limited(false);
     over_rate(session, rate, wait)
 }
 
@@ -141,6 +142,7 @@ pub(super) fn within_join_rate(session: &Session, reference: Option<u64>) -> boo
     let Some(rate) = &session.rate else { return true };
     let Some(joins) = &rate.joins else { return true };
     let Err(wait) = joins.check() else { return true };
+    crate::metrics::rate_limited(true);
     if let Err(Some(wait)) = over_rate(session, rate, wait) {
         session.send_error_data(reference, ErrorCode::RATE_LIMITED.0, "join rate exceeded", &retry_after(wait));
     }
@@ -198,6 +200,7 @@ pub(super) fn on_message(
             return session.send_error(env.reference, ErrorCode::BAD_REQUEST.0, &msg);
         }
     }
+    crate::metrics::message_in(env.kind);
     match env.kind {
         Kind::Ping => session.send_parts(&Parts { reference: env.reference, ..Parts::new(Kind::Pong) }),
         Kind::Pong => {}

@@ -56,6 +56,7 @@ where
                     } else if let Some(f) = ping.take() {
                         f
                     } else if lagged > 0 {
+                        crate::metrics::lagged(lagged);
                         let data = lagged_payload(session.format, std::mem::take(&mut lagged));
                         session.notice(Parts { data: Some(data.bytes()), ..Parts::new(Kind::Lagged) })
                     } else if let Some((room, from, to)) = gaps.get(gap) {
@@ -83,6 +84,7 @@ where
                 session.close_with(DisconnectReason::ConnectionLost, None, true);
                 return false;
             }
+            crate::metrics::bytes_out(batch_bytes);
             if ping_is_answer {
                 session.alive.store(true, Ordering::Relaxed);
             }

@@ -1,0 +1,308 @@
+//! Metrics through the [`metrics`](https://docs.rs/metrics) facade (feature
+//! `metrics`): every name, unit and label the crate records, in one place.
+//!
+//! The host installs a recorder (an exporter such as
+//! `metrics-exporter-prometheus`), calls [`describe`] once so the exporter
+//! knows each metric's unit and help text, and calls [`sample`] before each
+//! scrape (or on an interval) to bring the gauges up to date. Without a
+//! recorder every call is a no-op; without the feature the recording
+//! functions below are empty inline functions, so their call sites cost
+//! nothing.
+//!
+//! **One source of truth.** Where the crate already keeps a count —
+//! [`HubStats`](crate::HubStats), the registry of connections, the rooms'
+//! member lists, a connection's outbound queue peak — the metric is read
+//! from it ([`sample`]) or recorded at the one place that count changes; no
+//! second, parallel count is kept.
+//!
+//! **Labels** have a small, fixed set of values: never a room name, a user
+//! id or a connection id. The table of every metric (name, type, unit,
+//! labels, meaning) is in `docs/operations.md`.
+//!
+//! ```no_run
+//! # #[cfg(feature = "metrics")]
+//! # fn run(hub: &switchboard::Hub) {
+//! // Once, after installing the recorder:
+//! switchboard::metrics::describe();
+//! // Before rendering each scrape:
+//! switchboard::metrics::sample(hub);
+//! # }
+//! ```
+
+#[cfg(feature = "metrics")]
+use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+
+use crate::hub::DisconnectReason;
+use crate::protocol::Kind;
+
+/// Every metric name, so docs, tests and call sites agree.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub mod names {
+    /// Gauge: open connections, label `transport`.
+    pub const CONNECTIONS: &str = "switchboard_connections";
+    /// Counter: connections opened, label `transport`.
+    pub const CONNECTS: &str = "switchboard_connects_total";
+    /// Counter: connections ended, labels `transport`, `reason`, `code`.
+    pub const DISCONNECTS: &str = "switchboard_disconnects_total";
+    /// Counter: handshakes refused before the upgrade, label `reason`.
+    pub const HANDSHAKE_REFUSALS: &str = "switchboard_handshake_refusals_total";
+    /// Gauge: rooms with at least one local member.
+    pub const ROOMS: &str = "switchboard_rooms";
+    /// Gauge: room memberships of local connections.
+    pub const ROOM_MEMBERS: &str = "switchboard_room_members";
+    /// Gauge: distinct users with at least one connection.
+    pub const USERS: &str = "switchboard_users";
+    /// Gauge: live connection and room tasks.
+    pub const TASKS: &str = "switchboard_tasks";
+    /// Counter: envelopes received from clients, label `type`.
+    pub const MESSAGES_IN: &str = "switchboard_messages_in_total";
+    /// Counter: envelopes queued to clients, label `type`.
+    pub const MESSAGES_OUT: &str = "switchboard_messages_out_total";
+    /// Counter: bytes of data frames written to transports.
+    pub const BYTES_OUT: &str = "switchboard_bytes_out_total";
+    /// Histogram: a connection's outbound queue peak, recorded when it ends.
+    pub const QUEUE_PEAK: &str = "switchboard_outbound_queue_peak_bytes";
+    /// Counter: messages dropped under the drop-oldest policy (`lagged`).
+    pub const LAGGED: &str = "switchboard_lagged_dropped_total";
+    /// Counter: messages refused over a connection's rate, label `limit`.
+    pub const RATE_LIMITED: &str = "switchboard_rate_limited_total";
+    /// Histogram: handler run time, label `outcome`.
+    pub const CALL_DURATION: &str = "switchboard_call_duration_seconds";
+    /// Counter: calls answered with an error, label `code`.
+    pub const CALL_ERRORS: &str = "switchboard_call_errors_total";
+    /// Histogram: time to queue one publish to this node's members.
+    pub const FANOUT_DURATION: &str = "switchboard_publish_fanout_seconds";
+}
+
+/// Registers the unit and help text of every metric with the installed
+/// recorder. Call once, after installing it.
+#[cfg(feature = "metrics")]
+pub fn describe() {
+    use names::*;
+    describe_gauge!(CONNECTIONS, Unit::Count, "Open connections (any state before closed), by transport.");
+    describe_counter!(CONNECTS, Unit::Count, "Connections opened, by transport.");
+    describe_counter!(DISCONNECTS, Unit::Count, "Connections ended, by transport, reason and close code.");
+    describe_counter!(HANDSHAKE_REFUSALS, Unit::Count, "Handshakes refused before the upgrade, by reason.");
+    describe_gauge!(ROOMS, Unit::Count, "Rooms with at least one local member.");
+    describe_gauge!(ROOM_MEMBERS, Unit::Count, "Room memberships of local connections.");
+    describe_gauge!(USERS, Unit::Count, "Distinct user ids with at least one local connection.");
+    describe_gauge!(TASKS, Unit::Count, "Live connection, call and room tasks.");
+    describe_counter!(MESSAGES_IN, Unit::Count, "Envelopes received from clients, by type.");
+    describe_counter!(MESSAGES_OUT, Unit::Count, "Envelopes queued to clients, by type.");
+    describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes of data frames written to transports.");
+    describe_histogram!(QUEUE_PEAK, Unit::Bytes, "Peak outbound queue bytes of each ended connection.");
+    describe_counter!(LAGGED, Unit::Count, "Messages dropped under the drop-oldest overflow policy.");
+    describe_counter!(RATE_LIMITED, Unit::Count, "Messages refused over a connection's rate, by limit.");
+    describe_histogram!(CALL_DURATION, Unit::Seconds, "Handler run time of calls, by outcome.");
+    describe_counter!(CALL_ERRORS, Unit::Count, "Calls answered with an error, by error code.");
+    describe_histogram!(FANOUT_DURATION, Unit::Seconds, "Time to queue one publish to this node's members.");
+}
+
+/// Sets the gauges from the hub's own counts ([`Hub::stats`](crate::Hub::stats),
+/// its registry of connections, its rooms). Call before rendering a scrape
+/// (or on an interval): the gauges are only as fresh as the last call.
+#[cfg(feature = "metrics")]
+pub fn sample(hub: &crate::Hub) {
+    use names::*;
+    let stats = hub.stats();
+    let by_transport = hub.connections_by_transport();
+    for (transport, n) in TRANSPORTS.iter().zip(by_transport) {
+        gauge!(CONNECTIONS, "transport" => *transport).set(n as f64);
+    }
+    gauge!(ROOMS).set(stats.rooms as f64);
+    gauge!(ROOM_MEMBERS).set(hub.inner.rooms.memberships() as f64);
+    gauge!(USERS).set(stats.users as f64);
+    gauge!(TASKS).set(stats.tasks as f64);
+}
+
+/// The `transport` label's values, in [`transport_index`] order.
+#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+pub(crate) const TRANSPORTS: [&str; 3] = ["websocket", "sse", "other"];
+
+/// The `transport` label of a connection, from what its transport says it
+/// can do: framed for WebSocket, one-way (SSE), or another transport.
+pub(crate) fn transport_index(caps: &crate::transport::Capabilities) -> usize {
+    if caps.framing == Some(crate::transport::Framing::WebSocket) {
+        0
+    } else if !caps.bidirectional {
+        1
+    } else {
+        2
+    }
+}
+
+/// Why a handshake was refused (the `reason` label of
+/// `switchboard_handshake_refusals_total`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refusal {
+    /// The hub is shutting down (503).
+    Shutdown,
+    /// A malformed forwarded-for header (400).
+    Address,
+    /// The `Origin` check (403).
+    Origin,
+    /// The hub's connection limit (503).
+    Limit,
+    /// The per-address connection limit (429).
+    AddressLimit,
+    /// The connection rate (429).
+    Rate,
+    /// The authenticator refused.
+    Auth,
+    /// The authenticator did not answer in time (503).
+    AuthTimeout,
+}
+
+impl Refusal {
+    #[cfg(feature = "metrics")]
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Shutdown => "shutdown",
+            Refusal::Address => "address",
+            Refusal::Origin => "origin",
+            Refusal::Limit => "limit",
+            Refusal::AddressLimit => "address_limit",
+            Refusal::Rate => "rate",
+            Refusal::Auth => "auth",
+            Refusal::AuthTimeout => "auth_timeout",
+        }
+    }
+}
+
+/// A handshake was refused.
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn refused(why: Refusal) {
+    #[cfg(feature = "metrics")]
+    counter!(names::HANDSHAKE_REFUSALS, "reason" => why.as_str()).increment(1);
+}
+
+/// Counts a refusal and passes its rejection on (for `map_err`).
+#[inline]
+pub(crate) fn refusing<T>(why: Refusal, rejection: T) -> T {
+    refused(why);
+    rejection
+}
+
+/// A connection opened.
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn connected(transport: usize) {
+    #[cfg(feature = "metrics")]
+    counter!(names::CONNECTS, "transport" => TRANSPORTS[transport]).increment(1);
+}
+
+/// A connection ended, with the most bytes ever queued for it.
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn disconnected(transport: usize, reason: &DisconnectReason, peak_queued: usize) {
+    #[cfg(feature = "metrics")]
+    {
+        let (why, code) = disconnect_labels(reason);
+        counter!(names::DISCONNECTS, "transport" => TRANSPORTS[transport], "reason" => why, "code" => code)
+            .increment(1);
+        histogram!(names::QUEUE_PEAK).record(peak_queued as f64);
+    }
+}
+
+/// The `reason` and `code` labels of a disconnect. The code is the close
+/// code the server sent; a client's own code is not a label (a client
+/// chooses it, so it is not a small set).
+#[cfg(feature = "metrics")]
+fn disconnect_labels(reason: &DisconnectReason) -> (&'static str, ::metrics::SharedString) {
+    use crate::protocol::CloseCode;
+    let code = |c: CloseCode| ::metrics::SharedString::from(c.0.to_string());
+    match reason {
+        DisconnectReason::ClientClosed { .. } => ("client_closed", "".into()),
+        DisconnectReason::ConnectionLost => ("connection_lost", "".into()),
+        DisconnectReason::HeartbeatTimeout => ("heartbeat_timeout", code(CloseCode::HEARTBEAT_TIMEOUT)),
+        DisconnectReason::SlowConsumer => ("slow_consumer", code(CloseCode::SLOW_CONSUMER)),
+        DisconnectReason::ServerShutdown => ("server_shutdown", code(CloseCode::GOING_AWAY)),
+        DisconnectReason::Host(c) => ("host", code(*c)),
+        DisconnectReason::RateLimited => ("rate_limited", code(CloseCode::POLICY)),
+        DisconnectReason::TokenExpired => ("token_expired", code(CloseCode::TOKEN_EXPIRED)),
+        DisconnectReason::ProtocolViolation(c) => ("protocol_violation", code(*c)),
+    }
+}
+
+/// An envelope of type `kind` arrived from a client.
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn message_in(kind: Kind) {
+    #[cfg(feature = "metrics")]
+    counter!(names::MESSAGES_IN, "type" => kind.as_str()).increment(1);
+}
+
+/// `n` envelopes of type `kind` were queued to clients.
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn messages_out(kind: Kind, n: usize) {
+    #[cfg(feature = "metrics")]
+    if n > 0 {
+        counter!(names::MESSAGES_OUT, "type" => kind.as_str()).increment(n as u64);
+    }
+}
+
+/// A writer wrote a batch of data frames of `bytes` bytes.
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn bytes_out(bytes: usize) {
+    #[cfg(feature = "metrics")]
+    if bytes > 0 {
+        counter!(names::BYTES_OUT).increment(bytes as u64);
+    }
+}
+
+/// The writer told its client that `n` messages were dropped (`lagged`).
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn lagged(n: u64) {
+    #[cfg(feature = "metrics")]
+    counter!(names::LAGGED).increment(n);
+}
+
+/// A message was refused over the connection's rate: `joins` for the join
+/// rate, otherwise the message rate.
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn rate_limited(joins: bool) {
+    #[cfg(feature = "metrics")]
+    counter!(names::RATE_LIMITED, "limit" => if joins { "joins" } else { "messages" }).increment(1);
+}
+
+/// A start time, taken only when the feature is on (zero-sized otherwise).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timer(#[cfg(feature = "metrics")] std::time::Instant);
+
+impl Timer {
+    #[inline]
+    pub(crate) fn start() -> Timer {
+        Timer(
+            #[cfg(feature = "metrics")]
+            std::time::Instant::now(),
+        )
+    }
+
+    /// A handler call ended: `error` is its error code, if it failed.
+    #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn call_done(self, error: Option<u32>) {
+        #[cfg(feature = "metrics")]
+        {
+            let outcome = if error.is_some() { "error" } else { "ok" };
+            histogram!(names::CALL_DURATION, "outcome" => outcome).record(self.0.elapsed().as_secs_f64());
+            if let Some(code) = error {
+                counter!(names::CALL_ERRORS, "code" => code.to_string()).increment(1);
+            }
+        }
+    }
+
+    /// A publish was queued to `n` local members.
+    #[inline]
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn fanout_done(self, n: usize) {
+        messages_out(Kind::Event, n);
+        #[cfg(feature = "metrics")]
+        histogram!(names::FANOUT_DURATION).record(self.0.elapsed().as_secs_f64());
+    }
+}
