@@ -10,7 +10,7 @@
 //! nothing.
 //!
 //! **One source of truth.** Where the crate already keeps a count —
-//! [`HubStats`](crate::HubStats), the registry of connections, the rooms'
+//! [`HubStats`](crate::hub::HubStats), the registry of connections, the rooms'
 //! member lists, a connection's outbound queue peak — the metric is read
 //! from it ([`sample`]) or recorded at the one place that count changes; no
 //! second, parallel count is kept.
@@ -105,8 +105,17 @@ pub fn describe() {
 pub fn sample(hub: &crate::Hub) {
     use names::*;
     let stats = hub.stats();
-    let by_transport = hub.connections_by_transport();
-    for (transport, n) in TRANSPORTS.iter().zip(by_transport) {
+    let open = hub.connections_by_transport();
+    // Every transport seen so far gets a value, so one whose last
+    // connection ended reads 0 rather than its last count.
+    let mut seen = SEEN_TRANSPORTS.lock();
+    for (transport, _) in &open {
+        if !seen.contains(transport) {
+            seen.push(transport);
+        }
+    }
+    for transport in seen.iter() {
+        let n = open.iter().find(|(t, _)| t == transport).map_or(0, |(_, n)| *n);
         gauge!(CONNECTIONS, "transport" => *transport).set(n as f64);
     }
     gauge!(ROOMS).set(stats.rooms as f64);
@@ -115,21 +124,10 @@ pub fn sample(hub: &crate::Hub) {
     gauge!(TASKS).set(stats.tasks as f64);
 }
 
-/// The `transport` label's values, in [`transport_index`] order.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) const TRANSPORTS: [&str; 3] = ["websocket", "sse", "other"];
-
-/// The `transport` label of a connection, from what its transport says it
-/// can do: framed for WebSocket, one-way (SSE), or another transport.
-pub(crate) fn transport_index(caps: &crate::transport::Capabilities) -> usize {
-    if caps.framing == Some(crate::transport::Framing::WebSocket) {
-        0
-    } else if !caps.bidirectional {
-        1
-    } else {
-        2
-    }
-}
+/// The transports ([`Transport::name`](crate::transport::Transport::name)) [`sample`]
+/// has seen, whose connection gauges it keeps setting.
+#[cfg(feature = "metrics")]
+static SEEN_TRANSPORTS: parking_lot::Mutex<Vec<&'static str>> = parking_lot::Mutex::new(Vec::new());
 
 /// Why a handshake was refused (the `reason` label of
 /// `switchboard_handshake_refusals_total`).
@@ -187,20 +185,19 @@ pub(crate) fn refusing<T>(why: Refusal, rejection: T) -> T {
 /// A connection opened.
 #[inline]
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-pub(crate) fn connected(transport: usize) {
+pub(crate) fn connected(transport: &'static str) {
     #[cfg(feature = "metrics")]
-    counter!(names::CONNECTS, "transport" => TRANSPORTS[transport]).increment(1);
+    counter!(names::CONNECTS, "transport" => transport).increment(1);
 }
 
 /// A connection ended, with the most bytes ever queued for it.
 #[inline]
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-pub(crate) fn disconnected(transport: usize, reason: &DisconnectReason, peak_queued: usize) {
+pub(crate) fn disconnected(transport: &'static str, reason: &DisconnectReason, peak_queued: usize) {
     #[cfg(feature = "metrics")]
     {
         let (why, code) = disconnect_labels(reason);
-        counter!(names::DISCONNECTS, "transport" => TRANSPORTS[transport], "reason" => why, "code" => code)
-            .increment(1);
+        counter!(names::DISCONNECTS, "transport" => transport, "reason" => why, "code" => code).increment(1);
         histogram!(names::QUEUE_PEAK).record(peak_queued as f64);
     }
 }

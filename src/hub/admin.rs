@@ -47,7 +47,8 @@ use std::time::SystemTime;
 /// Where and when a connection came from: kept on the session for
 /// [`ConnectionInfo`]. Set once, never changed.
 pub(crate) struct Origin {
-    transport: &'static str,
+    /// [`Transport::name`]; also the `transport` label of the metrics.
+    pub(crate) transport: &'static str,
     connected_at: SystemTime,
     peer_addr: Option<SocketAddr>,
     /// The address the hub's admission counted (a trusted proxy's

@@ -179,11 +179,16 @@ impl Hub {
         }
     }
 
-    /// Open connections by transport, in [`crate::metrics::TRANSPORTS`] order.
+    /// Open connections by [`Transport::name`].
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-    pub(crate) fn connections_by_transport(&self) -> [usize; 3] {
-        let mut n = [0; 3];
-        self.inner.sessions.read().values().for_each(|s| n[s.transport_index()] += 1);
+    pub(crate) fn connections_by_transport(&self) -> Vec<(&'static str, usize)> {
+        let mut n: Vec<(&'static str, usize)> = Vec::new();
+        for s in self.inner.sessions.read().values() {
+            match n.iter_mut().find(|(t, _)| *t == s.origin.transport) {
+                Some((_, count)) => *count += 1,
+                None => n.push((s.origin.transport, 1)),
+            }
+        }
         n
     }
 

@@ -168,11 +168,6 @@ impl Session {
         self.grant.lock().refreshed.as_deref().unwrap_or(&self.identity).allows_room(room)
     }
 
-    /// Its `transport` metric label ([`crate::metrics::TRANSPORTS`]).
-    pub(crate) fn transport_index(&self) -> usize {
-        crate::metrics::transport_index(&self.caps)
-    }
-
     pub(crate) fn state(&self) -> ConnectionState {
         ConnectionState::from_u8(self.state.load(Ordering::Acquire))
     }
@@ -490,7 +485,7 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
     async move {
         let _task = task;
         // Counted before the `hello`: a client that has it sees itself counted.
-        crate::metrics::connected(session.transport_index());
+        crate::metrics::connected(session.origin.transport);
         let writer = {
             let guard = TaskGuard::new(&hub.inner);
             // `map`, not an `async` wrapper: a wrapper would keep the captured
@@ -555,7 +550,7 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
         hub.deregister(&session);
         session.set_state(ConnectionState::Closed);
         let reason = session.reason().unwrap_or(DisconnectReason::ConnectionLost);
-        crate::metrics::disconnected(session.transport_index(), &reason, session.outbox.peak_bytes());
+        crate::metrics::disconnected(session.origin.transport, &reason, session.outbox.peak_bytes());
         hub.hook_disconnect(&session, &reason);
         hub.session_ended();
     }
