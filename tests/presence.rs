@@ -815,3 +815,52 @@ async fn a_hung_store_delays_presence_by_its_timeout_and_never_stalls_it() {
     let shutdown = tokio::time::timeout(Duration::from_secs(60), hub.shutdown(Duration::from_secs(5))).await;
     shutdown.expect("shutdown stalled on the hung presence store");
 }
+
+/// A backplane whose presence publishes never answer (room messages and
+/// every subscription work): the presence sync must not hold its lock for
+/// one backplane timeout per room.
+struct HungPresencePublish(MemoryBackplane);
+
+impl switchboard::backplane::Backplane for HungPresencePublish {
+    fn publish(
+        &self,
+        topic: &str,
+        message: bytes::Bytes,
+    ) -> futures::future::BoxFuture<'static, switchboard::Result<()>> {
+        if topic.starts_with("$presence:") {
+            return Box::pin(std::future::pending());
+        }
+        self.0.publish(topic, message)
+    }
+
+    fn subscribe(
+        &self,
+        topic: &str,
+    ) -> futures::future::BoxFuture<'static, switchboard::Result<switchboard::backplane::Subscription>> {
+        self.0.subscribe(topic)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_backplane_holds_presence_sync_for_one_timeout_not_one_per_room() {
+    let timeout = Duration::from_secs(2);
+    let rooms = 12;
+    let hub = presence_hub()
+        .config(HubConfig::default().backplane_timeout(timeout))
+        .backplane(HungPresencePublish(MemoryBackplane::new()))
+        .build();
+    let mut alice = mem_connect(&hub, "alice").await;
+    for i in 0..rooms {
+        let room = format!("r{i}");
+        alice.join_ok(&room).await;
+        assert_eq!(alice.next_presence(&room).await["type"], "presence_state");
+    }
+    // The sync task is inside its publishes of the joins (all rooms at
+    // once, one timeout for all; at most one more sync is queued behind
+    // it); shutdown's flush waits for the lock, then publishes every room's
+    // leave the same way: at most three timeouts in all, where one timeout
+    // per room would be 12 x 2 s for the flush alone.
+    let shutdown = tokio::time::timeout(timeout * 5, hub.shutdown(Duration::from_secs(1))).await;
+    shutdown.expect("shutdown waited on one backplane timeout per room");
+    drop(alice);
+}

@@ -38,12 +38,13 @@ use super::{
     PresenceRecord, PresenceStats, PresenceStore, StoreChange,
 };
 use crate::backplane::Subscription;
+use crate::error::ErrorKind;
 use crate::hub::extension::{PresenceHello, WeakHub};
 use crate::hub::room::validate_room_name;
 use crate::hub::session::{Session, Wire};
 use crate::hub::{Hub, TaskGuard};
 use crate::protocol::{Envelope, ErrorCode, Format, Kind, Parts, Payload};
-use crate::util::{unix_ms, AbortOnDrop, TokenBucket};
+use crate::util::{bounded, unix_ms, AbortOnDrop, TokenBucket};
 use bytes::Bytes;
 use futures::StreamExt;
 use parking_lot::{Mutex, RwLock};
@@ -674,24 +675,6 @@ impl Drop for PresenceHub {
     }
 }
 
-/// A call of the host's store that gives up after `timeout`, with an
-/// [`ErrorKind::Presence`](crate::ErrorKind::Presence) error: a hung store
-/// must not hold the sync lock (and so every room's writes, and shutdown)
-/// forever.
-async fn bounded<T>(
-    timeout: Duration,
-    what: &'static str,
-    call: impl std::future::Future<Output = crate::Result<T>>,
-) -> crate::Result<T> {
-    match tokio::time::timeout(timeout, call).await {
-        Ok(result) => result,
-        Err(_) => Err(crate::Error::msg(
-            crate::ErrorKind::Presence,
-            format!("presence store {what}: no answer within {timeout:?}"),
-        )),
-    }
-}
-
 /// `now + d`, at most a year ahead (a peer node or a host setting may ask
 /// for absurd durations, and `Instant` addition would panic).
 fn later(now: Instant, d: Duration) -> Instant {
@@ -700,12 +683,15 @@ fn later(now: Instant, d: Duration) -> Instant {
 }
 
 impl PresenceHub {
-    /// `store.list`, bounded by [`PresenceConfig::store_timeout`].
+    /// `store.list`, bounded by [`PresenceConfig::store_timeout`]: a hung
+    /// store fails the call with [`ErrorKind::Presence`](crate::ErrorKind::Presence)
+    /// instead of holding the sync lock (and so every room's writes, and
+    /// shutdown) forever.
     fn store_list(
         &self,
         query: PresenceQuery,
     ) -> impl std::future::Future<Output = crate::Result<Vec<PresenceRecord>>> {
-        bounded(self.config.store_timeout, "list", self.store.list(query))
+        bounded(self.config.store_timeout, ErrorKind::Presence, "presence store list", self.store.list(query))
     }
 
     /// `store.write`, bounded by [`PresenceConfig::store_timeout`].
@@ -714,7 +700,7 @@ impl PresenceHub {
         changes: Vec<StoreChange>,
         ttl: Duration,
     ) -> impl std::future::Future<Output = crate::Result<()>> {
-        bounded(self.config.store_timeout, "write", self.store.write(changes, ttl))
+        bounded(self.config.store_timeout, ErrorKind::Presence, "presence store write", self.store.write(changes, ttl))
     }
 
     pub(crate) fn new(
@@ -1183,6 +1169,15 @@ impl PresenceHub {
 
     /// Writes this node's changes to the store, then publishes them; with
     /// `refresh`, rewrites all its entries and reconciles every view.
+    ///
+    /// Holds the write lock (an async one: it serializes the sync task and
+    /// shutdown's flush, whose batches must reach the store and the other
+    /// nodes in order) across host calls, each bounded: one store write
+    /// ([`PresenceConfig::store_timeout`]), the rooms' publishes *at once*
+    /// (one [`HubConfig::backplane_timeout`](crate::HubConfig::backplane_timeout)
+    /// for all of them, not one per room), and with `refresh` one more store
+    /// write. A hung store or backplane delays the next sync by that much,
+    /// never more.
     pub(crate) async fn sync(&self, hub: &Hub, refresh: bool) {
         let write = self.write_lock.lock().await;
         let work = std::mem::take(&mut *self.shared.outgoing.lock());
@@ -1219,12 +1214,16 @@ impl PresenceHub {
             }
         }
         if let Some(backplane) = hub.backplane() {
-            for (room, changes) in batches {
+            let publishes = batches.into_iter().map(|(room, changes)| {
                 let batch = NodeBatch { v: wire::BATCH_VERSION, node: self.node, changes };
-                if let Err(e) = backplane.publish(&wire::topic(&room), batch.encode()).await {
-                    tracing::warn!(room = &*room, error = %e, "presence publish failed; other nodes reconcile from the store");
+                let publish = backplane.publish(&wire::topic(&room), batch.encode());
+                async move {
+                    if let Err(e) = publish.await {
+                        tracing::warn!(room = &*room, error = %e, "presence publish failed; other nodes reconcile from the store");
+                    }
                 }
-            }
+            });
+            futures::future::join_all(publishes).await;
         }
         if !refresh {
             return;
