@@ -123,6 +123,29 @@ impl Hub {
         handshake: &Handshake,
         identity: Identity,
     ) -> impl Future<Output = ()> + Send + 'static {
+        self.serve_session(transport, handshake, identity, None)
+    }
+
+    /// [`Hub::serve`] for an event stream (SSE) whose session joins
+    /// `stream`'s rooms itself and gives its events the stream's ids.
+    #[cfg(feature = "sse")]
+    pub(crate) fn serve_stream<T: Transport>(
+        &self,
+        transport: T,
+        handshake: &Handshake,
+        identity: Identity,
+        stream: super::session::sse_stream::StreamSpec,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        self.serve_session(transport, handshake, identity, Some(stream))
+    }
+
+    fn serve_session<T: Transport>(
+        &self,
+        transport: T,
+        handshake: &Handshake,
+        identity: Identity,
+        stream: Option<super::session::sse_stream::StreamSpec>,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let id = ConnectionId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         let mut transport = transport;
         let caps = transport.capabilities();
@@ -131,14 +154,9 @@ impl Hub {
         }
         let compress = transport.compress_above().filter(|_| caps.framing.is_some());
         let origin = admin::Origin::new(transport.name(), handshake);
-        let session = Arc::new(Session::new(
-            id,
-            (handshake.format(), handshake.version()),
-            identity,
-            (caps, compress),
-            origin,
-            self,
-        ));
+        let session =
+            Session::new(id, (handshake.format(), handshake.version()), identity, (caps, compress), origin, self);
+        let session = Arc::new(session.with_stream(stream));
         self.register(&session);
         if self.is_shutting_down() {
             session.close(DisconnectReason::ServerShutdown, CloseCode::GOING_AWAY, "server shutting down", true);

@@ -41,7 +41,7 @@ use futures::FutureExt;
 use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use session::{Session, Wire};
+use session::{JoinAnswer, Session, Wire};
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;

@@ -119,7 +119,7 @@ impl Encoded<'_> {
             // Not compressed for this form: the framed one, shared.
             None => match wire.uncompressed() {
                 Some(framed) => self.get(framed)?,
-                None => wire.prepare(envelope),
+                None => wire.prepare(Kind::Event, Some(self.event), envelope),
             },
         };
         self.frames[wire.index()] = Some(bytes.clone());

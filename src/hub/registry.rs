@@ -73,7 +73,7 @@ impl Hub {
         let session = self.inner.sessions.read().get(&id).cloned();
         let session = session.ok_or_else(|| Error::new(ErrorKind::NotConnected))?;
         validate_room_name(room).map_err(|why| Error::msg(ErrorKind::InvalidRoom, why))?;
-        self.add_member(&session, room, stream::Want::Live, None).await?;
+        self.add_member(&session, room, stream::Want::Live, JoinAnswer::Silent).await?;
         self.extension_joined(&session, room);
         Ok(())
     }
@@ -93,7 +93,7 @@ impl Hub {
         room: &str,
         params: Option<Payload>,
         want: stream::Want,
-        reference: Option<u64>,
+        answer: JoinAnswer,
     ) -> std::result::Result<bool, CallError> {
         if let Some(auth) = &self.inner.authorize_join {
             let req = JoinRequest {
@@ -104,18 +104,18 @@ impl Hub {
             };
             auth.authorize(req).await?;
         }
-        Ok(self.add_member(session, room, want, reference).await?)
+        Ok(self.add_member(session, room, want, answer).await?)
     }
 
     /// Adds the membership; returns whether a reply was queued (only with a
-    /// `reference`, in a recoverable room). A refusal carries the client's
+    /// `answer` that replies, in a recoverable room). A refusal carries the client's
     /// reply as its source (see [`Error::call_error`]).
     pub(super) async fn add_member(
         &self,
         session: &Arc<Session>,
         room: &str,
         want: stream::Want,
-        reference: Option<u64>,
+        answer: JoinAnswer,
     ) -> Result<bool> {
         let refuse = |kind, code, message| Error::with_source(kind, CallError::with_code(code, message));
         if self.is_shutting_down() {
@@ -157,8 +157,8 @@ impl Hub {
         let replied = match &stream {
             Some(stream) => {
                 self.start_position_check();
-                self.join_stream(session, stream, want, reference).await?;
-                reference.is_some()
+                self.join_stream(session, stream, want, answer).await?;
+                answer.replies()
             }
             None => false,
         };

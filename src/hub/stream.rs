@@ -34,7 +34,7 @@
 //! Lock order: stream state → room members → session outbox. Nothing awaits
 //! under the stream lock.
 
-use super::session::Wire;
+use super::session::{JoinAnswer, Wire};
 use super::{transcoding, Encoded, Hub, HubInner, TaskGuard};
 use crate::history::{HistoryRead, Publication, RoomHistory, StreamPosition};
 use crate::protocol::{Format, Kind, Parts, Payload};
@@ -300,12 +300,11 @@ fn announce_gap(stream: &RoomStream, st: &StreamState, from: Option<u64>, to: Op
         let bytes = frames[wire.index()]
             .get_or_insert_with(|| {
                 let data = gap_payload(f, from, to, reason, epoch);
-                wire.prepare(
-                    Parts { room: Some(&stream.name), data: Some(data.bytes()), ..Parts::new(Kind::Gap) }.encode(f),
-                )
+                let parts = Parts { room: Some(&stream.name), data: Some(data.bytes()), ..Parts::new(Kind::Gap) };
+                wire.prepare(Kind::Gap, None, parts.encode(f))
             })
             .clone();
-        session.push_prepared(bytes);
+        session.push_gap(bytes, &stream.name, reason, to, Some(&st.epoch));
     }
 }
 
@@ -412,14 +411,14 @@ impl Hub {
     }
 
     /// The join of a recoverable room: reads the store, merges with the live
-    /// stream, queues the reply (when `reference` is given) and the replay,
+    /// stream, queues the reply (when `answer` replies) and the replay,
     /// and makes the member live. See the module docs.
     pub(crate) async fn join_stream(
         &self,
         session: &Arc<super::session::Session>,
         stream: &Arc<RoomStream>,
         want: Want,
-        reference: Option<u64>,
+        answer: JoinAnswer,
     ) -> crate::Result<()> {
         use crate::protocol::ErrorCode;
         let Some(history) = self.history() else { return Ok(()) };
@@ -430,7 +429,7 @@ impl Hub {
         if let Want::Live = merge.want {
             let st = stream.state.lock();
             if st.last.is_some() {
-                let step = self.merge_locked(session, stream, st, &mut merge, None, reference);
+                let step = self.merge_locked(session, stream, st, &mut merge, None, answer);
                 debug_assert!(matches!(step, Step::Done));
                 return Ok(());
             }
@@ -438,7 +437,7 @@ impl Hub {
         for _attempt in 0..16 {
             let read: HistoryRead = history.store.read(&stream.name, since.clone(), limit).await?;
             let st = stream.state.lock();
-            match self.merge_locked(session, stream, st, &mut merge, Some(read), reference) {
+            match self.merge_locked(session, stream, st, &mut merge, Some(read), answer) {
                 Step::Done => return Ok(()),
                 Step::ReadMore(from) => {
                     since = Some(from);
@@ -471,7 +470,7 @@ impl Hub {
         mut st: parking_lot::MutexGuard<'_, StreamState>,
         merge: &mut Merge,
         read: Option<HistoryRead>,
-        reference: Option<u64>,
+        answer: JoinAnswer,
     ) -> Step {
         if let Some(read) = &read {
             if st.last.is_none() {
@@ -576,7 +575,7 @@ impl Hub {
                 frames.drain(..skip);
             }
         }
-        if let Some(r) = reference {
+        if answer.replies() {
             #[derive(Serialize)]
             struct StreamReply<'a> {
                 room: &'a str,
@@ -587,7 +586,7 @@ impl Hub {
             }
             let reply = StreamReply { room: &stream.name, epoch: &epoch, offset: live, recovered };
             if let Ok(p) = Payload::encode(session.format, &reply) {
-                session.send_reply(r, &p);
+                session.answer_join(answer, &p, Some((epoch.clone(), live)), recovered);
             }
         }
         for (bytes, offset) in frames {

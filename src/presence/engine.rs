@@ -394,7 +394,8 @@ impl RoomState {
                 self.last_count = None;
             }
             let data = StateData { count, presences: None };
-            return encode(Kind::PresenceState, room, &data, wire.format).map(|b| wire.prepare(b));
+            return encode(Kind::PresenceState, room, &data, wire.format)
+                .map(|b| wire.prepare(Kind::PresenceState, None, b));
         }
         if let Some(bytes) = &self.joiner_states[wire.index()] {
             return Some(bytes.clone());
@@ -412,7 +413,7 @@ impl RoomState {
             let count = Count { keys: presences.len(), connections: presences.values().map(|m| m.0.len()).sum() };
             encode(Kind::PresenceState, room, &StateData { count, presences: Some(presences) }, wire.format)
         };
-        let bytes = wire.prepare(bytes?);
+        let bytes = wire.prepare(Kind::PresenceState, None, bytes?);
         self.states_encoded += 1;
         self.joiner_states[wire.index()] = Some(bytes.clone());
         Some(bytes)
@@ -600,7 +601,8 @@ fn broadcast<T: Serialize>(
         }
         let wire = session.wire();
         let slot = &mut frames[wire.index()];
-        if let Some(bytes) = slot.get_or_insert_with(|| encode(kind, room, data, wire.format).map(|b| wire.prepare(b)))
+        if let Some(bytes) =
+            slot.get_or_insert_with(|| encode(kind, room, data, wire.format).map(|b| wire.prepare(kind, None, b)))
         {
             if !session.offer_prepared(bytes.clone()) {
                 behind.insert(*id);

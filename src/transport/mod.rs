@@ -15,6 +15,7 @@
 //! A host can write its own: implement [`Transport`] and hand it to
 //! [`Hub::connect`](crate::Hub::connect).
 
+pub(crate) mod event_stream;
 pub mod memory;
 #[cfg(feature = "sse")]
 pub mod sse;
@@ -311,6 +312,14 @@ pub enum Framing {
     /// byte header, then the payload unchanged. Server frames are never
     /// masked, so one framed buffer serves every recipient.
     WebSocket,
+    /// A whole `text/event-stream` event (Server-Sent Events): an `event:`
+    /// line naming it, then the payload as `data:` lines, then the empty
+    /// line that ends it. The session names each event from the envelope
+    /// it encoded (`docs/sse.md`: an `event` by its event name, any other
+    /// type `$<type>`), frames it once per broadcast, and writes a
+    /// stream's own `id:` line as a text frame of its own right before the
+    /// event that carries it; the sink appends what it is given.
+    EventStream,
 }
 
 impl Framing {
@@ -325,6 +334,18 @@ impl Framing {
                 out.extend_from_slice(payload);
                 out.freeze()
             }
+            // An unnamed event (a `message` to `EventSource`).
+            Framing::EventStream => event_stream::event(None, None, payload),
+        }
+    }
+
+    /// A data frame of `payload` in this framing, for a transport whose
+    /// framing names its messages ([`Framing::EventStream`]: the event's
+    /// name); other framings ignore `name`, as [`Framing::frame`].
+    pub fn frame_named(self, binary: bool, name: &str, payload: &[u8]) -> Bytes {
+        match self {
+            Framing::EventStream => event_stream::event(None, Some(name), payload),
+            Framing::WebSocket => self.frame(binary, payload),
         }
     }
 
@@ -340,6 +361,7 @@ impl Framing {
                 let _ = (binary, payload);
                 None
             }
+            Framing::EventStream => None,
         }
     }
 }

@@ -49,7 +49,9 @@ pub(super) fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, env:
         let timeout = hub.inner.config.handler_timeout;
         // A panic in the host's join authorizer is answered with a 500, as a
         // panicking handler is; uncaught, the join would never be answered.
-        let join = AssertUnwindSafe(hub.join_session(&session, &room, env.data, want, env.reference)).catch_unwind();
+        let join =
+            AssertUnwindSafe(hub.join_session(&session, &room, env.data, want, JoinAnswer::Reply(env.reference)))
+                .catch_unwind();
         match tokio::time::timeout(timeout, join).await {
             Err(_) => session.send_error(env.reference, ErrorCode::TIMEOUT.0, "join timed out"),
             Ok(Err(_panic)) => session.send_error(env.reference, ErrorCode::INTERNAL.0, "join failed"),

@@ -12,6 +12,8 @@ mod leave;
 mod outbox;
 mod reader;
 mod refresh;
+#[cfg_attr(not(feature = "sse"), allow(dead_code))]
+pub(crate) mod sse_stream;
 mod writer;
 
 use super::handler::{Call, CallError};
@@ -29,7 +31,7 @@ use call::{on_call, RoomCalls};
 use futures::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use join::on_join;
 use leave::on_leave;
-pub(crate) use outbox::{Outbox, Push};
+pub(crate) use outbox::{Outbox, Push, Tag};
 use parking_lot::Mutex;
 use reader::{acquire, read_loop, room_field, room_reply, Permit};
 use refresh::on_refresh;
@@ -94,6 +96,28 @@ pub(crate) struct Session {
     /// restriction, replaced by a successful `refresh`. Locked briefly by the
     /// reader, joins and refreshes; never across an await.
     grant: Mutex<Grant>,
+    /// For an event stream (SSE): the rooms the session joins itself and
+    /// how the writer identifies its events (`sse_stream.rs`).
+    pub(crate) stream: Option<Arc<sse_stream::StreamSpec>>,
+}
+
+/// Where the answer to a join goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JoinAnswer {
+    /// Nowhere (a join by the host).
+    Silent,
+    /// A `reply` (or `error`) with the client's `ref`, when it gave one.
+    Reply(Option<u64>),
+    /// A `$joined` (or `$join_error`) event of the stream's room of this
+    /// index (`sse_stream.rs`).
+    Stream(usize),
+}
+
+impl JoinAnswer {
+    /// Whether a reply is sent at all.
+    pub(crate) fn replies(self) -> bool {
+        !matches!(self, JoinAnswer::Silent | JoinAnswer::Reply(None))
+    }
 }
 
 /// A connection's message bucket, and the bucket of its refusals: when
@@ -155,6 +179,30 @@ impl Session {
             }),
             grant: Mutex::new(Grant { refreshed: None, deadline: Grant::deadline_of(&identity) }),
             identity,
+            stream: None,
+        }
+    }
+
+    /// Makes this the session of an event stream that joins `spec`'s rooms.
+    pub(crate) fn with_stream(mut self, spec: Option<sse_stream::StreamSpec>) -> Session {
+        self.stream = spec.map(Arc::new);
+        self
+    }
+
+    /// Answers a join that went through the hub's join path: the reply's
+    /// `data`, and for a recoverable room the position its live stream
+    /// starts at and whether it recovered.
+    pub(crate) fn answer_join(
+        &self,
+        answer: JoinAnswer,
+        data: &Payload,
+        position: Option<(Arc<str>, u64)>,
+        recovered: Option<bool>,
+    ) {
+        match answer {
+            JoinAnswer::Silent | JoinAnswer::Reply(None) => {}
+            JoinAnswer::Reply(Some(r)) => self.send_reply(r, data),
+            JoinAnswer::Stream(index) => self.stream_joined(index, Some(data), position, recovered),
         }
     }
 
@@ -201,13 +249,7 @@ impl Session {
 
     /// A notice the writer sends itself (`lagged`, `gap`), as a frame.
     fn notice(&self, parts: Parts<'_>) -> Frame {
-        self.frame(self.wire().prepare(parts.encode_as(self.format, self.version)))
-    }
-
-    /// Queues an encoded envelope (a text or binary frame by format) under
-    /// the overflow policy.
-    pub(crate) fn push_encoded(&self, bytes: bytes::Bytes) {
-        self.push_prepared(self.wire().prepare(bytes));
+        self.frame(self.wire().prepare(parts.kind, parts.event, parts.encode_as(self.format, self.version)))
     }
 
     /// Queues an envelope already in this connection's [`Wire`] form (from
@@ -230,14 +272,25 @@ impl Session {
     /// [`Wire`] form: if the drop-oldest policy drops it, the client is
     /// told the room and offset range in a `gap`.
     pub(crate) fn push_tagged(&self, bytes: bytes::Bytes, room: &Arc<str>, offset: u64) {
-        if let Push::Overflow = self.outbox.push_queued(bytes, Some((room, offset))) {
+        if let Push::Overflow = self.outbox.push_queued(bytes, Some(Tag::Offset(room.clone(), offset))) {
             self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
         }
     }
 
+    /// Queues a frame in this connection's [`Wire`] form with a note for an
+    /// event stream's writer, under the overflow policy.
+    fn push_noted(&self, bytes: bytes::Bytes, note: sse_stream::Note) {
+        if let Push::Overflow = self.outbox.push_queued(bytes, Some(Tag::Stream(Box::new(note)))) {
+            self.close(DisconnectReason::SlowConsumer, CloseCode::SLOW_CONSUMER, "outbound queue full", true);
+        }
+    }
+
+    /// Queues an envelope (a text or binary frame by format) under the
+    /// overflow policy.
     pub(crate) fn send_parts(&self, parts: &Parts<'_>) {
         crate::metrics::messages_out(parts.kind, 1);
-        self.push_encoded(parts.encode_as(self.format, self.version));
+        let bytes = parts.encode_as(self.format, self.version);
+        self.push_prepared(self.wire().prepare(parts.kind, parts.event, bytes));
     }
 
     pub(crate) fn send_error(&self, reference: Option<u64>, code: u32, message: &str) {
@@ -351,9 +404,9 @@ pub(crate) struct Wire {
 }
 
 impl Wire {
-    /// Formats × versions × (unframed, framed, framed and compressed).
-    /// (One framing so far, [`Framing::WebSocket`]: a second one adds a form.)
-    pub(crate) const COUNT: usize = Format::COUNT * Version::COUNT * 3;
+    /// Formats × versions × (unframed, WebSocket-framed, WebSocket-framed
+    /// and compressed, event-stream-framed).
+    pub(crate) const COUNT: usize = Format::COUNT * Version::COUNT * 4;
 
     /// This form unframed and uncompressed: the envelope itself.
     pub(crate) fn plain(self) -> Wire {
@@ -380,17 +433,27 @@ impl Wire {
     }
 
     pub(crate) fn index(self) -> usize {
-        (self.format.index() * Version::COUNT + self.version.index()) * 3
-            + usize::from(self.framing.is_some())
-            + usize::from(self.compress_above.is_some())
+        let form = match (self.framing, self.compress_above) {
+            (None, _) => 0,
+            (Some(Framing::WebSocket), None) => 1,
+            (Some(Framing::WebSocket), Some(_)) => 2,
+            (Some(Framing::EventStream), _) => 3,
+        };
+        (self.format.index() * Version::COUNT + self.version.index()) * 4 + form
     }
 
-    /// An encoded envelope of this form's format, in this form.
-    pub(crate) fn prepare(self, envelope: Bytes) -> Bytes {
+    /// An encoded envelope of this form's format, in this form. `kind` and
+    /// `event` are the envelope's type and event name: a framing that names
+    /// its messages ([`Framing::EventStream`]) takes its name from them, so
+    /// no transport reads an envelope to learn it.
+    pub(crate) fn prepare(self, kind: Kind, event: Option<&str>, envelope: Bytes) -> Bytes {
         if let Some(frame) = self.compressed(&envelope) {
             return frame;
         }
         match self.framing {
+            Some(Framing::EventStream) => {
+                Framing::EventStream.frame_named(false, &sse_stream::event_name(kind, event), &envelope)
+            }
             Some(framing) => framing.frame(self.format.is_binary(), &envelope),
             None => envelope,
         }
@@ -506,6 +569,15 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
         );
         hub.register_heartbeat(&session).await;
         hub.hook_connect(&session);
+        if let Some(spec) = session.stream.clone() {
+            // An event stream's own joins, before anything the client sends
+            // is read, so a POST naming one of its rooms finds the
+            // membership. A close decided meanwhile stops them.
+            tokio::select! {
+                _ = sse_stream::join_rooms(&hub, &session, &spec) => {}
+                _ = session.stops.wait(STOP_READ) => {}
+            }
+        }
 
         let mut calls = Calls::default();
         let peer_closed = read_loop(&hub, &session, &mut stream, &mut calls, fragments.as_ref()).await;
@@ -570,8 +642,9 @@ mod wire_tests {
         let mut seen = std::collections::HashSet::new();
         for format in [Format::Json, Format::MsgPack] {
             for version in [Version::V1, Version::V2] {
-                for framing in [None, Some(Framing::WebSocket)] {
-                    let compress = if framing.is_some() { vec![None, Some(16)] } else { vec![None] };
+                for framing in [None, Some(Framing::WebSocket), Some(Framing::EventStream)] {
+                    let ws = framing == Some(Framing::WebSocket);
+                    let compress = if ws { vec![None, Some(16)] } else { vec![None] };
                     for compress_above in compress {
                         let wire = Wire { format, version, framing, compress_above };
                         assert!(wire.index() < Wire::COUNT, "{wire:?}");
@@ -589,7 +662,16 @@ mod wire_tests {
             framing: Some(Framing::WebSocket),
             compress_above: None,
         };
-        assert_eq!(framed.prepare(envelope.clone()), Framing::WebSocket.frame(false, &envelope));
-        assert_eq!(Wire::unframed(Format::Json).prepare(envelope.clone()), envelope);
+        assert_eq!(
+            framed.prepare(Kind::Event, Some("e"), envelope.clone()),
+            Framing::WebSocket.frame(false, &envelope)
+        );
+        assert_eq!(Wire::unframed(Format::Json).prepare(Kind::Event, Some("e"), envelope.clone()), envelope);
+        let sse = Wire { framing: Some(Framing::EventStream), ..framed };
+        assert_eq!(
+            &sse.prepare(Kind::Event, Some("tick"), envelope.clone())[..],
+            b"event: tick\ndata: {\"type\":\"event\"}\n\n"
+        );
+        assert_eq!(&sse.prepare(Kind::Hello, None, envelope.clone())[..14], b"event: $hello\n");
     }
 }

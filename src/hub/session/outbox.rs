@@ -3,6 +3,16 @@
 
 use super::*;
 
+/// What the writer (and a drop) needs to know of a queued frame beyond its
+/// bytes.
+#[derive(Debug)]
+pub(crate) enum Tag {
+    /// An event of a recoverable room: the room and the event's offset.
+    Offset(Arc<str>, u64),
+    /// A note for an event stream's writer (`sse_stream`).
+    Stream(Box<super::sse_stream::Note>),
+}
+
 pub(crate) enum Push {
     Queued,
     Dropped,
@@ -68,10 +78,11 @@ struct OutState {
     queue: VecDeque<Bytes>,
     /// The most `bytes` ever was.
     peak: usize,
-    /// Events of recoverable rooms in `queue`: `(seq, room, offset)`, so a
-    /// drop can be reported as a gap. Kept aside: most queued frames have
-    /// no tag, and a tag in every slot would double its size.
-    tags: VecDeque<(u64, Arc<str>, u64)>,
+    /// Tagged frames in `queue`: `(seq, tag)`; an event of a recoverable
+    /// room is tagged with its room and offset, so a drop can be reported
+    /// as a gap. Kept aside: most queued frames have no tag, and a tag in
+    /// every slot would double its size.
+    tags: VecDeque<(u64, Tag)>,
     /// Sequence number of `queue`'s front (counts every frame queued).
     head: u64,
     /// The pending heartbeat ping, written before the queue. Kept apart so it
@@ -97,9 +108,8 @@ impl Outbox {
         Outbox { limit, policy, state: Mutex::new(OutState::default()), notify: Notify::new() }
     }
 
-    /// Queues an encoded envelope; `tag`: its room and offset, for an event
-    /// of a recoverable room.
-    pub(super) fn push_queued(&self, item: Bytes, tag: Option<(&Arc<str>, u64)>) -> Push {
+    /// Queues an encoded envelope with its tag, if any.
+    pub(super) fn push_queued(&self, item: Bytes, tag: Option<Tag>) -> Push {
         let len = item.len();
         let mut guard = self.state.lock();
         let st = &mut *guard;
@@ -118,16 +128,17 @@ impl Outbox {
                         st.lagged += 1;
                         st.dropped_total += 1;
                         if st.tags.front().is_some_and(|t| t.0 == seq) {
-                            let (_, room, offset) = st.tags.pop_front().expect("checked");
-                            note_gap(&mut st.gaps, room, offset);
+                            if let Some((_, Tag::Offset(room, offset))) = st.tags.pop_front() {
+                                note_gap(&mut st.gaps, room, offset);
+                            }
                         }
                     }
                     if st.bytes + len > self.limit {
                         // The writer's in-flight batch holds the rest: drop the new one.
                         st.lagged += 1;
                         st.dropped_total += 1;
-                        if let Some((room, offset)) = tag {
-                            note_gap(&mut st.gaps, room.clone(), offset);
+                        if let Some(Tag::Offset(room, offset)) = tag {
+                            note_gap(&mut st.gaps, room, offset);
                         }
                         drop(guard);
                         self.notify.notify_one();
@@ -156,12 +167,7 @@ impl Outbox {
     }
 
     /// The end of a push that fits: queues `item` and wakes the writer.
-    fn enqueue(
-        &self,
-        mut guard: parking_lot::MutexGuard<'_, OutState>,
-        item: Bytes,
-        tag: Option<(&Arc<str>, u64)>,
-    ) -> Push {
+    fn enqueue(&self, mut guard: parking_lot::MutexGuard<'_, OutState>, item: Bytes, tag: Option<Tag>) -> Push {
         let st = &mut *guard;
         let len = item.len();
         st.bytes += len;
@@ -171,8 +177,8 @@ impl Outbox {
             // are idle most of the time and get a frame now and then.
             st.queue.reserve_exact(1);
         }
-        if let Some((room, offset)) = tag {
-            st.tags.push_back((st.head + st.queue.len() as u64, room.clone(), offset));
+        if let Some(tag) = tag {
+            st.tags.push_back((st.head + st.queue.len() as u64, tag));
         }
         st.queue.push_back(item);
         let wake = !std::mem::replace(&mut st.woken, true);
@@ -213,12 +219,29 @@ impl Outbox {
     /// be empty) and the gap ranges into `gaps`, and takes the control
     /// frames. The taken bytes stay counted until [`Outbox::written`], so
     /// the bound covers the batch in flight.
-    pub(super) fn take(&self, batch: &mut VecDeque<Bytes>, gaps: &mut GapRanges) -> Taken {
+    ///
+    /// `tags`: when given (an event stream's writer wants them), the tags
+    /// of the frames taken, by their index in `batch` (it must be empty).
+    pub(super) fn take(
+        &self,
+        batch: &mut VecDeque<Bytes>,
+        gaps: &mut GapRanges,
+        tags: Option<&mut VecDeque<(u64, Tag)>>,
+    ) -> Taken {
         let mut st = self.state.lock();
         std::mem::swap(&mut st.queue, batch);
+        match tags {
+            Some(tags) if !st.tags.is_empty() => {
+                std::mem::swap(&mut st.tags, tags);
+                let head = st.head;
+                for t in tags.iter_mut() {
+                    t.0 -= head;
+                }
+            }
+            _ => st.tags.clear(),
+        }
         // Taken frames are on their way: no longer droppable.
         st.head += batch.len() as u64;
-        st.tags.clear();
         // From here a push must wake the writer again (Notify keeps the
         // permit if the writer is not waiting yet).
         st.woken = false;
@@ -301,7 +324,7 @@ mod tests {
 
     fn take(outbox: &Outbox) -> (VecDeque<Bytes>, GapRanges, Taken) {
         let (mut batch, mut gaps) = (VecDeque::new(), Vec::new());
-        let taken = outbox.take(&mut batch, &mut gaps);
+        let taken = outbox.take(&mut batch, &mut gaps, None);
         (batch, gaps, taken)
     }
 
@@ -341,7 +364,7 @@ mod tests {
         let outbox = Outbox::new(30, OverflowPolicy::DropOldest);
         let room: Arc<str> = Arc::from("r");
         for offset in 1..=3 {
-            assert!(matches!(outbox.push_queued(b(10), Some((&room, offset))), Push::Queued));
+            assert!(matches!(outbox.push_queued(b(10), Some(Tag::Offset(room.clone(), offset))), Push::Queued));
         }
         // Offsets 1 and 2 make way for a 20-byte frame.
         assert!(matches!(outbox.push_queued(b(20), None), Push::Queued));
@@ -352,7 +375,7 @@ mod tests {
         assert_eq!(gaps, vec![(room.clone(), 1, 2)], "one contiguous range");
         // While that batch is in flight nothing queued can be dropped: a
         // frame that does not fit is dropped itself, and reported.
-        assert!(matches!(outbox.push_queued(b(5), Some((&room, 9))), Push::Dropped));
+        assert!(matches!(outbox.push_queued(b(5), Some(Tag::Offset(room.clone(), 9))), Push::Dropped));
         outbox.written(taken.bytes);
         let (batch, gaps, taken) = take(&outbox);
         assert!(batch.is_empty());
@@ -403,7 +426,7 @@ mod tests {
         outbox.written(taken.bytes);
         outbox.push_control(Frame::Ping(Bytes::new()));
         let (mut batch, mut gaps) = (VecDeque::with_capacity(64), Vec::new());
-        let taken = outbox.take(&mut batch, &mut gaps);
+        let taken = outbox.take(&mut batch, &mut gaps, None);
         assert!(taken.ping.is_some());
         assert_eq!(batch.capacity(), 0, "the writer's buffer was freed");
         assert_eq!(outbox.state.lock().queue.capacity(), 0, "and the queue's");

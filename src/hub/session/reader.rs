@@ -139,14 +139,25 @@ fn retry_after(wait: std::time::Duration) -> serde_json::Value {
 /// `join` or `leave` must not be processed (answered with 420, or the
 /// connection is closing with 1008).
 pub(super) fn within_join_rate(session: &Session, reference: Option<u64>) -> bool {
-    let Some(rate) = &session.rate else { return true };
-    let Some(joins) = &rate.joins else { return true };
-    let Err(wait) = joins.check() else { return true };
-    crate::metrics::rate_limited(true);
-    if let Err(Some(wait)) = over_rate(session, rate, wait) {
-        session.send_error_data(reference, ErrorCode::RATE_LIMITED.0, "join rate exceeded", &retry_after(wait));
+    match join_rate(session) {
+        Ok(()) => true,
+        Err(Some(wait)) => {
+            session.send_error_data(reference, ErrorCode::RATE_LIMITED.0, "join rate exceeded", &retry_after(wait));
+            false
+        }
+        Err(None) => false,
     }
-    false
+}
+
+/// Takes a token from the connection's join/leave bucket: `Err(Some(wait))`
+/// when it is empty (the refusal to send), `Err(None)` when the refusals
+/// ran out too and the connection is closing with 1008.
+pub(super) fn join_rate(session: &Session) -> Result<(), Option<std::time::Duration>> {
+    let Some(rate) = &session.rate else { return Ok(()) };
+    let Some(joins) = &rate.joins else { return Ok(()) };
+    let Err(wait) = joins.check() else { return Ok(()) };
+    crate::metrics::rate_limited(true);
+    over_rate(session, rate, wait)
 }
 
 /// Charges a message `cost` tokens. `false`: the message must not be

@@ -2,6 +2,7 @@
 //! one batch and one flush at a time.
 
 use super::outbox::{GapRanges, Taken};
+use super::sse_stream::StreamIds;
 use super::*;
 
 /// The writer: takes everything queued in one go, feeds it to the sink, and
@@ -19,9 +20,16 @@ where
     async move {
         let mut batch: VecDeque<Bytes> = VecDeque::new();
         let mut gaps: GapRanges = Vec::new();
+        // An event stream's positions, and the tags of its batch (by index
+        // in the batch): the writer gives each event its stream id as it
+        // writes it (`sse_stream.rs`). `extra`: frames the last one
+        // expanded to, written before anything else.
+        let mut ids = session.stream.clone().map(StreamIds::new);
+        let mut tags: VecDeque<(u64, Tag)> = VecDeque::new();
+        let mut extra: VecDeque<Frame> = VecDeque::new();
         loop {
             let Taken { mut ping, mut pong, bytes: batch_bytes, mut lagged, mut close, closing } =
-                session.outbox.take(&mut batch, &mut gaps);
+                session.outbox.take(&mut batch, &mut gaps, ids.as_ref().map(|_| &mut tags));
             if ping.is_none() && pong.is_none() && batch.is_empty() && lagged == 0 && gaps.is_empty() && close.is_none()
             {
                 if closing {
@@ -36,12 +44,14 @@ where
             // as a flush that does not finish; the heartbeat then times out).
             let ping_is_answer = ping.is_some() && !session.caps.bidirectional;
             let mut gap = 0;
+            let mut index = 0u64;
             // In order: the pong, the heartbeat ping, the `lagged` notice, the
             // gap notices, the data, the close frame; then one flush.
             let result = futures::future::poll_fn(|cx| {
                 loop {
                     let more = pong.is_some()
                         || ping.is_some()
+                        || !extra.is_empty()
                         || lagged > 0
                         || gap < gaps.len()
                         || !batch.is_empty()
@@ -55,6 +65,8 @@ where
                         f
                     } else if let Some(f) = ping.take() {
                         f
+                    } else if let Some(f) = extra.pop_front() {
+                        f
                     } else if lagged > 0 {
                         crate::metrics::lagged(lagged);
                         let data = lagged_payload(session.format, std::mem::take(&mut lagged));
@@ -64,9 +76,29 @@ where
                         let reason = super::super::stream::GapReason::SlowConsumer;
                         let data =
                             super::super::stream::gap_payload(session.format, Some(*from), Some(*to), reason, None);
-                        session.notice(Parts { room: Some(room), data: Some(data.bytes()), ..Parts::new(Kind::Gap) })
+                        let notice = session.notice(Parts {
+                            room: Some(room),
+                            data: Some(data.bytes()),
+                            ..Parts::new(Kind::Gap)
+                        });
+                        if let Some(ids) = &mut ids {
+                            if let Some(i) = ids.index_of(room) {
+                                ids.gap(i, reason, Some(*to), None, &mut extra);
+                            }
+                        }
+                        notice
                     } else if let Some(bytes) = batch.pop_front() {
-                        session.frame(bytes)
+                        let frame = session.frame(bytes);
+                        let i = index;
+                        index += 1;
+                        match &mut ids {
+                            Some(ids) => {
+                                let tag = tags.front().is_some_and(|t| t.0 == i).then(|| tags.pop_front()).flatten();
+                                ids.write(frame, tag.map(|t| t.1), &mut extra);
+                                extra.pop_front().expect("a written frame is at least itself")
+                            }
+                            None => frame,
+                        }
                     } else {
                         // Only the close frame is left (`more` above).
                         Frame::Close(close.take())
@@ -78,6 +110,8 @@ where
             .await;
             gaps.clear();
             batch.clear();
+            tags.clear();
+            extra.clear();
             session.outbox.written(batch_bytes);
             if let Err(e) = result {
                 tracing::debug!(connection = %session.id, error = %e, "write failed");

@@ -36,7 +36,9 @@
 //!   by its event name, every other type `$<type>` (`$hello`, `$reply`, …);
 //!   `data:` is the envelope's JSON. Events of a stream room that carry an
 //!   `offset` get an `id:` describing every room's position, so the
-//!   browser's `Last-Event-ID` resumes them all (module `resume`).
+//!   browser's `Last-Event-ID` resumes them all. The session, not the
+//!   transport, joins the stream's rooms, names its events and keeps its
+//!   ids (`hub/session/sse_stream`); the transport only moves frames.
 //! - `POST` with `switchboard-session` and `switchboard-secret` headers and
 //!   a body of one envelope or a JSON array of them: `202` when they were
 //!   queued for the session, whichever node holds it (the backplane carries
@@ -57,11 +59,11 @@ mod route;
 
 use crate::auth::{Identity, Rejection};
 use crate::hub::room::validate_room_name;
+use crate::hub::session::sse_stream::{resume, StreamSpec};
 use crate::hub::Hub;
 use crate::security::OriginPolicy;
-use crate::transport::sse::conn::{self, CloseRetry, Shared, StreamBody, StreamRooms, STREAM_REF_BASE};
+use crate::transport::sse::conn::{self, CloseRetry, Shared, StreamBody};
 use crate::transport::sse::encode::Batch;
-use crate::transport::sse::resume;
 use crate::transport::{Frame, Handshake};
 use crate::util::AbortOnDrop;
 use bytes::Bytes;
@@ -71,7 +73,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use parking_lot::Mutex;
 use serde_json::value::RawValue;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
@@ -648,20 +650,6 @@ impl SseEndpoint {
         // `rewind=N`: rooms without a position start with their N newest
         // retained events (rooms with history; ignored by the others).
         let rewind = query_values(&parts.uri, "rewind").first().and_then(|v| v.parse::<u64>().ok()).filter(|n| *n > 0);
-        let mut joins = VecDeque::with_capacity(rooms.len());
-        let mut recovering = vec![false; rooms.len()];
-        for (i, room) in rooms.iter().enumerate() {
-            let mut join = serde_json::json!({ "type": "join", "ref": STREAM_REF_BASE + i as u64, "room": &**room });
-            if let Some(p) = &positions[i] {
-                join["offset"] = p.offset.into();
-                join["epoch"] = p.epoch.clone().into();
-                recovering[i] = true;
-            } else if let Some(n) = rewind {
-                join["rewind"] = n.into();
-            }
-            joins.push_back(Frame::Text(Bytes::from(join.to_string())));
-        }
-
         let mut first = Batch::default();
         first.retry(inner.config.retry.as_millis() as u64);
         let session = serde_json::json!({
@@ -684,15 +672,17 @@ impl SseEndpoint {
 
         let base = inner.config.close_retry.as_millis() as u64;
         let jitter = if base == 0 { 0 } else { u64::from_le_bytes(random_bytes::<8>()) % base };
-        let close = CloseRetry { retry_ms: base + jitter, reconnect_on_gap: inner.config.reconnect_on_gap };
-        let stream_rooms = StreamRooms { names: rooms, fingerprint, recovering, positions };
+        let close = CloseRetry { retry_ms: base + jitter };
+        let mut spec = StreamSpec::new(rooms, positions);
+        spec.rewind = rewind;
+        spec.reconnect_on_gap = inner.config.reconnect_on_gap;
         let (out_tx, out_rx) = futures::channel::mpsc::channel(1);
-        let transport = conn::SseTransport::new(shared.clone(), out_tx, in_rx, joins, stream_rooms, close, on_drop);
+        let transport = conn::SseTransport::new(shared.clone(), out_tx, in_rx, close, on_drop);
         let serve_hub = hub.clone();
         tokio::spawn(async move {
             // Held until the session ends, whichever way.
             let _admission = admission;
-            serve_hub.serve(transport, &hs, identity).await;
+            serve_hub.serve_stream(transport, &hs, identity, spec).await;
         });
 
         let mut res = Response::new(SseBody(BodyKind::Stream(Box::new(StreamBody::new(first, out_rx, shared)))));

@@ -1,31 +1,31 @@
-//! The `text/event-stream` wire format: fields, events, comments.
-//!
-//! An event is a block of `field: value` lines ended by an empty line. Only
-//! CR, LF and CRLF end a line, so a value must never contain them: `data` is
-//! split into one `data:` line per line of the payload (the client joins them
-//! back with LF), and `id` and `event` values are checked by the callers
-//! (see [`is_field_safe`]). Every writer here appends complete events, so
-//! whatever is sent between two of them (a keep-alive comment) can never
-//! land inside one.
+//! The body side of the `text/event-stream` format: a [`Batch`] of events,
+//! comments and pre-framed chunks handed to the response body at once.
+//! The format itself (fields, `data:` lines) is `transport::event_stream`.
+//! Every writer here appends complete events (or an `id:` line that the
+//! next chunk's event completes, see [`Batch::at_boundary`]), so whatever is
+//! sent between two batches (a keep-alive comment) never lands inside one.
 
+use crate::transport::event_stream;
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// Whether `value` can be written as an `id:` or `event:` value: no CR, no
-/// LF (which would end the line) and no NUL (browsers ignore an `id` with
-/// one).
-pub(crate) fn is_field_safe(value: &str) -> bool {
-    !value.bytes().any(|b| b == b'\n' || b == b'\r' || b == 0)
-}
+pub(crate) use crate::transport::event_stream::is_field_safe;
 
 /// Builds a batch of events as a list of buffers: headers are written into
-/// a scratch buffer, and a payload without line breaks is queued as the
-/// same `Bytes` the hub encoded once for every recipient (no copy).
+/// a scratch buffer, and a payload or pre-framed event of 256 bytes or more
+/// is queued as the same `Bytes` the hub made once for every recipient (no
+/// copy).
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     scratch: BytesMut,
     chunks: Vec<Bytes>,
     len: usize,
+    /// The last thing appended was an `id:` line whose event has not
+    /// followed yet.
+    open: bool,
 }
+
+/// Chunks this large are shared rather than copied into the scratch buffer.
+const SHARE_FROM: usize = 256;
 
 impl Batch {
     /// Bytes queued (written and pending in the scratch buffer).
@@ -35,6 +35,11 @@ impl Batch {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether the batch ends between two events (it can be handed over).
+    pub(crate) fn at_boundary(&self) -> bool {
+        !self.open
     }
 
     /// Takes the batch's buffers, leaving it empty.
@@ -52,18 +57,20 @@ impl Batch {
         }
     }
 
-    fn field(&mut self, name: &str, value: &str) {
-        self.scratch.reserve(name.len() + value.len() + 3);
-        self.scratch.put_slice(name.as_bytes());
-        self.scratch.put_slice(b": ");
-        self.scratch.put_slice(value.as_bytes());
-        self.scratch.put_u8(b'\n');
+    fn share(&mut self, b: &Bytes) {
+        if b.len() >= SHARE_FROM {
+            self.cut();
+            self.len += b.len();
+            self.chunks.push(b.clone());
+        } else {
+            self.scratch.put_slice(b);
+        }
     }
 
     /// A `retry:` field on its own (it sets the client's reconnection delay
     /// and dispatches no event).
     pub(crate) fn retry(&mut self, ms: u64) {
-        self.field("retry", &ms.to_string());
+        event_stream::put_field(&mut self.scratch, "retry", &ms.to_string());
         self.scratch.put_u8(b'\n');
     }
 
@@ -75,85 +82,38 @@ impl Batch {
         self.scratch.put_slice(b"\n\n");
     }
 
-    /// One event. `id` and `event` must pass [`is_field_safe`] (callers
-    /// check; an unsafe one is left out rather than written). `data` is
-    /// split on CR, LF and CRLF into `data:` lines.
+    /// Event-stream bytes framed by the session
+    /// ([`Framing::EventStream`](crate::transport::Framing::EventStream)):
+    /// whole events, or an `id:` line (not ending in an empty line) that
+    /// the next chunk's event completes.
+    pub(crate) fn framed(&mut self, chunk: &Bytes) {
+        self.share(chunk);
+        self.open = !chunk.ends_with(b"\n\n");
+    }
+
+    /// One event. `id` and `event` must pass [`is_field_safe`] (an unsafe
+    /// one is left out rather than written). `data` is split on CR, LF and
+    /// CRLF into `data:` lines.
     pub(crate) fn event(&mut self, id: Option<&str>, event: Option<&str>, data: &Bytes) {
+        self.open = false;
+        if !event_stream::is_single_line(data) || data.len() < SHARE_FROM {
+            return event_stream::put_event(&mut self.scratch, id, event, data);
+        }
         if let Some(id) = id.filter(|v| is_field_safe(v)) {
-            self.field("id", id);
+            event_stream::put_field(&mut self.scratch, "id", id);
         }
         if let Some(event) = event.filter(|v| is_field_safe(v)) {
-            self.field("event", event);
+            event_stream::put_field(&mut self.scratch, "event", event);
         }
-        if !data.iter().any(|&b| b == b'\n' || b == b'\r') {
-            self.scratch.put_slice(b"data: ");
-            if data.len() >= 256 {
-                // Share the payload buffer instead of copying it.
-                self.cut();
-                self.len += data.len();
-                self.chunks.push(data.clone());
-            } else {
-                self.scratch.put_slice(data);
-            }
-            self.scratch.put_slice(b"\n\n");
-            return;
-        }
-        let mut rest: &[u8] = data;
-        loop {
-            let end = rest.iter().position(|&b| b == b'\n' || b == b'\r');
-            let (line, next) = match end {
-                Some(i) => {
-                    let skip = if rest[i] == b'\r' && rest.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
-                    (&rest[..i], Some(&rest[i + skip..]))
-                }
-                None => (rest, None),
-            };
-            self.scratch.put_slice(b"data: ");
-            self.scratch.put_slice(line);
-            self.scratch.put_u8(b'\n');
-            match next {
-                Some(n) => rest = n,
-                None => break,
-            }
-        }
-        self.scratch.put_u8(b'\n');
+        // Share the payload buffer instead of copying it.
+        self.scratch.put_slice(b"data: ");
+        self.share(data);
+        self.scratch.put_slice(b"\n\n");
     }
 }
 
 #[cfg(test)]
-/// What a client following the HTML event-stream parsing rules makes of
-/// `stream`: (id, event, data) of each dispatched event.
-pub(crate) fn parse(stream: &str) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    let (mut id, mut event, mut data) = (String::new(), String::new(), String::new());
-    let normalized = stream.replace("\r\n", "\n").replace('\r', "\n");
-    for line in normalized.split('\n') {
-        if line.is_empty() {
-            if !data.is_empty() {
-                data.pop();
-                out.push((id.clone(), if event.is_empty() { "message".into() } else { event.clone() }, data));
-            }
-            data = String::new();
-            event.clear();
-            continue;
-        }
-        if line.starts_with(':') {
-            continue;
-        }
-        let (name, value) = line.split_once(':').unwrap_or((line, ""));
-        let value = value.strip_prefix(' ').unwrap_or(value);
-        match name {
-            "id" => id = value.to_owned(),
-            "event" => event = value.to_owned(),
-            "data" => {
-                data.push_str(value);
-                data.push('\n');
-            }
-            _ => {}
-        }
-    }
-    out
-}
+pub(crate) use crate::transport::event_stream::parse;
 
 #[cfg(test)]
 mod tests {
@@ -178,31 +138,21 @@ mod tests {
     }
 
     #[test]
-    fn multi_line_data_round_trips() {
-        let cases = ["a\nb", "a\r\nb", "a\rb", "a\n", "\n", "", "é🎉\n\n  spaced", "x\r\n\r\ny"];
-        for case in cases {
-            let mut b = Batch::default();
-            b.event(None, Some("e"), &Bytes::from(case.to_owned()));
-            let s = text(&mut b);
-            // Framing survives: exactly one event, and no line but the
-            // separators is empty.
-            let events = parse(&s);
-            if case.is_empty() {
-                assert!(events.is_empty() || events[0].2.is_empty(), "{case:?}: {s:?}");
-                continue;
-            }
-            assert_eq!(events.len(), 1, "{case:?}: {s:?}");
-            let want = case.replace("\r\n", "\n").replace('\r', "\n");
-            assert_eq!(events[0].2, want, "{case:?}: {s:?}");
-            assert!(s.ends_with("\n\n") && !s[..s.len() - 2].contains("\n\n"), "{case:?}: {s:?}");
-        }
+    fn framed_chunks_are_shared_and_ids_hold_the_boundary() {
+        let mut b = Batch::default();
+        let framed = event_stream::event(None, Some("tick"), "y".repeat(300).as_bytes());
+        b.framed(&event_stream::id_field("s1.x").unwrap());
+        assert!(!b.at_boundary(), "an id line waits for its event");
+        b.framed(&framed);
+        assert!(b.at_boundary());
+        let chunks = b.take();
+        assert!(chunks.iter().any(|c| c.as_ptr() == framed.as_ptr()), "the broadcast's buffer itself");
+        let events = parse(&String::from_utf8(chunks.concat()).unwrap());
+        assert_eq!(events, [("s1.x".into(), "tick".into(), "y".repeat(300))]);
     }
 
     #[test]
-    fn unsafe_fields_are_left_out() {
-        assert!(!is_field_safe("a\nb"));
-        assert!(!is_field_safe("a\rb"));
-        assert!(!is_field_safe("a\0b"));
+    fn comments_and_retry() {
         let mut b = Batch::default();
         b.event(Some("1\n2"), Some("x\ny"), &Bytes::from_static(b"d"));
         b.comment("keep-alive");

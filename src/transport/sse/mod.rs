@@ -9,6 +9,5 @@
 
 pub(crate) mod conn;
 pub(crate) mod encode;
-pub(crate) mod resume;
 
 pub use conn::{SseSink, SseStream, SseTransport};

@@ -20,8 +20,9 @@
 //! The id [`STOP`] marks a stream the server ended for good: a reconnect
 //! that sends it is answered `204 No Content`, which makes browsers stop.
 
-/// The id of a terminal `$close`: a reconnect carrying it gets 204.
-pub(crate) const STOP: &str = "stop";
+/// The id of a terminal `$close` (written by the SSE transport): a
+/// reconnect carrying it gets 204.
+pub(crate) use crate::transport::event_stream::STOP_ID as STOP;
 
 /// FNV-1a over the room list.
 pub(crate) fn fingerprint<S: AsRef<str>>(rooms: &[S]) -> u32 {
