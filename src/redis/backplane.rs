@@ -872,8 +872,25 @@ fn is_redirect(e: &::redis::RedisError) -> bool {
     e.redirect_node().is_some() || matches!(e.code(), Some("MOVED" | "ASK" | "CLUSTERDOWN"))
 }
 
-/// Runs one pub/sub connection until it is lost.
+/// Runs one pub/sub connection until it is lost: brings the new connection
+/// in step with the registry ([`resubscribe`]), then serves it ([`Live`]).
 async fn session(shared: &Arc<Shared>, shard: &Arc<Shard>, mut conn: PubConn, reconnected: bool) -> End {
+    match resubscribe(shared, shard, &mut conn, reconnected).await {
+        Ok(server) => Live::new(shared, shard, conn, server).run().await,
+        Err(end) => end,
+    }
+}
+
+/// The start of a session: subscribes every topic of this shard with
+/// subscriptions, queues the gap notices of a reconnect ahead of the new
+/// connection's messages, activates the waiting subscriptions and marks the
+/// shard up. Returns the topics the server now has.
+async fn resubscribe(
+    shared: &Arc<Shared>,
+    shard: &Arc<Shard>,
+    conn: &mut PubConn,
+    reconnected: bool,
+) -> std::result::Result<HashSet<String>, End> {
     let config = &shared.config;
     let mut server: HashSet<String> = HashSet::new();
     if reconnected {
@@ -894,7 +911,7 @@ async fn session(shared: &Arc<Shared>, shard: &Arc<Shard>, mut conn: PubConn, re
         // One reply per channel: allow time in proportion.
         let timeout = config.command_timeout.saturating_mul(1 + (channels.len() / 1000) as u32);
         if let Err(e) = conn.command(true, channels, timeout).await {
-            return End { why: format!("resubscribe failed: {e}"), was_up: false, topology: is_redirect(&e) };
+            return Err(End { why: format!("resubscribe failed: {e}"), was_up: false, topology: is_redirect(&e) });
         }
         server.extend(snapshot.iter().map(|(t, _)| t.clone()));
     }
@@ -917,134 +934,208 @@ async fn session(shared: &Arc<Shared>, shard: &Arc<Shard>, mut conn: PubConn, re
         }
     }
     shard.up.store(true, Ordering::Release);
+    Ok(server)
+}
 
-    let mut inflight_op: Option<Op> = None;
-    let mut inflight: Option<SubFuture> = None;
-    let mut probe = Probe::default();
-    let mut probe_publish: Option<BoxFuture<'static, Result<i64>>> = None;
-    let mut probe_ping: Option<BoxFuture<'static, bool>> = None;
-    let mut tick = tokio::time::interval_at(Instant::now() + config.probe_interval, config.probe_interval);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+/// A session's connection once it is up, and everything it waits on: the
+/// server's messages, the one (un)subscribe in flight, the shard's wake-up
+/// (new marks), and the liveness probe (tick, probe publish, `PING`
+/// fallback, deadline). Each wake-up has a handler of its own; a handler
+/// that returns an [`End`] ends the session.
+struct Live<'a> {
+    shared: &'a Arc<Shared>,
+    shard: &'a Arc<Shard>,
+    conn: PubConn,
+    /// The topics the server has subscribed on this connection.
+    server: HashSet<String>,
+    /// The (un)subscribe in flight: what it is, and its confirmation.
+    inflight_op: Option<Op>,
+    inflight: Option<SubFuture>,
+    probe: Probe,
+    /// The probe's publish on the command connection.
+    probe_publish: Option<BoxFuture<'static, Result<i64>>>,
+    /// A `PING` on this connection, when the command connection is down.
+    probe_ping: Option<BoxFuture<'static, bool>>,
+    tick: tokio::time::Interval,
+}
 
-    loop {
-        if inflight.is_none() {
-            if let Some((op, fut)) = next_command(shared, shard, &server, &conn) {
-                inflight_op = Some(op);
-                inflight = Some(fut);
+impl<'a> Live<'a> {
+    fn new(shared: &'a Arc<Shared>, shard: &'a Arc<Shard>, conn: PubConn, server: HashSet<String>) -> Live<'a> {
+        let every = shared.config.probe_interval;
+        let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Live {
+            shared,
+            shard,
+            conn,
+            server,
+            inflight_op: None,
+            inflight: None,
+            probe: Probe::default(),
+            probe_publish: None,
+            probe_ping: None,
+            tick,
+        }
+    }
+
+    async fn run(mut self) -> End {
+        loop {
+            if self.inflight.is_none() {
+                if let Some((op, fut)) = next_command(self.shared, self.shard, &self.server, &self.conn) {
+                    self.inflight_op = Some(op);
+                    self.inflight = Some(fut);
+                }
+            }
+            // Biased: messages first, so every message the server sent
+            // before a command's confirmation is dispatched before the
+            // confirmation is handled (redis-rs queues messages before it
+            // completes replies). The handlers run after the select has
+            // dropped its futures, so each may take `self` whole.
+            let end = tokio::select! {
+                biased;
+                event = self.conn.next() => self.on_event(event),
+                result = maybe(&mut self.inflight) => self.on_command_done(result),
+                () = self.shard.wake.notified() => None,
+                _ = self.tick.tick() => self.on_tick(),
+                result = maybe(&mut self.probe_publish) => self.on_probe_published(result),
+                alive = maybe(&mut self.probe_ping) => self.on_probe_ping(alive),
+                () = maybe(&mut self.probe.deadline) => {
+                    Some(self.probe_failed(format!("probe: not delivered within {:?}", self.shared.config.probe_timeout)))
+                }
+            };
+            if let Some(end) = end {
+                return end;
             }
         }
-        // Biased: messages first, so every message the server sent before a
-        // command's confirmation is dispatched before the confirmation is
-        // handled (redis-rs queues messages before it completes replies).
-        tokio::select! {
-            biased;
-            event = conn.next() => match event {
-                Some(Event::Message(msg)) => shard.dispatch(shared, &msg, &mut probe),
-                Some(Event::Unsubscribed(channel)) => {
-                    let ours = matches!(&inflight_op, Some(Op::Unsubscribe(topics))
-                        if config.topic(&channel).is_some_and(|t| topics.iter().any(|x| x == t)));
-                    if !ours {
-                        // The slot moved to another master.
-                        return End { why: format!("redis unsubscribed {channel} (its slot moved)"), was_up: true, topology: true };
-                    }
+    }
+
+    /// A message, or an unsubscribe the server sent on its own (the slot
+    /// moved), or the connection's end.
+    fn on_event(&mut self, event: Option<Event>) -> Option<End> {
+        match event {
+            Some(Event::Message(msg)) => self.shard.dispatch(self.shared, &msg, &mut self.probe),
+            Some(Event::Unsubscribed(channel)) => {
+                let config = &self.shared.config;
+                let ours = matches!(&self.inflight_op, Some(Op::Unsubscribe(topics))
+                    if config.topic(&channel).is_some_and(|t| topics.iter().any(|x| x == t)));
+                if !ours {
+                    // The slot moved to another master.
+                    return Some(End {
+                        why: format!("redis unsubscribed {channel} (its slot moved)"),
+                        was_up: true,
+                        topology: true,
+                    });
                 }
-                Some(Event::Other) => {}
-                None => return End::lost("connection closed"),
-            },
-            result = maybe(&mut inflight) => {
-                inflight = None;
-                let Some(op) = inflight_op.take() else { continue };
-                if let Err(e) = result {
-                    if is_redirect(&e) {
-                        return End { why: format!("(un)subscribe redirected: {e}"), was_up: true, topology: true };
-                    }
-                    // A timeout is classified by its kind (`with_timeout` makes an
-                    // `io::ErrorKind::TimedOut`), never by its text.
-                    if is_connection_error(&e) {
-                        return End::lost(format!("(un)subscribe failed: {e}"));
-                    }
-                    // Refused by the server (an ACL, say): the waiting
-                    // subscribe calls fail; the connection is fine.
-                    tracing::warn!(error = %e, "redis refused a (un)subscribe");
-                    if let Op::Subscribe(topics) = &op {
-                        let mut reg = shared.registry.lock();
-                        for (topic, ids) in topics {
-                            for entry in reg.topics.get_mut(topic).into_iter().flatten() {
-                                if ids.contains(&entry.id) {
-                                    entry.waiter = None;
-                                }
-                            }
-                        }
-                    }
-                    continue;
-                }
-                // Dispatch what arrived before the confirmation first.
-                while let Some(event) = conn.try_next() {
-                    if let Event::Message(msg) = event {
-                        shard.dispatch(shared, &msg, &mut probe);
-                    }
-                }
-                match op {
-                    Op::Subscribe(topics) => {
-                        let mut reg = shared.registry.lock();
-                        for (topic, ids) in &topics {
-                            server.insert(topic.clone());
-                            Shared::activate(&mut reg, topic, ids);
-                        }
-                    }
-                    Op::Unsubscribe(topics) => {
-                        for topic in &topics {
-                            server.remove(topic);
-                        }
-                    }
-                }
-                shard.channels.store(server.len(), Ordering::Relaxed);
-            },
-            () = shard.wake.notified() => {}
-            _ = tick.tick() => {
-                if probe.token.is_none() && probe_publish.is_none() && probe_ping.is_none() {
-                    let token = crate::util::random_u64();
-                    probe.token = Some(token);
-                    probe.deadline = Some(Box::pin(tokio::time::sleep(config.probe_timeout)));
-                    let channel = shard.probe_channel.clone();
-                    let link = shared.link.clone();
-                    let command = publish_command(config);
-                    probe_publish = Some(Box::pin(async move {
-                        link.run("probe", move |mut conn| async move {
-                            ::redis::cmd(command).arg(channel).arg(token.to_string()).query_async::<i64>(&mut conn).await
-                        })
-                        .await
-                    }));
-                }
-            },
-            result = maybe(&mut probe_publish) => {
-                probe_publish = None;
-                match result {
-                    Ok(0) => {
-                        shared.probe_failures.fetch_add(1, Ordering::Relaxed);
-                        return End::lost("probe: redis has no subscriber for this connection's probe channel");
-                    }
-                    Ok(_) => {}
-                    Err(_) => {
-                        // The command link is down: the probe proves
-                        // nothing; ask the pub/sub connection itself.
-                        probe = Probe::default();
-                        probe_ping = Some(conn.ping(config.probe_timeout));
-                    }
-                }
-            },
-            alive = maybe(&mut probe_ping) => {
-                probe_ping = None;
-                if !alive {
-                    shared.probe_failures.fetch_add(1, Ordering::Relaxed);
-                    return End::lost("probe: no answer to PING");
-                }
-            },
-            () = maybe(&mut probe.deadline) => {
-                shared.probe_failures.fetch_add(1, Ordering::Relaxed);
-                return End::lost(format!("probe: not delivered within {:?}", config.probe_timeout));
-            },
+            }
+            Some(Event::Other) => {}
+            None => return Some(End::lost("connection closed")),
         }
+        None
+    }
+
+    /// The (un)subscribe in flight answered: on success the registry and
+    /// `server` follow; a refusal fails the waiting subscribe calls; a
+    /// redirect or a lost connection ends the session.
+    fn on_command_done(&mut self, result: RedisResult<()>) -> Option<End> {
+        self.inflight = None;
+        let op = self.inflight_op.take()?;
+        if let Err(e) = result {
+            if is_redirect(&e) {
+                return Some(End { why: format!("(un)subscribe redirected: {e}"), was_up: true, topology: true });
+            }
+            // A timeout is classified by its kind (`with_timeout` makes an
+            // `io::ErrorKind::TimedOut`), never by its text.
+            if is_connection_error(&e) {
+                return Some(End::lost(format!("(un)subscribe failed: {e}")));
+            }
+            // Refused by the server (an ACL, say): the waiting subscribe
+            // calls fail; the connection is fine.
+            tracing::warn!(error = %e, "redis refused a (un)subscribe");
+            if let Op::Subscribe(topics) = &op {
+                let mut reg = self.shared.registry.lock();
+                for (topic, ids) in topics {
+                    for entry in reg.topics.get_mut(topic).into_iter().flatten() {
+                        if ids.contains(&entry.id) {
+                            entry.waiter = None;
+                        }
+                    }
+                }
+            }
+            return None;
+        }
+        // Dispatch what arrived before the confirmation first.
+        while let Some(event) = self.conn.try_next() {
+            if let Event::Message(msg) = event {
+                self.shard.dispatch(self.shared, &msg, &mut self.probe);
+            }
+        }
+        match op {
+            Op::Subscribe(topics) => {
+                let mut reg = self.shared.registry.lock();
+                for (topic, ids) in &topics {
+                    self.server.insert(topic.clone());
+                    Shared::activate(&mut reg, topic, ids);
+                }
+            }
+            Op::Unsubscribe(topics) => {
+                for topic in &topics {
+                    self.server.remove(topic);
+                }
+            }
+        }
+        self.shard.channels.store(self.server.len(), Ordering::Relaxed);
+        None
+    }
+
+    /// Every `probe_interval`: unless a probe is under way, publish a fresh
+    /// token on the shard's probe channel (through the command connection)
+    /// and arm its deadline; the token must come back on this connection.
+    fn on_tick(&mut self) -> Option<End> {
+        if self.probe.token.is_some() || self.probe_publish.is_some() || self.probe_ping.is_some() {
+            return None;
+        }
+        let config = &self.shared.config;
+        let token = crate::util::random_u64();
+        self.probe.token = Some(token);
+        self.probe.deadline = Some(Box::pin(tokio::time::sleep(config.probe_timeout)));
+        let channel = self.shard.probe_channel.clone();
+        let link = self.shared.link.clone();
+        let command = publish_command(config);
+        self.probe_publish = Some(Box::pin(async move {
+            link.run("probe", move |mut conn| async move {
+                ::redis::cmd(command).arg(channel).arg(token.to_string()).query_async::<i64>(&mut conn).await
+            })
+            .await
+        }));
+        None
+    }
+
+    /// The probe's publish answered with the number of receivers: none
+    /// means Redis no longer has this connection subscribed; a failed
+    /// publish (the command connection is down) proves nothing, so ask this
+    /// connection with a `PING` instead.
+    fn on_probe_published(&mut self, result: Result<i64>) -> Option<End> {
+        self.probe_publish = None;
+        match result {
+            Ok(0) => Some(self.probe_failed("probe: redis has no subscriber for this connection's probe channel")),
+            Ok(_) => None,
+            Err(_) => {
+                self.probe = Probe::default();
+                self.probe_ping = Some(self.conn.ping(self.shared.config.probe_timeout));
+                None
+            }
+        }
+    }
+
+    fn on_probe_ping(&mut self, alive: bool) -> Option<End> {
+        self.probe_ping = None;
+        (!alive).then(|| self.probe_failed("probe: no answer to PING"))
+    }
+
+    /// The probe found the connection dead: counted, and the session ends.
+    fn probe_failed(&self, why: impl Into<String>) -> End {
+        self.shared.probe_failures.fetch_add(1, Ordering::Relaxed);
+        End::lost(why)
     }
 }
 
