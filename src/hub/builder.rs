@@ -199,6 +199,7 @@ impl HubBuilder {
                     checker: OnceLock::new(),
                 }),
                 shutting_down: AtomicBool::new(false),
+                draining: Default::default(),
                 shutdown: CancellationToken::new(),
                 sessions_changed: Notify::new(),
             }),

@@ -64,8 +64,12 @@ pub enum DisconnectReason {
     SlowConsumer,
     /// The hub shut down (close 1001).
     ServerShutdown,
-    /// The host closed it with [`Hub::disconnect`].
+    /// The host closed it with [`Hub::disconnect`] or
+    /// [`Hub::disconnect_user`].
     Host(CloseCode),
+    /// [`Hub::drain`] closed it (with [`DrainConfig::code`], 4002 by
+    /// default).
+    Drained,
     /// The client kept sending over its message rate limit (close 1008).
     RateLimited,
     /// The connection's credentials expired without a `refresh` (close 4003).

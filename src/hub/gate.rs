@@ -6,9 +6,10 @@ use super::*;
 
 impl Hub {
     /// Decides whether an upgrade request may proceed, before the
-    /// authenticator and the upgrade: shutdown (503), the client's address
-    /// (from the peer, or from a trusted proxy's forwarded-for header; a
-    /// malformed one is 400), the `Origin` check (403), the connection limit
+    /// authenticator and the upgrade: shutdown (503), a drain (503 with
+    /// `retry-after`, [`Hub::drain`]), the client's address (from the
+    /// peer, or from a trusted proxy's forwarded-for header; a malformed one
+    /// is 400), the `Origin` check (403), the connection limit
     /// (503), the per-address limit (429) and the connection rate (429 with
     /// `retry-after`). Both the standalone listener and the axum route call
     /// it; a host's own transport should too.
@@ -36,6 +37,9 @@ impl Hub {
         if self.is_shutting_down() {
             crate::metrics::refused(crate::metrics::Refusal::Shutdown);
             return Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"));
+        }
+        if let Some(refusal) = self.drain_refusal() {
+            return Err(refusal);
         }
         let peer = handshake.peer_addr().map(|p| p.ip());
         let (ticket, client) =
@@ -67,6 +71,9 @@ impl Hub {
             return Box::pin(async {
                 Err(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))
             });
+        }
+        if let Some(refusal) = self.drain_refusal() {
+            return Box::pin(async { Err(refusal) });
         }
         let Some(auth) = &self.inner.authenticate else { return Box::pin(async { Ok(Identity::anonymous()) }) };
         // A panicking authenticator refuses with 500 instead of dropping the

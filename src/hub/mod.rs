@@ -6,6 +6,7 @@ mod builder;
 mod config;
 mod connection;
 mod delivery;
+mod drain;
 pub(crate) mod extension;
 mod gate;
 pub mod handler;
@@ -20,6 +21,7 @@ pub(crate) mod stream;
 pub use builder::HubBuilder;
 pub use config::{HubConfig, OverflowPolicy};
 pub use connection::{Connection, ConnectionId, ConnectionState, DisconnectReason, HubStats};
+pub use drain::{DrainConfig, DrainReport};
 use publish::check_event;
 pub(crate) use publish::{transcoding, Encoded, MAX_EVENT_NAME_LEN};
 pub use publish::{Publish, Published};
@@ -85,6 +87,7 @@ pub(crate) struct HubInner {
     pub(crate) extension: Option<Arc<dyn extension::RoomExtension>>,
     pub(crate) history: Option<HistoryLink>,
     shutting_down: AtomicBool,
+    draining: drain::Draining,
     shutdown: CancellationToken,
     sessions_changed: Notify,
 }

@@ -29,8 +29,10 @@
 //! tokio-tungstenite transport. The peer address is known when the app is
 //! served with `into_make_service_with_connect_info::<SocketAddr>()`.
 
+mod health;
 mod serve;
 
+pub use health::{health, liveness, readiness};
 pub use serve::{serve, Serve, ServeConfig};
 
 use crate::hub::Hub;
