@@ -135,6 +135,8 @@ static SEEN_TRANSPORTS: parking_lot::Mutex<Vec<&'static str>> = parking_lot::Mut
 pub(crate) enum Refusal {
     /// The hub is shutting down (503).
     Shutdown,
+    /// The hub is draining (503, [`Hub::drain`](crate::Hub::drain)).
+    Draining,
     /// A malformed forwarded-for header (400).
     Address,
     /// The `Origin` check (403).
@@ -156,6 +158,7 @@ impl Refusal {
     fn as_str(self) -> &'static str {
         match self {
             Refusal::Shutdown => "shutdown",
+            Refusal::Draining => "draining",
             Refusal::Address => "address",
             Refusal::Origin => "origin",
             Refusal::Limit => "limit",
@@ -216,6 +219,7 @@ fn disconnect_labels(reason: &DisconnectReason) -> (&'static str, ::metrics::Sha
         DisconnectReason::SlowConsumer => ("slow_consumer", code(CloseCode::SLOW_CONSUMER)),
         DisconnectReason::ServerShutdown => ("server_shutdown", code(CloseCode::GOING_AWAY)),
         DisconnectReason::Host(c) => ("host", code(*c)),
+        DisconnectReason::Drained(c) => ("drained", code(*c)),
         DisconnectReason::RateLimited => ("rate_limited", code(CloseCode::POLICY)),
         DisconnectReason::TokenExpired => ("token_expired", code(CloseCode::TOKEN_EXPIRED)),
         DisconnectReason::ProtocolViolation(c) => ("protocol_violation", code(*c)),

@@ -67,9 +67,9 @@ pub enum DisconnectReason {
     /// The host closed it with [`Hub::disconnect`] or
     /// [`Hub::disconnect_user`].
     Host(CloseCode),
-    /// [`Hub::drain`] closed it (with [`DrainConfig::code`], 4002 by
-    /// default).
-    Drained,
+    /// [`Hub::drain`] closed it with this code ([`DrainConfig::code`], 4002
+    /// by default).
+    Drained(CloseCode),
     /// The client kept sending over its message rate limit (close 1008).
     RateLimited,
     /// The connection's credentials expired without a `refresh` (close 4003).

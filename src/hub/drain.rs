@@ -120,6 +120,7 @@ impl Hub {
         if !self.is_draining() {
             return None;
         }
+        crate::metrics::refused(crate::metrics::Refusal::Draining);
         let after = *self.inner.draining.retry_after.lock();
         Some(Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "server is draining").with_retry_after(after))
     }
@@ -135,7 +136,7 @@ impl Hub {
     ///    [`DrainConfig::batch`], spread over [`DrainConfig::period`], with
     ///    [`DrainConfig::code`] (4002 "reconnect" by default), each after
     ///    what is already queued for it; the `on_disconnect` hook gets
-    ///    [`DisconnectReason::Drained`];
+    ///    [`DisconnectReason::Drained`] with the code;
     /// 4. it resolves once they are gone (each close waits at most the
     ///    hub's close timeout for the client) and reports what it did.
     ///
@@ -181,7 +182,7 @@ impl Hub {
             let mut closed = 0;
             for s in open(self).iter().take(size) {
                 let frame = crate::transport::CloseFrame { code: config.code, reason: config.reason.clone() };
-                if s.close_with(DisconnectReason::Drained, Some(frame), false) {
+                if s.close_with(DisconnectReason::Drained(config.code), Some(frame), false) {
                     closed += 1;
                 }
             }
