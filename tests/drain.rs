@@ -94,9 +94,12 @@ struct Closed {
 async fn a_thousand_connections_are_drained_in_batches_with_the_reconnect_code() {
     const N: usize = 1_000;
     const BATCH: usize = 100;
-    const PERIOD: Duration = Duration::from_secs(5);
-    // 10 batches, one every 500 ms: closes of one batch arrive together,
-    // and batches are told apart by gaps of more than half a step.
+    const PERIOD: Duration = Duration::from_secs(10);
+    // 10 batches, one a second: the closes of one batch arrive together
+    // (a batch is delivered in milliseconds), and batches are told apart by
+    // gaps of more than half a step. The step is that long so that a batch
+    // delivered late on a loaded machine (half a second late) still does
+    // not run into the next one.
     let step = PERIOD / (N / BATCH) as u32;
     let a = node().await;
     assert_eq!(get(a.addr, "/readyz").await, (200, "ready".to_owned()));
