@@ -213,3 +213,45 @@ async fn a_shut_rooms_members_are_told_and_get_nothing_more_from_it() {
     assert_eq!(hub.room_connections("war-room").len(), 1);
     assert_eq!(hub.close_room("empty", "x"), 0);
 }
+
+/// The Rust client reads the server's `leave`: the room's stream ends, its
+/// closed reason carries the host's reason, and the client does not rejoin
+/// it after a reconnect (while it does rejoin its other rooms).
+#[tokio::test]
+async fn the_rust_client_stops_at_a_closed_room() {
+    use switchboard::client::{Client, ClientErrorKind, RoomEvent};
+    let hub = builder().build();
+    let addr = serve(&hub).await;
+    let client = Client::builder(format!("ws://{addr}/?user=alice")).connect().unwrap();
+    let closed = client.join("war-room").await.unwrap();
+    let lobby = client.join("lobby").await.unwrap();
+    hub.publish("war-room", "before", &1).await.unwrap();
+    assert_eq!(hub.close_room("war-room", "closed by a moderator"), 1);
+    match tokio::time::timeout(WAIT, closed.recv()).await.unwrap() {
+        Some(RoomEvent::Event(e)) => assert_eq!(e.event, "before"),
+        other => panic!("expected the event before the close, got {other:?}"),
+    }
+    assert_eq!(tokio::time::timeout(WAIT, closed.recv()).await.unwrap(), None);
+    let why = closed.closed_reason().expect("a reason");
+    assert_eq!(why.kind(), ClientErrorKind::Closed);
+    assert!(why.to_string().contains("closed by a moderator"), "{why}");
+
+    // A reconnect rejoins the lobby only.
+    let id = hub.user_connections("alice")[0].id;
+    assert!(hub.disconnect(id, CloseCode::RECONNECT, "move"));
+    eventually("rejoined the lobby on a new connection", || {
+        hub.room_connections("lobby").first().is_some_and(|c| c.id != id)
+    })
+    .await;
+    hub.publish("lobby", "after", &2).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, lobby.recv()).await.unwrap() {
+            Some(RoomEvent::Event(e)) if e.event == "after" => break,
+            Some(_) => continue,
+            None => panic!("the lobby's stream ended"),
+        }
+    }
+    assert!(hub.room_connections("war-room").is_empty());
+    assert_eq!(names(hub.rooms()), vec![room("lobby", 1)]);
+    client.close().await;
+}

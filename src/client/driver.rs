@@ -808,6 +808,7 @@ impl Session {
             }
             Kind::PresenceState | Kind::PresenceDiff => self.presence(env),
             Kind::Gap => self.gap(env),
+            Kind::Leave => self.room_closed(env),
             _ => {
                 // A client → server type from the server: ignore it.
                 self.shared.count_unknown();
@@ -1057,6 +1058,24 @@ impl Session {
             tracing::warn!(room = name, error = %e, "switchboard client: invalid presence message");
             self.shared.count_malformed();
         }
+    }
+
+    /// A server `leave` (protocol §3.3.1): the host closed the room. The
+    /// client stops rejoining it and ends its stream; the reason is the
+    /// room's [`Room::closed_reason`](super::Room::closed_reason).
+    fn room_closed(&mut self, env: Envelope) {
+        let Some(name) = env.room else { return self.shared.count_malformed() };
+        let mut st = self.shared.state.lock();
+        // Only a room joined on this connection: a join still in flight was
+        // not yet a member when the room was closed.
+        if !st.rooms.get(&name).is_some_and(|r| r.joined && r.join_ref.is_none()) {
+            return;
+        }
+        let room = st.rooms.remove(&name).expect("checked above");
+        room.queue.close();
+        let why = env.message.unwrap_or_default();
+        let e = ClientError::new(ClientErrorKind::Closed, format!("the server closed the room: {why}"));
+        st.closed_rooms.insert((name, room.id), e);
     }
 
     fn gap(&mut self, env: Envelope) {

@@ -27,7 +27,8 @@ pub enum ClientErrorKind {
     /// `max_message_size`.
     TooLarge,
     /// The client is closed (by the application, or after a close code that
-    /// forbids reconnecting).
+    /// forbids reconnecting), or the server closed the room
+    /// ([`Room::closed_reason`](super::Room::closed_reason)).
     Closed,
     /// The room is already joined through another [`Room`](super::Room) handle.
     AlreadyJoined,

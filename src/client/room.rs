@@ -296,8 +296,11 @@ impl Room {
         self.client.shared.room_position(&self.name, self.id)
     }
 
-    /// Why the stream ended, when the client stopped rejoining the room
-    /// (for example the join was refused after a reconnect).
+    /// Why the stream ended, when the client stopped rejoining the room:
+    /// the join was refused after a reconnect, or the server closed the
+    /// room (a server `leave`, `docs/protocol.md` §3.3.1; kind
+    /// [`Closed`](super::ClientErrorKind::Closed), the host's reason in the
+    /// message).
     pub fn closed_reason(&self) -> Option<ClientError> {
         self.client.shared.room_closed_reason(&self.name, self.id)
     }
