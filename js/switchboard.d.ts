@@ -198,7 +198,7 @@ export class Room {
         recovered: boolean | null;
         reply: any;
     }) => void): () => void;
-    /** The room ended for good (left, or a rejoin was refused). @param {(why: SwitchboardError|null) => void} fn */
+    /** The room ended for good (left, a rejoin was refused, or the server closed it: code `"room_closed"`). @param {(why: SwitchboardError|null) => void} fn */
     onClose(fn: (why: SwitchboardError | null) => void): () => void;
     /**
      * Calls the host's handler `event` in this room; resolves with its reply.
@@ -224,7 +224,7 @@ export class Room {
     gap(g: any): void;
     /** @param {string} type @param {any} data */
     presenceMsg(type: string, data: any): void;
-    /** The join was refused on a rejoin. @param {SwitchboardError} e */
+    /** The join was refused on a rejoin, or the server closed the room. @param {SwitchboardError} e */
     refused(e: SwitchboardError): void;
     #private;
 }

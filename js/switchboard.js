@@ -51,7 +51,7 @@ const CLOSE_WORDS = {
 function closeWords(code) {
     return CLOSE_WORDS[code] ?? (closeAction(code) === "reconnect" ? "the connection was closed" : "the server closed the connection");
 }
-const TYPES = new Set(["hello", "reply", "error", "event", "ping", "pong", "lagged", "presence_state", "presence_diff", "gap"]);
+const TYPES = new Set(["hello", "reply", "error", "event", "ping", "pong", "lagged", "presence_state", "presence_diff", "gap", "leave"]);
 const uint = (v) => typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
 const isObj = (v) => typeof v === "object" && v !== null && !Array.isArray(v);
 export function parseEnvelope(text, maxBytes = 16 << 20) {
@@ -90,6 +90,7 @@ export function parseEnvelope(text, maxBytes = 16 << 20) {
         presence_state: v.room != null && isObj(v.data),
         presence_diff: v.room != null && isObj(v.data),
         gap: v.room != null && isObj(v.data),
+        leave: v.room != null,
     }[(v.type)];
     if (need === false)
         return `malformed ${v.type}`;
@@ -802,6 +803,10 @@ export class Client {
             case "gap":
                 if (room?.joined)
                     room.gap(env.data);
+                return;
+            case "leave":
+                if (room?.joined)
+                    room.refused(new SwitchboardError("room_closed", env.message ?? "the server closed the room"));
                 return;
             case "lagged":
                 this.#error("lagged", "the server dropped messages for this client (it read too slowly)");

@@ -109,7 +109,7 @@ function closeWords(code) {
 
 /** @typedef {{type: string, ref?: number, room?: string, event?: string, code?: number, message?: string, data?: any, offset?: number, epoch?: string}} Envelope */
 
-const TYPES = new Set(["hello", "reply", "error", "event", "ping", "pong", "lagged", "presence_state", "presence_diff", "gap"]);
+const TYPES = new Set(["hello", "reply", "error", "event", "ping", "pong", "lagged", "presence_state", "presence_diff", "gap", "leave"]);
 const uint = (/** @type {unknown} */ v) => typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
 const isObj = (/** @type {unknown} */ v) => typeof v === "object" && v !== null && !Array.isArray(v);
 
@@ -145,6 +145,7 @@ export function parseEnvelope(text, maxBytes = 16 << 20) {
     presence_state: v.room != null && isObj(v.data),
     presence_diff: v.room != null && isObj(v.data),
     gap: v.room != null && isObj(v.data),
+    leave: v.room != null,
   }[/** @type {string} */ (v.type)];
   if (need === false) return `malformed ${v.type}`;
   return v;
@@ -536,7 +537,7 @@ export class Room {
   onJoin(fn) {
     return this.l.on("$join", fn);
   }
-  /** The room ended for good (left, or a rejoin was refused). @param {(why: SwitchboardError|null) => void} fn */
+  /** The room ended for good (left, a rejoin was refused, or the server closed it: code `"room_closed"`). @param {(why: SwitchboardError|null) => void} fn */
   onClose(fn) {
     return this.l.on("$close", fn);
   }
@@ -643,7 +644,7 @@ export class Room {
     else this.view.diff(data);
     this.l.emit("$presence", this.view.list(), this.view);
   }
-  /** The join was refused on a rejoin. @param {SwitchboardError} e */
+  /** The join was refused on a rejoin, or the server closed the room. @param {SwitchboardError} e */
   refused(e) {
     this.client.rooms.delete(this.name);
     this.#end(e);
@@ -1025,6 +1026,11 @@ export class Client {
         return;
       case "gap":
         if (room?.joined) room.gap(env.data);
+        return;
+      case "leave":
+        // The host closed the room (protocol §3.3.1): the room ends, and
+        // is not rejoined after a reconnect.
+        if (room?.joined) room.refused(new SwitchboardError("room_closed", env.message ?? "the server closed the room"));
         return;
       case "lagged":
         this.#error("lagged", "the server dropped messages for this client (it read too slowly)");
