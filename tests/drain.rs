@@ -1,8 +1,9 @@
 //! Draining a hub over real sockets: 1,000 WebSocket connections are closed
 //! in batches no larger than configured, with the reconnect code, readiness
 //! turns false before the first close, new connections get `503` with
-//! `retry-after`; the Rust client (and the browser client,
-//! `tests/browser/drain.mjs`) move to a second hub behind the same address.
+//! `retry-after`, the connections not yet closed keep working; the Rust
+//! client and the browser client (`tests/browser/drain.mjs`) move to a
+//! second hub behind the same address.
 
 mod support;
 
@@ -272,4 +273,57 @@ async fn the_browser_client_moves_to_the_second_hub() {
     let out = support::browser::run_script("tests/browser/drain.mjs", &args, "browser drain test passed").await;
     print!("{out}");
     assert!(a.hub.connections().is_empty());
+}
+
+/// On the standalone listener: batch by batch, oldest first; the
+/// connections not yet closed keep working; the chosen code and reason
+/// reach the client and the `on_disconnect` hook; a new connection gets
+/// `503` with `retry-after` before the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_keep_working_until_their_batch() {
+    use switchboard::hub::{Connection, DisconnectReason};
+    use switchboard::protocol::CloseCode;
+    let reasons = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = reasons.clone();
+    let hub = Hub::builder()
+        .on_disconnect(move |c: &Connection, r: &DisconnectReason| log.lock().unwrap().push((c.id().get(), r.clone())))
+        .build();
+    let addr = serve(&hub).await;
+    let mut first = connect(addr).await;
+    let mut second = connect(addr).await;
+    first.join_ok("r").await;
+    second.join_ok("r").await;
+    // Two batches of one, five seconds apart: the second connection is
+    // still open long after the first one's close.
+    let config = DrainConfig::default()
+        .period(Duration::from_secs(10))
+        .batch(1)
+        .code(CloseCode(4010))
+        .reason("moving you")
+        .retry_after(Duration::from_millis(1500));
+    let drain = {
+        let hub = hub.clone();
+        tokio::spawn(async move { hub.drain(config).await })
+    };
+    assert_eq!(expect_close_frame(&mut first.ws).await, Some((4010, "moving you".to_owned())));
+    assert!(!hub.is_ready() && hub.is_draining());
+    match try_connect(addr, "/", &[]).await {
+        Err((status, headers, body)) => {
+            assert_eq!((status, body.as_str()), (503, "server is draining"));
+            // Whole seconds, rounded up.
+            assert_eq!(headers.get("retry-after").map(|v| v.to_str().unwrap().to_owned()), Some("2".to_owned()));
+        }
+        Ok(_) => panic!("a connection was accepted during the drain"),
+    }
+    hub.publish("r", "still", &1).await.unwrap();
+    assert_eq!(second.event().await["data"], 1);
+    assert_eq!(second.call("nothing", serde_json::json!(null)).await["code"], 404);
+    assert_eq!(expect_close_frame(&mut second.ws).await, Some((4010, "moving you".to_owned())));
+    let report = drain.await.unwrap();
+    assert_eq!((report.closed, report.batches, report.remaining), (2, 2, 0));
+    eventually("both hooks ran", || reasons.lock().unwrap().len() == 2).await;
+    let mut seen = reasons.lock().unwrap().clone();
+    seen.sort_by_key(|(id, _)| *id);
+    let want = DisconnectReason::Drained(CloseCode(4010));
+    assert_eq!(seen, vec![(first.connection_id(), want.clone()), (second.connection_id(), want)]);
 }
