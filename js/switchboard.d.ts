@@ -7,6 +7,16 @@
  */
 export function closeAction(code: number): "reconnect" | "stop";
 /**
+ * The wait a close asks for (protocol §7.1): the number after
+ * `retry_after_ms=` in the reason of a reconnect code (the server sends it
+ * with 1013 when it sheds a connection during a storm); 0 when there is
+ * none. Capped at one hour.
+ * @param {number} code
+ * @param {string} [reason]
+ * @returns {number} ms
+ */
+export function retryHint(code: number, reason?: string): number;
+/**
  * Parses and checks one server message. Returns the envelope, or a string
  * saying what is wrong with it (never throws).
  * @param {unknown} text
@@ -273,6 +283,8 @@ export class Client {
     private sseOnly;
     /** @private */
     private closedByApp;
+    /** The last connection ended with 4501 (a fresh token is tried once). @private */
+    private refusedOnce;
     /** @type {string|null} @private */
     private token;
     /** @private */

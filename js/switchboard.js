@@ -33,6 +33,12 @@ export function closeAction(code) {
     const again = code === 1001 || code === 1006 || code === 1009 || (code >= 1011 && code <= 1014) || (code >= 4000 && code <= 4499);
     return again ? "reconnect" : "stop";
 }
+export function retryHint(code, reason) {
+    if (closeAction(code) !== "reconnect")
+        return 0;
+    const m = /retry_after_ms=(\d+)/.exec(reason ?? "");
+    return m ? Math.min(Number(m[1]), 3600000) : 0;
+}
 const CLOSE_WORDS = {
     1000: "the server ended the connection",
     1001: "the server is restarting",
@@ -264,6 +270,9 @@ function sse(fetchFn, timers, url, lastId, link) {
             return end(1000, "stream stopped");
         if (res.status !== 200 || !res.body || !(res.headers.get("content-type") ?? "").startsWith("text/event-stream")) {
             const s = res.status;
+            const after = Number(res.headers.get("retry-after"));
+            if ((s === 429 || s === 503) && after > 0)
+                retryMs = Math.min(after, 3600) * 1000;
             return end(s === 401 || s === 403 ? 4501 : s >= 400 && s < 500 && s !== 429 && s !== 408 ? 1008 : 1006, `HTTP ${s}`);
         }
         const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -545,6 +554,7 @@ export class Client {
         this.stopped = false;
         this.sseOnly = o.transport === "sse";
         this.closedByApp = false;
+        this.refusedOnce = false;
         this.token = null;
         this.lastId = "";
         this.hello = null;
@@ -975,6 +985,7 @@ export class Client {
         }
     }
     #closed(end, why) {
+        const greeted = !!this.hello;
         const healthy = this.openedAt && this.hello && this.now() - this.openedAt >= (this.o.backoff?.resetAfter ?? 30000);
         this.#ended();
         if (healthy)
@@ -991,13 +1002,19 @@ export class Client {
                 this.#fail([p], "disconnected", "the connection dropped before the answer");
         }
         this.buffer.unshift(...again);
-        const reason = why ?? { code: end.code, kind: end.code === 1006 ? "dropped" : "closed", message: closeWords(end.code) };
+        const refused = !greeted && (end.code === 4500 || end.code === 4501);
+        const words = refused ? `${closeWords(end.code)}: the server refused the connection` : closeWords(end.code);
+        const reason = why ?? { code: end.code, kind: end.code === 1006 ? "dropped" : end.code === 4501 ? "unauthorized" : "closed", message: end.reason ? `${words} (${end.reason})` : words };
+        const renew = end.code === 4501 && !!this.o.token && !this.refusedOnce && !this.stopped;
+        this.refusedOnce = end.code === 4501;
+        if (renew)
+            return this.#schedule(reason, end.retryMs);
         if (closeAction(end.code) === "stop" || this.stopped) {
             this.stopped = true;
             this.#fail([...this.buffer.splice(0), ...this.pending.values()], "closed", "the connection was closed for good");
             return this.#set({ state: "closed", reason, retryAt: null, transport: null, connection: null });
         }
-        this.#schedule(reason, end.retryMs);
+        this.#schedule(reason, Math.max(end.retryMs ?? 0, retryHint(end.code, end.reason)));
     }
     #schedule(reason, atLeast = 0) {
         if (this.win.navigator?.onLine === false)

@@ -412,6 +412,52 @@ pub(crate) struct AdmissionState {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     rate: Option<Limiter>,
     warned_no_peer: AtomicBool,
+    /// Recent sheds, for the spread of the retry hint.
+    shed: Mutex<ShedWindow>,
+    /// How many new connections a second the hub takes back during a storm
+    /// (the connection rate, or [`STORM_DRAIN_PER_SEC`] without one).
+    drain_per_sec: f64,
+}
+
+/// Connections a second a hub without a connection rate is assumed to take
+/// back during a storm, for the spread of the retry hint.
+const STORM_DRAIN_PER_SEC: f64 = 1000.0;
+/// Ceiling of the retry hint's spread.
+const MAX_HINT_SPREAD: Duration = Duration::from_secs(30);
+
+/// Sheds (refusals with a retry hint) in the current and the previous
+/// one-second window, and the hint's random state.
+struct ShedWindow {
+    start: tokio::time::Instant,
+    previous: u32,
+    current: u32,
+    seed: u64,
+}
+
+impl ShedWindow {
+    /// Counts one shed at `now`; returns the sheds in the last one to two
+    /// seconds.
+    fn count(&mut self, now: tokio::time::Instant) -> u32 {
+        let elapsed = now.saturating_duration_since(self.start);
+        if elapsed >= Duration::from_secs(2) {
+            (self.previous, self.current, self.start) = (0, 0, now);
+        } else if elapsed >= Duration::from_secs(1) {
+            (self.previous, self.current) = (self.current, 0);
+            self.start += Duration::from_secs(1);
+        }
+        self.current = self.current.saturating_add(1);
+        self.previous.saturating_add(self.current)
+    }
+
+    /// A uniform draw in `[0, 1)` (splitmix64).
+    fn unit(&mut self) -> f64 {
+        self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
 impl AdmissionState {
@@ -421,7 +467,35 @@ impl AdmissionState {
             per_ip: Mutex::new(HashMap::new()),
             rate: config.connection_rate.as_ref().map(RateLimit::limiter),
             warned_no_peer: AtomicBool::new(false),
+            shed: Mutex::new(ShedWindow {
+                start: tokio::time::Instant::now(),
+                previous: 0,
+                current: 0,
+                seed: {
+                    use std::hash::{BuildHasher, Hasher};
+                    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                    h.write_usize(config.max_connections);
+                    h.finish()
+                },
+            }),
+            drain_per_sec: config
+                .connection_rate
+                .map_or(STORM_DRAIN_PER_SEC, |r| 1.0 / r.refill_interval().as_secs_f64().max(1e-9)),
         }
+    }
+
+    /// The retry hint for a shed connection: at least `floor`, plus a
+    /// random share of the time the hub needs to take back everyone it shed
+    /// lately (sheds in the last one to two seconds over the drain rate;
+    /// at least 1 s, at most 30 s). Jittered per refusal, so clients shed
+    /// in the same instant come back spread over that time instead of all
+    /// at once (`docs/protocol.md` §7.3).
+    pub(crate) fn retry_hint(&self, floor: Duration) -> Duration {
+        let mut shed = self.shed.lock();
+        let recent = shed.count(tokio::time::Instant::now());
+        let spread = Duration::from_secs_f64(f64::from(recent) / self.drain_per_sec)
+            .clamp(Duration::from_secs(1), MAX_HINT_SPREAD);
+        floor + spread.mul_f64(shed.unit())
     }
 
     /// Admitted connections (and handshakes) holding a slot.
@@ -496,7 +570,7 @@ pub(crate) fn admit(
         state.total.fetch_sub(1, Ordering::AcqRel);
         refused(Refusal::Limit);
         return Err(Rejection::new(StatusCode::SERVICE_UNAVAILABLE, "server is at its connection limit")
-            .with_retry_after(Duration::from_secs(1)));
+            .with_retry_after(state.retry_hint(Duration::from_secs(1))));
     }
     // From here the slot is held by `ticket`: an early return frees it.
     let mut ticket = Admission { state: state.clone(), ip: None };
@@ -529,7 +603,7 @@ pub(crate) fn admit(
         if let Err(wait) = rate.check() {
             refused(Refusal::Rate);
             return Err(Rejection::new(StatusCode::TOO_MANY_REQUESTS, "too many new connections, retry later")
-                .with_retry_after(wait));
+                .with_retry_after(state.retry_hint(wait)));
         }
     }
     Ok((ticket, client))
@@ -652,7 +726,9 @@ mod tests {
         let t4 = admit(&cfg, &state, Some(b), &h).unwrap();
         let err = admit(&cfg, &state, Some(b), &h).unwrap_err();
         assert_eq!(err.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
+        // The wait for the next token (1 s), plus jitter of up to 1 s.
+        let hint = err.retry_after().unwrap();
+        assert!(hint >= Duration::from_secs(1) && hint < Duration::from_secs(2), "{hint:?}");
         assert_eq!((state.total(), state.addresses()), (1, 1), "a refusal holds no slot");
         tokio::time::advance(Duration::from_secs(1)).await;
         let t5 = admit(&cfg, &state, Some(a), &h).unwrap();
@@ -664,6 +740,32 @@ mod tests {
         let _t = admit(&cfg, &state, Some("2001:db8::1".parse().unwrap()), &h).unwrap();
         assert!(admit(&cfg, &state, Some("2001:db8::2".parse().unwrap()), &h).is_err());
         assert!(admit(&cfg, &state, Some("2001:db8:0:1::1".parse().unwrap()), &h).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_storm_of_sheds_gets_hints_spread_over_the_time_to_take_it_back() {
+        // Drain rate 100/s: 1,000 sheds in one instant need about 10 s.
+        let cfg = SecurityConfig::default().connection_rate(Some(RateLimit::per_second(100).burst(1)));
+        let state = AdmissionState::new(&cfg);
+        let floor = Duration::from_millis(10);
+        let hints: Vec<Duration> = (0..1000).map(|_| state.retry_hint(floor)).collect();
+        assert!(hints.iter().all(|h| *h >= floor && *h < floor + MAX_HINT_SPREAD));
+        // The spread grows with the storm: the first sheds (few so far) get
+        // a hint within about a second, the last ones within about 10 s.
+        assert!(hints[..50].iter().all(|h| *h < floor + Duration::from_secs(1)));
+        let late = &hints[900..];
+        let max = late.iter().max().unwrap();
+        let min = late.iter().min().unwrap();
+        assert!(*max > Duration::from_secs(7) && *min < Duration::from_secs(2), "{min:?}..{max:?}");
+        // Spread, not clustered: every second of the window gets some.
+        let mut buckets = [0u32; 10];
+        for h in late {
+            buckets[(h.as_secs() as usize).min(9)] += 1;
+        }
+        assert!(buckets[..9].iter().all(|&n| n > 0), "{buckets:?}");
+        // Two quiet seconds later the storm is forgotten.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(state.retry_hint(floor) < floor + Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]

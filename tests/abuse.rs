@@ -280,7 +280,7 @@ async fn total_connection_limit_gets_503_and_connection_rate_gets_429_with_retry
     let (status, headers, body) = try_connect(f.addr, "/", &[]).await.err().expect("refused");
     assert_eq!((status, body.as_str()), (429, "too many new connections, retry later"));
     let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((3000..=3600).contains(&retry), "retry-after {retry}");
+    assert!((3000..=3700).contains(&retry), "retry-after {retry} (the wait plus the jitter)");
     // Connections already in are untouched.
     f.tick().await;
     for c in &mut held {

@@ -83,6 +83,21 @@ export function closeAction(code) {
   return again ? "reconnect" : "stop";
 }
 
+/**
+ * The wait a close asks for (protocol §7.1): the number after
+ * `retry_after_ms=` in the reason of a reconnect code (the server sends it
+ * with 1013 when it sheds a connection during a storm); 0 when there is
+ * none. Capped at one hour.
+ * @param {number} code
+ * @param {string} [reason]
+ * @returns {number} ms
+ */
+export function retryHint(code, reason) {
+  if (closeAction(code) !== "reconnect") return 0;
+  const m = /retry_after_ms=(\d+)/.exec(reason ?? "");
+  return m ? Math.min(Number(m[1]), 3600000) : 0;
+}
+
 /** @type {Record<number, string>} */
 const CLOSE_WORDS = {
   1000: "the server ended the connection",
@@ -361,6 +376,9 @@ function sse(fetchFn, timers, url, lastId, link) {
     if (res.status === 204) return end(1000, "stream stopped");
     if (res.status !== 200 || !res.body || !(res.headers.get("content-type") ?? "").startsWith("text/event-stream")) {
       const s = res.status;
+      // A shed (429/503): not before the server's `retry-after` (§7.3).
+      const after = Number(res.headers.get("retry-after"));
+      if ((s === 429 || s === 503) && after > 0) retryMs = Math.min(after, 3600) * 1000;
       return end(s === 401 || s === 403 ? 4501 : s >= 400 && s < 500 && s !== 429 && s !== 408 ? 1008 : 1006, `HTTP ${s}`);
     }
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -746,6 +764,8 @@ export class Client {
     this.sseOnly = o.transport === "sse";
     /** @private */
     this.closedByApp = false;
+    /** The last connection ended with 4501 (a fresh token is tried once). @private */
+    this.refusedOnce = false;
     /** @type {string|null} @private */
     this.token = null;
     /** @private */
@@ -1186,6 +1206,7 @@ export class Client {
   }
   /** @param {{code: number, reason?: string, retryMs?: number}} end @param {Status["reason"]} [why] */
   #closed(end, why) {
+    const greeted = !!this.hello;
     const healthy = this.openedAt && this.hello && this.now() - this.openedAt >= (this.o.backoff?.resetAfter ?? 30000);
     this.#ended();
     if (healthy) this.backoff.reset();
@@ -1201,13 +1222,22 @@ export class Client {
       } else if (p.written) this.#fail([p], "disconnected", "the connection dropped before the answer");
     }
     this.buffer.unshift(...again);
-    const reason = why ?? { code: end.code, kind: end.code === 1006 ? "dropped" : "closed", message: closeWords(end.code) };
+    const refused = !greeted && (end.code === 4500 || end.code === 4501);
+    const words = refused ? `${closeWords(end.code)}: the server refused the connection` : closeWords(end.code);
+    const reason = why ?? { code: end.code, kind: end.code === 1006 ? "dropped" : end.code === 4501 ? "unauthorized" : "closed", message: end.reason ? `${words} (${end.reason})` : words };
+    // A refusal for the credentials (4501, or an SSE 401/403) before any
+    // `hello`: one fresh token may cure it; refused again, the client stops.
+    const renew = end.code === 4501 && !!this.o.token && !this.refusedOnce && !this.stopped;
+    this.refusedOnce = end.code === 4501;
+    if (renew) return this.#schedule(reason, end.retryMs);
     if (closeAction(end.code) === "stop" || this.stopped) {
       this.stopped = true;
       this.#fail([...this.buffer.splice(0), ...this.pending.values()], "closed", "the connection was closed for good");
       return this.#set({ state: "closed", reason, retryAt: null, transport: null, connection: null });
     }
-    this.#schedule(reason, end.retryMs);
+    // The server's hint (a 1013 shed, an SSE `retry-after` or `retry:`), on
+    // top of the backoff: never sooner than either.
+    this.#schedule(reason, Math.max(end.retryMs ?? 0, retryHint(end.code, end.reason)));
   }
   /** @param {NonNullable<Status["reason"]>} reason @param {number} [atLeast] */
   #schedule(reason, atLeast = 0) {

@@ -1,6 +1,6 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
-import { Backoff, closeAction } from "../switchboard.js";
+import { Backoff, closeAction, retryHint } from "../switchboard.js";
 import { setup, flush } from "./harness.mjs";
 
 test("backoff ceilings double from 1 s to the 30 s cap, full jitter below them", () => {
@@ -95,6 +95,67 @@ test("a stop code closes the client for good; retryNow starts again", async () =
   client.retryNow();
   await flush();
   assert.equal(sockets.length, 2, "retryNow does nothing after close()");
+});
+
+test("the retry hint of a close: retry_after_ms in a reconnect code's reason", () => {
+  assert.equal(retryHint(1013, "try again later; retry_after_ms=2345"), 2345);
+  assert.equal(retryHint(4002, "retry_after_ms=10 please"), 10);
+  assert.equal(retryHint(1013, "try again later"), 0);
+  assert.equal(retryHint(1013, undefined), 0);
+  assert.equal(retryHint(4500, "retry_after_ms=1000"), 0, "a stop code has no retry");
+  assert.equal(retryHint(1013, "retry_after_ms=99999999999"), 3600000, "capped at an hour");
+});
+
+test("a 1013 shed waits at least the server's hint, on top of the backoff", async () => {
+  const { clock, sockets, statuses } = setup({ draws: [0.5] });
+  // The server upgraded only to say "busy": open, then 1013 with the hint.
+  sockets[0].open();
+  sockets[0].drop(1013, "try again later; retry_after_ms=4321");
+  let s = statuses.at(-1);
+  assert.equal(s.state, "reconnecting");
+  assert.equal(s.retryAt, 4321, "the hint, not the 500 ms backoff draw");
+  assert.match(s.reason.message, /busy/);
+  await clock.advance(4320);
+  assert.equal(sockets.length, 1, "no attempt before the hint");
+  await clock.advance(1);
+  assert.equal(sockets.length, 2);
+  // A small hint does not shorten the backoff: 0.5 x 2 s.
+  sockets[1].open();
+  sockets[1].drop(1013, "try again later; retry_after_ms=10");
+  assert.equal(statuses.at(-1).retryAt - clock.now, 1000);
+});
+
+test("a refused handshake said after the upgrade (4501) stops with a clear status", async () => {
+  const { clock, sockets, statuses } = setup();
+  sockets[0].open();
+  sockets[0].drop(4501, "who are you?");
+  const s = statuses.at(-1);
+  assert.equal(s.state, "closed");
+  assert.equal(s.reason.kind, "unauthorized");
+  assert.equal(s.reason.code, 4501);
+  assert.match(s.reason.message, /refused.*who are you\?/);
+  await clock.advance(120000);
+  assert.equal(sockets.length, 1, "no retries after a terminal refusal");
+});
+
+test("with a token provider, a 4501 refusal gets one fresh token, then stops", async () => {
+  let tokens = 0;
+  const { clock, sockets, statuses } = setup({ client: { token: () => `t${++tokens}` } });
+  await flush();
+  assert.match(sockets[0].url, /access_token=t1/);
+  sockets[0].open();
+  sockets[0].drop(4501, "token expired");
+  assert.equal(statuses.at(-1).state, "reconnecting");
+  await clock.advance(statuses.at(-1).retryAt - clock.now);
+  await flush();
+  assert.equal(sockets.length, 2);
+  assert.match(sockets[1].url, /access_token=t2/);
+  sockets[1].open();
+  sockets[1].drop(4501, "token expired");
+  assert.equal(statuses.at(-1).state, "closed");
+  assert.equal(statuses.at(-1).reason.kind, "unauthorized");
+  await clock.advance(120000);
+  assert.equal(sockets.length, 2);
 });
 
 test("retryNow while waiting connects at once", async () => {

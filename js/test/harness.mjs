@@ -43,7 +43,7 @@ export function hello(over = {}) {
 
 /**
  * A client on fakes. `sockets` lists every WebSocket it opened; each has
- * `sent` (parsed envelopes), `open()`, `recv(msg)`, `drop(code)`.
+ * `sent` (parsed envelopes), `open()`, `recv(msg)`, `drop(code, reason)`.
  */
 export function setup(options = {}) {
   const clock = new Clock();
@@ -68,8 +68,8 @@ export function setup(options = {}) {
     recv(msg) {
       this.onmessage({ data: typeof msg === "string" ? msg : JSON.stringify(msg) });
     }
-    drop(code = 1006) {
-      this.onclose({ code, reason: "" });
+    drop(code = 1006, reason = "") {
+      this.onclose({ code, reason });
     }
     /** Opens and says hello. */
     start(over) {

@@ -163,12 +163,32 @@ pub struct Rejection {
     status: StatusCode,
     message: String,
     retry_after: Option<Duration>,
+    /// For a browser (a request with `Origin`), which cannot read an HTTP
+    /// status: the close code and reason to send right after an upgrade
+    /// instead of the HTTP answer (set by the hub's gate, §7.3).
+    close: Option<(crate::protocol::CloseCode, String)>,
 }
 
 impl Rejection {
     /// A rejection with any status.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Rejection {
-        Rejection { status, message: message.into(), retry_after: None }
+        Rejection { status, message: message.into(), retry_after: None, close: None }
+    }
+
+    /// Answer with a WebSocket close after the upgrade instead of the HTTP
+    /// status (the reason is cut to the 123 bytes a close frame carries).
+    pub(crate) fn close_after_upgrade(mut self, code: crate::protocol::CloseCode, reason: &str) -> Rejection {
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.close = Some((code, reason[..end].to_owned()));
+        self
+    }
+
+    /// The close to send after the upgrade instead of the HTTP answer.
+    pub(crate) fn close(&self) -> Option<&(crate::protocol::CloseCode, String)> {
+        self.close.as_ref()
     }
 
     /// Adds a `retry-after` header (in whole seconds, rounded up) to the

@@ -43,6 +43,10 @@ const MAX_MALFORMED_STREAK: u32 = 32;
 /// have been dropped) before the client gives up and reports the room as
 /// not recovered.
 const MAX_RECOVERY_ATTEMPTS: u8 = 3;
+/// Ceiling for a server's retry hint (`retry-after`, or a 1013's
+/// `retry_after_ms`): a hint above the backoff's ceiling is honoured, up to
+/// this.
+const MAX_RETRY_HINT: Duration = Duration::from_secs(3600);
 /// Ceiling for durations read from `hello` (a hostile value must not overflow).
 const MAX_HELLO_DURATION: Duration = Duration::from_secs(24 * 3600);
 
@@ -188,8 +192,14 @@ pub(crate) async fn run(shared: Arc<Shared>, connector: Connector) {
             return;
         }
         let mut delay = backoff.delay(attempt, jitter.unit());
-        if let Some(after) = outcome.retry_after {
-            delay = delay.max(after.min(backoff.max));
+        // The server's hint: `retry-after` on a 429/503, or the wait in a
+        // 1013's reason (a shed after the upgrade, §7.1); never sooner.
+        let hint = match &reason {
+            Disconnect::Closed { code, reason } => outcome.retry_after.or_else(|| code.retry_hint(reason)),
+            _ => outcome.retry_after,
+        };
+        if let Some(after) = hint {
+            delay = delay.max(after.min(MAX_RETRY_HINT));
         }
         tracing::debug!(attempt, ?delay, %reason, "switchboard client: reconnecting");
         shared.status.send_replace(Status::Reconnecting { attempt, retry_in: delay, reason });

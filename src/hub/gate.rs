@@ -92,15 +92,40 @@ impl Hub {
     /// reconnect storm is cut off here), then [`Hub::authenticate`] bounded
     /// by `timeout` (over it: 503 "authentication timed out"). The
     /// [`Admission`] holds the connection's slots until it is dropped.
+    ///
+    /// A browser (a request with `Origin`) cannot read the status of a
+    /// refused upgrade, so two refusals are marked to be said after the
+    /// upgrade instead, as a close the page can see (protocol §7.3): a shed
+    /// with a retry hint (the connection limit or rate) as **1013** with
+    /// `retry_after_ms=<n>` in the reason, and the authenticator's 401 or
+    /// 403 as **4501** (the origin check's 403 stays an HTTP answer).
     pub(crate) async fn open_gate(
         &self,
         handshake: &mut Handshake,
         timeout: Duration,
     ) -> std::result::Result<(Admission, Identity), Rejection> {
-        let admission = self.gate_admit(handshake)?;
+        let browser = handshake.headers().contains_key(http::header::ORIGIN);
+        let admission = match self.gate_admit(handshake) {
+            Ok(a) => a,
+            Err(rejection) => {
+                return Err(match rejection.retry_after() {
+                    Some(after) if browser => {
+                        rejection.close_after_upgrade(CloseCode::TRY_AGAIN_LATER, &CloseCode::retry_reason(after))
+                    }
+                    _ => rejection,
+                })
+            }
+        };
         match tokio::time::timeout(timeout, self.gate_authenticate(handshake)).await {
             Ok(Ok(identity)) => Ok((admission, identity)),
-            Ok(Err(rejection)) => Err(crate::metrics::refusing(crate::metrics::Refusal::Auth, rejection)),
+            Ok(Err(rejection)) => {
+                let rejection = crate::metrics::refusing(crate::metrics::Refusal::Auth, rejection);
+                if browser && matches!(rejection.status().as_u16(), 401 | 403) {
+                    let reason = rejection.message().to_owned();
+                    return Err(rejection.close_after_upgrade(CloseCode::UNAUTHORIZED, &reason));
+                }
+                Err(rejection)
+            }
             Err(_) => Err(crate::metrics::refusing(
                 crate::metrics::Refusal::AuthTimeout,
                 Rejection::new(http::StatusCode::SERVICE_UNAVAILABLE, "authentication timed out"),

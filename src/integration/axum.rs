@@ -90,6 +90,7 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             headers: Vec::new(),
             message: "connection cannot be upgraded (HTTP/2 or no upgrade support)".into(),
+            close: None,
         });
     };
     let peer = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
@@ -104,7 +105,18 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
     // The same gate as the standalone listener, before the upgrade.
     let (admission, identity) = match hub.open_gate(&mut hs, config.handshake_timeout).await {
         Ok(admitted) => admitted,
-        Err(rej) => return refusal(super::ws::refusal(&rej)),
+        Err(rej) => match super::ws::refusal(&rej) {
+            // Said after the upgrade, for a browser (§7.3).
+            Refusal { close: Some((code, reason)), .. } => {
+                tokio::spawn(async move {
+                    if let Ok(upgraded) = on_upgrade.await {
+                        crate::transport::ws::close_upgraded(TokioIo::new(upgraded), code, &reason).await;
+                    }
+                });
+                return switching_protocols(&negotiated);
+            }
+            r => return refusal(r),
+        },
     };
     let deflate = negotiated.deflate;
     tracing::trace!(peer = ?peer, compressed = deflate.is_some(), "websocket upgrade accepted");
@@ -123,6 +135,11 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });
+    switching_protocols(&negotiated)
+}
+
+/// The `101` answer to a negotiated upgrade.
+fn switching_protocols(negotiated: &crate::transport::ws::Negotiated) -> Response {
     let mut res = Response::new(Body::empty());
     *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = res.headers_mut();

@@ -85,7 +85,9 @@ pub(crate) fn spawn_session(session: impl std::future::Future<Output = ()> + Sen
 /// The HTTP answer to a rejection by the hub's gate: its status and
 /// message, and `retry-after` when it has a hint.
 pub(crate) fn refusal(rejection: &Rejection) -> Refusal {
-    Refusal::with_retry_after(rejection.status(), rejection.message(), rejection.retry_after())
+    let mut r = Refusal::with_retry_after(rejection.status(), rejection.message(), rejection.retry_after());
+    r.close = rejection.close().map(|(code, reason)| (code.0, reason.clone()));
+    r
 }
 
 type Admitted = (WsTransport, Handshake, (Admission, crate::auth::Identity));

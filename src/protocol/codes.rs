@@ -112,6 +112,12 @@ impl CloseCode {
     pub const TOO_BIG: CloseCode = CloseCode(1009);
     /// 1011: unexpected server error.
     pub const INTERNAL: CloseCode = CloseCode(1011);
+    /// 1013: try again later. The server shed this connection right after
+    /// the upgrade (it is at its connection limit or rate, and the client is
+    /// a browser, which cannot read an HTTP status); the close reason carries
+    /// the wait, `retry_after_ms=<n>` ([`CloseCode::retry_hint`]). Reconnect,
+    /// not before that wait.
+    pub const TRY_AGAIN_LATER: CloseCode = CloseCode(1013);
     /// 4000: the client read too slowly and its outbound queue overflowed.
     pub const SLOW_CONSUMER: CloseCode = CloseCode(4000);
     /// 4001: no pong (or other traffic) within the heartbeat timeout.
@@ -130,6 +136,28 @@ impl CloseCode {
     /// Whether a client should reconnect (with backoff) after this code.
     pub fn should_reconnect(self) -> bool {
         matches!(self.0, 1001 | 1006 | 1009 | 1011..=1014 | 4000..=4499)
+    }
+
+    /// The close reason of a 1013 the server sends when it sheds a
+    /// connection after the upgrade: `try again later; retry_after_ms=<n>`
+    /// (protocol §7.1).
+    pub fn retry_reason(after: std::time::Duration) -> String {
+        let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX).max(1);
+        format!("try again later; retry_after_ms={ms}")
+    }
+
+    /// The wait a close reason asks for: the number after
+    /// `retry_after_ms=` (protocol §7.1), for 1013 and any other reconnect
+    /// code; `None` when there is none or it is not a number. Capped at one
+    /// hour so a hostile reason cannot park a client for ever.
+    pub fn retry_hint(self, reason: &str) -> Option<std::time::Duration> {
+        if !self.should_reconnect() {
+            return None;
+        }
+        let rest = &reason[reason.find("retry_after_ms=")? + "retry_after_ms=".len()..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let ms: u64 = rest[..digits].parse().ok()?;
+        Some(std::time::Duration::from_millis(ms.min(3_600_000)))
     }
 }
 

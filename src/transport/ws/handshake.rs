@@ -24,11 +24,14 @@ pub(crate) struct Refusal {
     pub status: StatusCode,
     pub headers: Vec<(&'static str, Cow<'static, str>)>,
     pub message: String,
+    /// Say it after the upgrade instead: `101`, then a close frame with this
+    /// code and reason (for browsers, which cannot read a status; §7.3).
+    pub close: Option<(u16, String)>,
 }
 
 impl Refusal {
     pub(crate) fn new(status: StatusCode, message: &str) -> Refusal {
-        Refusal { status, headers: Vec::new(), message: message.to_owned() }
+        Refusal { status, headers: Vec::new(), message: message.to_owned(), close: None }
     }
 
     /// A refusal with `retry-after` (whole seconds, rounded up) when there
@@ -157,9 +160,55 @@ pub(crate) fn refusal_response(r: &Refusal) -> String {
     out
 }
 
+/// A server close frame (unmasked): `code` and `reason` (at most 123 bytes,
+/// cut at a character boundary).
+pub(crate) fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut out = Vec::with_capacity(4 + end);
+    out.push(0x88);
+    out.push(2 + end as u8);
+    out.extend_from_slice(&code.to_be_bytes());
+    out.extend_from_slice(&reason.as_bytes()[..end]);
+    out
+}
+
+/// How long a connection refused after its upgrade waits for the client's
+/// close frame before the socket is dropped.
+const REFUSED_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Ends an upgraded connection at once with a close frame (a refusal said
+/// after the upgrade, §7.3): writes the frame, then waits up to a second
+/// for the client's answer (any bytes, or its end of the stream) so the
+/// browser sees a clean close, and drops the socket.
+pub(crate) async fn close_upgraded<S>(mut io: S, code: u16, reason: &str)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if io.write_all(&close_frame(code, reason)).await.is_err() || io.flush().await.is_err() {
+        return;
+    }
+    let mut buf = [0u8; 256];
+    let _ = tokio::time::timeout(REFUSED_CLOSE_WAIT, io.read(&mut buf)).await;
+    let _ = io.shutdown().await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn close_frames_are_short_and_cut_at_a_character() {
+        assert_eq!(close_frame(1013, "x"), [0x88, 3, 0x03, 0xF5, b'x']);
+        let long = "é".repeat(100);
+        let f = close_frame(4501, &long);
+        assert_eq!(f.len(), 4 + 122);
+        assert_eq!(usize::from(f[1]), f.len() - 2);
+        assert!(std::str::from_utf8(&f[4..]).is_ok());
+    }
 
     fn upgrade_headers() -> HeaderMap {
         let mut h = HeaderMap::new();

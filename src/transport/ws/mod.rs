@@ -29,9 +29,9 @@ pub use deflate::Compression;
 pub(crate) use deflate::compressed_frame;
 #[cfg(feature = "axum")]
 pub(crate) use deflate::RESPONSE as DEFLATE_RESPONSE;
-#[cfg(feature = "axum")]
-pub(crate) use handshake::negotiate;
 pub(crate) use handshake::Refusal;
+#[cfg(feature = "axum")]
+pub(crate) use handshake::{close_upgraded, negotiate, Negotiated};
 
 /// The handshake negotiation, for the `handshake` fuzz target.
 #[cfg(fuzzing)]
@@ -195,6 +195,12 @@ where
     let (hs, decision) = gate(hs).await;
     let admitted = match decision {
         Ok(x) => x,
+        Err(handshake::Refusal { close: Some((code, reason)), .. }) => {
+            // Said after the upgrade, for a browser (§7.3).
+            stream.write_all(handshake::switching_protocols(&negotiated).as_bytes()).await?;
+            handshake::close_upgraded(stream, code, &reason).await;
+            return Ok(None);
+        }
         Err(r) => {
             stream.write_all(refuse(r).as_bytes()).await?;
             return Ok(None);
