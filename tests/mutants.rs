@@ -826,6 +826,11 @@ enum TBug {
     NeverEnd,
     /// Inbound pings are answered internally and never surface.
     DropPings,
+    /// Stops reading once its sink sent a close frame, losing the peer's
+    /// frames in flight and its close.
+    DeafAfterClose,
+    /// One-way, and makes up a pong for every ping its sink sends.
+    FakePong,
 }
 
 /// The memory transport with a declared inbound limit and UTF-8 checks
@@ -846,13 +851,26 @@ impl Transport for Mt {
         use futures::SinkExt;
         let bug = self.1;
         let (sink, stream) = self.0.split();
-        let sink: FrameSink = Box::pin(sink.with(move |frame: Frame| async move {
-            Ok::<_, TransportError>(match frame {
-                Frame::Close(Some(c)) if bug == TBug::DropCloseReason => {
-                    Frame::Close(Some(CloseFrame { code: c.code, reason: String::new() }))
-                }
-                frame => frame,
-            })
+        // Set by the sink (a close sent, a ping to fake an answer to); read
+        // by the stream.
+        let closed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pinged = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (closed_w, pinged_w) = (closed.clone(), pinged.clone());
+        let sink: FrameSink = Box::pin(sink.with(move |frame: Frame| {
+            use std::sync::atomic::Ordering::SeqCst;
+            match &frame {
+                Frame::Close(_) => closed_w.store(true, SeqCst),
+                Frame::Ping(_) => pinged_w.store(true, SeqCst),
+                _ => {}
+            }
+            async move {
+                Ok::<_, TransportError>(match frame {
+                    Frame::Close(Some(c)) if bug == TBug::DropCloseReason => {
+                        Frame::Close(Some(CloseFrame { code: c.code, reason: String::new() }))
+                    }
+                    frame => frame,
+                })
+            }
         }));
         let stream = stream
             .filter_map(move |item| async move {
@@ -874,6 +892,16 @@ impl Transport for Mt {
                 stream.take_while(|item| std::future::ready(!matches!(item, Ok(Frame::Close(_))))).boxed()
             }
             TBug::NeverEnd => stream.chain(futures::stream::pending()).boxed(),
+            TBug::DeafAfterClose => stream
+                .take_while(move |_| std::future::ready(!closed.load(std::sync::atomic::Ordering::SeqCst)))
+                .boxed(),
+            TBug::FakePong => stream
+                .flat_map(move |item| {
+                    let fake = pinged.swap(false, std::sync::atomic::Ordering::SeqCst);
+                    let pong = fake.then(|| Ok(Frame::Pong(bytes::Bytes::new())));
+                    futures::stream::iter(pong.into_iter().chain(std::iter::once(item)))
+                })
+                .boxed(),
             _ => stream,
         };
         (sink, stream)
@@ -882,14 +910,18 @@ impl Transport for Mt {
 
 fn transport_run(bug: TBug) -> Run {
     Box::pin(async move {
+        let one_way = bug == TBug::FakePong;
         TransportSuite::new(move || async move {
             let (t, peer) = switchboard::transport::memory::pair(16);
-            (Mt(t, bug), peer)
+            (Mt(if one_way { t.one_way() } else { t }, bug), peer)
         })
         .max_message_size(LIMIT)
         .run()
         .await
-        .map(|report| assert!(report.skipped.is_empty(), "{report:?}"))
+        .map(|report| {
+            let skipped: Vec<&str> = report.skipped.iter().map(|(c, _)| *c).collect();
+            assert_eq!(skipped, ["transport.one_way"], "{report:?}");
+        })
     })
 }
 
@@ -908,6 +940,8 @@ async fn every_transport_mutant_fails_its_check() {
         (TBug::SkipUtf8, "transport.invalid_utf8"),
         (TBug::NeverEnd, "transport.vanish"),
         (TBug::DropPings, "transport.ping"),
+        (TBug::DeafAfterClose, "transport.half_closed"),
+        (TBug::FakePong, "transport.one_way"),
     ];
     let mutants = mutants.into_iter().map(|(bug, check)| (bug, check, transport_run(bug))).collect();
     expect_caught(mutants, TransportSuite::<()>::CHECKS).await;

@@ -65,13 +65,25 @@ pub struct Report {
 ///    the stream ends or yields an error within [`WAIT`] instead of hanging;
 /// 7. `transport.ping` (when [`Capabilities::native_ping`](crate::transport::Capabilities::native_ping)):
 ///    a ping reaches the peer as a ping, and the peer's ping comes out of the
-///    stream as [`Frame::Ping`], payloads unchanged.
+///    stream as [`Frame::Ping`], payloads unchanged (a one-way transport's
+///    ping needs no payload: nothing answers it);
+/// 8. `transport.half_closed` (bidirectional): after the sink sent its close
+///    frame, the stream still yields what the peer sends, up to the peer's
+///    own close frame (the session waits for it to end the close handshake);
+/// 9. `transport.one_way` (one-way only): what the peer sends through its
+///    side channel comes out of the stream whole and in order, and a ping
+///    the sink flushed is never answered by a pong the transport makes up
+///    (nothing on a one-way connection can answer; the session counts the
+///    flushed ping instead).
 ///
-/// Checks of inbound frames (all but `close_sent`, `vanish` and the outbound
-/// half of the others) are skipped for a one-way transport
+/// Checks of inbound frames on the connection itself (all but
+/// `close_sent`, `vanish`, `one_way` and the outbound half of the others)
+/// are skipped for a one-way transport
 /// ([`Capabilities::bidirectional`](crate::transport::Capabilities::bidirectional)
-/// false), whose peer writes through other requests. Every wait is bounded
-/// by [`WAIT`]: a transport that hangs fails the check it hangs in.
+/// false), whose peer writes through other requests. A text-only transport
+/// ([`Capabilities::binary`](crate::transport::Capabilities::binary) false)
+/// is sent text frames only. Every wait is bounded by [`WAIT`]: a transport
+/// that hangs fails the check it hangs in.
 ///
 /// ```no_run
 /// # async fn run() {
@@ -103,8 +115,8 @@ impl<F> std::fmt::Debug for TransportSuite<F> {
 /// How many data frames `transport.order` sends each way.
 const FRAMES: usize = 200;
 
-fn data_frame(i: usize) -> Frame {
-    if i % 2 == 0 {
+fn data_frame(i: usize, binary: bool) -> Frame {
+    if i % 2 == 0 || !binary {
         Frame::Text(Bytes::from(format!("text {i} \u{e9}")))
     } else {
         Frame::Binary(Bytes::from((0..i).map(|b| b as u8).collect::<Vec<u8>>()))
@@ -155,6 +167,8 @@ impl<F> TransportSuite<F> {
         "transport.invalid_utf8",
         "transport.vanish",
         "transport.ping",
+        "transport.half_closed",
+        "transport.one_way",
     ];
 }
 
@@ -192,7 +206,9 @@ where
         let caps = probe.capabilities();
         drop(probe);
         let inbound = caps.bidirectional;
+        let binary = caps.binary;
         let one_way = "one-way transport (capabilities: bidirectional false)";
+        let data_frame = |i| data_frame(i, binary);
 
         // 1. Order, both ways.
         let check = "transport.order";
@@ -393,7 +409,11 @@ where
                 }
             })
             .await?;
-            ensure!(got == Some(Frame::Ping(ping.clone())), check, "sent a ping, the peer got {got:?}");
+            if inbound {
+                ensure!(got == Some(Frame::Ping(ping.clone())), check, "sent a ping, the peer got {got:?}");
+            } else {
+                ensure!(matches!(got, Some(Frame::Ping(_))), check, "sent a ping, the peer got {got:?}");
+            }
             if inbound {
                 let sent = bounded(check, "the peer sending a ping", peer.send(Frame::Ping(ping.clone()))).await?;
                 ensure!(sent.is_ok(), check, "the peer could not send: {:?}", sent.err());
@@ -412,6 +432,80 @@ where
                     "the peer sent a ping, the stream yielded {got:?}"
                 );
             }
+            report.passed.push(check);
+        }
+
+        // 8. Half-closed: the peer's frames still come after our close.
+        let check = "transport.half_closed";
+        if inbound {
+            let (t, mut peer) = (self.connect)().await;
+            let (mut sink, mut stream) = t.split();
+            let ours = CloseFrame { code: CloseCode(1000), reason: "conformance: closing".into() };
+            let sent = bounded(check, "sending a close frame", sink.send(Frame::Close(Some(ours)))).await?;
+            ensure!(sent.is_ok(), check, "the sink failed: {:?}", sent.err());
+            // The peer had these in flight when our close reached it.
+            let theirs = CloseFrame { code: CloseCode(1000), reason: "conformance: closing too".into() };
+            let sent = bounded(check, "the peer sending after our close", async {
+                peer.send(data_frame(0)).await?;
+                peer.send(Frame::Close(Some(theirs.clone()))).await
+            })
+            .await?;
+            ensure!(sent.is_ok(), check, "the peer could not send: {:?}", sent.err());
+            let first = bounded(check, "reading after our close frame", stream_next(&mut stream)).await?;
+            ensure!(
+                matches!(&first, Some(Ok(f)) if *f == data_frame(0)),
+                check,
+                "after the sink's close, the peer's frame came out as {first:?}"
+            );
+            let second = bounded(check, "waiting for the peer's close after ours", stream_next(&mut stream)).await?;
+            ensure!(
+                matches!(&second, Some(Ok(Frame::Close(Some(c)))) if *c == theirs),
+                check,
+                "after the sink's close, the peer's close came out as {second:?}"
+            );
+            report.passed.push(check);
+        } else {
+            report.skipped.push((check, one_way));
+        }
+
+        // 9. One-way: the side channel in order, and no made-up pong.
+        let check = "transport.one_way";
+        if inbound {
+            report.skipped.push((check, "bidirectional (capabilities: bidirectional true)"));
+        } else {
+            let (t, mut peer) = (self.connect)().await;
+            let (mut sink, mut stream) = t.split();
+            let sent = bounded(check, "sending a ping", sink.send(Frame::Ping(Bytes::new()))).await?;
+            ensure!(sent.is_ok(), check, "the sink failed: {:?}", sent.err());
+            const SIDE: usize = 20;
+            let send = async {
+                for i in 0..SIDE {
+                    peer.send(data_frame(i)).await?;
+                }
+                Ok::<_, TransportError>(())
+            };
+            let recv = async {
+                let mut got = Vec::with_capacity(SIDE);
+                while got.len() < SIDE {
+                    match stream.next().await {
+                        Some(item) => got.push(item),
+                        None => break,
+                    }
+                }
+                got
+            };
+            let (sent, got) =
+                bounded(check, "frames through the side channel", futures::future::join(send, recv)).await?;
+            ensure!(sent.is_ok(), check, "the peer could not send: {:?}", sent.err());
+            for (i, f) in got.iter().enumerate() {
+                ensure!(
+                    matches!(f, Ok(f) if *f == data_frame(i)),
+                    check,
+                    "side-channel frame {i} came out as {:?} (a one-way stream has no pongs to give)",
+                    f.as_ref().map(frame_summary)
+                );
+            }
+            ensure!(got.len() == SIDE, check, "the stream yielded {} of {SIDE} frames", got.len());
             report.passed.push(check);
         }
         Ok(report)

@@ -275,11 +275,15 @@ pub struct Capabilities {
     /// Control frames are never pre-framed. `None`: data frames always
     /// carry the payload only. Default: `None`.
     pub framing: Option<Framing>,
+    /// The sink carries [`Frame::Binary`]. `false` for a text-only wire
+    /// (Server-Sent Events, whose sessions speak JSON): binary frames are
+    /// not written. Default: `true`.
+    pub binary: bool,
 }
 
 impl Default for Capabilities {
     fn default() -> Capabilities {
-        Capabilities { bidirectional: true, native_ping: true, framing: None }
+        Capabilities { bidirectional: true, native_ping: true, framing: None, binary: true }
     }
 }
 
@@ -293,6 +297,12 @@ impl Capabilities {
     /// Sets [`Capabilities::native_ping`].
     pub fn with_native_ping(mut self, native_ping: bool) -> Self {
         self.native_ping = native_ping;
+        self
+    }
+
+    /// Sets [`Capabilities::binary`].
+    pub fn with_binary(mut self, binary: bool) -> Self {
+        self.binary = binary;
         self
     }
 

@@ -170,10 +170,10 @@ impl Transport for SseTransport {
     /// One-way with native pings: a heartbeat ping is written as a comment
     /// line, and the session counts a flushed one as the client's answer
     /// (the stream has no way back; a failed or stuck write is what shows
-    /// a dead client). Data frames can come framed as events
+    /// a dead client). Text only. Data frames can come framed as events
     /// ([`Framing::EventStream`]); unframed, each is an unnamed event.
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default().with_bidirectional(false).with_framing(Some(Framing::EventStream))
+        Capabilities::default().with_bidirectional(false).with_binary(false).with_framing(Some(Framing::EventStream))
     }
 
     fn use_framing(&mut self, framing: Framing) {
@@ -479,5 +479,80 @@ mod tests {
         let mut other = [7; 16];
         other[15] = 8;
         assert!(!s.secret_matches(&other));
+    }
+
+    /// The far end of an SSE stream for the transport suite: it reads the
+    /// response body as a client does (events back into frames: unnamed
+    /// events are text, `$close` the close frame, `: ping` a ping) and
+    /// sends through the inbound queue, as a POST does.
+    #[cfg(feature = "testing")]
+    struct SsePeer {
+        body: StreamBody,
+        inbound: mpsc::Sender<Frame>,
+        text: String,
+        ready: VecDeque<Frame>,
+    }
+
+    #[cfg(feature = "testing")]
+    impl crate::testing::Peer for SsePeer {
+        fn send(&mut self, frame: Frame) -> futures::future::BoxFuture<'_, Result<(), TransportError>> {
+            Box::pin(async move { self.inbound.send(frame).await.map_err(|_| TransportError::Closed) })
+        }
+
+        fn recv(&mut self) -> futures::future::BoxFuture<'_, Option<Frame>> {
+            Box::pin(async move {
+                loop {
+                    if let Some(f) = self.ready.pop_front() {
+                        return Some(f);
+                    }
+                    let chunk = futures::future::poll_fn(|cx| self.body.poll_chunk(cx)).await?;
+                    self.text.push_str(std::str::from_utf8(&chunk).expect("the body is UTF-8"));
+                    while let Some(end) = self.text.find("\n\n") {
+                        let block: String = self.text.drain(..end + 2).collect();
+                        if block.starts_with(": ping") {
+                            self.ready.push_back(Frame::Ping(Bytes::new()));
+                            continue;
+                        }
+                        for (_, name, data) in event_stream::parse(&block) {
+                            self.ready.push_back(match name.as_str() {
+                                "$close" => {
+                                    let v: serde_json::Value = serde_json::from_str(&data).expect("$close is JSON");
+                                    let code = CloseCode(v["code"].as_u64().expect("a code") as u16);
+                                    let reason = v["reason"].as_str().unwrap_or("").to_owned();
+                                    Frame::Close(Some(CloseFrame { code, reason }))
+                                }
+                                _ => Frame::Text(Bytes::from(data)),
+                            });
+                        }
+                    }
+                }
+            })
+        }
+    }
+
+    /// The transport conformance suite on the SSE transport: its sink and
+    /// stream with the real response body and inbound queue.
+    #[cfg(feature = "testing")]
+    #[tokio::test]
+    async fn sse_transport_conforms() {
+        use crate::testing::TransportSuite;
+        let connect = || async {
+            let (in_tx, in_rx) = mpsc::channel(16);
+            let shared = Arc::new(Shared::new(1, [0; 16], in_tx.clone()));
+            let (out_tx, out_rx) = fmpsc::channel(1);
+            let body = StreamBody::new(Bytes::new(), out_rx, shared.clone());
+            let t = SseTransport::new(shared, out_tx, in_rx, CloseRetry { retry_ms: 10 }, Box::new(|| {}));
+            (t, SsePeer { body, inbound: in_tx, text: String::new(), ready: VecDeque::new() })
+        };
+        let report = TransportSuite::new(connect).run().await.unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(
+            report.passed,
+            ["transport.order", "transport.close_sent", "transport.vanish", "transport.ping", "transport.one_way"]
+        );
+        let skipped: Vec<&str> = report.skipped.iter().map(|(c, _)| *c).collect();
+        assert_eq!(
+            skipped,
+            ["transport.close_received", "transport.too_big", "transport.invalid_utf8", "transport.half_closed"]
+        );
     }
 }
