@@ -72,6 +72,29 @@ pub mod names {
     pub const CALL_ERRORS: &str = "switchboard_call_errors_total";
     /// Histogram: time to queue one publish to this node's members.
     pub const FANOUT_DURATION: &str = "switchboard_publish_fanout_seconds";
+    /// Histogram: time a backplane publish took, label `outcome`.
+    pub const BACKPLANE_PUBLISH: &str = "switchboard_backplane_publish_seconds";
+    /// Counter: backplane publishes that failed (or timed out).
+    pub const BACKPLANE_ERRORS: &str = "switchboard_backplane_publish_errors_total";
+    /// Counter: times a room's backplane subscription ended and was made again.
+    pub const BACKPLANE_RESUBSCRIBES: &str = "switchboard_backplane_resubscribes_total";
+    /// Counter: times messages may have been lost on the backplane (a
+    /// recoverable room then reads the store).
+    pub const BACKPLANE_GAPS: &str = "switchboard_backplane_gaps_total";
+    /// Counter: joins with an offset, label `outcome` (`recovered`, `not_recovered`).
+    pub const RECOVERIES: &str = "switchboard_recoveries_total";
+    /// Counter: events replayed to joining clients (recoveries and rewinds).
+    pub const REPLAYED: &str = "switchboard_replayed_events_total";
+    /// Counter: Server-Sent Events streams opened, label `resumed`.
+    pub const SSE_STREAMS: &str = "switchboard_sse_streams_total";
+    /// Counter: Redis pub/sub reconnects (from the backplane's `RedisStats`).
+    pub const REDIS_PUBSUB_RECONNECTS: &str = "switchboard_redis_pubsub_reconnects_total";
+    /// Counter: Redis command connection reconnects.
+    pub const REDIS_COMMAND_RECONNECTS: &str = "switchboard_redis_command_reconnects_total";
+    /// Counter: messages the Redis backplane dropped (a full subscription queue).
+    pub const REDIS_DROPPED: &str = "switchboard_redis_dropped_total";
+    /// Gauge: 1 when the Redis connection is up, label `connection` (`pubsub`, `commands`).
+    pub const REDIS_UP: &str = "switchboard_redis_up";
 }
 
 /// Registers the unit and help text of every metric with the installed
@@ -96,6 +119,31 @@ pub fn describe() {
     describe_histogram!(CALL_DURATION, Unit::Seconds, "Handler run time of calls, by outcome.");
     describe_counter!(CALL_ERRORS, Unit::Count, "Calls answered with an error, by error code.");
     describe_histogram!(FANOUT_DURATION, Unit::Seconds, "Time to queue one publish to this node's members.");
+    describe_histogram!(BACKPLANE_PUBLISH, Unit::Seconds, "Time a backplane publish took, by outcome.");
+    describe_counter!(BACKPLANE_ERRORS, Unit::Count, "Backplane publishes that failed or timed out.");
+    describe_counter!(BACKPLANE_RESUBSCRIBES, Unit::Count, "Room subscriptions that ended and were made again.");
+    describe_counter!(BACKPLANE_GAPS, Unit::Count, "Times messages may have been lost on the backplane.");
+    describe_counter!(RECOVERIES, Unit::Count, "Joins with an offset, by outcome.");
+    describe_counter!(REPLAYED, Unit::Count, "Events replayed to joining clients.");
+    describe_counter!(SSE_STREAMS, Unit::Count, "Server-Sent Events streams opened, by whether they resumed.");
+    describe_counter!(REDIS_PUBSUB_RECONNECTS, Unit::Count, "Redis pub/sub reconnects.");
+    describe_counter!(REDIS_COMMAND_RECONNECTS, Unit::Count, "Redis command connection reconnects.");
+    describe_counter!(REDIS_DROPPED, Unit::Count, "Messages the Redis backplane dropped (full subscription queue).");
+    describe_gauge!(REDIS_UP, Unit::Count, "1 when the Redis connection is up, by connection.");
+}
+
+/// Sets the Redis backplane's metrics from its own counters
+/// ([`RedisBackplane::stats`](crate::redis::RedisBackplane::stats)). Call
+/// beside [`sample`].
+#[cfg(all(feature = "metrics", feature = "redis"))]
+pub fn sample_redis(backplane: &crate::redis::RedisBackplane) {
+    use names::*;
+    let stats = backplane.stats();
+    counter!(REDIS_PUBSUB_RECONNECTS).absolute(stats.pubsub_reconnects);
+    counter!(REDIS_COMMAND_RECONNECTS).absolute(stats.command_reconnects);
+    counter!(REDIS_DROPPED).absolute(stats.dropped);
+    gauge!(REDIS_UP, "connection" => "pubsub").set(f64::from(u8::from(stats.pubsub_connected)));
+    gauge!(REDIS_UP, "connection" => "commands").set(f64::from(u8::from(stats.commands_connected)));
 }
 
 /// Sets the gauges from the hub's own counts ([`Hub::stats`](crate::Hub::stats),
@@ -258,6 +306,7 @@ pub(crate) fn bytes_out(bytes: usize) {
 #[inline]
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 pub(crate) fn lagged(n: u64) {
+    messages_out(Kind::Lagged, 1);
     #[cfg(feature = "metrics")]
     counter!(names::LAGGED).increment(n);
 }
@@ -269,6 +318,67 @@ pub(crate) fn lagged(n: u64) {
 pub(crate) fn rate_limited(joins: bool) {
     #[cfg(feature = "metrics")]
     counter!(names::RATE_LIMITED, "limit" => if joins { "joins" } else { "messages" }).increment(1);
+}
+
+/// A join with an offset was answered (`recovered`: `None` for a join
+/// without one); `replayed` events were queued with it.
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn recovery(recovered: Option<bool>, replayed: usize) {
+    messages_out(Kind::Event, replayed);
+    #[cfg(feature = "metrics")]
+    {
+        if let Some(ok) = recovered {
+            counter!(names::RECOVERIES, "outcome" => if ok { "recovered" } else { "not_recovered" }).increment(1);
+        }
+        if replayed > 0 {
+            counter!(names::REPLAYED).increment(replayed as u64);
+        }
+    }
+}
+
+/// Messages of a room may have been lost on the backplane.
+#[inline]
+pub(crate) fn backplane_gap() {
+    #[cfg(feature = "metrics")]
+    counter!(names::BACKPLANE_GAPS).increment(1);
+}
+
+/// A room's backplane subscription ended (it is made again).
+#[inline]
+pub(crate) fn backplane_resubscribe() {
+    #[cfg(feature = "metrics")]
+    counter!(names::BACKPLANE_RESUBSCRIBES).increment(1);
+}
+
+/// Times a backplane publish and counts its failure; without the feature,
+/// the publish itself.
+#[inline]
+pub(crate) fn backplane_publish(
+    call: futures::future::BoxFuture<'static, crate::Result<()>>,
+) -> futures::future::BoxFuture<'static, crate::Result<()>> {
+    #[cfg(feature = "metrics")]
+    return Box::pin(async move {
+        let start = std::time::Instant::now();
+        let result = call.await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        histogram!(names::BACKPLANE_PUBLISH, "outcome" => outcome).record(start.elapsed().as_secs_f64());
+        if result.is_err() {
+            counter!(names::BACKPLANE_ERRORS).increment(1);
+        }
+        result
+    });
+    #[cfg(not(feature = "metrics"))]
+    call
+}
+
+/// A Server-Sent Events stream opened; `resumed`: from a `Last-Event-ID`.
+#[inline]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+#[cfg_attr(not(feature = "sse"), allow(dead_code))]
+pub(crate) fn sse_stream(resumed: bool) {
+    #[cfg(feature = "metrics")]
+    counter!(names::SSE_STREAMS, "resumed" => if resumed { "true" } else { "false" }).increment(1);
 }
 
 /// A start time, taken only when the feature is on (zero-sized otherwise).

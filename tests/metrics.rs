@@ -111,7 +111,9 @@ async fn every_step_moves_its_metrics_by_exactly_what_it_did() {
     assert_eq!(s1.moved(&s0, "switchboard_messages_out_total", &[("type", "hello")]), 1.0);
 
     // Join: one message in, one room, one member.
-    join(&mut ann, "lobby").await;
+    let joined = ann.join("lobby").await;
+    assert_eq!(joined["type"], "reply", "{joined}");
+    let (epoch, offset) = (joined["data"]["epoch"].clone(), joined["data"]["offset"].clone());
     let s2 = scrape(m).await;
     assert_eq!(s2.moved(&s1, "switchboard_messages_in_total", &[("type", "join")]), 1.0);
     assert_eq!(s2.moved(&s1, "switchboard_rooms", &[]), 1.0);
@@ -135,6 +137,26 @@ async fn every_step_moves_its_metrics_by_exactly_what_it_did() {
     assert_eq!(s3.moved(&s2, "switchboard_messages_out_total", &[("type", "reply")]), 1.0);
     assert_eq!(s3.moved(&s2, "switchboard_messages_out_total", &[("type", "error")]), 1.0);
     assert!(s3.moved(&s2, "switchboard_bytes_out_total", &[]) > 0.0);
+
+    // Recovery: carol joins lobby from before ann's message (recovered, one
+    // event replayed), then a room from an epoch it never had (not
+    // recovered), and leaves.
+    let mut carol = support::connect_path(addr, "/ws?name=carol").await;
+    let r = carol.request(json!({ "type": "join", "room": "lobby", "epoch": epoch, "offset": offset })).await;
+    assert_eq!(r["data"]["recovered"], true, "{r}");
+    carol.event().await;
+    let r = carol.request(json!({ "type": "join", "room": "archive", "epoch": "gone", "offset": 5 })).await;
+    assert_eq!(r["data"]["recovered"], false, "{r}");
+    let s3r = scrape(m).await;
+    assert_eq!(s3r.moved(&s3, "switchboard_recoveries_total", &[("outcome", "recovered")]), 1.0);
+    assert_eq!(s3r.moved(&s3, "switchboard_recoveries_total", &[("outcome", "not_recovered")]), 1.0);
+    assert_eq!(s3r.moved(&s3, "switchboard_replayed_events_total", &[]), 1.0);
+    assert_eq!(s3r.moved(&s3, "switchboard_messages_out_total", &[("type", "event")]), 1.0);
+    carol.ws.close(None).await.unwrap();
+    while carol.ws.next().await.is_some() {}
+    let closed = [("transport", "websocket"), ("reason", "client_closed"), ("code", "")];
+    let s3 = scrape_until(m, |s| s.moved(&s3r, "switchboard_disconnects_total", &closed) == 1.0).await;
+    assert_eq!(s3.moved(&s3r, "switchboard_rooms", &[]), -1.0, "archive is gone, lobby stays");
 
     // Refused handshakes: a foreign origin (403), no name (the
     // authenticator's 400). Neither is a connection.
@@ -241,16 +263,15 @@ async fn every_step_moves_its_metrics_by_exactly_what_it_did() {
     // member fewer.
     ann.ws.close(None).await.unwrap();
     while ann.ws.next().await.is_some() {}
-    let closed = [("transport", "websocket"), ("reason", "client_closed"), ("code", "")];
     let s9 = scrape_until(m, |s| s.moved(&s8, "switchboard_disconnects_total", &closed) == 1.0).await;
     assert_eq!(s9.moved(&s8, "switchboard_connections", &WS), -1.0);
     assert_eq!(s9.moved(&s8, "switchboard_rooms", &[]), -1.0, "lobby is gone");
     assert_eq!(s9.moved(&s8, "switchboard_room_members", &[]), -1.0);
     assert_eq!(s9.moved(&s8, "switchboard_disconnects_total", &slow_labels()), 0.0);
 
-    // Totals agree with the gauges: 7 connected (ann, bob, slow, 4
-    // senders), 2 gone.
-    assert_eq!(s9.moved(&s0, "switchboard_connects_total", &WS), 7.0);
+    // Totals agree with the gauges: 8 connected (ann, carol, bob, slow, 4
+    // senders), 3 gone.
+    assert_eq!(s9.moved(&s0, "switchboard_connects_total", &WS), 8.0);
     assert_eq!(s9.moved(&s0, "switchboard_connections", &WS), 5.0);
     drop((bob, senders));
     chat.signal(nix::sys::signal::Signal::SIGTERM);
@@ -268,4 +289,49 @@ async fn a_bad_metrics_address_is_a_usage_error() {
     let (code, _, err) = support::examples::run("chat", &["--metrics", "nowhere"], &[], support::WAIT).await;
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--metrics nowhere"), "{err}");
+}
+
+/// Call-level tracing for one user (`docs/operations.md`, "Tracing"): with
+/// the filter `warn,switchboard[connection{user=ann}]=debug`, ann's calls
+/// are logged inside her connection's and the call's spans, and bob's
+/// calls in the same room are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_calls_are_traced_in_their_spans_and_no_one_elses() {
+    let filter = "warn,switchboard[connection{user=ann}]=debug";
+    let (mut chat, line) =
+        Running::start("chat", &["--addr", "127.0.0.1:0"], &[("RUST_LOG", filter)], "listening on").await;
+    let addr = addr_in(&line);
+    let mut bob = support::connect_path(addr, "/ws?name=bob").await;
+    join(&mut bob, "lobby").await;
+    let r = bob.call_in("lobby", "message", json!({ "text": "from bob" })).await;
+    assert_eq!(r["type"], "reply", "{r}");
+    let mut ann = support::connect_path(addr, "/ws?name=ann").await;
+    join(&mut ann, "lobby").await;
+    let r = ann.call_in("lobby", "message", json!({ "text": "from ann" })).await;
+    assert_eq!(r["type"], "reply", "{r}");
+    let answered = chat.line_with("call answered").await;
+    for field in [
+        "connection{",
+        "user=",
+        "ann",
+        "transport=",
+        "websocket",
+        "peer=127.0.0.1:",
+        "call{",
+        "event=",
+        "message",
+        "ref=",
+        "room=",
+        "lobby",
+    ] {
+        assert!(answered.contains(field), "{field:?} in {answered:?}");
+    }
+    chat.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(chat.exit_code().await, Some(0));
+    while let Ok(line) = chat.lines.try_recv() {
+        chat.seen.push(line);
+    }
+    let traced: Vec<&String> = chat.seen.iter().filter(|l| l.contains("call answered")).collect();
+    assert_eq!(traced.len(), 1, "only ann's call: {:#?}", chat.seen);
+    assert!(!chat.seen.iter().any(|l| l.contains("bob")), "nothing of bob's: {:#?}", chat.seen);
 }

@@ -151,6 +151,7 @@ pub async fn run(opts: ServerOpts) -> io::Result<()> {
     match opts.kind {
         Kind::Switchboard | Kind::SwitchboardV2 | Kind::SwitchboardMsgpack | Kind::SwitchboardV2Msgpack => {
             let hub = switchboard_hub(&opts);
+            record_metrics(&hub);
             println!("ready {addr}");
             ws::serve(listener, hub, WsConfig::default()).await
         }
@@ -165,6 +166,27 @@ pub async fn run(opts: ServerOpts) -> io::Result<()> {
         }
     }
 }
+
+/// Built with the `metrics` feature, the switchboard servers record into a
+/// Prometheus recorder (sampled and rendered every 5 s, as a scrape
+/// would), so that `compare` measures what metrics cost a real deployment
+/// (`docs/performance.md`, "Metrics on and off").
+#[cfg(feature = "metrics")]
+fn record_metrics(hub: &Hub) {
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().expect("one recorder");
+    switchboard::metrics::describe();
+    let hub = hub.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            switchboard::metrics::sample(&hub);
+            std::hint::black_box(handle.render());
+        }
+    });
+}
+
+#[cfg(not(feature = "metrics"))]
+fn record_metrics(_hub: &Hub) {}
 
 fn switchboard_hub(opts: &ServerOpts) -> Hub {
     let mut config = HubConfig::default();

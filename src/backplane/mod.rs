@@ -117,7 +117,12 @@ impl Bounded {
 impl Backplane for Bounded {
     fn publish(&self, topic: &str, message: Bytes) -> BoxFuture<'static, Result<()>> {
         let call = self.backplane.publish(topic, message);
-        crate::util::bounded(self.timeout, crate::ErrorKind::Backplane, "backplane publish", call)
+        crate::metrics::backplane_publish(crate::util::bounded(
+            self.timeout,
+            crate::ErrorKind::Backplane,
+            "backplane publish",
+            call,
+        ))
     }
 
     fn subscribe(&self, topic: &str) -> BoxFuture<'static, Result<Subscription>> {

@@ -200,6 +200,7 @@ async fn forward(
         }
     }
     tracing::warn!(room, "backplane subscription ended; subscribing again");
+    crate::metrics::backplane_resubscribe();
     link.ended.lock().push(room.clone());
     link.retry_later(room.clone(), hub.clone());
     // Messages may have been lost between the end and the new subscription.

@@ -186,6 +186,15 @@ impl Hub {
         }
         let compress = transport.compress_above().filter(|_| caps.framing.is_some());
         let origin = admin::Origin::new(transport.name(), handshake);
+        // `docs/operations.md`, "Tracing": everything the connection logs,
+        // its calls included, is inside this span.
+        let span = tracing::info_span!(
+            "connection",
+            id = id.0,
+            user = identity.user_id(),
+            transport = transport.name(),
+            peer = handshake.peer_addr().map(tracing::field::display),
+        );
         let session =
             Session::new(id, (handshake.format(), handshake.version()), identity, (caps, compress), origin, self);
         let session = Arc::new(session.with_stream(stream));
@@ -193,6 +202,6 @@ impl Hub {
         if self.is_shutting_down() {
             session.close(DisconnectReason::ServerShutdown, CloseCode::GOING_AWAY, "server shutting down", true);
         }
-        session::run(self.clone(), session, transport)
+        tracing::Instrument::instrument(session::run(self.clone(), session, transport), span)
     }
 }

@@ -364,6 +364,7 @@ impl Hub {
     /// The backplane reported lost messages for `room`: a recoverable room
     /// checks the store now instead of at the next position check.
     pub(crate) fn backplane_gap(&self, room: &str) {
+        crate::metrics::backplane_gap();
         let Some(stream) = self.inner.rooms.get(room).and_then(|r| r.stream.clone()) else { return };
         let mut st = stream.state.lock();
         if st.last.is_some() {
@@ -575,6 +576,7 @@ impl Hub {
                 frames.drain(..skip);
             }
         }
+        crate::metrics::recovery(recovered, frames.len());
         if answer.replies() {
             #[derive(Serialize)]
             struct StreamReply<'a> {

@@ -483,6 +483,7 @@ impl RoomState {
                 continue;
             };
             if self.joiner_state(room, session.wire(), cfg).is_some_and(|b| session.offer_prepared(b)) {
+                crate::metrics::messages_out(Kind::PresenceState, 1);
                 self.behind.remove(&id);
             }
         }
@@ -591,6 +592,7 @@ fn broadcast<T: Serialize>(
     data: &T,
 ) {
     let mut frames: [Option<Option<Bytes>>; Wire::COUNT] = Default::default();
+    let mut sent = 0;
     receivers.retain(|id, weak| {
         let Some(session) = weak.upgrade() else {
             behind.remove(id);
@@ -606,10 +608,13 @@ fn broadcast<T: Serialize>(
         {
             if !session.offer_prepared(bytes.clone()) {
                 behind.insert(*id);
+            } else {
+                sent += 1;
             }
         }
         true
     });
+    crate::metrics::messages_out(kind, sent);
 }
 
 fn encode<T: Serialize>(kind: Kind, room: &str, data: &T, format: Format) -> Option<Bytes> {
@@ -929,6 +934,8 @@ impl PresenceHub {
             let state = st.joiner_state(room, session.wire(), &self.config);
             if !state.is_some_and(|b| session.offer_prepared(b)) {
                 st.behind.insert(id.1);
+            } else {
+                crate::metrics::messages_out(Kind::PresenceState, 1);
             }
             st.receivers.insert(id.1, Arc::downgrade(session));
             if outcome.inserted {

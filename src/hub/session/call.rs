@@ -31,15 +31,20 @@ pub(super) fn on_call(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, env:
     // The handler is invoked inside the task, so even a panic in its
     // synchronous part is caught and answered with a 500.
     let make: MakeCall = Box::new(move || handler.call(call, data));
-    let queued = QueuedCall { make, reference, _permit: permit };
+    // A child of the connection's span (the reader runs in it); it follows
+    // the call into its task. `docs/operations.md`, "Tracing".
+    let span = tracing::debug_span!("call", event = &**event, r#ref = reference, room = queued_room.as_deref());
+    let queued = QueuedCall { make, reference, _permit: permit, span };
     let Some(room) = queued_room else {
         let session = session.clone();
         let guard = TaskGuard::new(&hub.inner);
         let timeout = hub.inner.config.handler_timeout;
-        calls.spawn(async move {
+        // In the connection's span: a filter on its fields (one user's
+        // calls) reaches the call's task too.
+        calls.spawn(tracing::Instrument::in_current_span(async move {
             let _guard = guard;
             run_call(&session, timeout, queued).await;
-        });
+        }));
         return;
     };
     let start_worker = {
@@ -59,10 +64,10 @@ pub(super) fn on_call(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, env:
         let session = session.clone();
         let guard = TaskGuard::new(&hub.inner);
         let timeout = hub.inner.config.handler_timeout;
-        calls.spawn(async move {
+        calls.spawn(tracing::Instrument::in_current_span(async move {
             let _guard = guard;
             room_worker(session, room, timeout).await;
-        });
+        }));
     }
 }
 
@@ -71,6 +76,7 @@ pub(crate) struct QueuedCall {
     make: MakeCall,
     reference: Option<u64>,
     _permit: Permit,
+    span: tracing::Span,
 }
 
 pub(super) type MakeCall = Box<dyn FnOnce() -> futures::future::BoxFuture<'static, Result<Payload, CallError>> + Send>;
@@ -102,24 +108,27 @@ pub(super) async fn room_worker(session: Arc<Session>, room: Arc<str>, timeout: 
 
 /// Runs one call's handler under the timeout, catching panics, and answers.
 pub(super) async fn run_call(session: &Session, timeout: std::time::Duration, queued: QueuedCall) {
-    let QueuedCall { make, reference, _permit } = queued;
+    let QueuedCall { make, reference, _permit, span } = queued;
     let fut = async move { make().await };
     let timer = crate::metrics::Timer::start();
-    match tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()).await {
-        Err(_) => {
-            timer.call_done(Some(ErrorCode::TIMEOUT.0));
-            session.send_error(reference, ErrorCode::TIMEOUT.0, "handler timed out")
-        }
-        Ok(Err(_panic)) => {
-            timer.call_done(Some(ErrorCode::INTERNAL.0));
-            session.send_error(reference, ErrorCode::INTERNAL.0, "handler failed")
-        }
-        Ok(Ok(Err(e))) => {
-            timer.call_done(Some(e.code()));
-            session.send_call_error(reference, &e)
-        }
+    let outcome = tracing::Instrument::instrument(
+        tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind()),
+        span.clone(),
+    )
+    .await;
+    let code = match &outcome {
+        Err(_) => Some(ErrorCode::TIMEOUT.0),
+        Ok(Err(_panic)) => Some(ErrorCode::INTERNAL.0),
+        Ok(Ok(Err(e))) => Some(e.code()),
+        Ok(Ok(Ok(_))) => None,
+    };
+    timer.call_done(code);
+    span.in_scope(|| tracing::debug!(code, "call answered"));
+    match outcome {
+        Err(_) => session.send_error(reference, ErrorCode::TIMEOUT.0, "handler timed out"),
+        Ok(Err(_panic)) => session.send_error(reference, ErrorCode::INTERNAL.0, "handler failed"),
+        Ok(Ok(Err(e))) => session.send_call_error(reference, &e),
         Ok(Ok(Ok(payload))) => {
-            timer.call_done(None);
             if let Some(r) = reference {
                 session.send_reply(r, &payload);
             }

@@ -676,6 +676,7 @@ impl SseEndpoint {
         let mut spec = StreamSpec::new(rooms, positions);
         spec.rewind = rewind;
         spec.reconnect_on_gap = inner.config.reconnect_on_gap;
+        crate::metrics::sse_stream(spec.positions.iter().any(Option::is_some));
         let (out_tx, out_rx) = futures::channel::mpsc::channel(1);
         let transport = conn::SseTransport::new(shared.clone(), out_tx, in_rx, close, on_drop);
         let serve_hub = hub.clone();
