@@ -34,6 +34,7 @@ pub(crate) fn put_field(out: &mut BytesMut, name: &str, value: &str) {
 }
 
 /// Whether `data` fits on one `data:` line.
+#[cfg_attr(not(feature = "sse"), allow(dead_code))] // the SSE sink's batch
 pub(crate) fn is_single_line(data: &[u8]) -> bool {
     !data.iter().any(|&b| b == b'\n' || b == b'\r')
 }
