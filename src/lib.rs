@@ -122,6 +122,9 @@
 //! | `testing` | no | `switchboard::testing`: conformance suites for your own [`backplane::Backplane`], [`history::HistoryStore`], [`presence::PresenceStore`] and [`sync::SnapshotStore`] |
 //! | `client` | no | `switchboard::client`: a reconnecting Rust client (rooms, recovery, calls, presence) |
 //! | `metrics` | no | `switchboard::metrics`: counters, gauges and histograms through the `metrics` facade (`docs/operations.md`) |
+//! | `tls` | no | TLS on rustls (`ring` provider): `wss://` in the client ([`client::ClientConfig::tls`]), HTTPS and WSS in `integration::axum::serve`; re-exports [`rustls`] |
+//! | `tls-webpki-roots` | no | the client trusts Mozilla's roots (the `webpki-roots` crate) |
+//! | `tls-native-roots` | no | the client trusts the platform's roots (the `rustls-native-certs` crate) |
 //!
 //! Logging goes through `tracing` (always on; silent without a subscriber).
 
@@ -140,6 +143,11 @@ pub mod fuzzing;
 pub mod history;
 pub mod hub;
 pub use hub::{handler, room};
+/// The rustls this crate was built with (feature `tls`), for building a
+/// `ClientConfig` or `ServerConfig` of the same version.
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub use rustls;
 pub mod integration;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]

@@ -2,8 +2,12 @@
 //! 127.0.0.1 (restarted on the same port), and scripted raw WebSocket
 //! servers for what a hub never does (silence, garbage, recovery replies).
 //! Backoff is checked with paused time; nothing asserts a duration.
+//!
+//! The suite runs twice: as this test over `ws://`, and included by
+//! `tests/tls.rs` over `wss://`, where every server below (hubs and scripted
+//! ones alike) speaks TLS with a certificate made at run time.
 
-mod support;
+pub(crate) mod support;
 
 use futures::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -14,12 +18,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::WAIT;
 use switchboard::client::{
-    Backoff, Client, ClientConfig, ClientErrorKind, Disconnect, Event, JoinOptions, Room, RoomEvent, Status,
+    Backoff, Client, ClientBuilder, ClientConfig, ClientErrorKind, Disconnect, Event, JoinOptions, Room, RoomEvent,
+    Status,
 };
 use switchboard::protocol::{CloseCode, Format, Version};
 use switchboard::transport::Handshake;
 use switchboard::{presence::PresenceConfig, Call, CallError, ConnectionId, Hub, HubBuilder, Identity, Rejection};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -27,6 +32,42 @@ use tokio_tungstenite::WebSocketStream;
 
 // ---------------------------------------------------------------------------
 // Helpers
+
+/// Whether this build of the suite is the `wss://` one (`tests/tls.rs`).
+fn over_tls() -> bool {
+    env!("CARGO_CRATE_NAME") == "tls"
+}
+
+/// A client of `ws[s]://{addr}{rest}` with `config` (trusting the test CA
+/// over TLS).
+fn builder(addr: SocketAddr, rest: &str, config: ClientConfig) -> ClientBuilder {
+    let scheme = if over_tls() { "wss" } else { "ws" };
+    #[cfg(feature = "tls")]
+    let config = if over_tls() { config.tls(support::tls::pki().client_config()) } else { config };
+    Client::builder(format!("{scheme}://{addr}{rest}")).config(config)
+}
+
+/// A server for `hub` on a free loopback port: the standalone WebSocket
+/// server, or over TLS `integration::axum::serve` with a certificate.
+async fn serve(hub: &Hub) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    serve_listener(listener, hub);
+    addr
+}
+
+/// [`serve`] on exactly `addr` (a restart).
+async fn serve_on(addr: SocketAddr, hub: &Hub) {
+    serve_listener(support::bind_again(addr).await, hub);
+}
+
+fn serve_listener(listener: TcpListener, hub: &Hub) {
+    #[cfg(feature = "tls")]
+    if over_tls() {
+        return support::tls::serve_hub(listener, hub);
+    }
+    tokio::spawn(switchboard::integration::ws::serve(listener, hub.clone(), Default::default()));
+}
 
 fn user_from_query(hs: &Handshake) -> impl std::future::Future<Output = Result<Identity, Rejection>> + Send + 'static {
     let user = hs.query("user");
@@ -70,7 +111,7 @@ fn fast() -> ClientConfig {
 }
 
 fn connect(addr: SocketAddr, user: &str, config: ClientConfig) -> Client {
-    Client::builder(format!("ws://{addr}/?user={user}")).config(config).connect().expect("client")
+    builder(addr, &format!("/?user={user}"), config).connect().expect("client")
 }
 
 async fn wait_status(client: &Client, what: &str, f: impl FnMut(&Status) -> bool) -> Status {
@@ -87,8 +128,7 @@ async fn wait_status(client: &Client, what: &str, f: impl FnMut(&Status) -> bool
 fn counting_token_client(addr: SocketAddr, prefix: &'static str) -> (Client, Arc<AtomicU64>) {
     let calls = Arc::new(AtomicU64::new(0));
     let c = calls.clone();
-    let client = Client::builder(format!("ws://{addr}/"))
-        .config(fast())
+    let client = builder(addr, "/", fast())
         .token(move || {
             let n = c.fetch_add(1, Ordering::SeqCst) + 1;
             async move { Ok::<_, std::convert::Infallible>(format!("{prefix}{n}")) }
@@ -150,10 +190,15 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 // Scripted servers ------------------------------------------------------------
 
-type RawWs = WebSocketStream<TcpStream>;
+type RawWs = WebSocketStream<Box<dyn support::Io>>;
 
 async fn accept_raw(listener: &TcpListener) -> RawWs {
     let (tcp, _) = tokio::time::timeout(WAIT, listener.accept()).await.expect("no connection").unwrap();
+    #[cfg(feature = "tls")]
+    let io: Box<dyn support::Io> =
+        if over_tls() { support::tls::accept(tcp).await.expect("TLS handshake") } else { Box::new(tcp) };
+    #[cfg(not(feature = "tls"))]
+    let io: Box<dyn support::Io> = Box::new(tcp);
     // Selects the JSON subprotocol the client offers.
     #[allow(clippy::result_large_err)] // tungstenite's callback signature
     let select = |_: &tokio_tungstenite::tungstenite::handshake::server::Request,
@@ -161,7 +206,7 @@ async fn accept_raw(listener: &TcpListener) -> RawWs {
         resp.headers_mut().insert("sec-websocket-protocol", "switchboard.v1.json".parse().unwrap());
         Ok(resp)
     };
-    tokio_tungstenite::accept_hdr_async(tcp, select).await.expect("upgrade")
+    tokio_tungstenite::accept_hdr_async(io, select).await.expect("upgrade")
 }
 
 fn hello(interval_ms: u64, timeout_ms: u64) -> Value {
@@ -200,13 +245,8 @@ async fn joins_calls_and_receives_room_and_direct_events() {
     for (format, version) in forms {
         let log = Arc::default();
         let hub = chat_hub(log).build();
-        let addr = support::serve(&hub).await;
-        let client = Client::builder(format!("ws://{addr}/?user=ann"))
-            .format(format)
-            .version(version)
-            .config(fast())
-            .connect()
-            .unwrap();
+        let addr = serve(&hub).await;
+        let client = builder(addr, "/?user=ann", fast()).format(format).version(version).connect().unwrap();
         connected(&client).await;
         assert!(matches!(*client.status().borrow(), Status::Connected { connection_id: 1, .. }));
 
@@ -281,7 +321,7 @@ async fn server_restart_reconnects_rejoins_and_flushes_the_offline_buffer_in_ord
     let addr = free_addr().await;
     let log1 = Arc::new(Mutex::new(Vec::new()));
     let hub1 = chat_hub(log1.clone()).build();
-    support::serve_on(addr, &hub1).await;
+    serve_on(addr, &hub1).await;
 
     let client = connect(addr, "ann", fast());
     let mut lobby = client.join("lobby").await.unwrap();
@@ -311,7 +351,7 @@ async fn server_restart_reconnects_rejoins_and_flushes_the_offline_buffer_in_ord
 
     let log2 = Arc::new(Mutex::new(Vec::new()));
     let hub2 = chat_hub(log2.clone()).build();
-    support::serve_on(addr, &hub2).await;
+    serve_on(addr, &hub2).await;
 
     // Rejoined (no history on this hub: nothing recovered), then the
     // buffered sends in order, broadcast to the rejoined room.
@@ -478,7 +518,7 @@ async fn many_clients_spread_their_reconnects_over_the_backoff_window() {
     let cap = Duration::from_secs(2);
     let addr = free_addr().await;
     let hub1 = Hub::builder().build();
-    support::serve_on(addr, &hub1).await;
+    serve_on(addr, &hub1).await;
     let config = ClientConfig::default()
         .backoff(Backoff::default().initial(cap).max(cap))
         .read_buffer_size(1024)
@@ -510,7 +550,7 @@ async fn many_clients_spread_their_reconnects_over_the_backoff_window() {
     let recorded = arrivals.clone();
     let hub2 = Hub::builder().on_connect(move |_| recorded.lock().unwrap().push(std::time::Instant::now())).build();
     hub1.shutdown(Duration::from_secs(10)).await;
-    support::serve_on(addr, &hub2).await;
+    serve_on(addr, &hub2).await;
     let mut delays = Vec::with_capacity(N);
     for w in watchers {
         if let Ok(Ok(Some(d))) = tokio::time::timeout(WAIT, w).await {
@@ -569,7 +609,7 @@ fn hub_recording_ids() -> (Hub, Arc<Mutex<Vec<ConnectionId>>>) {
 #[tokio::test]
 async fn terminal_close_codes_stop_the_client_and_others_reconnect() {
     let (hub, ids) = hub_recording_ids();
-    let addr = support::serve(&hub).await;
+    let addr = serve(&hub).await;
     for (code, terminal) in [(4500, true), (1008, true), (1000, true), (4501, true), (4002, false), (4000, false)] {
         ids.lock().unwrap().clear();
         let client = connect(addr, "x", fast());
@@ -616,7 +656,7 @@ async fn token_expired_gets_a_new_token_before_reconnecting() {
         })
         .on_connect(move |c| rec.lock().unwrap().push(c.id()))
         .build();
-    let addr = support::serve(&hub).await;
+    let addr = serve(&hub).await;
     let (client, calls) = counting_token_client(addr, "token-");
     connected(&client).await;
     let first = ids.lock().unwrap()[0];
@@ -627,8 +667,7 @@ async fn token_expired_gets_a_new_token_before_reconnecting() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 
     // A refused upgrade (401) gets one more token; a second refusal stops.
-    let refusing = Client::builder(format!("ws://{addr}/"))
-        .config(fast())
+    let refusing = builder(addr, "/", fast())
         .token(|| async { Ok::<_, std::convert::Infallible>("forged".to_owned()) })
         .connect()
         .unwrap();
@@ -649,12 +688,15 @@ async fn the_token_can_travel_in_the_query() {
             }
         })
         .build();
-    let addr = support::serve(&hub).await;
-    let client = Client::builder(format!("ws://{addr}/?x=1"))
-        .config(fast().token_placement(switchboard::client::TokenPlacement::Query("access_token".into())))
-        .token(|| async { Ok::<_, std::convert::Infallible>("a b&c".to_owned()) })
-        .connect()
-        .unwrap();
+    let addr = serve(&hub).await;
+    let client = builder(
+        addr,
+        "/?x=1",
+        fast().token_placement(switchboard::client::TokenPlacement::Query("access_token".into())),
+    )
+    .token(|| async { Ok::<_, std::convert::Infallible>("a b&c".to_owned()) })
+    .connect()
+    .unwrap();
     connected(&client).await;
     // Without the provider the same server refuses, and the client stops.
     let refused = connect(addr, "x", fast());
@@ -679,7 +721,7 @@ async fn credentials_are_refreshed_in_band_before_they_expire() {
         })
         .on_connect(move |c| rec.lock().unwrap().push(c.id()))
         .build();
-    let addr = support::serve(&hub).await;
+    let addr = serve(&hub).await;
     let (client, _) = counting_token_client(addr, "t");
     connected(&client).await;
     // Each renewal lands before the expiry: two in a row on one connection
@@ -794,7 +836,7 @@ async fn the_offline_buffer_is_bounded_and_drops_the_oldest() {
             }
         })
         .build();
-    support::serve_on(addr, &hub).await;
+    serve_on(addr, &hub).await;
     eventually("notes delivered", || notes.lock().unwrap().len() == 5).await;
     let notes = notes.lock().unwrap().clone();
     let of = |u: &str| notes.iter().filter(|(w, _)| w == u).map(|(_, n)| *n).collect::<Vec<_>>();
@@ -815,7 +857,7 @@ async fn calls_time_out_and_late_replies_are_discarded() {
             }
         })
         .build();
-    let addr = support::serve(&hub).await;
+    let addr = serve(&hub).await;
     let client = connect(addr, "x", fast().call_timeout(Duration::from_millis(200)));
     connected(&client).await;
     let err = client.call::<_, Value>("slow", &()).await.unwrap_err();
@@ -845,7 +887,7 @@ async fn calls_time_out_and_late_replies_are_discarded() {
 #[tokio::test]
 async fn the_presence_view_converges_with_the_server() {
     let hub = Hub::builder().authenticate(user_from_query).presence(PresenceConfig::default()).build();
-    let addr = support::serve(&hub).await;
+    let addr = serve(&hub).await;
     let ann = connect(addr, "ann", fast());
     let bob1 = connect(addr, "bob", fast());
     let bob2 = connect(addr, "bob", fast());
@@ -1111,7 +1153,7 @@ async fn rejoins_with_the_last_offset_and_delivers_recovered_events_once_and_fir
 #[tokio::test]
 async fn a_slow_reader_loses_the_oldest_events_and_is_told() {
     let hub = chat_hub(Arc::default()).build();
-    let addr = support::serve(&hub).await;
+    let addr = serve(&hub).await;
     let client = connect(addr, "x", fast().room_buffer(4));
     let mut room = client.join("lobby").await.unwrap();
     for i in 0..10 {
@@ -1144,9 +1186,9 @@ async fn restart_with_history(format: Format) {
         |h: &MemoryHistory| chat_hub(Arc::default()).history(h.clone(), HistoryConfig::all_rooms()).build();
     let addr = free_addr().await;
     let hub1 = recoverable(&history);
-    support::serve_on(addr, &hub1).await;
+    serve_on(addr, &hub1).await;
 
-    let client = Client::builder(format!("ws://{addr}/?user=ann")).format(format).config(fast()).connect().unwrap();
+    let client = builder(addr, "/?user=ann", fast()).format(format).connect().unwrap();
     let mut room = client.join("r").await.unwrap();
     for n in 1..=3 {
         hub1.publish("r", "said", &json!({"text": n.to_string()})).await.unwrap();
@@ -1168,7 +1210,7 @@ async fn restart_with_history(format: Format) {
     // And the client says something while offline (buffered: sent after the
     // rejoin, so it is broadcast after the recovered events).
     room.send("say", &json!({"text": "back"})).await.unwrap();
-    support::serve_on(addr, &hub2).await;
+    serve_on(addr, &hub2).await;
 
     let mut items = Vec::new();
     loop {
@@ -1193,7 +1235,7 @@ async fn restart_with_history(format: Format) {
     // client is told to resync, and follows the new stream.
     let hub3 = recoverable(&MemoryHistory::new());
     hub2.shutdown(Duration::from_secs(5)).await;
-    support::serve_on(addr, &hub3).await;
+    serve_on(addr, &hub3).await;
     assert_eq!(next(&mut room).await, RoomEvent::Rejoined { recovered: false });
     hub3.publish("r", "said", &json!({"text": "new"})).await.unwrap();
     let (e, _) = next_event(&mut room).await;
@@ -1201,7 +1243,7 @@ async fn restart_with_history(format: Format) {
     assert_ne!(room.position().unwrap().1, epoch);
 
     // Rewind on a first join: the newest retained events first.
-    let late = Client::builder(format!("ws://{addr}/?user=bob")).format(format).config(fast()).connect().unwrap();
+    let late = builder(addr, "/?user=bob", fast()).format(format).connect().unwrap();
     for n in 2..=4 {
         hub3.publish("r", "said", &json!({"text": format!("new{n}")})).await.unwrap();
     }
@@ -1249,7 +1291,7 @@ async fn a_slow_consumer_gap_is_recovered_exactly_once() {
         .config(config)
         .history(MemoryHistory::new(), HistoryConfig::default().rooms("r", RoomHistory::default()))
         .build();
-    let addr = support::serve(&hub).await;
+    let addr = serve(&hub).await;
     let client = connect(addr, "x", fast().room_buffer(100_000));
     let room = client.join("r").await.unwrap();
     let big = client.join("big").await.unwrap();

@@ -444,14 +444,32 @@ struct Counts {
 /// compression off.
 #[tokio::test]
 async fn the_rust_client_negotiates_and_both_directions_shrink() {
+    client_traffic_shrinks(false).await;
+}
+
+/// The same over `wss://` (issue 19's leftover, issue 20): the proxy counts
+/// TLS records, which track the WebSocket bytes inside them.
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn the_rust_client_compresses_over_wss_too() {
+    client_traffic_shrinks(true).await;
+}
+
+async fn client_traffic_shrinks(tls: bool) {
     use switchboard::client::{Client, ClientConfig, RoomEvent};
     let hub = hub();
+    #[cfg(feature = "tls")]
+    let server = if tls { support::tls::serve(&hub).await } else { serve(&hub).await };
+    #[cfg(not(feature = "tls"))]
     let server = serve(&hub).await;
     let mut totals = Vec::new();
     for compression in [true, false] {
         let (addr, counts) = counting_proxy(server).await;
         let config = ClientConfig::default().compression(compression).call_timeout(WAIT);
-        let client = Client::builder(format!("ws://{addr}/")).config(config).connect().unwrap();
+        #[cfg(feature = "tls")]
+        let config = if tls { config.tls(support::tls::pki().client_config()) } else { config };
+        let url = if tls { format!("wss://localhost:{}/", addr.port()) } else { format!("ws://{addr}/") };
+        let client = Client::builder(url).config(config).connect().unwrap();
         let room = tokio::time::timeout(WAIT, client.join("lobby")).await.unwrap().unwrap();
         let sample = |i: usize| json!({"i": i, "text": "a dashboard sample that repeats itself; ".repeat(100)});
         for i in 0..20 {
@@ -468,8 +486,10 @@ async fn the_rust_client_negotiates_and_both_directions_shrink() {
             assert_eq!(back, sample(i));
         }
         client.close().await;
-        let head = String::from_utf8_lossy(&counts.head.lock().unwrap()).to_lowercase();
-        assert_eq!(head.contains("sec-websocket-extensions: permessage-deflate"), compression, "{head}");
+        if !tls {
+            let head = String::from_utf8_lossy(&counts.head.lock().unwrap()).to_lowercase();
+            assert_eq!(head.contains("sec-websocket-extensions: permessage-deflate"), compression, "{head}");
+        }
         totals.push((counts.up.load(Ordering::Relaxed), counts.down.load(Ordering::Relaxed)));
     }
     let [(up_on, down_on), (up_off, down_off)] = totals[..] else { unreachable!() };

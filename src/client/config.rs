@@ -161,6 +161,14 @@ pub struct ClientConfig {
     /// `max_message_size`) and messages of 256 bytes or more are sent
     /// compressed. Default `true`.
     pub compression: bool,
+    /// The rustls configuration of `wss://` connections (feature `tls`):
+    /// your own roots (a private CA), client certificates, protocol
+    /// versions. Its ALPN list is replaced by `http/1.1`. Default `None`:
+    /// the roots the `tls-native-roots` and `tls-webpki-roots` features
+    /// select, no client certificate.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Default for ClientConfig {
@@ -181,6 +189,8 @@ impl Default for ClientConfig {
             write_buffer_size: 8 * 1024,
             token_placement: TokenPlacement::BearerHeader,
             compression: true,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -230,6 +240,30 @@ setters! {
     compression: bool,
     /// Sets [`ClientConfig::token_placement`].
     token_placement: TokenPlacement,
+}
+
+#[cfg(feature = "tls")]
+impl ClientConfig {
+    /// Sets [`ClientConfig::tls`].
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// use switchboard::client::ClientConfig;
+    /// use switchboard::rustls;
+    /// let mut roots = rustls::RootCertStore::empty();
+    /// // roots.add(my_private_ca)?;
+    /// let provider = Arc::new(rustls::crypto::ring::default_provider());
+    /// let tls = rustls::ClientConfig::builder_with_provider(provider)
+    ///     .with_safe_default_protocol_versions()
+    ///     .unwrap()
+    ///     .with_root_certificates(roots)
+    ///     .with_no_client_auth();
+    /// let config = ClientConfig::default().tls(Arc::new(tls));
+    /// ```
+    pub fn tls(mut self, config: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
 }
 
 /// A small, seedable pseudo-random generator for jitter (splitmix64). Not

@@ -252,12 +252,7 @@ async fn connect_and_serve(
         Ok(r) => r,
         Err(e) => return Disconnect::Connect(e).into(),
     };
-    let options = WsOptions {
-        max_message_size: config.max_message_size,
-        read_buffer_size: config.read_buffer_size,
-        compression: config.compression,
-    };
-    let connect = super::ws::connect(request, options);
+    let connect = super::ws::connect(request, WsOptions::new(config));
     let ws = tokio::select! {
         _ = stopped(stop) => return Disconnect::ClientClosed.into(),
         r = tokio::time::timeout_at(deadline, connect) => match r {
@@ -277,6 +272,7 @@ async fn connect_and_serve(
                 };
             }
             Ok(Err(ConnectError::Other(e))) => return Disconnect::Connect(e).into(),
+            Ok(Err(ConnectError::Tls(e))) => return Disconnect::Tls(e).into(),
             Ok(Ok((ws, resp))) => {
                 let chosen = resp.headers().get(http::header::SEC_WEBSOCKET_PROTOCOL).and_then(|v| v.to_str().ok());
                 // A server that answers without a subprotocol speaks JSON (§1.1).

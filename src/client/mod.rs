@@ -51,6 +51,8 @@ mod room;
 mod shared;
 mod status;
 pub mod sync;
+#[cfg(feature = "tls")]
+mod tls;
 mod ws;
 
 pub use config::{Backoff, ClientConfig, TokenPlacement};

@@ -84,6 +84,13 @@ pub enum Disconnect {
     /// The TCP connection or the upgrade failed (refused, unreachable,
     /// timed out).
     Connect(String),
+    /// TLS failed in a way no retry cures, so the client stops: the
+    /// server's certificate did not verify (unknown issuer, expired, not
+    /// for this host), the server refused the client's certificate, no root
+    /// certificates are configured, or a `wss://` URL without the `tls`
+    /// feature. The text says which. (A TLS handshake cut short by the
+    /// network is a [`Disconnect::Connect`] and is retried.)
+    Tls(String),
     /// The server broke the protocol in a way the connection cannot survive
     /// (no `hello` first, an oversized or invalid frame).
     Protocol(String),
@@ -102,7 +109,7 @@ impl Disconnect {
         match self {
             Disconnect::Closed { code, .. } => code.should_reconnect(),
             Disconnect::Refused { status, .. } => *status == 429 || *status == 408 || *status >= 500,
-            Disconnect::ClientClosed => false,
+            Disconnect::ClientClosed | Disconnect::Tls(_) => false,
             _ => true,
         }
     }
@@ -116,6 +123,7 @@ impl fmt::Display for Disconnect {
             Disconnect::HeartbeatTimeout => f.write_str("no heartbeat from the server"),
             Disconnect::Refused { status, body } => write!(f, "upgrade refused with {status}: {body}"),
             Disconnect::Connect(e) => write!(f, "connect failed: {e}"),
+            Disconnect::Tls(e) => write!(f, "TLS failed: {e}"),
             Disconnect::Protocol(e) => write!(f, "protocol violation by the server: {e}"),
             Disconnect::Token(e) => write!(f, "token provider failed: {e}"),
             Disconnect::ClientClosed => f.write_str("closed by the application"),

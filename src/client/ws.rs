@@ -14,9 +14,9 @@
 //!   (then nothing is compressed; sending uncompressed is always allowed).
 //! - Pings are answered and a close is echoed from here, as tungstenite
 //!   did: the driver only sees messages.
-//! - `wss://` URLs still go through tokio-tungstenite's `connect_async`
-//!   (TLS comes from the application enabling one of its TLS features),
-//!   without compression: tungstenite cannot read compressed frames.
+//! - `wss://` is the same handshake and frames over a rustls stream
+//!   (feature `tls`, [`super::tls`]); without the feature a `wss://` URL
+//!   fails for good with a message naming it.
 
 use crate::protocol::CloseCode;
 use crate::transport::ws::reader::{FrameReader, Limits, Role};
@@ -26,15 +26,10 @@ use futures::{Sink, Stream};
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::client::generate_key;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame as WsCloseFrame, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// What the client offers.
 const OFFER: &str = "permessage-deflate; server_no_context_takeover; client_max_window_bits";
@@ -48,22 +43,42 @@ const MAX_HEAD: usize = 16 * 1024;
 pub(crate) enum ConnectError {
     /// The server answered with an HTTP status other than 101.
     Http { status: u16, headers: http::HeaderMap, body: Vec<u8> },
+    /// TLS failed in a way a retry cannot cure (a certificate refused, no
+    /// roots, no `tls` feature): the reason, in words.
+    Tls(String),
     /// Anything else: the reason, in words.
     Other(String),
 }
 
 /// Settings of one connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct WsOptions {
-    pub(crate) max_message_size: usize,
-    pub(crate) read_buffer_size: usize,
-    pub(crate) compression: bool,
+    max_message_size: usize,
+    read_buffer_size: usize,
+    compression: bool,
+    #[cfg(feature = "tls")]
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
-/// A client WebSocket connection: a stream of frames and a sink of frames.
-pub(crate) struct ClientWs {
+impl WsOptions {
+    pub(crate) fn new(config: &super::ClientConfig) -> WsOptions {
+        WsOptions {
+            max_message_size: config.max_message_size,
+            read_buffer_size: config.read_buffer_size,
+            compression: config.compression,
+            #[cfg(feature = "tls")]
+            tls: config.tls.clone(),
+        }
+    }
+}
+
+type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A client WebSocket connection (`ws://` or `wss://`): a stream of frames
+/// and a sink of frames.
+pub(crate) struct Ws {
     read: FrameReader,
-    write: OwnedWriteHalf,
+    write: BoxWrite,
     /// Bytes to write (masked frames), from `start`.
     out: Vec<u8>,
     start: usize,
@@ -73,60 +88,52 @@ pub(crate) struct ClientWs {
     close_sent: bool,
 }
 
-impl std::fmt::Debug for ClientWs {
+impl std::fmt::Debug for Ws {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientWs").field("compress", &self.compress).finish_non_exhaustive()
+        f.debug_struct("Ws").field("compress", &self.compress).finish_non_exhaustive()
     }
 }
 
-/// The client's connection: the crate's own (`ws://`), or tungstenite's
-/// over TLS (`wss://`, uncompressed).
-pub(crate) enum Ws {
-    Own(ClientWs),
-    Tls(Box<WebSocketStream<MaybeTlsStream<TcpStream>>>),
-}
-
-/// Connects to `request`'s URL and performs the opening handshake;
-/// returns the connection with the `101` response.
+/// Connects to `request`'s URL (`ws://` or `wss://`) and performs the
+/// opening handshake; returns the connection with the `101` response.
 pub(crate) async fn connect(
     request: http::Request<()>,
     options: WsOptions,
 ) -> Result<(Ws, http::Response<()>), ConnectError> {
-    if request.uri().scheme_str() != Some("wss") {
-        return connect_own(request, options).await.map(|(ws, resp)| (Ws::Own(ws), resp));
-    }
-    let mut config = WebSocketConfig::default();
-    config.read_buffer_size = options.read_buffer_size.max(1024);
-    config.max_message_size = Some(options.max_message_size);
-    config.max_frame_size = Some(options.max_message_size);
-    match tokio_tungstenite::connect_async_with_config(request, Some(config), true).await {
-        Ok((ws, resp)) => Ok((Ws::Tls(Box::new(ws)), resp.map(|_| ()))),
-        Err(tungstenite::Error::Http(resp)) => Err(ConnectError::Http {
-            status: resp.status().as_u16(),
-            headers: resp.headers().clone(),
-            body: resp.body().clone().unwrap_or_default(),
-        }),
-        Err(e) => Err(ConnectError::Other(e.to_string())),
-    }
-}
-
-/// Connects to `request`'s `ws://` URL and performs the opening handshake.
-/// Returns the connection and the `101` response.
-async fn connect_own(
-    request: http::Request<()>,
-    options: WsOptions,
-) -> Result<(ClientWs, http::Response<()>), ConnectError> {
     let other = |e: &dyn std::fmt::Display| ConnectError::Other(e.to_string());
     let uri = request.uri().clone();
-    if uri.scheme_str() != Some("ws") {
-        return Err(ConnectError::Other(format!("not a ws:// or wss:// URL: {uri}")));
+    let tls = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        _ => return Err(ConnectError::Other(format!("not a ws:// or wss:// URL: {uri}"))),
+    };
+    if tls && cfg!(not(feature = "tls")) {
+        return Err(ConnectError::Tls("wss:// needs switchboard's `tls` feature".into()));
     }
     let host = uri.host().ok_or_else(|| ConnectError::Other(format!("no host in {uri}")))?;
-    let port = uri.port_u16().unwrap_or(80);
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let mut tcp = TcpStream::connect((host, port)).await.map_err(|e| other(&e))?;
+    let tcp = TcpStream::connect((host, port)).await.map_err(|e| other(&e))?;
     let _ = tcp.set_nodelay(true);
+    #[cfg(feature = "tls")]
+    if tls {
+        let stream = super::tls::connect(tcp, host, options.tls.as_ref()).await?;
+        let (read, write) = tokio::io::split(stream);
+        return handshake(read, Box::new(write), &request, &options).await;
+    }
+    let (read, write) = tcp.into_split();
+    handshake(read, Box::new(write), &request, &options).await
+}
 
+/// The opening handshake on a connected stream (its two halves).
+async fn handshake<R: AsyncRead + Send + Unpin + 'static>(
+    mut read: R,
+    mut write: BoxWrite,
+    request: &http::Request<()>,
+    options: &WsOptions,
+) -> Result<(Ws, http::Response<()>), ConnectError> {
+    let uri = request.uri();
+    let host = uri.host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
     let key = generate_key();
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let authority = uri.authority().map_or(host, |a| a.as_str());
@@ -142,13 +149,13 @@ async fn connect_own(
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    tcp.write_all(head.as_bytes()).await.map_err(|e| other(&e))?;
+    write.write_all(head.as_bytes()).await.map_err(io_failed)?;
 
     // The response head, and whatever came after it.
     let mut buf = Vec::with_capacity(1024);
     let (status, headers, len) = loop {
         let mut chunk = [0u8; 2048];
-        let n = tcp.read(&mut chunk).await.map_err(|e| other(&e))?;
+        let n = read.read(&mut chunk).await.map_err(io_failed)?;
         if n == 0 {
             return Err(ConnectError::Other("the server closed the connection during the handshake".into()));
         }
@@ -183,7 +190,7 @@ async fn connect_own(
             .min(4096);
         while body.len() < want {
             let mut chunk = [0u8; 1024];
-            match tokio::time::timeout(std::time::Duration::from_secs(1), tcp.read(&mut chunk)).await {
+            match tokio::time::timeout(std::time::Duration::from_secs(1), read.read(&mut chunk)).await {
                 Ok(Ok(n)) if n > 0 => body.extend_from_slice(&chunk[..n]),
                 _ => break,
             }
@@ -205,7 +212,6 @@ async fn connect_own(
     *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
     *response.headers_mut() = headers;
 
-    let (read, write) = tcp.into_split();
     let limits = Limits {
         max_message_size: options.max_message_size,
         // The server never fragments; a peer that does is still bounded.
@@ -214,8 +220,17 @@ async fn connect_own(
         deflate: agreed.is_some(),
     };
     let read = FrameReader::new(Box::new(read), rest, Role::Client, limits);
-    let ws = ClientWs { read, write, out: Vec::new(), start: 0, compress: agreed == Some(true), close_sent: false };
+    let ws = Ws { read, write, out: Vec::new(), start: 0, compress: agreed == Some(true), close_sent: false };
     Ok((ws, response))
+}
+
+/// A read or write of the handshake failed (TLS alerts about certificates
+/// are terminal, see [`super::tls::classify`]).
+fn io_failed(e: io::Error) -> ConnectError {
+    #[cfg(feature = "tls")]
+    return super::tls::classify(e, "the handshake failed");
+    #[cfg(not(feature = "tls"))]
+    ConnectError::Other(e.to_string())
 }
 
 /// Checks the server's `Sec-WebSocket-Extensions` answer: `Ok(true)` for
@@ -259,7 +274,7 @@ fn mask_into(out: &mut Vec<u8>, b0: u8, payload: &[u8]) {
     crate::transport::ws::reader::masked_frame(out, b0, payload, key);
 }
 
-impl ClientWs {
+impl Ws {
     fn queue(&mut self, frame: Frame) {
         let (b0, payload): (u8, Bytes) = match frame {
             Frame::Text(b) => (0x81, b),
@@ -306,7 +321,7 @@ impl ClientWs {
     }
 }
 
-impl Stream for ClientWs {
+impl Stream for Ws {
     type Item = Result<Frame, TransportError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
@@ -329,7 +344,7 @@ impl Stream for ClientWs {
     }
 }
 
-impl Sink<Frame> for ClientWs {
+impl Sink<Frame> for Ws {
     type Error = TransportError;
 
     fn poll_ready(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
@@ -352,99 +367,6 @@ impl Sink<Frame> for ClientWs {
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
         ready!(self.poll_write_out(cx))?;
         Poll::Ready(Ok(()))
-    }
-}
-
-fn from_message(m: Message) -> Option<Frame> {
-    Some(match m {
-        Message::Text(t) => Frame::Text(t.into()),
-        Message::Binary(b) => Frame::Binary(b),
-        Message::Ping(b) => Frame::Ping(b),
-        Message::Pong(b) => Frame::Pong(b),
-        Message::Close(c) => {
-            Frame::Close(c.map(|c| CloseFrame { code: CloseCode(c.code.into()), reason: c.reason.to_string() }))
-        }
-        Message::Frame(_) => return None,
-    })
-}
-
-fn to_message(f: Frame) -> Message {
-    match f {
-        // Text is UTF-8 by the `Frame` contract.
-        Frame::Text(b) => Utf8Bytes::try_from(b).map_or_else(|_| Message::Binary(Bytes::new()), Message::Text),
-        Frame::Binary(b) => Message::Binary(b),
-        Frame::Ping(b) => Message::Ping(b),
-        Frame::Pong(b) => Message::Pong(b),
-        Frame::Close(c) => {
-            Message::Close(c.map(|c| WsCloseFrame { code: WsCloseCode::from(c.code.0), reason: c.reason.into() }))
-        }
-    }
-}
-
-fn from_tungstenite(e: tungstenite::Error) -> TransportError {
-    use tungstenite::Error as E;
-    match e {
-        E::Capacity(_) => TransportError::MessageTooBig,
-        E::Utf8(_) => TransportError::InvalidUtf8,
-        E::Io(io) => TransportError::Io(io),
-        E::ConnectionClosed | E::AlreadyClosed => TransportError::Closed,
-        other => TransportError::Protocol(other.to_string()),
-    }
-}
-
-impl Stream for Ws {
-    type Item = Result<Frame, TransportError>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match &mut *self {
-            Ws::Own(ws) => Pin::new(ws).poll_next(cx),
-            Ws::Tls(ws) => loop {
-                return Poll::Ready(match ready!(Pin::new(&mut **ws).poll_next(cx)) {
-                    None => None,
-                    Some(Ok(m)) => match from_message(m) {
-                        Some(f) => Some(Ok(f)),
-                        None => continue,
-                    },
-                    // The server went away without a close frame: the end.
-                    Some(Err(tungstenite::Error::Protocol(
-                        tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-                    ))) => None,
-                    Some(Err(e)) => Some(Err(from_tungstenite(e))),
-                });
-            },
-        }
-    }
-}
-
-impl Sink<Frame> for Ws {
-    type Error = TransportError;
-
-    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        match &mut *self {
-            Ws::Own(ws) => Pin::new(ws).poll_ready(cx),
-            Ws::Tls(ws) => Pin::new(&mut **ws).poll_ready(cx).map_err(from_tungstenite),
-        }
-    }
-
-    fn start_send(mut self: Pin<&mut Self>, frame: Frame) -> Result<(), TransportError> {
-        match &mut *self {
-            Ws::Own(ws) => Pin::new(ws).start_send(frame),
-            Ws::Tls(ws) => Pin::new(&mut **ws).start_send(to_message(frame)).map_err(from_tungstenite),
-        }
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        match &mut *self {
-            Ws::Own(ws) => Pin::new(ws).poll_flush(cx),
-            Ws::Tls(ws) => Pin::new(&mut **ws).poll_flush(cx).map_err(from_tungstenite),
-        }
-    }
-
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
-        match &mut *self {
-            Ws::Own(ws) => Pin::new(ws).poll_close(cx),
-            Ws::Tls(ws) => Pin::new(&mut **ws).poll_close(cx).map_err(from_tungstenite),
-        }
     }
 }
 

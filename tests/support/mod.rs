@@ -7,6 +7,8 @@ pub mod examples;
 pub mod nats;
 pub mod process;
 pub mod redis;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -42,19 +44,27 @@ pub async fn serve_with(hub: &Hub, config: WsConfig) -> SocketAddr {
 /// Serves `hub` on exactly `addr` (after a restart the old listener may take
 /// a moment to go away).
 pub async fn serve_on(addr: SocketAddr, hub: &Hub) {
+    tokio::spawn(ws::serve(bind_again(addr).await, hub.clone(), WsConfig::default()));
+}
+
+/// A listener on exactly `addr`, retrying while the previous one goes away.
+pub async fn bind_again(addr: SocketAddr) -> TcpListener {
     let deadline = tokio::time::Instant::now() + WAIT;
-    let listener = loop {
+    loop {
         match TcpListener::bind(addr).await {
-            Ok(l) => break l,
+            Ok(l) => return l,
             Err(e) => {
                 assert!(tokio::time::Instant::now() < deadline, "cannot bind {addr} again: {e}");
                 tokio::task::yield_now().await;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-    };
-    tokio::spawn(ws::serve(listener, hub.clone(), WsConfig::default()));
+    }
 }
+
+/// A byte stream, plain or TLS.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
 
 /// A protocol client over a real WebSocket.
 pub struct Client {

@@ -1,6 +1,7 @@
 //! A safe-by-default HTTP/1 server for an axum [`Router`]: what
 //! `axum::serve` leaves open (it runs hyper without a timer, so request heads
 //! and bodies never time out, and it counts nothing before a head arrives).
+//! With the `tls` feature it serves HTTPS and WSS too ([`ServeConfig::tls`]).
 //!
 //! The limits are described on [`serve`].
 
@@ -61,6 +62,13 @@ pub struct ServeConfig {
     /// as [`SecurityConfig::per_ip_exempt`], for the same reason (a local
     /// reverse proxy).
     pub per_ip_exempt: Vec<IpNet>,
+    /// Serve HTTPS (and so WSS) with this rustls configuration (feature
+    /// `tls`). The TLS handshake must complete within
+    /// [`ServeConfig::header_read_timeout`] of the accept, or the socket is
+    /// closed. Default `None`: plain HTTP.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServeConfig {
@@ -73,6 +81,8 @@ impl Default for ServeConfig {
             max_connections: 10_000,
             max_connections_per_ip: 128,
             per_ip_exempt: SecurityConfig::default().per_ip_exempt,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 }
@@ -117,6 +127,14 @@ impl ServeConfig {
     /// Sets [`ServeConfig::per_ip_exempt`].
     pub fn per_ip_exempt(mut self, exempt: Vec<IpNet>) -> Self {
         self.per_ip_exempt = exempt;
+        self
+    }
+
+    /// Sets [`ServeConfig::tls`].
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
         self
     }
 }
@@ -322,6 +340,8 @@ async fn run(serve: Serve) -> io::Result<()> {
     // connection task holds a receiver, and shutdown waits for the last.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (done_tx, done_rx) = tokio::sync::watch::channel(());
+    #[cfg(feature = "tls")]
+    let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let mut reserve = reserve_descriptor();
     // Out of descriptors since the last successful accept (warned once).
     let mut exhausted = false;
@@ -371,38 +391,23 @@ async fn run(serve: Serve) -> io::Result<()> {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (router, config, mut stop, done) = (router.clone(), config.clone(), stop_rx.clone(), done_rx.clone());
+        let (router, config, stop, done) = (router.clone(), config.clone(), stop_rx.clone(), done_rx.clone());
+        #[cfg(feature = "tls")]
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _done = done;
-            let io = Counted { io: TokioIo::new(stream), _slot: slot };
-            let body_timeout = config.body_timeout;
-            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                let mut req = req.map(|body| axum::body::Body::new(Timed::new(body, body_timeout)));
-                req.extensions_mut().insert(ConnectInfo(peer));
-                let mut router = router.clone();
-                async move { tower_service::Service::call(&mut router, req).await }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(config.header_read_timeout)
-                .max_buf_size(config.max_head_size.max(8192))
-                .max_header_size(config.max_head_size)
-                .max_headers(config.max_headers);
-            let conn = builder.serve_connection(io, service).with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::debug!(error = %e, "http connection ended with an error");
-                    }
+            #[cfg(feature = "tls")]
+            if let Some(acceptor) = tls {
+                // The handshake is bounded like a request head: a client
+                // that connects and says nothing holds its slot no longer.
+                match tokio::time::timeout(config.header_read_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_connection(stream, slot, peer, router, &config, stop).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
-                // (The `Ref` `wait_for` returns is not `Send`: not kept.)
-                () = async { drop(stop.wait_for(|stop| *stop).await) } => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+                return;
             }
+            serve_connection(stream, slot, peer, router, &config, stop).await;
         });
     }
     drop(listener);
@@ -412,16 +417,59 @@ async fn run(serve: Serve) -> io::Result<()> {
     Ok(())
 }
 
+/// Serves HTTP on one accepted (and maybe TLS-wrapped) socket until it
+/// closes or `stop` asks it to finish.
+async fn serve_connection<S>(
+    stream: S,
+    slot: Slot,
+    peer: std::net::SocketAddr,
+    router: Router,
+    config: &ServeConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let io = Counted { io: TokioIo::new(stream), _slot: slot };
+    let body_timeout = config.body_timeout;
+    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        let mut req = req.map(|body| axum::body::Body::new(Timed::new(body, body_timeout)));
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let mut router = router.clone();
+        async move { tower_service::Service::call(&mut router, req).await }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_head_size.max(8192))
+        .max_header_size(config.max_head_size)
+        .max_headers(config.max_headers);
+    let conn = builder.serve_connection(io, service).with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        }
+        // (The `Ref` `wait_for` returns is not `Send`: not kept.)
+        () = async { drop(stop.wait_for(|stop| *stop).await) } => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
 /// A socket that holds its [`Slot`]: the count drops when the socket is
 /// closed, also after hyper handed it over as an upgraded WebSocket.
 #[pin_project::pin_project]
-struct Counted {
+struct Counted<S> {
     #[pin]
-    io: TokioIo<TcpStream>,
+    io: TokioIo<S>,
     _slot: Slot,
 }
 
-impl hyper::rt::Read for Counted {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> hyper::rt::Read for Counted<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -431,7 +479,7 @@ impl hyper::rt::Read for Counted {
     }
 }
 
-impl hyper::rt::Write for Counted {
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> hyper::rt::Write for Counted<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.project().io.poll_write(cx, buf)
     }
