@@ -514,7 +514,10 @@ async fn a_short_connection_after_an_outage_restarts_the_backoff() {
 
 #[tokio::test]
 async fn many_clients_spread_their_reconnects_over_the_backoff_window() {
-    const N: usize = 2000;
+    // Fewer over TLS: 2,000 TLS handshakes at once in a debug build on a
+    // shared 2-core machine outlast the test's waits; 500 still fill every
+    // tenth of the window.
+    let n: usize = if over_tls() { 500 } else { 2000 };
     let cap = Duration::from_secs(2);
     let addr = free_addr().await;
     let hub1 = Hub::builder().build();
@@ -524,7 +527,7 @@ async fn many_clients_spread_their_reconnects_over_the_backoff_window() {
         .read_buffer_size(1024)
         .write_buffer_size(1024)
         .room_buffer(8);
-    let clients: Vec<Client> = (0..N).map(|_| connect(addr, "x", config.clone())).collect();
+    let clients: Vec<Client> = (0..n).map(|_| connect(addr, "x", config.clone())).collect();
     for c in &clients {
         connected(c).await;
     }
@@ -546,12 +549,12 @@ async fn many_clients_spread_their_reconnects_over_the_backoff_window() {
             })
         })
         .collect();
-    let arrivals = Arc::new(Mutex::new(Vec::with_capacity(N)));
+    let arrivals = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let recorded = arrivals.clone();
     let hub2 = Hub::builder().on_connect(move |_| recorded.lock().unwrap().push(std::time::Instant::now())).build();
     hub1.shutdown(Duration::from_secs(10)).await;
     serve_on(addr, &hub2).await;
-    let mut delays = Vec::with_capacity(N);
+    let mut delays = Vec::with_capacity(n);
     for w in watchers {
         if let Ok(Ok(Some(d))) = tokio::time::timeout(WAIT, w).await {
             delays.push(d);
@@ -563,7 +566,7 @@ async fn many_clients_spread_their_reconnects_over_the_backoff_window() {
     let buckets = spread(&delays, cap.as_secs_f64(), 10);
     let (mean, sd) = mean_sd(&delays);
     let arrivals = arrivals.lock().unwrap().clone();
-    assert_eq!(arrivals.len(), N, "every client is back");
+    assert_eq!(arrivals.len(), n, "every client is back");
     let t0 = *arrivals.iter().min().unwrap();
     let offsets: Vec<f64> = arrivals.iter().map(|t| (*t - t0).as_secs_f64()).collect();
     let (_, arrival_sd) = mean_sd(&offsets);
@@ -574,7 +577,7 @@ async fn many_clients_spread_their_reconnects_over_the_backoff_window() {
         cap.as_secs_f64() / 12f64.sqrt()
     );
     // Uniform over [0, cap]: each tenth holds ~10 %; a herd would sit in one.
-    assert!(delays.len() >= N / 2, "{}", delays.len());
+    assert!(delays.len() >= n / 2, "{}", delays.len());
     let min_bucket = delays.len() / 10 / 2;
     assert!(buckets.iter().all(|b| *b >= min_bucket), "{buckets:?}");
     assert!(sd > cap.as_secs_f64() / 12f64.sqrt() * 0.7, "sd {sd}");
