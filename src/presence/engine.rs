@@ -1546,4 +1546,62 @@ mod tests {
         let (bytes, _) = json_state(&mut st, &cfg);
         assert!(bytes.len() <= st.list_bytes + 100, "{} > {}", bytes.len(), st.list_bytes);
     }
+
+    #[test]
+    fn a_key_joins_with_its_first_meta_and_leaves_with_its_last() {
+        let cfg = PresenceConfig::default();
+        let mut st = RoomState::new(true);
+        let first = st.set((1, 1), meta("ann", 1, json!({})), &cfg);
+        assert!(first.inserted && first.key_joined);
+        // A second tab of the same user: a new meta, not a new key.
+        let second = st.set((2, 7), meta("ann", 7, json!({})), &cfg);
+        assert!(second.inserted && !second.key_joined);
+        assert_eq!((st.count().keys, st.count().connections), (1, 2));
+        // The same meta again changes nothing.
+        let again = st.set((1, 1), meta("ann", 1, json!({})), &cfg);
+        assert!(!again.inserted && !again.changed);
+        assert_eq!(st.unset((1, 1), &cfg), Some((Arc::from("ann"), false)));
+        assert_eq!(st.unset((1, 1), &cfg), None, "a meta leaves once");
+        assert_eq!(st.unset((2, 7), &cfg), Some((Arc::from("ann"), true)));
+        assert_eq!((st.count().keys, st.count().connections), (0, 0));
+        assert_eq!(st.list_bytes, 0);
+    }
+
+    #[test]
+    fn a_stale_expiry_does_nothing_and_the_current_one_drops_the_flag() {
+        let cfg = PresenceConfig::default();
+        let mut st = RoomState::new(true);
+        let now = Instant::now();
+        let mut typing = meta("ann", 1, json!({}));
+        typing.ephemeral.insert("typing".into(), (json!(true), now + Duration::from_secs(5)));
+        st.set((1, 1), typing, &cfg);
+        let (token, at) = st.arm_expiry((1, 1)).expect("a flag to expire");
+        assert_eq!(at, now + Duration::from_secs(5));
+        assert!(st.arm_expiry((1, 1)).is_none(), "one expiry entry per meta");
+        // An entry with another token (superseded) is ignored.
+        assert_eq!(st.expire((1, 1), token + 1, now + Duration::from_secs(6), &cfg), (false, None));
+        assert!(st.slots[&(1, 1)].meta.ephemeral.contains_key("typing"));
+        // Too early: nothing expires, and the entry is armed again.
+        let (changed, next) = st.expire((1, 1), token, now + Duration::from_secs(1), &cfg);
+        assert!(!changed);
+        let (token, _) = next.expect("armed again for the same deadline");
+        let (changed, next) = st.expire((1, 1), token, now + Duration::from_secs(6), &cfg);
+        assert!(changed && next.is_none());
+        assert!(st.slots[&(1, 1)].meta.ephemeral.is_empty());
+    }
+
+    #[test]
+    fn more_changes_than_max_pending_send_the_whole_state() {
+        let mut cfg = PresenceConfig::default();
+        cfg.max_pending = 2;
+        let mut st = RoomState::new(true);
+        for c in 1..=2 {
+            st.set((1, c), meta(&format!("u{c}"), c, json!({})), &cfg);
+        }
+        assert_eq!(st.pending.len(), 2);
+        assert!(!st.full_pending);
+        st.set((1, 3), meta("u3", 3, json!({})), &cfg);
+        assert!(st.full_pending, "the diff would be bigger than the state");
+        assert!(st.pending.is_empty(), "the per-meta changes are dropped for the state");
+    }
 }
