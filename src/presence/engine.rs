@@ -1592,8 +1592,7 @@ mod tests {
 
     #[test]
     fn more_changes_than_max_pending_send_the_whole_state() {
-        let mut cfg = PresenceConfig::default();
-        cfg.max_pending = 2;
+        let cfg = PresenceConfig { max_pending: 2, ..PresenceConfig::default() };
         let mut st = RoomState::new(true);
         for c in 1..=2 {
             st.set((1, c), meta(&format!("u{c}"), c, json!({})), &cfg);
