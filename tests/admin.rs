@@ -255,3 +255,55 @@ async fn the_rust_client_stops_at_a_closed_room() {
     assert_eq!(names(hub.rooms()), vec![room("lobby", 1)]);
     client.close().await;
 }
+
+/// A backplane whose subscriptions wait until the test opens the gate: a
+/// join stays on its way (a member, not yet answered) meanwhile.
+struct Gated {
+    inner: switchboard::backplane::MemoryBackplane,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl switchboard::backplane::Backplane for Gated {
+    fn publish(
+        &self,
+        topic: &str,
+        message: bytes::Bytes,
+    ) -> futures::future::BoxFuture<'static, switchboard::Result<()>> {
+        self.inner.publish(topic, message)
+    }
+
+    fn subscribe(
+        &self,
+        topic: &str,
+    ) -> futures::future::BoxFuture<'static, switchboard::Result<switchboard::backplane::Subscription>> {
+        let (gate, subscribe) = (self.gate.clone(), self.inner.subscribe(topic));
+        Box::pin(async move {
+            let _permit = gate.acquire().await.unwrap();
+            subscribe.await
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_join_on_its_way_when_the_room_closes_is_refused() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let backplane = Gated { inner: switchboard::backplane::MemoryBackplane::new(), gate: gate.clone() };
+    let hub = builder().backplane(backplane).build();
+    let addr = serve(&hub).await;
+    let mut c = connect_as(addr, "alice").await;
+    c.send(json!({"type": "join", "ref": 7, "room": "r"})).await;
+    eventually("the join is on its way", || hub.room_len("r") == 1).await;
+    assert_eq!(hub.close_room("r", "closed"), 1);
+    gate.add_permits(10);
+    assert_eq!(c.recv().await, json!({"type": "leave", "room": "r", "message": "closed"}));
+    let answer = c.recv().await;
+    assert_eq!(
+        (answer["type"].as_str(), answer["ref"].as_u64(), answer["code"].as_u64()),
+        (Some("error"), Some(7), Some(403))
+    );
+    assert_eq!(answer["message"], "the room was left or closed while joining");
+    assert!(hub.rooms().is_empty());
+    // A join after that is an ordinary one.
+    c.join_ok("r").await;
+    assert_eq!(names(hub.rooms()), vec![room("r", 1)]);
+}

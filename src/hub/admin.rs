@@ -225,6 +225,10 @@ impl Hub {
     /// §3.3.1). The connections stay open. Returns how many members were
     /// removed.
     ///
+    /// A join of the room still on its way (waiting for the backplane or
+    /// presence) counts as a member here: it gets the `leave` and its join
+    /// then fails with `403 the room was left or closed while joining`.
+    ///
     /// The room is gone once its last member left; whether a later `join`
     /// may recreate it is the join authorizer's decision (refuse it there to
     /// keep the room closed). Members on other nodes are not touched: call

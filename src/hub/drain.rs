@@ -147,8 +147,12 @@ impl Hub {
     /// an empty report. A dropped drain future stops closing; readiness
     /// stays false.
     pub async fn drain(&self, config: DrainConfig) -> DrainReport {
+        if self.is_draining() || self.is_shutting_down() {
+            return DrainReport::default();
+        }
+        // Before readiness turns: the first refusal already carries it.
         *self.inner.draining.retry_after.lock() = config.retry_after;
-        if self.inner.draining.on.swap(true, Ordering::AcqRel) || self.is_shutting_down() {
+        if self.inner.draining.on.swap(true, Ordering::AcqRel) {
             return DrainReport::default();
         }
         let batch = config.batch.max(1);
@@ -178,7 +182,8 @@ impl Hub {
             if open(self).is_empty() {
                 break;
             }
-            tokio::time::sleep_until(start + step * i).await;
+            // Saturating: a period of years must not overflow an instant.
+            tokio::time::sleep(step.saturating_mul(i).saturating_sub(start.elapsed())).await;
             let mut closed = 0;
             for s in open(self).iter().take(size) {
                 let frame = crate::transport::CloseFrame { code: config.code, reason: config.reason.clone() };
@@ -191,6 +196,8 @@ impl Hub {
                 report.batches += 1;
             }
             i = i.saturating_add(1);
+            // A zero period closes batch after batch: let the writers run.
+            tokio::task::yield_now().await;
         }
         let wait = self.inner.config.close_timeout.saturating_mul(2);
         let _ = tokio::time::timeout(wait, self.wait_empty()).await;

@@ -152,6 +152,12 @@ impl Hub {
             // for CallError`); the cause goes to the log only.
             ext.prepare(self, room).await?;
         }
+        // Taken out while this join was on its way (`Hub::close_room`, or the
+        // client's own `leave`): the join ends with 403, not with a reply
+        // for a membership that is gone.
+        if !session.is_member(room) {
+            return Err(refuse(ErrorKind::Refused, ErrorCode::FORBIDDEN, "the room was left or closed while joining"));
+        }
         // A recoverable room: merge history and the live stream, queue the
         // reply and the replay, make the member live.
         let replied = match &stream {
