@@ -106,3 +106,79 @@ async fn client_certificates_from_a_private_ca() {
     assert!(matches!(&reason, Disconnect::Tls(m) if m.contains("CertificateRequired")), "{reason:?}");
     client.close().await;
 }
+
+/// A `GET` over HTTPS trusting the test CA: the status line and everything
+/// read until `until` appears in it (or the server closes).
+async fn https_get(addr: std::net::SocketAddr, path: &str, until: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(pki().client_config());
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake with the example");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost:{}\r\nConnection: close\r\n\r\n", addr.port());
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(until) {
+        match tokio::time::timeout(WAIT, tls.read(&mut buf)).await.expect("the example answers") {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Starts example `name` with `--tls-cert` and `--tls-key` (the test
+/// certificate, written for it), checks that it says `https://` and serves
+/// its page over HTTPS; returns it, its address and the PEM files' guard.
+async fn start_with_tls(name: &str) -> (support::examples::Running, std::net::SocketAddr, support::tls::TempDir) {
+    let dir = pki().write_pem();
+    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    let args = ["--addr", "127.0.0.1:0", "--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()];
+    let (running, line) = support::examples::Running::start(name, &args, &[], "listening on").await;
+    assert!(line.contains("https://"), "{line}");
+    let addr = support::examples::listening_addr(&line);
+    let page = https_get(addr, "/", "</html>").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    (running, addr, dir)
+}
+
+/// `chat --tls-cert --tls-key` with a certificate made here: the page over
+/// HTTPS, and the Rust client over WSS (join, say, hear it back).
+#[tokio::test]
+async fn the_chat_example_serves_https_and_wss() {
+    let (_chat, addr, _pem) = start_with_tls("chat").await;
+
+    let config = ClientConfig::default().tls(pki().client_config()).call_timeout(WAIT);
+    let client =
+        Client::builder(format!("wss://localhost:{}/ws?name=ann", addr.port())).config(config).connect().unwrap();
+    let room = tokio::time::timeout(WAIT, client.join("lobby")).await.unwrap().unwrap();
+    let ok: serde_json::Value =
+        tokio::time::timeout(WAIT, room.call("message", &serde_json::json!({"text": "over tls"})))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(ok, serde_json::json!({"ok": true}));
+    let heard = async {
+        loop {
+            if let switchboard::client::RoomEvent::Event(e) = room.recv().await.expect("room stream") {
+                if e.decode::<serde_json::Value>().unwrap().to_string().contains("over tls") {
+                    return;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, heard).await.expect("the chat line comes back over wss://");
+    client.close().await;
+}
+
+/// `dashboard --tls-cert --tls-key`: the page and a live SSE stream over
+/// HTTPS.
+#[tokio::test]
+async fn the_dashboard_example_serves_https_and_sse() {
+    let (_dashboard, addr, _pem) = start_with_tls("dashboard").await;
+    // The first sample comes within a second of the start.
+    let stream = https_get(addr, "/events?room=metrics", "sample").await;
+    assert!(stream.starts_with("HTTP/1.1 200") && stream.contains("text/event-stream"), "{stream}");
+    assert!(stream.contains("data:") && stream.contains("sample"), "{stream}");
+}

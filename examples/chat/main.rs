@@ -23,6 +23,9 @@
 //! Without the feature, `--redis` (or `SWITCHBOARD_REDIS`) is refused with a
 //! message saying how to enable it.
 //!
+//! `--tls-cert FILE --tls-key FILE` (feature `tls`) serves HTTPS and WSS
+//! with that PEM certificate chain and key (`docs/deploy.md`).
+//!
 //! `--metrics ADDR` (feature `metrics`) serves the hub's metrics in the
 //! Prometheus text format at `http://ADDR/metrics` (`docs/operations.md`):
 //!
@@ -50,11 +53,12 @@ async fn main() -> std::io::Result<()> {
         Ok(v) => v,
         Err(msg) => USAGE.fail(&msg),
     };
-    let (metrics, rest) = match take_flag("--metrics", rest) {
+    let (metrics, rest) = match cli::take_flag("--metrics", rest) {
         Ok(v) => v,
         Err(msg) => USAGE.fail(&msg),
     };
     let metrics = metrics.map(|a| a.parse().unwrap_or_else(|e| USAGE.fail(&format!("--metrics {a}: {e}"))));
+    let (tls, rest) = cli::tls_args(&USAGE, rest);
     let addr = cli::addr_from(&USAGE, rest);
     cli::init_logging();
     // The recorder goes in before the server accepts anything, so no count is lost.
@@ -65,14 +69,14 @@ async fn main() -> std::io::Result<()> {
     if let Some(metrics_addr) = metrics {
         serve_metrics(metrics_addr, hub.clone()).await?;
     }
-    cli::serve_app("chat", addr, router, hub).await
+    cli::serve_app_tls("chat", addr, tls, router, hub).await
 }
 
 const USAGE: cli::Usage = cli::Usage {
     program: "chat",
     about: "a multi-room chat in the browser: open http://ADDR/ (WebSocket endpoint /ws).",
-    flags: " [--redis URL] [--metrics ADDR]",
-    details: "  --redis URL        share rooms, presence and history with other instances through\n                     Redis, e.g. redis://127.0.0.1:6379 (needs the `redis` feature;\n                     also $SWITCHBOARD_REDIS)\n  --metrics ADDR     serve Prometheus metrics at http://ADDR/metrics (needs the\n                     `metrics` feature)\n  RUST_LOG=LEVEL     log filter for stderr (default warn)\n",
+    flags: " [--redis URL] [--metrics ADDR] [--tls-cert FILE --tls-key FILE]",
+    details: "  --redis URL        share rooms, presence and history with other instances through\n                     Redis, e.g. redis://127.0.0.1:6379 (needs the `redis` feature;\n                     also $SWITCHBOARD_REDIS)\n  --metrics ADDR     serve Prometheus metrics at http://ADDR/metrics (needs the\n                     `metrics` feature)\n  --tls-cert FILE    serve HTTPS and WSS with this PEM certificate chain (needs the\n                     `tls` feature)\n  --tls-key FILE     its PEM private key (PKCS#8, PKCS#1 or SEC1)\n  RUST_LOG=LEVEL     log filter for stderr (default warn)\n",
 };
 
 /// Environment variable naming the Redis to share, like `--redis`.
@@ -81,25 +85,9 @@ const REDIS_ENV: &str = "SWITCHBOARD_REDIS";
 /// Takes `--redis URL` (or `--redis=URL`) out of `args`, falling back to
 /// `$SWITCHBOARD_REDIS`; returns the URL, if any, and the other arguments.
 fn redis_arg(args: Vec<String>) -> Result<(Option<String>, Vec<String>), String> {
-    let (url, rest) = take_flag("--redis", args)?;
+    let (url, rest) = cli::take_flag("--redis", args)?;
     let url = url.or_else(|| std::env::var(REDIS_ENV).ok().filter(|v| !v.is_empty()));
     Ok((url, rest))
-}
-
-/// Takes `FLAG VALUE` (or `FLAG=VALUE`) out of `args`; returns the value,
-/// if any, and the other arguments.
-fn take_flag(flag: &str, args: Vec<String>) -> Result<(Option<String>, Vec<String>), String> {
-    let mut value = None;
-    let mut rest = Vec::new();
-    let mut args = args.into_iter();
-    while let Some(arg) = args.next() {
-        match arg.strip_prefix(flag) {
-            Some("") => value = Some(args.next().ok_or(format!("{flag} needs a value"))?),
-            Some(v) if v.starts_with('=') => value = Some(v[1..].to_owned()),
-            _ => rest.push(arg),
-        }
-    }
-    Ok((value, rest))
 }
 
 /// Serves `/metrics` at `addr` (see `metrics.rs`).

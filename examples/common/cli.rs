@@ -93,6 +93,65 @@ pub fn init_logging() {
         .init();
 }
 
+/// The certificate chain and key files of `--tls-cert` and `--tls-key`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// Takes `--tls-cert FILE` and `--tls-key FILE` (both or neither) out of
+/// `args`; exits with the usage on a half pair.
+pub fn tls_args(usage: &Usage, args: Vec<String>) -> (Option<TlsFiles>, Vec<String>) {
+    let (cert, args) = take_flag("--tls-cert", args).unwrap_or_else(|e| usage.fail(&e));
+    let (key, args) = take_flag("--tls-key", args).unwrap_or_else(|e| usage.fail(&e));
+    match (cert, key) {
+        (Some(cert), Some(key)) => (Some(TlsFiles { cert: cert.into(), key: key.into() }), args),
+        (None, None) => (None, args),
+        _ => usage.fail("--tls-cert and --tls-key go together"),
+    }
+}
+
+/// Takes `FLAG VALUE` (or `FLAG=VALUE`) out of `args`; returns the value,
+/// if any, and the other arguments.
+pub fn take_flag(flag: &str, args: Vec<String>) -> Result<(Option<String>, Vec<String>), String> {
+    let mut value = None;
+    let mut rest = Vec::new();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.strip_prefix(flag) {
+            Some("") => value = Some(args.next().ok_or(format!("{flag} needs a value"))?),
+            Some(v) if v.starts_with('=') => value = Some(v[1..].to_owned()),
+            _ => rest.push(arg),
+        }
+    }
+    Ok((value, rest))
+}
+
+/// A rustls server configuration from PEM files, offering HTTP/1.1.
+#[cfg(feature = "tls")]
+pub fn tls_config(files: &TlsFiles) -> std::io::Result<std::sync::Arc<switchboard::rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use switchboard::rustls;
+    let bad = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", what.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(&files.cert, &e))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad(&files.key, &e))?;
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&files.cert, &e))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| bad(&files.cert, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
+
 /// Binds `addr`, prints "`program` listening on http://ADDR/", and serves
 /// `router` on switchboard's HTTP server (`integration::axum::serve`, with
 /// its safe limits) until Ctrl-C or SIGTERM; then shuts `hub` down: every
@@ -104,10 +163,38 @@ pub async fn serve_app(
     router: axum::Router,
     hub: switchboard::Hub,
 ) -> std::io::Result<()> {
+    serve_app_tls(program, addr, None, router, hub).await
+}
+
+/// [`serve_app`], over HTTPS/WSS when `tls` names a certificate and key
+/// (then the line says `https://`).
+#[cfg(feature = "axum")]
+pub async fn serve_app_tls(
+    program: &str,
+    addr: SocketAddr,
+    tls: Option<TlsFiles>,
+    router: axum::Router,
+    hub: switchboard::Hub,
+) -> std::io::Result<()> {
     use switchboard::integration::axum::{serve, ServeConfig};
+    #[allow(unused_mut)]
+    let mut config = ServeConfig::default();
+    let scheme = match tls {
+        None => "http",
+        #[cfg(feature = "tls")]
+        Some(files) => {
+            config = config.tls(tls_config(&files)?);
+            "https"
+        }
+        #[cfg(not(feature = "tls"))]
+        Some(_) => {
+            eprintln!("{program}: --tls-cert and --tls-key need the `tls` feature: cargo run --example {program} --features tls -- ...");
+            std::process::exit(2);
+        }
+    };
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    println!("{program} listening on http://{}/", listener.local_addr()?);
-    serve(listener, router, ServeConfig::default())
+    println!("{program} listening on {scheme}://{}/", listener.local_addr()?);
+    serve(listener, router, config)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             hub.shutdown(std::time::Duration::from_secs(5)).await;

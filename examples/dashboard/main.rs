@@ -14,6 +14,7 @@
 //! ```text
 //! cargo run --example dashboard --features sse       # http://127.0.0.1:3000/
 //! cargo run --example dashboard --features sse -- --addr 0.0.0.0:8080
+//! cargo run --example dashboard --features sse,tls -- --tls-cert cert.pem --tls-key key.pem   # https://
 //! ```
 //!
 //! Ctrl-C or SIGTERM shuts down gracefully: every stream ends with a
@@ -29,13 +30,16 @@ use std::time::Duration;
 const USAGE: cli::Usage = cli::Usage {
     program: "dashboard",
     about: "a live metrics dashboard on Server-Sent Events: open http://ADDR/ in a browser.\nThe page streams room `metrics` from GET /events?room=metrics and POSTs notes to /events.",
-    flags: "",
-    details: "  RUST_LOG=LEVEL     log filter for stderr (default warn)\n",
+    flags: " [--tls-cert FILE --tls-key FILE]",
+    details: "  --tls-cert FILE    serve HTTPS and WSS with this PEM certificate chain (needs the\n                     `tls` feature)\n  --tls-key FILE     its PEM private key (PKCS#8, PKCS#1 or SEC1)\n  RUST_LOG=LEVEL     log filter for stderr (default warn)\n",
 };
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = cli::addr_arg(&USAGE);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    USAGE.help_if_asked(&args);
+    let (tls, rest) = cli::tls_args(&USAGE, args);
+    let addr = cli::addr_from(&USAGE, rest);
     cli::init_logging();
     // Same-origin only (the default origin policy).
     let options = app::Options {
@@ -44,5 +48,5 @@ async fn main() -> std::io::Result<()> {
         history: switchboard::history::MemoryHistory::new(),
     };
     let (router, hub, _sse) = app::app(options);
-    cli::serve_app("dashboard", addr, router, hub).await
+    cli::serve_app_tls("dashboard", addr, tls, router, hub).await
 }
