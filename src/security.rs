@@ -178,6 +178,13 @@ pub struct SecurityConfig {
     /// comma-separated list with the nearest hop last. Default
     /// `x-forwarded-for`.
     pub forwarded_header: HeaderName,
+    /// Spread the retry hint of a shed connection (the connection limit or
+    /// rate): the floor plus a random share of the time the hub needs to
+    /// take back everyone it shed lately (`docs/protocol.md` §7.3), so a
+    /// reconnect storm comes back spread out. `false`: the floor only (1 s
+    /// for the limit, the wait for the next token for the rate), as before
+    /// issue 18; for comparing storms. Default `true`.
+    pub spread_retry_hint: bool,
 }
 
 impl Default for SecurityConfig {
@@ -194,6 +201,7 @@ impl Default for SecurityConfig {
             connection_rate: Some(RateLimit::per_second(1000).burst(2000)),
             trusted_proxies: Vec::new(),
             forwarded_header: HeaderName::from_static("x-forwarded-for"),
+            spread_retry_hint: true,
         }
     }
 }
@@ -208,6 +216,12 @@ impl SecurityConfig {
     /// Sets [`SecurityConfig::require_origin`].
     pub fn require_origin(mut self, require: bool) -> Self {
         self.require_origin = require;
+        self
+    }
+
+    /// Sets [`SecurityConfig::spread_retry_hint`].
+    pub fn spread_retry_hint(mut self, spread: bool) -> Self {
+        self.spread_retry_hint = spread;
         self
     }
 
@@ -417,6 +431,8 @@ pub(crate) struct AdmissionState {
     /// How many new connections a second the hub takes back during a storm
     /// (the connection rate, or [`STORM_DRAIN_PER_SEC`] without one).
     drain_per_sec: f64,
+    /// [`SecurityConfig::spread_retry_hint`].
+    spread: bool,
 }
 
 /// Connections a second a hub without a connection rate is assumed to take
@@ -481,6 +497,7 @@ impl AdmissionState {
             drain_per_sec: config
                 .connection_rate
                 .map_or(STORM_DRAIN_PER_SEC, |r| 1.0 / r.refill_interval().as_secs_f64().max(1e-9)),
+            spread: config.spread_retry_hint,
         }
     }
 
@@ -491,6 +508,9 @@ impl AdmissionState {
     /// in the same instant come back spread over that time instead of all
     /// at once (`docs/protocol.md` §7.3).
     pub(crate) fn retry_hint(&self, floor: Duration) -> Duration {
+        if !self.spread {
+            return floor;
+        }
         let mut shed = self.shed.lock();
         let recent = shed.count(tokio::time::Instant::now());
         let spread = Duration::from_secs_f64(f64::from(recent) / self.drain_per_sec)
@@ -766,6 +786,9 @@ mod tests {
         // Two quiet seconds later the storm is forgotten.
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(state.retry_hint(floor) < floor + Duration::from_secs(1));
+        // Turned off: the floor, every time.
+        let state = AdmissionState::new(&cfg.spread_retry_hint(false));
+        assert!((0..100).all(|_| state.retry_hint(floor) == floor));
     }
 
     #[tokio::test(start_paused = true)]

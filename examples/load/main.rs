@@ -10,6 +10,7 @@
 //! cargo run --release --example load -- idle --kind switchboard --connections 8000 --seconds 20 --heartbeat-ms 1000
 //! cargo run --release --example load -- compare-idle --connections 8000 --seconds 20
 //! cargo run --release --example load -- server --kind raw --addr 127.0.0.1:9000
+//! cargo run --release --example load --features client -- storm --clients 1000
 //! ```
 //!
 //! Every run starts a fresh server (`load server`, this same binary) as a
@@ -24,6 +25,8 @@ mod bench;
 mod client;
 mod procfs;
 mod server;
+#[cfg(feature = "client")]
+mod storm;
 
 use bench::{ConnOpts, IdleOpts, IdleReport, RunOpts, RunReport};
 use serde::Serialize;
@@ -48,6 +51,9 @@ commands:
   sizes    (bytes of the per-connection task futures each server spawns; what idle RSS is made of)
   attack   --mode tabs|history|churn|fanout|pings|fragments|heads [--seconds S] [--max-p99-ms 250]
            (issue 24: attacks on the chat example with a bystander; see examples/load/attack.rs)
+  storm    --clients N [--rooms N/50] [--rate 2] [--cut restart,sockets] [--hint on|off] [--timeout 180]
+           (issue 18, feature `client`: N Rust clients in recoverable rooms, every connection cut at
+           once; time to recover, sheds, peaks, loss and duplicates; see examples/load/storm.rs)
 
 kinds: raw, raw-padded, raw-select, and switchboard with its subscribers on switchboard.v1.json
 (`switchboard`), switchboard.v2.json (`sb-v2`), switchboard.v1.msgpack (`sb-msgpack`),
@@ -207,6 +213,10 @@ fn dispatch(args: &Args) -> Result<ExitCode, String> {
             "smoke" => cmd_smoke(args).await,
             "sizes" => cmd_sizes().await,
             "attack" => attack::cmd(args).await,
+            #[cfg(feature = "client")]
+            "storm" => storm::cmd(args).await,
+            #[cfg(not(feature = "client"))]
+            "storm" => Err("`load storm` needs the `client` feature: cargo run --release --example load --features client -- storm".into()),
             other => Err(format!("unknown command `{other}`\n\n{USAGE}")),
         }
     })
