@@ -10,7 +10,7 @@
 //! nothing.
 //!
 //! **One source of truth.** Where the crate already keeps a count —
-//! [`HubStats`](crate::hub::HubStats), the registry of connections, the rooms'
+//! `HubStats`, the registry of connections, the rooms'
 //! member lists, a connection's outbound queue peak — the metric is read
 //! from it ([`sample`]) or recorded at the one place that count changes; no
 //! second, parallel count is kept.
@@ -32,7 +32,6 @@
 #[cfg(feature = "metrics")]
 use ::metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 
-use crate::hub::DisconnectReason;
 use crate::protocol::Kind;
 
 /// Every metric name, so docs, tests and call sites agree.
@@ -132,32 +131,32 @@ pub fn describe() {
     describe_gauge!(REDIS_UP, Unit::Count, "1 when the Redis connection is up, by connection.");
 }
 
-/// Sets the Redis backplane's metrics from its own counters
-/// ([`RedisBackplane::stats`](crate::redis::RedisBackplane::stats)). Call
-/// beside [`sample`].
-#[cfg(all(feature = "metrics", feature = "redis"))]
-pub fn sample_redis(backplane: &crate::redis::RedisBackplane) {
-    use names::*;
-    let stats = backplane.stats();
-    counter!(REDIS_PUBSUB_RECONNECTS).absolute(stats.pubsub_reconnects);
-    counter!(REDIS_COMMAND_RECONNECTS).absolute(stats.command_reconnects);
-    counter!(REDIS_DROPPED).absolute(stats.dropped);
-    gauge!(REDIS_UP, "connection" => "pubsub").set(f64::from(u8::from(stats.pubsub_connected)));
-    gauge!(REDIS_UP, "connection" => "commands").set(f64::from(u8::from(stats.commands_connected)));
+/// What can bring its own metrics up to date: the hub (its gauges, from
+/// its own counts: `Hub::stats`, its registry of connections, its rooms)
+/// and, with the `redis` feature, the Redis backplane (its `RedisStats`,
+/// set as absolute values).
+#[cfg(feature = "metrics")]
+pub trait Sample {
+    /// Sets this source's gauges and counters from its own counts.
+    fn sample_metrics(&self);
 }
 
-/// Sets the gauges from the hub's own counts ([`Hub::stats`](crate::Hub::stats),
-/// its registry of connections, its rooms). Call before rendering a scrape
-/// (or on an interval): the gauges are only as fresh as the last call.
+/// Brings `source`'s metrics up to date: call before rendering a scrape
+/// (or on an interval) for the hub, and for the Redis backplane if there is
+/// one. The gauges are only as fresh as the last call.
 #[cfg(feature = "metrics")]
-pub fn sample(hub: &crate::Hub) {
+pub fn sample(source: &impl Sample) {
+    source.sample_metrics();
+}
+
+/// The hub's gauges (`Sample` for the hub).
+#[cfg(feature = "metrics")]
+pub(crate) fn hub_gauges(open: &[(&'static str, usize)], rooms: usize, members: usize, users: usize, tasks: usize) {
     use names::*;
-    let stats = hub.stats();
-    let open = hub.connections_by_transport();
     // Every transport seen so far gets a value, so one whose last
     // connection ended reads 0 rather than its last count.
     let mut seen = SEEN_TRANSPORTS.lock();
-    for (transport, _) in &open {
+    for (transport, _) in open {
         if !seen.contains(transport) {
             seen.push(transport);
         }
@@ -166,14 +165,25 @@ pub fn sample(hub: &crate::Hub) {
         let n = open.iter().find(|(t, _)| t == transport).map_or(0, |(_, n)| *n);
         gauge!(CONNECTIONS, "transport" => *transport).set(n as f64);
     }
-    gauge!(ROOMS).set(stats.rooms as f64);
-    gauge!(ROOM_MEMBERS).set(hub.inner.rooms.memberships() as f64);
-    gauge!(USERS).set(stats.users as f64);
-    gauge!(TASKS).set(stats.tasks as f64);
+    gauge!(ROOMS).set(rooms as f64);
+    gauge!(ROOM_MEMBERS).set(members as f64);
+    gauge!(USERS).set(users as f64);
+    gauge!(TASKS).set(tasks as f64);
 }
 
-/// The transports ([`Transport::name`](crate::transport::Transport::name)) [`sample`]
-/// has seen, whose connection gauges it keeps setting.
+/// The Redis backplane's metrics (`Sample` for it): its reconnect and drop
+/// counters as they are, and whether each connection is up.
+#[cfg(all(feature = "metrics", feature = "redis"))]
+pub(crate) fn redis_gauges(pubsub_reconnects: u64, command_reconnects: u64, dropped: u64, up: [bool; 2]) {
+    use names::*;
+    counter!(REDIS_PUBSUB_RECONNECTS).absolute(pubsub_reconnects);
+    counter!(REDIS_COMMAND_RECONNECTS).absolute(command_reconnects);
+    counter!(REDIS_DROPPED).absolute(dropped);
+    gauge!(REDIS_UP, "connection" => "pubsub").set(f64::from(u8::from(up[0])));
+    gauge!(REDIS_UP, "connection" => "commands").set(f64::from(u8::from(up[1])));
+}
+
+/// The transports (`Transport::name`) [`sample`] has seen, whose connection gauges it keeps setting.
 #[cfg(feature = "metrics")]
 static SEEN_TRANSPORTS: parking_lot::Mutex<Vec<&'static str>> = parking_lot::Mutex::new(Vec::new());
 
@@ -183,7 +193,7 @@ static SEEN_TRANSPORTS: parking_lot::Mutex<Vec<&'static str>> = parking_lot::Mut
 pub(crate) enum Refusal {
     /// The hub is shutting down (503).
     Shutdown,
-    /// The hub is draining (503, [`Hub::drain`](crate::Hub::drain)).
+    /// The hub is draining (503, `Hub::drain`).
     Draining,
     /// A malformed forwarded-for header (400).
     Address,
@@ -244,33 +254,16 @@ pub(crate) fn connected(transport: &'static str) {
 /// A connection ended, with the most bytes ever queued for it.
 #[inline]
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
-pub(crate) fn disconnected(transport: &'static str, reason: &DisconnectReason, peak_queued: usize) {
+pub(crate) fn disconnected(
+    transport: &'static str,
+    (why, code): (&'static str, Option<crate::protocol::CloseCode>),
+    peak_queued: usize,
+) {
     #[cfg(feature = "metrics")]
     {
-        let (why, code) = disconnect_labels(reason);
+        let code = code.map_or(::metrics::SharedString::from(""), |c| c.0.to_string().into());
         counter!(names::DISCONNECTS, "transport" => transport, "reason" => why, "code" => code).increment(1);
         histogram!(names::QUEUE_PEAK).record(peak_queued as f64);
-    }
-}
-
-/// The `reason` and `code` labels of a disconnect. The code is the close
-/// code the server sent; a client's own code is not a label (a client
-/// chooses it, so it is not a small set).
-#[cfg(feature = "metrics")]
-fn disconnect_labels(reason: &DisconnectReason) -> (&'static str, ::metrics::SharedString) {
-    use crate::protocol::CloseCode;
-    let code = |c: CloseCode| ::metrics::SharedString::from(c.0.to_string());
-    match reason {
-        DisconnectReason::ClientClosed { .. } => ("client_closed", "".into()),
-        DisconnectReason::ConnectionLost => ("connection_lost", "".into()),
-        DisconnectReason::HeartbeatTimeout => ("heartbeat_timeout", code(CloseCode::HEARTBEAT_TIMEOUT)),
-        DisconnectReason::SlowConsumer => ("slow_consumer", code(CloseCode::SLOW_CONSUMER)),
-        DisconnectReason::ServerShutdown => ("server_shutdown", code(CloseCode::GOING_AWAY)),
-        DisconnectReason::Host(c) => ("host", code(*c)),
-        DisconnectReason::Drained(c) => ("drained", code(*c)),
-        DisconnectReason::RateLimited => ("rate_limited", code(CloseCode::POLICY)),
-        DisconnectReason::TokenExpired => ("token_expired", code(CloseCode::TOKEN_EXPIRED)),
-        DisconnectReason::ProtocolViolation(c) => ("protocol_violation", code(*c)),
     }
 }
 

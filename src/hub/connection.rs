@@ -79,6 +79,27 @@ pub enum DisconnectReason {
     ProtocolViolation(CloseCode),
 }
 
+impl DisconnectReason {
+    /// The `reason` label of `switchboard_disconnects_total` and the close
+    /// code the server sent (its `code` label). A client's own code is not
+    /// a label: a client chooses it, so it is not a small set.
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) fn metric_labels(&self) -> (&'static str, Option<CloseCode>) {
+        match self {
+            DisconnectReason::ClientClosed { .. } => ("client_closed", None),
+            DisconnectReason::ConnectionLost => ("connection_lost", None),
+            DisconnectReason::HeartbeatTimeout => ("heartbeat_timeout", Some(CloseCode::HEARTBEAT_TIMEOUT)),
+            DisconnectReason::SlowConsumer => ("slow_consumer", Some(CloseCode::SLOW_CONSUMER)),
+            DisconnectReason::ServerShutdown => ("server_shutdown", Some(CloseCode::GOING_AWAY)),
+            DisconnectReason::Host(c) => ("host", Some(*c)),
+            DisconnectReason::Drained(c) => ("drained", Some(*c)),
+            DisconnectReason::RateLimited => ("rate_limited", Some(CloseCode::POLICY)),
+            DisconnectReason::TokenExpired => ("token_expired", Some(CloseCode::TOKEN_EXPIRED)),
+            DisconnectReason::ProtocolViolation(c) => ("protocol_violation", Some(*c)),
+        }
+    }
+}
+
 /// A host's view of one live connection (from hooks and [`Hub::connection`]).
 ///
 /// Holds a handle on its hub ([`Connection::hub`]), so hooks can publish or

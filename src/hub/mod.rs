@@ -182,7 +182,7 @@ impl Hub {
         }
     }
 
-    /// Open connections by [`Transport::name`].
+    /// Open connections by [`Transport::name`] (the metrics' `transport` label).
     #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
     pub(crate) fn connections_by_transport(&self) -> Vec<(&'static str, usize)> {
         let mut n: Vec<(&'static str, usize)> = Vec::new();
@@ -198,5 +198,15 @@ impl Hub {
     /// The admission policy.
     pub fn security(&self) -> &SecurityConfig {
         &self.inner.security
+    }
+}
+
+/// The hub's gauges, from its own counts.
+#[cfg(feature = "metrics")]
+impl crate::metrics::Sample for Hub {
+    fn sample_metrics(&self) {
+        let stats = self.stats();
+        let members = self.inner.rooms.memberships();
+        crate::metrics::hub_gauges(&self.connections_by_transport(), stats.rooms, members, stats.users, stats.tasks);
     }
 }

@@ -237,6 +237,20 @@ impl fmt::Debug for RedisBackplane {
     }
 }
 
+/// `RedisStats`' own counters, set as they are (feature `metrics`).
+#[cfg(feature = "metrics")]
+impl crate::metrics::Sample for RedisBackplane {
+    fn sample_metrics(&self) {
+        let s = self.stats();
+        crate::metrics::redis_gauges(
+            s.pubsub_reconnects,
+            s.command_reconnects,
+            s.dropped,
+            [s.pubsub_connected, s.commands_connected],
+        );
+    }
+}
+
 impl RedisBackplane {
     /// Connects to Redis (the command connection and the pub/sub
     /// connection; on a cluster, one pub/sub connection per master). Fails

@@ -622,7 +622,7 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
         hub.deregister(&session);
         session.set_state(ConnectionState::Closed);
         let reason = session.reason().unwrap_or(DisconnectReason::ConnectionLost);
-        crate::metrics::disconnected(session.origin.transport, &reason, session.outbox.peak_bytes());
+        crate::metrics::disconnected(session.origin.transport, reason.metric_labels(), session.outbox.peak_bytes());
         hub.hook_disconnect(&session, &reason);
         hub.session_ended();
     }
