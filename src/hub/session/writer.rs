@@ -2,7 +2,7 @@
 //! one batch and one flush at a time.
 
 use super::outbox::{GapRanges, Taken};
-use super::sse_stream::StreamIds;
+use super::sse_stream::StreamWriter;
 use super::*;
 
 /// The writer: takes everything queued in one go, feeds it to the sink, and
@@ -20,16 +20,13 @@ where
     async move {
         let mut batch: VecDeque<Bytes> = VecDeque::new();
         let mut gaps: GapRanges = Vec::new();
-        // An event stream's positions, and the tags of its batch (by index
-        // in the batch): the writer gives each event its stream id as it
-        // writes it (`sse_stream.rs`). `extra`: frames the last one
-        // expanded to, written before anything else.
-        let mut ids = session.stream.clone().map(StreamIds::new);
-        let mut tags: VecDeque<(u64, Tag)> = VecDeque::new();
-        let mut extra: VecDeque<Frame> = VecDeque::new();
+        // An event stream's positions and the tags of its batch: the writer
+        // gives each event its stream id as it writes it (`sse_stream.rs`).
+        // Boxed: one word in every other connection's writer.
+        let mut stream = session.stream.clone().map(|spec| Box::new(StreamWriter::new(spec)));
         loop {
             let Taken { mut ping, mut pong, bytes: batch_bytes, mut lagged, mut close, closing } =
-                session.outbox.take(&mut batch, &mut gaps, ids.as_ref().map(|_| &mut tags));
+                session.outbox.take(&mut batch, &mut gaps, stream.as_mut().map(|s| &mut s.tags));
             if ping.is_none() && pong.is_none() && batch.is_empty() && lagged == 0 && gaps.is_empty() && close.is_none()
             {
                 if closing {
@@ -51,7 +48,7 @@ where
                 loop {
                     let more = pong.is_some()
                         || ping.is_some()
-                        || !extra.is_empty()
+                        || stream.as_ref().is_some_and(|s| !s.extra.is_empty())
                         || lagged > 0
                         || gap < gaps.len()
                         || !batch.is_empty()
@@ -65,7 +62,7 @@ where
                         f
                     } else if let Some(f) = ping.take() {
                         f
-                    } else if let Some(f) = extra.pop_front() {
+                    } else if let Some(f) = stream.as_mut().and_then(|s| s.extra.pop_front()) {
                         f
                     } else if lagged > 0 {
                         crate::metrics::lagged(lagged);
@@ -81,9 +78,9 @@ where
                             data: Some(data.bytes()),
                             ..Parts::new(Kind::Gap)
                         });
-                        if let Some(ids) = &mut ids {
-                            if let Some(i) = ids.index_of(room) {
-                                ids.gap(i, reason, Some(*to), None, &mut extra);
+                        if let Some(s) = &mut stream {
+                            if let Some(i) = s.ids.index_of(room) {
+                                s.ids.gap(i, reason, Some(*to), None, &mut s.extra);
                             }
                         }
                         notice
@@ -91,12 +88,8 @@ where
                         let frame = session.frame(bytes);
                         let i = index;
                         index += 1;
-                        match &mut ids {
-                            Some(ids) => {
-                                let tag = tags.front().is_some_and(|t| t.0 == i).then(|| tags.pop_front()).flatten();
-                                ids.write(frame, tag.map(|t| t.1), &mut extra);
-                                extra.pop_front().expect("a written frame is at least itself")
-                            }
+                        match &mut stream {
+                            Some(s) => s.write(frame, i),
                             None => frame,
                         }
                     } else {
@@ -110,8 +103,10 @@ where
             .await;
             gaps.clear();
             batch.clear();
-            tags.clear();
-            extra.clear();
+            if let Some(s) = &mut stream {
+                s.tags.clear();
+                s.extra.clear();
+            }
             session.outbox.written(batch_bytes);
             if let Err(e) = result {
                 tracing::debug!(connection = %session.id, error = %e, "write failed");

@@ -197,6 +197,29 @@ async fn join_one(hub: &Hub, session: &Arc<Session>, spec: &StreamSpec, index: u
     }
 }
 
+/// What the session's writer keeps for an event stream.
+pub(super) struct StreamWriter {
+    pub(super) ids: StreamIds,
+    /// The tags of the batch being written, by index in the batch.
+    pub(super) tags: VecDeque<(u64, Tag)>,
+    /// Frames the last one written expanded to, written before anything else.
+    pub(super) extra: VecDeque<Frame>,
+}
+
+impl StreamWriter {
+    pub(super) fn new(spec: Arc<StreamSpec>) -> StreamWriter {
+        StreamWriter { ids: StreamIds::new(spec), tags: VecDeque::new(), extra: VecDeque::new() }
+    }
+
+    /// The first frame to write for the batch's frame `index`; the rest
+    /// (its event, `$resync`, a close) wait in `extra`.
+    pub(super) fn write(&mut self, frame: Frame, index: u64) -> Frame {
+        let tag = self.tags.front().is_some_and(|t| t.0 == index).then(|| self.tags.pop_front()).flatten();
+        self.ids.write(frame, tag.map(|t| t.1), &mut self.extra);
+        self.extra.pop_front().expect("a written frame is at least itself")
+    }
+}
+
 /// A stream's position in each of its rooms, kept by the session's writer
 /// as it writes (so an id never claims an event that was not written).
 pub(super) struct StreamIds {
