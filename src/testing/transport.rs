@@ -520,3 +520,87 @@ fn frame_summary(frame: &Frame) -> String {
         other => format!("{other:?}"),
     }
 }
+
+/// The suite on the SSE transport, with its real response body and inbound
+/// queue (here, not in the transport: `testing` depends on `transport`).
+#[cfg(all(test, feature = "sse"))]
+mod sse {
+    use super::*;
+    use crate::transport::event_stream;
+    use crate::transport::sse::conn::{CloseRetry, Shared, SseTransport, StreamBody};
+    use futures::channel::mpsc as fmpsc;
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+    use tokio::sync::mpsc;
+
+    /// The far end of an SSE stream for the transport suite: it reads the
+    /// response body as a client does (events back into frames: unnamed
+    /// events are text, `$close` the close frame, `: ping` a ping) and
+    /// sends through the inbound queue, as a POST does.
+    struct SsePeer {
+        body: StreamBody,
+        inbound: mpsc::Sender<Frame>,
+        text: String,
+        ready: VecDeque<Frame>,
+    }
+
+    impl Peer for SsePeer {
+        fn send(&mut self, frame: Frame) -> futures::future::BoxFuture<'_, Result<(), TransportError>> {
+            Box::pin(async move { self.inbound.send(frame).await.map_err(|_| TransportError::Closed) })
+        }
+
+        fn recv(&mut self) -> futures::future::BoxFuture<'_, Option<Frame>> {
+            Box::pin(async move {
+                loop {
+                    if let Some(f) = self.ready.pop_front() {
+                        return Some(f);
+                    }
+                    let chunk = futures::future::poll_fn(|cx| self.body.poll_chunk(cx)).await?;
+                    self.text.push_str(std::str::from_utf8(&chunk).expect("the body is UTF-8"));
+                    while let Some(end) = self.text.find("\n\n") {
+                        let block: String = self.text.drain(..end + 2).collect();
+                        if block.starts_with(": ping") {
+                            self.ready.push_back(Frame::Ping(Bytes::new()));
+                            continue;
+                        }
+                        for (_, name, data) in event_stream::parse(&block) {
+                            self.ready.push_back(match name.as_str() {
+                                "$close" => {
+                                    let v: serde_json::Value = serde_json::from_str(&data).expect("$close is JSON");
+                                    let code = CloseCode(v["code"].as_u64().expect("a code") as u16);
+                                    let reason = v["reason"].as_str().unwrap_or("").to_owned();
+                                    Frame::Close(Some(CloseFrame { code, reason }))
+                                }
+                                _ => Frame::Text(Bytes::from(data)),
+                            });
+                        }
+                    }
+                }
+            })
+        }
+    }
+
+    /// The transport conformance suite on the SSE transport: its sink and
+    /// stream with the real response body and inbound queue.
+    #[tokio::test]
+    async fn sse_transport_conforms() {
+        let connect = || async {
+            let (in_tx, in_rx) = mpsc::channel(16);
+            let shared = Arc::new(Shared::new(1, [0; 16], in_tx.clone()));
+            let (out_tx, out_rx) = fmpsc::channel(1);
+            let body = StreamBody::new(Bytes::new(), out_rx, shared.clone());
+            let t = SseTransport::new(shared, out_tx, in_rx, CloseRetry { retry_ms: 10 }, Box::new(|| {}));
+            (t, SsePeer { body, inbound: in_tx, text: String::new(), ready: VecDeque::new() })
+        };
+        let report = TransportSuite::new(connect).run().await.unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(
+            report.passed,
+            ["transport.order", "transport.close_sent", "transport.vanish", "transport.ping", "transport.one_way"]
+        );
+        let skipped: Vec<&str> = report.skipped.iter().map(|(c, _)| *c).collect();
+        assert_eq!(
+            skipped,
+            ["transport.close_received", "transport.too_big", "transport.invalid_utf8", "transport.half_closed"]
+        );
+    }
+}
