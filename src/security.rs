@@ -447,7 +447,7 @@ struct ShedWindow {
     start: tokio::time::Instant,
     previous: u32,
     current: u32,
-    seed: u64,
+    jitter: crate::util::Jitter,
 }
 
 impl ShedWindow {
@@ -464,16 +464,6 @@ impl ShedWindow {
         self.current = self.current.saturating_add(1);
         self.previous.saturating_add(self.current)
     }
-
-    /// A uniform draw in `[0, 1)` (splitmix64).
-    fn unit(&mut self) -> f64 {
-        self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 impl AdmissionState {
@@ -487,12 +477,7 @@ impl AdmissionState {
                 start: tokio::time::Instant::now(),
                 previous: 0,
                 current: 0,
-                seed: {
-                    use std::hash::{BuildHasher, Hasher};
-                    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-                    h.write_usize(config.max_connections);
-                    h.finish()
-                },
+                jitter: crate::util::Jitter::new(None),
             }),
             drain_per_sec: config
                 .connection_rate
@@ -515,7 +500,7 @@ impl AdmissionState {
         let recent = shed.count(tokio::time::Instant::now());
         let spread = Duration::from_secs_f64(f64::from(recent) / self.drain_per_sec)
             .clamp(Duration::from_secs(1), MAX_HINT_SPREAD);
-        floor + spread.mul_f64(shed.unit())
+        floor + spread.mul_f64(shed.jitter.unit())
     }
 
     /// Admitted connections (and handshakes) holding a slot.

@@ -266,37 +266,7 @@ impl ClientConfig {
     }
 }
 
-/// A small, seedable pseudo-random generator for jitter (splitmix64). Not
-/// for anything secret; it only spreads reconnects.
-#[derive(Debug, Clone)]
-pub(crate) struct Jitter(u64);
-
-impl Jitter {
-    pub(crate) fn new(seed: Option<u64>) -> Jitter {
-        let seed = seed.unwrap_or_else(|| {
-            use std::hash::{BuildHasher, Hasher};
-            use std::sync::atomic::{AtomicU64, Ordering};
-            static COUNTER: AtomicU64 = AtomicU64::new(0);
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-            if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-                h.write_u128(t.as_nanos());
-            }
-            h.finish()
-        });
-        Jitter(seed)
-    }
-
-    /// The next draw in `[0, 1)`.
-    pub(crate) fn unit(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        (z >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
+pub(crate) use crate::util::Jitter;
 
 #[cfg(test)]
 mod tests {
