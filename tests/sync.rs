@@ -166,6 +166,58 @@ async fn pending_ops_survive_a_server_restart_and_are_applied_once() {
     assert_eq!(loaded.version, 6);
 }
 
+/// The client's pending-op cap (1,000): while the server is down, the
+/// 1,001st op is refused locally with 429 and leaves no trace; when the
+/// server is back every queued op is applied once and the cap frees.
+#[tokio::test]
+async fn the_1001st_pending_op_is_refused_with_429_and_the_queue_stays_consistent() {
+    let store = MemorySnapshots::new();
+    let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let config = SyncConfig::default().op_rate(100_000).op_burst(100_000);
+    let hub1 = hub_with(store.clone(), config.clone(), None);
+    support::serve_on(addr, &hub1).await;
+    let ann = connect(addr, "ann");
+    let a = Synced::join(&ann, "doc:cap", JsonDoc).await.unwrap();
+    let inc = || JsonOp::Increment { path: vec!["n".into()], by: 1.0 };
+    a.apply(inc()).unwrap();
+    at_version(&a, 1).await;
+
+    // Offline: nothing is acknowledged, so every op stays pending.
+    hub1.shutdown(Duration::from_secs(5)).await;
+    for i in 0..1000 {
+        a.apply(inc()).unwrap_or_else(|e| panic!("op {} of 1,000 refused: {e:?}", i + 1));
+    }
+    let full = a.view();
+    assert_eq!((full.pending, full.state["n"].as_f64()), (1000, Some(1001.0)));
+    let e = a.apply(inc()).expect_err("the 1,001st pending op is refused");
+    assert_eq!(e.code(), 429, "{e:?}");
+    assert!(e.message().contains("too many changes"), "{e:?}");
+    assert_eq!(a.view(), full, "the refused op left the view and the queue as they were");
+    assert!(a.try_rollback().is_none(), "a local refusal is returned, not rolled back");
+
+    // Back online: the 1,000 queued ops are applied exactly once each.
+    let hub2 = hub_with(store.clone(), config, None);
+    support::serve_on(addr, &hub2).await;
+    // One op at a time, 1,000 round trips: the deadline is for progress.
+    let mut rx = a.watch();
+    loop {
+        let before = rx.borrow_and_update().clone();
+        if before.pending == 0 && before.synced {
+            break;
+        }
+        tokio::time::timeout(WAIT, rx.changed())
+            .await
+            .unwrap_or_else(|_| panic!("no progress for {WAIT:?}: {before:?}"))
+            .unwrap();
+    }
+    let view = a.view();
+    assert_eq!((view.version, view.state["n"].as_f64()), (1001, Some(1001.0)), "each queued op applied once");
+    assert_eq!(store.load("doc:cap", None).await.unwrap().version, 1001);
+    assert!(a.try_rollback().is_none(), "nothing was refused by the server");
+    a.apply(inc()).expect("the cap frees once ops are confirmed");
+    at_version(&a, 1002).await;
+}
+
 #[tokio::test]
 async fn two_hubs_share_one_order_and_converge() {
     let store = MemorySnapshots::new();
@@ -200,6 +252,77 @@ async fn two_hubs_share_one_order_and_converge() {
     assert_eq!(log.version, 200);
     let versions: Vec<u64> = log.ops.iter().map(|o| o.version).collect();
     assert_eq!(versions, (1..=200).collect::<Vec<_>>(), "no version assigned twice, none skipped");
+}
+
+/// The Rust client's snapshot-on-resync path: ann's node goes down while
+/// she has pending ops and bob pushes 40 ops through the other node; the
+/// store keeps 5 ops before its newest snapshot (one every 10), so when
+/// ann is back she is too far behind for the ops, loads the snapshot and
+/// rebases her pending ops on it.
+#[tokio::test]
+async fn a_client_too_far_behind_loads_the_snapshot_and_rebases_its_pending_ops() {
+    let store = MemorySnapshots::new().retain(5);
+    let bp = MemoryBackplane::new();
+    let config = SyncConfig::default().snapshot_every(10).op_rate(10_000).op_burst(10_000);
+    let h1 = hub_with(store.clone(), config.clone(), Some(bp.clone()));
+    let addr1 = support::serve(&h1).await;
+    let addr2 = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let h2 = hub_with(store.clone(), config.clone(), Some(bp.clone()));
+    support::serve_on(addr2, &h2).await;
+    let (ann, bob) = (connect(addr2, "ann"), connect(addr1, "bob"));
+    let a = Synced::join(&ann, "doc:far", JsonDoc).await.unwrap();
+    let b = Synced::join(&bob, "doc:far", JsonDoc).await.unwrap();
+    a.apply(set(&["items"], json!({}))).unwrap();
+    at_version(&b, 1).await;
+    at_version(&a, 1).await;
+
+    // Ann's node goes down; she keeps editing.
+    h2.shutdown(Duration::from_secs(5)).await;
+    let inc = |who: &str| JsonOp::Increment { path: vec![who.into()], by: 1.0 };
+    for i in 0..5 {
+        a.apply(inc("ann")).unwrap();
+        a.apply(set(&["items", &format!("a{i}")], json!(i))).unwrap();
+    }
+    assert_eq!(a.view().pending, 10);
+    assert_eq!(a.view().state["ann"], 5, "predicted while offline");
+    // Bob pushes 40 ops meanwhile.
+    for i in 0..20 {
+        b.apply(inc("bob")).unwrap();
+        b.apply(set(&["items", &format!("b{i}")], json!(i))).unwrap();
+    }
+    settled(&b).await;
+    assert_eq!(b.view().version, 41);
+    assert_eq!(a.view().version, 1, "ann saw none of it");
+    let behind = store.load("doc:far", Some(1)).await.unwrap();
+    assert_eq!(
+        behind.snapshot.as_ref().map(|s| s.0),
+        Some(40),
+        "precondition: from 1, the store has only the snapshot"
+    );
+
+    // Ann's node is back: she loads the snapshot, rebases and resends.
+    let h2 = hub_with(store.clone(), config, Some(bp.clone()));
+    support::serve_on(addr2, &h2).await;
+    settled(&a).await;
+    at_version(&a, 51).await;
+    at_version(&b, 51).await;
+    let server = store.load("doc:far", None).await.unwrap();
+    assert_eq!(server.version, 51, "41 before, and each of ann's 10 pending ops appended once");
+    let view = a.view();
+    assert_eq!(view.state["ann"], 5, "each of ann's increments applied exactly once");
+    assert_eq!(view.state["bob"], 20);
+    assert_eq!(view.state["items"].as_object().unwrap().len(), 25, "ann's and bob's items");
+    assert_eq!(view.state, b.view().state, "ann's view equals bob's");
+    // The server's state: the snapshot and the ops after it.
+    let (v, mut state) = server.snapshot.clone().expect("a snapshot");
+    for rec in server.ops.iter().filter(|o| o.version > v) {
+        let op: JsonOp = serde_json::from_value(rec.op.clone()).unwrap();
+        let cx = switchboard::sync::Context::new("doc:far", &rec.client, rec.user.as_deref(), rec.base);
+        switchboard::sync::Reducer::apply(&JsonDoc, &mut state, &op, &cx).unwrap();
+    }
+    assert_eq!(view.state, state, "ann's view equals the server's state");
+    assert_eq!(a.confirmed(), (state, 51));
+    assert!(a.try_rollback().is_none(), "nothing of ann's was refused");
 }
 
 // ---------------------------------------------------------------------------

@@ -155,3 +155,27 @@ test("a snapshot after the reconnect replaces the confirmed state and the pendin
   assert.equal(s.version, 90);
   assert.equal(lastCall(t.ws(), "sync.op").data.seq, 1);
 });
+
+test("the pending-op cap: the 1,001st op is refused here with 429, nothing queued, and room is made by a confirmation", async () => {
+  const t = setup({ draws: [0] });
+  const { s, undone } = await synced(t, { n: 0 });
+  const inc = { type: "increment", path: ["n"], by: 1 };
+  for (let i = 0; i < 1000; i++) s.apply(inc);
+  await flush();
+  assert.deepEqual([s.pending.length, s.state.n, s.confirmed.n], [1000, 1000, 0]);
+  let changes = 0;
+  s.onChange(() => changes++);
+  assert.throws(() => s.apply(inc), (e) => e instanceof Reject && e.code === 429 && /too many changes/.test(e.message));
+  assert.deepEqual([s.pending.length, s.state.n, s.pending.at(-1).seq, changes], [1000, 1000, 1000, 0], "the refused op left no trace");
+  assert.deepEqual(undone, [], "a local refusal is thrown, not rolled back");
+  const sent = t.ws().sent.filter((m) => m.event === "sync.op");
+  assert.deepEqual(sent.map((m) => m.data.seq), [1], "still one op in flight, the first");
+  // The first op confirmed: one slot frees, and the next op gets the next seq.
+  opEvent(t.ws(), { version: 4, client: "me", seq: 1, user: "ann", base: 3, op: inc });
+  reply(t.ws(), sent[0], { version: 4 });
+  await flush();
+  assert.equal(s.pending.length, 999);
+  s.apply(inc);
+  assert.deepEqual([s.pending.length, s.pending.at(-1).seq, s.state.n, s.confirmed.n], [1000, 1001, 1001, 1]);
+  assert.throws(() => s.apply(inc), (e) => e instanceof Reject && e.code === 429);
+});

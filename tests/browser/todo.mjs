@@ -5,7 +5,9 @@
 // changes are marked as waiting), and after /start one page's changes land
 // first, so the other's edit of an item it deleted is rolled back and the
 // page says why; a new page then sees the same board (the restart lost
-// nothing). Layout from 360 to 1280 px, screenshots at 390 and 1280 px.
+// nothing); one page alone goes offline and edits while the other edits
+// live, and back online both show one board with its edits applied once.
+// Layout from 360 to 1280 px, screenshots at 390 and 1280 px.
 //
 // Usage: node tests/browser/todo.mjs <base url> <control url> <screenshot dir>
 
@@ -146,6 +148,50 @@ await step("a new page after the restart sees the whole board", async () => {
   const a = await doc(ann);
   if (c.version !== a.version || canon(c.state) !== canon(a.state)) throw new Error(JSON.stringify([c, a]));
   await carl.close();
+});
+
+await step("ann alone goes offline and edits while bob edits live; back online both show one board, her edits applied once", async () => {
+  const v0 = (await settled(ann)).version;
+  await settled(bob);
+  // Only ann's browser context loses the network; the server and bob stay up.
+  await ann.context().setOffline(true);
+  await ann.waitForFunction(() => document.getElementById("status").dataset.state !== "open");
+  await add(ann, "Jam");
+  await row(ann, "Eggs").locator("input[type=checkbox]").check();
+  await until(ann, "two pending", (d) => d.pending === 2);
+  // Meanwhile bob adds an item and renames another, confirmed at once.
+  await add(bob, "Butter");
+  await row(bob, "Bread").getByRole("button", { name: "Edit" }).click();
+  await bob.fill("#items li form input", "Bread (rye)");
+  await bob.press("#items li form input", "Enter");
+  await settled(bob);
+  await until(bob, "bob's two edits", (d) => d.version === v0 + 2);
+  const offline = await doc(ann);
+  if (offline.version !== v0) throw new Error(`ann saw bob's edits while offline: ${JSON.stringify(offline)}`);
+  const saved = await ann.locator("#saved").textContent();
+  if (saved !== "2 changes will be sent when you are back online.") throw new Error(saved);
+  const banner = await ann.locator("#banner-text").textContent();
+  if (!/offline/i.test(banner)) throw new Error(`ann's banner: ${banner}`);
+  if ((await texts(ann)).includes("Butter")) throw new Error("ann shows bob's item while offline");
+  await checkLayout(ann, 390, { dir: shots, shot: "todo-one-offline" });
+  await checkLayout(ann, 1280, { dir: shots, shot: "todo-one-offline" });
+
+  await ann.context().setOffline(false);
+  if (await ann.locator("#retry-now").isVisible()) await ann.click("#retry-now", { timeout: 2000 }).catch(() => {});
+  await settled(ann);
+  const a = await until(ann, "both pages' edits", (d) => d.version === v0 + 4);
+  const b = await until(bob, "ann's offline edits", (d) => d.version === v0 + 4);
+  if (canon(a.state) !== canon(b.state)) throw new Error(`diverged: ${JSON.stringify([a.state, b.state])}`);
+  for (const p of [ann, bob]) {
+    const t = await texts(p);
+    if (t.filter((x) => x === "Jam").length !== 1) throw new Error(`${p.label}: ann's offline item is not there once: ${JSON.stringify(t)}`);
+    if (!t.includes("Butter") || !t.includes("Bread (rye)")) throw new Error(`${p.label}: bob's live edits are missing: ${JSON.stringify(t)}`);
+    if (!(await row(p, "Eggs").getAttribute("class"))?.includes("done")) throw new Error(`${p.label}: ann's offline check was lost`);
+  }
+  if (JSON.stringify(await texts(ann)) !== JSON.stringify(await texts(bob))) throw new Error("the pages show different boards");
+  if ((await ann.locator("#undone li").count()) !== 0) throw new Error("ann got a rollback");
+  await checkLayout(ann, 390, { dir: shots, shot: "todo-one-back" });
+  await checkLayout(bob, 1280, { dir: shots, shot: "todo-one-back" });
 });
 
 await step("the layout holds from 360 to 1280 px", async () => {
