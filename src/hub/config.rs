@@ -54,7 +54,9 @@ pub struct HubConfig {
     pub max_rooms_per_connection: usize,
     /// How long a closing connection may take to drain its queue and finish
     /// the close handshake before it is dropped (the handshake also ends
-    /// after 64 frames from the peer that are not its close). Default 5 s.
+    /// after 64 frames from the peer that are not its close; after a
+    /// heartbeat timeout the peer's close frame is not awaited at all).
+    /// Default 5 s.
     pub close_timeout: Duration,
     /// How long the hub waits for the backplane to answer a publish or a
     /// subscribe before it gives up with

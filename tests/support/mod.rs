@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod examples;
+pub mod fault_proxy;
 pub mod nats;
 pub mod process;
 pub mod redis;

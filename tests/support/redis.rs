@@ -3,20 +3,20 @@
 //! restartable on the same port, stopped on drop. A private 3-master Redis
 //! Cluster ([`RedisCluster`]) made of such servers. Plus a tiny RESP client
 //! for assertions (`PUBSUB NUMSUB`, `CLIENT KILL`, …) and a TCP proxy that
-//! can silently freeze the pub/sub connections passing through it.
+//! can silently freeze the pub/sub connections passing through it (a
+//! [`FaultProxy`]).
 #![allow(dead_code)]
 
+use super::fault_proxy::FaultProxy;
 use bytes::Bytes;
 use futures::StreamExt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchboard::backplane::Backplane;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Polls `f` until it holds; fails after twice `WAIT` (a cluster's restart
 /// and resubscription take a few round trips more than one server's).
@@ -596,44 +596,20 @@ impl Resp {
     }
 }
 
-/// A TCP proxy in front of a Redis server. [`Proxy::freeze_subscribers`]
-/// silences the connections that subscribed to something: their sockets
-/// stay open but nothing passes any more, in either direction — a pub/sub
-/// connection that silently stopped delivering.
+/// A TCP proxy in front of a Redis server (a [`FaultProxy`]).
+/// [`Proxy::freeze_subscribers`] silences the connections that subscribed
+/// to something: their sockets stay open but nothing passes any more, in
+/// either direction — a pub/sub connection that silently stopped
+/// delivering.
 pub struct Proxy {
+    pub faults: FaultProxy,
     pub addr: SocketAddr,
-    conns: Arc<Mutex<Vec<Arc<ProxyConn>>>>,
-    /// New connections start frozen (after `freeze_all`).
-    blackhole: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-struct ProxyConn {
-    subscriber: AtomicBool,
-    frozen: AtomicBool,
 }
 
 impl Proxy {
     pub async fn start(upstream_port: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let conns: Arc<Mutex<Vec<Arc<ProxyConn>>>> = Arc::default();
-        let list = conns.clone();
-        let blackhole = Arc::new(AtomicBool::new(false));
-        let dark = blackhole.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)).await else { continue };
-                let frozen = AtomicBool::new(dark.load(Ordering::SeqCst));
-                let conn = Arc::new(ProxyConn { subscriber: AtomicBool::new(false), frozen });
-                list.lock().unwrap().push(conn.clone());
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, conn.clone(), true));
-                tokio::spawn(pump(sr, cw, conn, false));
-            }
-        });
-        Proxy { addr, conns, blackhole, task }
+        let faults = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], upstream_port))).await;
+        Proxy { addr: faults.addr, faults }
     }
 
     pub fn url(&self) -> String {
@@ -644,52 +620,16 @@ impl Proxy {
     /// the proxy is cut off from Redis, silently. Returns how many open
     /// connections were frozen.
     pub fn freeze_all(&self) -> usize {
-        self.blackhole.store(true, Ordering::SeqCst);
-        let conns = self.conns.lock().unwrap();
-        conns.iter().filter(|c| !c.frozen.swap(true, Ordering::SeqCst)).count()
+        let open = self.faults.links().iter().filter(|l| !l.is_closed() && !l.is_half_open()).count();
+        self.faults.half_open();
+        open
     }
 
     /// Freezes every connection that sent a SUBSCRIBE; returns how many.
     pub fn freeze_subscribers(&self) -> usize {
-        let conns = self.conns.lock().unwrap();
-        let mut n = 0;
-        for c in conns.iter() {
-            if c.subscriber.load(Ordering::SeqCst) && !c.frozen.swap(true, Ordering::SeqCst) {
-                n += 1;
-            }
-        }
-        n
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    conn: Arc<ProxyConn>,
-    client_side: bool,
-) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if client_side && buf[..n].windows(9).any(|w| w.eq_ignore_ascii_case(b"SUBSCRIBE")) {
-            conn.subscriber.store(true, Ordering::SeqCst);
-        }
-        if conn.frozen.load(Ordering::SeqCst) {
-            // Swallowed: the peer sees an open, silent connection.
-            continue;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
+        let links = self.faults.links();
+        let subscribers = links.iter().filter(|l| l.sent(b"SUBSCRIBE") && !l.is_half_open());
+        subscribers.map(|l| l.half_open()).count()
     }
 }
 

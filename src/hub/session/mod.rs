@@ -593,7 +593,13 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
             _ = session.stops.wait(STOP_DRAIN) => { writer.abort(); false }
             _ = tokio::time::sleep(close_timeout) => { writer.abort(); false }
         };
-        if sent_close && !peer_closed {
+        // After a heartbeat timeout the peer has shown no sign of life for
+        // the whole timeout: waiting for its close reply as well would only
+        // hold a zombie (its task and its admission slot) for another
+        // `close_timeout` (issue 18: a half-open peer is freed within
+        // `max(I, T) + T`).
+        let peer_silent = matches!(session.reason(), Some(DisconnectReason::HeartbeatTimeout));
+        if sent_close && !peer_closed && !peer_silent {
             // Wait (bounded) for the peer's close frame so the close handshake
             // completes cleanly; anything else it sends now is ignored. Bounded
             // in frames too, not only in time: a peer closed for flooding

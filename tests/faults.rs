@@ -1,0 +1,363 @@
+//! A faulty network (issue 18): real hubs, real clients and a real
+//! `redis-server`, with the fault proxy of `tests/support/fault_proxy.rs`
+//! between them, stalling or silently dropping what passes.
+//!
+//! - A client whose socket is not read is closed as a slow consumer (4000)
+//!   once its bounded queue is full, and freed within `close_timeout`
+//!   though its socket never drains; its queue never exceeds the bound, and
+//!   a bystander in the same room keeps receiving every event in order.
+//! - A half-open client (the network drops everything, nothing is closed)
+//!   is detected by the server's heartbeat within `max(I, T) + T` and
+//!   freed; the Rust client detects the dead link by the same rule, and
+//!   once the network is back reconnects and recovers exactly what it
+//!   missed.
+//! - A hub whose Redis stalls answers publishes and joins with the
+//!   documented errors (503 to clients) within its timeouts instead of
+//!   hanging; once the stall ends, its members get what they missed, in
+//!   order, without loss or duplicates.
+//!
+//! Timings are asserted only as the documented bounds plus a generous
+//! margin for a loaded machine (`SLACK`), never as speeds.
+
+mod support;
+
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use support::fault_proxy::{Dir, FaultProxy};
+use support::{connect, eventually, serve, Client, WAIT};
+use switchboard::client::{Backoff, ClientConfig, Disconnect, RoomEvent, Status};
+use switchboard::history::{HistoryConfig, MemoryHistory};
+use switchboard::hub::{Connection, ConnectionState, DisconnectReason};
+use switchboard::{ConnectionId, Hub, HubConfig};
+use tokio::time::Instant;
+
+/// Margin on top of a documented bound, for a loaded 2-core machine.
+const SLACK: Duration = Duration::from_secs(3);
+
+/// What `on_disconnect` saw: connection, reason, when.
+type Ended = Arc<Mutex<Vec<(ConnectionId, DisconnectReason, Instant)>>>;
+
+fn ended_of(ended: &Ended, id: u64) -> Option<(DisconnectReason, Instant)> {
+    ended.lock().unwrap().iter().find(|e| e.0.get() == id).map(|e| (e.1.clone(), e.2))
+}
+
+fn recording(builder: switchboard::HubBuilder) -> (switchboard::HubBuilder, Ended) {
+    let ended: Ended = Arc::default();
+    let log = ended.clone();
+    let builder = builder.on_disconnect(move |c: &Connection, r: &DisconnectReason| {
+        log.lock().unwrap().push((c.id(), r.clone(), Instant::now()));
+    });
+    (builder, ended)
+}
+
+// ---------------------------------------------------------------------------
+// A stalled client.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_is_closed_as_a_slow_consumer_within_its_bound_and_a_bystander_keeps_receiving() {
+    const QUEUE: usize = 64 * 1024;
+    let close_timeout = Duration::from_secs(1);
+    let config = HubConfig::default().outbound_queue_bytes(QUEUE).close_timeout(close_timeout);
+    let (builder, ended) = recording(Hub::builder().config(config));
+    let hub = builder.build();
+    let addr = serve(&hub).await;
+    // The stalled client goes through the proxy, with small socket buffers
+    // so the stall fills up after a few KiB of kernel buffers.
+    let proxy = FaultProxy::start_with(addr, Some(8 * 1024)).await;
+    let mut stalled = support::connect(proxy.addr).await;
+    stalled.join_ok("feed").await;
+    let stalled_id = stalled.connection_id();
+    let stalled_conn = support::member_id(&hub, "feed", stalled_id);
+    let mut bystander = connect(addr).await;
+    bystander.join_ok("feed").await;
+
+    // Its socket is not read any more (the server's writes pile up).
+    proxy.stall(Dir::Down);
+    let payload = "x".repeat(1000);
+    let mut n = 0u64;
+    let mut peak = 0usize;
+    let closing_seen = loop {
+        // In rounds of 16, each read by the bystander before the next: the
+        // bystander is never the slow one.
+        for _ in 0..16 {
+            n += 1;
+            hub.publish("feed", "m", &json!({"n": n, "pad": payload})).await.unwrap();
+        }
+        for expect in n - 15..=n {
+            let e = bystander.event().await;
+            assert_eq!(e["data"]["n"], expect, "the bystander gets every event, in order");
+        }
+        match hub.connection_info(stalled_conn) {
+            Some(info) => {
+                peak = peak.max(info.queued_bytes);
+                assert!(info.queued_bytes <= QUEUE, "queue over its bound: {} bytes", info.queued_bytes);
+                if info.state != ConnectionState::Open {
+                    break Instant::now();
+                }
+            }
+            None => break Instant::now(),
+        }
+        assert!(n < 100_000, "the stalled client was never closed ({n} events, queue peak {peak} bytes)");
+    };
+    // Freed (deregistered, its rooms left) within `close_timeout` of the
+    // close, though its socket never drained.
+    let freed = loop {
+        if let Some((reason, at)) = ended_of(&ended, stalled_id) {
+            assert_eq!(reason, DisconnectReason::SlowConsumer);
+            break at;
+        }
+        assert!(closing_seen.elapsed() < close_timeout + SLACK, "the slow consumer is not freed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(freed.saturating_duration_since(closing_seen) <= close_timeout + SLACK);
+    assert_eq!(hub.room_members("feed").len(), 1, "only the bystander is left");
+    assert_eq!(hub.stats().connections, 1);
+    eprintln!("closed after {n} events of ~1 KiB; queue peak {peak} bytes (bound {QUEUE})");
+
+    // The bystander goes on.
+    for m in n + 1..=n + 10 {
+        hub.publish("feed", "m", &json!({"n": m})).await.unwrap();
+        assert_eq!(bystander.event().await["data"]["n"], m);
+    }
+    // When the network flows again, the stalled client reads what was in
+    // flight, then the end of its connection.
+    proxy.resume();
+    let end = tokio::time::timeout(WAIT, async {
+        loop {
+            match futures::StreamExt::next(&mut stalled.ws).await {
+                None | Some(Err(_)) => return None,
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(f))) => return f.map(|f| u16::from(f.code)),
+                Some(Ok(_)) => continue,
+            }
+        }
+    })
+    .await
+    .expect("the stalled client's connection ends once the network flows");
+    assert!(matches!(end, None | Some(4000)), "{end:?}");
+}
+
+// ---------------------------------------------------------------------------
+// A half-open client.
+
+/// The Rust client's room stream's next item.
+async fn next_item(room: &switchboard::client::Room) -> RoomEvent {
+    tokio::time::timeout(2 * WAIT, room.recv()).await.expect("nothing arrived in the room").expect("room closed")
+}
+
+async fn next_n(room: &switchboard::client::Room) -> (u64, u64) {
+    match next_item(room).await {
+        RoomEvent::Event(e) => {
+            let v: Value = e.decode().unwrap();
+            (e.offset.expect("an offset"), v["n"].as_u64().unwrap())
+        }
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_client_is_freed_by_the_heartbeat_and_the_rust_client_reconnects_and_recovers() {
+    let (i, t) = (Duration::from_millis(500), Duration::from_millis(500));
+    let config = HubConfig::default().heartbeat_interval(i).heartbeat_timeout(t);
+    let (builder, ended) =
+        recording(Hub::builder().config(config).history(MemoryHistory::new(), HistoryConfig::all_rooms()));
+    let hub = builder.build();
+    let addr = serve(&hub).await;
+    let proxy = FaultProxy::start(addr).await;
+    let client_config = ClientConfig::default()
+        .backoff(Backoff::default().initial(Duration::from_millis(50)).max(Duration::from_millis(500)))
+        .connect_timeout(Duration::from_secs(2));
+    let client = switchboard::client::Client::builder(proxy.ws_url("/")).config(client_config).connect().unwrap();
+    client.connected().await.expect("connected through the proxy");
+    let room = client.join("r").await.expect("join through the proxy");
+    let Status::Connected { connection_id, .. } = client.status().borrow().clone() else { panic!("not connected") };
+    // A live bystander answers pings by itself: the Rust client too.
+    let bystander = switchboard::client::Client::builder(format!("ws://{addr}/")).connect().unwrap();
+    let beside = bystander.join("r").await.expect("join");
+    hub.publish("r", "m", &json!({"n": 1})).await.unwrap();
+    assert_eq!(next_n(&room).await, (1, 1));
+
+    // The network drops everything from now on, and closes nothing.
+    let mut status = client.status();
+    proxy.half_open();
+    let silent = Instant::now();
+    // The server: closed with 4001 and freed (rooms, connection) within
+    // `max(I, T) + T` of the client's last frame, which came before now.
+    let bound = i.max(t) + t;
+    let (reason, freed) = loop {
+        if let Some(e) = ended_of(&ended, connection_id) {
+            break e;
+        }
+        assert!(silent.elapsed() < bound + SLACK, "the zombie is not freed after {:?}", silent.elapsed());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(reason, DisconnectReason::HeartbeatTimeout);
+    assert!(freed.saturating_duration_since(silent) < bound + SLACK);
+    assert_eq!(hub.room_members("r").len(), 1, "only the bystander is left");
+    assert_eq!(hub.stats().connections, 1);
+
+    // The client: the same rule finds the silence; it tries again, and its
+    // attempts hang in the dead network until it flows again.
+    let s = tokio::time::timeout(bound + SLACK, status.wait_for(|s| !s.is_connected()))
+        .await
+        .expect("the client sees the dead link")
+        .unwrap()
+        .clone();
+    assert!(matches!(s, Status::Reconnecting { reason: Disconnect::HeartbeatTimeout, .. }), "{s:?}");
+    for n in 2..=6 {
+        hub.publish("r", "m", &json!({"n": n})).await.unwrap();
+    }
+    for n in 1..=6 {
+        assert_eq!(next_n(&beside).await, (n, n));
+    }
+    let s = tokio::time::timeout(
+        WAIT,
+        status.wait_for(|s| matches!(s, Status::Reconnecting { reason: Disconnect::Connect(_), .. })),
+    )
+    .await
+    .expect("an attempt through the dead network fails")
+    .unwrap()
+    .clone();
+    assert!(!s.is_connected());
+    proxy.resume();
+    tokio::time::timeout(2 * WAIT, status.wait_for(Status::is_connected)).await.expect("reconnected").unwrap();
+    assert_eq!(next_item(&room).await, RoomEvent::Rejoined { recovered: true });
+    for n in 2..=6 {
+        assert_eq!(next_n(&room).await, (n, n), "missed events, once each, in order");
+    }
+    hub.publish("r", "m", &json!({"n": 7})).await.unwrap();
+    assert_eq!(next_n(&room).await, (7, 7));
+    assert!(room.try_recv().is_none(), "nothing more");
+    assert_eq!(hub.stats().connections, 2);
+    client.close().await;
+    bystander.close().await;
+    eventually("the clients are gone", || hub.stats().connections == 0).await;
+}
+
+// ---------------------------------------------------------------------------
+// A stalled Redis.
+
+/// `data.n` of the next `count` events of `c`, with their offsets; any
+/// other message (a `gap`, say) fails.
+async fn events(c: &mut Client, count: usize) -> Vec<(u64, u64)> {
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let v = c.recv().await;
+        assert_eq!(v["type"], "event", "only events, no gap: {v}");
+        seen.push((v["offset"].as_u64().unwrap(), v["data"]["n"].as_u64().unwrap()));
+    }
+    seen
+}
+
+/// Retries an idempotent publish until it succeeds (after a stall the
+/// connections need a moment to come back).
+async fn publish_until_ok(hub: &Hub, n: u64, key: &str) {
+    let deadline = Instant::now() + 2 * WAIT;
+    loop {
+        match hub.publish_idempotent("r", "m", &json!({"n": n}), key).await {
+            Ok(_) => return,
+            Err(e) => assert!(Instant::now() < deadline, "publish {n} still fails: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_fails_publishes_and_joins_with_503_in_time_and_everything_recovers_after() {
+    use support::redis::RedisServer;
+    use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory};
+    use switchboard::{Call, CallError};
+
+    let server = RedisServer::start().await;
+    // Node 2 reaches Redis through the proxy; node 1 directly.
+    let proxy = FaultProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], server.port()))).await;
+    let timeout = Duration::from_secs(1);
+    let redis = |url: String| {
+        support::redis::quick(RedisConfig::new(url))
+            .command_timeout(timeout)
+            .connect_timeout(timeout)
+            .probe(Duration::from_millis(300), timeout)
+    };
+    let history = || HistoryConfig::all_rooms().store_timeout(timeout).position_check(Duration::from_millis(500));
+    let hub1 = support::redis::recoverable_node(redis(server.url()), history()).await;
+    let through = redis(format!("redis://{}/", proxy.addr));
+    let backplane2 = RedisBackplane::connect(through.clone()).await.unwrap();
+    let hub2 = Hub::builder()
+        .backplane(backplane2.clone())
+        .history(RedisHistory::connect(through).await.unwrap(), history())
+        .on("say", |call: Call, v: Value| async move {
+            let key = v["key"].as_str().unwrap_or_default().to_owned();
+            call.hub().publish_idempotent(call.room().unwrap_or("r"), "m", &json!({"n": v["n"]}), &key).await?;
+            Ok::<_, CallError>(Value::Null)
+        })
+        .build();
+    let (addr1, addr2) = (serve(&hub1).await, serve(&hub2).await);
+    let mut a = connect(addr2).await;
+    let mut b = connect(addr1).await;
+    a.join_ok("r").await;
+    b.join_ok("r").await;
+    support::publish_range(&hub1, "r", 1..=3).await;
+    let first: Vec<(u64, u64)> = (1..=3).map(|n| (n, n)).collect();
+    assert_eq!(events(&mut a, 3).await, first);
+    assert_eq!(events(&mut b, 3).await, first);
+
+    // Node 2's Redis stalls: its connections (and new ones) pass nothing.
+    proxy.stall(Dir::Both);
+    // A call whose handler publishes: 503 within the store's timeout.
+    let started = Instant::now();
+    let reply = a.call_in("r", "say", json!({"n": 100, "key": "k100"})).await;
+    assert_eq!((reply["type"].as_str(), reply["code"].as_u64()), (Some("error"), Some(503)), "{reply}");
+    assert!(started.elapsed() < timeout + SLACK, "the call hung for {:?}", started.elapsed());
+    // The host's own publish: an error of kind History, as promptly.
+    let started = Instant::now();
+    let err = hub2.publish_idempotent("r", "m", &json!({"n": 200}), "k200").await.expect_err("redis is stalled");
+    assert_eq!(err.kind(), switchboard::ErrorKind::History, "{err}");
+    assert!(started.elapsed() < timeout + SLACK, "the publish hung for {:?}", started.elapsed());
+    // A join of a new room on node 2 (subscription and history): 503.
+    let mut c = connect(addr2).await;
+    let started = Instant::now();
+    let reply = c.join("s").await;
+    assert_eq!((reply["type"].as_str(), reply["code"].as_u64()), (Some("error"), Some(503)), "{reply}");
+    assert!(started.elapsed() < timeout + SLACK, "the join hung for {:?}", started.elapsed());
+    // Node 1 goes on; its member gets its events live.
+    support::publish_range(&hub1, "r", 4..=6).await;
+    assert_eq!(events(&mut b, 3).await, (4..=6).map(|n| (n, n)).collect::<Vec<_>>());
+
+    // The stall ends: node 2's member gets what it missed, in order (the
+    // backplane's reconnect makes the hub read the store), without a gap.
+    proxy.resume();
+    assert_eq!(events(&mut a, 3).await, (4..=6).map(|n| (n, n)).collect::<Vec<_>>());
+    // What failed is sent again with its key: stored once, even where the
+    // stalled attempt landed late.
+    let deadline = Instant::now() + 2 * WAIT;
+    loop {
+        let reply = a.call_in("r", "say", json!({"n": 100, "key": "k100"})).await;
+        if reply["type"] == "reply" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the call still fails: {reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publish_until_ok(&hub2, 200, "k200").await;
+    hub1.publish("r", "m", &json!({"n": 7})).await.unwrap();
+    let (mut got_a, mut got_b) = (events(&mut a, 3).await, events(&mut b, 3).await);
+    assert_eq!(got_a, got_b, "both nodes deliver one sequence");
+    assert_eq!(got_a.iter().map(|e| e.0).collect::<Vec<_>>(), [7, 8, 9], "offsets follow on, no hole");
+    got_a.sort_by_key(|e| e.1);
+    got_b.sort_by_key(|e| e.1);
+    assert_eq!(got_a.iter().map(|e| e.1).collect::<Vec<_>>(), [7, 100, 200], "each once");
+    assert_eq!((a.pending_events(), b.pending_events()), (0, 0));
+    // The join works again.
+    let deadline = Instant::now() + 2 * WAIT;
+    loop {
+        let reply = c.join("s").await;
+        if reply["type"] == "reply" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the join still fails: {reply}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = backplane2.stats();
+    // Replaced by the probe, or by a subscribe that timed out first.
+    assert!(stats.pubsub_reconnects >= 1 && stats.command_reconnects >= 1, "the stall was found: {stats:?}");
+}
