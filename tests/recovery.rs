@@ -775,10 +775,15 @@ async fn serve_on_cue(
 /// deliver 4..=6. Within a second is the promise; the 5 s bound only keeps
 /// a failure from waiting the 600 s check out.
 async fn expect_window_then_live(hub1: &Hub, c: &mut Client, why: &str) {
+    let released = std::time::Instant::now();
     for n in 4..=6 {
         let got = tokio::time::timeout(Duration::from_secs(5), next_offset(c)).await;
         assert_eq!(got.expect(why), (n, n));
     }
+    // Printed, not asserted (timings are measured, never asserted): how
+    // long after the new subscription the gap was filled, for
+    // docs/recovery.md. Broken, it is the position check: out of reach.
+    eprintln!("gap filled {:?} after the resubscription was released", released.elapsed());
     hub1.publish("r", "m", &json!({"n": 7})).await.unwrap();
     assert_eq!(next_offset(c).await, (7, 7));
     assert_eq!(c.pending_events(), 0);

@@ -7,6 +7,7 @@ use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::net::SocketAddr;
 use std::time::Duration;
+use switchboard::integration::axum::ServeConfig;
 use switchboard::Hub;
 
 /// Installs the Prometheus recorder (before the hub records anything),
@@ -33,7 +34,10 @@ pub async fn serve(addr: SocketAddr, hub: Hub) -> std::io::Result<()> {
             std::future::ready(handle.render())
         }),
     );
-    tokio::spawn(async move { axum::serve(listener, router).await });
+    // The same safe serving as the public port (head and body timeouts,
+    // connection caps at accept), so a scraper gone wrong cannot hold it.
+    let serve = switchboard::integration::axum::serve(listener, router, ServeConfig::default());
+    tokio::spawn(async move { serve.await });
     Ok(())
 }
 
