@@ -181,3 +181,158 @@ async fn the_js_client_honours_the_shed_hint_and_stops_on_a_refused_sign_in_over
     print!("{stdout}");
     support::eventually("the script's connections are gone", || hub.stats().admitted == 0).await;
 }
+
+// ---------------------------------------------------------------------------
+// Presence under a storm.
+
+/// What a watcher saw of a room's presence messages: how many diffs and
+/// states, their bytes on the wire, and the last count.
+#[derive(Debug, Default)]
+struct PresenceTraffic {
+    diffs: usize,
+    states: usize,
+    bytes: usize,
+    /// Messages that listed members while the room had more keys than the
+    /// counts-only threshold (100): there must be none.
+    listed_above: usize,
+    keys: u64,
+}
+
+/// Reads the watcher's socket (as raw text frames, to count their bytes)
+/// until the room's count (keys, connections) satisfies `done`.
+async fn presence_until(
+    watcher: &mut support::Client,
+    room: &str,
+    t: &mut PresenceTraffic,
+    done: impl Fn(u64, u64) -> bool,
+) {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let deadline = tokio::time::Instant::now() + 3 * WAIT;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, watcher.ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("the count never came as expected: {t:?}"))
+            .expect("watcher's stream ended")
+            .expect("watcher's read failed");
+        let Message::Text(text) = msg else { continue };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        if v["room"] != room {
+            continue;
+        }
+        match v["type"].as_str() {
+            Some("presence_diff") => t.diffs += 1,
+            Some("presence_state") => t.states += 1,
+            _ => continue,
+        }
+        t.bytes += text.len();
+        let data = v["data"].as_object().unwrap();
+        t.keys = v["data"]["count"]["keys"].as_u64().unwrap();
+        if t.keys > 100 && data.keys().any(|k| k != "count") {
+            t.listed_above += 1;
+        }
+        let connections = v["data"]["count"]["connections"].as_u64().unwrap();
+        if done(t.keys, connections) {
+            return;
+        }
+    }
+}
+
+/// 200 members (twice the counts-only threshold) of one presence room, each a Rust client (its real
+/// reconnect policy) through a fault proxy, all lose their connections at
+/// once (a reset of every socket) and come back. A member watching from
+/// outside the storm gets counts-only diffs, at most one per batch window,
+/// so the storm's presence traffic per watcher is bounded by its length,
+/// not by its 2,000 changes; and once it is over, the room's presence is
+/// exactly the connected members: one meta per member, each the member's
+/// current connection, as a fresh client is told too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_under_a_reconnect_storm_is_batched_and_ends_with_no_stale_member() {
+    use futures::future::join_all;
+    use std::collections::BTreeSet;
+    use support::fault_proxy::{Cut, FaultProxy};
+    use switchboard::presence::PresenceConfig;
+
+    const MEMBERS: u64 = 200;
+    // Each member: its socket, two at the proxy, one at the server.
+    let want = 4 * MEMBERS + 1024;
+    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    if soft < want {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want.min(hard), hard).unwrap();
+    }
+    let window = Duration::from_millis(50);
+    let hub = Hub::builder()
+        .authenticate(support::user_from_query)
+        .presence(PresenceConfig::default().batch_window(window))
+        .build();
+    let addr = serve(&hub).await;
+    let proxy = FaultProxy::start(addr).await;
+    let mut watcher = support::connect_path(addr, "/?user=watcher").await;
+    watcher.join_ok("lobby").await;
+    let mut before = PresenceTraffic::default();
+
+    let clients: Vec<Client> =
+        (0..MEMBERS).map(|i| Client::builder(proxy.ws_url(&format!("/?user=u{i}"))).connect().unwrap()).collect();
+    let rooms: Vec<_> = join_all(clients.iter().map(|c| async move {
+        let deadline = tokio::time::Instant::now() + 6 * WAIT;
+        loop {
+            match c.join("lobby").await {
+                Ok(room) => return room,
+                Err(e) => assert!(tokio::time::Instant::now() < deadline, "join: {e}"),
+            }
+        }
+    }))
+    .await;
+    let all = |k: u64, c: u64| k == MEMBERS + 1 && c == MEMBERS + 1;
+    presence_until(&mut watcher, "lobby", &mut before, all).await;
+
+    // The storm: every member's connection is reset at once.
+    proxy.cut(Cut::Reset);
+    let t0 = tokio::time::Instant::now();
+    let mut storm = PresenceTraffic::default();
+    // First the count drops (the leaves), then it comes back.
+    presence_until(&mut watcher, "lobby", &mut storm, |k, _| k <= MEMBERS).await;
+    presence_until(&mut watcher, "lobby", &mut storm, all).await;
+    let took = t0.elapsed();
+    for c in &clients {
+        let mut status = c.status();
+        tokio::time::timeout(WAIT, status.wait_for(Status::is_connected)).await.expect("reconnected").unwrap();
+    }
+    eprintln!(
+        "presence storm: {MEMBERS} members back in {:.1} s; the watcher got {} diffs, {} states, {} bytes \
+         ({:.2} bytes per member)",
+        took.as_secs_f64(),
+        storm.diffs,
+        storm.states,
+        storm.bytes,
+        storm.bytes as f64 / MEMBERS as f64
+    );
+    // Counts only above 100 keys (lists while the storm emptied the room
+    // below 75), batched: at most one message per window (and one more at
+    // each end), whatever the churn.
+    assert_eq!(storm.listed_above, 0, "counts-only diffs above 100 keys: {storm:?}");
+    let windows = (took.as_millis() / window.as_millis()) as usize + 2;
+    assert!(storm.diffs + storm.states <= windows, "{storm:?} in {took:?}: more than one per window");
+
+    // No stale member: one meta per key, each the member's live connection.
+    let members: BTreeSet<String> = hub.room_members("lobby").iter().map(|m| m.connection.get().to_string()).collect();
+    assert_eq!(members.len() as u64, MEMBERS + 1);
+    let entries = hub.presence("lobby").await.unwrap();
+    assert_eq!(entries.len() as u64, MEMBERS + 1, "one key per member");
+    let mut refs = BTreeSet::new();
+    for e in &entries {
+        assert_eq!(e.metas.len(), 1, "{} has {} metas: a stale one", e.key, e.metas.len());
+        refs.insert(e.metas[0].connection.to_string());
+    }
+    assert_eq!(refs, members, "each meta is a live connection's");
+    // A fresh client is told the same count (in a counts-only room, the
+    // current one: its own connection included).
+    let mut fresh = support::connect_path(addr, "/?user=fresh").await;
+    fresh.join_ok("lobby").await;
+    let state = fresh.recv().await;
+    assert_eq!(state["type"], "presence_state", "{state}");
+    assert_eq!(state["data"], serde_json::json!({"count": {"keys": MEMBERS + 2, "connections": MEMBERS + 2}}));
+    drop(rooms);
+    join_all(clients.iter().map(Client::close)).await;
+    support::eventually("the members are gone", || hub.stats().connections == 2).await;
+}

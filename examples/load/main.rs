@@ -23,6 +23,8 @@
 mod attack;
 mod bench;
 mod client;
+#[cfg(feature = "client")]
+mod presence_storm;
 mod procfs;
 mod server;
 #[cfg(feature = "client")]
@@ -54,6 +56,9 @@ commands:
   storm    --clients N [--rooms N/50] [--rate 2] [--cut restart,sockets] [--hint on|off] [--timeout 180]
            (issue 18, feature `client`: N Rust clients in recoverable rooms, every connection cut at
            once; time to recover, sheds, peaks, loss and duplicates; see examples/load/storm.rs)
+  storm    --presence on --clients N [--timeout 180]
+           (issue 18: N members of one presence room all closed at once and back; presence messages
+           and bytes per member a watcher gets, no stale member; see examples/load/presence_storm.rs)
 
 kinds: raw, raw-padded, raw-select, and switchboard with its subscribers on switchboard.v1.json
 (`switchboard`), switchboard.v2.json (`sb-v2`), switchboard.v1.msgpack (`sb-msgpack`),
@@ -213,6 +218,8 @@ fn dispatch(args: &Args) -> Result<ExitCode, String> {
             "smoke" => cmd_smoke(args).await,
             "sizes" => cmd_sizes().await,
             "attack" => attack::cmd(args).await,
+            #[cfg(feature = "client")]
+            "storm" if args.or("presence", "off".to_string())? == "on" => presence_storm::cmd(args).await,
             #[cfg(feature = "client")]
             "storm" => storm::cmd(args).await,
             #[cfg(not(feature = "client"))]
