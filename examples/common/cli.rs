@@ -128,7 +128,8 @@ pub fn take_flag(flag: &str, args: Vec<String>) -> Result<(Option<String>, Vec<S
     Ok((value, rest))
 }
 
-/// A rustls server configuration from PEM files, offering HTTP/1.1.
+/// A rustls server configuration from PEM files, offering HTTP/2 and
+/// HTTP/1.1 (ALPN `h2`, `http/1.1`).
 #[cfg(feature = "tls")]
 pub fn tls_config(files: &TlsFiles) -> std::io::Result<std::sync::Arc<switchboard::rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
@@ -148,7 +149,7 @@ pub fn tls_config(files: &TlsFiles) -> std::io::Result<std::sync::Arc<switchboar
             .with_no_client_auth()
             .with_single_cert(certs, key)
             .map_err(|e| bad(&files.cert, &e))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(std::sync::Arc::new(config))
 }
 

@@ -1,4 +1,4 @@
-//! A safe-by-default HTTP/1 server for an axum [`Router`]: what
+//! A safe-by-default HTTP/1.1 and HTTP/2 server for an axum [`Router`]: what
 //! `axum::serve` leaves open (it runs hyper without a timer, so request heads
 //! and bodies never time out, and it counts nothing before a head arrives).
 //! With the `tls` feature it serves HTTPS and WSS too ([`ServeConfig::tls`]).
@@ -10,13 +10,15 @@ use axum::extract::ConnectInfo;
 use axum::Router;
 use futures::FutureExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::future::{Future, IntoFuture};
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -69,6 +71,31 @@ pub struct ServeConfig {
     #[cfg(feature = "tls")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Serve HTTP/2 as well as HTTP/1.1: over TLS when the client picks
+    /// `h2` in ALPN (a [`ServeConfig::tls`] configuration with no ALPN
+    /// protocols is given `h2` and `http/1.1`; one that lists its own is
+    /// used as it is), and in cleartext when [`ServeConfig::http2_cleartext`]
+    /// allows it. Default `true`.
+    pub http2: bool,
+    /// Serve HTTP/2 over cleartext TCP with prior knowledge (h2c: the
+    /// client starts with the HTTP/2 preface; the `Upgrade: h2c` dance is
+    /// not supported). Browsers never do this; reverse proxies and load
+    /// balancers that speak HTTP/2 to their backends do. Every limit here
+    /// applies to it exactly as over TLS, so it is on by default; only with
+    /// [`ServeConfig::http2`] on.
+    pub http2_cleartext: bool,
+    /// Most streams (requests in flight, an SSE stream or a WebSocket over
+    /// HTTP/2 included) one HTTP/2 connection carries at once
+    /// (`SETTINGS_MAX_CONCURRENT_STREAMS`); a client opening more gets
+    /// them refused with `REFUSED_STREAM`. Sessions (SSE streams,
+    /// WebSockets) are also counted by the hub's per-address limit,
+    /// however many connections carry them. Default 100, the least
+    /// RFC 9113 recommends.
+    pub max_concurrent_streams: u32,
+    /// How often an HTTP/2 connection is pinged; a ping not answered
+    /// within the same time closes the connection (a vanished peer). `None`
+    /// turns pings off. Default 20 s.
+    pub http2_keep_alive: Option<Duration>,
 }
 
 impl Default for ServeConfig {
@@ -83,6 +110,10 @@ impl Default for ServeConfig {
             per_ip_exempt: SecurityConfig::default().per_ip_exempt,
             #[cfg(feature = "tls")]
             tls: None,
+            http2: true,
+            http2_cleartext: true,
+            max_concurrent_streams: 100,
+            http2_keep_alive: Some(Duration::from_secs(20)),
         }
     }
 }
@@ -130,6 +161,30 @@ impl ServeConfig {
         self
     }
 
+    /// Sets [`ServeConfig::http2`].
+    pub fn http2(mut self, on: bool) -> Self {
+        self.http2 = on;
+        self
+    }
+
+    /// Sets [`ServeConfig::http2_cleartext`].
+    pub fn http2_cleartext(mut self, on: bool) -> Self {
+        self.http2_cleartext = on;
+        self
+    }
+
+    /// Sets [`ServeConfig::max_concurrent_streams`].
+    pub fn max_concurrent_streams(mut self, n: u32) -> Self {
+        self.max_concurrent_streams = n;
+        self
+    }
+
+    /// Sets [`ServeConfig::http2_keep_alive`].
+    pub fn http2_keep_alive(mut self, interval: Option<Duration>) -> Self {
+        self.http2_keep_alive = interval;
+        self
+    }
+
     /// Sets [`ServeConfig::tls`].
     #[cfg(feature = "tls")]
     #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
@@ -159,6 +214,21 @@ impl ServeConfig {
 /// 3. **The body**: every request body must be complete within
 ///    [`ServeConfig::body_timeout`] of its head; after that, reading it fails
 ///    (an SSE `POST` gets its error answer) and the connection is closed.
+/// 4. **HTTP/2** ([`ServeConfig::http2`]): chosen by ALPN over TLS, and in
+///    cleartext when the first bytes are the HTTP/2 preface
+///    ([`ServeConfig::http2_cleartext`]; they must arrive within the head
+///    timeout like a head). The same limits hold: a connection with no
+///    request in flight for [`ServeConfig::header_read_timeout`] is closed
+///    (checked in whole periods, so between one and two of them), a header
+///    list is at most [`ServeConfig::max_head_size`] bytes (as HTTP/2
+///    counts it: names, values and 32 bytes per field) and
+///    [`ServeConfig::max_headers`] fields (`431`), bodies time out alike.
+///    One connection carries at most [`ServeConfig::max_concurrent_streams`]
+///    requests at once; it counts once against the socket limits of step 1
+///    however many streams it carries, while every SSE stream and
+///    WebSocket on it is a session of its own for the hub's per-address and
+///    total limits. Idle connections are pinged
+///    ([`ServeConfig::http2_keep_alive`]).
 ///
 /// When the process runs out of file descriptors, `accept` fails with
 /// `EMFILE`: the server then releases one descriptor it keeps in reserve,
@@ -333,6 +403,9 @@ fn out_of_descriptors(e: &io::Error) -> bool {
 
 async fn run(serve: Serve) -> io::Result<()> {
     let Serve { listener, router, config, signal } = serve;
+    #[cfg(feature = "tls")]
+    let tls = config.tls.clone().map(|tls| tokio_rustls::TlsAcceptor::from(offer_h2(tls, config.http2)));
+    let builders = Arc::new(Builders::new(&config));
     let config = Arc::new(config);
     let counts = Arc::new(Counts::default());
     let mut signal = signal.unwrap_or_else(|| Box::pin(std::future::pending()));
@@ -340,8 +413,6 @@ async fn run(serve: Serve) -> io::Result<()> {
     // connection task holds a receiver, and shutdown waits for the last.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (done_tx, done_rx) = tokio::sync::watch::channel(());
-    #[cfg(feature = "tls")]
-    let tls = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let mut reserve = reserve_descriptor();
     // Out of descriptors since the last successful accept (warned once).
     let mut exhausted = false;
@@ -391,23 +462,29 @@ async fn run(serve: Serve) -> io::Result<()> {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (router, config, stop, done) = (router.clone(), config.clone(), stop_rx.clone(), done_rx.clone());
+        let (router, config, builders, stop, done) =
+            (router.clone(), config.clone(), builders.clone(), stop_rx.clone(), done_rx.clone());
         #[cfg(feature = "tls")]
         let tls = tls.clone();
         tokio::spawn(async move {
             let _done = done;
+            let conn = Conn { slot, peer, router, config: &config, builders: &builders, stop };
             #[cfg(feature = "tls")]
             if let Some(acceptor) = tls {
                 // The handshake is bounded like a request head: a client
                 // that connects and says nothing holds its slot no longer.
                 match tokio::time::timeout(config.header_read_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_connection(stream, slot, peer, router, &config, stop).await,
+                    Ok(Ok(stream)) => {
+                        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        conn.serve(stream, if h2 && config.http2 { Proto::Http2 } else { Proto::Http1 }).await;
+                    }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
                 return;
             }
-            serve_connection(stream, slot, peer, router, &config, stop).await;
+            let proto = if config.http2 && config.http2_cleartext { Proto::Sniff } else { Proto::Http1 };
+            conn.serve(stream, proto).await;
         });
     }
     drop(listener);
@@ -417,46 +494,256 @@ async fn run(serve: Serve) -> io::Result<()> {
     Ok(())
 }
 
-/// Serves HTTP on one accepted (and maybe TLS-wrapped) socket until it
-/// closes or `stop` asks it to finish.
-async fn serve_connection<S>(
-    stream: S,
+/// `tls` with `h2` and `http/1.1` offered in ALPN when it offers nothing
+/// and HTTP/2 is on; as it is otherwise.
+#[cfg(feature = "tls")]
+fn offer_h2(tls: Arc<rustls::ServerConfig>, http2: bool) -> Arc<rustls::ServerConfig> {
+    if !http2 || !tls.alpn_protocols.is_empty() {
+        return tls;
+    }
+    let mut tls = (*tls).clone();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(tls)
+}
+
+/// hyper's connection builders, made once per server.
+struct Builders {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new(config: &ServeConfig) -> Builders {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .max_buf_size(config.max_head_size.max(8192))
+            .max_header_size(config.max_head_size)
+            .max_headers(config.max_headers);
+        // HTTP/2 has no head timeout of its own: `Activity` closes a
+        // connection with no request in flight for `header_read_timeout`,
+        // and the header count is checked per request (`too_many_headers`).
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(config.max_head_size).unwrap_or(u32::MAX))
+            .max_concurrent_streams(config.max_concurrent_streams)
+            .enable_connect_protocol();
+        if let Some(interval) = config.http2_keep_alive {
+            http2.keep_alive_interval(interval).keep_alive_timeout(interval);
+        }
+        Builders { http1, http2 }
+    }
+}
+
+/// Which HTTP a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    Http1,
+    Http2,
+    /// HTTP/2 if the first bytes are its preface (h2c with prior
+    /// knowledge), HTTP/1.1 otherwise.
+    Sniff,
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads until the bytes are not (or are all of) the HTTP/2 preface:
+/// whether they are, and the bytes read.
+async fn sniff<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> io::Result<(bool, bytes::Bytes)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; PREFACE.len()];
+    let mut n = 0;
+    while n < buf.len() {
+        let got = stream.read(&mut buf[n..]).await?;
+        n += got;
+        if got == 0 || buf[..n] != PREFACE[..n] {
+            return Ok((false, bytes::Bytes::copy_from_slice(&buf[..n])));
+        }
+    }
+    Ok((true, bytes::Bytes::copy_from_slice(&buf)))
+}
+
+/// One accepted connection, before its protocol is known.
+struct Conn<'a> {
     slot: Slot,
     peer: std::net::SocketAddr,
     router: Router,
-    config: &ServeConfig,
+    config: &'a ServeConfig,
+    builders: &'a Builders,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Conn<'_> {
+    /// Serves HTTP on the accepted (and maybe TLS-wrapped) socket until it
+    /// closes, `stop` asks it to finish, or it has been idle (no request in
+    /// flight) for [`ServeConfig::header_read_timeout`].
+    async fn serve<S>(self, mut stream: S, proto: Proto)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let Conn { slot, peer, router, config, builders, stop } = self;
+        let (proto, prefix) = match proto {
+            Proto::Sniff => match tokio::time::timeout(config.header_read_timeout, sniff(&mut stream)).await {
+                Ok(Ok((true, prefix))) => (Proto::Http2, prefix),
+                Ok(Ok((false, prefix))) => (Proto::Http1, prefix),
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "reading the first bytes failed"),
+                Err(_) => return tracing::debug!(%peer, "no request within the head timeout"),
+            },
+            proto => (proto, bytes::Bytes::new()),
+        };
+        let io = Counted { io: TokioIo::new(stream), prefix, _slot: slot };
+        let activity = Arc::new(Activity::default());
+        let (body_timeout, max_headers) = (config.body_timeout, config.max_headers);
+        let service_activity = activity.clone();
+        let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            let open = Open(Arc::new(service_activity.begin()));
+            let mut req = req.map(|body| axum::body::Body::new(Timed::new(body, body_timeout)));
+            let mut router = router.clone();
+            async move {
+                if req.headers().len() > max_headers {
+                    return Ok::<_, Infallible>(too_many_headers().map(|body| Tracked { body, _open: open }));
+                }
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req.extensions_mut().insert(open.clone());
+                let res = tower_service::Service::call(&mut router, req).await?;
+                Ok(res.map(|body| Tracked { body, _open: open }))
+            }
+        });
+        let idle = activity.idle(config.header_read_timeout);
+        if proto == Proto::Http2 {
+            let conn = builders.http2.serve_connection(io, service);
+            drive(conn, |c| c.graceful_shutdown(), idle, stop).await;
+        } else {
+            let conn = builders.http1.serve_connection(io, service).with_upgrades();
+            drive(conn, |c| c.graceful_shutdown(), idle, stop).await;
+        }
+    }
+}
+
+/// Polls a connection to its end; asks it to finish gracefully when `stop`
+/// says so or when `idle` completes.
+async fn drive<C, E>(
+    conn: C,
+    graceful: impl FnOnce(Pin<&mut C>),
+    idle: impl Future<Output = ()>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
-    let io = Counted { io: TokioIo::new(stream), _slot: slot };
-    let body_timeout = config.body_timeout;
-    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-        let mut req = req.map(|body| axum::body::Body::new(Timed::new(body, body_timeout)));
-        req.extensions_mut().insert(ConnectInfo(peer));
-        let mut router = router.clone();
-        async move { tower_service::Service::call(&mut router, req).await }
-    });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_head_size.max(8192))
-        .max_header_size(config.max_head_size)
-        .max_headers(config.max_headers);
-    let conn = builder.serve_connection(io, service).with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         result = conn.as_mut() => {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "http connection ended with an error");
             }
+            return;
         }
         // (The `Ref` `wait_for` returns is not `Send`: not kept.)
-        () = async { drop(stop.wait_for(|stop| *stop).await) } => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
+        () = async { drop(stop.wait_for(|stop| *stop).await) } => {}
+        () = idle => {}
+    }
+    graceful(conn.as_mut());
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+/// The `431` for a request with more than [`ServeConfig::max_headers`]
+/// headers (hyper counts them itself over HTTP/1.1, not over HTTP/2).
+fn too_many_headers() -> http::Response<axum::body::Body> {
+    let mut res = http::Response::new(axum::body::Body::from("too many request headers"));
+    *res.status_mut() = http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE;
+    res.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; charset=utf-8"));
+    res
+}
+
+/// Requests in flight on one connection: from the request's arrival until
+/// its response body is dropped (an SSE stream counts as long as it runs),
+/// or until an [`Open`] kept from its extensions is (a WebSocket over
+/// HTTP/2 keeps its stream's).
+#[derive(Debug, Default)]
+struct Activity {
+    open: AtomicUsize,
+    /// Bumped at every request's start and end.
+    epoch: AtomicU64,
+    /// Woken when the last open request ends.
+    idle: tokio::sync::Notify,
+}
+
+/// One request's place in its connection's [`Activity`], given back on drop.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Activity>);
+
+/// A request's [`InFlight`] place, shared between its response body and
+/// whatever takes it from the request's extensions.
+#[derive(Debug, Clone)]
+pub(crate) struct Open(#[allow(dead_code)] Arc<InFlight>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Completes once the connection has had no request open for a whole
+    /// `timeout` (checked in whole periods: between one and two `timeout`s
+    /// after it became idle).
+    async fn idle(&self, timeout: Duration) {
+        loop {
+            loop {
+                let notified = self.idle.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if self.open.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                notified.await;
+            }
+            let epoch = self.epoch.load(Ordering::Acquire);
+            tokio::time::sleep(timeout).await;
+            if self.open.load(Ordering::Acquire) == 0 && self.epoch.load(Ordering::Acquire) == epoch {
+                return;
+            }
         }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.epoch.fetch_add(1, Ordering::AcqRel);
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A response body that holds its request's [`Open`] place.
+#[pin_project::pin_project]
+struct Tracked {
+    #[pin]
+    body: axum::body::Body,
+    _open: Open,
+}
+
+impl Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -466,6 +753,9 @@ async fn serve_connection<S>(
 struct Counted<S> {
     #[pin]
     io: TokioIo<S>,
+    /// Bytes read before hyper took over (looking for the HTTP/2 preface),
+    /// read again first.
+    prefix: bytes::Bytes,
     _slot: Slot,
 }
 
@@ -473,9 +763,15 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite> hyper::rt::Read for Counte
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        self.project().io.poll_read(cx, buf)
+        let this = self.project();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        this.io.poll_read(cx, buf)
     }
 }
 

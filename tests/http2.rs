@@ -1,0 +1,425 @@
+//! HTTP/2 in `integration::axum::serve` (issue 20): SSE over h2 (ALPN over
+//! TLS) and h2c (cleartext, prior knowledge) with hyper's own HTTP/2
+//! client: events, keep-alive comments, `POST` upstream on the same
+//! connection, resume with `Last-Event-ID`, many streams on one connection,
+//! and the limits (per-address sessions, idle and silent connections,
+//! header counts) as they apply to HTTP/2.
+
+mod support;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use support::tls::pki;
+use support::WAIT;
+use switchboard::integration::axum::{serve, ServeConfig};
+use switchboard::integration::sse::{SseConfig, SseEndpoint};
+use switchboard::security::SecurityConfig;
+use switchboard::{Call, CallError, Hub};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn echo_hub() -> switchboard::HubBuilder {
+    Hub::builder().on("echo", |_call: Call, v: Value| async move { Ok::<_, CallError>(v) })
+}
+
+/// Serves `/events` (SSE on `hub`) and `/version` (the request's HTTP
+/// version) with `integration::axum::serve`; over TLS with `tls`.
+async fn start(hub: &Hub, sse: SseConfig, config: ServeConfig, tls: bool) -> SocketAddr {
+    let endpoint = SseEndpoint::builder(hub.clone()).config(sse).build();
+    let app = axum::Router::new().route("/events", switchboard::integration::axum::sse(endpoint)).route(
+        "/version",
+        axum::routing::get(|req: axum::extract::Request| async move { format!("{:?}", req.version()) }),
+    );
+    let config = if tls { config.tls(pki().server_config(&[])) } else { config };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(std::future::IntoFuture::into_future(
+        serve(listener, app, config).with_graceful_shutdown(hub.shutdown_started()),
+    ));
+    addr
+}
+
+/// One HTTP/2 client connection (hyper's client).
+struct H2 {
+    send: SendRequest<Full<Bytes>>,
+    /// The connection's task: finishes when the connection closes.
+    conn: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
+async fn handshake<I>(io: I) -> H2
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(io)
+        .await
+        .expect("HTTP/2 handshake");
+    H2 { send, conn: tokio::spawn(conn) }
+}
+
+/// h2c: HTTP/2 with prior knowledge over plain TCP.
+async fn h2c(addr: SocketAddr) -> H2 {
+    handshake(TokioIo::new(TcpStream::connect(addr).await.unwrap())).await
+}
+
+/// h2 over TLS, chosen by ALPN (the client offers only `h2`).
+async fn h2_tls(addr: SocketAddr) -> H2 {
+    let mut config = (*pki().client_config()).clone();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.expect("TLS handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "the server picks h2 by ALPN");
+    handshake(TokioIo::new(tls)).await
+}
+
+impl H2 {
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> http::Response<Incoming> {
+        let mut req = Request::builder().method(method).uri(format!("http://localhost{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+        let mut send = self.send.clone();
+        let res = tokio::time::timeout(WAIT, async {
+            send.ready().await.expect("connection open");
+            send.send_request(req).await
+        })
+        .await
+        .expect("an answer")
+        .expect("the request went through");
+        assert_eq!(res.version(), Version::HTTP_2);
+        res
+    }
+
+    /// Opens an event stream at `path`.
+    async fn stream(&self, path: &str, headers: &[(&str, &str)]) -> Stream {
+        let mut all = vec![("accept", "text/event-stream")];
+        all.extend_from_slice(headers);
+        let res = self.request(Method::GET, path, &all, "").await;
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        Stream { body: res.into_body(), text: String::new(), last_id: String::new() }
+    }
+
+    /// POSTs `body` to the session of `session` (a `$session` event's data).
+    async fn post(&self, session: &Value, body: &str) -> (StatusCode, String) {
+        let headers = [
+            ("content-type", "application/json"),
+            ("switchboard-session", session["session"].as_str().unwrap()),
+            ("switchboard-secret", session["secret"].as_str().unwrap()),
+        ];
+        let res = self.request(Method::POST, "/events", &headers, body).await;
+        let status = res.status();
+        let body = tokio::time::timeout(WAIT, res.into_body().collect()).await.unwrap().unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+#[derive(Debug)]
+enum Item {
+    Event { event: String, data: String },
+    Comment(String),
+}
+
+/// An event stream read off one HTTP/2 stream.
+struct Stream {
+    body: Incoming,
+    text: String,
+    /// The last `id:` seen.
+    last_id: String,
+}
+
+impl Stream {
+    async fn item(&mut self) -> Item {
+        loop {
+            if let Some(end) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..end + 2).collect();
+                let (mut event, mut data, mut comment) = (String::from("message"), None::<String>, None);
+                for line in block.lines().filter(|l| !l.is_empty()) {
+                    let (name, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match name {
+                        "" => comment = Some(value.to_owned()),
+                        "event" => event = value.to_owned(),
+                        "data" => data = Some(data.map_or(value.to_owned(), |d| d + "\n" + value)),
+                        "id" => self.last_id = value.to_owned(),
+                        _ => {}
+                    }
+                }
+                match (data, comment) {
+                    (Some(data), _) => return Item::Event { event, data },
+                    (None, Some(c)) => return Item::Comment(c),
+                    (None, None) => continue,
+                }
+            }
+            let frame = tokio::time::timeout(WAIT, self.body.frame())
+                .await
+                .expect("timed out waiting for the event stream")
+                .expect("the stream ended")
+                .expect("the stream failed");
+            if let Ok(data) = frame.into_data() {
+                self.text.push_str(std::str::from_utf8(&data).unwrap());
+            }
+        }
+    }
+
+    /// The next event named `name` (others skipped): its data as JSON.
+    async fn wait_for(&mut self, name: &str) -> Value {
+        loop {
+            if let Item::Event { event, data } = self.item().await {
+                if event == name {
+                    return serde_json::from_str(&data).unwrap();
+                }
+            }
+        }
+    }
+
+    /// Reads until the comment line `text` (other items skipped).
+    async fn comment(&mut self, text: &str) {
+        loop {
+            if let Item::Comment(c) = self.item().await {
+                if c == text {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Events, a keep-alive comment, a `POST` upstream on the same connection
+/// and its reply on the stream.
+async fn events_keep_alive_and_post(h2: &H2, hub: &Hub) {
+    assert_eq!(version(h2).await, "HTTP/2.0");
+    let mut es = h2.stream("/events?room=a", &[]).await;
+    let session = es.wait_for("$session").await;
+    es.wait_for("$hello").await;
+    assert_eq!(es.wait_for("$joined").await["room"], "a");
+    hub.publish("a", "tick", &json!({"n": 1})).await.unwrap();
+    assert_eq!(es.wait_for("tick").await["data"], json!({"n": 1}));
+    // Keep-alive comments go out over HTTP/2 too.
+    es.comment("keep-alive").await;
+
+    let (status, body) = h2.post(&session, r#"{"type":"call","ref":1,"event":"echo","data":{"x":"h2"}}"#).await;
+    assert_eq!((status, body.as_str()), (StatusCode::ACCEPTED, r#"{"accepted":1}"#));
+    let reply = es.wait_for("$reply").await;
+    assert_eq!(reply, json!({"type": "reply", "ref": 1, "data": {"x": "h2"}}));
+}
+
+async fn version(h2: &H2) -> String {
+    let res = h2.request(Method::GET, "/version", &[], "").await;
+    String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+fn keep_alive_soon() -> SseConfig {
+    SseConfig::default().keep_alive(Duration::from_millis(200))
+}
+
+#[tokio::test]
+async fn sse_over_h2_chosen_by_alpn() {
+    let hub = echo_hub().build();
+    let addr = start(&hub, keep_alive_soon(), ServeConfig::default(), true).await;
+    let h2 = h2_tls(addr).await;
+    events_keep_alive_and_post(&h2, &hub).await;
+    hub.shutdown(WAIT).await;
+}
+
+#[tokio::test]
+async fn sse_over_h2c_with_prior_knowledge() {
+    let hub = echo_hub().build();
+    let addr = start(&hub, keep_alive_soon(), ServeConfig::default(), false).await;
+    let h2 = h2c(addr).await;
+    events_keep_alive_and_post(&h2, &hub).await;
+    // HTTP/1.1 on the same port still works.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut got = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut got)).await.unwrap().unwrap();
+    assert!(got.starts_with("HTTP/1.1 200") && got.ends_with("HTTP/1.1"), "{got}");
+    hub.shutdown(WAIT).await;
+}
+
+/// With `http2_cleartext(false)` the preface is not HTTP/2: hyper's
+/// HTTP/1.1 parser refuses it, and the HTTP/2 client fails.
+#[tokio::test]
+async fn h2c_can_be_turned_off() {
+    let hub = echo_hub().build();
+    let addr = start(&hub, SseConfig::default(), ServeConfig::default().http2_cleartext(false), false).await;
+    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake::<_, Full<Bytes>>(io)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("http://localhost/version").body(Full::new(Bytes::new())).unwrap();
+    let res = tokio::time::timeout(WAIT, async {
+        send.ready().await?;
+        send.send_request(req).await
+    })
+    .await
+    .expect("the client gives up");
+    assert!(res.is_err(), "{res:?}");
+}
+
+/// A stream dropped on an HTTP/2 connection resumes on a new stream of the
+/// same connection with `Last-Event-ID`: exactly the missed events.
+#[tokio::test]
+async fn resume_with_last_event_id_over_h2() {
+    let history = switchboard::history::MemoryHistory::new();
+    let hub = echo_hub().history(history, switchboard::history::HistoryConfig::all_rooms()).build();
+    let addr = start(&hub, SseConfig::default(), ServeConfig::default(), true).await;
+    let h2 = h2_tls(addr).await;
+    let mut es = h2.stream("/events?room=a", &[]).await;
+    es.wait_for("$joined").await;
+    for n in 1..=2 {
+        hub.publish("a", "m", &json!({"n": n})).await.unwrap();
+    }
+    assert_eq!(es.wait_for("m").await["data"]["n"], 1);
+    assert_eq!(es.wait_for("m").await["data"]["n"], 2);
+    let id = es.last_id.clone();
+    assert!(id.starts_with("s1.") && id.contains(":2:"), "{id}");
+    // The stream is reset (the client drops it); the connection stays.
+    drop(es);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hub.stats().connections > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the session ends with its stream");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for n in 3..=4 {
+        hub.publish("a", "m", &json!({"n": n})).await.unwrap();
+    }
+    let mut es = h2.stream("/events?room=a", &[("last-event-id", &id)]).await;
+    assert_eq!(es.wait_for("$joined").await["recovered"], true);
+    hub.publish("a", "m", &json!({"n": 5})).await.unwrap();
+    for n in 3..=5 {
+        assert_eq!(es.wait_for("m").await["data"]["n"], n, "the missed events in order, then live");
+    }
+    assert!(!h2.conn.is_finished(), "one connection throughout");
+    hub.shutdown(WAIT).await;
+}
+
+/// Thirty streams on one h2c connection, all live: each gets the event
+/// published after all are open.
+#[tokio::test]
+async fn many_streams_share_one_connection() {
+    const STREAMS: usize = 30;
+    let hub = echo_hub().build();
+    let addr = start(&hub, SseConfig::default(), ServeConfig::default(), false).await;
+    let h2 = h2c(addr).await;
+    let mut streams = Vec::new();
+    for _ in 0..STREAMS {
+        let mut es = h2.stream("/events?room=many", &[]).await;
+        es.wait_for("$joined").await;
+        streams.push(es);
+    }
+    assert_eq!(hub.room_len("many"), STREAMS);
+    hub.publish("many", "all", &"here").await.unwrap();
+    for es in &mut streams {
+        assert_eq!(es.wait_for("all").await["data"], "here");
+    }
+    assert!(!h2.conn.is_finished());
+    hub.shutdown(WAIT).await;
+}
+
+/// The hub's per-address limit counts sessions, not connections: one HTTP/2
+/// connection carrying many streams gets no more than the limit.
+#[tokio::test]
+async fn the_per_address_limit_counts_streams() {
+    let security = SecurityConfig::default().max_connections_per_ip(3).per_ip_exempt(Vec::new());
+    let hub = echo_hub().security(security).build();
+    let addr = start(&hub, SseConfig::default().retry_refusals(false), ServeConfig::default(), false).await;
+    let h2 = h2c(addr).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut es = h2.stream("/events?room=a", &[]).await;
+        es.wait_for("$joined").await;
+        open.push(es);
+    }
+    let res = h2.request(Method::GET, "/events?room=a", &[("accept", "text/event-stream")], "").await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(hub.stats().connections, 3);
+    // One stream ends: its place is free again, on the same connection.
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let res = h2.request(Method::GET, "/events?room=a", &[("accept", "text/event-stream")], "").await;
+        if res.status() == StatusCode::OK {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the place is given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    hub.shutdown(WAIT).await;
+}
+
+/// An HTTP/2 connection with no request in flight is closed after the head
+/// timeout (HTTP/2 has no head timeout of its own); one carrying a stream
+/// is not.
+#[tokio::test]
+async fn idle_h2_connections_close_and_busy_ones_stay() {
+    let hub = echo_hub().build();
+    let config = ServeConfig::default().header_read_timeout(Duration::from_millis(300));
+    let addr = start(&hub, SseConfig::default(), config, false).await;
+    let idle = h2c(addr).await;
+    assert_eq!(version(&idle).await, "HTTP/2.0");
+    let busy = h2c(addr).await;
+    let mut es = busy.stream("/events?room=a", &[]).await;
+    es.wait_for("$joined").await;
+    tokio::time::timeout(WAIT, idle.conn).await.expect("the idle connection is closed").unwrap().unwrap();
+    hub.publish("a", "still", &1).await.unwrap();
+    assert_eq!(es.wait_for("still").await["data"], 1, "the connection with a stream stays");
+    assert!(!busy.conn.is_finished());
+    hub.shutdown(WAIT).await;
+}
+
+/// A socket that sends nothing, or only part of the HTTP/2 preface, is
+/// closed after the head timeout.
+#[tokio::test]
+async fn silent_and_half_preface_sockets_are_closed() {
+    let hub = echo_hub().build();
+    let config = ServeConfig::default().header_read_timeout(Duration::from_millis(300));
+    let addr = start(&hub, SseConfig::default(), config, false).await;
+    for first in [&b""[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(first).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf)).await.expect("the server closes the socket");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    }
+}
+
+/// [`ServeConfig::max_headers`] holds over HTTP/2 too (`431`), and so does
+/// the head size (as the header list size).
+#[tokio::test]
+async fn header_limits_hold_over_h2() {
+    let hub = echo_hub().build();
+    let addr = start(&hub, SseConfig::default(), ServeConfig::default().max_headers(8), true).await;
+    let h2 = h2_tls(addr).await;
+    let names: Vec<String> = (0..10).map(|i| format!("x-h{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let res = h2.request(Method::GET, "/version", &many, "").await;
+    assert_eq!(res.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    let big = "v".repeat(9000);
+    let req = Request::get("http://localhost/version").header("x-big", &big).body(Full::new(Bytes::new())).unwrap();
+    let mut send = h2.send.clone();
+    let res = tokio::time::timeout(WAIT, send.send_request(req)).await.expect("an answer");
+    assert!(res.as_ref().map_or(true, |r| r.status() == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE), "{res:?}");
+    // The connection goes on.
+    assert_eq!(version(&h2).await, "HTTP/2.0");
+}
