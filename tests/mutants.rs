@@ -1,5 +1,5 @@
 //! Tests of the tests: deliberately broken implementations of `Backplane`,
-//! `HistoryStore`, `PresenceStore` and `Transport`, one plausible bug each (for
+//! `HistoryStore`, `PresenceStore`, `SnapshotStore` and `Transport`, one plausible bug each (for
 //! the stores and backplane, the bugs of issue 23, found in a real PostgreSQL
 //! implementation), and a check that
 //! the conformance suite fails every one of them **at the check meant for
@@ -21,7 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use switchboard::history::{Append, Appended, HistoryRead, HistoryStore, MemoryHistory, StreamPosition};
 use switchboard::presence::{PresenceQuery, PresenceRecord, PresenceStore, PresenceStoreExt, StoreChange};
-use switchboard::testing::{BackplaneSuite, Failure, HistorySuite, PresenceStoreSuite, TransportSuite};
+use switchboard::sync::{
+    Append as SnapAppend, Appended as SnapAppended, ClientRecord, Loaded, MemorySnapshots, OpRecord, SnapshotStore,
+};
+use switchboard::testing::{BackplaneSuite, Failure, HistorySuite, PresenceStoreSuite, SnapshotSuite, TransportSuite};
 use switchboard::transport::{Capabilities, CloseFrame, Frame, Transport, TransportError};
 use switchboard::{
     backplane::Backplane, backplane::MemoryBackplane, backplane::Subscription, presence::MemoryPresence, Error,
@@ -800,6 +803,174 @@ async fn every_presence_mutant_fails_its_check() {
     ];
     let mutants = table.into_iter().map(|(bug, check)| (bug, check, presence_run(bug))).collect();
     expect_caught(mutants, PresenceStoreSuite::<Ps>::CHECKS).await;
+}
+
+// ---------------------------------------------------------------------------
+// Snapshot store (synced rooms)
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SBug {
+    None,
+    /// A load of a room with no row is an error (`fetch_one`), not empty.
+    UnknownRoomFails,
+    /// The compare-and-append does not compare the version: it appends at
+    /// whatever the room's version is.
+    NoCompare,
+    /// The client record keeps the client's first op (`INSERT … ON
+    /// CONFLICT DO NOTHING`): it forgets the last seq.
+    ForgetsSeq,
+    /// `version >= since` instead of `>`.
+    InclusiveSince,
+    /// A load ignores the snapshot and returns the ops it has (a partial
+    /// list once older ones are trimmed).
+    IgnoresSnapshot,
+    /// Reads the version, then writes in a second statement: one connection
+    /// serializes its own appends, two race.
+    ReadThenWrite,
+    /// Room names cut to 64 bytes (a `varchar(64)` key).
+    RoomCut64,
+    /// Never reconnects after a cut.
+    NoReconnect,
+}
+
+#[derive(Clone)]
+struct Ss {
+    store: MemorySnapshots,
+    bug: SBug,
+    conn: Arc<Conn>,
+    /// One connection runs one statement sequence at a time.
+    serial: Arc<tokio::sync::Mutex<()>>,
+    /// `ForgetsSeq`'s client table (the first record of each client), shared.
+    firsts: Arc<Mutex<HashMap<(String, String), ClientRecord>>>,
+}
+
+impl std::fmt::Debug for Ss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ss({:?})", self.bug)
+    }
+}
+
+fn snapshot_run(bug: SBug) -> Run {
+    let store = MemorySnapshots::new().retain(4);
+    let firsts = Arc::default();
+    let handle =
+        || Ss { store: store.clone(), bug, conn: Arc::default(), serial: Arc::default(), firsts: Arc::clone(&firsts) };
+    let (a, b) = (handle(), handle());
+    let cut = cut_hook(vec![a.conn.clone(), b.conn.clone()], bug == SBug::NoReconnect);
+    Box::pin(SnapshotSuite::new(a, b).cut_connection(cut).run())
+}
+
+impl Ss {
+    fn room(&self, room: &str) -> String {
+        match self.bug {
+            SBug::RoomCut64 => cut(room, 64),
+            _ => room.to_owned(),
+        }
+    }
+}
+
+impl SnapshotStore for Ss {
+    fn load<'a>(&'a self, room: &'a str, since: Option<u64>) -> BoxFuture<'a, switchboard::Result<Loaded>> {
+        Box::pin(async move {
+            self.conn.check(ErrorKind::History)?;
+            let room = self.room(room);
+            let since = match self.bug {
+                SBug::InclusiveSince => since.map(|s| s.saturating_sub(1)),
+                _ => since,
+            };
+            let mut loaded = self.store.load(&room, since).await?;
+            match self.bug {
+                SBug::UnknownRoomFails if loaded.version == 0 => {
+                    return Err(Error::with_source(ErrorKind::History, "no rows returned"))
+                }
+                SBug::IgnoresSnapshot => loaded.snapshot = None,
+                _ => {}
+            }
+            Ok(loaded)
+        })
+    }
+
+    fn append<'a>(&'a self, room: &'a str, mut append: SnapAppend) -> BoxFuture<'a, switchboard::Result<SnapAppended>> {
+        Box::pin(async move {
+            self.conn.check(ErrorKind::History)?;
+            let room = self.room(room);
+            match self.bug {
+                SBug::NoCompare => {
+                    append.expected = self.store.load(&room, Some(u64::MAX)).await?.version;
+                    self.store.append(&room, append).await
+                }
+                SBug::ReadThenWrite => {
+                    let _connection = self.serial.lock().await;
+                    let version = self.store.load(&room, Some(u64::MAX)).await?.version;
+                    if version != append.expected {
+                        return Ok(SnapAppended::Conflict { version });
+                    }
+                    // The round trip to the second statement.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    append.expected = self.store.load(&room, Some(u64::MAX)).await?.version;
+                    self.store.append(&room, append).await
+                }
+                SBug::ForgetsSeq => {
+                    let key = (room.clone(), append.record.client.clone());
+                    let first = self.firsts.lock().get(&key).cloned();
+                    if let Some(first) = first.filter(|f| f.seq >= append.record.seq) {
+                        return Ok(SnapAppended::Duplicate(first));
+                    }
+                    // The store's own record is keyed apart, so only this
+                    // table decides what is a duplicate.
+                    let record = OpRecord { client: format!("{}@{}", key.1, append.expected), ..append.record.clone() };
+                    let done = self.store.append(&room, SnapAppend { record, ..append.clone() }).await?;
+                    if done == SnapAppended::Done {
+                        let rec = ClientRecord {
+                            seq: append.record.seq,
+                            version: append.expected + 1,
+                            user: append.record.user,
+                        };
+                        self.firsts.lock().entry(key).or_insert(rec);
+                    }
+                    Ok(done)
+                }
+                _ => self.store.append(&room, append).await,
+            }
+        })
+    }
+
+    fn client<'a>(
+        &'a self,
+        room: &'a str,
+        client: &'a str,
+    ) -> BoxFuture<'a, switchboard::Result<Option<ClientRecord>>> {
+        Box::pin(async move {
+            self.conn.check(ErrorKind::History)?;
+            let room = self.room(room);
+            match self.bug {
+                SBug::ForgetsSeq => Ok(self.firsts.lock().get(&(room, client.to_owned())).cloned()),
+                _ => self.store.client(&room, client).await,
+            }
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_unbroken_snapshot_store_wrapper_passes() {
+    snapshot_run(SBug::None).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_snapshot_store_mutant_fails_its_check() {
+    use SBug::*;
+    let table = [
+        (UnknownRoomFails, "snapshot_store.empty"),
+        (NoCompare, "snapshot_store.compare_and_append"),
+        (ForgetsSeq, "snapshot_store.duplicate"),
+        (InclusiveSince, "snapshot_store.load_since"),
+        (IgnoresSnapshot, "snapshot_store.snapshot"),
+        (ReadThenWrite, "snapshot_store.concurrent_appends"),
+        (RoomCut64, "snapshot_store.room_names"),
+        (NoReconnect, "snapshot_store.lost_connection"),
+    ];
+    let mutants = table.into_iter().map(|(bug, check)| (bug, check, snapshot_run(bug))).collect();
+    expect_caught(mutants, SnapshotSuite::<Ss>::CHECKS).await;
 }
 
 // ---------------------------------------------------------------------------

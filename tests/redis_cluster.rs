@@ -1,6 +1,7 @@
 //! The Redis integrations on a private 3-master Redis Cluster (started per
 //! test on free ports by `support::redis::RedisCluster`): the conformance
-//! suites of the backplane (sharded pub/sub), history and presence; two hubs
+//! suites of the backplane (sharded pub/sub), history, presence and synced
+//! rooms' snapshot store; two hubs
 //! on real WebSockets sharing rooms, presence and history; rooms spread over
 //! every master; a killed master (its rooms fail while it is down, the
 //! others keep working; after its restart its subscriptions come back with a
@@ -16,8 +17,8 @@ use support::redis::{next, next_ok, until, RedisCluster};
 use support::*;
 use switchboard::history::{Append, HistoryConfig, HistoryStore, Retention};
 use switchboard::presence::{PresenceConfig, PresenceQuery, PresenceRecord, PresenceStore, StoreChange};
-use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory, RedisPresence};
-use switchboard::testing::{BackplaneSuite, HistorySuite, PresenceStoreSuite};
+use switchboard::redis::{RedisBackplane, RedisConfig, RedisHistory, RedisPresence, RedisSnapshots};
+use switchboard::testing::{BackplaneSuite, HistorySuite, PresenceStoreSuite, SnapshotSuite};
 use switchboard::{backplane::Backplane, Hub};
 
 /// Settings for tests: fast reconnects, a probe that does not fire under a
@@ -163,6 +164,15 @@ async fn cluster_presence_conforms() {
         .run()
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_snapshots_conform() {
+    let cluster = RedisCluster::start().await;
+    let a = RedisSnapshots::connect(config(&cluster)).await.expect("connect").retain(4);
+    let b = RedisSnapshots::connect(config(&cluster)).await.expect("connect").retain(4);
+    let ports = cluster.nodes.iter().map(|n| n.port()).collect::<Vec<_>>();
+    SnapshotSuite::new(a, b).cut_connection(move || support::redis::cut_clients(ports.clone())).run().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

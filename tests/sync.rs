@@ -495,5 +495,8 @@ async fn a_late_joiner_far_behind_gets_a_snapshot() {
 
 #[tokio::test]
 async fn memory_snapshots_pass_the_conformance_suite() {
+    let store = MemorySnapshots::new().retain(4);
+    switchboard::testing::SnapshotSuite::new(store.clone(), store).run().await.unwrap();
+    // The one-handle shorthand still runs the same checks.
     switchboard::testing::snapshot_store(MemorySnapshots::new().retain(4)).await;
 }

@@ -43,8 +43,14 @@ fn inc() -> JsonOp {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_snapshots_conform() {
     let server = RedisServer::start().await;
-    let store = RedisSnapshots::connect(config(&server)).await.unwrap().retain(4);
-    switchboard::testing::snapshot_store(store).await;
+    let a = RedisSnapshots::connect(config(&server)).await.unwrap().retain(4);
+    let b = RedisSnapshots::connect(config(&server)).await.unwrap().retain(4);
+    let port = server.port();
+    switchboard::testing::SnapshotSuite::new(a, b)
+        .cut_connection(move || support::redis::cut_clients(vec![port]))
+        .run()
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

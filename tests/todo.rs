@@ -6,8 +6,10 @@
 //! and converge; while the server is down both keep editing offline (the
 //! pages say so, with a countdown and "Retry now"), and after the restart
 //! one page's edit of an item the other deleted is visibly rolled back; a
-//! new page sees everything (the restart lost nothing). Screenshots at 390
-//! and 1280 px under `target/tmp/browser-screenshots/`.
+//! new page sees everything (the restart lost nothing); one page alone goes
+//! offline (its own browser context) and edits while the other edits live,
+//! and back online both show the same board with its edits applied once.
+//! Screenshots at 390 and 1280 px under `target/tmp/browser-screenshots/`.
 //!
 //! A second test checks the board's own rules over a raw WebSocket client.
 

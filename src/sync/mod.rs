@@ -54,9 +54,6 @@ mod engine;
 mod json;
 mod store;
 
-#[cfg(feature = "testing")]
-pub(crate) mod conformance;
-
 pub use engine::SyncRooms;
 pub use json::{JsonDoc, JsonOp, Path, Seg};
 pub use store::{Append, Appended, ClientRecord, Loaded, MemorySnapshots, OpRecord, SnapshotStore};

@@ -84,17 +84,29 @@ pub enum Appended {
 /// [`append`](SnapshotStore::append) is the compare-and-append that orders
 /// every op of a room, whichever node applied it.
 ///
-/// Rules every implementation keeps (checked by
-/// `switchboard::testing::snapshot_store`):
+/// Rules every implementation keeps (checked by the conformance suite
+/// `switchboard::testing::SnapshotSuite`, on two handles):
 ///
 /// - `append` is atomic: it writes only when the room is at `expected` and
 ///   the client's last applied `seq` is below the record's; it then records
 ///   the op, the client (seq, version, user), and the snapshot if given.
+///   Atomic across connections too: a version read, then a write in a
+///   second statement lets two nodes both "win" the same version (use one
+///   script or transaction with the compare inside, as `RedisSnapshots`'
+///   Lua script does).
+/// - The client record is updated on every append (the last `seq`, not the
+///   first), so a resend of any applied op is a `Duplicate`.
 /// - `load(room, since)` returns the ops after `since` when it still has all
 ///   of them, else the newest snapshot and every op after it. It never
-///   returns a partial list.
+///   returns a partial list. An unknown room loads as version 0 with no
+///   snapshot and no ops (not an error).
 /// - The ops after the newest snapshot are always kept; older ones are kept
 ///   up to the store's retention.
+/// - Room names are up to [`MAX_ROOM_NAME_LEN`](crate::room::MAX_ROOM_NAME_LEN)
+///   bytes and must be kept apart exactly (no length cut in a key column).
+/// - After a lost connection a handle reconnects by itself; its calls fail
+///   with an error meanwhile (the hub answers the member 503 and it sends
+///   again).
 pub trait SnapshotStore: Send + Sync + 'static {
     /// The room's state from `since` (or from the start) to now.
     fn load<'a>(&'a self, room: &'a str, since: Option<u64>) -> BoxFuture<'a, Result<Loaded>>;

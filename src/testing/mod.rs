@@ -7,9 +7,9 @@
 //! | history store | [`HistoryStore`](crate::history::HistoryStore) | [`history(a, b)`](history()) | [`HistorySuite`] |
 //! | presence store | [`PresenceStore`](crate::presence::PresenceStore) | [`presence_store(a, b)`](presence_store()) | [`PresenceStoreSuite`] |
 //! | transport | [`Transport`](crate::transport::Transport) | — | [`TransportSuite`] (a connected pair per check) |
-//! | synced-room snapshot store | [`SnapshotStore`](crate::sync::SnapshotStore) | [`snapshot_store(store)`](snapshot_store()) | (panics only; `docs/sync.md`) |
+//! | synced-room snapshot store | [`SnapshotStore`](crate::sync::SnapshotStore) | [`snapshot_store(store)`](snapshot_store()) (one handle) | [`SnapshotSuite`] |
 //!
-//! The first three take **two handles on the same engine** (`a` and `b`: two
+//! The store and backplane suites take **two handles on the same engine** (`a` and `b`: two
 //! connections, as two nodes would have), because several rules are about
 //! what one node sees of another's work and about races between them.
 //! A host that writes its own [`Backplane`](crate::backplane::Backplane) proves it
@@ -62,12 +62,13 @@ macro_rules! ensure {
 mod backplane;
 mod history;
 mod presence_store;
+mod snapshot_store;
 mod transport;
 
-pub use crate::sync::conformance::snapshot_store;
 pub use backplane::{backplane, BackplaneSuite};
 pub use history::{history, HistorySuite};
 pub use presence_store::{presence_store, PresenceStoreSuite};
+pub use snapshot_store::{snapshot_store, SnapshotSuite};
 pub use transport::{Peer, Report, TransportSuite};
 
 use futures::future::BoxFuture;
@@ -84,8 +85,8 @@ pub const WAIT: Duration = Duration::from_secs(5);
 #[derive(Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Failure {
-    /// The suite: `"backplane"`, `"history"`, `"presence_store"` or
-    /// `"transport"`.
+    /// The suite: `"backplane"`, `"history"`, `"presence_store"`,
+    /// `"snapshot_store"` or `"transport"`.
     pub suite: &'static str,
     /// The check, one of the suite's `CHECKS` (e.g. `"history.max_age"`).
     pub check: &'static str,
