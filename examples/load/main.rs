@@ -28,6 +28,8 @@ mod presence_storm;
 mod procfs;
 mod server;
 #[cfg(feature = "client")]
+mod soak;
+#[cfg(feature = "client")]
 mod storm;
 
 use bench::{ConnOpts, IdleOpts, IdleReport, RunOpts, RunReport};
@@ -59,6 +61,10 @@ commands:
   storm    --presence on --clients N [--timeout 180]
            (issue 18: N members of one presence room all closed at once and back; presence messages
            and bytes per member a watcher gets, no stale member; see examples/load/presence_storm.rs)
+  soak     --minutes M [--listeners 40] [--rooms 8] [--rate 20] [--churners 32] [--interval 10]
+           [--rss-slack 10] (issue 18, feature `client`: churn with live traffic; every interval RSS,
+           tasks, rooms, connections; fails on loss, duplicates, leftovers or RSS above the baseline
+           by more than the slack + 8 MiB; see examples/load/soak.rs)
 
 kinds: raw, raw-padded, raw-select, and switchboard with its subscribers on switchboard.v1.json
 (`switchboard`), switchboard.v2.json (`sb-v2`), switchboard.v1.msgpack (`sb-msgpack`),
@@ -222,6 +228,10 @@ fn dispatch(args: &Args) -> Result<ExitCode, String> {
             "storm" if args.or("presence", "off".to_string())? == "on" => presence_storm::cmd(args).await,
             #[cfg(feature = "client")]
             "storm" => storm::cmd(args).await,
+            #[cfg(feature = "client")]
+            "soak" => soak::cmd(args).await,
+            #[cfg(not(feature = "client"))]
+            "soak" => Err("`load soak` needs the `client` feature".into()),
             #[cfg(not(feature = "client"))]
             "storm" => Err("`load storm` needs the `client` feature: cargo run --release --example load --features client -- storm".into()),
             other => Err(format!("unknown command `{other}`\n\n{USAGE}")),

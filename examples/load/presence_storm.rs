@@ -36,6 +36,35 @@ struct Watch {
     count: AtomicU64,
 }
 
+/// A server for the presence modes (`soak` too): its own two-thread
+/// runtime (threads `sb-server*`), a hub with users from `?user=` and
+/// presence on every room (`extra` adds to its builder), serving WebSocket
+/// on a free loopback port.
+pub(super) fn presence_server(
+    extra: impl FnOnce(switchboard::HubBuilder) -> switchboard::HubBuilder,
+) -> Result<(tokio::runtime::Runtime, Hub, std::net::SocketAddr), String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sb-server")
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let _guard = rt.enter();
+    let builder = Hub::builder()
+        .authenticate(|hs: &switchboard::Handshake| {
+            std::future::ready(Ok(hs.query("user").map(Identity::user).unwrap_or_default()))
+        })
+        .presence(PresenceConfig::default());
+    let hub = extra(builder).build();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+    rt.spawn(switchboard::integration::ws::serve(listener, hub.clone(), Default::default()));
+    drop(_guard);
+    Ok((rt, hub, addr))
+}
+
 pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     let n: u64 = args.or("clients", 2000)?;
     let timeout = Duration::from_secs(args.or("timeout", 180)?);
@@ -43,29 +72,7 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     if super::procfs::raise_nofile(want) < want {
         return Err(format!("open files limit too low for {n} clients"));
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("sb-server")
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let hub = {
-        let _guard = rt.enter();
-        Hub::builder()
-            .authenticate(|hs: &switchboard::Handshake| {
-                std::future::ready(Ok(hs.query("user").map(Identity::user).unwrap_or_default()))
-            })
-            .presence(PresenceConfig::default())
-            .build()
-    };
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    {
-        let _guard = rt.enter();
-        let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
-        rt.spawn(switchboard::integration::ws::serve(listener, hub.clone(), Default::default()));
-    }
+    let (rt, hub, addr) = presence_server(|b| b)?;
     println!(
         "presence storm: {n} members of one presence room (batch window 50 ms, counts only above 100 keys), \
          every connection closed at once; client and server in one process on a shared {}-core machine",
