@@ -307,3 +307,63 @@ async fn a_join_on_its_way_when_the_room_closes_is_refused() {
     c.join_ok("r").await;
     assert_eq!(names(hub.rooms()), vec![room("r", 1)]);
 }
+
+/// A history store whose reads wait until the test opens the gate: a join
+/// of a recoverable room stays in its merge (a member, not yet answered).
+struct GatedReads {
+    inner: switchboard::history::MemoryHistory,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+impl switchboard::history::HistoryStore for GatedReads {
+    fn append(
+        &self,
+        room: &str,
+        append: switchboard::history::Append,
+    ) -> futures::future::BoxFuture<'static, switchboard::Result<switchboard::history::Appended>> {
+        self.inner.append(room, append)
+    }
+
+    fn read(
+        &self,
+        room: &str,
+        since: Option<switchboard::history::StreamPosition>,
+        limit: usize,
+    ) -> futures::future::BoxFuture<'static, switchboard::Result<switchboard::history::HistoryRead>> {
+        let (gate, read) = (self.gate.clone(), self.inner.read(room, since, limit));
+        Box::pin(async move {
+            let _permit = gate.acquire().await.unwrap();
+            read.await
+        })
+    }
+}
+
+/// Issue 17: the room is closed while the join's history merge is under
+/// way (its read not answered yet). The join fails with 403 after the
+/// `leave`, with no reply for the gone membership, and the room is gone.
+#[tokio::test]
+async fn a_join_merging_history_when_the_room_closes_is_refused() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let store = GatedReads { inner: switchboard::history::MemoryHistory::new(), gate: gate.clone() };
+    let hub = builder().history(store, switchboard::history::HistoryConfig::all_rooms()).build();
+    let addr = serve(&hub).await;
+    let mut c = connect_as(addr, "alice").await;
+    c.send(json!({"type": "join", "ref": 7, "room": "r"})).await;
+    eventually("the join is merging", || hub.room_len("r") == 1).await;
+    assert_eq!(hub.close_room("r", "closed"), 1);
+    gate.add_permits(1000);
+    assert_eq!(c.recv().await, json!({"type": "leave", "room": "r", "message": "closed"}));
+    let answer = c.recv().await;
+    assert_eq!(
+        (answer["type"].as_str(), answer["ref"].as_u64(), answer["code"].as_u64()),
+        (Some("error"), Some(7), Some(403)),
+        "{answer}"
+    );
+    assert_eq!(answer["message"], "the room was left or closed while joining");
+    assert!(hub.rooms().is_empty());
+    // A join after that is an ordinary one, in step with the store.
+    let reply = c.join("r").await;
+    assert_eq!((reply["type"].as_str(), reply["data"]["offset"].as_u64()), (Some("reply"), Some(0)), "{reply}");
+    hub.publish("r", "e", &1).await.unwrap();
+    assert_eq!(c.recv().await["offset"], 1);
+}

@@ -156,7 +156,7 @@ impl Hub {
         // client's own `leave`): the join ends with 403, not with a reply
         // for a membership that is gone.
         if !session.is_member(room) {
-            return Err(refuse(ErrorKind::Refused, ErrorCode::FORBIDDEN, "the room was left or closed while joining"));
+            return Err(left_while_joining());
         }
         // A recoverable room: merge history and the live stream, queue the
         // reply and the replay, make the member live.
@@ -232,4 +232,14 @@ impl Hub {
     pub fn room_exists(&self, room: &str) -> bool {
         self.inner.rooms.contains(room)
     }
+}
+
+/// A join whose member was taken out of the room (`Hub::close_room`, or the
+/// client's own `leave`) while it was on its way: 403, never a reply for a
+/// membership that is gone.
+pub(super) fn left_while_joining() -> Error {
+    Error::with_source(
+        ErrorKind::Refused,
+        CallError::with_code(ErrorCode::FORBIDDEN, "the room was left or closed while joining"),
+    )
 }

@@ -171,6 +171,9 @@ enum Step {
     ReadMore(StreamPosition),
     /// Wait for the room to catch up with the store, then start over.
     Wait,
+    /// The member left (or the room was closed) while the join was on its
+    /// way: nothing was queued.
+    Gone,
 }
 
 /// What a join asked for.
@@ -430,9 +433,13 @@ impl Hub {
         if let Want::Live = merge.want {
             let st = stream.state.lock();
             if st.last.is_some() {
-                let step = self.merge_locked(session, stream, st, &mut merge, None, answer);
-                debug_assert!(matches!(step, Step::Done));
-                return Ok(());
+                return match self.merge_locked(session, stream, st, &mut merge, None, answer) {
+                    Step::Gone => Err(super::registry::left_while_joining()),
+                    step => {
+                        debug_assert!(matches!(step, Step::Done));
+                        Ok(())
+                    }
+                };
             }
         }
         for _attempt in 0..16 {
@@ -440,6 +447,7 @@ impl Hub {
             let st = stream.state.lock();
             match self.merge_locked(session, stream, st, &mut merge, Some(read), answer) {
                 Step::Done => return Ok(()),
+                Step::Gone => return Err(super::registry::left_while_joining()),
                 Step::ReadMore(from) => {
                     since = Some(from);
                     limit = match merge.want {
@@ -473,6 +481,15 @@ impl Hub {
         read: Option<HistoryRead>,
         answer: JoinAnswer,
     ) -> Step {
+        // Taken out of the room while this join was reading (`Hub::close_room`,
+        // or the client's own `leave`): leaving took it off `recovering`
+        // under this lock, so either it is still joining here and its
+        // answer is queued before the leave's notice, or nothing is queued
+        // for a membership that is gone. (`session.rooms` is not locked
+        // here: it is locked before this lock, never after.)
+        if !st.recovering.contains(&session.id) {
+            return Step::Gone;
+        }
         if let Some(read) = &read {
             if st.last.is_none() {
                 // The first join on this node fixes where the live stream
