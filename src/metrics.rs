@@ -4,7 +4,8 @@
 //! The host installs a recorder (an exporter such as
 //! `metrics-exporter-prometheus`), calls [`describe`] once so the exporter
 //! knows each metric's unit and help text, and calls [`sample`] before each
-//! scrape (or on an interval) to bring the gauges up to date. Without a
+//! scrape (or on an interval) to bring the gauges and the per-message
+//! counters up to date. Without a
 //! recorder every call is a no-op; without the feature the recording
 //! functions below are empty inline functions, so their call sites cost
 //! nothing.
@@ -14,6 +15,17 @@
 //! member lists, a connection's outbound queue peak — the metric is read
 //! from it ([`sample`]) or recorded at the one place that count changes; no
 //! second, parallel count is kept.
+//!
+//! **Hot paths cost an atomic add.** The counters moved once per message
+//! or per write — messages in and out by type, bytes out, `lagged` drops,
+//! rate-limit refusals, replayed events — are not looked up in the
+//! recorder where they happen (with the Prometheus recorder a `counter!`
+//! is a hash and a registry lookup, once per writer batch for bytes out).
+//! They are added to the crate's own tally (relaxed atomics, one shard per
+//! thread so the runtime's workers do not share a cache line) and
+//! [`sample`] publishes the totals, so those counters too are as fresh as
+//! the last `sample`. The tally is the only count of these; it is
+//! process-wide, like the recorder (two hubs in one process add up).
 //!
 //! **Labels** have a small, fixed set of values: never a room name, a user
 //! id or a connection id. The table of every metric (name, type, unit,
@@ -143,10 +155,101 @@ pub trait Sample {
 
 /// Brings `source`'s metrics up to date: call before rendering a scrape
 /// (or on an interval) for the hub, and for the Redis backplane if there is
-/// one. The gauges are only as fresh as the last call.
+/// one. The gauges, and the counters moved per message (messages in and
+/// out, bytes out, `lagged` drops, rate-limit refusals, replayed events:
+/// see the module docs), are only as fresh as the last call.
 #[cfg(feature = "metrics")]
 pub fn sample(source: &impl Sample) {
     source.sample_metrics();
+}
+
+/// The per-message counters: one relaxed atomic add where they happen,
+/// published as absolute values by [`sample`] (see the module docs).
+#[cfg(feature = "metrics")]
+mod tally {
+    use crate::protocol::Kind;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    const KINDS: usize = Kind::ALL.len();
+
+    /// One counter of the tally.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) enum Count {
+        BytesOut,
+        Lagged,
+        Replayed,
+        /// Refused over the message rate (`limit="messages"`).
+        RateMessages,
+        /// Refused over the join rate (`limit="joins"`).
+        RateJoins,
+        In(Kind),
+        Out(Kind),
+    }
+
+    const FIXED: usize = 5;
+    const SLOTS: usize = FIXED + 2 * KINDS;
+
+    impl Count {
+        fn slot(self) -> usize {
+            match self {
+                Count::BytesOut => 0,
+                Count::Lagged => 1,
+                Count::Replayed => 2,
+                Count::RateMessages => 3,
+                Count::RateJoins => 4,
+                Count::In(kind) => FIXED + kind as usize,
+                Count::Out(kind) => FIXED + KINDS + kind as usize,
+            }
+        }
+    }
+
+    /// A thread's counters, on cache lines of their own.
+    #[repr(align(128))]
+    struct Shard([AtomicU64; SLOTS]);
+
+    /// Enough for the runtime's workers of a small machine to each have
+    /// one; threads beyond share (still correct, only less spread).
+    const SHARDS: usize = 8;
+
+    static TALLY: [Shard; SHARDS] = [const { Shard([const { AtomicU64::new(0) }; SLOTS]) }; SHARDS];
+    static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+    thread_local! {
+        static SHARD: usize = NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+
+    #[inline]
+    pub(super) fn add(count: Count, n: u64) {
+        let shard = SHARD.try_with(|s| *s).unwrap_or(0);
+        TALLY[shard].0[count.slot()].fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The total of `count` over every thread.
+    pub(super) fn total(count: Count) -> u64 {
+        TALLY.iter().map(|s| s.0[count.slot()].load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// Publishes the tally (`Sample` for the hub): every per-message counter
+/// that moved, as its absolute total.
+#[cfg(feature = "metrics")]
+pub(crate) fn publish_tally() {
+    use names::*;
+    use tally::{total, Count};
+    let set = |n: u64, counter: ::metrics::Counter| {
+        if n > 0 {
+            counter.absolute(n);
+        }
+    };
+    set(total(Count::BytesOut), counter!(BYTES_OUT));
+    set(total(Count::Lagged), counter!(LAGGED));
+    set(total(Count::Replayed), counter!(REPLAYED));
+    set(total(Count::RateMessages), counter!(RATE_LIMITED, "limit" => "messages"));
+    set(total(Count::RateJoins), counter!(RATE_LIMITED, "limit" => "joins"));
+    for kind in Kind::ALL {
+        set(total(Count::In(kind)), counter!(MESSAGES_IN, "type" => kind.as_str()));
+        set(total(Count::Out(kind)), counter!(MESSAGES_OUT, "type" => kind.as_str()));
+    }
 }
 
 /// The hub's gauges (`Sample` for the hub).
@@ -272,7 +375,7 @@ pub(crate) fn disconnected(
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 pub(crate) fn message_in(kind: Kind) {
     #[cfg(feature = "metrics")]
-    counter!(names::MESSAGES_IN, "type" => kind.as_str()).increment(1);
+    tally::add(tally::Count::In(kind), 1);
 }
 
 /// `n` envelopes of type `kind` were queued to clients.
@@ -281,7 +384,7 @@ pub(crate) fn message_in(kind: Kind) {
 pub(crate) fn messages_out(kind: Kind, n: usize) {
     #[cfg(feature = "metrics")]
     if n > 0 {
-        counter!(names::MESSAGES_OUT, "type" => kind.as_str()).increment(n as u64);
+        tally::add(tally::Count::Out(kind), n as u64);
     }
 }
 
@@ -291,7 +394,7 @@ pub(crate) fn messages_out(kind: Kind, n: usize) {
 pub(crate) fn bytes_out(bytes: usize) {
     #[cfg(feature = "metrics")]
     if bytes > 0 {
-        counter!(names::BYTES_OUT).increment(bytes as u64);
+        tally::add(tally::Count::BytesOut, bytes as u64);
     }
 }
 
@@ -301,7 +404,14 @@ pub(crate) fn bytes_out(bytes: usize) {
 pub(crate) fn lagged(n: u64) {
     messages_out(Kind::Lagged, 1);
     #[cfg(feature = "metrics")]
-    counter!(names::LAGGED).increment(n);
+    tally::add(tally::Count::Lagged, n);
+}
+
+/// The writer told its client that events of a recoverable room were
+/// dropped for it (a `gap` notice), or a room's gap was announced to it.
+#[inline]
+pub(crate) fn gap_notice() {
+    messages_out(Kind::Gap, 1);
 }
 
 /// A message was refused over the connection's rate: `joins` for the join
@@ -310,7 +420,7 @@ pub(crate) fn lagged(n: u64) {
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 pub(crate) fn rate_limited(joins: bool) {
     #[cfg(feature = "metrics")]
-    counter!(names::RATE_LIMITED, "limit" => if joins { "joins" } else { "messages" }).increment(1);
+    tally::add(if joins { tally::Count::RateJoins } else { tally::Count::RateMessages }, 1);
 }
 
 /// A join with an offset was answered (`recovered`: `None` for a join
@@ -325,7 +435,7 @@ pub(crate) fn recovery(recovered: Option<bool>, replayed: usize) {
             counter!(names::RECOVERIES, "outcome" => if ok { "recovered" } else { "not_recovered" }).increment(1);
         }
         if replayed > 0 {
-            counter!(names::REPLAYED).increment(replayed as u64);
+            tally::add(tally::Count::Replayed, replayed as u64);
         }
     }
 }
@@ -408,5 +518,35 @@ impl Timer {
         messages_out(Kind::Event, n);
         #[cfg(feature = "metrics")]
         histogram!(names::FANOUT_DURATION).record(self.0.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(all(test, feature = "metrics"))]
+mod tests {
+    use super::tally::{add, total, Count};
+    use crate::protocol::Kind;
+
+    /// `Kind::ALL` is every kind once, in the order `kind as usize`
+    /// indexes: each kind has its own counter in the tally.
+    #[test]
+    fn every_kind_has_its_own_slot() {
+        for (i, kind) in Kind::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, i, "{kind}");
+            assert_eq!(Kind::parse(kind.as_str()), Some(kind));
+        }
+    }
+
+    /// Adds from several threads all reach the total (other tests may add
+    /// too, so at least what these added).
+    #[test]
+    fn the_tally_sums_every_threads_adds() {
+        let count = Count::Out(Kind::Refresh);
+        let before = total(count);
+        let threads: Vec<_> =
+            (0..12).map(|_| std::thread::spawn(move || (0..1000).for_each(|_| add(count, 2)))).collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(total(count) >= before + 24_000);
     }
 }

@@ -60,13 +60,19 @@ async fn scrape(addr: SocketAddr) -> Scrape {
     let mut body = String::new();
     tokio::time::timeout(support::WAIT, s.read_to_string(&mut body)).await.expect("scrape in time").unwrap();
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
-    let text = body.split_once("\r\n\r\n").expect("a body").1;
-    let mut series = HashMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        let (name, value) = line.rsplit_once(' ').expect("`series value`");
-        series.insert(name.to_owned(), value.parse().unwrap_or_else(|_| panic!("a number: {line}")));
+    Scrape::parse(body.split_once("\r\n\r\n").expect("a body").1)
+}
+
+impl Scrape {
+    /// The Prometheus text format, one series a line.
+    fn parse(text: &str) -> Scrape {
+        let mut series = HashMap::new();
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let (name, value) = line.rsplit_once(' ').expect("`series value`");
+            series.insert(name.to_owned(), value.parse().unwrap_or_else(|_| panic!("a number: {line}")));
+        }
+        Scrape(series)
     }
-    Scrape(series)
 }
 
 /// Scrapes until `ready` holds (the server finishes a disconnect after the
@@ -334,4 +340,68 @@ async fn one_users_calls_are_traced_in_their_spans_and_no_one_elses() {
     let traced: Vec<&String> = chat.seen.iter().filter(|l| l.contains("call answered")).collect();
     assert_eq!(traced.len(), 1, "only ann's call: {:#?}", chat.seen);
     assert!(!chat.seen.iter().any(|l| l.contains("bob")), "nothing of bob's: {:#?}", chat.seen);
+}
+
+/// The notices a writer makes itself are messages out too (issue 17): under
+/// the drop-oldest policy a reader of a recoverable room that stops reading
+/// is told `lagged` (how many were dropped) and each lost offset range as a
+/// `gap`; each notice it receives is counted once in
+/// `switchboard_messages_out_total` by its type, and the drops in
+/// `switchboard_lagged_dropped_total`. In this process, with this test
+/// binary's own Prometheus recorder (the other tests here scrape the chat
+/// example's); the counters are the hub's tally, published by `sample`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagged_and_gap_notices_are_counted_as_messages_out() {
+    use switchboard::history::{HistoryConfig, MemoryHistory, RoomHistory};
+    use switchboard::hub::OverflowPolicy;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("the only recorder of this test binary");
+    switchboard::metrics::describe();
+    const BOUND: usize = 64 * 1024;
+    let config = switchboard::HubConfig::default().outbound_queue_bytes(BOUND).overflow(OverflowPolicy::DropOldest);
+    let hub = switchboard::Hub::builder()
+        .config(config)
+        .history(MemoryHistory::new(), HistoryConfig::default().rooms("", RoomHistory::default().max_len(100_000)))
+        .build();
+    let addr = support::serve(&hub).await;
+    let mut slow = support::connect(addr).await;
+    slow.join_ok("r").await;
+    let conn = hub.connection(support::member_id(&hub, "r", slow.connection_id())).unwrap();
+    let scraped = |hub: &switchboard::Hub| {
+        switchboard::metrics::sample(hub);
+        Scrape::parse(&handle.render())
+    };
+    let before = scraped(&hub);
+
+    // The client reads nothing until the oldest queued events were dropped
+    // (socket buffers, then the 64 KiB queue), and 20 events more.
+    let end_offset = support::publish_until_dropped(&hub, "r", &conn).await;
+
+    // Everything comes before `end`: the writer sends its notices ahead of
+    // the data of the same batch.
+    let (mut gaps, mut lagged, mut dropped) = (0u64, 0u64, 0u64);
+    loop {
+        let m = slow.recv().await;
+        match m["type"].as_str().unwrap() {
+            "event" if m["offset"].as_u64() == Some(end_offset) => break,
+            "event" => {}
+            "gap" => gaps += 1,
+            "lagged" => {
+                lagged += 1;
+                dropped += m["data"]["dropped"].as_u64().unwrap();
+            }
+            other => panic!("unexpected {other}: {m}"),
+        }
+    }
+    assert!(gaps > 0 && lagged > 0, "drops happened but were not told: {gaps} gaps, {lagged} lagged");
+    assert_eq!(dropped, conn.dropped_messages());
+    let after = scraped(&hub);
+    let out = "switchboard_messages_out_total";
+    assert_eq!(after.moved(&before, out, &[("type", "gap")]), gaps as f64);
+    assert_eq!(after.moved(&before, out, &[("type", "lagged")]), lagged as f64);
+    assert_eq!(after.moved(&before, "switchboard_lagged_dropped_total", &[]), dropped as f64);
+    // Every event was queued once (dropped ones included): one recipient.
+    assert_eq!(after.moved(&before, out, &[("type", "event")]), end_offset as f64);
+    assert!(after.moved(&before, "switchboard_bytes_out_total", &[]) > 0.0);
 }

@@ -268,22 +268,7 @@ async fn drop_oldest_reports_the_lost_range_as_a_gap() {
 
     // The slow client reads nothing: the socket buffers fill, then the queue,
     // then the oldest queued events are dropped.
-    let pad = "p".repeat(8 * 1024);
-    let mut published = 0u64;
-    while conn.dropped_messages() == 0 {
-        published += 1;
-        hub.publish("r", "m", &json!({"n": published, "pad": pad})).await.unwrap();
-        if published % 64 == 0 {
-            tokio::task::yield_now().await;
-        }
-        assert!(published < 100_000, "the queue never overflowed");
-    }
-    for _ in 0..20 {
-        published += 1;
-        hub.publish("r", "m", &json!({"n": published, "pad": pad})).await.unwrap();
-    }
-    hub.publish("r", "end", &json!({"n": 0})).await.unwrap();
-    let end_offset = published + 1;
+    let end_offset = publish_until_dropped(&hub, "r", &conn).await;
 
     // Every offset is either delivered or inside a reported gap; none twice.
     let mut seen: Vec<u64> = Vec::new();

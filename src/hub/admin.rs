@@ -42,26 +42,82 @@
 
 use super::*;
 use std::net::{IpAddr, SocketAddr};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// Where and when a connection came from: kept on the session for
 /// [`ConnectionInfo`]. Set once, never changed.
+///
+/// Packed, because every connection holds one for its whole life (issue
+/// 16's idle memory): the transport's name as an index into the names seen
+/// so far (2 bytes, not a 16-byte `&str`) and the connection time as
+/// nanoseconds since the Unix epoch (8 bytes, not a 16-byte `SystemTime`,
+/// and as exact): 64 bytes instead of 88.
 pub(crate) struct Origin {
-    /// [`Transport::name`]; also the `transport` label of the metrics.
-    pub(crate) transport: &'static str,
-    connected_at: SystemTime,
+    connected_at_ns: u64,
     peer_addr: Option<SocketAddr>,
     /// The address the hub's admission counted (a trusted proxy's
     /// forwarded-for entry) when it differs from the peer's.
     forwarded: Option<IpAddr>,
+    /// [`Transport::name`], interned ([`transport_name`]).
+    transport: u16,
 }
 
 impl Origin {
     pub(crate) fn new(transport: &'static str, handshake: &Handshake) -> Origin {
         let peer_addr = handshake.peer_addr();
         let forwarded = handshake.client_ip().filter(|ip| peer_addr.map(|p| p.ip()) != Some(*ip));
-        Origin { transport, connected_at: SystemTime::now(), peer_addr, forwarded }
+        // A clock before 1970 (or past 2554) reads as the epoch.
+        let connected_at_ns = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()
+            .and_then(|d| u64::try_from(d.as_nanos()).ok())
+            .unwrap_or(0);
+        Origin { connected_at_ns, peer_addr, forwarded, transport: intern_transport(transport) }
     }
+
+    /// [`Transport::name`]; also the `transport` label of the metrics.
+    pub(crate) fn transport(&self) -> &'static str {
+        transport_name(self.transport)
+    }
+
+    fn connected_at(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_nanos(self.connected_at_ns)
+    }
+
+    fn client_ip(&self) -> Option<IpAddr> {
+        self.forwarded.or(self.peer_addr.map(|p| p.ip()))
+    }
+}
+
+/// Every transport name a connection of this process had, in the order
+/// first seen: a process has a handful (`websocket`, `sse`, `memory`, a
+/// host's own), so a connection keeps an index. Written once per new name.
+static TRANSPORT_NAMES: parking_lot::RwLock<Vec<&'static str>> = parking_lot::RwLock::new(Vec::new());
+
+/// The index standing for every name past the first 65,535 distinct ones
+/// (only a transport making up a new name per connection gets there).
+const OTHER_TRANSPORT: u16 = u16::MAX;
+
+fn intern_transport(name: &'static str) -> u16 {
+    let find = |names: &[&'static str]| names.iter().position(|n| *n == name);
+    if let Some(i) = find(&TRANSPORT_NAMES.read()) {
+        return i as u16;
+    }
+    let mut names = TRANSPORT_NAMES.write();
+    if let Some(i) = find(&names) {
+        return i as u16;
+    }
+    match u16::try_from(names.len()) {
+        Ok(i) if i < OTHER_TRANSPORT => {
+            names.push(name);
+            i
+        }
+        _ => OTHER_TRANSPORT,
+    }
+}
+
+fn transport_name(index: u16) -> &'static str {
+    TRANSPORT_NAMES.read().get(usize::from(index)).copied().unwrap_or("other")
 }
 
 /// A snapshot of one connection, for the admin API.
@@ -73,7 +129,8 @@ pub struct ConnectionInfo {
     /// The user id of its identity, if it has one.
     pub user_id: Option<Arc<str>>,
     /// The transport's name ([`Transport::name`]): `"websocket"`, `"sse"`,
-    /// `"memory"`, or a host transport's own.
+    /// `"memory"`, or a host transport's own (`"other"` for a name first
+    /// seen after 65,535 distinct ones in this process).
     pub transport: &'static str,
     /// When the hub started serving it (wall clock).
     pub connected_at: SystemTime,
@@ -109,10 +166,10 @@ impl Session {
         ConnectionInfo {
             id: self.id,
             user_id: self.identity.user_arc().cloned(),
-            transport: o.transport,
-            connected_at: o.connected_at,
+            transport: o.transport(),
+            connected_at: o.connected_at(),
             peer_addr: o.peer_addr,
-            client_ip: o.forwarded.or(o.peer_addr.map(|p| p.ip())),
+            client_ip: o.client_ip(),
             state: self.state(),
             rooms: self.rooms.lock().iter().map(|r| r.to_string()).collect(),
             queued_bytes: self.outbox.queued_bytes(),
@@ -128,12 +185,12 @@ impl Connection {
 
     /// The transport's name ([`ConnectionInfo::transport`]).
     pub fn transport(&self) -> &'static str {
-        self.0.origin.transport
+        self.0.origin.transport()
     }
 
     /// When the hub started serving it ([`ConnectionInfo::connected_at`]).
     pub fn connected_at(&self) -> SystemTime {
-        self.0.origin.connected_at
+        self.0.origin.connected_at()
     }
 
     /// The TCP peer, if known ([`ConnectionInfo::peer_addr`]).

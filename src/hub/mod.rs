@@ -187,9 +187,9 @@ impl Hub {
     pub(crate) fn connections_by_transport(&self) -> Vec<(&'static str, usize)> {
         let mut n: Vec<(&'static str, usize)> = Vec::new();
         for s in self.inner.sessions.read().values() {
-            match n.iter_mut().find(|(t, _)| *t == s.origin.transport) {
+            match n.iter_mut().find(|(t, _)| *t == s.origin.transport()) {
                 Some((_, count)) => *count += 1,
-                None => n.push((s.origin.transport, 1)),
+                None => n.push((s.origin.transport(), 1)),
             }
         }
         n
@@ -201,12 +201,14 @@ impl Hub {
     }
 }
 
-/// The hub's gauges, from its own counts.
+/// The hub's gauges, from its own counts, and the per-message counters'
+/// tally.
 #[cfg(feature = "metrics")]
 impl crate::metrics::Sample for Hub {
     fn sample_metrics(&self) {
         let stats = self.stats();
         let members = self.inner.rooms.memberships();
         crate::metrics::hub_gauges(&self.connections_by_transport(), stats.rooms, members, stats.users, stats.tasks);
+        crate::metrics::publish_tally();
     }
 }

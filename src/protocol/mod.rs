@@ -194,6 +194,26 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in declaration order (`kind as usize` indexes it).
+    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    pub(crate) const ALL: [Kind; 15] = [
+        Kind::Hello,
+        Kind::Join,
+        Kind::Leave,
+        Kind::Call,
+        Kind::Reply,
+        Kind::Error,
+        Kind::Event,
+        Kind::Ping,
+        Kind::Pong,
+        Kind::Presence,
+        Kind::PresenceState,
+        Kind::PresenceDiff,
+        Kind::Lagged,
+        Kind::Refresh,
+        Kind::Gap,
+    ];
+
     /// The wire name (`"join"`, `"reply"`, …).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -430,6 +430,29 @@ pub async fn publish_range(hub: &Hub, room: &str, range: std::ops::RangeInclusiv
     }
 }
 
+/// Publishes 8 KB events `m` (`{"n": 1..}`) to `room` until `slow` (a
+/// member that reads nothing) had some dropped under the drop-oldest
+/// policy, then 20 more and an `end` (`{"n": 0}`); returns the `end`'s
+/// offset (the number of events published).
+pub async fn publish_until_dropped(hub: &Hub, room: &str, slow: &switchboard::hub::Connection) -> u64 {
+    let pad = "p".repeat(8 * 1024);
+    let mut published = 0u64;
+    while slow.dropped_messages() == 0 {
+        published += 1;
+        hub.publish(room, "m", &json!({"n": published, "pad": pad})).await.unwrap();
+        if published % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(published < 100_000, "the queue never overflowed");
+    }
+    for _ in 0..20 {
+        published += 1;
+        hub.publish(room, "m", &json!({"n": published, "pad": pad})).await.unwrap();
+    }
+    hub.publish(room, "end", &json!({"n": 0})).await.unwrap();
+    published + 1
+}
+
 /// Two hubs, linked by a backplane and sharing one history store, with every
 /// room recoverable: both publish `per_node` events concurrently and both
 /// deliver one sequence, offsets 1.. in order; a client that drops from node

@@ -541,6 +541,10 @@ impl Stops {
 pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -> impl Future<Output = ()> + Send {
     let fragments = transport.fragments();
     let (sink, mut stream) = transport.split();
+    // Boxed until the writer takes it: a value this block captures keeps
+    // its room in the connection's future for the connection's whole life,
+    // even once moved out, and the sink is only passed on to the writer.
+    let sink = Box::new(sink);
     let task = TaskGuard::new(&hub.inner);
     // An `async move` block, not an `async fn`: an `async fn` moves its
     // arguments into locals, holding each twice for the connection's life;
@@ -548,12 +552,12 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
     async move {
         let _task = task;
         // Counted before the `hello`: a client that has it sees itself counted.
-        crate::metrics::connected(session.origin.transport);
+        crate::metrics::connected(session.origin.transport());
         let writer = {
             let guard = TaskGuard::new(&hub.inner);
             // `map`, not an `async` wrapper: a wrapper would keep the captured
             // future and the awaited one, two copies per connection.
-            tokio::spawn(write_loop(session.clone(), sink).map(move |sent| {
+            tokio::spawn(write_loop(session.clone(), *sink).map(move |sent| {
                 drop(guard);
                 sent
             }))
@@ -628,7 +632,7 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
         hub.deregister(&session);
         session.set_state(ConnectionState::Closed);
         let reason = session.reason().unwrap_or(DisconnectReason::ConnectionLost);
-        crate::metrics::disconnected(session.origin.transport, reason.metric_labels(), session.outbox.peak_bytes());
+        crate::metrics::disconnected(session.origin.transport(), reason.metric_labels(), session.outbox.peak_bytes());
         hub.hook_disconnect(&session, &reason);
         hub.session_ended();
     }

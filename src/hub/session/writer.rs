@@ -70,6 +70,7 @@ where
                         session.notice(Parts { data: Some(data.bytes()), ..Parts::new(Kind::Lagged) })
                     } else if let Some((room, from, to)) = gaps.get(gap) {
                         gap += 1;
+                        crate::metrics::gap_notice();
                         let reason = super::super::stream::GapReason::SlowConsumer;
                         let data =
                             super::super::stream::gap_payload(session.format, Some(*from), Some(*to), reason, None);

@@ -231,12 +231,13 @@ pub(crate) type Head = (Method, Uri, HeaderMap, Vec<u8>);
 async fn read_head(stream: &mut TcpStream, max: usize) -> Result<Head, HeadError> {
     let mut buf = Vec::with_capacity(1024);
     loop {
-        let mut chunk = [0u8; 1024];
-        let n = stream.read(&mut chunk).await.map_err(HeadError::Io)?;
+        // Straight into the buffer's spare room: a stack chunk held across
+        // the read would make the handshake task 1 KB larger.
+        buf.reserve(1024);
+        let n = stream.read_buf(&mut buf).await.map_err(HeadError::Io)?;
         if n == 0 {
             return Err(HeadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        buf.extend_from_slice(&chunk[..n]);
         if let Some(head) = parse_head(&buf, max).map_err(HeadError::Refused)? {
             return Ok(head);
         }

@@ -145,6 +145,7 @@ impl Session {
         to: Option<u64>,
         epoch: Option<&Arc<str>>,
     ) {
+        crate::metrics::gap_notice();
         match self.stream.as_ref().and_then(|s| s.index_of(room)) {
             Some(index) => self.push_noted(bytes, Note::Gap { index, reason, to, epoch: epoch.cloned() }),
             None => self.push_prepared(bytes),
