@@ -1,7 +1,9 @@
 //! HTTP/2 in headless Chromium (issue 20): `integration::axum::serve` over
 //! TLS (h2 by ALPN) serves a page that opens ten `EventSource` streams to
 //! one origin, all live at once, which HTTP/1.1's six connections per origin
-//! would not allow (`node tests/browser/h2.mjs`; a screenshot under
+//! would not allow, and a WebSocket on the same HTTP/2 connection (RFC 8441
+//! extended `CONNECT`) that gets its `hello` and answers a call
+//! (`node tests/browser/h2.mjs`; a screenshot under
 //! `target/tmp/browser-screenshots/`).
 //!
 //! Needs node, Chromium and playwright-core (`tests/support/browser.rs`).
@@ -16,6 +18,9 @@ use switchboard::integration::axum::{serve, ServeConfig};
 use switchboard::integration::sse::SseEndpoint;
 use switchboard::Hub;
 use tokio::net::TcpListener;
+
+/// How the WebSocket requests came (`HTTP/2.0 CONNECT` for RFC 8441).
+static WS_VERSIONS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
 const PAGE: &str = r#"<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>ten streams</title></head>
@@ -36,11 +41,23 @@ for (let i = 0; i < 10; i++) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn ten_sse_streams_over_h2_in_chromium() {
-    let hub = Hub::builder().build();
+    let hub = Hub::builder()
+        .on("echo", |_: switchboard::Call, v: serde_json::Value| async move { Ok::<_, switchboard::CallError>(v) })
+        .build();
     let publish_hub = hub.clone();
     let app = axum::Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/events", switchboard::integration::axum::sse(SseEndpoint::new(hub.clone())))
+        .route(
+            "/ws",
+            switchboard::integration::axum::route(hub.clone()).layer(axum::middleware::from_fn(
+                |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                    WS_VERSIONS.lock().unwrap().push(format!("{:?} {}", req.version(), req.method()));
+                    next.run(req).await
+                },
+            )),
+        )
+        .route("/test/ws-versions", get(|| async { WS_VERSIONS.lock().unwrap().join(",") }))
         .route(
             "/test/publish",
             post(move |req: axum::extract::Request| {

@@ -34,10 +34,13 @@ fn echo_hub() -> switchboard::HubBuilder {
 /// version) with `integration::axum::serve`; over TLS with `tls`.
 async fn start(hub: &Hub, sse: SseConfig, config: ServeConfig, tls: bool) -> SocketAddr {
     let endpoint = SseEndpoint::builder(hub.clone()).config(sse).build();
-    let app = axum::Router::new().route("/events", switchboard::integration::axum::sse(endpoint)).route(
-        "/version",
-        axum::routing::get(|req: axum::extract::Request| async move { format!("{:?}", req.version()) }),
-    );
+    let app = axum::Router::new()
+        .route("/events", switchboard::integration::axum::sse(endpoint))
+        .route(
+            "/version",
+            axum::routing::get(|req: axum::extract::Request| async move { format!("{:?}", req.version()) }),
+        )
+        .route("/ws", switchboard::integration::axum::route(hub.clone()));
     let config = if tls { config.tls(pki().server_config(&[])) } else { config };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -422,4 +425,147 @@ async fn header_limits_hold_over_h2() {
     assert!(res.as_ref().map_or(true, |r| r.status() == StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE), "{res:?}");
     // The connection goes on.
     assert_eq!(version(&h2).await, "HTTP/2.0");
+}
+
+/// Opens a WebSocket over HTTP/2 (RFC 8441's extended `CONNECT`) on `h2`:
+/// the answer, and the WebSocket when it is `200`.
+async fn connect_ws(
+    h2: &H2,
+    version: &str,
+) -> (http::Response<Incoming>, Option<tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>>) {
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri("http://localhost/ws")
+        .extension(hyper::ext::Protocol::from_static("websocket"))
+        .header("sec-websocket-version", version)
+        .header("sec-websocket-protocol", "switchboard.v1.json")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut send = h2.send.clone();
+    let mut res = tokio::time::timeout(WAIT, send.send_request(req)).await.unwrap().unwrap();
+    if res.status() != StatusCode::OK {
+        return (res, None);
+    }
+    let upgraded = tokio::time::timeout(WAIT, hyper::upgrade::on(&mut res)).await.unwrap().unwrap();
+    let role = tokio_tungstenite::tungstenite::protocol::Role::Client;
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(TokioIo::new(upgraded), role, None).await;
+    (res, Some(ws))
+}
+
+/// The next text message of `ws` whose `type` is `kind`, as JSON.
+async fn next_of<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>, kind: &str) -> Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures::StreamExt;
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next()).await.expect("a message").expect("open").unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+}
+
+/// WebSocket over HTTP/2 (RFC 8441): an extended `CONNECT` on a connection
+/// that also carries an SSE stream gets `200` and the subprotocol, and the
+/// WebSocket works on that stream (hello, a call and its reply). The
+/// WebSocket alone keeps the connection from being closed as idle; once it
+/// is closed too, the idle connection is.
+#[tokio::test]
+async fn websocket_over_h2_extended_connect() {
+    use futures::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let hub = echo_hub().build();
+    let config = ServeConfig::default().header_read_timeout(Duration::from_millis(300));
+    let addr = start(&hub, SseConfig::default(), config, false).await;
+    let h2 = h2c(addr).await;
+    let mut es = h2.stream("/events?room=a", &[]).await;
+    es.wait_for("$joined").await;
+
+    let (res, ws) = connect_ws(&h2, "13").await;
+    assert_eq!(res.status(), StatusCode::OK, "RFC 8441 answers 200");
+    assert_eq!(res.headers()["sec-websocket-protocol"], "switchboard.v1.json");
+    let mut ws = ws.unwrap();
+    next_of(&mut ws, "hello").await;
+    let call = |n: u64| Message::text(format!(r#"{{"type":"call","ref":{n},"event":"echo","data":{{"n":{n}}}}}"#));
+    ws.send(call(1)).await.unwrap();
+    assert_eq!(next_of(&mut ws, "reply").await, json!({"type": "reply", "ref": 1, "data": {"n": 1}}));
+    assert_eq!(hub.stats().connections, 2, "the SSE stream and the WebSocket, on one connection");
+
+    // The SSE stream goes; the WebSocket alone outlives several idle
+    // periods.
+    drop(es);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hub.stats().connections > 1 {
+        assert!(tokio::time::Instant::now() < deadline, "the SSE session ends");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    ws.send(call(2)).await.unwrap();
+    assert_eq!(next_of(&mut ws, "reply").await["ref"], 2);
+    assert!(!h2.conn.is_finished());
+
+    ws.close(None).await.unwrap();
+    tokio::time::timeout(WAIT, h2.conn).await.expect("then the idle connection is closed").unwrap().unwrap();
+    assert_eq!(hub.stats().connections, 0);
+    hub.shutdown(WAIT).await;
+}
+
+/// An HTTP/2 request to the WebSocket route that is not a well-formed
+/// extended `CONNECT` is refused with its reason.
+#[tokio::test]
+async fn bad_websocket_requests_over_h2_are_refused() {
+    let hub = echo_hub().build();
+    let addr = start(&hub, SseConfig::default(), ServeConfig::default(), false).await;
+    let h2 = h2c(addr).await;
+    let res = h2.request(Method::GET, "/ws", &[("sec-websocket-version", "13")], "").await;
+    assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let (res, ws) = connect_ws(&h2, "8").await;
+    assert!(ws.is_none());
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(res.headers()["sec-websocket-version"], "13");
+    assert_eq!(hub.stats().connections, 0);
+}
+
+/// HTTP/2 requests carry their host in `:authority`, not `Host`: the
+/// same-origin checks still see it (a page's own `Origin` passes, another
+/// is refused), for an SSE `POST` and a WebSocket alike.
+#[tokio::test]
+async fn same_origin_checks_read_the_authority() {
+    let hub = echo_hub().build();
+    let addr = start(&hub, SseConfig::default(), ServeConfig::default(), true).await;
+    let h2 = h2_tls(addr).await;
+    let mut es = h2.stream("/events?room=a", &[]).await;
+    let session = es.wait_for("$session").await;
+    let (id, secret) = (session["session"].as_str().unwrap(), session["secret"].as_str().unwrap());
+    let post = |origin: &'static str| {
+        let headers = [
+            ("content-type", "application/json"),
+            ("origin", origin),
+            ("switchboard-session", id),
+            ("switchboard-secret", secret),
+        ];
+        let h2 = &h2;
+        async move { h2.request(Method::POST, "/events", &headers, r#"{"type":"ping","ref":1}"#).await.status() }
+    };
+    assert_eq!(post("https://localhost").await, StatusCode::ACCEPTED);
+    assert_eq!(post("https://elsewhere.example").await, StatusCode::FORBIDDEN);
+    let ws = |origin: &'static str| {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri("https://localhost/ws")
+            .extension(hyper::ext::Protocol::from_static("websocket"))
+            .header("sec-websocket-version", "13")
+            .header("origin", origin)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let mut send = h2.send.clone();
+        async move { tokio::time::timeout(WAIT, send.send_request(req)).await.unwrap().unwrap().status() }
+    };
+    assert_eq!(ws("https://localhost").await, StatusCode::OK);
+    assert_eq!(ws("https://elsewhere.example").await, StatusCode::FORBIDDEN);
+    hub.shutdown(WAIT).await;
 }

@@ -28,6 +28,12 @@
 //! is its HTTP status), and the upgraded connection is handed to the same
 //! tokio-tungstenite transport. The peer address is known when the app is
 //! served with `into_make_service_with_connect_info::<SocketAddr>()`.
+//!
+//! Over HTTP/2 (with [`serve`], which advertises
+//! `SETTINGS_ENABLE_CONNECT_PROTOCOL`) the route also accepts RFC 8441's
+//! extended `CONNECT` with `:protocol = websocket`: the same negotiation
+//! and gate, answered `200` instead of `101`, and the WebSocket runs on
+//! that HTTP/2 stream, next to the page's other requests on one connection.
 
 mod health;
 mod serve;
@@ -36,7 +42,7 @@ pub use health::{health, liveness, readiness};
 pub use serve::{serve, Serve, ServeConfig};
 
 use crate::hub::Hub;
-use crate::transport::ws::{negotiate, Refusal, WsConfig, WsTransport};
+use crate::transport::ws::{negotiate, negotiate_h2, Refusal, WsConfig, WsTransport};
 use crate::transport::Handshake;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
@@ -60,7 +66,9 @@ pub fn route_with_config<S>(hub: Hub, config: WsConfig) -> MethodRouter<S>
 where
     S: Clone + Send + Sync + 'static,
 {
-    get(move |req: Request| {
+    // GET: the HTTP/1.1 upgrade; CONNECT: RFC 8441 over HTTP/2.
+    let filter = axum::routing::MethodFilter::GET.or(axum::routing::MethodFilter::CONNECT);
+    axum::routing::on(filter, move |req: Request| {
         let (hub, config) = (hub.clone(), config.clone());
         async move { upgrade(hub, config, req).await }
     })
@@ -81,15 +89,26 @@ fn refusal(r: Refusal) -> Response {
 /// Handles one upgrade request: validate, authenticate, answer `101`, and
 /// serve the connection on a spawned task once hyper hands it over.
 pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
-    let negotiated = match negotiate(req.method(), req.headers(), config.compression) {
+    // HTTP/2: RFC 8441's extended CONNECT, answered `200`.
+    let h2 = req.version() == http::Version::HTTP_2;
+    let negotiated = if h2 {
+        let protocol = req.extensions().get::<hyper::ext::Protocol>().map(hyper::ext::Protocol::as_str);
+        negotiate_h2(req.method(), protocol, req.headers(), config.compression)
+    } else {
+        negotiate(req.method(), req.headers(), config.compression)
+    };
+    let negotiated = match negotiated {
         Ok(n) => n,
         Err(r) => return refusal(r),
     };
+    // `serve`'s count of the connection's requests in flight: the stream
+    // stays open as long as the WebSocket on it.
+    let stream = req.extensions_mut().remove::<serve::Open>();
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return refusal(Refusal {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             headers: Vec::new(),
-            message: "connection cannot be upgraded (HTTP/2 or no upgrade support)".into(),
+            message: "connection cannot be upgraded (served without upgrade support)".into(),
             close: None,
         });
     };
@@ -112,8 +131,9 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
                     if let Ok(upgraded) = on_upgrade.await {
                         crate::transport::ws::close_upgraded(TokioIo::new(upgraded), code, &reason).await;
                     }
+                    drop(stream);
                 });
-                return switching_protocols(&negotiated);
+                return switching_protocols(&negotiated, h2);
             }
             r => return refusal(r),
         },
@@ -130,23 +150,28 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
                 let max = hub.config().max_message_size;
                 let transport = WsTransport::upgraded(TokioIo::new(upgraded), &config, max, deflate);
                 let session = hub.serve(transport, &hs, identity);
-                super::ws::spawn_session(session, admission);
+                super::ws::spawn_session(session, (admission, stream));
             }
             Err(e) => tracing::debug!(error = %e, "upgrade failed"),
         }
     });
-    switching_protocols(&negotiated)
+    switching_protocols(&negotiated, h2)
 }
 
-/// The `101` answer to a negotiated upgrade.
-fn switching_protocols(negotiated: &crate::transport::ws::Negotiated) -> Response {
+/// The answer to a negotiated upgrade: `101` over HTTP/1.1, `200` over
+/// HTTP/2 (RFC 8441 §5, with no upgrade headers and no accept key).
+fn switching_protocols(negotiated: &crate::transport::ws::Negotiated, h2: bool) -> Response {
     let mut res = Response::new(Body::empty());
-    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    if !h2 {
+        *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    }
     let h = res.headers_mut();
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    if let Ok(v) = HeaderValue::from_str(&negotiated.accept) {
-        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    if !h2 {
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Ok(v) = HeaderValue::from_str(&negotiated.accept) {
+            h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+        }
     }
     if let Some(p) = negotiated.subprotocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));

@@ -73,8 +73,12 @@ pub async fn accept(stream: TcpStream, peer: SocketAddr, hub: &Hub, config: &WsC
 }
 
 /// Runs a connection's session on a task of its own, holding its admission
-/// slots until it ends (or the task is dropped).
-pub(crate) fn spawn_session(session: impl std::future::Future<Output = ()> + Send + 'static, admission: Admission) {
+/// slots (and whatever else `admission` holds) until it ends (or the task
+/// is dropped).
+pub(crate) fn spawn_session<A: Send + 'static>(
+    session: impl std::future::Future<Output = ()> + Send + 'static,
+    admission: A,
+) {
     use futures::FutureExt;
     // `map`, not `async move { session.await; … }`: such a wrapper keeps both
     // the captured future and the one being awaited, doubling the task

@@ -3,7 +3,9 @@
 // HTTP/1.1 would allow, and every one is live: each gets the event
 // published after all ten have joined. The page's own load and the publish
 // request went over HTTP/2 (`nextHopProtocol` "h2", and the server saw
-// HTTP/2). Chromium ignores certificate errors for this run only (the
+// HTTP/2). Then a WebSocket from the same page goes over HTTP/2 too (RFC
+// 8441 extended CONNECT: the server saw `HTTP/2.0 CONNECT`), gets its hello
+// and the reply to a call. Chromium ignores certificate errors for this run only (the
 // server's certificate is made by the test).
 //
 //   node tests/browser/h2.mjs https://127.0.0.1:PORT SCREENSHOT_DIR
@@ -39,6 +41,25 @@ await step("publish once all are open; the server sees HTTP/2", async () => {
 await step(`every one of the ${STREAMS} streams gets the event`, () =>
   page.waitForFunction((n) => window.got.size === n, STREAMS),
 );
+await step("a WebSocket on the same origin gets its hello and a reply", async () => {
+  const reply = await page.evaluate(
+    () =>
+      new Promise((resolve, reject) => {
+        const ws = new WebSocket(location.origin.replace("https:", "wss:") + "/ws", "switchboard.v1.json");
+        ws.onerror = () => reject(new Error("the WebSocket failed"));
+        ws.onmessage = (m) => {
+          const msg = JSON.parse(m.data);
+          if (msg.type === "hello") ws.send(JSON.stringify({ type: "call", ref: 1, event: "echo", data: "over h2" }));
+          if (msg.type === "reply" || msg.type === "error") resolve(msg);
+        };
+      }),
+  );
+  if (reply.type !== "reply" || reply.data !== "over h2") throw new Error(JSON.stringify(reply));
+});
+await step("the WebSocket came over HTTP/2 (extended CONNECT)", async () => {
+  const seen = await page.evaluate(() => fetch("/test/ws-versions").then((r) => r.text()));
+  if (seen !== "HTTP/2.0 CONNECT") throw new Error(`the WebSocket requests came as: ${seen}`);
+});
 await step("screenshot", async () => {
   mkdirSync(shots, { recursive: true });
   const path = join(shots, "h2-sse.png");

@@ -228,7 +228,10 @@ impl ServeConfig {
 ///    however many streams it carries, while every SSE stream and
 ///    WebSocket on it is a session of its own for the hub's per-address and
 ///    total limits. Idle connections are pinged
-///    ([`ServeConfig::http2_keep_alive`]).
+///    ([`ServeConfig::http2_keep_alive`]). A request without `Host` gets
+///    one from its `:authority`, so origin checks work as over HTTP/1.1,
+///    and extended `CONNECT` (RFC 8441) is on: the WebSocket route
+///    ([`route`](super::route)) serves WebSockets over HTTP/2 streams.
 ///
 /// When the process runs out of file descriptors, `accept` fails with
 /// `EMFILE`: the server then releases one descriptor it keeps in reserve,
@@ -606,6 +609,7 @@ impl Conn<'_> {
                 if req.headers().len() > max_headers {
                     return Ok::<_, Infallible>(too_many_headers().map(|body| Tracked { body, _open: open }));
                 }
+                authority_as_host(&mut req);
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req.extensions_mut().insert(open.clone());
                 let res = tower_service::Service::call(&mut router, req).await?;
@@ -649,6 +653,19 @@ async fn drive<C, E>(
     graceful(conn.as_mut());
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+/// An HTTP/2 request names its host in `:authority` (the URI) and usually
+/// sends no `Host`; the origin checks of the WebSocket and SSE endpoints
+/// (and most handlers) read `Host`, so it is filled in from the authority,
+/// as RFC 9113 §8.3.1 says a translation to HTTP/1.1 does.
+fn authority_as_host<B>(req: &mut http::Request<B>) {
+    if req.headers().contains_key(http::header::HOST) {
+        return;
+    }
+    if let Some(host) = req.uri().authority().and_then(|a| http::HeaderValue::from_str(a.as_str()).ok()) {
+        req.headers_mut().insert(http::header::HOST, host);
     }
 }
 

@@ -10,7 +10,7 @@ use std::borrow::Cow;
 /// What a valid upgrade request negotiated.
 #[derive(Debug)]
 pub(crate) struct Negotiated {
-    /// `Sec-WebSocket-Accept` value.
+    /// `Sec-WebSocket-Accept` value (empty over HTTP/2, which has none).
     pub accept: String,
     /// The subprotocol chosen (the client's first offer that we speak), if any.
     pub subprotocol: Option<&'static str>,
@@ -71,9 +71,7 @@ fn header_has_token(headers: &HeaderMap, name: http::header::HeaderName, token: 
 ///   [`Compression::Off`] and the client offers one we can honour
 ///   ([`deflate::negotiate`]); anything else offered is ignored.
 pub(crate) fn negotiate(method: &Method, headers: &HeaderMap, compression: Compression) -> Result<Negotiated, Refusal> {
-    use http::header::{
-        CONNECTION, SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_PROTOCOL, SEC_WEBSOCKET_VERSION, UPGRADE,
-    };
+    use http::header::{CONNECTION, SEC_WEBSOCKET_KEY, SEC_WEBSOCKET_VERSION, UPGRADE};
     if !header_has_token(headers, UPGRADE, "websocket") || !header_has_token(headers, CONNECTION, "upgrade") {
         let mut r = Refusal::new(StatusCode::UPGRADE_REQUIRED, "this endpoint only speaks WebSocket");
         r.headers.push(("upgrade", "websocket".into()));
@@ -93,6 +91,40 @@ pub(crate) fn negotiate(method: &Method, headers: &HeaderMap, compression: Compr
     if key.len() != 24 || !key.ends_with(b"==") {
         return Err(Refusal::new(StatusCode::BAD_REQUEST, "missing or malformed Sec-WebSocket-Key"));
     }
+    negotiate_options(headers, compression, tokio_tungstenite::tungstenite::handshake::derive_accept_key(key))
+}
+
+/// Validates a WebSocket request over HTTP/2 (RFC 8441: an extended
+/// `CONNECT` whose `:protocol` is `protocol`) and negotiates like
+/// [`negotiate`]; there is no key, and no `Sec-WebSocket-Accept` (the
+/// answer is `200`). Not `CONNECT` → 405; another protocol → 400.
+pub(crate) fn negotiate_h2(
+    method: &Method,
+    protocol: Option<&str>,
+    headers: &HeaderMap,
+    compression: Compression,
+) -> Result<Negotiated, Refusal> {
+    if method != Method::CONNECT {
+        return Err(Refusal::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "WebSockets over HTTP/2 use an extended CONNECT (RFC 8441)",
+        ));
+    }
+    if protocol != Some("websocket") {
+        return Err(Refusal::new(StatusCode::BAD_REQUEST, "this endpoint only speaks the websocket protocol"));
+    }
+    if headers.get(http::header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        let mut r = Refusal::new(StatusCode::BAD_REQUEST, "unsupported WebSocket version");
+        r.headers.push(("sec-websocket-version", "13".into()));
+        return Err(r);
+    }
+    negotiate_options(headers, compression, String::new())
+}
+
+/// What both handshakes negotiate alike: the subprotocol and
+/// `permessage-deflate`.
+fn negotiate_options(headers: &HeaderMap, compression: Compression, accept: String) -> Result<Negotiated, Refusal> {
+    use http::header::{SEC_WEBSOCKET_EXTENSIONS, SEC_WEBSOCKET_PROTOCOL};
     let mut offers = headers
         .get_all(SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -113,7 +145,7 @@ pub(crate) fn negotiate(method: &Method, headers: &HeaderMap, compression: Compr
     }
     let extensions = headers.get_all(SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok());
     let deflate = deflate::negotiate(extensions, compression);
-    Ok(Negotiated { accept: tokio_tungstenite::tungstenite::handshake::derive_accept_key(key), subprotocol, deflate })
+    Ok(Negotiated { accept, subprotocol, deflate })
 }
 
 /// The raw `101 Switching Protocols` response.

@@ -31,7 +31,7 @@ pub(crate) use deflate::compressed_frame;
 pub(crate) use deflate::RESPONSE as DEFLATE_RESPONSE;
 pub(crate) use handshake::Refusal;
 #[cfg(feature = "axum")]
-pub(crate) use handshake::{close_upgraded, negotiate, Negotiated};
+pub(crate) use handshake::{close_upgraded, negotiate, negotiate_h2, Negotiated};
 
 /// The handshake negotiation, for the `handshake` fuzz target.
 #[cfg(fuzzing)]
