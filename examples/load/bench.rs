@@ -173,10 +173,23 @@ fn self_cpu() -> f64 {
 /// Opens a client and waits for the server's first message (`hello` or
 /// `welcome`): from then on it receives what is published.
 async fn open(addr: SocketAddr, opts: &ConnOpts, i: usize, checked: bool) -> io::Result<Client> {
+    if opts.kind.sse() {
+        return open_sse(addr, opts, i).await;
+    }
     let mut c =
         Client::connect(addr, source_ip(i, opts.source_ips), checked, 0x9E37_79B9 ^ i as u32, opts.kind.subprotocol())
             .await?;
     c.next_data(|_| ()).await?.ok_or_else(|| io::Error::other("closed before the first message"))?;
+    Ok(c)
+}
+
+/// Opens an SSE stream and waits until it receives what is published: on
+/// switchboard the `$joined` of the query's room, on raw-sse its greeting.
+async fn open_sse(addr: SocketAddr, opts: &ConnOpts, i: usize) -> io::Result<Client> {
+    let stream = client::tcp(addr, source_ip(i, opts.source_ips)).await?;
+    let mut c = Client::Sse(Box::new(client::Sse::open(stream, addr, &opts.kind.sse_path()).await?));
+    let ready: &[u8] = if opts.kind.is_switchboard() { b"event: $joined\n" } else { b"data: welcome\n" };
+    wait_for(&mut c, ready, &[b"event: $join_error\n", b"event: $close\n"], "opening the stream").await?;
     Ok(c)
 }
 
@@ -191,23 +204,29 @@ async fn join(c: &mut Client, msgpack: bool) -> io::Result<()> {
         c.text(msg.as_bytes()).await?;
         (br#""type":"reply""#, br#""type":"error""#)
     };
+    wait_for(c, reply, &[error], "joining").await
+}
+
+/// Reads messages until one contains `ok`; one containing any of `refused`
+/// is an error.
+async fn wait_for(c: &mut Client, ok: &[u8], refused: &[&[u8]], what: &str) -> io::Result<()> {
     loop {
         let kind = c
             .next_data(|m| {
-                if client::find(m, reply).is_some() {
+                if client::find(m, ok).is_some() {
                     Ok(true)
-                } else if client::find(m, error).is_some() {
+                } else if refused.iter().any(|r| client::find(m, r).is_some()) {
                     Err(String::from_utf8_lossy(m).into_owned())
                 } else {
                     Ok(false)
                 }
             })
             .await?
-            .ok_or_else(|| io::Error::other("closed while joining"))?;
+            .ok_or_else(|| io::Error::other(format!("closed while {what}")))?;
         match kind {
             Ok(true) => return Ok(()),
             Ok(false) => continue,
-            Err(e) => return Err(io::Error::other(format!("join refused: {e}"))),
+            Err(e) => return Err(io::Error::other(format!("refused while {what}: {e}"))),
         }
     }
 }
@@ -234,6 +253,10 @@ struct Shared {
     wake_at: AtomicU64,
     progress: Notify,
     frame_len: AtomicUsize,
+    /// SSE: bytes read by the subscribers that received every message,
+    /// from the start of the run to their last message, and how many they are.
+    wire_bytes: AtomicU64,
+    wire_subs: AtomicU64,
     /// Latency histograms, one per shard of subscribers (merged at the
     /// end): with a multi-thread generator one shared lock per delivery
     /// would be contended by every thread.
@@ -274,8 +297,12 @@ pub struct RunReport {
     /// Subscribers on a full tokio-tungstenite client.
     pub checked_subscribers: usize,
     /// Size of a frame's payload as a subscriber receives it (switchboard
-    /// wraps the payload in an `event` envelope).
+    /// wraps the payload in an `event` envelope); SSE: the event's bytes,
+    /// its `event:`/`data:` lines and blank line included.
     pub received_message_bytes: usize,
+    /// SSE: bytes read from the socket per delivery (chunk framing and
+    /// comments included), over the subscribers that received everything.
+    pub wire_bytes_per_delivery: Option<f64>,
     pub connect_s: f64,
     pub connects_per_s: f64,
     pub join_s: Option<f64>,
@@ -337,6 +364,8 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
         wake_at: AtomicU64::new(u64::MAX),
         progress: Notify::new(),
         frame_len: AtomicUsize::new(0),
+        wire_bytes: AtomicU64::new(0),
+        wire_subs: AtomicU64::new(0),
         stopping: AtomicBool::new(false),
         hists: (0..HIST_SHARDS)
             .map(|_| Histogram::new_with_bounds(1, 120_000_000, 3).map(Mutex::new).map_err(io::Error::other))
@@ -359,17 +388,9 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
             let permit = sem.acquire_owned().await;
             let opened = open(addr, &conn, i, i < conn.checked).await;
             drop(permit);
-            let mut c = match opened {
-                Ok(c) => {
-                    let _ = ready.send(Ok(()));
-                    c
-                }
-                Err(e) => {
-                    let _ = ready.send(Err(e));
-                    return;
-                }
-            };
-            if conn.kind.is_switchboard() {
+            let Some(mut c) = report_open(opened, &ready) else { return };
+            // SSE streams joined from their query while opening.
+            if conn.kind.is_switchboard() && !conn.kind.sse() {
                 if phase.wait_for(|p| *p >= Phase::Join).await.is_err() {
                     return;
                 }
@@ -396,7 +417,7 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
     drop(ready_tx);
     wait_all(&mut ready_rx, n, "connect").await?;
     let connect_s = t_connect.elapsed().as_secs_f64();
-    let join_s = if opts.conn.kind.is_switchboard() {
+    let join_s = if opts.conn.kind.is_switchboard() && !opts.conn.kind.sse() {
         let t = Instant::now();
         let _ = phase_tx.send(Phase::Join);
         wait_all(&mut ready_rx, n, "join").await?;
@@ -552,6 +573,10 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
         max_inflight: opts.conn.kind.is_switchboard().then_some(opts.conn.max_inflight).flatten(),
         checked_subscribers: opts.conn.checked.min(n),
         received_message_bytes: sh.frame_len.load(Ordering::Relaxed),
+        wire_bytes_per_delivery: match sh.wire_subs.load(Ordering::Relaxed) {
+            0 => None,
+            subs => Some(sh.wire_bytes.load(Ordering::Relaxed) as f64 / (subs * m) as f64),
+        },
         connect_s,
         connects_per_s: n as f64 / connect_s,
         join_s,
@@ -574,6 +599,18 @@ pub async fn run(opts: &RunOpts) -> io::Result<RunReport> {
         generator_cpu_s: gen_cpu_s,
         generator_cpu_s_per_million: per_million(gen_cpu_s),
     })
+}
+
+/// Tells the driver whether a connection opened; the connection if it did.
+fn report_open<T>(opened: io::Result<T>, ready: &mpsc::UnboundedSender<io::Result<()>>) -> Option<T> {
+    let result = opened.map(Some).unwrap_or_else(|e| {
+        let _ = ready.send(Err(e));
+        None
+    });
+    if result.is_some() {
+        let _ = ready.send(Ok(()));
+    }
+    result
 }
 
 /// Waits for `n` results from the subscribers; the first error ends the run.
@@ -616,6 +653,7 @@ async fn subscribe(c: &mut Client, sh: &Shared, index: usize, msgpack: bool) -> 
     };
     let mut next_seq = 0u64;
     let mut received = 0u64;
+    let wire0 = c.wire_bytes();
     loop {
         let got = c
             .next_data(|msg| {
@@ -644,8 +682,14 @@ async fn subscribe(c: &mut Client, sh: &Shared, index: usize, msgpack: bool) -> 
         if d >= sh.wake_at.load(Ordering::Relaxed) {
             sh.progress.notify_one();
         }
-        if received == sh.m && sh.done_subs.fetch_add(1, Ordering::Relaxed) + 1 == sh.n {
-            sh.all_done.notify_one();
+        if received == sh.m {
+            if let (Some(w0), Some(w1)) = (wire0, c.wire_bytes()) {
+                sh.wire_bytes.fetch_add(w1 - w0, Ordering::Relaxed);
+                sh.wire_subs.fetch_add(1, Ordering::Relaxed);
+            }
+            if sh.done_subs.fetch_add(1, Ordering::Relaxed) + 1 == sh.n {
+                sh.all_done.notify_one();
+            }
         }
     }
 }
@@ -696,6 +740,18 @@ pub async fn idle(opts: &IdleOpts) -> io::Result<IdleReport> {
         let (conn, sem, ready, pings) = (opts.conn.clone(), sem.clone(), ready_tx.clone(), pings.clone());
         tasks.spawn(async move {
             let permit = sem.acquire_owned().await;
+            if conn.kind.sse() {
+                let opened = open_sse(addr, &conn, i).await;
+                drop(permit);
+                let Some(mut c) = report_open(opened, &ready) else { return };
+                // Read forever, counting the heartbeat comments.
+                while let Ok(Some(ping)) = c.next_data(|ev| ev.starts_with(b": ping")).await {
+                    if ping {
+                        pings.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                return;
+            }
             let opened = async {
                 let mut c = Lean::handshake(
                     client::tcp(addr, source_ip(i, conn.source_ips)).await?,
@@ -713,18 +769,7 @@ pub async fn idle(opts: &IdleOpts) -> io::Result<IdleReport> {
             }
             .await;
             drop(permit);
-            let Client::Lean(mut c) = (match opened {
-                Ok(c) => {
-                    let _ = ready.send(Ok(()));
-                    c
-                }
-                Err(e) => {
-                    let _ = ready.send(Err(e));
-                    return;
-                }
-            }) else {
-                return;
-            };
+            let Some(Client::Lean(mut c)) = report_open(opened, &ready) else { return };
             // Read forever: answer pings, count them.
             while let Ok(Some((op, r))) = c.rd.frame().await {
                 match op {

@@ -11,6 +11,11 @@
 //! - [`Checked`]: a full tokio-tungstenite client, used for a few
 //!   subscribers of every run, so that every server's frames are also
 //!   validated by a complete RFC 6455 implementation (UTF-8 included).
+//! - [`Sse`]: a minimal HTTP/1.1 Server-Sent Events client for the SSE
+//!   kinds: a `GET` written by hand, the response head checked (`200`,
+//!   `text/event-stream`), the chunked body decoded strictly (hex sizes, the
+//!   CRLF after every chunk, the final chunk) and split into events at each
+//!   blank line (`\n\n`; both SSE servers write LF line ends only).
 
 use futures::{SinkExt, StreamExt};
 use std::io;
@@ -60,6 +65,28 @@ pub struct LeanWriter {
     mask_state: u32,
 }
 
+/// Writes a request head and reads the response head into a new read
+/// buffer: `(buffer, head length, bytes read)`; what follows the head is
+/// the start of the body (or of the frames).
+async fn request(stream: &mut TcpStream, req: &str) -> io::Result<(Vec<u8>, usize, usize)> {
+    stream.write_all(req.as_bytes()).await?;
+    let mut buf = vec![0u8; READ_BUF];
+    let mut end = 0;
+    loop {
+        let n = stream.read(&mut buf[end..]).await?;
+        if n == 0 {
+            return Err(proto("server closed before the response head"));
+        }
+        end += n;
+        if let Some(p) = find(&buf[..end], b"\r\n\r\n") {
+            return Ok((buf, p + 4, end));
+        }
+        if end == buf.len() {
+            return Err(proto("response head too large"));
+        }
+    }
+}
+
 /// A lean client connection.
 pub struct Lean {
     pub rd: LeanReader,
@@ -84,22 +111,7 @@ impl Lean {
             "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n"
         );
-        stream.write_all(req.as_bytes()).await?;
-        let mut buf = vec![0u8; READ_BUF];
-        let mut end = 0;
-        let head_len = loop {
-            let n = stream.read(&mut buf[end..]).await?;
-            if n == 0 {
-                return Err(proto("server closed during the handshake"));
-            }
-            end += n;
-            if let Some(p) = find(&buf[..end], b"\r\n\r\n") {
-                break p + 4;
-            }
-            if end == buf.len() {
-                return Err(proto("handshake response too large"));
-            }
-        };
+        let (buf, head_len, end) = request(&mut stream, &req).await?;
         let head = std::str::from_utf8(&buf[..head_len]).map_err(|_| proto("non-UTF-8 response head"))?;
         if !head.starts_with("HTTP/1.1 101") {
             return Err(proto(format!("upgrade refused: {}", head.lines().next().unwrap_or(""))));
@@ -173,23 +185,34 @@ impl LeanReader {
                     self.buf.resize(total.next_power_of_two(), 0);
                 }
             }
-            // Need more bytes: move what is left to the front and read.
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            if self.end == self.buf.len() {
-                let len = self.buf.len() * 2;
-                self.buf.resize(len, 0);
-            }
-            let n = self.rd.read(&mut self.buf[self.end..]).await?;
-            if n == 0 {
+            // Need more bytes.
+            if read_more(&mut self.rd, &mut self.buf, &mut self.start, &mut self.end).await? == 0 {
                 return Ok(None);
             }
-            self.end += n;
         }
     }
+}
+
+/// Moves what is left of `buf[*start..*end]` to the front (growing the
+/// buffer when it is full) and reads more after it: the bytes read, 0 at
+/// the end of the stream.
+async fn read_more(
+    rd: &mut (impl tokio::io::AsyncRead + Unpin),
+    buf: &mut Vec<u8>,
+    start: &mut usize,
+    end: &mut usize,
+) -> io::Result<usize> {
+    if *start > 0 {
+        buf.copy_within(*start..*end, 0);
+        *end -= *start;
+        *start = 0;
+    }
+    if *end == buf.len() {
+        buf.resize(buf.len() * 2, 0);
+    }
+    let n = rd.read(&mut buf[*end..]).await?;
+    *end += n;
+    Ok(n)
 }
 
 /// Parses a server frame header: `(opcode, header length, payload length)`,
@@ -344,10 +367,163 @@ impl Checked {
     }
 }
 
+/// A Server-Sent Events subscriber.
+pub struct Sse {
+    stream: TcpStream,
+    /// Bytes as read from the socket (`raw[rs..re]` not decoded yet).
+    raw: Vec<u8>,
+    rs: usize,
+    re: usize,
+    chunked: bool,
+    /// Bytes of the current chunk not decoded yet.
+    chunk_left: usize,
+    /// A chunk's data was read; its CRLF comes next.
+    crlf_due: bool,
+    /// The body ended (final chunk, or the connection closed).
+    ended: bool,
+    /// The decoded body (`body[bs..]` not handed out yet).
+    body: Vec<u8>,
+    bs: usize,
+    /// Bytes read from the socket after the response head.
+    wire: u64,
+}
+
+impl Sse {
+    /// Sends `GET path` on a connected socket and reads the response head.
+    pub async fn open(mut stream: TcpStream, addr: SocketAddr, path: &str) -> io::Result<Sse> {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n");
+        let (raw, head_len, end) = request(&mut stream, &req).await?;
+        let head = std::str::from_utf8(&raw[..head_len]).map_err(|_| proto("non-UTF-8 response head"))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(proto(format!("stream refused: {}", head.lines().next().unwrap_or(""))));
+        }
+        let header = |name: &str| {
+            head.lines().find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.trim().to_ascii_lowercase())
+            })
+        };
+        if !header("content-type").is_some_and(|t| t.starts_with("text/event-stream")) {
+            return Err(proto("not text/event-stream"));
+        }
+        let chunked = header("transfer-encoding").is_some_and(|t| t == "chunked");
+        if !chunked && header("content-length").is_some() {
+            return Err(proto("an event stream with a content-length"));
+        }
+        Ok(Sse {
+            stream,
+            wire: (end - head_len) as u64,
+            raw,
+            rs: head_len,
+            re: end,
+            chunked,
+            chunk_left: 0,
+            crlf_due: false,
+            ended: false,
+            body: Vec::with_capacity(1024),
+            bs: 0,
+        })
+    }
+
+    /// Bytes read after the response head (chunk framing included).
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire
+    }
+
+    /// The next event (or comment) block, with its terminating blank line;
+    /// `None` when the stream ended. `f` sees the block.
+    pub async fn next_event<R>(&mut self, f: impl FnOnce(&[u8]) -> R) -> io::Result<Option<R>> {
+        loop {
+            if let Some(p) = find(&self.body[self.bs..], b"\n\n") {
+                let block = self.bs..self.bs + p + 2;
+                self.bs = block.end;
+                return Ok(Some(f(&self.body[block])));
+            }
+            if self.ended {
+                return Ok(None);
+            }
+            // Only a partial event is left: move it to the front.
+            self.body.drain(..self.bs);
+            self.bs = 0;
+            self.fill().await?;
+        }
+    }
+
+    /// Decodes at least one more body byte, or ends the body.
+    async fn fill(&mut self) -> io::Result<()> {
+        loop {
+            let before = self.body.len();
+            self.decode()?;
+            if self.body.len() > before || self.ended {
+                return Ok(());
+            }
+            let n = read_more(&mut self.stream, &mut self.raw, &mut self.rs, &mut self.re).await?;
+            if n == 0 {
+                self.ended = true;
+                return Ok(());
+            }
+            self.wire += n as u64;
+        }
+    }
+
+    /// Moves what `raw` holds into `body`, undoing the chunked encoding.
+    fn decode(&mut self) -> io::Result<()> {
+        if !self.chunked {
+            self.body.extend_from_slice(&self.raw[self.rs..self.re]);
+            self.rs = self.re;
+            return Ok(());
+        }
+        loop {
+            if self.chunk_left > 0 {
+                let take = self.chunk_left.min(self.re - self.rs);
+                if take == 0 {
+                    return Ok(());
+                }
+                self.body.extend_from_slice(&self.raw[self.rs..self.rs + take]);
+                self.rs += take;
+                self.chunk_left -= take;
+                self.crlf_due = self.chunk_left == 0;
+                continue;
+            }
+            if self.crlf_due {
+                if self.re - self.rs < 2 {
+                    return Ok(());
+                }
+                if &self.raw[self.rs..self.rs + 2] != b"\r\n" {
+                    return Err(proto("chunk data not followed by CRLF"));
+                }
+                self.rs += 2;
+                self.crlf_due = false;
+            }
+            let Some(p) = find(&self.raw[self.rs..self.re], b"\r\n") else {
+                if self.re - self.rs > 64 {
+                    return Err(proto("chunk size line too long"));
+                }
+                return Ok(());
+            };
+            let line = &self.raw[self.rs..self.rs + p];
+            let hex = line.split(|b| *b == b';').next().unwrap_or_default();
+            let size = std::str::from_utf8(hex)
+                .ok()
+                .filter(|h| !h.is_empty() && h.len() <= 8)
+                .and_then(|h| usize::from_str_radix(h, 16).ok())
+                .ok_or_else(|| proto(format!("bad chunk size line {:?}", String::from_utf8_lossy(line))))?;
+            self.rs += p + 2;
+            if size == 0 {
+                self.ended = true;
+                return Ok(());
+            }
+            self.chunk_left = size;
+        }
+    }
+}
+
 /// Either kind of subscriber connection.
 pub enum Client {
     Lean(Box<Lean>),
     Checked(Box<Checked>),
+    Sse(Box<Sse>),
 }
 
 impl Client {
@@ -370,6 +546,15 @@ impl Client {
         match self {
             Client::Lean(c) => c.next_data(f).await,
             Client::Checked(c) => c.next_data(f).await,
+            Client::Sse(c) => c.next_event(f).await,
+        }
+    }
+
+    /// An SSE subscriber's [`Sse::wire_bytes`].
+    pub fn wire_bytes(&self) -> Option<u64> {
+        match self {
+            Client::Sse(c) => Some(c.wire_bytes()),
+            _ => None,
         }
     }
 
@@ -377,6 +562,7 @@ impl Client {
         match self {
             Client::Lean(c) => c.wr.text(payload).await,
             Client::Checked(c) => c.text(payload).await,
+            Client::Sse(_) => Err(proto("an SSE subscriber sends nothing")),
         }
     }
 
@@ -384,6 +570,7 @@ impl Client {
         match self {
             Client::Lean(c) => c.wr.send(OP_BINARY, payload).await,
             Client::Checked(c) => c.binary(payload).await,
+            Client::Sse(_) => Err(proto("an SSE subscriber sends nothing")),
         }
     }
 }

@@ -9,6 +9,7 @@
 //! cargo run --release --example load -- compare --subscribers 8000 --messages 500 --rate 50
 //! cargo run --release --example load -- idle --kind switchboard --connections 8000 --seconds 20 --heartbeat-ms 1000
 //! cargo run --release --example load -- compare-idle --connections 8000 --seconds 20
+//! cargo run --release --example load --all-features -- compare --kinds raw-sse,sb-sse --subscribers 1000 --messages 2000
 //! cargo run --release --example load -- server --kind raw --addr 127.0.0.1:9000
 //! cargo run --release --example load --features client -- storm --clients 1000
 //! ```
@@ -43,7 +44,7 @@ const USAGE: &str = "\
 usage: load <command> [options]
 
 commands:
-  server   --kind switchboard|raw|raw-select [--addr 127.0.0.1:0] [--heartbeat-ms N] [--max-inflight N] [--threads N]
+  server   --kind K [--addr 127.0.0.1:0] [--heartbeat-ms N] [--max-inflight N] [--threads N]
   run      --kind K --subscribers N --messages M [--rate R] [--payload 100] [--json out.json]
   idle     --kind K --connections N --seconds T [--heartbeat-ms 1000] [--json out.json]
   compare  --subscribers N --messages M [--rate R] [--runs 3] [--kinds raw,switchboard,raw-padded] [--json out.json]
@@ -51,7 +52,8 @@ commands:
            against raw at equal payload, `what a user gets`, and against raw-padded at equal bytes,
            `what the machinery costs`)
   compare-idle --connections N --seconds T [--heartbeat-ms 1000] [--runs 1] [--kinds raw,switchboard] [--json out.json]
-  smoke    (200 subscribers x 200 messages flat out per kind; fails on any loss or reordering)
+  smoke    (200 subscribers x 200 messages flat out per kind, the SSE kinds too when built with `sse` and
+           `axum`; fails on any loss or reordering)
   sizes    (bytes of the per-connection task futures each server spawns; what idle RSS is made of)
   attack   --mode tabs|history|churn|fanout|pings|fragments|heads [--seconds S] [--max-p99-ms 250]
            (issue 24: attacks on the chat example with a bystander; see examples/load/attack.rs)
@@ -68,7 +70,10 @@ commands:
 
 kinds: raw, raw-padded, raw-select, and switchboard with its subscribers on switchboard.v1.json
 (`switchboard`), switchboard.v2.json (`sb-v2`), switchboard.v1.msgpack (`sb-msgpack`),
-switchboard.v2.msgpack (`sb-v2-msgpack`)
+switchboard.v2.msgpack (`sb-v2-msgpack`); Server-Sent Events (features `sse` and `axum`): `raw-sse`, a minimal
+hyper server writing each message as one `data:` event to every stream, and `sb-sse`, the hub's SSE transport
+(streams join the room from the query); their subscribers read `text/event-stream`, the publisher is the same
+WebSocket client as for the other kinds. `compare --kinds raw-sse,sb-sse` gives sb-sse's ratios to raw-sse
 
 generator options (run, idle, compare, compare-idle):
   --source-ips N     spread connections over 127.0.0.2 .. 127.0.0.(N+1) (default 4; 0 = no bind)
@@ -296,7 +301,13 @@ async fn cmd_idle(args: &Args) -> Result<ExitCode, String> {
 async fn cmd_smoke(args: &Args) -> Result<ExitCode, String> {
     print_machine();
     let mut reports = Vec::new();
-    for kind in args.kinds("switchboard,raw,raw-select")? {
+    // The SSE kinds too when built with them (CI's default features are not).
+    let kinds = if cfg!(all(feature = "sse", feature = "axum")) {
+        "switchboard,raw,raw-select,raw-sse,sb-sse"
+    } else {
+        "switchboard,raw,raw-select"
+    };
+    for kind in args.kinds(kinds)? {
         let opts = RunOpts {
             conn: args.conn(kind, None)?,
             subscribers: args.or("subscribers", 200)?,
@@ -339,6 +350,12 @@ struct RunMedian {
     runs: usize,
     connects_per_s: f64,
     deliveries_per_s: f64,
+    /// Deliveries/s times the bytes a subscriber receives per message.
+    bytes_per_s: f64,
+    /// The bytes a subscriber receives per message (latest run).
+    message_bytes: usize,
+    /// SSE: bytes read from the socket per delivery, chunk framing included.
+    wire_bytes_per_delivery: Option<f64>,
     lost_total: u64,
     reordered_total: u64,
     publisher_errors_total: u64,
@@ -358,6 +375,7 @@ struct Ratios {
     base: Kind,
     /// Higher is better for `kind`: its figure over the base's.
     deliveries_per_s: f64,
+    bytes_per_s: f64,
     connects_per_s: f64,
     /// Lower is better: its figure over the base's.
     p50: f64,
@@ -372,6 +390,7 @@ impl Ratios {
             kind: m.kind,
             base: base.kind,
             deliveries_per_s: m.deliveries_per_s / base.deliveries_per_s,
+            bytes_per_s: m.bytes_per_s / base.bytes_per_s,
             connects_per_s: m.connects_per_s / base.connects_per_s,
             p50: m.p50_us / base.p50_us,
             p99: m.p99_us / base.p99_us,
@@ -384,7 +403,8 @@ impl Ratios {
 #[derive(Serialize)]
 struct CompareSummary {
     medians: Vec<RunMedian>,
-    /// Every other kind against `raw`: equal payload ("what a user gets").
+    /// Every other kind against `raw` (SSE kinds against `raw-sse`): equal
+    /// payload ("what a user gets").
     ratios_to_raw: Vec<Ratios>,
     /// Switchboard against `raw-padded`: equal bytes on the wire ("what the
     /// machinery costs").
@@ -413,6 +433,10 @@ fn run_median(kind: Kind, reports: &[RunReport]) -> RunMedian {
         runs: rs.len(),
         connects_per_s: med(&|r| r.connects_per_s),
         deliveries_per_s: med(&|r| r.deliveries_per_s),
+        bytes_per_s: med(&|r| r.deliveries_per_s * r.received_message_bytes as f64),
+        message_bytes: rs.last().map_or(0, |r| r.received_message_bytes),
+        wire_bytes_per_delivery: Some(median(rs.iter().filter_map(|r| r.wire_bytes_per_delivery).collect()))
+            .filter(|w| !w.is_nan()),
         lost_total: rs.iter().map(|r| r.lost).sum(),
         reordered_total: rs.iter().map(|r| r.reordered).sum(),
         publisher_errors_total: rs.iter().map(|r| r.publisher_errors).sum(),
@@ -457,11 +481,13 @@ async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
     let medians: Vec<RunMedian> = kinds.iter().map(|&kind| run_median(kind, &reports)).collect();
     println!("\nmedians of {runs} run(s):");
     println!(
-        "{:<12} {:>6} {:>10} {:>11} {:>6} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>9} {:>11}",
+        "{:<12} {:>6} {:>7} {:>10} {:>11} {:>8} {:>6} {:>6} {:>5} {:>8} {:>8} {:>8} {:>8} {:>11} {:>9} {:>11}",
         "kind",
         "bytes",
+        "wire B",
         "connect/s",
         "deliv/s",
+        "MB/s",
         "lost",
         "reord",
         "perr",
@@ -474,13 +500,14 @@ async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
         "gen s/Mdel"
     );
     for m in &medians {
-        let bytes = reports.iter().rev().find(|r| r.kind == m.kind).map_or(0, |r| r.received_message_bytes);
         println!(
-            "{:<12} {:>6} {:>10.0} {:>11.0} {:>6} {:>6} {:>5} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>11.3} {:>9.1} {:>11.3}",
+            "{:<12} {:>6} {:>7} {:>10.0} {:>11.0} {:>8.1} {:>6} {:>6} {:>5} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>11.3} {:>9.1} {:>11.3}",
             m.kind.name(),
-            bytes,
+            m.message_bytes,
+            m.wire_bytes_per_delivery.map_or("-".into(), |w| format!("{w:.1}")),
             m.connects_per_s,
             m.deliveries_per_s,
+            m.bytes_per_s / 1e6,
             m.lost_total,
             m.reordered_total,
             m.publisher_errors_total,
@@ -494,10 +521,18 @@ async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
         );
     }
     let find = |k: Kind| medians.iter().find(|m| m.kind == k);
+    // WebSocket kinds against raw, SSE kinds against raw-sse.
     let mut to_raw = Vec::new();
-    if let Some(raw) = find(Kind::Raw) {
-        let others: Vec<&RunMedian> = medians.iter().filter(|m| m.kind != Kind::Raw).collect();
-        to_raw = print_ratios("what a user gets: equal payload, ratios to raw", raw, &others);
+    for (base_kind, title) in [
+        (Kind::Raw, "what a user gets: equal payload, ratios to raw"),
+        (Kind::RawSse, "SSE, what a user gets: equal payload, ratios to raw-sse"),
+    ] {
+        let Some(base) = find(base_kind) else { continue };
+        let others: Vec<&RunMedian> =
+            medians.iter().filter(|m| m.kind != base_kind && m.kind.sse() == base_kind.sse()).collect();
+        if !others.is_empty() {
+            to_raw.extend(print_ratios(title, base, &others));
+        }
     }
     let mut to_padded = Vec::new();
     if let (Some(padded), Some(sb)) = (find(Kind::RawPadded), first_sb.and_then(find)) {
@@ -513,17 +548,18 @@ async fn cmd_compare(args: &Args) -> Result<ExitCode, String> {
 fn print_ratios(title: &str, base: &RunMedian, others: &[&RunMedian]) -> Vec<Ratios> {
     println!("\n{title} (deliv/s and connect/s: higher is better; latency, CPU, RSS: lower is better):");
     println!(
-        "{:<12} {:>8} {:>10} {:>8} {:>8} {:>12} {:>8}",
-        "kind", "deliv/s", "connect/s", "p50", "p99", "cpu/deliv", "rss"
+        "{:<12} {:>8} {:>8} {:>10} {:>8} {:>8} {:>12} {:>8}",
+        "kind", "deliv/s", "bytes/s", "connect/s", "p50", "p99", "cpu/deliv", "rss"
     );
     others
         .iter()
         .map(|m| {
             let r = Ratios::of(m, base);
             println!(
-                "{:<12} {:>7.2}x {:>9.2}x {:>7.2}x {:>7.2}x {:>11.2}x {:>7.2}x",
+                "{:<12} {:>7.2}x {:>7.2}x {:>9.2}x {:>7.2}x {:>7.2}x {:>11.2}x {:>7.2}x",
                 m.kind.name(),
                 r.deliveries_per_s,
+                r.bytes_per_s,
                 r.connects_per_s,
                 r.p50,
                 r.p99,
@@ -551,9 +587,12 @@ async fn cmd_compare_idle(args: &Args) -> Result<ExitCode, String> {
     println!("\nall runs:");
     print_idle(&reports);
     let mut summary = Vec::new();
-    let raw_rss = median(reports.iter().filter(|r| r.kind == Kind::Raw).map(|r| r.rss_per_connection_bytes).collect());
-    let raw_cpu = median(reports.iter().filter(|r| r.kind == Kind::Raw).map(|r| r.server_cpu_pct_of_core).collect());
-    println!("\nmedians:");
+    // WebSocket kinds against raw, SSE kinds against raw-sse.
+    let base = |kind: Kind| if kind.sse() { Kind::RawSse } else { Kind::Raw };
+    let base_median = |kind: Kind, f: fn(&IdleReport) -> f64| {
+        median(reports.iter().filter(|r| r.kind == base(kind)).map(f).collect())
+    };
+    println!("\nmedians (x raw: against raw-sse for the SSE kinds):");
     println!(
         "{:<12} {:>12} {:>10} {:>12} {:>10} {:>10}",
         "kind", "B/conn", "x raw", "cpu % core", "x raw", "% at 25 s"
@@ -563,6 +602,8 @@ async fn cmd_compare_idle(args: &Args) -> Result<ExitCode, String> {
         let rss = median(rs.iter().map(|r| r.rss_per_connection_bytes).collect());
         let cpu = median(rs.iter().map(|r| r.server_cpu_pct_of_core).collect());
         let at25 = median(rs.iter().filter_map(|r| r.server_cpu_pct_at_25s).collect());
+        let raw_rss = base_median(kind, |r| r.rss_per_connection_bytes);
+        let raw_cpu = base_median(kind, |r| r.server_cpu_pct_of_core);
         println!(
             "{:<12} {:>12.0} {:>9.2}x {:>12.2} {:>9.2}x {:>10.3}",
             kind.name(),
@@ -573,7 +614,7 @@ async fn cmd_compare_idle(args: &Args) -> Result<ExitCode, String> {
             at25
         );
         summary.push(serde_json::json!({
-            "kind": kind, "rss_per_connection_bytes": rss, "rss_ratio_to_raw": rss / raw_rss,
+            "kind": kind, "base": base(kind), "rss_per_connection_bytes": rss, "rss_ratio_to_raw": rss / raw_rss,
             "server_cpu_pct_of_core": cpu, "cpu_ratio_to_raw": cpu / raw_cpu, "server_cpu_pct_at_25s": at25,
         }));
     }

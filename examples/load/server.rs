@@ -62,6 +62,13 @@ pub enum Kind {
     /// equal payload.
     RawPadded,
     RawSelect,
+    /// Server-Sent Events: a minimal hyper server broadcasting each
+    /// published message as one `data:` event to every open stream
+    /// ([`sse::raw`]).
+    RawSse,
+    /// Server-Sent Events: the switchboard hub's SSE transport
+    /// (`integration::sse`), subscribers joining the room from the query.
+    SbSse,
 }
 
 impl Kind {
@@ -74,6 +81,8 @@ impl Kind {
             "raw" => Kind::Raw,
             "raw-padded" => Kind::RawPadded,
             "raw-select" => Kind::RawSelect,
+            "raw-sse" => Kind::RawSse,
+            "switchboard-sse" | "sb-sse" => Kind::SbSse,
             _ => return None,
         })
     }
@@ -87,6 +96,8 @@ impl Kind {
             Kind::Raw => "raw",
             Kind::RawPadded => "raw-padded",
             Kind::RawSelect => "raw-select",
+            Kind::RawSse => "raw-sse",
+            Kind::SbSse => "sb-sse",
         }
     }
 }
@@ -94,7 +105,22 @@ impl Kind {
 impl Kind {
     /// Whether the server is switchboard (subscribers join, the publisher calls).
     pub fn is_switchboard(self) -> bool {
-        self.subprotocol().is_some()
+        self.subprotocol().is_some() || self == Kind::SbSse
+    }
+
+    /// Whether subscribers read Server-Sent Events (the publisher still
+    /// speaks WebSocket, as with every other kind).
+    pub fn sse(self) -> bool {
+        matches!(self, Kind::RawSse | Kind::SbSse)
+    }
+
+    /// The path an SSE subscriber opens: switchboard's streams join the
+    /// room named in the query.
+    pub fn sse_path(self) -> String {
+        match self {
+            Kind::SbSse => format!("/events?room={ROOM}"),
+            _ => "/events".into(),
+        }
     }
 
     /// The subprotocol switchboard subscribers offer.
@@ -142,6 +168,20 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(4096)
 }
 
+/// The next connection; failures (running out of file descriptors and
+/// the like) are transient: log, back off briefly, accept again.
+async fn accept(listener: &TcpListener, who: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(a) => return a,
+            Err(e) => {
+                eprintln!("{who}: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Runs a server until the process is killed. Prints `ready <addr>` on
 /// stdout once it listens.
 pub async fn run(opts: ServerOpts) -> io::Result<()> {
@@ -164,6 +204,20 @@ pub async fn run(opts: ServerOpts) -> io::Result<()> {
             println!("ready {addr}");
             raw_select::serve(listener, opts.heartbeat).await
         }
+        #[cfg(all(feature = "sse", feature = "axum"))]
+        Kind::SbSse => {
+            let hub = switchboard_hub(&opts);
+            record_metrics(&hub);
+            println!("ready {addr}");
+            sse::switchboard(listener, hub).await
+        }
+        #[cfg(all(feature = "sse", feature = "axum"))]
+        Kind::RawSse => {
+            println!("ready {addr}");
+            sse::raw::serve(listener, opts.heartbeat).await
+        }
+        #[cfg(not(all(feature = "sse", feature = "axum")))]
+        Kind::SbSse | Kind::RawSse => Err(io::Error::other("the SSE kinds need the `sse` and `axum` features")),
     }
 }
 
@@ -302,14 +356,7 @@ pub mod raw {
             tokio::spawn(heartbeats(state.clone(), every));
         }
         loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(a) => a,
-                Err(e) => {
-                    eprintln!("raw: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (stream, _) = accept(&listener, "raw").await;
             let state = state.clone();
             tokio::spawn(async move {
                 let _ = connection(stream, state).await;
@@ -519,14 +566,7 @@ pub mod raw_select {
             });
         }
         loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(a) => a,
-                Err(e) => {
-                    eprintln!("raw-select: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
+            let (stream, _) = accept(&listener, "raw-select").await;
             let id = next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx, pings, publisher) = (tx.clone(), tx.subscribe(), ping_tx.subscribe(), publisher.clone());
             tokio::spawn(async move {
@@ -577,6 +617,197 @@ pub mod raw_select {
                 },
                 Ok(()) = pings.recv() => ws.send(Message::Ping(Bytes::new())).await?,
             }
+        }
+    }
+}
+
+#[cfg(all(feature = "sse", feature = "axum"))]
+pub mod sse {
+    //! The SSE servers. Both are plain hyper HTTP/1.1 connections (one
+    //! accept loop, [`serve_http`]): `GET /events` opens a stream, any other
+    //! path upgrades to WebSocket, which is how the publisher connects to
+    //! either server (the same publisher as every other kind).
+
+    use super::*;
+    use axum::body::Body;
+    use hyper::body::Incoming;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
+    use std::convert::Infallible;
+    use std::future::Future;
+
+    /// Serves every accepted connection with hyper's HTTP/1.1 server
+    /// (upgrades allowed), answering each request with `handle`.
+    async fn serve_http<F, Fut>(listener: TcpListener, handle: F) -> io::Result<()>
+    where
+        F: Fn(Request<Incoming>, SocketAddr) -> Fut + Clone + Send + Sync + 'static,
+        Fut: Future<Output = Response<Body>> + Send + 'static,
+    {
+        loop {
+            let (stream, peer) = accept(&listener, "sse").await;
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let _ = stream.set_nodelay(true);
+                let svc = hyper::service::service_fn(move |req| {
+                    let fut = handle(req, peer);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    }
+
+    /// `sb-sse`: the hub's [`SseEndpoint`](switchboard::integration::sse::SseEndpoint)
+    /// on `/events` (streams join the rooms of their query), its WebSocket
+    /// upgrade (`integration::axum::upgrade`) everywhere else.
+    pub async fn switchboard(listener: TcpListener, hub: Hub) -> io::Result<()> {
+        use switchboard::integration::sse::SseEndpoint;
+        let endpoint = SseEndpoint::new(hub.clone());
+        serve_http(listener, move |req: Request<Incoming>, peer| {
+            let (endpoint, hub) = (endpoint.clone(), hub.clone());
+            async move {
+                if req.uri().path() == "/events" {
+                    endpoint.handle(req, Some(peer)).await.map(Body::new)
+                } else {
+                    let mut req = req.map(Body::new);
+                    req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                    switchboard::integration::axum::upgrade(hub, WsConfig::default(), req).await
+                }
+            }
+        })
+        .await
+    }
+
+    pub mod raw {
+        //! `raw-sse`: the minimal fair SSE broadcast server. Each stream's
+        //! body reads an unbounded channel of pre-formatted events (as the
+        //! raw WebSocket server's writer reads its queue); a published
+        //! message is formatted once (`data: <payload>\n\n`) and the same
+        //! bytes are queued to every stream. No envelope, no ids, no event
+        //! names: what the payload costs and nothing else.
+
+        use super::*;
+        use tokio::sync::mpsc;
+        use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        use tokio_tungstenite::WebSocketStream;
+
+        #[derive(Default)]
+        struct State {
+            streams: RwLock<HashMap<u64, mpsc::UnboundedSender<Bytes>>>,
+            next_id: AtomicU64,
+        }
+
+        /// A stream's body: its queued events, one chunk each (hyper
+        /// gathers what is ready into one write). Leaving the map when the
+        /// connection ends.
+        struct Stream {
+            rx: mpsc::UnboundedReceiver<Bytes>,
+            id: u64,
+            state: Arc<State>,
+        }
+
+        impl http_body::Body for Stream {
+            type Data = Bytes;
+            type Error = Infallible;
+
+            fn poll_frame(
+                mut self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+                self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+            }
+        }
+
+        impl Drop for Stream {
+            fn drop(&mut self) {
+                self.state.streams.write().remove(&self.id);
+            }
+        }
+
+        /// `data: <text>\n\n`, the text being one line (compact JSON).
+        pub fn event(text: &[u8]) -> Bytes {
+            let mut b = BytesMut::with_capacity(text.len() + 8);
+            b.put_slice(b"data: ");
+            b.put_slice(text);
+            b.put_slice(b"\n\n");
+            b.freeze()
+        }
+
+        pub async fn serve(listener: TcpListener, heartbeat: Option<Duration>) -> io::Result<()> {
+            let state = Arc::new(State { next_id: AtomicU64::new(1), ..State::default() });
+            if let Some(every) = heartbeat {
+                // One shared timer, one pre-formatted comment for every stream.
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let ping = Bytes::from_static(b": ping\n\n");
+                    let mut tick = tokio::time::interval(every);
+                    tick.tick().await;
+                    loop {
+                        tick.tick().await;
+                        for tx in state.streams.read().values() {
+                            let _ = tx.send(ping.clone());
+                        }
+                    }
+                });
+            }
+            serve_http(listener, move |req: Request<Incoming>, _peer| {
+                let state = state.clone();
+                async move { handle(req, state) }
+            })
+            .await
+        }
+
+        fn handle(mut req: Request<Incoming>, state: Arc<State>) -> Response<Body> {
+            if req.uri().path() == "/events" {
+                let (tx, rx) = mpsc::unbounded_channel();
+                // The greeting tells the client it is registered.
+                let _ = tx.send(event(WELCOME));
+                let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+                state.streams.write().insert(id, tx);
+                return Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .header("cache-control", "no-cache")
+                    .body(Body::new(Stream { rx, id, state }))
+                    .unwrap_or_default();
+            }
+            // The publisher: a WebSocket upgrade; every text message it
+            // sends is broadcast.
+            let key = req.headers().get("sec-websocket-key").map(|k| derive_accept_key(k.as_bytes()));
+            let (Some(accept), Some(on_upgrade)) = (key, req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>())
+            else {
+                return Response::builder()
+                    .status(400)
+                    .body(Body::from("not an SSE or WebSocket request"))
+                    .unwrap_or_default();
+            };
+            tokio::spawn(async move {
+                let Ok(upgraded) = on_upgrade.await else { return };
+                let mut ws =
+                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(raw_ws_config())).await;
+                if ws.send(Message::text("welcome")).await.is_err() {
+                    return;
+                }
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let Message::Text(text) = msg {
+                        // Formatted once; every stream gets the same bytes.
+                        let ev = event(text.as_bytes());
+                        for tx in state.streams.read().values() {
+                            let _ = tx.send(ev.clone());
+                        }
+                    }
+                }
+            });
+            Response::builder()
+                .status(101)
+                .header("upgrade", "websocket")
+                .header("connection", "upgrade")
+                .header("sec-websocket-accept", accept)
+                .body(Body::empty())
+                .unwrap_or_default()
         }
     }
 }
