@@ -101,9 +101,10 @@ pub async fn upgrade(hub: Hub, config: WsConfig, mut req: Request) -> Response {
         Ok(n) => n,
         Err(r) => return refusal(r),
     };
-    // `serve`'s count of the connection's requests in flight: the stream
-    // stays open as long as the WebSocket on it.
-    let stream = req.extensions_mut().remove::<serve::Open>();
+    // `serve`'s count of the connection's requests in flight: an HTTP/2
+    // stream stays open as long as the WebSocket on it. (Over HTTP/1.1 the
+    // upgrade ends the HTTP connection: nothing to keep.)
+    let stream = req.extensions_mut().remove::<serve::Open>().filter(|_| h2);
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return refusal(Refusal {
             status: StatusCode::INTERNAL_SERVER_ERROR,
