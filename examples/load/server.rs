@@ -684,7 +684,8 @@ pub mod sse {
     pub mod raw {
         //! `raw-sse`: the minimal fair SSE broadcast server. Each stream's
         //! body reads an unbounded channel of pre-formatted events (as the
-        //! raw WebSocket server's writer reads its queue); a published
+        //! raw WebSocket server's writer reads its queue), everything queued
+        //! as one chunk; a published
         //! message is formatted once (`data: <payload>\n\n`) and the same
         //! bytes are queued to every stream. No envelope, no ids, no event
         //! names: what the payload costs and nothing else.
@@ -701,9 +702,9 @@ pub mod sse {
             next_id: AtomicU64,
         }
 
-        /// A stream's body: its queued events, one chunk each (hyper
-        /// gathers what is ready into one write). Leaving the map when the
-        /// connection ends.
+        /// A stream's body: what is queued when hyper asks, as one chunk
+        /// (copied together, as switchboard's batch does for small events).
+        /// Leaves the map when the connection ends.
         struct Stream {
             rx: mpsc::UnboundedReceiver<Bytes>,
             id: u64,
@@ -718,7 +719,21 @@ pub mod sse {
                 mut self: Pin<&mut Self>,
                 cx: &mut Context<'_>,
             ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
-                self.rx.poll_recv(cx).map(|b| b.map(|b| Ok(http_body::Frame::data(b))))
+                let Some(first) = ready!(self.rx.poll_recv(cx)) else { return Poll::Ready(None) };
+                // Everything queued goes out as one chunk, as switchboard
+                // batches its events: one event per chunk cost hyper a
+                // frame, a chunk header and a body poll per event (1.3x
+                // switchboard's CPU per delivery).
+                let Ok(second) = self.rx.try_recv() else {
+                    return Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+                };
+                let mut batch = BytesMut::with_capacity(first.len() * 16);
+                batch.put_slice(&first);
+                batch.put_slice(&second);
+                while let Ok(more) = self.rx.try_recv() {
+                    batch.put_slice(&more);
+                }
+                Poll::Ready(Some(Ok(http_body::Frame::data(batch.freeze()))))
             }
         }
 
