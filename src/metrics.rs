@@ -534,6 +534,28 @@ mod tests {
             assert_eq!(kind as usize, i, "{kind}");
             assert_eq!(Kind::parse(kind.as_str()), Some(kind));
         }
+        // A kind added to the enum but not to `Kind::ALL` would index past
+        // the tally (a panic on the hot path): this match stops compiling
+        // until the new kind is listed here, and then the loop above fails
+        // until it is in `Kind::ALL` too.
+        let listed = |kind: Kind| match kind {
+            Kind::Hello
+            | Kind::Join
+            | Kind::Leave
+            | Kind::Call
+            | Kind::Reply
+            | Kind::Error
+            | Kind::Event
+            | Kind::Ping
+            | Kind::Pong
+            | Kind::Presence
+            | Kind::PresenceState
+            | Kind::PresenceDiff
+            | Kind::Lagged
+            | Kind::Refresh
+            | Kind::Gap => kind as usize,
+        };
+        assert_eq!(listed(Kind::Gap) + 1, Kind::ALL.len(), "the last kind closes `Kind::ALL`");
     }
 
     /// Adds from several threads all reach the total (other tests may add

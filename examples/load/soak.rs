@@ -180,12 +180,13 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     let pid = std::process::id();
     let sample = |started: Instant| {
         let s = hub.stats();
+        let (rss, tasks) = (procfs::rss_kib(pid).unwrap_or(0), rt.metrics().num_alive_tasks());
         let line = format!(
             "{:>6.0} s  rss {:>7} KiB  tasks {:>5}  rooms {:>3}  connections {:>4}  cycles {:>7} ({} failed)  \
              checked {:>8}  lost {}  dup {}",
             started.elapsed().as_secs_f64(),
-            procfs::rss_kib(pid).unwrap_or(0),
-            rt.metrics().num_alive_tasks(),
+            rss,
+            tasks,
             s.rooms,
             s.connections,
             counters.cycles.load(Ordering::Relaxed),
@@ -194,7 +195,7 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
             counters.lost.load(Ordering::Relaxed),
             counters.duplicated.load(Ordering::Relaxed),
         );
-        (line, procfs::rss_kib(pid).unwrap_or(0), rt.metrics().num_alive_tasks())
+        (line, rss, tasks)
     };
     let started = Instant::now();
     let mut samples = Vec::new();
