@@ -15,6 +15,14 @@
 //!   documented errors (503 to clients) within its timeouts instead of
 //!   hanging; once the stall ends, its members get what they missed, in
 //!   order, without loss or duplicates.
+//! - Through a link with 150 ms of latency each way, the Rust client's
+//!   round trips take at least 300 ms (the proxy's shaping, a lower bound)
+//!   and recovery across a reset is exactly-once, in order; behind a
+//!   32 KiB/s link a subscriber is closed as a slow consumer (4000) after
+//!   a gap-free prefix while a bystander on a direct link gets everything.
+//! - `switchboard.js` (in Node) finds a server whose bytes stop by its
+//!   heartbeat, gives up attempts that hang, and once the bytes flow
+//!   reconnects and recovers what it missed, once each, in order.
 //!
 //! Timings are asserted only as the documented bounds plus a generous
 //! margin for a loaded machine (`SLACK`), never as speeds.
@@ -360,4 +368,222 @@ async fn a_stalled_redis_fails_publishes_and_joins_with_503_in_time_and_everythi
     let stats = backplane2.stats();
     // Replaced by the probe, or by a subscribe that timed out first.
     assert!(stats.pubsub_reconnects >= 1 && stats.command_reconnects >= 1, "the stall was found: {stats:?}");
+}
+
+// ---------------------------------------------------------------------------
+// A slow network: latency and a bandwidth cap.
+
+/// Through a proxy that adds 150 ms each way, a Rust client works as on a
+/// fast link, only later: a call's round trip, as the test sees it, takes
+/// at least 300 ms (a lower bound the proxy guarantees, so it proves the
+/// shaping, not a speed of the crate), and after every connection is reset
+/// and the network holds new ones for a while, the client reconnects
+/// through the same slow link, rejoins and recovers what it missed exactly
+/// once, in order, then gets live events again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_high_latency_link_the_rust_client_recovers_across_a_reconnect_exactly_once_in_order() {
+    use support::fault_proxy::{Cut, Shape};
+    let latency = Duration::from_millis(150);
+    let hub = Hub::builder()
+        .history(MemoryHistory::new(), HistoryConfig::all_rooms())
+        .on("echo", |_call: switchboard::Call, v: Value| async move { Ok::<_, switchboard::CallError>(v) })
+        .build();
+    let addr = serve(&hub).await;
+    let proxy = FaultProxy::start(addr).await;
+    proxy.shape(Dir::Both, Shape::latency(latency));
+    let client_config = ClientConfig::default()
+        .backoff(Backoff::default().initial(Duration::from_millis(50)).max(Duration::from_millis(500)))
+        .connect_timeout(Duration::from_secs(5));
+    let client = switchboard::client::Client::builder(proxy.ws_url("/")).config(client_config).connect().unwrap();
+    client.connected().await.expect("connected through the slow link");
+    let round_trip = |n: u64| {
+        let client = &client;
+        async move {
+            let started = Instant::now();
+            let back: Value = client.call("echo", &json!({"n": n})).await.expect("echo");
+            assert_eq!(back, json!({"n": n}));
+            started.elapsed()
+        }
+    };
+    let rtt = round_trip(1).await;
+    assert!(rtt >= 2 * latency, "a round trip through 2 x {latency:?} took only {rtt:?}: the latency is not applied");
+    let room = client.join("r").await.expect("join through the slow link");
+    support::publish_range(&hub, "r", 1..=3).await;
+    for n in 1..=3 {
+        assert_eq!(next_n(&room).await, (n, n));
+    }
+
+    // Every connection is reset, and new ones hang for a while (the
+    // proxy holds their bytes): events published meanwhile can only come
+    // by recovery.
+    let mut status = client.status();
+    proxy.stall(Dir::Both);
+    proxy.cut(Cut::Reset);
+    tokio::time::timeout(WAIT, status.wait_for(|s| !s.is_connected())).await.expect("the reset is seen").unwrap();
+    support::publish_range(&hub, "r", 4..=8).await;
+    proxy.resume();
+    tokio::time::timeout(2 * WAIT, status.wait_for(Status::is_connected)).await.expect("reconnected").unwrap();
+    assert_eq!(next_item(&room).await, RoomEvent::Rejoined { recovered: true });
+    for n in 4..=8 {
+        assert_eq!(next_n(&room).await, (n, n), "missed events, once each, in order");
+    }
+    hub.publish("r", "m", &json!({"n": 9})).await.unwrap();
+    assert_eq!(next_n(&room).await, (9, 9));
+    assert!(room.try_recv().is_none(), "nothing more");
+    // The new connection is as slow: shaping holds for connections made
+    // after it was set.
+    let rtt = round_trip(2).await;
+    assert!(rtt >= 2 * latency, "after the reconnect a round trip took only {rtt:?}");
+    client.close().await;
+    eventually("the client is gone", || hub.stats().connections == 0).await;
+}
+
+/// A subscriber behind a 32 KiB/s link, reading all it can, while events
+/// are published at about ten times that (16 of ~1 KiB every 50 ms, an
+/// easy pace for a direct link): the link's cap (not the reader) holds
+/// the bytes back, the server's bounded queue for it fills, and the server
+/// closes it as a slow consumer with the documented **4000**, its queued
+/// messages discarded. What did reach it is a gap-free prefix of the
+/// stream, in order. A bystander on a direct link gets every event. Were
+/// the cap not applied, the reader would keep up and never be closed (the
+/// test's bound on events fails; checked by turning the shaping off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_behind_a_narrow_link_is_closed_as_a_slow_consumer_and_a_bystander_gets_everything() {
+    use futures::StreamExt;
+    use support::fault_proxy::Shape;
+    use tokio_tungstenite::tungstenite::Message;
+    const QUEUE: usize = 64 * 1024;
+    // Long enough for what is in flight (kernel buffers and the proxy's
+    // queue) to drain at the cap and the close frame to
+    // follow it.
+    let config = HubConfig::default().outbound_queue_bytes(QUEUE).close_timeout(Duration::from_secs(20));
+    let (builder, ended) = recording(Hub::builder().config(config));
+    let hub = builder.build();
+    // The server's sockets get small fixed buffers too (the kernel would
+    // otherwise let a sender park megabytes in them): what is in flight
+    // between the hub's queue and the reader stays under 150 KiB.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(8 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(64).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(switchboard::integration::ws::serve(listener, hub.clone(), Default::default()));
+    let proxy = FaultProxy::start_with(addr, Some(8 * 1024)).await;
+    proxy.shape(Dir::Down, Shape::bandwidth(32 * 1024));
+    let mut slow = support::connect(proxy.addr).await;
+    slow.join_ok("feed").await;
+    let slow_id = slow.connection_id();
+    let mut bystander = connect(addr).await;
+    bystander.join_ok("feed").await;
+    // The subscriber reads as fast as its link lets it.
+    let mut ws = slow.ws;
+    let reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    seen.push(v);
+                }
+                Some(Ok(Message::Close(f))) => return (seen, f.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+                None | Some(Err(_)) => return (seen, None),
+            }
+        }
+    });
+
+    let slow_conn = support::member_id(&hub, "feed", slow_id);
+    let payload = "x".repeat(1000);
+    let mut n = 0u64;
+    while hub.connection_info(slow_conn).is_some_and(|info| info.state == ConnectionState::Open) {
+        for _ in 0..16 {
+            n += 1;
+            hub.publish("feed", "m", &json!({"n": n, "pad": payload})).await.unwrap();
+        }
+        for expect in n - 15..=n {
+            let e = bystander.event().await;
+            assert_eq!(e["data"]["n"], expect, "the bystander gets every event, in order");
+        }
+        assert!(n < 5_000, "the capped subscriber was never closed after {n} events of ~1 KiB");
+        // About 320 KB/s: ten times the cap, nothing for an unshaped link.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (seen, code) = tokio::time::timeout(3 * WAIT, reader).await.expect("the capped link drains").unwrap();
+    eventually("the slow consumer is freed", || ended_of(&ended, slow_id).is_some()).await;
+    assert_eq!(ended_of(&ended, slow_id).unwrap().0, DisconnectReason::SlowConsumer);
+    assert_eq!(code, Some(4000), "closed with the slow-consumer code after {} messages", seen.len());
+    let got: Vec<u64> =
+        seen.iter().filter(|v| v["type"] == "event").map(|v| v["data"]["n"].as_u64().unwrap()).collect();
+    assert!(!got.is_empty() && (got.len() as u64) < n, "a part of the stream reached it: {} of {n}", got.len());
+    assert_eq!(got, (1..=got.len() as u64).collect::<Vec<_>>(), "a gap-free prefix, in order");
+    eprintln!("closed after {n} events published; {} reached the capped subscriber", got.len());
+    for m in n + 1..=n + 5 {
+        hub.publish("feed", "m", &json!({"n": m})).await.unwrap();
+        assert_eq!(bystander.event().await["data"]["n"], m);
+    }
+    assert_eq!(hub.room_members("feed").len(), 1, "only the bystander is left");
+}
+
+// ---------------------------------------------------------------------------
+// The JS client against a server that stops sending.
+
+/// `switchboard.js` (in Node's own WebSocket, `js/test/e2e/faults.mjs`)
+/// reaches a real hub through the fault proxy. The script pulls the levers
+/// of a control server: `/stall` (what the server sends is held, sockets
+/// stay open, new connections hang after their upgrade request), `/resume`,
+/// `/publish?from=A&to=B`. It checks that the client finds the silent
+/// server by its liveness rule (reason `heartbeat`), that its attempts
+/// through the held network end by the connect timeout, and that once the
+/// bytes flow it reconnects, rejoins with `recovered: true` and gets what
+/// it missed once each, in order. The hub's heartbeat (500 ms, 500 ms) is
+/// what the client reads in `hello`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_js_client_finds_a_stalled_server_by_its_heartbeat_and_recovers_what_it_missed() {
+    use axum::extract::Query;
+    use axum::routing::get;
+    use std::collections::HashMap;
+    let config = HubConfig::default()
+        .heartbeat_interval(Duration::from_millis(500))
+        .heartbeat_timeout(Duration::from_millis(500));
+    let hub = Hub::builder().config(config).history(MemoryHistory::new(), HistoryConfig::all_rooms()).build();
+    let addr = serve(&hub).await;
+    let proxy = Arc::new(FaultProxy::start(addr).await);
+    let (p1, p2, h) = (proxy.clone(), proxy.clone(), hub.clone());
+    let control = axum::Router::new()
+        .route("/stall", get(move || async move { p1.stall(Dir::Down) }))
+        .route("/resume", get(move || async move { p2.resume() }))
+        .route(
+            "/publish",
+            get(move |Query(q): Query<HashMap<String, u64>>| async move {
+                support::publish_range(&h, "r", q["from"]..=q["to"]).await;
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ctl = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, control).await.unwrap() });
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let run = tokio::process::Command::new("node")
+        .arg("--experimental-websocket")
+        .arg("js/test/e2e/faults.mjs")
+        .arg(proxy.ws_url("/"))
+        .arg(format!("http://{ctl}"))
+        .current_dir(root)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .expect("node js/test/e2e/faults.mjs did not finish")
+        .expect("`node` must be on PATH");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("js faults test passed"),
+        "js faults test failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        out.status
+    );
+    print!("{stdout}");
+    // The stalled connections and the last one end on the server too.
+    eventually("the script's connections are gone", || hub.stats().connections == 0).await;
 }
