@@ -58,6 +58,7 @@ commands:
   attack   --mode tabs|history|churn|fanout|pings|fragments|heads [--seconds S] [--max-p99-ms 250]
            (issue 24: attacks on the chat example with a bystander; see examples/load/attack.rs)
   storm    --clients N [--rooms N/50] [--rate 2] [--cut restart,sockets] [--hint on|off] [--timeout 180]
+           [--conn-rate N [--conn-burst N]]
            (issue 18, feature `client`: N Rust clients in recoverable rooms, every connection cut at
            once; time to recover, sheds, peaks, loss and duplicates; see examples/load/storm.rs)
   storm    --presence on --clients N [--timeout 180]

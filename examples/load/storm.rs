@@ -21,8 +21,12 @@
 //! task count; events lost and duplicated (both must be 0: the history
 //! window is larger than the run). `--hint off` turns the server's jittered
 //! retry hint off (`SecurityConfig::spread_retry_hint(false)`: the floor
-//! only) for the comparison. The server keeps its default admission: 10,000
-//! connections, 1,000 new connections a second with a burst of 2,000.
+//! only) for the comparison. The server keeps its default admission (10,000
+//! connections, 1,000 new connections a second with a burst of 2,000)
+//! unless `--conn-rate N` sets the hub's connection rate to N new
+//! connections a second, with a burst of `--conn-burst B` (default N): a
+//! storm against a low rate, where most reconnects are shed with 429 and
+//! come back when their hint says.
 //!
 //! Exits 1 when an event was lost or duplicated, or the storm did not settle
 //! within `--timeout` seconds.
@@ -38,7 +42,7 @@ use std::time::{Duration, Instant};
 use switchboard::client::{Client, ClientConfig, Disconnect, RoomEvent, Status};
 use switchboard::history::{HistoryConfig, MemoryHistory, RoomHistory};
 use switchboard::protocol::CloseCode;
-use switchboard::security::SecurityConfig;
+use switchboard::security::{RateLimit, SecurityConfig};
 use switchboard::Hub;
 
 /// One incarnation of the server: its own runtime, so dropping it drops
@@ -70,7 +74,20 @@ struct Tick {
     n: u64,
 }
 
-fn start_server(addr: SocketAddr, history: &MemoryHistory, spread: bool, shared: &Arc<Shared>, rate: u32) -> Server {
+/// The server's admission and traffic settings.
+#[derive(Clone, Copy)]
+struct Settings {
+    /// Spread the retry hint (`--hint`).
+    spread: bool,
+    /// Events a second per room (`--rate`).
+    rate: u32,
+    /// New connections a second and burst (`--conn-rate`, `--conn-burst`);
+    /// `None`: the hub's default.
+    admit: Option<(u32, u32)>,
+}
+
+fn start_server(addr: SocketAddr, history: &MemoryHistory, settings: Settings, shared: &Arc<Shared>) -> Server {
+    let Settings { spread, rate, admit } = settings;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("sb-server")
@@ -78,8 +95,12 @@ fn start_server(addr: SocketAddr, history: &MemoryHistory, spread: bool, shared:
         .build()
         .expect("server runtime");
     let _guard = rt.enter();
+    let mut security = SecurityConfig::default().spread_retry_hint(spread);
+    if let Some((per_second, burst)) = admit {
+        security = security.connection_rate(Some(RateLimit::per_second(per_second).burst(burst)));
+    }
     let hub = Hub::builder()
-        .security(SecurityConfig::default().spread_retry_hint(spread))
+        .security(security)
         .history(history.clone(), HistoryConfig::default().rooms("storm:", RoomHistory::default().max_len(1_000_000)))
         .build();
     let listener = loop {
@@ -205,6 +226,11 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     let spread = args.or("hint", "on".to_string())? != "off";
     let cuts: Vec<String> = args.or("cut", "restart,sockets".to_string())?.split(',').map(str::to_owned).collect();
     let timeout = Duration::from_secs(args.or("timeout", 180)?);
+    let admit = match args.or("conn-rate", 0u32)? {
+        0 => None,
+        per_second => Some((per_second, args.or("conn-burst", per_second)?.max(1))),
+    };
+    let settings = Settings { spread, rate, admit };
     let want = (n as u64) * 2 + 1024;
     let got = procfs::raise_nofile(want);
     if got < want {
@@ -225,11 +251,12 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     });
     let history = MemoryHistory::new();
     let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?;
-    let server = Arc::new(Mutex::new(Some(start_server(addr, &history, spread, &shared, rate))));
+    let server = Arc::new(Mutex::new(Some(start_server(addr, &history, settings, &shared))));
     println!(
-        "storm: {n} clients in {rooms} rooms, {rate} events/s per room, retry hint {}, cuts {cuts:?}; \
-         client and server in one process on a shared {}-core machine",
+        "storm: {n} clients in {rooms} rooms, {rate} events/s per room, retry hint {}, connection rate {}, \
+         cuts {cuts:?}; client and server in one process on a shared {}-core machine",
         if spread { "on" } else { "off" },
+        admit.map_or("default (1000/s, burst 2000)".to_string(), |(r, b)| format!("{r}/s, burst {b}")),
         std::thread::available_parallelism().map_or(0, |p| p.get())
     );
 
@@ -292,7 +319,7 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
                 if let Some(old) = old {
                     old.rt.shutdown_background();
                 }
-                let new = start_server(addr, &history, spread, &shared, rate);
+                let new = start_server(addr, &history, settings, &shared);
                 *server.lock().unwrap() = Some(new);
                 shared.paused.store(false, Ordering::Release);
                 t0
