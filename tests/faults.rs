@@ -20,6 +20,8 @@
 //!   and recovery across a reset is exactly-once, in order; behind a
 //!   32 KiB/s link a subscriber is closed as a slow consumer (4000) after
 //!   a gap-free prefix while a bystander on a direct link gets everything.
+//! - Two hubs, one of them 40 ms from Redis each way, still deliver one
+//!   stream, exactly once, in order.
 //! - `switchboard.js` (in Node) finds a server whose bytes stop by its
 //!   heartbeat, gives up attempts that hang, and once the bytes flow
 //!   reconnects and recovers what it missed, once each, in order.
@@ -522,6 +524,39 @@ async fn a_subscriber_behind_a_narrow_link_is_closed_as_a_slow_consumer_and_a_by
         assert_eq!(bystander.event().await["data"]["n"], m);
     }
     assert_eq!(hub.room_members("feed").len(), 1, "only the bystander is left");
+}
+
+/// Two hubs over one `redis-server`, node 2 reaching it through 40 ms of
+/// latency each way (its backplane and its history store): every publish
+/// of node 2 waits for Redis, so it takes at least the 80 ms round trip
+/// (the proxy's lower bound, checked once: it proves the shaping), and the
+/// nodes publishing concurrently still deliver one sequence, offsets 1..
+/// in order on both, each event once; a client that drops from node 2
+/// recovers on node 1 exactly what it missed (`two_nodes_share_one_stream`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_slow_link_to_redis_two_nodes_still_deliver_one_stream_exactly_once_in_order() {
+    use support::fault_proxy::Shape;
+    use support::redis::RedisServer;
+    use switchboard::redis::RedisConfig;
+    let latency = Duration::from_millis(40);
+    let server = RedisServer::start().await;
+    let proxy = FaultProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], server.port()))).await;
+    proxy.shape(Dir::Both, Shape::latency(latency));
+    let hub1 = support::redis::recoverable_node(
+        support::redis::quick(RedisConfig::new(server.url())),
+        HistoryConfig::all_rooms(),
+    )
+    .await;
+    let slow = support::redis::quick(RedisConfig::new(format!("redis://{}/", proxy.addr)));
+    let hub2 = support::redis::recoverable_node(slow, HistoryConfig::all_rooms()).await;
+    let started = Instant::now();
+    hub2.publish("warm-up", "m", &json!({"n": 0})).await.unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= 2 * latency,
+        "a store append through 2 x {latency:?} took only {took:?}: the latency is not applied"
+    );
+    support::two_nodes_share_one_stream(&hub1, &hub2, 20).await;
 }
 
 // ---------------------------------------------------------------------------
