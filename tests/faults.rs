@@ -64,6 +64,21 @@ fn recording(builder: switchboard::HubBuilder) -> (switchboard::HubBuilder, Ende
 // ---------------------------------------------------------------------------
 // A stalled client.
 
+/// Publishes events `n + 1 ..= n + 16` (`{"n", "pad"}`) into `feed`, then
+/// checks the bystander got each, in order, before the next round: the
+/// bystander is never the slow one. Returns the last `n`.
+async fn round_of_16(hub: &Hub, bystander: &mut Client, mut n: u64, pad: &str) -> u64 {
+    for _ in 0..16 {
+        n += 1;
+        hub.publish("feed", "m", &json!({"n": n, "pad": pad})).await.unwrap();
+    }
+    for expect in n - 15..=n {
+        let e = bystander.event().await;
+        assert_eq!(e["data"]["n"], expect, "the bystander gets every event, in order");
+    }
+    n
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_client_is_closed_as_a_slow_consumer_within_its_bound_and_a_bystander_keeps_receiving() {
     const QUEUE: usize = 64 * 1024;
@@ -88,16 +103,7 @@ async fn a_stalled_client_is_closed_as_a_slow_consumer_within_its_bound_and_a_by
     let mut n = 0u64;
     let mut peak = 0usize;
     let closing_seen = loop {
-        // In rounds of 16, each read by the bystander before the next: the
-        // bystander is never the slow one.
-        for _ in 0..16 {
-            n += 1;
-            hub.publish("feed", "m", &json!({"n": n, "pad": payload})).await.unwrap();
-        }
-        for expect in n - 15..=n {
-            let e = bystander.event().await;
-            assert_eq!(e["data"]["n"], expect, "the bystander gets every event, in order");
-        }
+        n = round_of_16(&hub, &mut bystander, n, &payload).await;
         match hub.connection_info(stalled_conn) {
             Some(info) => {
                 peak = peak.max(info.queued_bytes);
@@ -165,6 +171,26 @@ async fn next_n(room: &switchboard::client::Room) -> (u64, u64) {
     }
 }
 
+/// Once the network is back: the client reconnects, its room `r` is
+/// rejoined with `recovered: true` and gets `missed` (events `n` at offset
+/// `n`) once each, in order, then the next event live, and nothing more.
+async fn reconnects_and_recovers(
+    status: &mut tokio::sync::watch::Receiver<Status>,
+    room: &switchboard::client::Room,
+    hub: &Hub,
+    missed: std::ops::RangeInclusive<u64>,
+) {
+    tokio::time::timeout(2 * WAIT, status.wait_for(Status::is_connected)).await.expect("reconnected").unwrap();
+    assert_eq!(next_item(room).await, RoomEvent::Rejoined { recovered: true });
+    let live = missed.end() + 1;
+    for n in missed {
+        assert_eq!(next_n(room).await, (n, n), "missed events, once each, in order");
+    }
+    hub.publish("r", "m", &json!({"n": live})).await.unwrap();
+    assert_eq!(next_n(room).await, (live, live));
+    assert!(room.try_recv().is_none(), "nothing more");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_open_client_is_freed_by_the_heartbeat_and_the_rust_client_reconnects_and_recovers() {
     let (i, t) = (Duration::from_millis(500), Duration::from_millis(500));
@@ -230,14 +256,7 @@ async fn a_half_open_client_is_freed_by_the_heartbeat_and_the_rust_client_reconn
     .clone();
     assert!(!s.is_connected());
     proxy.resume();
-    tokio::time::timeout(2 * WAIT, status.wait_for(Status::is_connected)).await.expect("reconnected").unwrap();
-    assert_eq!(next_item(&room).await, RoomEvent::Rejoined { recovered: true });
-    for n in 2..=6 {
-        assert_eq!(next_n(&room).await, (n, n), "missed events, once each, in order");
-    }
-    hub.publish("r", "m", &json!({"n": 7})).await.unwrap();
-    assert_eq!(next_n(&room).await, (7, 7));
-    assert!(room.try_recv().is_none(), "nothing more");
+    reconnects_and_recovers(&mut status, &room, &hub, 2..=6).await;
     assert_eq!(hub.stats().connections, 2);
     client.close().await;
     bystander.close().await;
@@ -424,14 +443,7 @@ async fn through_a_high_latency_link_the_rust_client_recovers_across_a_reconnect
     tokio::time::timeout(WAIT, status.wait_for(|s| !s.is_connected())).await.expect("the reset is seen").unwrap();
     support::publish_range(&hub, "r", 4..=8).await;
     proxy.resume();
-    tokio::time::timeout(2 * WAIT, status.wait_for(Status::is_connected)).await.expect("reconnected").unwrap();
-    assert_eq!(next_item(&room).await, RoomEvent::Rejoined { recovered: true });
-    for n in 4..=8 {
-        assert_eq!(next_n(&room).await, (n, n), "missed events, once each, in order");
-    }
-    hub.publish("r", "m", &json!({"n": 9})).await.unwrap();
-    assert_eq!(next_n(&room).await, (9, 9));
-    assert!(room.try_recv().is_none(), "nothing more");
+    reconnects_and_recovers(&mut status, &room, &hub, 4..=8).await;
     // The new connection is as slow: shaping holds for connections made
     // after it was set.
     let rtt = round_trip(2).await;
@@ -498,14 +510,7 @@ async fn a_subscriber_behind_a_narrow_link_is_closed_as_a_slow_consumer_and_a_by
     let payload = "x".repeat(1000);
     let mut n = 0u64;
     while hub.connection_info(slow_conn).is_some_and(|info| info.state == ConnectionState::Open) {
-        for _ in 0..16 {
-            n += 1;
-            hub.publish("feed", "m", &json!({"n": n, "pad": payload})).await.unwrap();
-        }
-        for expect in n - 15..=n {
-            let e = bystander.event().await;
-            assert_eq!(e["data"]["n"], expect, "the bystander gets every event, in order");
-        }
+        n = round_of_16(&hub, &mut bystander, n, &payload).await;
         assert!(n < 5_000, "the capped subscriber was never closed after {n} events of ~1 KiB");
         // About 320 KB/s: ten times the cap, nothing for an unshaped link.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -597,27 +602,8 @@ async fn the_js_client_finds_a_stalled_server_by_its_heartbeat_and_recovers_what
     let ctl = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, control).await.unwrap() });
 
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let run = tokio::process::Command::new("node")
-        .arg("--experimental-websocket")
-        .arg("js/test/e2e/faults.mjs")
-        .arg(proxy.ws_url("/"))
-        .arg(format!("http://{ctl}"))
-        .current_dir(root)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(90), run)
-        .await
-        .expect("node js/test/e2e/faults.mjs did not finish")
-        .expect("`node` must be on PATH");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("js faults test passed"),
-        "js faults test failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        out.status
-    );
+    let args = [proxy.ws_url("/"), format!("http://{ctl}")];
+    let stdout = support::browser::run_node("js/test/e2e/faults.mjs", &args, "js faults test passed").await;
     print!("{stdout}");
     // The stalled connections and the last one end on the server too.
     eventually("the script's connections are gone", || hub.stats().connections == 0).await;

@@ -15,7 +15,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 use support::{refused_with, serve, serve_axum, try_connect, WAIT};
 use switchboard::client::{Backoff, Client, ClientConfig, Disconnect, Status};
@@ -158,26 +157,8 @@ async fn the_connection_rate_sheds_with_a_hint_and_a_refused_sign_in_reaches_a_b
 async fn the_js_client_honours_the_shed_hint_and_stops_on_a_refused_sign_in_over_real_sockets() {
     let hub = hub(one_slot());
     let addr = serve_axum(&hub).await;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let run = tokio::process::Command::new("node")
-        .arg("--experimental-websocket")
-        .arg("js/test/e2e/storm.mjs")
-        .arg(format!("ws://{addr}/ws"))
-        .current_dir(root)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(90), run)
-        .await
-        .expect("node js/test/e2e/storm.mjs did not finish")
-        .expect("`node` must be on PATH");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("js storm test passed"),
-        "js storm test failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        out.status
-    );
+    let args = [format!("ws://{addr}/ws")];
+    let stdout = support::browser::run_node("js/test/e2e/storm.mjs", &args, "js storm test passed").await;
     print!("{stdout}");
     support::eventually("the script's connections are gone", || hub.stats().admitted == 0).await;
 }

@@ -43,6 +43,33 @@ pub async fn run_script(script: &str, args: &[String], passed: &str) -> String {
     stdout
 }
 
+/// Runs `node --experimental-websocket <script> <args…>` (switchboard.js in
+/// Node's own WebSocket, no browser) from the repository root; panics with
+/// its output unless it exits 0 having printed `passed` within 90 s.
+/// Returns its stdout.
+pub async fn run_node(script: &str, args: &[String], passed: &str) -> String {
+    let run = tokio::process::Command::new("node")
+        .arg("--experimental-websocket")
+        .arg(script)
+        .args(args)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(90), run)
+        .await
+        .unwrap_or_else(|_| panic!("node {script} did not finish within 90 s"))
+        .expect("`node` must be on PATH");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains(passed),
+        "node {script} failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        out.status
+    );
+    stdout
+}
+
 /// Where the browser tests save their screenshots (the scripts print each
 /// path): `target/tmp/browser-screenshots/`.
 pub fn screenshot_dir() -> std::path::PathBuf {
