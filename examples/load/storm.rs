@@ -67,6 +67,8 @@ struct Shared {
     refused: AtomicU64,
     retries: AtomicU64,
     paused: AtomicBool,
+    /// When each `recovered: false` rejoin came.
+    not_recovered_at: Mutex<Vec<Instant>>,
 }
 
 #[derive(Deserialize)]
@@ -206,6 +208,7 @@ fn client_task(client: Client, i: usize, shared: Arc<Shared>) {
                 RoomEvent::Rejoined { recovered } => {
                     if !recovered {
                         shared.not_recovered.fetch_add(1, Ordering::Relaxed);
+                        shared.not_recovered_at.lock().unwrap().push(Instant::now());
                     }
                     shared.rejoins[i].fetch_add(1, Ordering::Release);
                 }
@@ -248,6 +251,7 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
         refused: AtomicU64::new(0),
         retries: AtomicU64::new(0),
         paused: AtomicBool::new(false),
+        not_recovered_at: Mutex::default(),
     });
     let history = MemoryHistory::new();
     let addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_err(|e| e.to_string())?;
@@ -364,6 +368,19 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
         }
         let took = t0.elapsed();
         tokio::time::sleep(Duration::from_secs(2)).await;
+        let late: Vec<f64> = shared
+            .not_recovered_at
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|at| **at >= t0)
+            .map(|at| at.duration_since(t0).as_secs_f64())
+            .collect();
+        if let (Some(first), Some(last)) =
+            (late.iter().copied().reduce(f64::min), late.iter().copied().reduce(f64::max))
+        {
+            println!("  {cut}: {} rejoins not recovered, {first:.1} s to {last:.1} s after the cut", late.len());
+        }
         let p = *peaks.lock().unwrap();
         println!(
             "{cut}: all {n} reconnected, rejoined and recovered in {:.2} s; shed {} connects, {} retries; \
