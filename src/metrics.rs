@@ -113,6 +113,7 @@ pub mod names {
 #[cfg(feature = "metrics")]
 pub fn describe() {
     use names::*;
+    handles::renew();
     describe_gauge!(CONNECTIONS, Unit::Count, "Open connections (any state before closed), by transport.");
     describe_counter!(CONNECTS, Unit::Count, "Connections opened, by transport.");
     describe_counter!(DISCONNECTS, Unit::Count, "Connections ended, by transport, reason and close code.");
@@ -160,6 +161,7 @@ pub trait Sample {
 /// see the module docs), are only as fresh as the last call.
 #[cfg(feature = "metrics")]
 pub fn sample(source: &impl Sample) {
+    handles::renew();
     source.sample_metrics();
 }
 
@@ -227,6 +229,79 @@ mod tally {
     /// The total of `count` over every thread.
     pub(super) fn total(count: Count) -> u64 {
         TALLY.iter().map(|s| s.0[count.slot()].load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// The histograms recorded once per publish or call, as handles: looked
+/// up in the recorder once per thread (not per record), and again after
+/// each [`describe`] or [`sample`], so a recorder installed later, or an
+/// exporter that drops idle metrics and registers them afresh, is picked
+/// up by the next record after the next scrape. Before the first
+/// `describe` or `sample` every record looks its histogram up, as
+/// `histogram!` does: the recorder may not be installed yet.
+#[cfg(feature = "metrics")]
+mod handles {
+    use super::names::*;
+    use ::metrics::{histogram, Histogram};
+    use std::cell::RefCell;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// One histogram with its labels (labels have fixed values).
+    #[derive(Debug, Clone, Copy)]
+    pub(super) enum Hist {
+        Fanout,
+        CallOk,
+        CallError,
+        BackplaneOk,
+        BackplaneError,
+    }
+
+    const ALL: [Hist; 5] = [Hist::Fanout, Hist::CallOk, Hist::CallError, Hist::BackplaneOk, Hist::BackplaneError];
+
+    impl Hist {
+        fn register(self) -> Histogram {
+            match self {
+                Hist::Fanout => histogram!(FANOUT_DURATION),
+                Hist::CallOk => histogram!(CALL_DURATION, "outcome" => "ok"),
+                Hist::CallError => histogram!(CALL_DURATION, "outcome" => "error"),
+                Hist::BackplaneOk => histogram!(BACKPLANE_PUBLISH, "outcome" => "ok"),
+                Hist::BackplaneError => histogram!(BACKPLANE_PUBLISH, "outcome" => "error"),
+            }
+        }
+    }
+
+    /// Bumped by `describe` and `sample`; 0: neither ran yet.
+    static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+    thread_local! {
+        /// This thread's handles and the generation they were looked up in.
+        static CACHE: RefCell<Option<(u64, [Histogram; 5])>> = const { RefCell::new(None) };
+    }
+
+    pub(super) fn renew() {
+        GENERATION.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records `value` into `which`.
+    #[inline]
+    pub(super) fn record(which: Hist, value: f64) {
+        let generation = GENERATION.load(Ordering::Relaxed);
+        if generation != 0 {
+            let cached = CACHE.try_with(|cache| {
+                let mut cache = cache.borrow_mut();
+                let handles = match &mut *cache {
+                    Some((g, handles)) if *g == generation => handles,
+                    stale => &mut stale.insert((generation, ALL.map(Hist::register))).1,
+                };
+                handles[which as usize].record(value);
+            });
+            if cached.is_ok() {
+                return;
+            }
+        }
+        // Before the first `describe`/`sample`, or while this thread's
+        // locals are torn down.
+        which.register().record(value);
     }
 }
 
@@ -464,8 +539,8 @@ pub(crate) fn backplane_publish(
     return Box::pin(async move {
         let start = std::time::Instant::now();
         let result = call.await;
-        let outcome = if result.is_ok() { "ok" } else { "error" };
-        histogram!(names::BACKPLANE_PUBLISH, "outcome" => outcome).record(start.elapsed().as_secs_f64());
+        let hist = if result.is_ok() { handles::Hist::BackplaneOk } else { handles::Hist::BackplaneError };
+        handles::record(hist, start.elapsed().as_secs_f64());
         if result.is_err() {
             counter!(names::BACKPLANE_ERRORS).increment(1);
         }
@@ -503,8 +578,8 @@ impl Timer {
     pub(crate) fn call_done(self, error: Option<u32>) {
         #[cfg(feature = "metrics")]
         {
-            let outcome = if error.is_some() { "error" } else { "ok" };
-            histogram!(names::CALL_DURATION, "outcome" => outcome).record(self.0.elapsed().as_secs_f64());
+            let hist = if error.is_some() { handles::Hist::CallError } else { handles::Hist::CallOk };
+            handles::record(hist, self.0.elapsed().as_secs_f64());
             if let Some(code) = error {
                 counter!(names::CALL_ERRORS, "code" => code.to_string()).increment(1);
             }
@@ -517,7 +592,7 @@ impl Timer {
     pub(crate) fn fanout_done(self, n: usize) {
         messages_out(Kind::Event, n);
         #[cfg(feature = "metrics")]
-        histogram!(names::FANOUT_DURATION).record(self.0.elapsed().as_secs_f64());
+        handles::record(handles::Hist::Fanout, self.0.elapsed().as_secs_f64());
     }
 }
 
