@@ -367,3 +367,114 @@ async fn a_join_merging_history_when_the_room_closes_is_refused() {
     hub.publish("r", "e", &1).await.unwrap();
     assert_eq!(c.recv().await["offset"], 1);
 }
+
+/// What the room hooks saw, in order: `(connection, "join" | "leave", room)`.
+type HookLog = Arc<Mutex<Vec<(u64, &'static str, String)>>>;
+
+fn logging_hooks(builder: HubBuilder, log: &HookLog) -> HubBuilder {
+    let (joins, leaves) = (log.clone(), log.clone());
+    builder
+        .on_join(move |c: &Connection, room: &str| joins.lock().unwrap().push((c.id().get(), "join", room.to_owned())))
+        .on_leave(move |c: &Connection, room: &str| {
+            leaves.lock().unwrap().push((c.id().get(), "leave", room.to_owned()))
+        })
+}
+
+/// Issue 17: a join refused because the room closed during its history
+/// merge never stood, so neither `on_join` nor `on_leave` runs for it (the
+/// close ran `on_leave` for it before: a leave for a join never announced).
+/// A later join and close are paired as usual.
+#[tokio::test]
+async fn a_join_closed_while_merging_runs_neither_room_hook() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let store = GatedReads { inner: switchboard::history::MemoryHistory::new(), gate: gate.clone() };
+    let log = HookLog::default();
+    let hub = logging_hooks(builder(), &log).history(store, switchboard::history::HistoryConfig::all_rooms()).build();
+    let addr = serve(&hub).await;
+    let mut c = connect_as(addr, "alice").await;
+    c.send(json!({"type": "join", "ref": 7, "room": "r"})).await;
+    eventually("the join is merging", || hub.room_len("r") == 1).await;
+    assert_eq!(hub.close_room("r", "closed"), 1);
+    assert_eq!(*log.lock().unwrap(), vec![], "no hook for a join still on its way");
+    gate.add_permits(1000);
+    assert_eq!(c.recv().await, json!({"type": "leave", "room": "r", "message": "closed"}));
+    assert_eq!(c.recv().await["code"], 403);
+    assert_eq!(*log.lock().unwrap(), vec![], "no hook for a join that did not stand");
+
+    c.join_ok("r").await;
+    assert_eq!(hub.close_room("r", "closed"), 1);
+    let id = c.connection_id();
+    assert_eq!(*log.lock().unwrap(), vec![(id, "join", "r".to_owned()), (id, "leave", "r".to_owned())]);
+}
+
+/// Issue 17: the room closes while the member's `on_join` is still running
+/// (held here on a worker thread until the test lets it go). `on_leave`
+/// waits for it to return — never before or during it — and the join,
+/// taken out before it was answered, gets the 403 of a join on its way
+/// after the `leave` notice, not a reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_leave_waits_for_a_running_on_join() {
+    let log = HookLog::default();
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let held = Mutex::new(held);
+    let (joins, leaves) = (log.clone(), log.clone());
+    let hub = builder()
+        .on_join(move |c: &Connection, room: &str| {
+            joins.lock().unwrap().push((c.id().get(), "join", room.to_owned()));
+            started_tx.send(()).unwrap();
+            // Blocks this worker thread (a test seam: hooks must be short).
+            held.lock().unwrap().recv().unwrap();
+            joins.lock().unwrap().push((c.id().get(), "join returned", room.to_owned()));
+        })
+        .on_leave(move |c: &Connection, room: &str| {
+            leaves.lock().unwrap().push((c.id().get(), "leave", room.to_owned()))
+        })
+        .build();
+    let addr = serve(&hub).await;
+    let mut c = connect_as(addr, "alice").await;
+    let id = c.connection_id();
+    c.send(json!({"type": "join", "ref": 7, "room": "r"})).await;
+    tokio::time::timeout(WAIT, started.recv()).await.unwrap().unwrap();
+
+    assert_eq!(hub.close_room("r", "closed"), 1);
+    assert_eq!(*log.lock().unwrap(), vec![(id, "join", "r".to_owned())], "on_leave ran during on_join");
+    release.send(()).unwrap();
+    assert_eq!(c.recv().await, json!({"type": "leave", "room": "r", "message": "closed"}));
+    let answer = c.recv().await;
+    assert_eq!((answer["ref"].as_u64(), answer["code"].as_u64()), (Some(7), Some(403)), "{answer}");
+    eventually("on_leave ran", || log.lock().unwrap().len() == 3).await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![(id, "join", "r".to_owned()), (id, "join returned", "r".to_owned()), (id, "leave", "r".to_owned())]
+    );
+}
+
+/// A hook may change memberships itself: an `on_join` that takes the
+/// connection straight back out (`Hub::leave`) neither deadlocks nor runs
+/// `on_leave` inside itself; the `on_leave` follows it.
+#[tokio::test]
+async fn an_on_join_that_leaves_is_followed_by_its_on_leave() {
+    let log = HookLog::default();
+    let (joins, leaves) = (log.clone(), log.clone());
+    let hub = builder()
+        .on_join(move |c: &Connection, room: &str| {
+            joins.lock().unwrap().push((c.id().get(), "join", room.to_owned()));
+            assert!(c.hub().leave(c.id(), room));
+            joins.lock().unwrap().push((c.id().get(), "join returned", room.to_owned()));
+        })
+        .on_leave(move |c: &Connection, room: &str| {
+            leaves.lock().unwrap().push((c.id().get(), "leave", room.to_owned()))
+        })
+        .build();
+    let addr = serve(&hub).await;
+    let mut c = connect_as(addr, "alice").await;
+    let id = c.connection_id();
+    let answer = c.join("r").await;
+    assert_eq!(answer["code"], 403, "{answer}");
+    assert_eq!(
+        *log.lock().unwrap(),
+        vec![(id, "join", "r".to_owned()), (id, "join returned", "r".to_owned()), (id, "leave", "r".to_owned())]
+    );
+    assert!(hub.rooms().is_empty());
+}

@@ -137,12 +137,31 @@ impl HubBuilder {
     }
 
     /// Called after a connection joined a room.
+    ///
+    /// **Order.** With an `on_join` or `on_leave` hook set, `on_join` and
+    /// `on_leave` are strictly paired per connection and room: `on_leave`
+    /// runs once for each `on_join`, after it has returned, and never for
+    /// a join that did not stand (refused, cancelled, or taken out — by
+    /// [`Hub::close_room`](crate::Hub::close_room) or the client's own
+    /// `leave` — before it completed; that join is answered `403`). A
+    /// connection's hooks (`on_connect`, `on_join`, `on_leave`,
+    /// `on_disconnect`) never run at the same time as each other, and run
+    /// in the order of the changes they report, `on_disconnect` last. A
+    /// hook may change memberships itself (call [`Hub::leave`](crate::Hub::leave)
+    /// in `on_join`): the hook that change causes runs after the current
+    /// one returns, on the same thread. The price of the order: a hook may
+    /// run on the thread of another change of the same connection (the one
+    /// that found a hook of it already running), just after that change's
+    /// own hook, so a `join` may be answered just before its `on_join` ran.
     pub fn on_join(mut self, f: impl Fn(&Connection, &str) + Send + Sync + 'static) -> Self {
         self.hooks.join = Some(Arc::new(f));
         self
     }
 
-    /// Called after a connection left a room (by request or by disconnecting).
+    /// Called after a connection left a room (by request, by
+    /// [`Hub::close_room`](crate::Hub::close_room), or by disconnecting),
+    /// once for each `on_join` and after it: see [`on_join`](Self::on_join)
+    /// for the order.
     pub fn on_leave(mut self, f: impl Fn(&Connection, &str) + Send + Sync + 'static) -> Self {
         self.hooks.leave = Some(Arc::new(f));
         self

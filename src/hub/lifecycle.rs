@@ -1,5 +1,5 @@
 //! A connection's and the hub's life: the `hello` a session starts with,
-//! the connect and disconnect hooks, forced disconnects and shutdown.
+//! forced disconnects and shutdown (the hooks are in `hooks.rs`).
 
 use super::*;
 
@@ -56,18 +56,6 @@ impl Hub {
         };
         let payload = Payload::encode(session.format, &hello).unwrap_or_else(|_| Payload::null(session.format));
         session.send_parts(&Parts { data: Some(payload.bytes()), ..Parts::new(Kind::Hello) });
-    }
-
-    pub(crate) fn hook_connect(&self, session: &Arc<Session>) {
-        if let Some(h) = &self.inner.hooks.connect {
-            run_hook("connect", || h(&Connection(session.clone(), self.clone())));
-        }
-    }
-
-    pub(crate) fn hook_disconnect(&self, session: &Arc<Session>, reason: &DisconnectReason) {
-        if let Some(h) = &self.inner.hooks.disconnect {
-            run_hook("disconnect", || h(&Connection(session.clone(), self.clone()), reason));
-        }
     }
 
     /// Closes a connection with `code` and `reason` after what is already

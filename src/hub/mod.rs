@@ -11,6 +11,7 @@ pub(crate) mod extension;
 mod gate;
 pub mod handler;
 mod heartbeat;
+mod hooks;
 mod lifecycle;
 mod publish;
 mod registry;
@@ -64,6 +65,8 @@ struct Hooks {
     disconnect: Option<DisconnectHook>,
     join: Option<RoomHook>,
     leave: Option<RoomHook>,
+    /// Runs them in order per connection (`hooks.rs`).
+    order: hooks::HookOrder,
 }
 
 pub(crate) struct HubInner {

@@ -169,8 +169,14 @@ impl Hub {
             None => false,
         };
         rollback.armed = false;
-        if let Some(h) = &self.inner.hooks.join {
-            run_hook("join", || h(&Connection(session.clone(), self.clone()), room));
+        // Taken out between the merge and here: no `on_join` for it (and
+        // no `on_leave`, `hooks.rs`). Taken out by then or while `on_join`
+        // ran: a client already answered keeps its reply (the `leave`
+        // notice came after it), one not yet answered gets the 403 of a
+        // join on its way, never a reply after its `leave`.
+        self.hook_joined(session, room);
+        if !replied && !session.is_member(room) {
+            return Err(left_while_joining());
         }
         Ok(replied)
     }
@@ -193,9 +199,7 @@ impl Hub {
             ext.leave(self, session, room, removed == Some(true));
         }
         if hook {
-            if let Some(h) = &self.inner.hooks.leave {
-                run_hook("leave", || h(&Connection(session.clone(), self.clone()), room));
-            }
+            self.hook_left(session, room);
         }
         true
     }
