@@ -569,3 +569,203 @@ async fn same_origin_checks_read_the_authority() {
     assert_eq!(ws("https://elsewhere.example").await, StatusCode::FORBIDDEN);
     hub.shutdown(WAIT).await;
 }
+
+/// A bare HTTP/2 client writing frames by hand (HPACK literals, no
+/// Huffman): hyper's and h2's clients hold a stream over the peer's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` back themselves, so only a client
+/// that does not can show the server enforcing it.
+struct RawH2 {
+    tcp: TcpStream,
+    /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS`, once its SETTINGS came.
+    max_streams: Option<u32>,
+}
+
+/// Frame types and the error codes used here (RFC 9113 §6, §7).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const REFUSED_STREAM: u32 = 0x7;
+const CANCEL: u32 = 0x8;
+
+impl RawH2 {
+    /// h2c with prior knowledge: the preface, our SETTINGS (1 MiB stream
+    /// windows) and a large connection window; then waits for the server's
+    /// SETTINGS and acknowledges them.
+    async fn connect(addr: SocketAddr) -> RawH2 {
+        let mut h2 = RawH2 { tcp: TcpStream::connect(addr).await.unwrap(), max_streams: None };
+        h2.tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+        // SETTINGS_INITIAL_WINDOW_SIZE (0x4) = 1 MiB.
+        h2.write(SETTINGS, 0, 0, &[0, 4, 0, 0x10, 0, 0]).await;
+        h2.write(WINDOW_UPDATE, 0, 0, &(1u32 << 30).to_be_bytes()).await;
+        while h2.max_streams.is_none() {
+            h2.frame().await;
+        }
+        h2
+    }
+
+    async fn write(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        frame.extend_from_slice(&[kind, flags]);
+        frame.extend_from_slice(&stream.to_be_bytes());
+        frame.extend_from_slice(payload);
+        self.tcp.write_all(&frame).await.unwrap();
+    }
+
+    /// `GET path` as an event stream on `stream` (HEADERS with END_STREAM
+    /// and END_HEADERS; every field a literal without indexing).
+    async fn get(&mut self, stream: u32, path: &str) {
+        let mut block = Vec::new();
+        for (name, value) in [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", path),
+            (":authority", "localhost"),
+            ("accept", "text/event-stream"),
+        ] {
+            block.push(0);
+            block.push(name.len() as u8);
+            block.extend_from_slice(name.as_bytes());
+            block.push(value.len() as u8);
+            block.extend_from_slice(value.as_bytes());
+        }
+        self.write(HEADERS, 0x1 | 0x4, stream, &block).await;
+    }
+
+    async fn reset(&mut self, stream: u32, code: u32) {
+        self.write(RST_STREAM, 0, stream, &code.to_be_bytes()).await;
+    }
+
+    /// The next frame (type, stream, payload); SETTINGS and PINGs are
+    /// answered here, and the server's limit is read from its SETTINGS.
+    async fn frame(&mut self) -> (u8, u32, Vec<u8>) {
+        let mut head = [0u8; 9];
+        tokio::time::timeout(WAIT, self.tcp.read_exact(&mut head)).await.expect("a frame in time").unwrap();
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0; len];
+        tokio::time::timeout(WAIT, self.tcp.read_exact(&mut payload)).await.expect("a frame in time").unwrap();
+        match kind {
+            SETTINGS if flags & 0x1 == 0 => {
+                for setting in payload.chunks_exact(6) {
+                    if setting[..2] == [0, 3] {
+                        self.max_streams = Some(u32::from_be_bytes(setting[2..].try_into().unwrap()));
+                    }
+                }
+                self.write(SETTINGS, 0x1, 0, &[]).await;
+            }
+            PING if flags & 0x1 == 0 => self.write(PING, 0x1, 0, &payload).await,
+            GOAWAY => panic!("the server ended the connection: {payload:?}"),
+            _ => {}
+        }
+        (kind, stream, payload)
+    }
+}
+
+/// The server's `max_concurrent_streams` (100 by default) is advertised in
+/// its SETTINGS and enforced: a 101st stream opened anyway is refused with
+/// `REFUSED_STREAM`, the 100 open ones stay live on the same connection,
+/// and once one of them is closed a new one opens.
+#[tokio::test]
+async fn the_101st_stream_is_refused_and_a_closed_one_frees_its_place() {
+    const LIMIT: u32 = 100;
+    let hub = echo_hub().build();
+    let addr = start(&hub, SseConfig::default(), ServeConfig::default(), false).await;
+    let mut h2 = RawH2::connect(addr).await;
+    assert_eq!(h2.max_streams, Some(LIMIT), "SETTINGS_MAX_CONCURRENT_STREAMS");
+
+    // Streams 1, 3, …, 199: each answered 200 (HPACK static index 8,
+    // `0x88`) and joined to the room.
+    let ids: Vec<u32> = (0..LIMIT).map(|i| 2 * i + 1).collect();
+    for &id in &ids {
+        h2.get(id, "/events?room=limit").await;
+    }
+    let mut text: std::collections::HashMap<u32, String> = ids.iter().map(|&id| (id, String::new())).collect();
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < ids.len() || text.values().any(|t| !t.contains("event: $joined")) {
+        let (kind, stream, payload) = h2.frame().await;
+        match kind {
+            HEADERS => {
+                assert_eq!(payload.first(), Some(&0x88), "stream {stream}: 200");
+                answered.insert(stream);
+            }
+            DATA => text.get_mut(&stream).unwrap().push_str(std::str::from_utf8(&payload).unwrap()),
+            RST_STREAM => panic!("stream {stream} reset within the limit: {payload:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(hub.room_len("limit"), LIMIT as usize);
+
+    // The 101st: refused by the server, nothing else changes.
+    let extra = 2 * LIMIT + 1;
+    h2.get(extra, "/events?room=limit").await;
+    loop {
+        let (kind, stream, payload) = h2.frame().await;
+        if stream == extra {
+            assert_eq!(kind, RST_STREAM, "the 101st stream gets no answer but a reset");
+            assert_eq!(u32::from_be_bytes(payload[..4].try_into().unwrap()), REFUSED_STREAM);
+            break;
+        }
+        if let DATA = kind {
+            text.get_mut(&stream).unwrap().push_str(std::str::from_utf8(&payload).unwrap());
+        }
+    }
+    assert_eq!(hub.room_len("limit"), LIMIT as usize);
+
+    // All 100 are live: each gets an event published now.
+    hub.publish("limit", "all", &"here").await.unwrap();
+    while text.values().any(|t| !t.contains("event: all")) {
+        let (kind, stream, payload) = h2.frame().await;
+        assert_ne!(kind, RST_STREAM, "stream {stream} reset");
+        if kind == DATA {
+            text.get_mut(&stream).unwrap().push_str(std::str::from_utf8(&payload).unwrap());
+        }
+    }
+
+    // The client closes stream 1; its place is free once the server has
+    // let go of the stream (the response body noticing the reset), so a
+    // new stream may still be refused for a moment: retry on new ids.
+    h2.reset(1, CANCEL).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut id = extra + 2;
+    'open: loop {
+        h2.get(id, "/events?room=limit").await;
+        loop {
+            let (kind, stream, payload) = h2.frame().await;
+            if stream != id {
+                continue;
+            }
+            match kind {
+                HEADERS => {
+                    assert_eq!(payload.first(), Some(&0x88), "the new stream: 200");
+                    break 'open;
+                }
+                RST_STREAM => {
+                    assert_eq!(u32::from_be_bytes(payload[..4].try_into().unwrap()), REFUSED_STREAM);
+                    assert!(tokio::time::Instant::now() < deadline, "a closed stream frees its place");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    id += 2;
+                    continue 'open;
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut joined = String::new();
+    while !joined.contains("event: $joined") {
+        let (kind, stream, payload) = h2.frame().await;
+        if kind == DATA && stream == id {
+            joined.push_str(std::str::from_utf8(&payload).unwrap());
+        }
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while hub.room_len("limit") != LIMIT as usize {
+        assert!(tokio::time::Instant::now() < deadline, "the reset stream's session ended: {}", hub.room_len("limit"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    hub.shutdown(WAIT).await;
+}
