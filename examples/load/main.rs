@@ -9,6 +9,7 @@
 //! cargo run --release --example load -- compare --subscribers 8000 --messages 500 --rate 50
 //! cargo run --release --example load -- idle --kind switchboard --connections 8000 --seconds 20 --heartbeat-ms 1000
 //! cargo run --release --example load -- compare-idle --connections 8000 --seconds 20
+//! cargo run --release --example load --all-features -- idle --kind switchboard --listener axum-tls --connections 2000 --seconds 20
 //! cargo run --release --example load --all-features -- compare --kinds raw-sse,sb-sse --subscribers 1000 --messages 2000
 //! cargo run --release --example load -- server --kind raw --addr 127.0.0.1:9000
 //! cargo run --release --example load --features client -- storm --clients 1000
@@ -32,10 +33,12 @@ mod server;
 mod soak;
 #[cfg(feature = "client")]
 mod storm;
+#[cfg(all(feature = "axum", feature = "tls"))]
+mod tls;
 
 use bench::{ConnOpts, IdleOpts, IdleReport, RunOpts, RunReport};
 use serde::Serialize;
-use server::{Kind, ServerOpts};
+use server::{Kind, Listener, ServerOpts};
 use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -47,6 +50,8 @@ commands:
   server   --kind K [--addr 127.0.0.1:0] [--heartbeat-ms N] [--max-inflight N] [--threads N]
   run      --kind K --subscribers N --messages M [--rate R] [--payload 100] [--json out.json]
   idle     --kind K --connections N --seconds T [--heartbeat-ms 1000] [--json out.json]
+           [--listener standalone|axum|axum-tls] (switchboard on the standalone listener, or on
+           integration::axum::serve over ws:// or wss://: a certificate made at run time, features `axum`, `tls`)
   compare  --subscribers N --messages M [--rate R] [--runs 3] [--kinds raw,switchboard,raw-padded] [--json out.json]
            (runs interleaved, a fresh server each; prints medians and two sets of ratios: switchboard
            against raw at equal payload, `what a user gets`, and against raw-padded at equal bytes,
@@ -167,6 +172,11 @@ impl Args {
         })
     }
 
+    fn listener(&self) -> Result<Listener, String> {
+        let l: String = self.or("listener", "standalone".to_owned())?;
+        Listener::parse(&l).ok_or_else(|| format!("unknown listener `{l}` (standalone, axum, axum-tls)"))
+    }
+
     fn idle_opts(&self, kind: Kind) -> Result<IdleOpts, String> {
         Ok(IdleOpts {
             conn: self.conn(kind, Some(1000))?,
@@ -204,6 +214,8 @@ fn dispatch(args: &Args) -> Result<ExitCode, String> {
             addr: args.or("addr", "127.0.0.1:0".parse().expect("address"))?,
             heartbeat: args.get::<u64>("heartbeat-ms")?.map(Duration::from_millis),
             max_inflight: args.get("max-inflight")?,
+            listener: args.listener()?,
+            tls_dir: args.get("tls-dir")?,
         };
         let rt = match args.get::<usize>("threads")? {
             Some(0) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
@@ -293,7 +305,19 @@ async fn cmd_run(args: &Args) -> Result<ExitCode, String> {
 async fn cmd_idle(args: &Args) -> Result<ExitCode, String> {
     let opts = args.idle_opts(args.kind()?)?;
     print_machine();
-    let r = bench::idle(&opts).await.map_err(|e| e.to_string())?;
+    let r = match args.listener()? {
+        Listener::Standalone => bench::idle(&opts).await,
+        #[cfg(all(feature = "axum", feature = "tls"))]
+        l if opts.conn.kind == Kind::Switchboard => {
+            println!(
+                "switchboard on integration::axum::serve, {}",
+                if l == Listener::AxumTls { "wss://" } else { "ws://" }
+            );
+            tls::idle(&opts, l).await
+        }
+        _ => return Err("--listener axum|axum-tls: --kind switchboard, features `axum` and `tls`".into()),
+    }
+    .map_err(|e| e.to_string())?;
     print_idle(std::slice::from_ref(&r));
     write_json::<_, ()>(args, std::slice::from_ref(&r), None)?;
     Ok(ExitCode::SUCCESS)

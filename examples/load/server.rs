@@ -157,6 +157,37 @@ pub struct ServerOpts {
     pub heartbeat: Option<Duration>,
     /// Calls a switchboard connection may have in flight (`max_inflight`).
     pub max_inflight: Option<usize>,
+    /// How the switchboard kinds are served.
+    pub listener: Listener,
+    /// [`Listener::AxumTls`]: the directory with `cert.pem` and `key.pem`.
+    pub tls_dir: Option<std::path::PathBuf>,
+}
+
+/// How `load server` serves a switchboard kind (`--listener`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The standalone `integration::ws::serve` listener (the default).
+    Standalone,
+    /// The hub's route in an axum router on `integration::axum::serve`,
+    /// plain HTTP (features `axum` and `tls`, as `axum-tls`, so that the
+    /// two differ by TLS alone).
+    Axum,
+    /// The same over rustls: HTTPS and WSS.
+    AxumTls,
+}
+
+impl Listener {
+    pub fn parse(s: &str) -> Option<Listener> {
+        [Listener::Standalone, Listener::Axum, Listener::AxumTls].into_iter().find(|l| l.name() == s)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Listener::Standalone => "standalone",
+            Listener::Axum => "axum",
+            Listener::AxumTls => "axum-tls",
+        }
+    }
 }
 
 /// A listener with a backlog large enough for thousands of connects in a
@@ -192,6 +223,9 @@ pub async fn run(opts: ServerOpts) -> io::Result<()> {
         Kind::Switchboard | Kind::SwitchboardV2 | Kind::SwitchboardMsgpack | Kind::SwitchboardV2Msgpack => {
             let hub = switchboard_hub(&opts);
             record_metrics(&hub);
+            if opts.listener != Listener::Standalone {
+                return serve_axum(listener, hub, &opts).await;
+            }
             println!("ready {addr}");
             ws::serve(listener, hub, WsConfig::default()).await
         }
@@ -219,6 +253,26 @@ pub async fn run(opts: ServerOpts) -> io::Result<()> {
         #[cfg(not(all(feature = "sse", feature = "axum")))]
         Kind::SbSse | Kind::RawSse => Err(io::Error::other("the SSE kinds need the `sse` and `axum` features")),
     }
+}
+
+/// The hub on `integration::axum::serve` at `/`, over TLS with the
+/// certificate in `opts.tls_dir` for [`Listener::AxumTls`]; its connection
+/// caps raised past what the generator opens.
+#[cfg(all(feature = "axum", feature = "tls"))]
+async fn serve_axum(listener: TcpListener, hub: Hub, opts: &ServerOpts) -> io::Result<()> {
+    use switchboard::integration::axum::{route, serve, ServeConfig};
+    let mut config = ServeConfig::default().max_connections(1 << 20);
+    if opts.listener == Listener::AxumTls {
+        let dir = opts.tls_dir.as_deref().ok_or_else(|| io::Error::other("--listener axum-tls needs --tls-dir"))?;
+        config = config.tls(crate::tls::server_config(dir)?);
+    }
+    println!("ready {}", listener.local_addr()?);
+    serve(listener, axum::Router::new().route("/", route(hub)), config).await
+}
+
+#[cfg(not(all(feature = "axum", feature = "tls")))]
+async fn serve_axum(_: TcpListener, _: Hub, _: &ServerOpts) -> io::Result<()> {
+    Err(io::Error::other("--listener axum|axum-tls needs the `axum` and `tls` features"))
 }
 
 /// Built with the `metrics` feature, the switchboard servers record into a
