@@ -18,8 +18,14 @@
 //!   the server grows by at most twice the 128 MiB history budget (event
 //!   bytes are counted; the allocator keeps freed blocks) + 64 MiB.
 //! - `churn` (4): `--workers` (32) join and leave ever new rooms for
-//!   `--seconds` (30), reconnecting when their join burst is spent. Bound:
-//!   growth at most 128 MiB + 96 MiB.
+//!   `--seconds` (30), reconnecting when their join burst is spent; a
+//!   prober (10 connections, a chat message every 25 ms each, staggered)
+//!   runs for 5 s before the churn and again `--settle` (5) s after it. Bounds: growth at most 128 MiB + 96
+//!   MiB; the bystander's p99 in the churn's last third at most 3 × the
+//!   first third's, and the prober's slowest call per second (median) after
+//!   the churn at most 3 × before (both floored at 2 ms): a store that walks
+//!   every room under one lock stalls longer the more rooms it holds.
+//!   `--chat PATH` runs another build of the chat example (an older one).
 //! - `fanout` (5): `--members` (90) users with 990-byte metas in one room;
 //!   `--cyclers` (4) connections join and leave it as fast as they may and
 //!   one member toggles `typing` for `--seconds` (15). Reports bytes out per
@@ -66,8 +72,12 @@ struct Chat {
 }
 
 impl Chat {
-    async fn spawn() -> Result<Chat, String> {
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("chat");
+    /// Starts `--chat PATH`, by default the `chat` next to this binary.
+    async fn spawn(args: &Args) -> Result<Chat, String> {
+        let exe = match args.get::<std::path::PathBuf>("chat")? {
+            Some(path) => path,
+            None => std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("chat"),
+        };
         if !exe.exists() {
             return Err(format!("{} is missing: cargo build --release --example chat", exe.display()));
         }
@@ -186,13 +196,17 @@ fn drain(mut rx: SplitStream<Ws>, seen: Arc<Seen>) {
 /// tasks in this process cannot delay it: its latency is the server's.
 struct Bystander {
     stop: Arc<AtomicBool>,
-    thread: std::thread::JoinHandle<(Vec<f64>, bool)>,
+    /// Every round trip so far: when it started, and its length in ms.
+    rtts: Arc<parking_lot::Mutex<Vec<(Instant, f64)>>>,
+    thread: std::thread::JoinHandle<bool>,
 }
 
 impl Bystander {
     async fn start(addr: SocketAddr) -> Result<Bystander, String> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let rtts = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let samples = rtts.clone();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
@@ -201,15 +215,14 @@ impl Bystander {
                     Ok(ws) => ws,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
-                        return (Vec::new(), true);
+                        return true;
                     }
                 };
                 if let Err(e) = join(&mut ws, "lobby", 1).await {
                     let _ = ready_tx.send(Err(e.to_string()));
-                    return (Vec::new(), true);
+                    return true;
                 }
                 let _ = ready_tx.send(Ok(()));
-                let mut rtts = Vec::new();
                 let mut tick = tokio::time::interval(Duration::from_millis(50));
                 for r in 2u64.. {
                     tick.tick().await;
@@ -220,30 +233,47 @@ impl Bystander {
                     let msg =
                         json!({"type": "call", "ref": r, "room": "lobby", "event": "message", "data": {"text": "hi"}});
                     if ws.send(Message::text(msg.to_string())).await.is_err() {
-                        return (rtts, true);
+                        return true;
                     }
                     match tokio::time::timeout(Duration::from_secs(10), reply(&mut ws, r)).await {
-                        Ok(Some(v)) if v["type"] == "reply" => rtts.push(t0.elapsed().as_secs_f64() * 1000.0),
-                        _ => return (rtts, true),
+                        Ok(Some(v)) if v["type"] == "reply" => {
+                            samples.lock().push((t0, t0.elapsed().as_secs_f64() * 1000.0))
+                        }
+                        _ => return true,
                     }
                 }
-                (rtts, false)
+                false
             })
         });
         ready_rx.await.map_err(|_| "the bystander did not start".to_owned())??;
-        Ok(Bystander { stop, thread })
+        Ok(Bystander { stop, rtts, thread })
+    }
+
+    /// The round trips (ms) that started within `from..to`.
+    fn between(&self, from: Instant, to: Instant) -> Vec<f64> {
+        self.rtts.lock().iter().filter(|(t, _)| (from..to).contains(t)).map(|&(_, ms)| ms).collect()
     }
 
     /// Stops it: (p50, p99, max) in ms, and whether it lost its connection.
     async fn finish(self) -> ((f64, f64, f64), bool) {
         self.stop.store(true, Ordering::Relaxed);
         let thread = self.thread;
-        let (mut rtts, lost) =
-            tokio::task::spawn_blocking(move || thread.join().unwrap_or_default()).await.unwrap_or_default();
+        let lost = tokio::task::spawn_blocking(move || thread.join().unwrap_or(true)).await.unwrap_or(true);
+        let mut rtts: Vec<f64> = self.rtts.lock().iter().map(|&(_, ms)| ms).collect();
         rtts.sort_by(f64::total_cmp);
-        let q = |p: f64| rtts.get(((rtts.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN);
-        ((q(0.5), q(0.99), rtts.last().copied().unwrap_or(f64::NAN)), lost)
+        ((quantile(&rtts, 0.5), quantile(&rtts, 0.99), rtts.last().copied().unwrap_or(f64::NAN)), lost)
     }
+}
+
+/// The `p` quantile of `sorted` (NaN when empty).
+fn quantile(sorted: &[f64], p: f64) -> f64 {
+    sorted.get(((sorted.len() as f64 - 1.0) * p).round() as usize).copied().unwrap_or(f64::NAN)
+}
+
+/// The `p` quantile of `v`, sorted first.
+fn quantile_of(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    quantile(&v, p)
 }
 
 /// The bounds a mode checks; each failed one is printed.
@@ -262,7 +292,7 @@ impl Checks {
 pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     procfs::raise_nofile(65_536);
     let mode: String = args.need("mode")?;
-    let chat = Chat::spawn().await?;
+    let chat = Chat::spawn(args).await?;
     let by = Bystander::start(chat.addr).await?;
     let (rss0, cpu0, t0) = (chat.rss_mib(), chat.cpu(), Instant::now());
     println!("attack {mode} on the chat example (pid {}, {}), RSS {rss0:.1} MiB", chat.pid, chat.addr);
@@ -270,7 +300,7 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     match mode.as_str() {
         "tabs" => tabs(args, &chat, &mut checks).await?,
         "history" => history(args, &chat, &mut checks, rss0).await?,
-        "churn" => churn(args, &chat, &mut checks, rss0).await?,
+        "churn" => churn(args, &chat, &mut checks, rss0, &by).await?,
         "fanout" => fanout(args, &chat, &mut checks).await?,
         "pings" | "fragments" => floods(args, &chat, &mut checks, mode == "pings").await?,
         "heads" => heads(args, &chat, &mut checks).await?,
@@ -421,10 +451,85 @@ async fn history(args: &Args, chat: &Chat, checks: &mut Checks, rss0: f64) -> Re
     Ok(())
 }
 
-async fn churn(args: &Args, chat: &Chat, checks: &mut Checks, rss0: f64) -> Result<(), String> {
-    let (workers, seconds): (usize, u64) = (args.or("workers", 32)?, args.or("seconds", 30)?);
+/// Round trips (ms) of chat messages in room `probe` for `seconds`, one
+/// list per second: [`PROBERS`] connections, each sending every 25 ms
+/// (within the default rate limit, 50/s), staggered so that a call starts
+/// every 2.5 ms. A stall of the store (the old once-a-second sweep over
+/// every room under one lock) delays the calls in flight, so each second's
+/// slowest call shows it. On a thread and runtime of its own, as the
+/// bystander.
+async fn probe(addr: SocketAddr, seconds: u64) -> Result<Vec<Vec<f64>>, String> {
+    const PROBERS: u64 = 10;
+    const EVERY: Duration = Duration::from_millis(25);
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let rtts = Arc::new(parking_lot::Mutex::new(vec![Vec::new(); seconds as usize]));
+            let mut conns = Vec::new();
+            for i in 0..PROBERS {
+                let mut ws = open(addr, None, &format!("prober{i}")).await.map_err(|e| e.to_string())?;
+                join(&mut ws, "probe", 1).await.map_err(|e| e.to_string())?;
+                conns.push(ws);
+            }
+            let start = Instant::now();
+            let tasks: Vec<_> = (0..PROBERS)
+                .zip(conns)
+                .map(|(i, mut ws)| {
+                    let rtts = rtts.clone();
+                    tokio::spawn(async move {
+                        let first = tokio::time::Instant::from_std(start) + EVERY * i as u32 / PROBERS as u32;
+                        let mut tick = tokio::time::interval_at(first, EVERY);
+                        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        for r in 2u64.. {
+                            tick.tick().await;
+                            let t0 = Instant::now();
+                            let second = t0.duration_since(start).as_secs() as usize;
+                            if second >= seconds as usize {
+                                return Ok(());
+                            }
+                            let msg = json!({"type": "call", "ref": r, "room": "probe", "event": "message", "data": {"text": "?"}});
+                            ws.send(Message::text(msg.to_string())).await.map_err(|e| e.to_string())?;
+                            match tokio::time::timeout(Duration::from_secs(10), reply(&mut ws, r)).await {
+                                Ok(Some(v)) if v["type"] == "reply" => {
+                                    rtts.lock()[second].push(t0.elapsed().as_secs_f64() * 1000.0)
+                                }
+                                other => return Err(format!("a prober got no reply: {other:?}")),
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.map_err(|e| e.to_string())??;
+            }
+            let rtts = std::mem::take(&mut *rtts.lock());
+            Ok(rtts)
+        })
+    });
+    tokio::task::spawn_blocking(move || thread.join().unwrap_or_else(|_| Err("the prober panicked".into())))
+        .await
+        .map_err(|e| e.to_string())?
+}
+
+/// The median over the seconds of each second's slowest round trip (ms).
+fn typical_stall(seconds: &[Vec<f64>]) -> f64 {
+    quantile_of(seconds.iter().map(|s| s.iter().copied().fold(0.0, f64::max)).collect(), 0.5)
+}
+
+/// How much worse a latency may get while the rooms pile up (a ratio to
+/// the same figure with few or no rooms, floored at 2 ms): generous for a
+/// shared 2-core machine, small against a stall that grows with the rooms.
+const CHURN_FACTOR: f64 = 3.0;
+
+async fn churn(args: &Args, chat: &Chat, checks: &mut Checks, rss0: f64, by: &Bystander) -> Result<(), String> {
+    let (workers, seconds, settle): (usize, u64, u64) =
+        (args.or("workers", 32)?, args.or("seconds", 30)?, args.or("settle", 5)?);
+    let probe_s = 5;
+    let before = typical_stall(&probe(chat.addr, probe_s).await?);
     let rooms = Arc::new(AtomicUsize::new(0));
-    let end = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
     let tasks: Vec<_> = (0..workers)
         .map(|w| {
             let (rooms, addr) = (rooms.clone(), chat.addr);
@@ -461,13 +566,38 @@ async fn churn(args: &Args, chat: &Chat, checks: &mut Checks, rss0: f64) -> Resu
     for t in tasks {
         let _ = t.await;
     }
+    let churned = rooms.load(Ordering::Relaxed);
+    let rss_end = chat.rss_mib();
     println!(
-        "{} rooms joined and left by {workers} workers in {seconds} s; RSS peak {peak:.1} MiB, now {:.1} MiB",
-        rooms.load(Ordering::Relaxed),
-        chat.rss_mib()
+        "{churned} rooms joined and left by {workers} workers in {seconds} s; RSS peak {peak:.1} MiB, now {rss_end:.1} MiB ({:.0} B per room)",
+        (rss_end - rss0) * 1024.0 * 1024.0 / churned.max(1) as f64
+    );
+    // The bystander while the rooms pile up: its first and last thirds.
+    let third = Duration::from_secs(seconds) / 3;
+    let first = quantile_of(by.between(start, start + third), 0.99);
+    let last = quantile_of(by.between(end - third, end), 0.99);
+    println!("bystander during the churn: p99 {first:.2} ms in the first third, {last:.2} ms in the last");
+    // After it, with nothing else going on: a store that walks its rooms
+    // stalls every second, for longer the more rooms it holds.
+    tokio::time::sleep(Duration::from_secs(settle)).await;
+    let after = typical_stall(&probe(chat.addr, probe_s).await?);
+    println!(
+        "prober (slowest call per second, median): {before:.2} ms before the churn, {after:.2} ms {settle} s after it"
     );
     let bound = rss0 + 128.0 + 96.0;
     checks.check(peak <= bound, format!("RSS peak {peak:.1} MiB <= {bound:.1} MiB (start + 128 MiB budget + 96 MiB)"));
+    let bound = CHURN_FACTOR * first.max(2.0);
+    checks.check(
+        last <= bound,
+        format!(
+            "the bystander's p99 in the last third {last:.2} ms <= {bound:.2} ms ({CHURN_FACTOR} x the first third's)"
+        ),
+    );
+    let bound = CHURN_FACTOR * before.max(2.0);
+    checks.check(
+        after <= bound,
+        format!("the prober's slowest call per second after the churn {after:.2} ms <= {bound:.2} ms ({CHURN_FACTOR} x before)"),
+    );
     Ok(())
 }
 
