@@ -21,7 +21,8 @@
 //!   `--seconds` (30), reconnecting when their join burst is spent; a
 //!   prober (10 connections, a chat message every 25 ms each, staggered)
 //!   runs for 5 s before the churn and again `--settle` (5) s after it. Bounds: growth at most 128 MiB + 96
-//!   MiB; the bystander's p99 in the churn's last third at most 3 × the
+//!   MiB, and at most 1 KiB per churned room (the store accounts 256
+//!   bytes and the name); the bystander's p99 in the churn's last third at most 3 × the
 //!   first third's, and the prober's slowest call per second (median) after
 //!   the churn at most 3 × before (both floored at 2 ms): a store that walks
 //!   every room under one lock stalls longer the more rooms it holds.
@@ -568,10 +569,7 @@ async fn churn(args: &Args, chat: &Chat, checks: &mut Checks, rss0: f64, by: &By
     }
     let churned = rooms.load(Ordering::Relaxed);
     let rss_end = chat.rss_mib();
-    println!(
-        "{churned} rooms joined and left by {workers} workers in {seconds} s; RSS peak {peak:.1} MiB, now {rss_end:.1} MiB ({:.0} B per room)",
-        (rss_end - rss0) * 1024.0 * 1024.0 / churned.max(1) as f64
-    );
+    println!("{churned} rooms joined and left by {workers} workers in {seconds} s; RSS peak {peak:.1} MiB, now {rss_end:.1} MiB");
     // The bystander while the rooms pile up: its first and last thirds.
     let third = Duration::from_secs(seconds) / 3;
     let first = quantile_of(by.between(start, start + third), 0.99);
@@ -586,6 +584,10 @@ async fn churn(args: &Args, chat: &Chat, checks: &mut Checks, rss0: f64, by: &By
     );
     let bound = rss0 + 128.0 + 96.0;
     checks.check(peak <= bound, format!("RSS peak {peak:.1} MiB <= {bound:.1} MiB (start + 128 MiB budget + 96 MiB)"));
+    // The store accounts a joined-only room at 256 bytes and its name;
+    // twice that for the allocator and the maps' spare room, rounded up.
+    let per_room = (rss_end - rss0) * 1024.0 * 1024.0 / churned.max(1) as f64;
+    checks.check(per_room <= 1024.0, format!("growth per churned room {per_room:.0} B <= 1,024 B"));
     let bound = CHURN_FACTOR * first.max(2.0);
     checks.check(
         last <= bound,
