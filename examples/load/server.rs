@@ -271,8 +271,9 @@ async fn serve_axum(listener: TcpListener, hub: Hub, opts: &ServerOpts) -> io::R
 }
 
 #[cfg(not(all(feature = "axum", feature = "tls")))]
-async fn serve_axum(_: TcpListener, _: Hub, _: &ServerOpts) -> io::Result<()> {
-    Err(io::Error::other("--listener axum|axum-tls needs the `axum` and `tls` features"))
+async fn serve_axum(_: TcpListener, _: Hub, opts: &ServerOpts) -> io::Result<()> {
+    let dir = opts.tls_dir.as_ref().map_or(String::new(), |d| format!(" --tls-dir {}", d.display()));
+    Err(io::Error::other(format!("--listener {}{dir} needs the `axum` and `tls` features", opts.listener.name())))
 }
 
 /// Built with the `metrics` feature, the switchboard servers record into a
