@@ -729,7 +729,11 @@ pub mod sse {
                 } else {
                     let mut req = req.map(Body::new);
                     req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
-                    switchboard::integration::axum::upgrade(hub, WsConfig::default(), req).await
+                    // Boxed (as axum boxes its routes' futures): hyper keeps
+                    // an allocation the size of this future for each
+                    // connection's life, streams included, and only the
+                    // publisher's connection upgrades.
+                    Box::pin(switchboard::integration::axum::upgrade(hub, WsConfig::default(), req)).await
                 }
             }
         })

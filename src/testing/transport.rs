@@ -527,11 +527,9 @@ fn frame_summary(frame: &Frame) -> String {
 mod sse {
     use super::*;
     use crate::transport::event_stream;
-    use crate::transport::sse::conn::{CloseRetry, Shared, SseTransport, StreamBody};
-    use futures::channel::mpsc as fmpsc;
+    use crate::transport::sse::conn::{CloseRetry, Posted, Shared, SseTransport, StreamBody};
     use std::collections::VecDeque;
     use std::sync::Arc;
-    use tokio::sync::mpsc;
 
     /// The far end of an SSE stream for the transport suite: it reads the
     /// response body as a client does (events back into frames: unnamed
@@ -539,14 +537,24 @@ mod sse {
     /// sends through the inbound queue, as a POST does.
     struct SsePeer {
         body: StreamBody,
-        inbound: mpsc::Sender<Frame>,
+        inbound: Arc<Shared>,
         text: String,
         ready: VecDeque<Frame>,
     }
 
     impl Peer for SsePeer {
         fn send(&mut self, frame: Frame) -> futures::future::BoxFuture<'_, Result<(), TransportError>> {
-            Box::pin(async move { self.inbound.send(frame).await.map_err(|_| TransportError::Closed) })
+            // As a POST delivers; a client retries one refused with 429
+            // (the queue is full) once the reader took some.
+            Box::pin(async move {
+                loop {
+                    match self.inbound.post(vec![frame.clone()]) {
+                        Posted::Queued => return Ok(()),
+                        Posted::Full => tokio::task::yield_now().await,
+                        Posted::Closed => return Err(TransportError::Closed),
+                    }
+                }
+            })
         }
 
         fn recv(&mut self) -> futures::future::BoxFuture<'_, Option<Frame>> {
@@ -585,12 +593,10 @@ mod sse {
     #[tokio::test]
     async fn sse_transport_conforms() {
         let connect = || async {
-            let (in_tx, in_rx) = mpsc::channel(16);
-            let shared = Arc::new(Shared::new(1, [0; 16], in_tx.clone()));
-            let (out_tx, out_rx) = fmpsc::channel(1);
-            let body = StreamBody::new(Bytes::new(), out_rx, shared.clone());
-            let t = SseTransport::new(shared, out_tx, in_rx, CloseRetry { retry_ms: 10 }, Box::new(|| {}));
-            (t, SsePeer { body, inbound: in_tx, text: String::new(), ready: VecDeque::new() })
+            let shared = Arc::new(Shared::new(1, [0; 16], 16));
+            let body = StreamBody::new(Bytes::new(), shared.clone());
+            let t = SseTransport::new(shared.clone(), CloseRetry { retry_ms: 10 }, Box::new(|| {}));
+            (t, SsePeer { body, inbound: shared, text: String::new(), ready: VecDeque::new() })
         };
         let report = TransportSuite::new(connect).run().await.unwrap_or_else(|f| panic!("{f}"));
         assert_eq!(

@@ -82,7 +82,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 /// Header naming the session a POST is for.
 pub const SESSION_HEADER: &str = "switchboard-session";
@@ -456,10 +456,14 @@ impl SseEndpoint {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let method = req.method().clone();
+        // Boxed: a hyper HTTP/1 connection keeps the allocation of its
+        // request's future (sized for this one) for as long as it lives,
+        // and a stream's connection lives long; the opening and the POST
+        // futures are large and needed only until the response is made.
         if method == Method::GET {
-            self.stream(req, peer).await
+            Box::pin(self.stream(req, peer)).await
         } else if method == Method::POST {
-            self.post(req, peer).await
+            Box::pin(self.post(req, peer)).await
         } else if method == Method::OPTIONS {
             self.preflight(req.headers(), peer)
         } else {
@@ -637,8 +641,7 @@ impl SseEndpoint {
 
         let key = u64::from_le_bytes(random_bytes::<8>());
         let secret = random_bytes::<16>();
-        let (in_tx, in_rx) = mpsc::channel(inner.config.inbound_capacity);
-        let shared = Arc::new(Shared::new(key, secret, in_tx));
+        let shared = Arc::new(Shared::new(key, secret, inner.config.inbound_capacity));
         inner.sessions.lock().insert(key, shared.clone());
         let weak = Arc::downgrade(inner);
         let on_drop = Box::new(move || {
@@ -677,16 +680,19 @@ impl SseEndpoint {
         spec.rewind = rewind;
         spec.reconnect_on_gap = inner.config.reconnect_on_gap;
         crate::metrics::sse_stream(spec.positions.iter().any(Option::is_some));
-        let (out_tx, out_rx) = futures::channel::mpsc::channel(1);
-        let transport = conn::SseTransport::new(shared.clone(), out_tx, in_rx, close, on_drop);
-        let serve_hub = hub.clone();
+        let body = StreamBody::new(first, shared.clone());
+        let transport = conn::SseTransport::new(shared, close, on_drop);
+        // The session is registered now; its task does not keep the
+        // handshake (the request's headers) for the stream's life.
+        let serve = hub.serve_stream(transport, &hs, identity, spec);
+        drop(hs);
         tokio::spawn(async move {
             // Held until the session ends, whichever way.
             let _admission = admission;
-            serve_hub.serve_stream(transport, &hs, identity, spec).await;
+            serve.await;
         });
 
-        let mut res = Response::new(SseBody(BodyKind::Stream(Box::new(StreamBody::new(first, out_rx, shared)))));
+        let mut res = Response::new(SseBody(BodyKind::Stream(Box::new(body))));
         stream_headers(res.headers_mut());
         self.add_cors(&mut res, origin);
         res
@@ -847,17 +853,11 @@ impl Inner {
         if n == 0 {
             return Delivery::Accepted(0);
         }
-        let delivery = match shared.inbound.try_reserve_many(n) {
-            Ok(permits) => {
-                for (permit, e) in permits.zip(envelopes) {
-                    permit.send(Frame::Text(e));
-                }
-                Delivery::Accepted(n)
-            }
-            Err(mpsc::error::TrySendError::Full(())) => Delivery::Full,
-            Err(mpsc::error::TrySendError::Closed(())) => Delivery::UnknownSession,
-        };
-        delivery
+        match shared.post(envelopes.into_iter().map(Frame::Text).collect()) {
+            conn::Posted::Queued => Delivery::Accepted(n),
+            conn::Posted::Full => Delivery::Full,
+            conn::Posted::Closed => Delivery::UnknownSession,
+        }
     }
 }
 

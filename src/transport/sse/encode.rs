@@ -11,9 +11,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 pub(crate) use crate::transport::event_stream::is_field_safe;
 
 /// Builds a batch of events as a list of buffers: headers are written into
-/// a scratch buffer, and a payload or pre-framed event of 256 bytes or more
-/// is queued as the same `Bytes` the hub made once for every recipient (no
-/// copy).
+/// a scratch buffer; a pre-framed event (whatever its size) and a payload of
+/// 256 bytes or more are queued as the same `Bytes` the hub made once for
+/// every recipient (no copy: the response body gathers small ones into one
+/// chunk when hyper asks, `conn::StreamBody`).
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     scratch: BytesMut,
@@ -49,6 +50,30 @@ impl Batch {
         std::mem::take(&mut self.chunks)
     }
 
+    /// Moves the batch's buffers to the end of `out` (when `out` is empty,
+    /// the two lists trade places: no buffer is allocated or copied).
+    /// Returns the bytes moved.
+    pub(crate) fn move_into(&mut self, out: &mut Vec<Bytes>) -> usize {
+        self.cut();
+        if out.is_empty() {
+            std::mem::swap(out, &mut self.chunks);
+        } else {
+            out.append(&mut self.chunks);
+        }
+        std::mem::take(&mut self.len)
+    }
+
+    /// Gives back the chunk list's memory when it is empty (an idle stream
+    /// keeps no buffer grown by an earlier burst).
+    pub(crate) fn shrink(&mut self) {
+        if self.chunks.is_empty() {
+            self.chunks = Vec::new();
+        }
+        if self.scratch.is_empty() {
+            self.scratch = BytesMut::new();
+        }
+    }
+
     fn cut(&mut self) {
         if !self.scratch.is_empty() {
             let b = self.scratch.split().freeze();
@@ -59,12 +84,17 @@ impl Batch {
 
     fn share(&mut self, b: &Bytes) {
         if b.len() >= SHARE_FROM {
-            self.cut();
-            self.len += b.len();
-            self.chunks.push(b.clone());
+            self.push(b.clone());
         } else {
             self.scratch.put_slice(b);
         }
+    }
+
+    /// Queues `b` itself, after what the scratch buffer holds.
+    fn push(&mut self, b: Bytes) {
+        self.cut();
+        self.len += b.len();
+        self.chunks.push(b);
     }
 
     /// A `retry:` field on its own (it sets the client's reconnection delay
@@ -85,10 +115,12 @@ impl Batch {
     /// Event-stream bytes framed by the session
     /// ([`Framing::EventStream`](crate::transport::Framing::EventStream)):
     /// whole events, or an `id:` line (not ending in an empty line) that
-    /// the next chunk's event completes.
-    pub(crate) fn framed(&mut self, chunk: &Bytes) {
-        self.share(chunk);
+    /// the next chunk's event completes. Queued as it is, never copied:
+    /// an event framed once per broadcast is the same buffer in every
+    /// stream's batch.
+    pub(crate) fn framed(&mut self, chunk: Bytes) {
         self.open = !chunk.ends_with(b"\n\n");
+        self.push(chunk);
     }
 
     /// One event. `id` and `event` must pass [`is_field_safe`] (an unsafe
@@ -141,9 +173,9 @@ mod tests {
     fn framed_chunks_are_shared_and_ids_hold_the_boundary() {
         let mut b = Batch::default();
         let framed = event_stream::event(None, Some("tick"), "y".repeat(300).as_bytes());
-        b.framed(&event_stream::id_field("s1.x").unwrap());
+        b.framed(event_stream::id_field("s1.x").unwrap());
         assert!(!b.at_boundary(), "an id line waits for its event");
-        b.framed(&framed);
+        b.framed(framed.clone());
         assert!(b.at_boundary());
         let chunks = b.take();
         assert!(chunks.iter().any(|c| c.as_ptr() == framed.as_ptr()), "the broadcast's buffer itself");
