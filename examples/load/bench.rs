@@ -1,6 +1,7 @@
 //! The load generator: `run` (fan-out) and `idle` (held connections).
 
 use crate::client::{self, Client, Lean};
+use crate::heap::Heap;
 use crate::procfs;
 use crate::server::{Kind, ROOM};
 use hdrhistogram::Histogram;
@@ -12,8 +13,8 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 /// Options shared by `run` and `idle`.
@@ -100,6 +101,8 @@ pub struct ServerProc {
     child: Child,
     pub pid: u32,
     pub addr: SocketAddr,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
 }
 
 impl ServerProc {
@@ -129,9 +132,10 @@ impl ServerProc {
         if let Some(n) = opts.server_threads {
             cmd.args(["--threads", &n.to_string()]);
         }
-        let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::null()).kill_on_drop(true).spawn()?;
+        let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::piped()).kill_on_drop(true).spawn()?;
         let pid = child.id().ok_or_else(|| io::Error::other("server exited at once"))?;
         let stdout = child.stdout.take().ok_or_else(|| io::Error::other("no stdout"))?;
+        let stdin = child.stdin.take().ok_or_else(|| io::Error::other("no stdin"))?;
         let mut lines = BufReader::new(stdout).lines();
         // A wrapping tool may print lines of its own first.
         let ready = async {
@@ -150,7 +154,22 @@ impl ServerProc {
             .strip_prefix("ready ")
             .and_then(|a| a.trim().parse().ok())
             .ok_or_else(|| io::Error::other(format!("unexpected server line: {line}")))?;
-        Ok(ServerProc { child, pid, addr })
+        Ok(ServerProc { child, pid, addr, stdin, lines })
+    }
+
+    /// The server's live heap, from its counting allocator.
+    pub async fn heap(&mut self) -> io::Result<Heap> {
+        self.stdin.write_all(b"heap\n").await?;
+        loop {
+            match self.lines.next_line().await? {
+                Some(l) => {
+                    if let Some(h) = l.strip_prefix("heap ").and_then(Heap::parse) {
+                        return Ok(h);
+                    }
+                }
+                None => return Err(io::Error::other("server exited")),
+            }
+        }
     }
 
     pub fn cpu(&self) -> f64 {
@@ -714,6 +733,10 @@ pub struct IdleReport {
     pub server_rss_connected_kib: u64,
     pub server_rss_after_kib: u64,
     pub rss_per_connection_bytes: f64,
+    /// Live heap the server holds per connection once connected (its
+    /// counting allocator, see `heap.rs`): bytes asked for, and blocks.
+    pub heap_per_connection_bytes: f64,
+    pub heap_blocks_per_connection: f64,
     pub server_cpu_idle_s: f64,
     pub server_cpu_pct_of_core: f64,
     /// `server_cpu_pct_of_core` scaled to a 25 s heartbeat interval.
@@ -727,10 +750,11 @@ pub struct IdleReport {
 pub async fn idle(opts: &IdleOpts) -> io::Result<IdleReport> {
     let n = opts.connections;
     procfs::raise_nofile(n as u64 + 256);
-    let server = ServerProc::spawn(&opts.conn).await?;
+    let mut server = ServerProc::spawn(&opts.conn).await?;
     let addr = server.addr;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = procfs::rss_kib(server.pid).unwrap_or(0);
+    let heap_before = server.heap().await?;
     let pings = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel::<io::Result<()>>();
     let sem = Arc::new(Semaphore::new(opts.conn.concurrency.max(1)));
@@ -799,6 +823,7 @@ pub async fn idle(opts: &IdleOpts) -> io::Result<IdleReport> {
     // Let the last handshakes' transient allocations settle.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_connected = procfs::rss_kib(server.pid).unwrap_or(0);
+    let heap = server.heap().await?;
     let cpu0 = server.cpu();
     let gen0 = self_cpu();
     let pings0 = pings.load(Ordering::Relaxed);
@@ -822,6 +847,8 @@ pub async fn idle(opts: &IdleOpts) -> io::Result<IdleReport> {
         server_rss_connected_kib: rss_connected,
         server_rss_after_kib: rss_after,
         rss_per_connection_bytes: (rss_after as f64 - rss_before as f64) * 1024.0 / n as f64,
+        heap_per_connection_bytes: (heap.bytes - heap_before.bytes) as f64 / n as f64,
+        heap_blocks_per_connection: (heap.blocks - heap_before.blocks) as f64 / n as f64,
         server_cpu_idle_s: cpu,
         server_cpu_pct_of_core: pct,
         server_cpu_pct_at_25s: opts.conn.heartbeat_ms.map(|h| pct * h as f64 / 25_000.0),

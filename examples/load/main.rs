@@ -25,6 +25,7 @@
 mod attack;
 mod bench;
 mod client;
+mod heap;
 #[cfg(feature = "client")]
 mod presence_storm;
 mod procfs;
@@ -43,6 +44,11 @@ use std::collections::HashMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// Counts the live heap (`load idle`'s heap per connection, from the
+/// server child); a few atomic adds per allocation.
+#[global_allocator]
+static ALLOC: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
+
 const USAGE: &str = "\
 usage: load <command> [options]
 
@@ -52,6 +58,8 @@ commands:
   idle     --kind K --connections N --seconds T [--heartbeat-ms 1000] [--json out.json]
            [--listener standalone|axum|axum-tls] (switchboard on the standalone listener, or on
            integration::axum::serve over ws:// or wss://: a certificate made at run time, features `axum`, `tls`)
+           (RSS per connection, and the server's live heap per connection from its counting allocator:
+           bytes asked for and blocks)
   compare  --subscribers N --messages M [--rate R] [--runs 3] [--kinds raw,switchboard,raw-padded] [--json out.json]
            (runs interleaved, a fresh server each; prints medians and two sets of ratios: switchboard
            against raw at equal payload, `what a user gets`, and against raw-padded at equal bytes,
@@ -209,6 +217,7 @@ fn main() -> ExitCode {
 
 fn dispatch(args: &Args) -> Result<ExitCode, String> {
     if args.cmd == "server" {
+        heap::serve_stdin();
         let opts = ServerOpts {
             kind: args.kind()?,
             addr: args.or("addr", "127.0.0.1:0".parse().expect("address"))?,
@@ -741,7 +750,7 @@ fn print_runs(reports: &[RunReport]) {
 
 fn print_idle(reports: &[IdleReport]) {
     println!(
-        "{:<12} {:>6} {:>6} {:>7} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10} {:>8} {:>8} {:>7}",
+        "{:<12} {:>6} {:>6} {:>7} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>10} {:>8} {:>8} {:>7} {:>8} {:>6}",
         "kind",
         "conns",
         "secs",
@@ -755,11 +764,13 @@ fn print_idle(reports: &[IdleReport]) {
         "cpu % core",
         "%@25s",
         "us/ping",
-        "gen s"
+        "gen s",
+        "heap B",
+        "blocks"
     );
     for r in reports {
         println!(
-            "{:<12} {:>6} {:>6.1} {:>7} {:>8.2} {:>9} {:>9} {:>9} {:>8.0} {:>8.3} {:>10.2} {:>8} {:>8.1} {:>7.2}",
+            "{:<12} {:>6} {:>6.1} {:>7} {:>8.2} {:>9} {:>9} {:>9} {:>8.0} {:>8.3} {:>10.2} {:>8} {:>8.1} {:>7.2} {:>8.0} {:>6.2}",
             r.kind.name(),
             r.connections,
             r.seconds,
@@ -773,7 +784,9 @@ fn print_idle(reports: &[IdleReport]) {
             r.server_cpu_pct_of_core,
             r.server_cpu_pct_at_25s.map_or("-".into(), |x| format!("{x:.3}")),
             r.server_cpu_us_per_ping,
-            r.generator_cpu_s
+            r.generator_cpu_s,
+            r.heap_per_connection_bytes,
+            r.heap_blocks_per_connection
         );
     }
 }

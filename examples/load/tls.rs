@@ -255,5 +255,8 @@ pub async fn idle(opts: &IdleOpts, listener: Listener) -> io::Result<IdleReport>
         pings_received,
         server_cpu_us_per_ping: if pings_received > 0 { cpu / pings_received as f64 * 1e6 } else { f64::NAN },
         generator_cpu_s: gen,
+        // This server child is not asked for its heap (`heap.rs`).
+        heap_per_connection_bytes: f64::NAN,
+        heap_blocks_per_connection: f64::NAN,
     })
 }
