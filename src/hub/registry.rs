@@ -133,6 +133,12 @@ impl Hub {
                 return Err(refuse(ErrorKind::NotConnected, ErrorCode::UNAVAILABLE, "connection is closing"));
             }
             let (name, created, stream) = self.inner.rooms.join(room, session, self.recoverable(room));
+            // Room for just this one while the list is short: a first push
+            // would reserve four (64 bytes for a connection in one room,
+            // the common case, kept for its whole life).
+            if rooms.len() < 4 {
+                rooms.reserve_exact(1);
+            }
             rooms.push(name);
             (created, stream)
         };

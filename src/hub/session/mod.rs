@@ -471,8 +471,9 @@ impl Wire {
     }
 }
 
-/// The connection's handler tasks. The set is created by the first one:
-/// an empty `JoinSet` is an allocation, and most connections never call.
+/// The connection's handler tasks. The set is created by the first one
+/// and dropped when the last has ended: an empty `JoinSet` is an
+/// allocation, and most connections are idle.
 #[derive(Default)]
 struct Calls(Option<JoinSet<()>>);
 
@@ -485,11 +486,16 @@ impl Calls {
         self.0.as_ref().is_none_or(JoinSet::is_empty)
     }
 
+    /// The next handler task to end. The set goes once it is empty
+    /// again: most connections call a few times (a join) and then only
+    /// listen, and would keep its allocation for their whole life.
     async fn join_next(&mut self) -> Option<()> {
-        match &mut self.0 {
-            Some(set) => set.join_next().await.map(|_| ()),
-            None => None,
+        let set = self.0.as_mut()?;
+        let done = set.join_next().await.map(|_| ());
+        if set.is_empty() {
+            self.0 = None;
         }
+        done
     }
 
     fn abort_all(&mut self) {

@@ -76,6 +76,11 @@ struct Partial {
     checked: usize,
 }
 
+/// Most bytes a read takes while the reader holds no buffer (see
+/// [`FrameReader::poll_fill`]): a stack chunk, as big as the default
+/// read buffer.
+const IDLE_CHUNK: usize = 4096;
+
 /// Reads frames from the socket and yields messages and control frames.
 pub(crate) struct FrameReader {
     io: BoxRead,
@@ -195,8 +200,8 @@ fn max_compressed(max: usize) -> usize {
 
 impl FrameReader {
     pub(crate) fn new(io: BoxRead, leftover: Vec<u8>, role: Role, limits: Limits) -> FrameReader {
-        let mut buf = BytesMut::with_capacity(limits.read_buffer_size.max(leftover.len()));
-        buf.extend_from_slice(&leftover);
+        // No buffer until bytes arrive (`poll_fill`): only the leftover.
+        let buf = BytesMut::from(&leftover[..]);
         FrameReader { io, buf, role, limits, counts: Fragments::new(), message: None, done: false }
     }
 
@@ -244,7 +249,18 @@ impl FrameReader {
 
     /// Reads more bytes into the buffer: at least what the frame being
     /// read still lacks, when that is known.
+    ///
+    /// The buffer is held only while there is something in it: a read that
+    /// finds nothing to read with the buffer empty (between frames: an
+    /// idle connection) gives it back, and the next read goes into a
+    /// chunk on the stack, copied into a buffer of its size only once
+    /// bytes came. An idle connection then holds no read buffer (4 KiB
+    /// each by default), at the cost of one allocation and copy per read
+    /// after a wait, not per read.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() == 0 {
+            return self.poll_fill_released(cx);
+        }
         let want = self.limits.read_buffer_size.max(1);
         if self.buf.capacity() - self.buf.len() < want {
             self.buf.reserve(want);
@@ -259,7 +275,33 @@ impl FrameReader {
         match res {
             Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                if self.buf.is_empty() {
+                    self.buf = BytesMut::new();
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// [`FrameReader::poll_fill`] without a buffer: into a stack chunk of
+    /// at most [`IDLE_CHUNK`] bytes (and at most `read_buffer_size`),
+    /// then into a buffer holding just what came.
+    fn poll_fill_released(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); IDLE_CHUNK];
+        let size = self.limits.read_buffer_size.clamp(1, IDLE_CHUNK);
+        let mut rb = ReadBuf::uninit(&mut chunk[..size]);
+        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => {
+                self.buf.extend_from_slice(rb.filled());
+                Poll::Ready(Ok(rb.filled().len()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Empty (no room left): drop what an exhausted buffer kept.
+                self.buf = BytesMut::new();
+                Poll::Pending
+            }
         }
     }
 
@@ -275,12 +317,16 @@ impl FrameReader {
                 self.buf.reserve(total - self.buf.len());
                 return Ok(None);
             }
+            // Read in place and then skipped, not split off: splitting
+            // would make the buffer shared, an allocation of its own.
+            let mut buf = std::mem::take(&mut self.buf);
             if let Some(key) = h.mask {
-                unmask(&mut self.buf[h.len..total], key);
+                unmask(&mut buf[h.len..total], key);
             }
-            self.buf.advance(h.len);
-            let payload = self.buf.split_to(total - h.len);
-            if let Some(frame) = self.frame(&h, &payload)? {
+            let frame = self.frame(&h, &buf[h.len..total]);
+            buf.advance(total);
+            self.buf = buf;
+            if let Some(frame) = frame? {
                 return Ok(Some(frame));
             }
         }
@@ -531,6 +577,41 @@ mod tests {
             let n: Vec<u32> = (0..4).map(|_| counts.next_message()).collect();
             assert_eq!(n, [1, 3, 2, 2]);
         }
+    }
+
+    /// Between frames, with nothing to read, the reader gives its buffer
+    /// back (an idle connection holds none); in the middle of a frame it
+    /// keeps what it has; a frame bigger than the stack chunk, and bytes
+    /// left over from the handshake, still come whole.
+    #[tokio::test]
+    async fn an_idle_reader_holds_no_buffer_and_frames_still_come_whole() {
+        use tokio::io::AsyncWriteExt;
+        let (mut peer, io) = tokio::io::duplex(1 << 16);
+        let limits = Limits { read_buffer_size: 4096, ..limits(false) };
+        let leftover = frame(true, false, OP_TEXT, b"early");
+        let mut r = FrameReader::new(Box::new(io), leftover, Role::Server, limits);
+        async fn poll(r: &mut FrameReader) -> Poll<Option<Result<Frame, TransportError>>> {
+            std::future::poll_fn(|cx| Poll::Ready(r.poll_frame(cx))).await
+        }
+        assert!(matches!(poll(&mut r).await, Poll::Ready(Some(Ok(Frame::Text(t)))) if t == "early"));
+        assert!(poll(&mut r).await.is_pending());
+        assert_eq!(r.buf.capacity(), 0, "idle between frames: no buffer");
+        let big = "b".repeat(3 * IDLE_CHUNK);
+        let mut s = frame(true, false, OP_TEXT, b"one");
+        s.extend(frame(true, false, OP_TEXT, big.as_bytes()));
+        let cut = s.len() - 10;
+        peer.write_all(&s[..cut]).await.unwrap();
+        assert!(matches!(poll(&mut r).await, Poll::Ready(Some(Ok(Frame::Text(t)))) if t == "one"));
+        assert!(poll(&mut r).await.is_pending());
+        assert!(!r.buf.is_empty(), "a frame cut short keeps what came of it");
+        peer.write_all(&s[cut..]).await.unwrap();
+        assert!(matches!(poll(&mut r).await, Poll::Ready(Some(Ok(Frame::Text(t)))) if t == big));
+        assert!(poll(&mut r).await.is_pending());
+        assert_eq!(r.buf.capacity(), 0);
+        peer.write_all(&frame(true, false, OP_PING, b"p")).await.unwrap();
+        assert!(matches!(poll(&mut r).await, Poll::Ready(Some(Ok(Frame::Ping(p)))) if p == "p"));
+        drop(peer);
+        assert!(matches!(poll(&mut r).await, Poll::Ready(None)));
     }
 
     fn first_error(bytes: Vec<u8>, deflate: bool) -> String {
