@@ -59,8 +59,10 @@ use tokio::net::TcpStream;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct WsConfig {
-    /// The frame reader's buffer, allocated per connection (it grows to
-    /// hold a larger frame whole). Default 4 KiB.
+    /// The frame reader's buffer: bytes read from the socket at a time (it
+    /// grows to hold a larger frame whole). Held only while there is
+    /// something to read: a connection waiting between frames gives it
+    /// back, so an idle connection holds none. Default 4 KiB.
     pub read_buffer_size: usize,
     /// Unused since the writer writes each batch with vectored writes of
     /// the shared buffers (kept for compatibility). Default 8 KiB.
