@@ -543,13 +543,22 @@ impl Stops {
     }
 }
 
+/// A box's value, the box freed at once. `*boxed` in an `async` block
+/// moves the value out but frees the allocation only when the block ends:
+/// for the session's block, at the end of the connection.
+#[allow(clippy::boxed_local)] // taking the box is the point: it is freed here
+fn unbox<T>(boxed: Box<T>) -> T {
+    *boxed
+}
+
 /// Runs a connection to its end. Called by [`Hub::serve`].
 pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -> impl Future<Output = ()> + Send {
     let fragments = transport.fragments();
     let (sink, mut stream) = transport.split();
     // Boxed until the writer takes it: a value this block captures keeps
     // its room in the connection's future for the connection's whole life,
-    // even once moved out, and the sink is only passed on to the writer.
+    // even once moved out, and the sink is only passed on to the writer
+    // (through `unbox`, which frees the box then).
     let sink = Box::new(sink);
     let task = TaskGuard::new(&hub.inner);
     // An `async move` block, not an `async fn`: an `async fn` moves its
@@ -563,7 +572,7 @@ pub(crate) fn run<T: Transport>(hub: Hub, session: Arc<Session>, transport: T) -
             let guard = TaskGuard::new(&hub.inner);
             // `map`, not an `async` wrapper: a wrapper would keep the captured
             // future and the awaited one, two copies per connection.
-            tokio::spawn(write_loop(session.clone(), *sink).map(move |sent| {
+            tokio::spawn(write_loop(session.clone(), unbox(sink)).map(move |sent| {
                 drop(guard);
                 sent
             }))
