@@ -26,6 +26,10 @@
 //! keeps some freed memory, a leak grows with the cycles. It also prints
 //! the RSS slope over the samples after warm-up (least squares, KiB a
 //! minute).
+//!
+//! `--redis on` runs the same soak against two hubs over a private Redis
+//! that is killed and restarted every few minutes, with slow consumers
+//! among the churners: `examples/load/soak_redis.rs`.
 
 use super::{procfs, Args};
 use futures::{SinkExt, StreamExt};
@@ -49,7 +53,7 @@ struct Counters {
 }
 
 /// One churn cycle on a plain WebSocket; `abrupt`: drop without a close.
-async fn cycle(url: &str, room: &str, abrupt: bool) -> Result<(), String> {
+pub(super) async fn cycle(url: &str, room: &str, abrupt: bool) -> Result<(), String> {
     let (mut ws, _) = tokio_tungstenite::connect_async(url).await.map_err(|e| e.to_string())?;
     let join = json!({"type": "join", "room": room, "ref": 1}).to_string();
     ws.send(Message::text(join)).await.map_err(|e| e.to_string())?;
@@ -74,7 +78,7 @@ async fn cycle(url: &str, room: &str, abrupt: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn slope_kib_per_min(samples: &[(f64, f64)]) -> f64 {
+pub(super) fn slope_kib_per_min(samples: &[(f64, f64)]) -> f64 {
     let n = samples.len() as f64;
     if n < 2.0 {
         return 0.0;
@@ -90,6 +94,14 @@ fn slope_kib_per_min(samples: &[(f64, f64)]) -> f64 {
 }
 
 pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
+    match args.or("redis", "off".to_string())?.as_str() {
+        "off" => {}
+        #[cfg(feature = "redis")]
+        "on" => return super::soak_redis::cmd(args).await,
+        #[cfg(not(feature = "redis"))]
+        "on" => return Err("`load soak --redis on` needs the `redis` feature (and `client`)".into()),
+        other => return Err(format!("bad value `{other}` for --redis: on or off")),
+    }
     let minutes: f64 = args.or("minutes", 1.0)?;
     let listeners: usize = args.or("listeners", 40)?;
     let rooms: usize = args.or("rooms", 8)?;
