@@ -47,7 +47,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// Counts the live heap (`load idle`'s heap per connection, from the
-/// server child); a few atomic adds per allocation.
+/// server child); a few shared atomic adds per allocation, so only in
+/// builds with `RUSTFLAGS="--cfg load_heap"` (see `heap.rs`).
+#[cfg(load_heap)]
 #[global_allocator]
 static ALLOC: &stats_alloc::StatsAlloc<std::alloc::System> = &stats_alloc::INSTRUMENTED_SYSTEM;
 
@@ -61,7 +63,7 @@ commands:
            [--listener standalone|axum|axum-tls] (switchboard on the standalone listener, or on
            integration::axum::serve over ws:// or wss://: a certificate made at run time, features `axum`, `tls`)
            (RSS per connection, and the server's live heap per connection from its counting allocator:
-           bytes asked for and blocks)
+           bytes asked for and blocks; only in builds with RUSTFLAGS='--cfg load_heap', NaN otherwise)
   compare  --subscribers N --messages M [--rate R] [--runs 3] [--kinds raw,switchboard,raw-padded] [--json out.json]
            (runs interleaved, a fresh server each; prints medians and two sets of ratios: switchboard
            against raw at equal payload, `what a user gets`, and against raw-padded at equal bytes,
@@ -213,6 +215,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `RUST_LOG=switchboard::hub=debug load storm …` and the like: the
+    // crate's own diagnostics, on stderr (the tool's report is stdout).
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match dispatch(&args) {
         Ok(code) => code,
         Err(e) => {

@@ -971,6 +971,9 @@ impl Session {
                     }
                 }
                 let recovered = reply.recovered == Some(true);
+                if !recovered && rejoin {
+                    tracing::debug!(room = name, r, ?reply.recovered, ?reply.offset, recovering_gap, "rejoin not recovered");
+                }
                 if (rejoin && !recovering_gap) || (recovering_gap && !recovered) {
                     let q = room.queue.clone();
                     drop(st);

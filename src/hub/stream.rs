@@ -549,6 +549,16 @@ impl Hub {
                 if ok {
                     (&merge.collected[..], Some(true))
                 } else {
+                    tracing::debug!(
+                        room = %stream.name,
+                        complete = merge.complete,
+                        same_epoch = pos.epoch == epoch,
+                        since = pos.offset,
+                        live,
+                        collected = merge.collected.len(),
+                        max_replay,
+                        "recovery refused"
+                    );
                     (&[], Some(false))
                 }
             }
@@ -582,6 +592,7 @@ impl Hub {
         let mut total: usize = frames.iter().map(|(b, _)| b.len()).sum();
         if total > budget {
             if recovered == Some(true) {
+                tracing::debug!(room = %stream.name, bytes = total, budget, "recovery refused: over the queue budget");
                 recovered = Some(false);
                 frames.clear();
             } else {

@@ -10,6 +10,7 @@ use crate::history::MAX_EPOCH_LEN;
 pub(super) fn on_join(hub: &Hub, session: &Arc<Session>, calls: &mut Calls, env: Envelope) {
     let Some(room) = room_field(session, &env) else { return };
     if session.is_member(&room) {
+        tracing::debug!(%room, reference = ?env.reference, offset = ?env.offset, "join of a room already joined");
         return room_reply(session, env.reference, &room);
     }
     if !reader::within_join_rate(session, env.reference) {
