@@ -98,6 +98,7 @@ pub(crate) fn negotiate(method: &Method, headers: &HeaderMap, compression: Compr
 /// `CONNECT` whose `:protocol` is `protocol`) and negotiates like
 /// [`negotiate`]; there is no key, and no `Sec-WebSocket-Accept` (the
 /// answer is `200`). Not `CONNECT` → 405; another protocol → 400.
+#[cfg(feature = "axum")]
 pub(crate) fn negotiate_h2(
     method: &Method,
     protocol: Option<&str>,
