@@ -911,3 +911,73 @@ async fn a_backplane_that_never_answers_fails_the_publish_after_the_timeout() {
     assert_eq!(e.kind(), switchboard::ErrorKind::Backplane, "{e}");
     assert_eq!(start.elapsed(), timeout);
 }
+
+/// The storm's lost recoveries (issue 18, `load storm --conn-rate 200`): a
+/// client gives up on a join the server is still answering (its history
+/// read is slow) and joins again at once, as `load storm` does after a
+/// timeout. The server takes the second `join` for one of a room already
+/// joined; the client must still learn the stream's position, or a later
+/// reconnect rejoins without one and comes back `recovered: false`.
+#[tokio::test]
+async fn a_join_retried_while_the_first_still_reads_keeps_the_stream_position() {
+    use switchboard::client::{Client as RustClient, ClientConfig, ClientErrorKind};
+    use switchboard::protocol::CloseCode;
+    let history = MemoryHistory::new();
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    let store =
+        HeldRead { inner: history.clone(), armed: Default::default(), held: held_tx, release: Default::default() };
+    let hub = Hub::builder().history(store.clone(), HistoryConfig::all_rooms()).build();
+    publish_range(&hub, "r", 1..=1).await;
+    let addr = serve(&hub).await;
+    let config = ClientConfig::default().call_timeout(Duration::from_millis(300));
+    let client = RustClient::builder(format!("ws://{addr}/")).config(config).connect().unwrap();
+    tokio::time::timeout(WAIT, client.connected()).await.unwrap().unwrap();
+
+    // The first join's read is held past the client's call timeout…
+    store.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = client.join("r").await.unwrap_err();
+    assert_eq!(e.kind(), ClientErrorKind::Timeout);
+    held.recv().await.unwrap();
+    // …and the application joins again while the server is still at it;
+    // then the read completes.
+    let again = {
+        let client = client.clone();
+        tokio::spawn(async move { client.join("r").await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.release.notify_one();
+    let mut room = again.await.unwrap().expect("the second join");
+    publish_range(&hub, "r", 2..=2).await;
+    let mut got = Vec::new();
+    let mut rejoined = None;
+    wait_for(&mut room, 1, &mut got, &mut rejoined).await;
+    assert_eq!(got, vec![Some(2)], "a member after the retried join");
+
+    // Cut the connection; two events while it is away.
+    for c in hub.connections() {
+        hub.disconnect(c.id, CloseCode::RECONNECT, "cut");
+    }
+    publish_range(&hub, "r", 3..=4).await;
+    wait_for(&mut room, 3, &mut got, &mut rejoined).await;
+    assert_eq!(rejoined, Some(true), "the rejoin recovered what was missed");
+    assert_eq!(got, vec![Some(2), Some(3), Some(4)]);
+}
+
+/// Reads `room` until `got` holds `want` events' offsets, noting a rejoin.
+async fn wait_for(
+    room: &mut switchboard::client::Room,
+    want: usize,
+    got: &mut Vec<Option<u64>>,
+    rejoined: &mut Option<bool>,
+) {
+    use switchboard::client::RoomEvent;
+    while got.len() < want {
+        let ev = tokio::time::timeout(WAIT, room.recv()).await;
+        let ev = ev.unwrap_or_else(|_| panic!("no event after {got:?} (rejoined: {rejoined:?})")).expect("open");
+        match ev {
+            RoomEvent::Event(e) => got.push(e.offset),
+            RoomEvent::Rejoined { recovered } => *rejoined = Some(recovered),
+            _ => {}
+        }
+    }
+}

@@ -65,7 +65,7 @@ use crate::protocol::{Envelope, Format, Kind, Payload, Version};
 use driver::{Connector, TokenProvider};
 use room::EventQueue;
 use serde::{de::DeserializeOwned, Serialize};
-use shared::{Outgoing, RoomState, Shared};
+use shared::{Outgoing, PendingKind, RoomState, Shared};
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -334,11 +334,27 @@ impl Client {
                     recovery_attempts: 0,
                 },
             );
-            // Live: join now. Otherwise the connection task joins it when
-            // the next connection is up.
-            match st.link.as_ref().map(|l| (l.tx.clone(), l.generation)) {
-                Some((link, generation)) => shared.join_message(&mut st, room, generation).map(|out| (link, out)),
-                None => None,
+            // A join of this room given up while still in flight on this
+            // connection (its reply was to make the client leave) is taken
+            // over instead of sending a second `join`: the server would
+            // answer that one as a join of a room already joined, without
+            // the stream's position, and the next reconnect could not
+            // recover (issue 18: `load storm` against a low connection rate).
+            if let Some((r, generation)) = shared.abandoned_join(&st, room) {
+                if let Some(p) = st.pending.get_mut(&r) {
+                    p.kind = PendingKind::Join { room: room.to_owned() };
+                }
+                let state = st.rooms.get_mut(room).expect("just inserted");
+                state.join_ref = Some(r);
+                state.sent_on = Some(generation);
+                None
+            } else {
+                // Live: join now. Otherwise the connection task joins it
+                // when the next connection is up.
+                match st.link.as_ref().map(|l| (l.tx.clone(), l.generation)) {
+                    Some((link, generation)) => shared.join_message(&mut st, room, generation).map(|out| (link, out)),
+                    None => None,
+                }
             }
         };
         if let Some((link, out)) = send {

@@ -448,6 +448,19 @@ impl Shared {
     }
 
     /// A dropped room handle: leave without waiting.
+    /// The ref of a `join` of `room` that was given up while in flight on
+    /// the live connection (now `LeaveOnJoin`), and that connection's
+    /// generation.
+    pub(crate) fn abandoned_join(&self, st: &State, room: &str) -> Option<(u64, u64)> {
+        let generation = st.link.as_ref().map(|l| l.generation).filter(|g| *g == st.generation)?;
+        st.pending.iter().find_map(|(r, p)| match &p.kind {
+            PendingKind::LeaveOnJoin { room: name } if name == room && p.sent_on.is_none_or(|s| s == generation) => {
+                Some((*r, generation))
+            }
+            _ => None,
+        })
+    }
+
     pub(crate) fn forget_room(&self, room: &str, id: u64) {
         if let Some((out, _)) = self.detach_room(room, id, false) {
             let r = out.reference;
