@@ -341,13 +341,16 @@ export class Client {
      * SwitchboardError). While disconnected it waits in the offline buffer,
      * unless `volatile`.
      * @param {any} msg
-     * @param {{timeout?: number, retry?: boolean, volatile?: boolean, room?: Room}} [o]
+     * @param {{timeout?: number, retry?: boolean, volatile?: boolean, room?: Room, adopt?: number}} [o]
+     *   `adopt`: the ref of a request already written on this connection
+     *   whose answer this one takes (nothing is sent).
      */
     request(msg: any, o?: {
         timeout?: number;
         retry?: boolean;
         volatile?: boolean;
         room?: Room;
+        adopt?: number;
     }): Promise<any>;
     /** Fire and forget, only while connected. @param {any} msg */
     send(msg: any): void;

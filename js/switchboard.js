@@ -591,7 +591,15 @@ export class Client {
             return have.ready;
         const room = new Room(this, name, opts, new Listeners((e) => this.#oops(e)));
         this.rooms.set(name, room);
-        return (room.ready = this.request(room.joinMsg(), { room, retry: true, timeout: opts.timeout }).then(() => room, (e) => {
+        let adopt;
+        for (const [ref, n] of this.abandoned) {
+            if (n === name) {
+                adopt = ref;
+                this.abandoned.delete(ref);
+                break;
+            }
+        }
+        return (room.ready = this.request(room.joinMsg(), { room, retry: true, timeout: opts.timeout, adopt }).then(() => room, (e) => {
             if (this.rooms.get(name) === room)
                 this.rooms.delete(name);
             room.wanted = false;
@@ -622,7 +630,7 @@ export class Client {
                 return reject(new SwitchboardError("closed", "the client was closed"));
             if (o.volatile && !this.live)
                 return reject(new SwitchboardError("offline", "not connected"));
-            const ref = ++this.ref;
+            const ref = o.adopt ?? ++this.ref;
             const text = JSON.stringify({ ...msg, ref });
             const max = this.hello?.max_message_size;
             if (max && text.length * 3 > max && new TextEncoder().encode(text).length > max)
@@ -635,7 +643,9 @@ export class Client {
                 reject(new SwitchboardError("timeout", "no answer in time"));
             }, o.timeout ?? this.o.callTimeout ?? 10000);
             this.pending.set(ref, p);
-            if (this.live)
+            if (o.adopt != null)
+                p.written = true;
+            else if (this.live)
                 this.#write(p);
             else
                 this.#buffer(p);

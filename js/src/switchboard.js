@@ -824,7 +824,19 @@ export class Client {
     if (have) return have.ready;
     const room = new Room(this, name, opts, new Listeners((e) => this.#oops(e)));
     this.rooms.set(name, room);
-    return (room.ready = this.request(room.joinMsg(), { room, retry: true, timeout: opts.timeout }).then(
+    // A join of this room given up while still in flight on this
+    // connection is taken over rather than sent again: the server would
+    // answer a second `join` as one of a room already joined, without the
+    // stream's position, and the next reconnect could not recover.
+    let adopt;
+    for (const [ref, n] of this.abandoned) {
+      if (n === name) {
+        adopt = ref;
+        this.abandoned.delete(ref);
+        break;
+      }
+    }
+    return (room.ready = this.request(room.joinMsg(), { room, retry: true, timeout: opts.timeout, adopt }).then(
       () => room,
       (e) => {
         if (this.rooms.get(name) === room) this.rooms.delete(name);
@@ -859,13 +871,15 @@ export class Client {
    * SwitchboardError). While disconnected it waits in the offline buffer,
    * unless `volatile`.
    * @param {any} msg
-   * @param {{timeout?: number, retry?: boolean, volatile?: boolean, room?: Room}} [o]
+   * @param {{timeout?: number, retry?: boolean, volatile?: boolean, room?: Room, adopt?: number}} [o]
+   *   `adopt`: the ref of a request already written on this connection
+   *   whose answer this one takes (nothing is sent).
    */
   request(msg, o = {}) {
     return new Promise((resolve, reject) => {
       if (this.stopped) return reject(new SwitchboardError("closed", "the client was closed"));
       if (o.volatile && !this.live) return reject(new SwitchboardError("offline", "not connected"));
-      const ref = ++this.ref;
+      const ref = o.adopt ?? ++this.ref;
       const text = JSON.stringify({ ...msg, ref });
       const max = this.hello?.max_message_size;
       if (max && text.length * 3 > max && new TextEncoder().encode(text).length > max) return reject(new SwitchboardError("too_large", `message larger than the server's ${max} bytes`));
@@ -877,7 +891,8 @@ export class Client {
         reject(new SwitchboardError("timeout", "no answer in time"));
       }, o.timeout ?? this.o.callTimeout ?? 10000);
       this.pending.set(ref, p);
-      if (this.live) this.#write(p);
+      if (o.adopt != null) p.written = true;
+      else if (this.live) this.#write(p);
       else this.#buffer(p);
     });
   }

@@ -155,6 +155,28 @@ test("a join that timed out but succeeded on the server is left again", async ()
   assert.equal(t.client.rooms.size, 0);
 });
 
+test("a join made again while a given-up join is in flight takes it over and keeps its position", async () => {
+  const t = setup({ draws: [0] });
+  t.sockets[0].start();
+  const j = t.client.join("late", { timeout: 1000 }).catch((e) => e.code);
+  const req = t.ws().last("join");
+  await t.clock.advance(1000);
+  assert.equal(await j, "timeout");
+  const again = t.client.join("late");
+  await t.clock.advance(0);
+  assert.equal(t.ws().sent.filter((m) => m.type === "join").length, 1, "no second join is sent");
+  t.ws().recv({ type: "reply", ref: req.ref, data: { room: "late", epoch: "E1", offset: 5 } });
+  const room = await again;
+  assert.equal(room.name, "late");
+  assert.equal(t.ws().last("leave"), undefined, "the taken-over join is not left");
+  t.ws().recv(ev("late", 6));
+  t.ws().drop();
+  await t.clock.advance(0);
+  t.ws().start({ connection_id: 2 });
+  const rejoin = t.ws().last("join");
+  assert.deepEqual({ offset: rejoin.offset, epoch: rejoin.epoch }, { offset: 6, epoch: "E1" }, "the rejoin carries the position");
+});
+
 test("unanswered rejoins do not hold the offline buffer forever", async () => {
   const t = setup({ draws: [0] });
   t.sockets[0].start();
