@@ -633,13 +633,14 @@ fn report_open<T>(opened: io::Result<T>, ready: &mpsc::UnboundedSender<io::Resul
 }
 
 /// Waits for `n` results from the subscribers; the first error ends the run.
-async fn wait_all(rx: &mut mpsc::UnboundedReceiver<io::Result<()>>, n: usize, what: &str) -> io::Result<()> {
+/// Waits for `n` tasks to report ready on `rx`; the first error ends it.
+pub(crate) async fn wait_all(rx: &mut mpsc::UnboundedReceiver<io::Result<()>>, n: usize, what: &str) -> io::Result<()> {
     let mut left = n;
     while left > 0 {
         match rx.recv().await {
             Some(Ok(())) => left -= 1,
             Some(Err(e)) => return Err(io::Error::other(format!("{what} failed ({} done): {e}", n - left))),
-            None => return Err(io::Error::other(format!("{what}: subscribers gone"))),
+            None => return Err(io::Error::other(format!("{what}: the tasks are gone ({} done)", n - left))),
         }
     }
     Ok(())
@@ -811,14 +812,7 @@ pub async fn idle(opts: &IdleOpts) -> io::Result<IdleReport> {
         });
     }
     drop(ready_tx);
-    let mut left = n;
-    while left > 0 {
-        match ready_rx.recv().await {
-            Some(Ok(())) => left -= 1,
-            Some(Err(e)) => return Err(io::Error::other(format!("connect failed after {}: {e}", n - left))),
-            None => return Err(io::Error::other("connections gone")),
-        }
-    }
+    wait_all(&mut ready_rx, n, "connect").await?;
     let connect_s = t.elapsed().as_secs_f64();
     // Let the last handshakes' transient allocations settle.
     tokio::time::sleep(Duration::from_secs(1)).await;

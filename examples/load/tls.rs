@@ -217,14 +217,7 @@ pub async fn idle(opts: &IdleOpts, listener: Listener) -> io::Result<IdleReport>
         });
     }
     drop(ready_tx);
-    let mut left = n;
-    while left > 0 {
-        match ready_rx.recv().await {
-            Some(Ok(())) => left -= 1,
-            Some(Err(e)) => return Err(io::Error::other(format!("connect failed after {}: {e}", n - left))),
-            None => return Err(io::Error::other("connections gone")),
-        }
-    }
+    crate::bench::wait_all(&mut ready_rx, n, "connect").await?;
     let connect_s = t.elapsed().as_secs_f64();
     // Let the last handshakes' transient allocations settle.
     tokio::time::sleep(Duration::from_secs(1)).await;
