@@ -17,6 +17,12 @@ export function closeAction(code: number): "reconnect" | "stop";
  */
 export function retryHint(code: number, reason?: string): number;
 /**
+ * The length of `s` in UTF-8 bytes, as it goes on the wire (a lone surrogate
+ * as U+FFFD), without encoding it.
+ * @param {string} s
+ */
+export function utf8Length(s: string): number;
+/**
  * Parses and checks one server message. Returns the envelope, or a string
  * saying what is wrong with it (never throws).
  * @param {unknown} text
@@ -63,6 +69,7 @@ export function parseEnvelope(text: unknown, maxBytes?: number): Envelope | stri
  * @property {boolean} retry
  * @property {Room} [room] a join's room
  * @property {boolean} [rejoin]
+ * @property {number} [size] its UTF-8 length, once it waits in the offline buffer
  */
 /**
  * Opens a client. It connects at once, and reconnects by itself until
@@ -495,6 +502,10 @@ export type Pending = {
      */
     room?: Room | undefined;
     rejoin?: boolean | undefined;
+    /**
+     * its UTF-8 length, once it waits in the offline buffer
+     */
+    size?: number | undefined;
 };
 export type Envelope = {
     type: string;

@@ -60,6 +60,21 @@ function closeWords(code) {
 const TYPES = new Set(["hello", "reply", "error", "event", "ping", "pong", "lagged", "presence_state", "presence_diff", "gap", "leave"]);
 const uint = (v) => typeof v === "number" && Number.isSafeInteger(v) && v >= 0;
 const isObj = (v) => typeof v === "object" && v !== null && !Array.isArray(v);
+export function utf8Length(s) {
+    let n = s.length;
+    for (let i = 0; i < s.length; i++) {
+        const c = s.charCodeAt(i);
+        if (c < 0x80)
+            continue;
+        if (c < 0x800)
+            n += 1;
+        else if (c >= 0xd800 && c < 0xdc00 && (s.charCodeAt(i + 1) & 0xfc00) === 0xdc00)
+            n += 2, i++;
+        else
+            n += 2;
+    }
+    return n;
+}
 export function parseEnvelope(text, maxBytes = 16 << 20) {
     if (typeof text !== "string")
         return "not a text message";
@@ -322,9 +337,9 @@ function sse(fetchFn, timers, url, lastId, link) {
             const max = session.max_post_envelopes || 32;
             const size = session.max_post_size || 65536;
             let n = 1;
-            let bytes = queue[0].length + 2;
-            while (n < queue.length && n < max && bytes + queue[n].length + 1 <= size)
-                bytes += queue[n++].length + 1;
+            let bytes = utf8Length(queue[0]) + 2;
+            while (n < queue.length && n < max && bytes + utf8Length(queue[n]) + 1 <= size)
+                bytes += utf8Length(queue[n++]) + 1;
             const batch = queue.slice(0, n);
             let res;
             try {
@@ -633,7 +648,7 @@ export class Client {
             const ref = o.adopt ?? ++this.ref;
             const text = JSON.stringify({ ...msg, ref });
             const max = this.hello?.max_message_size;
-            if (max && text.length * 3 > max && new TextEncoder().encode(text).length > max)
+            if (max && text.length * 3 > max && utf8Length(text) > max)
                 return reject(new SwitchboardError("too_large", `message larger than the server's ${max} bytes`));
             const p = { ref, text, resolve, reject, timer: null, written: false, retry: !!o.retry, room: o.room };
             p.timer = this.t.setTimeout(() => {
@@ -910,15 +925,16 @@ export class Client {
     #buffer(p) {
         const maxN = this.o.offlineBuffer?.messages ?? 256;
         const maxB = this.o.offlineBuffer?.bytes ?? 1 << 20;
-        if (p.text.length > maxB) {
+        p.size = utf8Length(p.text);
+        if (p.size > maxB) {
             this.#forget(p);
             return p.reject(new SwitchboardError("too_large", "message larger than the offline buffer"));
         }
         this.buffer.push(p);
-        let bytes = this.buffer.reduce((n, q) => n + q.text.length, 0);
+        let bytes = this.buffer.reduce((n, q) => n + (q.size ?? 0), 0);
         while (this.buffer.length > maxN || bytes > maxB) {
             const old = (this.buffer.shift());
-            bytes -= old.text.length;
+            bytes -= old.size ?? 0;
             this.stats.dropped++;
             this.#forget(old);
             old.reject(new SwitchboardError("dropped", "dropped from the full offline buffer"));

@@ -129,6 +129,23 @@ const uint = (/** @type {unknown} */ v) => typeof v === "number" && Number.isSaf
 const isObj = (/** @type {unknown} */ v) => typeof v === "object" && v !== null && !Array.isArray(v);
 
 /**
+ * The length of `s` in UTF-8 bytes, as it goes on the wire (a lone surrogate
+ * as U+FFFD), without encoding it.
+ * @param {string} s
+ */
+export function utf8Length(s) {
+  let n = s.length;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i);
+    if (c < 0x80) continue;
+    if (c < 0x800) n += 1;
+    else if (c >= 0xd800 && c < 0xdc00 && (s.charCodeAt(i + 1) & 0xfc00) === 0xdc00) n += 2, i++;
+    else n += 2;
+  }
+  return n;
+}
+
+/**
  * Parses and checks one server message. Returns the envelope, or a string
  * saying what is wrong with it (never throws).
  * @param {unknown} text
@@ -420,8 +437,8 @@ function sse(fetchFn, timers, url, lastId, link) {
       const max = session.max_post_envelopes || 32;
       const size = session.max_post_size || 65536;
       let n = 1;
-      let bytes = queue[0].length + 2;
-      while (n < queue.length && n < max && bytes + queue[n].length + 1 <= size) bytes += queue[n++].length + 1;
+      let bytes = utf8Length(queue[0]) + 2;
+      while (n < queue.length && n < max && bytes + utf8Length(queue[n]) + 1 <= size) bytes += utf8Length(queue[n++]) + 1;
       const batch = queue.slice(0, n);
       let res;
       try {
@@ -712,6 +729,7 @@ export class Room {
  * @property {boolean} retry
  * @property {Room} [room] a join's room
  * @property {boolean} [rejoin]
+ * @property {number} [size] its UTF-8 length, once it waits in the offline buffer
  */
 
 /**
@@ -882,7 +900,7 @@ export class Client {
       const ref = o.adopt ?? ++this.ref;
       const text = JSON.stringify({ ...msg, ref });
       const max = this.hello?.max_message_size;
-      if (max && text.length * 3 > max && new TextEncoder().encode(text).length > max) return reject(new SwitchboardError("too_large", `message larger than the server's ${max} bytes`));
+      if (max && text.length * 3 > max && utf8Length(text) > max) return reject(new SwitchboardError("too_large", `message larger than the server's ${max} bytes`));
       /** @type {Pending} */
       const p = { ref, text, resolve, reject, timer: null, written: false, retry: !!o.retry, room: o.room };
       p.timer = this.t.setTimeout(() => {
@@ -1140,15 +1158,16 @@ export class Client {
   #buffer(p) {
     const maxN = this.o.offlineBuffer?.messages ?? 256;
     const maxB = this.o.offlineBuffer?.bytes ?? 1 << 20;
-    if (p.text.length > maxB) {
+    p.size = utf8Length(p.text);
+    if (p.size > maxB) {
       this.#forget(p);
       return p.reject(new SwitchboardError("too_large", "message larger than the offline buffer"));
     }
     this.buffer.push(p);
-    let bytes = this.buffer.reduce((n, q) => n + q.text.length, 0);
+    let bytes = this.buffer.reduce((n, q) => n + (q.size ?? 0), 0);
     while (this.buffer.length > maxN || bytes > maxB) {
       const old = /** @type {Pending} */ (this.buffer.shift());
-      bytes -= old.text.length;
+      bytes -= old.size ?? 0;
       this.stats.dropped++;
       this.#forget(old);
       old.reject(new SwitchboardError("dropped", "dropped from the full offline buffer"));

@@ -1,6 +1,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { setup, answerJoin } from "./harness.mjs";
+import { utf8Length } from "../switchboard.js";
 
 const outcome = (p) => p.then((v) => ({ ok: v }), (e) => ({ err: e.code }));
 
@@ -101,4 +102,18 @@ test("ephemeral presence flags are volatile: refused while offline", async () =>
   sockets[0].drop();
   assert.deepEqual(await outcome(room.presence.set({ ephemeral: { typing: true } })), { err: "offline" });
   assert.equal(client.buffer.length, 0);
+});
+
+test("offline buffer: the byte bound counts UTF-8 bytes, as they go on the wire", async () => {
+  const { client } = setup({ client: { offlineBuffer: { messages: 100, bytes: 300 } } });
+  // 200 UTF-16 units, 400 bytes: over the bound.
+  assert.deepEqual(await outcome(client.call("e", "é".repeat(200))), { err: "too_large" });
+  assert.equal(client.buffer.length, 0);
+});
+
+test("utf8Length is TextEncoder's length, surrogate pairs and lone surrogates included", () => {
+  const enc = new TextEncoder();
+  for (const s of ["", "abc", "é", "€uro", "😀", "a😀b", "\ud83d", "x\ude00y", "\ud83d\ud83d\ude00", "日本語", "\u07ff\u0800\uffff"]) {
+    assert.equal(utf8Length(s), enc.encode(s).length, JSON.stringify(s));
+  }
 });

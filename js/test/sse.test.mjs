@@ -10,7 +10,7 @@ function sseServer() {
   let postStatus = () => 202;
   const fetch = async (url, init = {}) => {
     if (init.method === "POST") {
-      const post = { url, headers: init.headers, body: JSON.parse(init.body) };
+      const post = { url, headers: init.headers, body: JSON.parse(init.body), bytes: new TextEncoder().encode(init.body).length };
       posts.push(post);
       const status = postStatus(post);
       if (status instanceof Promise) return new Response(null, { status: await status });
@@ -58,9 +58,9 @@ async function start(opts = {}) {
   return { srv, clock, client, statuses, stream: () => srv.gets.at(-1) };
 }
 
-async function open(t) {
+async function open(t, sess = session) {
   // Chunks split mid-line, CRLF and LF mixed, comments in between.
-  const text = "retry: 3000\r\n\r\n" + ev("$session", session) + ": keep-alive\n\n" + ev("$hello", hello({ connection_id: 4 }));
+  const text = "retry: 3000\r\n\r\n" + ev("$session", sess) + ": keep-alive\n\n" + ev("$hello", hello({ connection_id: 4 }));
   for (const part of [text.slice(0, 7), text.slice(7, 50), text.slice(50)]) {
     t.stream().write(part);
     await flush();
@@ -108,6 +108,24 @@ test("SSE: POSTs go one at a time, in order, batched; a 429 sends the same batch
   await t.clock.advance(1000);
   await flush();
   assert.deepEqual(t.srv.posts.map((p) => p.body.map((m) => m.data)), [[1], [2, 3], [2, 3]]);
+  void calls;
+});
+
+test("SSE: a POST batch stays within the server's max_post_size in UTF-8 bytes, not UTF-16 units", async () => {
+  const t = await start();
+  await open(t, { ...session, max_post_size: 400 });
+  let release;
+  t.srv.setPostStatus(() => new Promise((r) => (release = r)));
+  const text = "é".repeat(60); // 60 UTF-16 units, 120 bytes
+  const calls = [1, 2, 3, 4].map((n) => t.client.call("say", { n, text }).catch(() => {}));
+  await flush();
+  release(202);
+  t.srv.setPostStatus(() => 202);
+  for (let i = 0; i < 6; i++) await flush();
+  const sizes = t.srv.posts.map((p) => p.bytes);
+  assert.deepEqual(t.srv.posts.flatMap((p) => p.body.map((m) => m.data.n)), [1, 2, 3, 4]);
+  assert.ok(sizes.every((n) => n <= 400), `POST bodies of ${sizes} bytes`);
+  assert.ok(t.srv.posts.some((p) => p.body.length > 1), "still batched where it fits");
   void calls;
 });
 
