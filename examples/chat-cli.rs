@@ -299,9 +299,22 @@ fn follow(screen: Arc<Screen>, room: Arc<Room>) {
                     }
                 }
                 RoomEvent::Lagged { dropped } => {
-                    out.say(&format!("[{name}] -- {dropped} messages skipped (reading too slowly)"))
+                    out.say(&format!("[{name}] -- {} skipped (reading too slowly)", plural(dropped, "message")))
                 }
-                other => out.say(&format!("[{name}] -- {other:?}")),
+                RoomEvent::Gap(gap) if gap.recovering => {
+                    out.say(&format!("[{name}] -- fell behind; fetching the missed messages again"))
+                }
+                RoomEvent::Gap(gap) => {
+                    let n = gap.to.saturating_sub(gap.from) + 1;
+                    let what = if gap.from == 0 { "some messages".to_owned() } else { plural(n, "message") };
+                    out.say(&format!("[{name}] -- {what} could not be delivered and are not shown"))
+                }
+                RoomEvent::ServerLagged { dropped } => out.say(&format!(
+                    "[{name}] -- the server skipped {} (this terminal read too slowly)",
+                    plural(dropped, "message")
+                )),
+                // A newer kind of notice: nothing to show.
+                _ => {}
             }
         }
     });
@@ -320,6 +333,15 @@ fn follow(screen: Arc<Screen>, room: Arc<Room>) {
             before = now;
         }
     });
+}
+
+/// "1 message", "3 messages".
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 /// Names online (the display name from each meta, else the key) and whether

@@ -640,3 +640,17 @@ async fn after_shutdown_starts_publish_and_send_fail_with_shutting_down() {
     let err = hub.connect(transport, Handshake::new()).await.expect_err("no new connections once shutdown started");
     assert!(err.is_shutting_down(), "{err}");
 }
+
+#[tokio::test]
+async fn memory_transport_text_that_is_not_utf8_closes_1007_like_websocket() {
+    let hub = Hub::builder().build();
+    let mut peer = memory_peer(&hub, true).await;
+    peer.send(Frame::Text(bytes::Bytes::from_static(b"{\"type\":\"ping\",\"ref\":1,\"x\":\"\xff\"}"))).await.unwrap();
+    let close = loop {
+        match peer.recv().await.expect("a close frame before the end") {
+            Frame::Close(close) => break close,
+            _ => continue,
+        }
+    };
+    assert_eq!(close.map(|c| c.code), Some(CloseCode::INVALID_DATA));
+}

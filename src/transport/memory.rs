@@ -57,8 +57,16 @@ impl MemoryTransport {
 
 impl MemoryPeer {
     /// Sends a frame to the server; `Err` when the server half is gone.
+    ///
+    /// Like the WebSocket transport, this one keeps the [`Frame::Text`]
+    /// promise that inbound text is UTF-8: a text frame that is not reaches
+    /// the server as [`TransportError::InvalidUtf8`] (close 1007).
     pub async fn send(&mut self, frame: Frame) -> Result<(), TransportError> {
-        self.to_server.send(Ok(frame)).await.map_err(|_| TransportError::Closed)
+        let item = match frame {
+            Frame::Text(ref b) if std::str::from_utf8(b).is_err() => Err(TransportError::InvalidUtf8),
+            frame => Ok(frame),
+        };
+        self.to_server.send(item).await.map_err(|_| TransportError::Closed)
     }
 
     /// Makes the server's reader see an error (e.g. a too-big message).
