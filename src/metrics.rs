@@ -384,8 +384,10 @@ pub(crate) enum Refusal {
     /// The connection rate (429).
     Rate,
     /// The authenticator refused.
+    #[cfg_attr(not(any(feature = "ws", feature = "sse")), allow(dead_code))] // counted by `Hub::open_gate`
     Auth,
     /// The authenticator did not answer in time (503).
+    #[cfg_attr(not(any(feature = "ws", feature = "sse")), allow(dead_code))]
     AuthTimeout,
 }
 

@@ -177,6 +177,7 @@ impl Rejection {
 
     /// Answer with a WebSocket close after the upgrade instead of the HTTP
     /// status (the reason is cut to the 123 bytes a close frame carries).
+    #[cfg_attr(not(any(feature = "ws", feature = "sse")), allow(dead_code))] // used by `Hub::open_gate`
     pub(crate) fn close_after_upgrade(mut self, code: crate::protocol::CloseCode, reason: &str) -> Rejection {
         let mut end = reason.len().min(123);
         while !reason.is_char_boundary(end) {
@@ -187,6 +188,7 @@ impl Rejection {
     }
 
     /// The close to send after the upgrade instead of the HTTP answer.
+    #[cfg_attr(not(feature = "ws"), allow(dead_code))] // only WebSocket closes after an upgrade
     pub(crate) fn close(&self) -> Option<&(crate::protocol::CloseCode, String)> {
         self.close.as_ref()
     }

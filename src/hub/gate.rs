@@ -99,6 +99,7 @@ impl Hub {
     /// with a retry hint (the connection limit or rate) as **1013** with
     /// `retry_after_ms=<n>` in the reason, and the authenticator's 401 or
     /// 403 as **4501** (the origin check's 403 stays an HTTP answer).
+    #[cfg_attr(not(any(feature = "ws", feature = "sse")), allow(dead_code))] // only the built-in servers open the gate
     pub(crate) async fn open_gate(
         &self,
         handshake: &mut Handshake,
