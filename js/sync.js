@@ -92,6 +92,7 @@ function clientId() {
 }
 const RETRY = new Set([405, 408, 420, 429, 503, "timeout", "disconnected", "dropped", "offline", "not_joined"]);
 export class Synced {
+    #stale = false;
     constructor(room, reducer = jsonDoc, o = {}) {
         this.room = room;
         this.reducer = reducer;
@@ -149,6 +150,9 @@ export class Synced {
         return out === undefined ? draft : out;
     }
     #view() {
+        if (!this.#stale)
+            return;
+        this.#stale = false;
         let s = this.confirmed;
         for (const p of this.pending) {
             try {
@@ -192,18 +196,26 @@ export class Synced {
     }
     #confirm(r) {
         this.early.delete(r.version);
+        const head = this.pending[0];
+        let same = r.client === this.clientId && (r.user ?? null) === this.user && head?.seq === r.seq && head.base === r.base;
         try {
             this.confirmed = this.#run(this.confirmed, r.op, this.#cx(r.client, r.user ?? null, r.base));
         }
         catch (e) {
+            same = false;
             console.error("sync: a confirmed op is refused here: the reducer is not deterministic", e);
         }
+        if (!same)
+            this.#stale = true;
         this.version = r.version;
         if (r.client === this.clientId)
             this.pending = this.pending.filter((p) => p.seq > r.seq);
     }
     #settle() {
+        const n = this.pending.length;
         this.pending = this.pending.filter((p) => p.acked === null || p.acked > this.version);
+        if (this.pending.length !== n)
+            this.#stale = true;
         const waiting = this.early.size > 0 || this.pending.some((p) => p.acked !== null);
         if (!waiting) {
             this.t.clearTimeout(this.gap);
@@ -257,6 +269,7 @@ export class Synced {
             }
         } while (this.again);
         this.synced = true;
+        this.#stale = true;
         this.#settle();
         this.#view();
         this.#emit();
@@ -280,6 +293,7 @@ export class Synced {
             }
             else {
                 this.pending = this.pending.filter((p) => p !== head);
+                this.#stale = true;
                 const r = { op: head.op, code: typeof e.code === "number" ? e.code : 400, message: String(e.message) };
                 for (const fn of this.rollbackFns) {
                     try {

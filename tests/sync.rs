@@ -7,11 +7,15 @@ mod support;
 
 use serde_json::{json, Value};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use support::WAIT;
 use switchboard::client::sync::Synced;
 use switchboard::client::{Backoff, Client, ClientConfig};
-use switchboard::sync::{JsonDoc, JsonOp, MemorySnapshots, SnapshotStore, SyncConfig, SyncRooms};
+use switchboard::sync::{
+    Context, JsonDoc, JsonOp, MemorySnapshots, Reducer, Reject, SnapshotStore, SyncConfig, SyncRooms,
+};
 use switchboard::transport::Handshake;
 use switchboard::{backplane::MemoryBackplane, Hub, Identity, Rejection};
 use tokio::net::TcpListener;
@@ -166,17 +170,23 @@ async fn pending_ops_survive_a_server_restart_and_are_applied_once() {
     assert_eq!(loaded.version, 6);
 }
 
+/// A hub without an op rate limit on a free port, its store, and ann
+/// connected to it (for tests that queue 1,000 ops).
+async fn ann_on_an_unthrottled_hub() -> (MemorySnapshots, SocketAddr, SyncConfig, Hub, Client) {
+    let store = MemorySnapshots::new();
+    let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let config = SyncConfig::default().op_rate(100_000).op_burst(100_000);
+    let hub = hub_with(store.clone(), config.clone(), None);
+    support::serve_on(addr, &hub).await;
+    (store, addr, config, hub, connect(addr, "ann"))
+}
+
 /// The client's pending-op cap (1,000): while the server is down, the
 /// 1,001st op is refused locally with 429 and leaves no trace; when the
 /// server is back every queued op is applied once and the cap frees.
 #[tokio::test]
 async fn the_1001st_pending_op_is_refused_with_429_and_the_queue_stays_consistent() {
-    let store = MemorySnapshots::new();
-    let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    let config = SyncConfig::default().op_rate(100_000).op_burst(100_000);
-    let hub1 = hub_with(store.clone(), config.clone(), None);
-    support::serve_on(addr, &hub1).await;
-    let ann = connect(addr, "ann");
+    let (store, addr, config, hub1, ann) = ann_on_an_unthrottled_hub().await;
     let a = Synced::join(&ann, "doc:cap", JsonDoc).await.unwrap();
     let inc = || JsonOp::Increment { path: vec!["n".into()], by: 1.0 };
     a.apply(inc()).unwrap();
@@ -216,6 +226,43 @@ async fn the_1001st_pending_op_is_refused_with_429_and_the_queue_stays_consisten
     assert!(a.try_rollback().is_none(), "nothing was refused by the server");
     a.apply(inc()).expect("the cap frees once ops are confirmed");
     at_version(&a, 1002).await;
+}
+
+/// `JsonDoc` on the client, counting how often the client applies an op.
+struct Counting(Arc<AtomicUsize>);
+
+impl Reducer for Counting {
+    type State = Value;
+    type Op = JsonOp;
+    fn apply(&self, doc: &mut Value, op: &JsonOp, cx: &Context) -> Result<(), Reject> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        JsonDoc.apply(doc, op, cx)
+    }
+}
+
+#[tokio::test]
+async fn draining_1000_pending_ops_replays_none_of_them() {
+    let (store, addr, config, hub1, ann) = ann_on_an_unthrottled_hub().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let a = Synced::join(&ann, "doc:drain", Counting(calls.clone())).await.unwrap();
+    let inc = || JsonOp::Increment { path: vec!["n".into()], by: 1.0 };
+    hub1.shutdown(Duration::from_secs(5)).await;
+    for _ in 0..1000 {
+        a.apply(inc()).unwrap();
+    }
+    let before = calls.load(Ordering::Relaxed);
+
+    let hub2 = hub_with(store.clone(), config, None);
+    support::serve_on(addr, &hub2).await;
+    let mut rx = a.watch();
+    tokio::time::timeout(WAIT * 4, rx.wait_for(|v| v.pending == 0 && v.synced)).await.expect("drained").unwrap();
+    let view = a.view();
+    assert_eq!((view.version, view.state["n"].as_f64()), (1000, Some(1000.0)));
+    // Each acknowledged op is applied once more, to the confirmed state;
+    // the reconnect's resync replays the queue once. Replaying the queue
+    // on every acknowledgement would be about 500,000 applications.
+    let drain = calls.load(Ordering::Relaxed) - before;
+    assert!(drain <= 3 * 1000, "{drain} applications to drain 1,000 ops");
 }
 
 #[tokio::test]

@@ -135,6 +135,8 @@ const RETRY = new Set([405, 408, 420, 429, 503, "timeout", "disconnected", "drop
  * pending local ops, and the view (pending ops over the confirmed state).
  */
 export class Synced {
+  /** The view no longer is the pending ops over the confirmed state. */
+  #stale = false;
   /**
    * @param {Room} room a joined room (from `client.join`)
    * @param {Reducer} [reducer] default `jsonDoc`
@@ -220,8 +222,14 @@ export class Synced {
     const out = this.reducer(draft, op, cx);
     return out === undefined ? draft : out;
   }
-  /** Recomputes the view: pending ops over the confirmed state. */
+  /**
+   * Recomputes the view (pending ops over the confirmed state) when it is
+   * stale. The acknowledgement of the oldest pending op, in order, leaves it
+   * as it was, so a long queue drains without a replay per op.
+   */
   #view() {
+    if (!this.#stale) return;
+    this.#stale = false;
     let s = this.confirmed;
     for (const p of this.pending) {
       try {
@@ -259,17 +267,24 @@ export class Synced {
   /** @param {any} r */
   #confirm(r) {
     this.early.delete(r.version);
+    const head = this.pending[0];
+    // Our oldest pending op, applied by the view with the same context.
+    let same = r.client === this.clientId && (r.user ?? null) === this.user && head?.seq === r.seq && head.base === r.base;
     try {
       this.confirmed = this.#run(this.confirmed, r.op, this.#cx(r.client, r.user ?? null, r.base));
     } catch (e) {
+      same = false;
       console.error("sync: a confirmed op is refused here: the reducer is not deterministic", e);
     }
+    if (!same) this.#stale = true;
     this.version = r.version;
     if (r.client === this.clientId) this.pending = this.pending.filter((p) => p.seq > r.seq);
   }
   /** Acknowledged ops the confirmed state has reached leave; a missing op starts the resync timer. */
   #settle() {
+    const n = this.pending.length;
     this.pending = this.pending.filter((p) => p.acked === null || p.acked > this.version);
+    if (this.pending.length !== n) this.#stale = true;
     const waiting = this.early.size > 0 || this.pending.some((p) => p.acked !== null);
     if (!waiting) {
       this.t.clearTimeout(this.gap);
@@ -322,6 +337,7 @@ export class Synced {
       }
     } while (this.again);
     this.synced = true;
+    this.#stale = true;
     this.#settle();
     this.#view();
     this.#emit();
@@ -345,6 +361,7 @@ export class Synced {
           this.retry = this.t.setTimeout(() => ((this.retry = null), this.#pump()), wait);
         } else {
           this.pending = this.pending.filter((p) => p !== head);
+          this.#stale = true;
           const r = { op: head.op, code: typeof e.code === "number" ? e.code : 400, message: String(e.message) };
           for (const fn of this.rollbackFns) {
             try {

@@ -93,6 +93,12 @@ struct Core<R: Reducer> {
     /// When a missing op (early ops, or an acknowledged op's broadcast) is
     /// given up on and a resync asked for.
     gap_since: Option<Instant>,
+    /// The published view's state is no longer the confirmed state with the
+    /// pending ops over it: the next publish replays them (a rebase). An
+    /// acknowledgement of the oldest pending op, in order, leaves the view as
+    /// it was (the server applied the same op to the same state), so a queue
+    /// of ops drains in linear time rather than one replay per op.
+    stale: bool,
 }
 
 impl<R: Reducer> Core<R> {
@@ -112,11 +118,19 @@ impl<R: Reducer> Core<R> {
     /// client's own op leaves the pending queue.
     fn apply_record(&mut self, reducer: &R, rec: OpRecord) {
         let cx = Context::new(&self.room, &rec.client, rec.user.as_deref(), rec.base);
+        // Our oldest pending op, with the context the view applied it with.
+        let own_head = rec.client == self.client_id
+            && rec.user == self.user
+            && self.pending.front().is_some_and(|p| p.seq == rec.seq && p.base == rec.base);
+        let mut applied = false;
         match serde_json::from_value::<R::Op>(rec.op) {
             Ok(op) => {
                 let mut next = self.confirmed.clone();
                 match reducer.apply(&mut next, &op, &cx) {
-                    Ok(()) => self.confirmed = next,
+                    Ok(()) => {
+                        self.confirmed = next;
+                        applied = true;
+                    }
                     Err(e) => tracing::error!(version = rec.version, error = %e,
                         "sync: a confirmed op is refused here: the reducer is not deterministic"),
                 }
@@ -127,6 +141,10 @@ impl<R: Reducer> Core<R> {
         if rec.client == self.client_id {
             self.pending.retain(|p| p.seq > rec.seq);
         }
+        // The view is the confirmed state with the pending ops over it: when
+        // the op that moved from one to the other applied the same here, it
+        // is unchanged.
+        self.stale |= !(own_head && applied);
     }
 
     fn on_record(&mut self, reducer: &R, rec: OpRecord) {
@@ -151,7 +169,9 @@ impl<R: Reducer> Core<R> {
     /// in it (their broadcast was missed and a resync brought them).
     fn settle_acked(&mut self) {
         let version = self.version;
+        let before = self.pending.len();
         self.pending.retain(|p| p.acked.is_none_or(|v| v > version));
+        self.stale |= self.pending.len() != before;
         let waiting = !self.early.is_empty() || self.pending.iter().any(|p| p.acked.is_some());
         self.gap_since = match (waiting, self.gap_since) {
             (false, _) => None,
@@ -183,8 +203,19 @@ struct Shared<R: Reducer> {
 }
 
 impl<R: Reducer> Shared<R> {
-    fn publish(&self, core: &Core<R>) {
-        self.view.send_replace(core.view(&self.reducer));
+    /// Publishes the view: replays the pending ops when the state changed
+    /// under them, else only updates the counts.
+    fn publish(&self, core: &mut Core<R>) {
+        if std::mem::take(&mut core.stale) {
+            self.view.send_replace(core.view(&self.reducer));
+        } else {
+            let (version, pending, synced) = (core.version, core.pending.len(), core.synced);
+            self.view.send_if_modified(|v| {
+                let changed = (v.version, v.pending, v.synced) != (version, pending, synced);
+                (v.version, v.pending, v.synced) = (version, pending, synced);
+                changed
+            });
+        }
     }
 }
 
@@ -265,11 +296,13 @@ impl<R: Reducer> Synced<R> {
             early: BTreeMap::new(),
             synced: false,
             gap_since: None,
+            stale: false,
         };
         // A client id reused after a restart continues after its last op.
         core.next_seq = reply.client_seq + 1;
         resync(&reducer, &mut core, reply);
         let view = core.view(&reducer);
+        core.stale = false;
         let shared =
             Arc::new(Shared { reducer, core: Mutex::new(core), view: watch::channel(view).0, wake: Notify::new() });
         let (tx, rx) = mpsc::channel(ROLLBACKS);
@@ -365,6 +398,7 @@ fn resync<R: Reducer>(reducer: &R, core: &mut Core<R>, reply: GetReply) {
     }
     let done = reply.client_seq;
     core.pending.retain(|p| p.seq > done);
+    core.stale = true;
     core.early.retain(|v, _| *v > reply.version);
     core.synced = true;
     core.settle_acked();
@@ -421,7 +455,7 @@ async fn drive<R: Reducer>(shared: Arc<Shared<R>>, room: Room, rollbacks: mpsc::
                     need_resync = false;
                     let mut core = shared.core.lock();
                     resync(&shared.reducer, &mut core, reply);
-                    shared.publish(&core);
+                    shared.publish(&mut core);
                 }
                 Err(e) if e.kind() == ClientErrorKind::Closed => return,
                 Err(e) => {
@@ -432,7 +466,7 @@ async fn drive<R: Reducer>(shared: Arc<Shared<R>>, room: Room, rollbacks: mpsc::
                             need_resync = false;
                             let mut core = shared.core.lock();
                             resync(&shared.reducer, &mut core, reply);
-                            shared.publish(&core);
+                            shared.publish(&mut core);
                         }
                     }
                     if need_resync {
@@ -461,7 +495,7 @@ async fn drive<R: Reducer>(shared: Arc<Shared<R>>, room: Room, rollbacks: mpsc::
                     Ok(rec) => {
                         let mut core = shared.core.lock();
                         core.on_record(&shared.reducer, rec);
-                        shared.publish(&core);
+                        shared.publish(&mut core);
                     }
                     Err(e) => tracing::warn!(error = %e, "sync: a malformed op event was ignored"),
                 },
@@ -471,7 +505,7 @@ async fn drive<R: Reducer>(shared: Arc<Shared<R>>, room: Room, rollbacks: mpsc::
                     need_resync = true;
                     let mut core = shared.core.lock();
                     core.synced = false;
-                    shared.publish(&core);
+                    shared.publish(&mut core);
                 }
             },
             (seq, result) = async { inflight.as_mut().expect("guarded").await }, if inflight.is_some() => {
@@ -491,13 +525,14 @@ async fn drive<R: Reducer>(shared: Arc<Shared<R>>, room: Room, rollbacks: mpsc::
                         Failure::Refused(code, message) => {
                             if let Some(i) = core.pending.iter().position(|p| p.seq == seq) {
                                 let p = core.pending.remove(i).expect("index in range");
+                                core.stale = true;
                                 // Dropped when the application does not read them (bounded).
                                 let _ = rollbacks.try_send(Rollback { op: p.op, code, message });
                             }
                         }
                     },
                 }
-                shared.publish(&core);
+                shared.publish(&mut core);
             }
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() && inflight.is_none() => {}
