@@ -379,6 +379,7 @@ impl Hub {
     /// fill (at once when `pending` is full).
     fn hold(&self, stream: &Arc<RoomStream>, st: &mut StreamState, ev: Positioned) {
         let max = self.history().map_or(1000, |h| h.config.max_pending).max(1);
+        tracing::debug!(room = %stream.name, offset = ev.offset, last = ?st.last, "room event ahead of its predecessors: held");
         st.pending.insert(ev.offset, ev);
         let full = st.pending.len() >= max;
         if full {
@@ -674,6 +675,8 @@ const FILL_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(4);
 /// when the room is in step (or gone).
 async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
     let mut failures = 0u32;
+    // Reads that returned nothing and were older than the hole (see below).
+    let mut stale_reads = 0u32;
     for _round in 0..64 {
         let Some(inner) = hub.upgrade() else { return };
         let hub = Hub { inner };
@@ -771,9 +774,22 @@ async fn fill(hub: Weak<HubInner>, stream: Arc<RoomStream>) {
             return;
         }
         if fetched == 0 {
-            // The store does not have what `pending` waits for (yet): report
-            // the hole rather than wait forever.
+            // The store does not have what `pending` waits for: report the
+            // hole rather than wait forever. Unless the read is older than
+            // the hole: the store assigns offsets in order and an event
+            // reaches a node only after it was stored, so a read whose top
+            // is below the hole's end was taken before the hole's events
+            // were appended, while the events that now wait behind it
+            // arrived during the read (issue 18: one-event `missed` gaps
+            // between two hubs over Redis, the store having the event).
+            // Read again: a read started now covers everything that waits.
+            // A store that stays behind what was delivered (it is not
+            // consistent) gets the hole reported after a few such reads.
             if let Some(&first) = st.pending.keys().next() {
+                if read.top.offset < first - 1 && stale_reads < FILL_TRIES_WAITING {
+                    stale_reads += 1;
+                    continue;
+                }
                 let from = st.last.unwrap_or(0) + 1;
                 announce_gap(&stream, &st, Some(from), Some(first - 1), GapReason::Missed);
                 st.last = Some(first - 1);
@@ -946,6 +962,98 @@ mod tests {
         f.deliver([4]);
         assert_eq!(f.pending(), vec![4]);
         assert_eq!(offsets(&mut peer, 3).await, vec![2, 3, 4]);
+    }
+
+    /// A store whose next read, once `hold` is set, takes its snapshot,
+    /// says so on `taken` and answers only after `release`: a fill's read
+    /// in flight while events arrive.
+    #[derive(Clone, Default)]
+    struct HeldRead {
+        inner: MemoryHistory,
+        hold: Arc<std::sync::atomic::AtomicBool>,
+        taken: Arc<tokio::sync::Notify>,
+        release: Arc<tokio::sync::Notify>,
+    }
+
+    use crate::history::HistoryStore;
+
+    impl HistoryStore for HeldRead {
+        fn append(
+            &self,
+            room: &str,
+            append: crate::history::Append,
+        ) -> futures::future::BoxFuture<'static, crate::Result<crate::history::Appended>> {
+            self.inner.append(room, append)
+        }
+
+        fn read(
+            &self,
+            room: &str,
+            since: Option<StreamPosition>,
+            limit: usize,
+        ) -> futures::future::BoxFuture<'static, crate::Result<HistoryRead>> {
+            let read = self.inner.read(room, since, limit);
+            let held = self.hold.swap(false, std::sync::atomic::Ordering::SeqCst);
+            let (taken, release) = (self.taken.clone(), self.release.clone());
+            Box::pin(async move {
+                let read = read.await;
+                if held {
+                    taken.notify_one();
+                    release.notified().await;
+                }
+                read
+            })
+        }
+    }
+
+    /// Issue 18: a fill's read that took the store's top before the hole's
+    /// events were appended, and answered after a later event arrived live,
+    /// found nothing and announced a `missed` gap for an event the store
+    /// had (one-event gaps between two hubs over Redis, no fault).
+    #[tokio::test]
+    async fn a_fill_read_older_than_the_hole_reads_again_instead_of_announcing_it() {
+        let store = HeldRead::default();
+        let history = HistoryConfig::default()
+            .rooms("log", RoomHistory::default())
+            .gap_wait(Duration::from_secs(3600))
+            .position_check(Duration::from_secs(3600));
+        let hub = Hub::builder()
+            .config(crate::HubConfig::default().heartbeat_interval(Duration::ZERO))
+            .history(store.clone(), history)
+            .build();
+        hub.publish("log", "e", &1).await.expect("the first event");
+        let (mut peer, _) = member(&hub).await;
+        let stream = hub.inner.rooms.get("log").and_then(|r| r.stream.clone()).expect("a recoverable room");
+        let epoch = stream.position().expect("in step after the join").epoch;
+        // A fill with nothing missing (as after a backplane reconnect, or the
+        // position check): its read takes the store's top, 1, and is held.
+        store.hold.store(true, std::sync::atomic::Ordering::SeqCst);
+        hub.backplane_gap("log");
+        store.taken.notified().await;
+        // Meanwhile 2 and 3 are stored; 3 reaches this node, 2 not yet.
+        for n in [2u64, 3] {
+            let append = crate::history::Append {
+                event: "e".into(),
+                data: Some(Payload::encode(Format::Json, &n).unwrap()),
+                idempotency_key: None,
+                retention: Default::default(),
+            };
+            assert_eq!(store.inner.append("log", append).await.unwrap().position.offset, n);
+        }
+        let three = Positioned {
+            offset: 3,
+            epoch,
+            event: Arc::from("e"),
+            payload: Some(Payload::encode(Format::Json, &3).unwrap()),
+            exclude: 0,
+        };
+        hub.deliver_positioned("log", three);
+        assert_eq!(stream.state.lock().pending.keys().copied().collect::<Vec<_>>(), vec![3]);
+        // The held read answers: nothing after 1, 3 waiting. It predates the
+        // hole, so the fill reads again and delivers 2, then 3: no gap.
+        store.release.notify_one();
+        assert_eq!(offsets(&mut peer, 2).await, vec![2, 3]);
+        assert_eq!(stream.position().map(|p| p.offset), Some(3));
     }
 
     #[tokio::test]
