@@ -452,6 +452,40 @@ async fn through_a_high_latency_link_the_rust_client_recovers_across_a_reconnect
     eventually("the client is gone", || hub.stats().connections == 0).await;
 }
 
+/// Serves `hub` on a listener whose sockets have 8 KiB send buffers (the
+/// kernel would otherwise let a sender park megabytes in them), behind a
+/// proxy with 8 KiB buffers whose direction to the client is capped at
+/// `bytes_per_second`: what is in flight between the hub's writer and a
+/// reader behind the proxy stays under 150 KiB. Returns the hub's own
+/// address and the proxy.
+async fn behind_a_narrow_link(hub: &Hub, bytes_per_second: u64) -> (std::net::SocketAddr, FaultProxy) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(8 * 1024).unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(64).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(switchboard::integration::ws::serve(listener, hub.clone(), Default::default()));
+    let proxy = FaultProxy::start_with(addr, Some(8 * 1024)).await;
+    proxy.shape(Dir::Down, support::fault_proxy::Shape::bandwidth(bytes_per_second));
+    (addr, proxy)
+}
+
+/// Reads `ws` as fast as it can until the connection ends: the messages,
+/// and the close frame's code (`None`: the socket ended without one).
+async fn read_to_close(mut ws: support::Ws) -> (Vec<Value>, Option<u16>) {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut seen = Vec::new();
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => seen.push(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(f))) => return (seen, f.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => continue,
+            None | Some(Err(_)) => return (seen, None),
+        }
+    }
+}
+
 /// A subscriber behind a 32 KiB/s link, reading all it can, while events
 /// are published at about ten times that (16 of ~1 KiB every 50 ms, an
 /// easy pace for a direct link): the link's cap (not the reader) holds
@@ -463,9 +497,6 @@ async fn through_a_high_latency_link_the_rust_client_recovers_across_a_reconnect
 /// test's bound on events fails; checked by turning the shaping off).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_behind_a_narrow_link_is_closed_as_a_slow_consumer_and_a_bystander_gets_everything() {
-    use futures::StreamExt;
-    use support::fault_proxy::Shape;
-    use tokio_tungstenite::tungstenite::Message;
     const QUEUE: usize = 64 * 1024;
     // Long enough for what is in flight (kernel buffers and the proxy's
     // queue) to drain at the cap and the close frame to
@@ -473,38 +504,14 @@ async fn a_subscriber_behind_a_narrow_link_is_closed_as_a_slow_consumer_and_a_by
     let config = HubConfig::default().outbound_queue_bytes(QUEUE).close_timeout(Duration::from_secs(20));
     let (builder, ended) = recording(Hub::builder().config(config));
     let hub = builder.build();
-    // The server's sockets get small fixed buffers too (the kernel would
-    // otherwise let a sender park megabytes in them): what is in flight
-    // between the hub's queue and the reader stays under 150 KiB.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_send_buffer_size(8 * 1024).unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(64).unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(switchboard::integration::ws::serve(listener, hub.clone(), Default::default()));
-    let proxy = FaultProxy::start_with(addr, Some(8 * 1024)).await;
-    proxy.shape(Dir::Down, Shape::bandwidth(32 * 1024));
+    let (addr, proxy) = behind_a_narrow_link(&hub, 32 * 1024).await;
     let mut slow = support::connect(proxy.addr).await;
     slow.join_ok("feed").await;
     let slow_id = slow.connection_id();
     let mut bystander = connect(addr).await;
     bystander.join_ok("feed").await;
     // The subscriber reads as fast as its link lets it.
-    let mut ws = slow.ws;
-    let reader = tokio::spawn(async move {
-        let mut seen = Vec::new();
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    let v: Value = serde_json::from_str(&t).unwrap();
-                    seen.push(v);
-                }
-                Some(Ok(Message::Close(f))) => return (seen, f.map(|f| u16::from(f.code))),
-                Some(Ok(_)) => continue,
-                None | Some(Err(_)) => return (seen, None),
-            }
-        }
-    });
+    let reader = tokio::spawn(read_to_close(slow.ws));
 
     let slow_conn = support::member_id(&hub, "feed", slow_id);
     let payload = "x".repeat(1000);
@@ -529,6 +536,59 @@ async fn a_subscriber_behind_a_narrow_link_is_closed_as_a_slow_consumer_and_a_by
         assert_eq!(bystander.event().await["data"]["n"], m);
     }
     assert_eq!(hub.room_members("feed").len(), 1, "only the bystander is left");
+}
+
+/// Issue 18: a consumer that reads, only slowly, gets the **4000** close
+/// frame, not a socket ended after `close_timeout`. The hub's writer has a
+/// whole batch of 1.8 MB in hand (queued at once, under the 2 MiB bound)
+/// when the queue overflows; the close discards the queue *and* what of
+/// the batch was not written yet, so the frame follows what is already in
+/// flight (at most one 64 KiB chunk, the kernel's buffers and the proxy's).
+/// Behind a 64 KiB/s link that takes a few seconds; the whole batch would
+/// take about 28, far past the 10 s `close_timeout` (which failed before
+/// the fix: the reader saw the socket end without a frame).
+// current_thread: the burst below is queued without a yield, so the
+// writer takes it as one batch.
+#[tokio::test]
+async fn a_slow_consumer_still_reading_gets_the_4000_close_frame_ahead_of_its_unwritten_batch() {
+    const QUEUE: usize = 2 * 1024 * 1024;
+    let close_timeout = Duration::from_secs(10);
+    let config = HubConfig::default().outbound_queue_bytes(QUEUE).close_timeout(close_timeout);
+    let (builder, ended) = recording(Hub::builder().config(config));
+    let hub = builder.build();
+    let (_, proxy) = behind_a_narrow_link(&hub, 64 * 1024).await;
+    let mut slow = support::connect(proxy.addr).await;
+    slow.join_ok("feed").await;
+    let slow_id = slow.connection_id();
+    let slow_conn = support::member_id(&hub, "feed", slow_id);
+    let reader = tokio::spawn(read_to_close(slow.ws));
+
+    // About 1.8 MB at once; then the writer takes it.
+    let pad = "x".repeat(1000);
+    const BATCH: u64 = 1700;
+    for n in 1..=BATCH {
+        drop(hub.publish("feed", "m", &json!({"n": n, "pad": pad})));
+    }
+    for _ in 0..4 {
+        tokio::task::yield_now().await;
+    }
+    // More, until the queue overflows and the hub decides to close.
+    let mut n = BATCH;
+    while hub.connection_info(slow_conn).is_some_and(|info| info.state == ConnectionState::Open) {
+        n += 1;
+        drop(hub.publish("feed", "m", &json!({"n": n, "pad": pad})));
+        assert!(n < 3 * BATCH, "never closed as a slow consumer");
+    }
+    let (seen, code) =
+        tokio::time::timeout(close_timeout + SLACK, reader).await.expect("the reader's connection ends").unwrap();
+    let got: Vec<u64> =
+        seen.iter().filter(|v| v["type"] == "event").map(|v| v["data"]["n"].as_u64().unwrap()).collect();
+    assert_eq!(code, Some(4000), "the close frame reached the reader, after {} events", got.len());
+    assert_eq!(got, (1..=got.len() as u64).collect::<Vec<_>>(), "a gap-free prefix, in order");
+    assert!((got.len() as u64) < BATCH, "the unwritten rest of the batch was dropped: {} of {BATCH}", got.len());
+    eventually("the slow consumer is freed", || ended_of(&ended, slow_id).is_some()).await;
+    assert_eq!(ended_of(&ended, slow_id).unwrap().0, DisconnectReason::SlowConsumer);
+    eprintln!("4000 after {} of the {BATCH} events of the batch in hand", got.len());
 }
 
 /// Two hubs over one `redis-server`, node 2 reaching it through 40 ms of

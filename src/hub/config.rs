@@ -6,8 +6,13 @@ use std::time::Duration;
 #[non_exhaustive]
 pub enum OverflowPolicy {
     /// Close the connection with 4000 "slow consumer" (a reconnect code) and
-    /// discard its queue. The client reconnects and, where the room keeps
-    /// history, recovers. The default: a client never silently misses events.
+    /// discard its queue, and the part of the batch being written that was
+    /// not handed to the socket yet (a batch goes out in 64 KiB chunks): the
+    /// close frame follows what is already in flight, so a client that still
+    /// reads gets it; one that reads nothing is dropped after
+    /// [`HubConfig::close_timeout`]. The client reconnects and, where the
+    /// room keeps history, recovers. The default: a client never silently
+    /// misses events.
     #[default]
     Disconnect,
     /// Drop the oldest queued messages to make room and tell the client with

@@ -101,6 +101,9 @@ struct OutState {
     dropped_total: u64,
     /// The close frame still to send (taken by the writer).
     close_frame: Option<CloseFrame>,
+    /// The close discards what is queued: the writer drops the rest of its
+    /// batch too ([`Outbox::discarding`]).
+    discarding: bool,
 }
 
 impl Outbox {
@@ -206,6 +209,7 @@ impl Outbox {
         let mut st = self.state.lock();
         st.closing = true;
         st.close_frame = frame;
+        st.discarding = discard;
         if discard {
             let freed: usize = st.queue.drain(..).map(|b| b.len()).sum();
             st.bytes -= freed;
@@ -271,6 +275,13 @@ impl Outbox {
             close: st.close_frame.take(),
             closing: st.closing,
         }
+    }
+
+    /// Whether a close that discards the queue was decided (a slow
+    /// consumer, a heartbeat timeout): the writer then drops what it took
+    /// and has not written yet, so the close frame goes next.
+    pub(super) fn discarding(&self) -> bool {
+        self.state.lock().discarding
     }
 
     /// The writer wrote a batch of `bytes` (from [`Outbox::take`]).

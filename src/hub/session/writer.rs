@@ -6,7 +6,9 @@ use super::sse_stream::StreamWriter;
 use super::*;
 
 /// The writer: takes everything queued in one go, feeds it to the sink, and
-/// flushes once per batch (coalescing many small frames into few writes).
+/// flushes once per batch (coalescing many small frames into few writes; a
+/// batch over [`WRITE_CHUNK`] once per chunk, so a close that discards the
+/// queue can cut it short).
 ///
 /// Returns whether the close frame was sent. Not an `async fn`, and the
 /// batch is fed by one `poll_fn` rather than a `feed(..).await` per frame:
@@ -42,6 +44,8 @@ where
             let ping_is_answer = ping.is_some() && !session.caps.bidirectional;
             let mut gap = 0;
             let mut index = 0u64;
+            // Data bytes fed to the sink since its last flush.
+            let mut fed = 0usize;
             // In order: the pong, the heartbeat ping, the `lagged` notice, the
             // gap notices, the data, the close frame; then one flush.
             let result = futures::future::poll_fn(|cx| {
@@ -55,6 +59,28 @@ where
                         || close.is_some();
                     if !more {
                         break;
+                    }
+                    if fed >= WRITE_CHUNK {
+                        // A big batch goes out in chunks, each flushed before
+                        // the next is fed. Between two, a close that discards
+                        // the queue (slow consumer, heartbeat timeout) drops
+                        // the rest of the batch as well, so the close frame
+                        // is written next, behind at most one chunk and what
+                        // the kernel holds: a client that reads slowly gets
+                        // it (issue 18), instead of a socket ended after
+                        // `close_timeout` with the frame still behind up to
+                        // a whole queue's worth of data.
+                        ready!(sink.poll_flush_unpin(cx))?;
+                        fed = 0;
+                        if close.is_none() && session.outbox.discarding() {
+                            batch.clear();
+                            lagged = 0;
+                            gap = gaps.len();
+                            if let Some(s) = &mut stream {
+                                s.extra.clear();
+                            }
+                            continue;
+                        }
                     }
                     // Ready before taking a frame: a `Pending` here keeps it.
                     ready!(sink.poll_ready_unpin(cx))?;
@@ -86,6 +112,7 @@ where
                         }
                         notice
                     } else if let Some(bytes) = batch.pop_front() {
+                        fed += bytes.len();
                         let frame = session.frame(bytes);
                         let i = index;
                         index += 1;
@@ -124,6 +151,10 @@ where
         }
     }
 }
+
+/// Data bytes the writer feeds the sink between two flushes of a big batch
+/// (see the loop above). Batches up to this size go out in one flush.
+const WRITE_CHUNK: usize = 64 * 1024;
 
 pub(super) fn lagged_payload(format: Format, dropped: u64) -> Payload {
     #[derive(serde::Serialize)]
