@@ -86,10 +86,11 @@ commands:
            tasks, rooms, connections; fails on loss, duplicates, leftovers or RSS above the baseline
            by more than the slack + 8 MiB; see examples/load/soak.rs)
   soak     --redis on --minutes M [--redis-restart 120] [--redis-down 1] [--slow 4] [--slow-stall 60]
-           [--busy-rate 50] [--busy-kib 16] [--queue-kib 256] [--presence-ttl 6] and the options above
-           (feature `redis` too: two hubs over a private redis-server, SIGKILLed and restarted every
-           --redis-restart s; slow consumers the hubs must close (4000); fails on loss, duplicates,
-           leftovers on either hub or in Redis; see examples/load/soak_redis.rs)
+           [--slow-read 20] [--busy-rate 50] [--busy-kib 16] [--queue-kib 256] [--presence-ttl 6] and
+           the options above (feature `redis` too: two hubs over a private redis-server, SIGKILLed and
+           restarted every --redis-restart s; slow consumers reading --slow-read messages/s that the
+           hubs must close and that must get the 4000 frame; fails on loss, duplicates, leftovers on
+           either hub or in Redis; see examples/load/soak_redis.rs)
 
 kinds: raw, raw-padded, raw-select, and switchboard with its subscribers on switchboard.v1.json
 (`switchboard`), switchboard.v2.json (`sb-v2`), switchboard.v1.msgpack (`sb-msgpack`),

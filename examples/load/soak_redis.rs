@@ -20,17 +20,22 @@
 //! - `--slow N` loops (default 4), half on each hub, join the room `busy`
 //!   (not recoverable) that each hub floods with `--busy-rate` events of
 //!   `--busy-kib` KiB a second (default 50 of 16 KiB), with an 8 KiB
-//!   socket receive buffer, and read nothing until their hub has dropped
-//!   the connection (at most `--slow-stall` s, default 60), then read what
-//!   is left until the socket ends. The hub's `on_disconnect` hook counts
-//!   the slow consumers it closed as such (`DisconnectReason::
-//!   SlowConsumer`, close 4000, `docs/protocol.md` §7) and those it closed
-//!   for another reason of its own (a heartbeat timeout would be one); the
-//!   client side counts what it read at the end: a 4000 frame, another
-//!   code, or the socket ending without a frame (the hub cannot write its
-//!   close frame into a full socket and drops it after `close_timeout`).
-//!   A run with `--slow` above 0 in which no connection was closed as a
-//!   slow consumer fails; the leak checks below cover their connections;
+//!   socket receive buffer, and read one message every 1/`--slow-read`
+//!   s (default 20 a second, a sixth of the flood at the defaults) until
+//!   the connection ends (at most `--slow-stall` s, default 60). With
+//!   `--slow-read 0` they read nothing until their hub has dropped the
+//!   connection, then what is left until the socket ends. The hub's
+//!   `on_disconnect` hook counts the slow consumers it closed as such
+//!   (`DisconnectReason::SlowConsumer`, close 4000, `docs/protocol.md` §7)
+//!   and those it closed for another reason of its own (a heartbeat
+//!   timeout would be one); the client side counts what it read at the
+//!   end: a 4000 frame, another code, or the socket ending without a frame
+//!   (a consumer that reads nothing: the hub cannot write its close frame
+//!   into a full socket and drops it after `close_timeout`). A run with
+//!   `--slow` above 0 in which no connection was closed as a slow consumer
+//!   fails, and so does one with `--slow-read` above 0 in which no slow
+//!   consumer read a 4000 frame; the leak checks below cover their
+//!   connections;
 //! - every `--redis-restart S` seconds (default 120; 0: never) the
 //!   redis-server gets SIGKILL and, after `--redis-down` seconds (default
 //!   1), starts again on the same port, empty.
@@ -64,7 +69,8 @@
 //! tasks more than 8 above the count before the churn; in Redis: presence
 //! keys of anyone but the listeners, or records other than theirs, once
 //! the TTL has passed), when `--slow` is above 0 and no connection was
-//! closed as a slow consumer, and when RSS ends above the baseline by more than
+//! closed as a slow consumer (or, reading, none got the 4000 frame), and when
+//! RSS ends above the baseline by more than
 //! `--rss-slack` percent plus 8 MiB. The RSS slope is printed as in the
 //! in-memory soak.
 
@@ -507,11 +513,20 @@ enum SlowEnd {
     NotDropped,
 }
 
-/// One slow consumer: joins the busy room with a small receive buffer,
-/// reads nothing until the hub has dropped the connection (at most
-/// `stall`), then reads until the connection ends: what the server sent
-/// before its close frame, then the frame.
-async fn slow_cycle(addr: SocketAddr, hub: &Hub, user: &str, stall: Duration, counters: &Counters) -> SlowEnd {
+/// One slow consumer: joins the busy room with a small receive buffer, and
+/// either reads one message every `read_every` (far below the flood) until
+/// the connection ends (at most `stall`), or with `read_every` zero reads
+/// nothing until the hub has dropped the connection (at most `stall`),
+/// then reads until the connection ends: what the server sent before its
+/// close frame, then the frame.
+async fn slow_cycle(
+    addr: SocketAddr,
+    hub: &Hub,
+    user: &str,
+    stall: Duration,
+    read_every: Duration,
+    counters: &Counters,
+) -> SlowEnd {
     let stop = &counters.stop_churn;
     let run = async {
         let socket = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
@@ -522,8 +537,30 @@ async fn slow_cycle(addr: SocketAddr, hub: &Hub, user: &str, stall: Duration, co
             .map_err(|e| e.to_string())?;
         let join = json!({"type": "join", "room": BUSY, "ref": 1}).to_string();
         ws.send(Message::text(join)).await.map_err(|e| e.to_string())?;
-        // Read nothing until the hub has dropped the connection (or `stall`).
         let stalled = Instant::now();
+        if !read_every.is_zero() {
+            // Slow but reading: the hub's close frame comes after what is
+            // already in flight (`docs/protocol.md` §7.1).
+            let end = async {
+                while stalled.elapsed() < stall && !stop.load(Ordering::Acquire) {
+                    match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
+                        Err(_) => continue,
+                        Ok(Some(Ok(Message::Close(frame)))) => {
+                            return SlowEnd::Closed(frame.map_or(1005, |f| u16::from(f.code)))
+                        }
+                        Ok(Some(Ok(_))) => tokio::time::sleep(read_every).await,
+                        Ok(None | Some(Err(_))) => return SlowEnd::NoFrame,
+                    }
+                }
+                SlowEnd::NotDropped
+            };
+            let end = end.await;
+            if !matches!(end, SlowEnd::NotDropped) {
+                counters.slow_unread_ms.fetch_add(stalled.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+            return Ok(end);
+        }
+        // Read nothing until the hub has dropped the connection (or `stall`).
         let here = || hub.connections().iter().any(|c| c.user_id.as_deref() == Some(user));
         while stalled.elapsed() < stall && !stop.load(Ordering::Acquire) && here() {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -562,6 +599,8 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     let busy_rate: u32 = args.or("busy-rate", 50)?;
     let busy_kib: usize = args.or("busy-kib", 16)?;
     let stall = Duration::from_secs_f64(args.or("slow-stall", 60.0)?);
+    let slow_read: f64 = args.or("slow-read", 20.0)?;
+    let read_every = if slow_read > 0.0 { Duration::from_secs_f64(1.0 / slow_read) } else { Duration::ZERO };
     let interval = Duration::from_secs(args.or("interval", 10)?);
     let slack: f64 = args.or("rss-slack", 10.0)?;
     let restart_every = Duration::from_secs_f64(args.or("redis-restart", 120.0)?);
@@ -677,7 +716,7 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
         let (counters, addr, hub) = (counters.clone(), nodes[s % 2].addr, nodes[s % 2].hub.clone());
         churn.push(tokio::spawn(async move {
             while !counters.stop_churn.load(Ordering::Acquire) {
-                let end = slow_cycle(addr, &hub, &format!("s{s}"), stall, &counters).await;
+                let end = slow_cycle(addr, &hub, &format!("s{s}"), stall, read_every, &counters).await;
                 counters.slow_cycles.fetch_add(1, Ordering::Relaxed);
                 match end {
                     SlowEnd::Closed(4000) => counters.slow_frame_4000.fetch_add(1, Ordering::Relaxed),
@@ -860,7 +899,7 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
         "totals: redis restarts {}; churn cycles {} ({} failed); published {} (acknowledged), refused {}; \
          events checked {}, lost {}, duplicated {}, misordered {}; notices {} (gaps and unrecovered rejoins), \
          acknowledged events announced as gapped {}, rejoins {}, client-side drops {}; slow consumers {} cycles, \
-         the hubs closed {} as slow consumers (after {:.1} s unread on average) and {} for another reason of \
+         the hubs closed {} as slow consumers (after {:.1} s on average) and {} for another reason of \
          theirs; the clients then read {} close frames with 4000, {} with another code and {} sockets ending \
          without a frame; {} not dropped (the churn stopped); gaps by reason {:?}",
         c(&counters.restarts),
@@ -908,6 +947,9 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     }
     if slow > 0 && c(&counters.slow_dropped) == 0 {
         failures.push("no slow consumer was closed as one");
+    }
+    if slow > 0 && !read_every.is_zero() && c(&counters.slow_dropped) > 0 && c(&counters.slow_frame_4000) == 0 {
+        failures.push("no slow consumer that kept reading got the 4000 close frame");
     }
     if c(&counters.checked) == 0 {
         failures.push("no event was checked");
