@@ -1084,6 +1084,8 @@ fn transport_run(bug: TBug) -> Run {
         let one_way = bug == TBug::FakePong;
         TransportSuite::new(move || async move {
             let (t, peer) = switchboard::transport::memory::pair(16);
+            // The wrapper checks UTF-8 itself (unless `SkipUtf8`).
+            let t = t.unchecked_text();
             (Mt(if one_way { t.one_way() } else { t }, bug), peer)
         })
         .max_message_size(LIMIT)

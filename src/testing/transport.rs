@@ -90,7 +90,6 @@ pub struct Report {
 /// use switchboard::testing::TransportSuite;
 /// use switchboard::transport::memory;
 /// let report = TransportSuite::new(|| async { memory::pair(16) })
-///     .without_utf8_check()
 ///     .run()
 ///     .await
 ///     .unwrap_or_else(|failure| panic!("{failure}"));
@@ -192,8 +191,8 @@ where
     }
 
     /// Skips `transport.invalid_utf8`, for a transport whose peer cannot put
-    /// text that is not UTF-8 on the wire (the memory transport hands frames
-    /// over as they are, and its peer is the host's own code).
+    /// text that is not UTF-8 on the wire (a transport whose only peer is a
+    /// library that always sends valid text).
     pub fn without_utf8_check(mut self) -> Self {
         self.utf8 = false;
         self

@@ -18,6 +18,7 @@ pub struct MemoryTransport {
     from_peer: mpsc::Receiver<Result<Frame, TransportError>>,
     native_ping: bool,
     bidirectional: bool,
+    utf8: bool,
 }
 
 /// Client half of an in-memory connection.
@@ -32,7 +33,7 @@ pub fn pair(capacity: usize) -> (MemoryTransport, MemoryPeer) {
     let (to_peer, from_server) = mpsc::channel(capacity);
     let (to_server, from_peer) = mpsc::channel(capacity);
     (
-        MemoryTransport { to_peer, from_peer, native_ping: true, bidirectional: true },
+        MemoryTransport { to_peer, from_peer, native_ping: true, bidirectional: true, utf8: true },
         MemoryPeer { to_server, from_server },
     )
 }
@@ -53,20 +54,25 @@ impl MemoryTransport {
         self.bidirectional = false;
         self
     }
+
+    /// Hands inbound text to the server without checking it is UTF-8,
+    /// breaking the [`Frame::Text`] promise every transport keeps (by
+    /// default this one, like the WebSocket transport, turns such a frame
+    /// into [`TransportError::InvalidUtf8`], close 1007): for testing what
+    /// a transport wrapper or a host does with a transport that does not
+    /// check.
+    pub fn unchecked_text(mut self) -> Self {
+        self.utf8 = false;
+        self
+    }
 }
 
 impl MemoryPeer {
-    /// Sends a frame to the server; `Err` when the server half is gone.
-    ///
-    /// Like the WebSocket transport, this one keeps the [`Frame::Text`]
-    /// promise that inbound text is UTF-8: a text frame that is not reaches
-    /// the server as [`TransportError::InvalidUtf8`] (close 1007).
+    /// Sends a frame to the server; `Err` when the server half is gone. A
+    /// [`Frame::Text`] that is not UTF-8 goes as it is: the transport
+    /// refuses it (unless [`MemoryTransport::unchecked_text`]).
     pub async fn send(&mut self, frame: Frame) -> Result<(), TransportError> {
-        let item = match frame {
-            Frame::Text(ref b) if std::str::from_utf8(b).is_err() => Err(TransportError::InvalidUtf8),
-            frame => Ok(frame),
-        };
-        self.to_server.send(item).await.map_err(|_| TransportError::Closed)
+        self.to_server.send(Ok(frame)).await.map_err(|_| TransportError::Closed)
     }
 
     /// Makes the server's reader see an error (e.g. a too-big message).
@@ -89,7 +95,10 @@ pub struct MemorySink(mpsc::Sender<Frame>);
 
 /// Reading half of a [`MemoryTransport`].
 #[derive(Debug)]
-pub struct MemoryStream(mpsc::Receiver<Result<Frame, TransportError>>);
+pub struct MemoryStream {
+    from_peer: mpsc::Receiver<Result<Frame, TransportError>>,
+    utf8: bool,
+}
 
 impl Transport for MemoryTransport {
     type Sink = MemorySink;
@@ -100,7 +109,7 @@ impl Transport for MemoryTransport {
     }
 
     fn split(self) -> (MemorySink, MemoryStream) {
-        (MemorySink(self.to_peer), MemoryStream(self.from_peer))
+        (MemorySink(self.to_peer), MemoryStream { from_peer: self.from_peer, utf8: self.utf8 })
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -132,6 +141,12 @@ impl Stream for MemoryStream {
     type Item = Result<Frame, TransportError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.0.poll_next_unpin(cx)
+        let utf8 = self.utf8;
+        self.from_peer.poll_next_unpin(cx).map(|item| match item {
+            Some(Ok(Frame::Text(b))) if utf8 && std::str::from_utf8(&b).is_err() => {
+                Some(Err(TransportError::InvalidUtf8))
+            }
+            item => item,
+        })
     }
 }
