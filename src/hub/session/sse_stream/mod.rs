@@ -215,8 +215,13 @@ impl StreamWriter {
     /// The first frame to write for the batch's frame `index`; the rest
     /// (its event, `$resync`, a close) wait in `extra`.
     pub(super) fn write(&mut self, frame: Frame, index: u64) -> Frame {
-        let tag = self.tags.front().is_some_and(|t| t.0 == index).then(|| self.tags.pop_front()).flatten();
-        self.ids.write(frame, tag.map(|t| t.1), &mut self.extra);
+        let Some((_, tag)) = self.tags.front().is_some_and(|t| t.0 == index).then(|| self.tags.pop_front()).flatten()
+        else {
+            // Untagged (most frames): written as it is. `extra` is empty
+            // here, the writer writes it before the batch's next frame.
+            return frame;
+        };
+        self.ids.write(frame, Some(tag), &mut self.extra);
         self.extra.pop_front().expect("a written frame is at least itself")
     }
 }
