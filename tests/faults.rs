@@ -301,9 +301,15 @@ async fn a_stalled_redis_fails_publishes_and_joins_with_503_in_time_and_everythi
     // Node 2 reaches Redis through the proxy; node 1 directly.
     let proxy = FaultProxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], server.port()))).await;
     let timeout = Duration::from_secs(1);
+    // The command timeout below the store's and the probe's, as in the
+    // defaults (2 s against 5 s and 3 s): a stalled command then times out
+    // in the link, which replaces the connection, rather than being
+    // cancelled by the store's or the probe's own deadline first (with the
+    // three equal, which fires first is the timer wheel's choice, and the
+    // old connection, back after the stall, was sometimes kept).
     let redis = |url: String| {
         support::redis::quick(RedisConfig::new(url))
-            .command_timeout(timeout)
+            .command_timeout(timeout * 7 / 10)
             .connect_timeout(timeout)
             .probe(Duration::from_millis(300), timeout)
     };
