@@ -82,9 +82,10 @@ commands:
            (issue 18: N members of one presence room all closed at once and back; presence messages
            and bytes per member a watcher gets, no stale member; see examples/load/presence_storm.rs)
   soak     --minutes M [--listeners 40] [--rooms 8] [--rate 20] [--churners 32] [--interval 10]
-           [--rss-slack 10] (issue 18, feature `client`: churn with live traffic; every interval RSS,
-           tasks, rooms, connections; fails on loss, duplicates, leftovers or RSS above the baseline
-           by more than the slack + 8 MiB; see examples/load/soak.rs)
+           [--rss-slack 10] [--max-slope 128] (issue 18, feature `client`: churn with live traffic;
+           every interval RSS, tasks, rooms, connections; fails on loss, duplicates, leftovers, RSS
+           above the baseline by more than the slack + 8 MiB, or, in runs of 10 min or more, an RSS
+           slope above --max-slope KiB/min after the first 2 min; see examples/load/soak.rs)
   soak     --redis on --minutes M [--redis-restart 120] [--redis-down 1] [--slow 4] [--slow-stall 60]
            [--slow-read 20] [--busy-rate 50] [--busy-kib 16] [--queue-kib 256] [--presence-ttl 6] and
            the options above (feature `redis` too: two hubs over a private redis-server, SIGKILLed and

@@ -25,7 +25,13 @@
 //! more than `--rss-slack` percent (default 10) plus 8 MiB: the allocator
 //! keeps some freed memory, a leak grows with the cycles. It also prints
 //! the RSS slope over the samples after warm-up (least squares, KiB a
-//! minute).
+//! minute). In a run of 10 minutes or more it judges the slope over the
+//! samples after the first 2 minutes (while buffers and the allocator's
+//! arenas reach their working size RSS still grows) and **fails** when it
+//! is above `--max-slope` KiB a minute (default 128) by more than two
+//! standard errors: RSS must not trend up while the churn is steady, and
+//! samples that swing by a MiB or two must not fail a flat run. Shorter
+//! runs print the slope unjudged.
 //!
 //! `--redis on` runs the same soak against two hubs over a private Redis
 //! that is killed and restarted every few minutes, with slow consumers
@@ -78,6 +84,67 @@ pub(super) async fn cycle(url: &str, room: &str, abrupt: bool) -> Result<(), Str
     Ok(())
 }
 
+/// RSS still grows in the first minutes of churn (buffers, tables and the
+/// allocator's arenas reach their working size): the trend is judged on
+/// the samples after this many seconds, and only when they span
+/// `TREND_SPAN` seconds and number five or more.
+const WARM_UP: f64 = 120.0;
+const TREND_SPAN: f64 = 480.0;
+
+/// The RSS trend of a run: the slope in KiB a minute and what it says.
+pub(super) struct Trend {
+    pub slope: f64,
+    /// Two standard errors of the slope (the samples swing by a MiB or
+    /// two with each burst of churn).
+    margin: f64,
+    /// `None` when the run is too short to judge (the slope is then over
+    /// every sample); else whether RSS is flat: the slope is not above the
+    /// bound by more than its margin.
+    pub flat: Option<bool>,
+    max: f64,
+}
+
+/// The RSS trend of `samples` (`(seconds, KiB)`) against `max_kib_per_min`.
+pub(super) fn trend(samples: &[(f64, f64)], max_kib_per_min: f64) -> Trend {
+    let steady: Vec<(f64, f64)> = samples.iter().copied().filter(|s| s.0 >= WARM_UP).collect();
+    let span = steady.last().map_or(0.0, |l| l.0 - steady[0].0);
+    if steady.len() >= 5 && span >= TREND_SPAN {
+        let slope = slope_kib_per_min(&steady);
+        let margin = 2.0 * slope_error(&steady, slope);
+        Trend { slope, margin, flat: Some(slope - margin <= max_kib_per_min), max: max_kib_per_min }
+    } else {
+        Trend { slope: slope_kib_per_min(samples), margin: 0.0, flat: None, max: max_kib_per_min }
+    }
+}
+
+impl std::fmt::Display for Trend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (slope, margin, max) = (self.slope, self.margin, self.max);
+        match self.flat {
+            Some(flat) => write!(
+                f,
+                "slope {slope:+.0} ± {margin:.0} KiB/min after the first {WARM_UP} s: {} --max-slope {max}",
+                if flat { "flat, within" } else { "RISING, above" }
+            ),
+            None => write!(
+                f,
+                "slope {slope:+.0} KiB/min, not judged (a run of {} min or more is)",
+                (WARM_UP + TREND_SPAN) / 60.0
+            ),
+        }
+    }
+}
+
+/// The standard error of a least-squares slope, in KiB a minute.
+fn slope_error(samples: &[(f64, f64)], slope_per_min: f64) -> f64 {
+    let n = samples.len() as f64;
+    let (mx, my) = (samples.iter().map(|s| s.0).sum::<f64>() / n, samples.iter().map(|s| s.1).sum::<f64>() / n);
+    let b = slope_per_min / 60.0;
+    let residuals: f64 = samples.iter().map(|s| (s.1 - my - b * (s.0 - mx)).powi(2)).sum();
+    let den: f64 = samples.iter().map(|s| (s.0 - mx).powi(2)).sum();
+    (residuals / (n - 2.0) / den).sqrt() * 60.0
+}
+
 pub(super) fn slope_kib_per_min(samples: &[(f64, f64)]) -> f64 {
     let n = samples.len() as f64;
     if n < 2.0 {
@@ -109,6 +176,7 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     let rate: u32 = args.or("rate", 20)?;
     let interval = Duration::from_secs(args.or("interval", 10)?);
     let slack: f64 = args.or("rss-slack", 10.0)?;
+    let max_slope: f64 = args.or("max-slope", 128.0)?;
     let total = Duration::from_secs_f64(minutes * 60.0);
     procfs::raise_nofile((listeners + churners) as u64 * 2 + 1024);
 
@@ -249,11 +317,11 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     let lost = counters.lost.load(Ordering::Acquire);
     let dup = counters.duplicated.load(Ordering::Acquire);
     let bound = base_rss as f64 * (1.0 + slack / 100.0) + 8.0 * 1024.0;
+    let trend = trend(&samples, max_slope);
     println!(
-        "end: rss {rss} KiB (baseline {base_rss} KiB, bound {bound:.0} KiB), slope {:+.0} KiB/min over {} samples; \
+        "end: rss {rss} KiB (baseline {base_rss} KiB, bound {bound:.0} KiB), {trend} over {} samples; \
          tasks {tasks} (listeners alone before the churn {idle_tasks}); connections {}, rooms {}, presence metas {metas} (listeners {listeners}); \
          cycles {} ({} failed); events checked {}, lost {lost}, duplicated {dup}",
-        slope_kib_per_min(&samples),
         samples.len(),
         stats.connections,
         stats.rooms,
@@ -262,7 +330,7 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
         counters.checked.load(Ordering::Acquire),
     );
     let leaks = stats.connections != listeners || stats.rooms != rooms || metas != listeners || tasks > idle_tasks + 8;
-    let ok = lost == 0 && dup == 0 && !leaks && (rss as f64) <= bound;
+    let ok = lost == 0 && dup == 0 && !leaks && (rss as f64) <= bound && trend.flat != Some(false);
     for c in &clients {
         c.close().await;
     }
@@ -273,4 +341,37 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     }
     println!("soak passed");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trend;
+
+    /// `(seconds, KiB)` every 30 s for `minutes`, rising `kib_per_min`, with
+    /// a swing of ±1.5 MiB from sample to sample.
+    fn run(minutes: u32, kib_per_min: f64) -> Vec<(f64, f64)> {
+        (1..=minutes * 2)
+            .map(|i| {
+                let t = f64::from(i) * 30.0;
+                let swing = [0.0, 1536.0, -1024.0, 512.0, -1536.0, 1024.0][i as usize % 6];
+                (t, 40_000.0 + kib_per_min * t / 60.0 + swing)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_flat_run_that_swings_passes_and_a_leak_fails() {
+        assert_eq!(trend(&run(30, 0.0), 128.0).flat, Some(true));
+        assert_eq!(trend(&run(30, 100.0), 128.0).flat, Some(true));
+        let leak = trend(&run(30, 512.0), 128.0);
+        assert_eq!(leak.flat, Some(false), "{leak}");
+        assert!((leak.slope - 512.0).abs() < 64.0, "{leak}");
+    }
+
+    #[test]
+    fn a_short_run_is_not_judged() {
+        let short = trend(&run(5, 5000.0), 128.0);
+        assert_eq!(short.flat, None, "{short}");
+        assert!(short.to_string().contains("not judged"), "{short}");
+    }
 }

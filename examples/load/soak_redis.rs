@@ -71,10 +71,10 @@
 //! the TTL has passed), when `--slow` is above 0 and no connection was
 //! closed as a slow consumer (or, reading, none got the 4000 frame), and when
 //! RSS ends above the baseline by more than
-//! `--rss-slack` percent plus 8 MiB. The RSS slope is printed as in the
-//! in-memory soak.
+//! `--rss-slack` percent plus 8 MiB, or when a run of 10 minutes or more
+//! shows an RSS slope above `--max-slope`, as in the in-memory soak.
 
-use super::soak::{cycle, slope_kib_per_min};
+use super::soak::{cycle, trend};
 use super::{procfs, Args};
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
@@ -603,6 +603,7 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     let read_every = if slow_read > 0.0 { Duration::from_secs_f64(1.0 / slow_read) } else { Duration::ZERO };
     let interval = Duration::from_secs(args.or("interval", 10)?);
     let slack: f64 = args.or("rss-slack", 10.0)?;
+    let max_slope: f64 = args.or("max-slope", 128.0)?;
     let restart_every = Duration::from_secs_f64(args.or("redis-restart", 120.0)?);
     let down = Duration::from_secs_f64(args.or("redis-down", 1.0)?);
     let queue = args.or("queue-kib", 256usize)? * 1024;
@@ -870,13 +871,13 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     let s: Vec<_> = nodes.iter().map(|n| n.hub.stats()).collect();
     let base_rss = baseline.unwrap_or(rss);
     let bound = base_rss as f64 * (1.0 + slack / 100.0) + 8.0 * 1024.0;
+    let trend = trend(&samples, max_slope);
     let c = |a: &AtomicU64| a.load(Ordering::Acquire);
     println!(
-        "end: rss {rss} KiB (baseline {base_rss} KiB, bound {bound:.0} KiB), slope {:+.0} KiB/min over {} samples; \
+        "end: rss {rss} KiB (baseline {base_rss} KiB, bound {bound:.0} KiB), {trend} over {} samples; \
          tasks {}+{} (listeners alone before the churn {}+{}); connections {}+{} (listeners {}+{}), rooms {}+{}, \
          presence metas {}+{} (listeners {listeners} each); in redis: presence keys of {} users ({} stale: {stale:?}, \
          {} listeners missing), {} records",
-        slope_kib_per_min(&samples),
         samples.len(),
         tasks[0],
         tasks[1],
@@ -956,6 +957,9 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     }
     if rss as f64 > bound {
         failures.push("RSS above the bound");
+    }
+    if trend.flat == Some(false) {
+        failures.push("RSS trending up while the churn was steady");
     }
     for c in &clients {
         c.close().await;
