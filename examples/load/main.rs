@@ -38,6 +38,8 @@ mod soak_redis;
 mod storm;
 #[cfg(all(feature = "axum", feature = "tls"))]
 mod tls;
+#[cfg(feature = "client")]
+mod trend;
 
 use bench::{ConnOpts, IdleOpts, IdleReport, RunOpts, RunReport};
 use serde::Serialize;

@@ -37,6 +37,7 @@
 //! that is killed and restarted every few minutes, with slow consumers
 //! among the churners: `examples/load/soak_redis.rs`.
 
+use super::trend::trend;
 use super::{procfs, Args};
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
@@ -82,82 +83,6 @@ pub(super) async fn cycle(url: &str, room: &str, abrupt: bool) -> Result<(), Str
     ws.close(None).await.map_err(|e| e.to_string())?;
     while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {}
     Ok(())
-}
-
-/// RSS still grows in the first minutes of churn (buffers, tables and the
-/// allocator's arenas reach their working size): the trend is judged on
-/// the samples after this many seconds, and only when they span
-/// `TREND_SPAN` seconds and number five or more.
-const WARM_UP: f64 = 120.0;
-const TREND_SPAN: f64 = 480.0;
-
-/// The RSS trend of a run: the slope in KiB a minute and what it says.
-pub(super) struct Trend {
-    pub slope: f64,
-    /// Two standard errors of the slope (the samples swing by a MiB or
-    /// two with each burst of churn).
-    margin: f64,
-    /// `None` when the run is too short to judge (the slope is then over
-    /// every sample); else whether RSS is flat: the slope is not above the
-    /// bound by more than its margin.
-    pub flat: Option<bool>,
-    max: f64,
-}
-
-/// The RSS trend of `samples` (`(seconds, KiB)`) against `max_kib_per_min`.
-pub(super) fn trend(samples: &[(f64, f64)], max_kib_per_min: f64) -> Trend {
-    let steady: Vec<(f64, f64)> = samples.iter().copied().filter(|s| s.0 >= WARM_UP).collect();
-    let span = steady.last().map_or(0.0, |l| l.0 - steady[0].0);
-    if steady.len() >= 5 && span >= TREND_SPAN {
-        let slope = slope_kib_per_min(&steady);
-        let margin = 2.0 * slope_error(&steady, slope);
-        Trend { slope, margin, flat: Some(slope - margin <= max_kib_per_min), max: max_kib_per_min }
-    } else {
-        Trend { slope: slope_kib_per_min(samples), margin: 0.0, flat: None, max: max_kib_per_min }
-    }
-}
-
-impl std::fmt::Display for Trend {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (slope, margin, max) = (self.slope, self.margin, self.max);
-        match self.flat {
-            Some(flat) => write!(
-                f,
-                "slope {slope:+.0} ± {margin:.0} KiB/min after the first {WARM_UP} s: {} --max-slope {max}",
-                if flat { "flat, within" } else { "RISING, above" }
-            ),
-            None => write!(
-                f,
-                "slope {slope:+.0} KiB/min, not judged (a run of {} min or more is)",
-                (WARM_UP + TREND_SPAN) / 60.0
-            ),
-        }
-    }
-}
-
-/// The standard error of a least-squares slope, in KiB a minute.
-fn slope_error(samples: &[(f64, f64)], slope_per_min: f64) -> f64 {
-    let n = samples.len() as f64;
-    let (mx, my) = (samples.iter().map(|s| s.0).sum::<f64>() / n, samples.iter().map(|s| s.1).sum::<f64>() / n);
-    let b = slope_per_min / 60.0;
-    let residuals: f64 = samples.iter().map(|s| (s.1 - my - b * (s.0 - mx)).powi(2)).sum();
-    let den: f64 = samples.iter().map(|s| (s.0 - mx).powi(2)).sum();
-    (residuals / (n - 2.0) / den).sqrt() * 60.0
-}
-
-pub(super) fn slope_kib_per_min(samples: &[(f64, f64)]) -> f64 {
-    let n = samples.len() as f64;
-    if n < 2.0 {
-        return 0.0;
-    }
-    let (mx, my) = (samples.iter().map(|s| s.0).sum::<f64>() / n, samples.iter().map(|s| s.1).sum::<f64>() / n);
-    let num: f64 = samples.iter().map(|s| (s.0 - mx) * (s.1 - my)).sum();
-    let den: f64 = samples.iter().map(|s| (s.0 - mx).powi(2)).sum();
-    if den == 0.0 {
-        0.0
-    } else {
-        num / den * 60.0
-    }
 }
 
 pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
@@ -341,37 +266,4 @@ pub async fn cmd(args: &Args) -> Result<ExitCode, String> {
     }
     println!("soak passed");
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::trend;
-
-    /// `(seconds, KiB)` every 30 s for `minutes`, rising `kib_per_min`, with
-    /// a swing of ±1.5 MiB from sample to sample.
-    fn run(minutes: u32, kib_per_min: f64) -> Vec<(f64, f64)> {
-        (1..=minutes * 2)
-            .map(|i| {
-                let t = f64::from(i) * 30.0;
-                let swing = [0.0, 1536.0, -1024.0, 512.0, -1536.0, 1024.0][i as usize % 6];
-                (t, 40_000.0 + kib_per_min * t / 60.0 + swing)
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_flat_run_that_swings_passes_and_a_leak_fails() {
-        assert_eq!(trend(&run(30, 0.0), 128.0).flat, Some(true));
-        assert_eq!(trend(&run(30, 100.0), 128.0).flat, Some(true));
-        let leak = trend(&run(30, 512.0), 128.0);
-        assert_eq!(leak.flat, Some(false), "{leak}");
-        assert!((leak.slope - 512.0).abs() < 64.0, "{leak}");
-    }
-
-    #[test]
-    fn a_short_run_is_not_judged() {
-        let short = trend(&run(5, 5000.0), 128.0);
-        assert_eq!(short.flat, None, "{short}");
-        assert!(short.to_string().contains("not judged"), "{short}");
-    }
 }

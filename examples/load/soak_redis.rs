@@ -74,7 +74,8 @@
 //! `--rss-slack` percent plus 8 MiB, or when a run of 10 minutes or more
 //! shows an RSS slope above `--max-slope`, as in the in-memory soak.
 
-use super::soak::{cycle, trend};
+use super::soak::cycle;
+use super::trend::trend;
 use super::{procfs, Args};
 use futures::{SinkExt, StreamExt};
 use parking_lot::Mutex;
