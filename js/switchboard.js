@@ -338,8 +338,8 @@ function sse(fetchFn, timers, url, lastId, link) {
             const size = session.max_post_size || 65536;
             let n = 1;
             let bytes = utf8Length(queue[0]) + 2;
-            while (n < queue.length && n < max && bytes + utf8Length(queue[n]) + 1 <= size)
-                bytes += utf8Length(queue[n++]) + 1;
+            for (let b; n < queue.length && n < max && bytes + (b = utf8Length(queue[n]) + 1) <= size; n++)
+                bytes += b;
             const batch = queue.slice(0, n);
             let res;
             try {

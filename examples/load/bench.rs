@@ -747,6 +747,50 @@ pub struct IdleReport {
     pub generator_cpu_s: f64,
 }
 
+/// What an idle hold read off the server and itself; [`IdleReport::new`]
+/// derives the rest.
+pub struct IdleReadings {
+    pub seconds: f64,
+    pub connect_s: f64,
+    /// Server RSS before connecting, once connected, after the hold.
+    pub rss_kib: [u64; 3],
+    /// Live heap per connection (bytes, blocks); NaN where not asked.
+    pub heap_per_connection: (f64, f64),
+    pub server_cpu_s: f64,
+    pub generator_cpu_s: f64,
+    pub pings_received: u64,
+}
+
+impl IdleReport {
+    pub fn new(opts: &IdleOpts, connections: usize, r: IdleReadings) -> IdleReport {
+        let [before, connected, after] = r.rss_kib;
+        let pct = r.server_cpu_s / r.seconds * 100.0;
+        IdleReport {
+            kind: opts.conn.kind,
+            connections,
+            seconds: r.seconds,
+            heartbeat_ms: opts.conn.heartbeat_ms,
+            connect_s: r.connect_s,
+            server_rss_before_kib: before,
+            server_rss_connected_kib: connected,
+            server_rss_after_kib: after,
+            rss_per_connection_bytes: (after as f64 - before as f64) * 1024.0 / connections as f64,
+            heap_per_connection_bytes: r.heap_per_connection.0,
+            heap_blocks_per_connection: r.heap_per_connection.1,
+            server_cpu_idle_s: r.server_cpu_s,
+            server_cpu_pct_of_core: pct,
+            server_cpu_pct_at_25s: opts.conn.heartbeat_ms.map(|h| pct * h as f64 / 25_000.0),
+            pings_received: r.pings_received,
+            server_cpu_us_per_ping: if r.pings_received > 0 {
+                r.server_cpu_s / r.pings_received as f64 * 1e6
+            } else {
+                f64::NAN
+            },
+            generator_cpu_s: r.generator_cpu_s,
+        }
+    }
+}
+
 /// Holds N connections for T seconds.
 pub async fn idle(opts: &IdleOpts) -> io::Result<IdleReport> {
     let n = opts.connections;
@@ -830,24 +874,14 @@ pub async fn idle(opts: &IdleOpts) -> io::Result<IdleReport> {
     let rss_after = procfs::rss_kib(server.pid).unwrap_or(0);
     server.stop().await;
     tasks.abort_all();
-    let pct = cpu / secs * 100.0;
-    Ok(IdleReport {
-        kind: opts.conn.kind,
-        connections: n,
+    let readings = IdleReadings {
         seconds: secs,
-        heartbeat_ms: opts.conn.heartbeat_ms,
         connect_s,
-        server_rss_before_kib: rss_before,
-        server_rss_connected_kib: rss_connected,
-        server_rss_after_kib: rss_after,
-        rss_per_connection_bytes: (rss_after as f64 - rss_before as f64) * 1024.0 / n as f64,
-        heap_per_connection_bytes: heap.per_connection(&heap_before, n).0,
-        heap_blocks_per_connection: heap.per_connection(&heap_before, n).1,
-        server_cpu_idle_s: cpu,
-        server_cpu_pct_of_core: pct,
-        server_cpu_pct_at_25s: opts.conn.heartbeat_ms.map(|h| pct * h as f64 / 25_000.0),
-        pings_received,
-        server_cpu_us_per_ping: if pings_received > 0 { cpu / pings_received as f64 * 1e6 } else { f64::NAN },
+        rss_kib: [rss_before, rss_connected, rss_after],
+        heap_per_connection: heap.per_connection(&heap_before, n),
+        server_cpu_s: cpu,
         generator_cpu_s: gen,
-    })
+        pings_received,
+    };
+    Ok(IdleReport::new(opts, n, readings))
 }

@@ -10,7 +10,7 @@
 //! trusting that CA only. Every client reads `hello`, joins the room and
 //! then only reads (tungstenite answers the heartbeat pings).
 
-use crate::bench::{IdleOpts, IdleReport};
+use crate::bench::{IdleOpts, IdleReadings, IdleReport};
 use crate::procfs;
 use crate::server::{Listener, ROOM};
 use futures::{SinkExt, StreamExt};
@@ -231,25 +231,15 @@ pub async fn idle(opts: &IdleOpts, listener: Listener) -> io::Result<IdleReport>
     let rss_after = procfs::rss_kib(server.pid).unwrap_or(0);
     drop(server);
     tasks.abort_all();
-    let pct = cpu / secs * 100.0;
-    Ok(IdleReport {
-        kind: opts.conn.kind,
-        connections: n,
+    let readings = IdleReadings {
         seconds: secs,
-        heartbeat_ms: opts.conn.heartbeat_ms,
         connect_s,
-        server_rss_before_kib: rss_before,
-        server_rss_connected_kib: rss_connected,
-        server_rss_after_kib: rss_after,
-        rss_per_connection_bytes: (rss_after as f64 - rss_before as f64) * 1024.0 / n as f64,
-        server_cpu_idle_s: cpu,
-        server_cpu_pct_of_core: pct,
-        server_cpu_pct_at_25s: opts.conn.heartbeat_ms.map(|h| pct * h as f64 / 25_000.0),
-        pings_received,
-        server_cpu_us_per_ping: if pings_received > 0 { cpu / pings_received as f64 * 1e6 } else { f64::NAN },
-        generator_cpu_s: gen,
+        rss_kib: [rss_before, rss_connected, rss_after],
         // This server child is not asked for its heap (`heap.rs`).
-        heap_per_connection_bytes: f64::NAN,
-        heap_blocks_per_connection: f64::NAN,
-    })
+        heap_per_connection: (f64::NAN, f64::NAN),
+        server_cpu_s: cpu,
+        generator_cpu_s: gen,
+        pings_received,
+    };
+    Ok(IdleReport::new(opts, n, readings))
 }
