@@ -255,6 +255,7 @@ function sse(fetchFn, timers, url, lastId, link) {
     const get = new URL(url, globalThis.location?.href);
     if (lastId)
         get.searchParams.set("lastEventId", lastId);
+    get.searchParams.set("protocol", SUBPROTOCOLS[0]);
     const dispatch = (event, data) => {
         if (event === "$session") {
             try {

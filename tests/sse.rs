@@ -832,6 +832,58 @@ async fn a_dropped_stream_reconnects_and_recovers_the_gap_exactly() {
 }
 
 #[tokio::test]
+async fn version_2_streams_send_compact_unnamed_events_and_recover() {
+    let (builder, mut ids) = report_ids(echo_hub());
+    let history = switchboard::history::MemoryHistory::new();
+    let hub = builder.history(history, switchboard::history::HistoryConfig::all_rooms()).build();
+    let endpoint =
+        SseEndpoint::builder(hub.clone()).config(SseConfig::default().retry(Duration::from_millis(20))).build();
+    let addr = serve(endpoint).await;
+    let (mut es, session, hello) = open(addr, "/events?room=a&protocol=switchboard.v2.json").await;
+    assert_eq!(hello["data"]["version"], 2, "hello reports the version: {hello}");
+    assert_eq!(es.wait_for("$joined").await.json()["room"], "a", "stream events keep their names");
+
+    // A room event: an unnamed event (`message`) whose data is the array,
+    // with the stream's id for Last-Event-ID as in version 1.
+    hub.publish("a", "tick", &json!({ "n": 1 })).await.unwrap();
+    let e = es.wait_for("message").await;
+    assert_eq!(e.json(), json!(["a", "tick", { "n": 1 }, 1]), "{e:?}");
+    assert!(e.id.contains(":1:"), "the event moved the stream's id: {}", e.id);
+    // Names that cannot be SSE event names need no `$event` here.
+    hub.publish("a", "$odd\nname", &2).await.unwrap();
+    assert_eq!(es.wait_for("message").await.json(), json!(["a", "$odd\nname", 2, 2]));
+    // A direct send: room null.
+    hub.send(connection_id(&mut ids, &hello).await, "notice", &"hi").unwrap();
+    assert_eq!(es.wait_for("message").await.json(), json!([null, "notice", "hi"]));
+    // Every other envelope is the version 1 object under its `$` name.
+    let a = post(addr, "/events", &session, r#"{"type":"call","ref":5,"event":"echo","data":{"x":1}}"#).await;
+    assert_eq!(a.status, 202, "{a:?}");
+    let reply = es.reply_to(5).await;
+    assert_eq!((reply["type"].as_str(), &reply["data"]), (Some("reply"), &json!({"x": 1})));
+
+    // A dropped stream resumes from Last-Event-ID; what it missed comes as arrays.
+    es.drop_connection();
+    hub.publish("a", "tick", &json!({ "n": 3 })).await.unwrap();
+    assert!(matches!(es.next_item().await, Ok(Item::Reconnected)));
+    assert_eq!(es.wait_for("$joined").await.json()["recovered"], true);
+    assert_eq!(es.wait_for("message").await.json(), json!(["a", "tick", { "n": 3 }, 3]));
+    assert!(es.pending_is_empty_of("tick"), "no version 1 event on a version 2 stream");
+
+    // A protocol that is not a JSON one of ours: 400, before anything else.
+    for bad in ["switchboard.v2.msgpack", "switchboard.v1.msgpack", "switchboard.v3.json", ""] {
+        let a = request(addr, "GET", &format!("/events?room=a&protocol={bad}"), &[], b"").await;
+        assert_eq!(a.status, 400, "{bad}: {a:?}");
+        assert!(a.json()["error"].as_str().is_some_and(|e| e.contains("switchboard.v2.json")), "{a:?}");
+    }
+    // Version 1 by name is version 1.
+    let (mut v1, _, hello) = open(addr, "/events?room=a&protocol=switchboard.v1.json").await;
+    assert_eq!(hello["data"]["version"], 1);
+    v1.wait_for("$joined").await;
+    hub.publish("a", "tick", &json!({ "n": 4 })).await.unwrap();
+    assert_eq!(v1.wait_for("tick").await.json()["offset"], 4);
+}
+
+#[tokio::test]
 async fn a_position_history_cannot_serve_gets_resync() {
     let (hub, _history) = history_hub();
     let addr = serve(SseEndpoint::new(hub.clone())).await;

@@ -10,7 +10,7 @@
 //! cargo run --release --example load -- idle --kind switchboard --connections 8000 --seconds 20 --heartbeat-ms 1000
 //! cargo run --release --example load -- compare-idle --connections 8000 --seconds 20
 //! cargo run --release --example load --all-features -- idle --kind switchboard --listener axum-tls --connections 2000 --seconds 20
-//! cargo run --release --example load --all-features -- compare --kinds raw-sse,sb-sse --subscribers 1000 --messages 2000
+//! cargo run --release --example load --all-features -- compare --kinds raw-sse,sb-sse,sb-sse-v2 --subscribers 1000 --messages 2000
 //! cargo run --release --example load -- server --kind raw --addr 127.0.0.1:9000
 //! cargo run --release --example load --features client -- storm --clients 1000
 //! ```
@@ -98,9 +98,10 @@ commands:
 kinds: raw, raw-padded, raw-select, and switchboard with its subscribers on switchboard.v1.json
 (`switchboard`), switchboard.v2.json (`sb-v2`), switchboard.v1.msgpack (`sb-msgpack`),
 switchboard.v2.msgpack (`sb-v2-msgpack`); Server-Sent Events (features `sse` and `axum`): `raw-sse`, a minimal
-hyper server writing each message as one `data:` event to every stream, and `sb-sse`, the hub's SSE transport
-(streams join the room from the query); their subscribers read `text/event-stream`, the publisher is the same
-WebSocket client as for the other kinds. `compare --kinds raw-sse,sb-sse` gives sb-sse's ratios to raw-sse
+hyper server writing each message as one `data:` event to every stream, `sb-sse`, the hub's SSE transport
+(streams join the room from the query), and `sb-sse-v2`, the same with `protocol=switchboard.v2.json` (compact
+unnamed events); their subscribers read `text/event-stream`, the publisher is the same WebSocket client as for
+the other kinds. `compare --kinds raw-sse,sb-sse,sb-sse-v2` gives the sb kinds' ratios to raw-sse
 
 generator options (run, idle, compare, compare-idle):
   --source-ips N     spread connections over 127.0.0.2 .. 127.0.0.(N+1) (default 4; 0 = no bind)
@@ -358,7 +359,7 @@ async fn cmd_smoke(args: &Args) -> Result<ExitCode, String> {
     let mut reports = Vec::new();
     // The SSE kinds too when built with them (CI's default features are not).
     let kinds = if cfg!(all(feature = "sse", feature = "axum")) {
-        "switchboard,raw,raw-select,raw-sse,sb-sse"
+        "switchboard,raw,raw-select,raw-sse,sb-sse,sb-sse-v2"
     } else {
         "switchboard,raw,raw-select"
     };

@@ -69,6 +69,9 @@ pub enum Kind {
     /// Server-Sent Events: the switchboard hub's SSE transport
     /// (`integration::sse`), subscribers joining the room from the query.
     SbSse,
+    /// [`Kind::SbSse`] with streams opened with `protocol=switchboard.v2.json`:
+    /// events are unnamed, their data the compact array.
+    SbSseV2,
 }
 
 impl Kind {
@@ -83,6 +86,7 @@ impl Kind {
             "raw-select" => Kind::RawSelect,
             "raw-sse" => Kind::RawSse,
             "switchboard-sse" | "sb-sse" => Kind::SbSse,
+            "switchboard-sse-v2" | "sb-sse-v2" => Kind::SbSseV2,
             _ => return None,
         })
     }
@@ -98,6 +102,7 @@ impl Kind {
             Kind::RawSelect => "raw-select",
             Kind::RawSse => "raw-sse",
             Kind::SbSse => "sb-sse",
+            Kind::SbSseV2 => "sb-sse-v2",
         }
     }
 }
@@ -105,13 +110,13 @@ impl Kind {
 impl Kind {
     /// Whether the server is switchboard (subscribers join, the publisher calls).
     pub fn is_switchboard(self) -> bool {
-        self.subprotocol().is_some() || self == Kind::SbSse
+        self.subprotocol().is_some() || matches!(self, Kind::SbSse | Kind::SbSseV2)
     }
 
     /// Whether subscribers read Server-Sent Events (the publisher still
     /// speaks WebSocket, as with every other kind).
     pub fn sse(self) -> bool {
-        matches!(self, Kind::RawSse | Kind::SbSse)
+        matches!(self, Kind::RawSse | Kind::SbSse | Kind::SbSseV2)
     }
 
     /// The path an SSE subscriber opens: switchboard's streams join the
@@ -119,6 +124,7 @@ impl Kind {
     pub fn sse_path(self) -> String {
         match self {
             Kind::SbSse => format!("/events?room={ROOM}"),
+            Kind::SbSseV2 => format!("/events?room={ROOM}&protocol=switchboard.v2.json"),
             _ => "/events".into(),
         }
     }
@@ -239,7 +245,7 @@ pub async fn run(opts: ServerOpts) -> io::Result<()> {
             raw_select::serve(listener, opts.heartbeat).await
         }
         #[cfg(all(feature = "sse", feature = "axum"))]
-        Kind::SbSse => {
+        Kind::SbSse | Kind::SbSseV2 => {
             let hub = switchboard_hub(&opts);
             record_metrics(&hub);
             println!("ready {addr}");
@@ -251,7 +257,9 @@ pub async fn run(opts: ServerOpts) -> io::Result<()> {
             sse::raw::serve(listener, opts.heartbeat).await
         }
         #[cfg(not(all(feature = "sse", feature = "axum")))]
-        Kind::SbSse | Kind::RawSse => Err(io::Error::other("the SSE kinds need the `sse` and `axum` features")),
+        Kind::SbSse | Kind::SbSseV2 | Kind::RawSse => {
+            Err(io::Error::other("the SSE kinds need the `sse` and `axum` features"))
+        }
     }
 }
 

@@ -366,6 +366,8 @@ function sse(fetchFn, timers, url, lastId, link) {
   };
   const get = new URL(url, globalThis.location?.href);
   if (lastId) get.searchParams.set("lastEventId", lastId);
+  // Protocol v2 (docs/sse.md §3.1): events are unnamed, their data the compact array.
+  get.searchParams.set("protocol", SUBPROTOCOLS[0]);
   /** @param {string} event @param {string} data */
   const dispatch = (event, data) => {
     if (event === "$session") {

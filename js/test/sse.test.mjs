@@ -71,6 +71,7 @@ async function open(t, sess = session) {
 test("SSE: the stream opens the session; envelopes go up by POST with its headers, answers come on the stream", async () => {
   const t = await start();
   assert.equal(t.stream().url.searchParams.get("user"), "ann");
+  assert.equal(t.stream().url.searchParams.get("protocol"), "switchboard.v2.json", "asks for compact events");
   await open(t);
   assert.equal(t.client.status.state, "open");
   assert.equal(t.client.status.transport, "sse");
@@ -86,8 +87,10 @@ test("SSE: the stream opens the session; envelopes go up by POST with its header
   room.on("said", (d, i) => got.push([d.text, i.offset]));
   t.stream().write(ev("said", { type: "event", room: "chat:1", event: "said", offset: 1, data: { text: "hi" } }, "s1.x"));
   t.stream().write(ev("$event", { type: "event", room: "chat:1", event: "said", offset: 2, data: { text: "line\nbreak" } }));
+  // Protocol v2: an unnamed event (`message`) whose data is the compact array.
+  t.stream().write(`id: s1.y\ndata: ${JSON.stringify(["chat:1", "said", { text: "v2" }, 3])}\n\n`);
   await flush();
-  assert.deepEqual(got, [["hi", 1], ["line\nbreak", 2]]);
+  assert.deepEqual(got, [["hi", 1], ["line\nbreak", 2], ["v2", 3]]);
 });
 
 test("SSE: POSTs go one at a time, in order, batched; a 429 sends the same batch again after 1 s", async () => {

@@ -142,6 +142,9 @@ await step("transports", async () => {
   // Protocol v2 (compact event arrays) on the WebSocket pages: every event below arrives as an array there.
   const protocols = await Promise.all([ann, bob].map((p) => get(p, () => window.sockets.at(-1)?.protocol)));
   check(same(protocols, ["switchboard.v2.json", "switchboard.v2.json"]), `subprotocols ${protocols}`);
+  // The SSE pages ask for it with `protocol=` and the server's hello says it is on.
+  const versions = await Promise.all(pages.map((p) => get(p, () => window.c.hello?.version)));
+  check(same(versions, [2, 2, 2, 2]), `protocol versions ${versions}`);
 });
 
 await step("presence: everyone, self marked", async () => {

@@ -451,6 +451,11 @@ impl Wire {
             return frame;
         }
         match self.framing {
+            // Version 2's compact event is an unnamed event (a `message`):
+            // the array names its room and event (`docs/sse.md` §3.1).
+            Some(Framing::EventStream) if kind == Kind::Event && self.version == Version::V2 => {
+                Framing::EventStream.frame(false, &envelope)
+            }
             Some(Framing::EventStream) => {
                 Framing::EventStream.frame_named(false, &sse_stream::event_name(kind, event), &envelope)
             }
@@ -698,5 +703,10 @@ mod wire_tests {
             b"event: tick\ndata: {\"type\":\"event\"}\n\n"
         );
         assert_eq!(&sse.prepare(Kind::Hello, None, envelope.clone())[..14], b"event: $hello\n");
+        // Version 2: a compact event is unnamed, every other type keeps its name.
+        let sse2 = Wire { version: Version::V2, ..sse };
+        let array = Bytes::from_static(b"[\"r\",\"tick\",1]");
+        assert_eq!(&sse2.prepare(Kind::Event, Some("tick"), array)[..], b"data: [\"r\",\"tick\",1]\n\n");
+        assert_eq!(&sse2.prepare(Kind::Hello, None, envelope)[..14], b"event: $hello\n");
     }
 }

@@ -61,6 +61,7 @@ use crate::auth::{Identity, Rejection};
 use crate::hub::room::validate_room_name;
 use crate::hub::session::sse_stream::{resume, StreamSpec};
 use crate::hub::Hub;
+use crate::protocol::{SUBPROTOCOL_JSON, SUBPROTOCOL_V2_JSON};
 use crate::security::OriginPolicy;
 use crate::transport::sse::conn::{self, CloseRetry, Shared, StreamBody};
 use crate::transport::sse::encode::Batch;
@@ -576,6 +577,20 @@ impl SseEndpoint {
         }
         let cors = self.cors_origin(&parts.headers, peer);
         let origin = cors.as_ref().ok().cloned().flatten();
+        // The protocol version, as a WebSocket client picks it with its
+        // subprotocol (`EventSource` sets no headers, so it is a query
+        // parameter): version 2 sends compact `event` arrays (`docs/sse.md` §3.1).
+        if let Some(protocol) = query_values(&parts.uri, "protocol").into_iter().next() {
+            match stream_protocol(&protocol) {
+                Some(name) => hs = hs.with_subprotocol(name),
+                None => {
+                    let msg = format!("protocol {protocol:?} is not {SUBPROTOCOL_V2_JSON} or {SUBPROTOCOL_JSON}");
+                    let mut res = error_response(StatusCode::BAD_REQUEST, &msg);
+                    self.add_cors(&mut res, origin);
+                    return res;
+                }
+            }
+        }
         let (admission, identity) = match hub.open_gate(&mut hs, inner.config.handshake_timeout).await {
             Ok(admitted) => admitted,
             // The hub's origin refusal is worded for a WebSocket upgrade;
@@ -871,6 +886,12 @@ fn stream_headers(h: &mut HeaderMap) {
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-transform"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+}
+
+/// The subprotocol a stream's `protocol` query parameter names, if it is a
+/// JSON one (a stream carries text only).
+fn stream_protocol(name: &str) -> Option<&'static str> {
+    [SUBPROTOCOL_V2_JSON, SUBPROTOCOL_JSON].into_iter().find(|p| *p == name)
 }
 
 /// Every value of query parameter `name`, percent-decoded.
