@@ -61,7 +61,7 @@ use crate::auth::{Identity, Rejection};
 use crate::hub::room::validate_room_name;
 use crate::hub::session::sse_stream::{resume, StreamSpec};
 use crate::hub::Hub;
-use crate::protocol::{SUBPROTOCOL_JSON, SUBPROTOCOL_V2_JSON};
+use crate::protocol::{Format, Version, SUBPROTOCOL_JSON, SUBPROTOCOL_V2_JSON};
 use crate::security::OriginPolicy;
 use crate::transport::sse::conn::{self, CloseRetry, Shared, StreamBody};
 use crate::transport::sse::encode::Batch;
@@ -888,10 +888,14 @@ fn stream_headers(h: &mut HeaderMap) {
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
 }
 
-/// The subprotocol a stream's `protocol` query parameter names, if it is a
-/// JSON one (a stream carries text only).
+/// The subprotocol a stream's `protocol` query parameter names, if it is
+/// one of ours in JSON (a stream carries text only): read as a WebSocket
+/// offer is, so a new version needs no change here.
 fn stream_protocol(name: &str) -> Option<&'static str> {
-    [SUBPROTOCOL_V2_JSON, SUBPROTOCOL_JSON].into_iter().find(|p| *p == name)
+    if Format::from_subprotocol(name)? != Format::Json {
+        return None;
+    }
+    Some(Version::from_subprotocol(name)?.subprotocol(Format::Json))
 }
 
 /// Every value of query parameter `name`, percent-decoded.
