@@ -951,3 +951,157 @@ async fn a_reconnect_to_another_node_recovers_from_the_shared_history() {
     let got = room_events(&mut es, 2).await;
     assert_eq!(got.iter().map(|e| (e.1, e.2)).collect::<Vec<_>>(), [(3, 3), (4, 4)]);
 }
+
+/// The text of a room or direct event, by protocol version (v1: the
+/// envelope's `data`; v2: the array's third element).
+fn event_data(e: &sse_client::Event) -> Value {
+    let v = e.json();
+    if v.is_array() {
+        v[2].clone()
+    } else {
+        v["data"].clone()
+    }
+}
+
+/// An event-stream member reads its first plain room from the room's log
+/// (`docs/sse.md` §3.2). Whatever it reads from where, the stream gets
+/// every frame in the order it was produced: room events, host sends, a
+/// second room's events (queued as before), events excluded for it left
+/// out, and after a `leave` nothing more of that room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_reading_a_room_log_keeps_the_order_of_everything_it_gets() {
+    for protocol in ["switchboard.v1.json", "switchboard.v2.json"] {
+        let (builder, mut ids) = report_ids(echo_hub());
+        let hub = builder.build();
+        let addr = serve(SseEndpoint::new(hub.clone())).await;
+        let (mut es, session, hello) = open(addr, &format!("/events?room=a&room=b&protocol={protocol}")).await;
+        let id = connection_id(&mut ids, &hello).await;
+        es.wait_for("$joined").await;
+        es.wait_for("$joined").await;
+        // Another member of `a` on the same log, reading all along.
+        let (mut other, _, _) = open(addr, "/events?room=a").await;
+        other.wait_for("$joined").await;
+
+        let mut expected = Vec::new();
+        for i in 0..3000u64 {
+            match i % 5 {
+                0 | 1 => {
+                    hub.publish("a", "ev", &i).await.unwrap();
+                    expected.push(i);
+                }
+                2 => {
+                    hub.send(id, "direct", &i).unwrap();
+                    expected.push(i);
+                }
+                3 => {
+                    hub.publish("b", "ev", &i).await.unwrap();
+                    expected.push(i);
+                }
+                _ => {
+                    hub.publish_except("a", "ev", &i, id).await.unwrap();
+                }
+            }
+            if i % 64 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            let e = es.next().await;
+            assert!(!e.event.starts_with('$') || e.event == "$event", "{protocol}: unexpected {e:?}");
+            got.push(event_data(&e).as_u64().unwrap());
+        }
+        let first_wrong = got.iter().zip(&expected).position(|(g, e)| g != e);
+        assert_eq!(
+            first_wrong,
+            None,
+            "{protocol}: out of order from there: {:?}",
+            &got[first_wrong.unwrap_or(0)..][..8]
+        );
+        // The other member got every event of `a`, the excluded ones too.
+        let mut of_a = Vec::new();
+        while of_a.len() < 1800 {
+            of_a.push(event_data(&other.next().await).as_u64().unwrap());
+        }
+        assert_eq!(of_a, (0..3000u64).filter(|i| matches!(i % 5, 0 | 1 | 4)).collect::<Vec<_>>(), "{protocol}");
+
+        // Leave `a`: what was published before the reply comes before it,
+        // nothing after it.
+        hub.publish("a", "ev", &"before").await.unwrap();
+        let leave = post(addr, "/events", &session, r#"{"type":"leave","ref":9,"room":"a"}"#).await;
+        assert_eq!(leave.status, 202);
+        let before = es.next().await;
+        assert_eq!(event_data(&before), "before", "{protocol}: {before:?}");
+        assert_eq!(es.reply_to(9).await["type"], "reply");
+        hub.publish("a", "ev", &"after").await.unwrap();
+        hub.publish("b", "ev", &"end").await.unwrap();
+        let next = es.next().await;
+        assert_eq!(event_data(&next), "end", "{protocol}: got {next:?} after leaving");
+        assert_eq!(hub.connection(id).unwrap().queued_bytes(), 0);
+    }
+}
+
+/// Under drop-oldest, a stream that stops reading is left behind by the
+/// room log's bound, is told how many events it missed (`$lagged`), and
+/// then gets the newest ones; nothing is lost without being counted, the
+/// queued bytes stay within the bound, and a member that reads keeps up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_on_a_room_log_lags_by_a_counted_number_of_events() {
+    const BOUND: usize = 64 * 1024;
+    let (builder, mut ids) = report_ids(echo_hub());
+    let hub =
+        builder.config(HubConfig::default().outbound_queue_bytes(BOUND).overflow(OverflowPolicy::DropOldest)).build();
+    let addr = serve(SseEndpoint::new(hub.clone())).await;
+    let (mut slow, _, hello) = open(addr, "/events?room=r&protocol=switchboard.v2.json").await;
+    let id = connection_id(&mut ids, &hello).await;
+    slow.wait_for("$joined").await;
+    let (mut fast, _, _) = open(addr, "/events?room=r&protocol=switchboard.v2.json").await;
+    fast.wait_for("$joined").await;
+
+    // `slow` reads nothing meanwhile: its socket's buffers fill, then its
+    // position in the log falls behind the bound.
+    const TOTAL: u64 = 20_000;
+    let pad = "p".repeat(1000);
+    let fast_seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = fast_seen.clone();
+    let fast_reader = tokio::spawn(async move {
+        for i in 0..TOTAL {
+            let e = fast.next().await;
+            assert_eq!(event_data(&e)["i"], i, "the reading member got every event in order: {e:?}");
+            seen.store(i + 1, std::sync::atomic::Ordering::Release);
+        }
+    });
+    let mut most_queued = 0;
+    for i in 0..TOTAL {
+        // Paced by the member that reads, so only the other one falls
+        // behind (32 events are well within the bound).
+        while i >= fast_seen.load(std::sync::atomic::Ordering::Acquire) + 32 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        hub.publish("r", "ev", &json!({"i": i, "pad": pad})).await.unwrap();
+        if i % 32 == 0 {
+            most_queued = most_queued.max(hub.connection(id).unwrap().queued_bytes());
+        }
+    }
+    fast_reader.await.unwrap();
+    // The log's bound, plus what is appended between two trims (16 KiB).
+    assert!(most_queued <= BOUND + 17 * 1024, "queued {most_queued} bytes over a bound of {BOUND}");
+
+    let (mut received, mut dropped, mut last) = (0u64, 0u64, None::<u64>);
+    while received + dropped < TOTAL {
+        let e = slow.next().await;
+        if e.event == "$lagged" {
+            dropped += e.json()["data"]["dropped"].as_u64().unwrap();
+            continue;
+        }
+        let i = event_data(&e)["i"].as_u64().unwrap();
+        assert!(last.is_none_or(|l| i > l), "{i} after {last:?}");
+        last = Some(i);
+        received += 1;
+    }
+    assert_eq!(received + dropped, TOTAL, "every event delivered or counted as dropped");
+    assert!(dropped > 0, "the bound never applied");
+    assert_eq!(last, Some(TOTAL - 1), "the newest event arrives");
+    assert_eq!(hub.connection(id).unwrap().dropped_messages(), dropped, "counted where the outbox counts");
+    println!("stalled stream: {received} received, {dropped} dropped, at most {most_queued} bytes queued");
+}

@@ -239,7 +239,7 @@ impl Hub {
         let Some(r) = self.inner.rooms.get(room) else { return Vec::new() };
         // Cloned out first: `info` locks each session's rooms, which is
         // never done under a room's members lock (sessions lock first).
-        let sessions: Vec<Arc<Session>> = r.members.read().values().map(|(_, s)| s.clone()).collect();
+        let sessions: Vec<Arc<Session>> = r.members.read().values().map(|(_, s, _)| s.clone()).collect();
         infos(sessions.into_iter())
     }
 
@@ -292,7 +292,7 @@ impl Hub {
     /// this on each node.
     pub fn close_room(&self, room: &str, reason: &str) -> usize {
         let Some(r) = self.inner.rooms.get(room) else { return 0 };
-        let sessions: Vec<Arc<Session>> = r.members.read().values().map(|(_, s)| s.clone()).collect();
+        let sessions: Vec<Arc<Session>> = r.members.read().values().map(|(_, s, _)| s.clone()).collect();
         let mut removed = 0;
         for s in sessions {
             // Out of the room first: from then on no event of the room is

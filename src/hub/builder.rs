@@ -189,6 +189,7 @@ impl HubBuilder {
         let node = crate::util::random_u64();
         let has_backplane = self.backplane.is_some();
         let queue_bytes = self.config.outbound_queue_bytes;
+        let overflow = self.config.overflow;
         let backplane_timeout = self.config.backplane_timeout;
         Hub {
             inner: Arc::new(HubInner {
@@ -201,7 +202,7 @@ impl HubBuilder {
                 admission: Arc::new(AdmissionState::new(&self.security)),
                 security: self.security,
                 hooks: self.hooks,
-                rooms: Rooms::new(),
+                rooms: Rooms::new((queue_bytes, overflow)),
                 sessions: RwLock::default(),
                 users: RwLock::default(),
                 next_id: AtomicU64::new(1),

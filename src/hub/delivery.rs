@@ -19,7 +19,21 @@ impl Hub {
         let members = room.members.read();
         let mut delivered = 0;
         let mut failed: [Option<ProtocolError>; 2] = [None, None];
-        for (id, (wire, session)) in members.iter() {
+        // Event-stream members read the room's logs (`session/log.rs`):
+        // the frame is appended once per form, then each is only woken.
+        let logs = room.logs.read();
+        for log in logs.iter() {
+            match encoded.get(log.wire) {
+                Ok(bytes) => log.append(bytes, exclude, &members),
+                Err(e) => failed[log.wire.format.index()] = Some(e),
+            }
+        }
+        if !logs.is_empty() {
+            // Pairs with the writer's swap of its flag before it reads.
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
+        drop(logs);
+        for (id, (wire, session, cursor)) in members.iter() {
             if id.0 == exclude {
                 continue;
             }
@@ -28,6 +42,11 @@ impl Hub {
             // the error is returned once every member was tried.
             let slot = &mut failed[wire.format.index()];
             if slot.is_some() {
+                continue;
+            }
+            if cursor.is_some() {
+                session.outbox.wake_log();
+                delivered += 1;
                 continue;
             }
             match encoded.get(*wire) {

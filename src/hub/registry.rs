@@ -232,7 +232,7 @@ impl Hub {
         let members = r.members.read();
         let mut out: Vec<Member> = members
             .values()
-            .map(|(_, s)| Member { connection: s.id, user_id: s.identity.user_arc().cloned() })
+            .map(|(_, s, _)| Member { connection: s.id, user_id: s.identity.user_arc().cloned() })
             .collect();
         out.sort_by_key(|m| m.connection);
         out

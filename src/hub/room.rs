@@ -8,9 +8,11 @@
 //! ([`validate_room_name`]). The set is chosen so a name is safe as a Redis
 //! channel, a NATS subject token and a URL path segment without escaping.
 
+use super::session::log::{Cursor, RoomLog};
 use super::session::{Session, Wire};
 use super::stream::RoomStream;
 use super::ConnectionId;
+use super::OverflowPolicy;
 use crate::history::RoomHistory;
 use parking_lot::RwLock;
 use std::collections::HashMap;
@@ -48,12 +50,13 @@ pub struct Member {
     pub user_id: Option<Arc<str>>,
 }
 
-/// A room's members: each connection's session and the form its frames
-/// are queued in. The form is kept here, beside the pointer, because the
-/// fan-out loop reads it for every member: from the map's own memory it
-/// costs nothing, from the session it would be one more cache line per
+/// A room's members: each connection's session, the form its frames
+/// are queued in, and its cursor in the room's log when it reads one
+/// (`session/log.rs`). The form is kept here, beside the pointer, because
+/// the fan-out loop reads it for every member: from the map's own memory
+/// it costs nothing, from the session it would be one more cache line per
 /// member (at 8,000 members, one more miss each).
-pub(crate) type MemberMap = HashMap<ConnectionId, (Wire, Arc<Session>)>;
+pub(crate) type MemberMap = HashMap<ConnectionId, (Wire, Arc<Session>, Option<Arc<Cursor>>)>;
 
 /// The members of one room. Publishers hold the read lock while they queue
 /// to each member (queueing never awaits); joins and leaves take the write
@@ -63,6 +66,39 @@ pub(crate) struct Room {
     pub(crate) members: RwLock<MemberMap>,
     /// The stream of a recoverable room (`None`: not recoverable, no cost).
     pub(crate) stream: Option<Arc<RoomStream>>,
+    /// The logs its event-stream members read, one per wire form
+    /// (`session/log.rs`); changed under `members`' write lock only.
+    pub(crate) logs: RwLock<Vec<Arc<RoomLog>>>,
+}
+
+impl Room {
+    /// The member entry of `session`: with a cursor in the log of its form
+    /// (made on first use) when it reads logs. Called with `members`' write
+    /// lock held (`members` is its map), so nothing is appended meanwhile.
+    fn entry(
+        &self,
+        weak: &std::sync::Weak<Room>,
+        session: &Arc<Session>,
+        bound: (usize, OverflowPolicy),
+    ) -> (Wire, Arc<Session>, Option<Arc<Cursor>>) {
+        let wire = session.wire();
+        if self.stream.is_some() || !session.reads_logs() || session.outbox.reads_a_log() {
+            return (wire, session.clone(), None);
+        }
+        let mut logs = self.logs.write();
+        let log = match logs.iter().find(|l| l.wire == wire) {
+            Some(log) => log.clone(),
+            None => {
+                let log = Arc::new(RoomLog::new(wire, bound.0, bound.1, weak.clone()));
+                logs.push(log.clone());
+                log
+            }
+        };
+        let cursor = log.cursor();
+        // Another join of the same session may have attached one meanwhile.
+        let cursor = session.outbox.attach(&cursor).then_some(cursor);
+        (wire, session.clone(), cursor)
+    }
 }
 
 /// Every room of a hub, sharded by name hash so that joins in different
@@ -71,6 +107,9 @@ pub(crate) struct Room {
 pub(crate) struct Rooms {
     hasher: RandomState,
     shards: Box<[Shard]>,
+    /// Each room log's bound and overflow policy: the hub's outbound
+    /// queue's.
+    log_bound: (usize, OverflowPolicy),
 }
 
 type Shard = RwLock<HashMap<Arc<str>, Arc<Room>>>;
@@ -78,8 +117,8 @@ type Shard = RwLock<HashMap<Arc<str>, Arc<Room>>>;
 const SHARDS: usize = 64;
 
 impl Rooms {
-    pub(crate) fn new() -> Rooms {
-        Rooms { hasher: RandomState::new(), shards: (0..SHARDS).map(|_| RwLock::default()).collect() }
+    pub(crate) fn new(log_bound: (usize, OverflowPolicy)) -> Rooms {
+        Rooms { hasher: RandomState::new(), shards: (0..SHARDS).map(|_| RwLock::default()).collect(), log_bound }
     }
 
     fn shard(&self, name: &str) -> &Shard {
@@ -109,13 +148,23 @@ impl Rooms {
             if let Some(stream) = &room.stream {
                 stream.add_recovering(session.id);
             }
-            room.members.write().insert(session.id, (session.wire(), session.clone()));
+            let mut members = room.members.write();
+            if let std::collections::hash_map::Entry::Vacant(slot) = members.entry(session.id) {
+                slot.insert(room.entry(&Arc::downgrade(room), session, self.log_bound));
+            }
+            drop(members);
             return (key.clone(), false, room.stream.clone());
         }
         let key: Arc<str> = Arc::from(name);
-        let room = Arc::new_cyclic(|weak| Room {
-            members: RwLock::new(HashMap::from([(session.id, (session.wire(), session.clone()))])),
-            stream: history.map(|h| Arc::new(RoomStream::new(key.clone(), *h, weak.clone()))),
+        let room = Arc::new_cyclic(|weak| {
+            let room = Room {
+                members: RwLock::default(),
+                stream: history.map(|h| Arc::new(RoomStream::new(key.clone(), *h, weak.clone()))),
+                logs: RwLock::default(),
+            };
+            let entry = room.entry(weak, session, self.log_bound);
+            room.members.write().insert(session.id, entry);
+            room
         });
         if let Some(stream) = &room.stream {
             stream.add_recovering(session.id);
@@ -131,7 +180,11 @@ impl Rooms {
         let mut shard = self.shard(name).write();
         let room = shard.get(name)?;
         let mut members = room.members.write();
-        members.remove(&id)?;
+        let (_, _, cursor) = members.remove(&id)?;
+        if let Some(c) = cursor {
+            // It reads what was published while it was a member, no more.
+            c.log.clone().depart(c);
+        }
         let empty = members.is_empty();
         drop(members);
         // After the members lock: deliveries lock the stream, then members.

@@ -272,7 +272,7 @@ fn deliver(stream: &RoomStream, st: &StreamState, ev: &Positioned) {
     let timer = crate::metrics::Timer::start();
     let members = room.members.read();
     let mut delivered = 0;
-    for (id, (wire, session)) in members.iter() {
+    for (id, (wire, session, _)) in members.iter() {
         if id.get() == ev.exclude || st.recovering.contains(id) {
             continue;
         }
@@ -294,7 +294,7 @@ fn announce_gap(stream: &RoomStream, st: &StreamState, from: Option<u64>, to: Op
     let epoch = Some(&*st.epoch);
     let mut frames: [Option<bytes::Bytes>; Wire::COUNT] = Default::default();
     let members = room.members.read();
-    for (id, (wire, session)) in members.iter() {
+    for (id, (wire, session, _)) in members.iter() {
         if st.recovering.contains(id) {
             continue;
         }

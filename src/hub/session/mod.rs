@@ -9,6 +9,7 @@
 mod call;
 mod join;
 mod leave;
+pub(crate) mod log;
 mod outbox;
 mod reader;
 mod refresh;
@@ -222,6 +223,12 @@ impl Session {
 
     fn set_state(&self, s: ConnectionState) {
         self.state.store(s as u8, Ordering::Release);
+    }
+
+    /// Whether its room events come from room logs rather than its outbox
+    /// (an event stream: `log.rs`).
+    pub(crate) fn reads_logs(&self) -> bool {
+        self.stream.is_some() && self.caps.framing == Some(Framing::EventStream)
     }
 
     pub(crate) fn is_member(&self, room: &str) -> bool {

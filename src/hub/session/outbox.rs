@@ -1,6 +1,7 @@
 //! The bounded outbound queue of a connection ([`Outbox`]), filled by
 //! publishers and drained by the connection's single writer.
 
+use super::log::{fence, Cursor, Fence, LogReader};
 use super::*;
 
 /// What the writer (and a drop) needs to know of a queued frame beyond its
@@ -56,6 +57,15 @@ pub(crate) struct Outbox {
     state: Mutex<OutState>,
     /// Wakes the writer (`writer.rs`) when something was queued.
     pub(super) notify: Notify,
+    /// Something was appended to a room log the session reads since its
+    /// writer last looked (the outbox's `woken` for logs, `log.rs`).
+    pub(super) log_woken: AtomicBool,
+}
+
+impl OutState {
+    fn reads_a_log(&self) -> bool {
+        self.logs.iter().flat_map(|l| &l.cursors).any(|c| !c.stopped())
+    }
 }
 
 /// Most gap ranges remembered between two writes; beyond it a room's last
@@ -104,11 +114,69 @@ struct OutState {
     /// The close discards what is queued: the writer drops the rest of its
     /// batch too ([`Outbox::discarding`]).
     discarding: bool,
+    /// What it needs to read room logs (`log.rs`); boxed, allocated by
+    /// the first log it reads: a WebSocket connection never does.
+    logs: Option<Box<LogState>>,
+}
+
+#[derive(Default)]
+struct LogState {
+    /// The session's cursors in room logs, kept until its writer is done
+    /// with each; `generation` counts changes.
+    cursors: Vec<Arc<Cursor>>,
+    generation: u64,
+    /// Fences of queued frames, `(seq, fence)`: where each log stood when
+    /// the frame was queued.
+    fences: VecDeque<(u64, Fence)>,
 }
 
 impl Outbox {
     pub(super) fn new(limit: usize, policy: OverflowPolicy) -> Outbox {
-        Outbox { limit, policy, state: Mutex::new(OutState::default()), notify: Notify::new() }
+        Outbox {
+            limit,
+            policy,
+            state: Mutex::new(OutState::default()),
+            notify: Notify::new(),
+            log_woken: AtomicBool::new(false),
+        }
+    }
+
+    pub(super) fn policy(&self) -> OverflowPolicy {
+        self.policy
+    }
+
+    /// Whether the session reads a room log it has not left.
+    pub(crate) fn reads_a_log(&self) -> bool {
+        self.state.lock().reads_a_log()
+    }
+
+    /// Adds a cursor in a room log (a join, with the room's member lock
+    /// held for writing) and wakes the writer to pick it up; `false` (and
+    /// nothing added) when the session reads another log it has not left
+    /// or is closing: it reads one room's log at most, which keeps every
+    /// frame it gets in the order it was produced (`log.rs`).
+    pub(crate) fn attach(&self, cursor: &Arc<Cursor>) -> bool {
+        let mut st = self.state.lock();
+        if st.closing || st.reads_a_log() {
+            return false;
+        }
+        let logs = st.logs.get_or_insert_with(Box::default);
+        logs.cursors.push(cursor.clone());
+        logs.generation += 1;
+        drop(st);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Something was appended to a log this session reads: wakes the
+    /// writer unless it was woken since it last looked. The publisher
+    /// issues a `SeqCst` fence between its appends and these calls; the
+    /// writer clears the flag with a `SeqCst` swap before it reads.
+    #[inline]
+    pub(crate) fn wake_log(&self) {
+        if !self.log_woken.load(Ordering::Relaxed) && !self.log_woken.swap(true, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
     }
 
     /// Queues an encoded envelope with its tag, if any.
@@ -183,6 +251,12 @@ impl Outbox {
         if let Some(tag) = tag {
             st.tags.push_back((st.head + st.queue.len() as u64, tag));
         }
+        let seq = st.head + st.queue.len() as u64;
+        if let Some(logs) = st.logs.as_mut().filter(|l| !l.cursors.is_empty()) {
+            // Room events appended before this frame go out before it.
+            let f = fence(&logs.cursors);
+            logs.fences.push_back((seq, f));
+        }
         st.queue.push_back(item);
         let wake = !std::mem::replace(&mut st.woken, true);
         drop(guard);
@@ -214,6 +288,16 @@ impl Outbox {
             let freed: usize = st.queue.drain(..).map(|b| b.len()).sum();
             st.bytes -= freed;
             st.tags.clear();
+            if let Some(logs) = &mut st.logs {
+                logs.fences.clear();
+            }
+        }
+        for c in st.logs.iter().flat_map(|l| &l.cursors) {
+            if discard {
+                c.stop_here();
+            } else {
+                c.stop_at_end();
+            }
         }
         drop(st);
         self.notify.notify_one();
@@ -226,13 +310,38 @@ impl Outbox {
     ///
     /// `tags`: when given (an event stream's writer wants them), the tags
     /// of the frames taken, by their index in `batch` (it must be empty).
+    ///
+    /// `logs`: the writer's cursors are brought up to date, and the fences
+    /// of the frames taken move there, by index in `batch`.
     pub(super) fn take(
         &self,
         batch: &mut VecDeque<Bytes>,
         gaps: &mut GapRanges,
         tags: Option<&mut VecDeque<(u64, Tag)>>,
+        logs: Option<&mut LogReader>,
     ) -> Taken {
         let mut st = self.state.lock();
+        if let (Some(state), Some(logs)) = (&mut st.logs, logs) {
+            let before = state.cursors.len();
+            state.cursors.retain(|c| !c.finished());
+            if state.cursors.len() != before {
+                state.generation += 1;
+            }
+            if state.generation != logs.generation {
+                logs.cursors.clone_from(&state.cursors);
+                logs.generation = state.generation;
+            }
+            if !state.fences.is_empty() {
+                std::mem::swap(&mut state.fences, &mut logs.fences);
+                let head = st.head;
+                for f in logs.fences.iter_mut() {
+                    f.0 -= head;
+                }
+            }
+            if !logs.cursors.is_empty() {
+                logs.mark_ends();
+            }
+        }
         std::mem::swap(&mut st.queue, batch);
         match tags {
             Some(tags) if !st.tags.is_empty() => {
@@ -265,6 +374,9 @@ impl Outbox {
             // travel with data.
             st.queue = VecDeque::new();
             st.tags = VecDeque::new();
+            if let Some(logs) = &mut st.logs {
+                logs.fences = VecDeque::new();
+            }
             *batch = VecDeque::new();
         }
         Taken {
@@ -289,12 +401,21 @@ impl Outbox {
         self.state.lock().bytes -= bytes;
     }
 
+    /// Bytes queued, and not yet read from the room logs it reads.
     pub(crate) fn queued_bytes(&self) -> usize {
-        self.state.lock().bytes
+        let st = self.state.lock();
+        let logs: u64 = st.logs.iter().flat_map(|l| &l.cursors).map(|c| c.queued_bytes()).sum();
+        st.bytes + usize::try_from(logs).unwrap_or(usize::MAX)
     }
 
     pub(crate) fn peak_bytes(&self) -> usize {
         self.state.lock().peak
+    }
+
+    /// Counts frames of a room log the bound dropped before the writer
+    /// read them (`log.rs`), as this queue's own drops are counted.
+    pub(super) fn count_dropped(&self, n: u64) {
+        self.state.lock().dropped_total += n;
     }
 
     pub(crate) fn dropped(&self) -> u64 {
@@ -335,7 +456,7 @@ mod tests {
 
     fn take(outbox: &Outbox) -> (VecDeque<Bytes>, GapRanges, Taken) {
         let (mut batch, mut gaps) = (VecDeque::new(), Vec::new());
-        let taken = outbox.take(&mut batch, &mut gaps, None);
+        let taken = outbox.take(&mut batch, &mut gaps, None, None);
         (batch, gaps, taken)
     }
 
@@ -437,7 +558,7 @@ mod tests {
         outbox.written(taken.bytes);
         outbox.push_control(Frame::Ping(Bytes::new()));
         let (mut batch, mut gaps) = (VecDeque::with_capacity(64), Vec::new());
-        let taken = outbox.take(&mut batch, &mut gaps, None);
+        let taken = outbox.take(&mut batch, &mut gaps, None, None);
         assert!(taken.ping.is_some());
         assert_eq!(batch.capacity(), 0, "the writer's buffer was freed");
         assert_eq!(outbox.state.lock().queue.capacity(), 0, "and the queue's");

@@ -1,6 +1,7 @@
 //! The connection's writer: drains the outbox into the transport's sink,
 //! one batch and one flush at a time.
 
+use super::log::{LogReader, Read};
 use super::outbox::{GapRanges, Taken};
 use super::sse_stream::StreamWriter;
 use super::*;
@@ -26,10 +27,32 @@ where
         // gives each event its stream id as it writes it (`sse_stream.rs`).
         // Boxed: one word in every other connection's writer.
         let mut stream = session.stream.clone().map(|spec| Box::new(StreamWriter::new(spec)));
+        // The room logs it reads (`log.rs`): an event stream's only, so
+        // boxed (one word in a WebSocket connection's writer).
+        let mut logs = session.reads_logs().then(Box::<LogReader>::default);
         loop {
             let Taken { mut ping, mut pong, bytes: batch_bytes, mut lagged, mut close, closing } =
-                session.outbox.take(&mut batch, &mut gaps, stream.as_mut().map(|s| &mut s.tags));
-            if ping.is_none() && pong.is_none() && batch.is_empty() && lagged == 0 && gaps.is_empty() && close.is_none()
+                session.outbox.take(&mut batch, &mut gaps, stream.as_mut().map(|s| &mut s.tags), logs.as_deref_mut());
+            let reads_logs = logs.as_ref().is_some_and(|l| !l.cursors.is_empty());
+            if let Some(l) = logs.as_deref().filter(|_| reads_logs) {
+                // Before reading them: an append after this wakes it again.
+                session.outbox.log_woken.swap(false, Ordering::SeqCst);
+                std::sync::atomic::fence(Ordering::SeqCst);
+                if ping.is_some() && batch.is_empty() {
+                    // Idle at a heartbeat: a room that went quiet gives
+                    // back what its log still holds.
+                    for c in &l.cursors {
+                        c.log.trim_if_dirty();
+                    }
+                }
+            }
+            if ping.is_none()
+                && pong.is_none()
+                && batch.is_empty()
+                && lagged == 0
+                && gaps.is_empty()
+                && close.is_none()
+                && !logs.as_deref().is_some_and(|l| reads_logs && l.has_more())
             {
                 if closing {
                     return false;
@@ -46,8 +69,15 @@ where
             let mut index = 0u64;
             // Data bytes fed to the sink since its last flush.
             let mut fed = 0usize;
+            // Bytes copied from room logs in this round.
+            let mut log_bytes = 0usize;
+            // Whether the logs may have something (before the batch's next
+            // frame, or after the batch).
+            let mut log_more = reads_logs;
             // In order: the pong, the heartbeat ping, the `lagged` notice, the
-            // gap notices, the data, the close frame; then one flush.
+            // gap notices, the data (the logs' up to each frame's fence, then
+            // the frame; after the batch, the logs' up to their ends), the
+            // close frame; then one flush.
             let result = futures::future::poll_fn(|cx| {
                 loop {
                     let more = pong.is_some()
@@ -56,6 +86,7 @@ where
                         || lagged > 0
                         || gap < gaps.len()
                         || !batch.is_empty()
+                        || log_more
                         || close.is_some();
                     if !more {
                         break;
@@ -73,6 +104,7 @@ where
                         ready!(sink.poll_flush_unpin(cx))?;
                         fed = 0;
                         if close.is_none() && session.outbox.discarding() {
+                            // (The close stopped the logs' cursors.)
                             batch.clear();
                             lagged = 0;
                             gap = gaps.len();
@@ -111,11 +143,32 @@ where
                             }
                         }
                         notice
+                    } else if let Some(l) = logs.as_deref_mut().filter(|_| log_more) {
+                        match l.read(&session, (!batch.is_empty()).then_some(index)) {
+                            Read::Chunk(chunk) => {
+                                fed += chunk.len();
+                                log_bytes += chunk.len();
+                                Frame::Text(chunk)
+                            }
+                            // The `lagged` notice goes out next, before
+                            // what follows the skipped events.
+                            Read::Lagged(n) => {
+                                lagged += n;
+                                continue;
+                            }
+                            // Before a frame: that frame next, and the logs
+                            // again after it.
+                            Read::Done => {
+                                log_more = false;
+                                continue;
+                            }
+                        }
                     } else if let Some(bytes) = batch.pop_front() {
                         fed += bytes.len();
                         let frame = session.frame(bytes);
                         let i = index;
                         index += 1;
+                        log_more = reads_logs;
                         match &mut stream {
                             Some(s) => s.write(frame, i),
                             None => frame,
@@ -135,13 +188,16 @@ where
                 s.tags.clear();
                 s.extra.clear();
             }
+            if let Some(l) = &mut logs {
+                l.fences.clear();
+            }
             session.outbox.written(batch_bytes);
             if let Err(e) = result {
                 tracing::debug!(connection = %session.id, error = %e, "write failed");
                 session.close_with(DisconnectReason::ConnectionLost, None, true);
                 return false;
             }
-            crate::metrics::bytes_out(batch_bytes);
+            crate::metrics::bytes_out(batch_bytes + log_bytes);
             if ping_is_answer {
                 session.alive.store(true, Ordering::Relaxed);
             }
