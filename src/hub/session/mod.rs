@@ -187,6 +187,9 @@ impl Session {
     /// Makes this the session of an event stream that joins `spec`'s rooms.
     pub(crate) fn with_stream(mut self, spec: Option<sse_stream::StreamSpec>) -> Session {
         self.stream = spec.map(Arc::new);
+        if self.reads_logs() {
+            self.outbox.allow_logs();
+        }
         self
     }
 

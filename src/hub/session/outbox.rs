@@ -54,6 +54,9 @@ pub(super) struct Taken {
 pub(crate) struct Outbox {
     limit: usize,
     policy: OverflowPolicy,
+    /// The session may read room logs (an event stream): only then does a
+    /// push look at the log state, which lies past the push's lines.
+    reads_logs: bool,
     state: Mutex<OutState>,
     /// Wakes the writer (`writer.rs`) when something was queued.
     pub(super) notify: Notify,
@@ -135,10 +138,16 @@ impl Outbox {
         Outbox {
             limit,
             policy,
+            reads_logs: false,
             state: Mutex::new(OutState::default()),
             notify: Notify::new(),
             log_woken: AtomicBool::new(false),
         }
+    }
+
+    /// Lets the session read room logs (set once, before it is shared).
+    pub(super) fn allow_logs(&mut self) {
+        self.reads_logs = true;
     }
 
     pub(super) fn policy(&self) -> OverflowPolicy {
@@ -251,11 +260,13 @@ impl Outbox {
         if let Some(tag) = tag {
             st.tags.push_back((st.head + st.queue.len() as u64, tag));
         }
-        let seq = st.head + st.queue.len() as u64;
-        if let Some(logs) = st.logs.as_mut().filter(|l| !l.cursors.is_empty()) {
-            // Room events appended before this frame go out before it.
-            let f = fence(&logs.cursors);
-            logs.fences.push_back((seq, f));
+        if self.reads_logs {
+            let seq = st.head + st.queue.len() as u64;
+            if let Some(logs) = st.logs.as_mut().filter(|l| !l.cursors.is_empty()) {
+                // Room events appended before this frame go out before it.
+                let f = fence(&logs.cursors);
+                logs.fences.push_back((seq, f));
+            }
         }
         st.queue.push_back(item);
         let wake = !std::mem::replace(&mut st.woken, true);
@@ -321,7 +332,9 @@ impl Outbox {
         logs: Option<&mut LogReader>,
     ) -> Taken {
         let mut st = self.state.lock();
-        if let (Some(state), Some(logs)) = (&mut st.logs, logs) {
+        // (The writer of a session that reads no logs passes none: its take
+        // does not touch the log state's line.)
+        if let (Some(logs), Some(state)) = (logs, &mut st.logs) {
             let before = state.cursors.len();
             state.cursors.retain(|c| !c.finished());
             if state.cursors.len() != before {
