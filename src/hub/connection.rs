@@ -156,7 +156,8 @@ impl Connection {
         self.0.rooms.lock().iter().map(|r| r.to_string()).collect()
     }
 
-    /// Bytes queued for it and not yet written.
+    /// Bytes queued for it and not yet written (for an event stream, with
+    /// what it has yet to read from a room's log).
     pub fn queued_bytes(&self) -> usize {
         self.0.outbox.queued_bytes()
     }
@@ -167,7 +168,8 @@ impl Connection {
         self.0.outbox.peak_bytes()
     }
 
-    /// Messages dropped for it under the drop-oldest policy.
+    /// Messages dropped for it under the drop-oldest policy (for an event
+    /// stream, with the room-log events its bound skipped).
     pub fn dropped_messages(&self) -> u64 {
         self.0.outbox.dropped()
     }
