@@ -305,7 +305,7 @@ pub(super) enum Read {
 }
 
 /// The writer's side: its copy of the session's cursors, the fences of the
-/// batch being written, and the buffer it copies into.
+/// batch being written, and where each log ended when it took the batch.
 #[derive(Default)]
 pub(super) struct LogReader {
     pub(super) cursors: Vec<Arc<Cursor>>,
@@ -386,6 +386,9 @@ fn copy(c: &Cursor, upto: u64, session: &Session) -> Read {
     }
     let end = upto.min(c.stop.load(Ordering::Acquire)).min(inner.end());
     let mut bytes = c.bytes.load(Ordering::Acquire);
+    // The buffer's size: known from the byte positions when reading up to
+    // the log's end (the usual case), counted only when stopped short.
+    let size = if end == inner.end() { (inner.end_bytes - bytes) as usize } else { pending(&inner, seq, end) };
     let mut buf: Option<BytesMut> = None;
     let me = session.id.get();
     while seq < end {
@@ -397,8 +400,7 @@ fn copy(c: &Cursor, upto: u64, session: &Session) -> Read {
             }
         }
         if entry.exclude != me {
-            buf.get_or_insert_with(|| BytesMut::with_capacity(READ_CHUNK.min(pending(&inner, seq, end))))
-                .extend_from_slice(&entry.bytes);
+            buf.get_or_insert_with(|| BytesMut::with_capacity(READ_CHUNK.min(size))).extend_from_slice(&entry.bytes);
         }
         seq += 1;
         bytes += len as u64;

@@ -187,7 +187,7 @@ impl Session {
     /// Makes this the session of an event stream that joins `spec`'s rooms.
     pub(crate) fn with_stream(mut self, spec: Option<sse_stream::StreamSpec>) -> Session {
         self.stream = spec.map(Arc::new);
-        if self.reads_logs() {
+        if self.stream.is_some() && self.caps.framing == Some(Framing::EventStream) {
             self.outbox.allow_logs();
         }
         self
@@ -228,10 +228,10 @@ impl Session {
         self.state.store(s as u8, Ordering::Release);
     }
 
-    /// Whether its room events come from room logs rather than its outbox
-    /// (an event stream: `log.rs`).
+    /// Whether its room events may come from room logs rather than its
+    /// outbox (an event stream: `log.rs`; decided in `with_stream`).
     pub(crate) fn reads_logs(&self) -> bool {
-        self.stream.is_some() && self.caps.framing == Some(Framing::EventStream)
+        self.outbox.reads_logs()
     }
 
     pub(crate) fn is_member(&self, room: &str) -> bool {

@@ -65,12 +65,6 @@ pub(crate) struct Outbox {
     pub(super) log_woken: AtomicBool,
 }
 
-impl OutState {
-    fn reads_a_log(&self) -> bool {
-        self.logs.iter().flat_map(|l| &l.cursors).any(|c| !c.stopped())
-    }
-}
-
 /// Most gap ranges remembered between two writes; beyond it a room's last
 /// range is widened (the client is told of a superset, never of less).
 pub(super) const MAX_GAP_RANGES: usize = 64;
@@ -122,6 +116,13 @@ struct OutState {
     logs: Option<Box<LogState>>,
 }
 
+impl OutState {
+    /// Whether the session reads a room log it has not left.
+    fn reads_a_log(&self) -> bool {
+        self.logs.iter().flat_map(|l| &l.cursors).any(|c| !c.stopped())
+    }
+}
+
 #[derive(Default)]
 struct LogState {
     /// The session's cursors in room logs, kept until its writer is done
@@ -148,6 +149,11 @@ impl Outbox {
     /// Lets the session read room logs (set once, before it is shared).
     pub(super) fn allow_logs(&mut self) {
         self.reads_logs = true;
+    }
+
+    /// Whether the session may read room logs ([`Outbox::allow_logs`]).
+    pub(super) fn reads_logs(&self) -> bool {
+        self.reads_logs
     }
 
     pub(super) fn policy(&self) -> OverflowPolicy {
