@@ -171,8 +171,8 @@ impl Screen {
     }
 
     /// Says "connected" once per connection, whoever notices first (the
-    /// status watcher, or a room that was rejoined on the new connection),
-    /// so it always comes before what the rejoin prints.
+    /// status watcher, or a room joined or rejoined on the new connection),
+    /// so it always comes before what the join prints.
     fn connected(&self) {
         if !self.announced.swap(true, Ordering::SeqCst) {
             self.say("-- connected");
@@ -367,6 +367,9 @@ async fn join(client: &Client, screen: &Arc<Screen>, rooms: &Rooms, name: &str) 
         match client.join_with(name, JoinOptions::default().rewind(RECENT)).await {
             Ok(room) => {
                 let room = Arc::new(room);
+                // The status watcher may not have run yet: "connected"
+                // still comes first.
+                screen.connected();
                 screen.say(&format!(
                     "-- in {name}; recent messages first. Type to chat; /join, /switch, /leave, /who, /quit"
                 ));

@@ -1303,13 +1303,29 @@ async fn a_slow_consumer_gap_is_recovered_exactly_once() {
 
     // Publish without yielding: on this single-threaded runtime neither the
     // server's writer nor the client runs, so the queue overflows and the
-    // oldest messages, some of `r`'s among them, are dropped.
+    // oldest messages, some of `r`'s among them, are dropped. `big`'s
+    // events are read from the room's log, which has the same bound, so
+    // they lag on their own; the queue is filled by direct messages of
+    // 1 KiB of hex noise (the client negotiates `permessage-deflate`, and
+    // noise compresses little).
     let pad = "p".repeat(1024);
+    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+    let mut noise = move || {
+        (0..128)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                format!("{:08x}", seed as u32)
+            })
+            .collect::<String>()
+    };
     let mut published = 0u64;
     let mut i = 0u64;
     while conn.dropped_messages() < 8 || published < 20 {
         i += 1;
         hub.publish("big", "m", &json!({"pad": pad})).await.unwrap();
+        hub.send(conn.id(), "filler", &noise()).unwrap();
         if i % 3 == 0 {
             published += 1;
             hub.publish("r", "m", &json!({"n": published})).await.unwrap();

@@ -1,6 +1,8 @@
 //! The SSE transport end to end: real HTTP on 127.0.0.1:0 (axum, and plain
 //! hyper), an EventSource-faithful client (`tests/sse_client`), raw POSTs.
 
+#[path = "support/room_log.rs"]
+mod room_log;
 mod sse_client;
 
 use serde_json::{json, Value};
@@ -982,48 +984,21 @@ async fn a_stream_reading_a_room_log_keeps_the_order_of_everything_it_gets() {
         let (mut other, _, _) = open(addr, "/events?room=a").await;
         other.wait_for("$joined").await;
 
-        let mut expected = Vec::new();
-        for i in 0..3000u64 {
-            match i % 5 {
-                0 | 1 => {
-                    hub.publish("a", "ev", &i).await.unwrap();
-                    expected.push(i);
-                }
-                2 => {
-                    hub.send(id, "direct", &i).unwrap();
-                    expected.push(i);
-                }
-                3 => {
-                    hub.publish("b", "ev", &i).await.unwrap();
-                    expected.push(i);
-                }
-                _ => {
-                    hub.publish_except("a", "ev", &i, id).await.unwrap();
-                }
-            }
-            if i % 64 == 0 {
-                tokio::task::yield_now().await;
-            }
-        }
+        let expected = room_log::mixed_burst(&hub, id).await;
         let mut got = Vec::new();
         while got.len() < expected.len() {
             let e = es.next().await;
             assert!(!e.event.starts_with('$') || e.event == "$event", "{protocol}: unexpected {e:?}");
             got.push(event_data(&e).as_u64().unwrap());
         }
-        let first_wrong = got.iter().zip(&expected).position(|(g, e)| g != e);
-        assert_eq!(
-            first_wrong,
-            None,
-            "{protocol}: out of order from there: {:?}",
-            &got[first_wrong.unwrap_or(0)..][..8]
-        );
+        assert_eq!(room_log::first_difference(&got, &expected), None, "{protocol}: out of order from there");
         // The other member got every event of `a`, the excluded ones too.
-        let mut of_a = Vec::new();
-        while of_a.len() < 1800 {
-            of_a.push(event_data(&other.next().await).as_u64().unwrap());
+        let of_a = room_log::events_of_a();
+        let mut got = Vec::new();
+        while got.len() < of_a.len() {
+            got.push(event_data(&other.next().await).as_u64().unwrap());
         }
-        assert_eq!(of_a, (0..3000u64).filter(|i| matches!(i % 5, 0 | 1 | 4)).collect::<Vec<_>>(), "{protocol}");
+        assert_eq!(got, of_a, "{protocol}");
 
         // Leave `a`: what was published before the reply comes before it,
         // nothing after it.
@@ -1061,47 +1036,21 @@ async fn a_stalled_stream_on_a_room_log_lags_by_a_counted_number_of_events() {
     // `slow` reads nothing meanwhile: its socket's buffers fill, then its
     // position in the log falls behind the bound.
     const TOTAL: u64 = 20_000;
-    let pad = "p".repeat(1000);
-    let fast_seen = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let seen = fast_seen.clone();
-    let fast_reader = tokio::spawn(async move {
-        for i in 0..TOTAL {
-            let e = fast.next().await;
-            assert_eq!(event_data(&e)["i"], i, "the reading member got every event in order: {e:?}");
-            seen.store(i + 1, std::sync::atomic::Ordering::Release);
-        }
+    let fast = futures::stream::unfold(fast, |mut es| async move {
+        let i = event_data(&es.next().await)["i"].as_u64().unwrap();
+        Some((i, es))
     });
-    let mut most_queued = 0;
-    for i in 0..TOTAL {
-        // Paced by the member that reads, so only the other one falls
-        // behind (32 events are well within the bound).
-        while i >= fast_seen.load(std::sync::atomic::Ordering::Acquire) + 32 {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        hub.publish("r", "ev", &json!({"i": i, "pad": pad})).await.unwrap();
-        if i % 32 == 0 {
-            most_queued = most_queued.max(hub.connection(id).unwrap().queued_bytes());
-        }
-    }
-    fast_reader.await.unwrap();
-    // The log's bound, plus what is appended between two trims (16 KiB).
-    assert!(most_queued <= BOUND + 17 * 1024, "queued {most_queued} bytes over a bound of {BOUND}");
+    room_log::publish_beside_a_reader(&hub, "r", TOTAL, id, BOUND, fast).await;
 
-    let (mut received, mut dropped, mut last) = (0u64, 0u64, None::<u64>);
-    while received + dropped < TOTAL {
+    let mut tally = room_log::Tally::default();
+    while !tally.done(TOTAL) {
         let e = slow.next().await;
         if e.event == "$lagged" {
-            dropped += e.json()["data"]["dropped"].as_u64().unwrap();
-            continue;
+            tally.lagged(e.json()["data"]["dropped"].as_u64().unwrap());
+        } else {
+            tally.event(event_data(&e)["i"].as_u64().unwrap());
         }
-        let i = event_data(&e)["i"].as_u64().unwrap();
-        assert!(last.is_none_or(|l| i > l), "{i} after {last:?}");
-        last = Some(i);
-        received += 1;
     }
-    assert_eq!(received + dropped, TOTAL, "every event delivered or counted as dropped");
-    assert!(dropped > 0, "the bound never applied");
-    assert_eq!(last, Some(TOTAL - 1), "the newest event arrives");
-    assert_eq!(hub.connection(id).unwrap().dropped_messages(), dropped, "counted where the outbox counts");
-    println!("stalled stream: {received} received, {dropped} dropped, at most {most_queued} bytes queued");
+    tally.check(TOTAL, &hub, id);
+    println!("stalled stream: {tally:?}");
 }

@@ -2,6 +2,8 @@
 //! frames switchboard writes itself (header + shared payload) must parse, at
 //! every length class, and pings must be answered.
 
+#[path = "support/room_log.rs"]
+mod room_log;
 mod support;
 
 use futures::{SinkExt, StreamExt};
@@ -119,4 +121,92 @@ async fn bare_transport_echoes() {
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::binary(vec![0u8, 1, 2, 255]));
     ws.close(None).await.unwrap();
     assert!(matches!(ws.next().await, Some(Ok(Message::Close(_))) | None));
+}
+
+/// A WebSocket member reads its first room without history from the
+/// room's log (`docs/architecture.md` §12, *Room logs*): the room's events
+/// reach it as runs of frames copied back to back. Whatever it reads from
+/// where, it gets every message in the order it was produced: room events,
+/// host sends, a second room's events (queued as before), events excluded
+/// for it left out, and after a `leave` nothing more of that room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_reading_a_room_log_keeps_the_order_of_everything_it_gets() {
+    let hub = Hub::builder().build();
+    let addr = serve(&hub).await;
+    let mut c = connect(addr).await;
+    c.join_ok("a").await;
+    c.join_ok("b").await;
+    let id = member_id(&hub, "a", c.connection_id());
+    // Another member of `a` on the same log, reading all along.
+    let mut other = connect(addr).await;
+    other.join_ok("a").await;
+
+    let expected = room_log::mixed_burst(&hub, id).await;
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        let v = c.recv().await;
+        assert_eq!(v["type"], "event", "unexpected {v}");
+        got.push(v["data"].as_u64().unwrap());
+    }
+    assert_eq!(room_log::first_difference(&got, &expected), None, "out of order from there");
+    // The other member got every event of `a`, the excluded ones too.
+    let of_a = room_log::events_of_a();
+    let mut got = Vec::new();
+    while got.len() < of_a.len() {
+        got.push(other.event().await["data"].as_u64().unwrap());
+    }
+    assert_eq!(got, of_a);
+
+    // Leave `a`: what was published before the reply comes before it,
+    // nothing after it.
+    hub.publish("a", "ev", &"before").await.unwrap();
+    c.send(json!({"type": "leave", "ref": 9, "room": "a"})).await;
+    let before = c.recv().await;
+    assert_eq!(before["data"], "before", "{before}");
+    let reply = c.recv().await;
+    assert_eq!((reply["type"].as_str(), reply["ref"].as_u64()), (Some("reply"), Some(9)), "{reply}");
+    hub.publish("a", "ev", &"after").await.unwrap();
+    hub.publish("b", "ev", &"end").await.unwrap();
+    let next = c.recv().await;
+    assert_eq!(next["data"], "end", "got {next} after leaving");
+    assert_eq!(hub.connection(id).unwrap().queued_bytes(), 0);
+}
+
+/// Under drop-oldest, a WebSocket member that stops reading is left behind
+/// by the room log's bound once its socket's buffers are full, is told how
+/// many events it missed (`lagged`), and then gets the newest ones: nothing
+/// is lost without being counted, the queued bytes stay within the bound,
+/// and a member that reads keeps up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_websocket_on_a_room_log_lags_by_a_counted_number_of_events() {
+    use switchboard::hub::OverflowPolicy;
+    const BOUND: usize = 64 * 1024;
+    let hub = Hub::builder()
+        .config(HubConfig::default().outbound_queue_bytes(BOUND).overflow(OverflowPolicy::DropOldest))
+        .build();
+    let addr = serve(&hub).await;
+    let mut slow = connect(addr).await;
+    slow.join_ok("r").await;
+    let id = member_id(&hub, "r", slow.connection_id());
+    let mut fast = connect(addr).await;
+    fast.join_ok("r").await;
+
+    const TOTAL: u64 = 20_000;
+    let fast = futures::stream::unfold(fast, |mut c| async move {
+        let i = c.event().await["data"]["i"].as_u64().unwrap();
+        Some((i, c))
+    });
+    room_log::publish_beside_a_reader(&hub, "r", TOTAL, id, BOUND, fast).await;
+
+    let mut tally = room_log::Tally::default();
+    while !tally.done(TOTAL) {
+        let v = slow.recv().await;
+        match v["type"].as_str() {
+            Some("lagged") => tally.lagged(v["data"]["dropped"].as_u64().unwrap()),
+            Some("event") => tally.event(v["data"]["i"].as_u64().unwrap()),
+            _ => panic!("unexpected {v}"),
+        }
+    }
+    tally.check(TOTAL, &hub, id);
+    println!("stalled websocket: {tally:?}");
 }

@@ -43,9 +43,11 @@ pub struct HubConfig {
     /// with 1009. Default 64 KiB.
     pub max_message_size: usize,
     /// Bound on a connection's outbound queue, in bytes of queued frames.
-    /// Default 1 MiB. An event stream that reads a room's events from the
-    /// room's log (`docs/sse.md` §3.2) is bound by the same number of bytes
-    /// behind the log's end, under the same [`HubConfig::overflow`].
+    /// Default 1 MiB. A connection that reads a room's events from the
+    /// room's log (a WebSocket connection or an event stream, in the first
+    /// room without history it joins: `docs/architecture.md` §12, *Room
+    /// logs*) is bound by the same number of bytes behind the log's end,
+    /// under the same [`HubConfig::overflow`].
     pub outbound_queue_bytes: usize,
     /// What happens when the outbound queue is full. Default
     /// [`OverflowPolicy::Disconnect`].

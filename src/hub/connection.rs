@@ -156,8 +156,8 @@ impl Connection {
         self.0.rooms.lock().iter().map(|r| r.to_string()).collect()
     }
 
-    /// Bytes queued for it and not yet written (for an event stream, with
-    /// what it has yet to read from a room's log).
+    /// Bytes queued for it and not yet written, with what it has yet to
+    /// read from a room's log.
     pub fn queued_bytes(&self) -> usize {
         self.0.outbox.queued_bytes()
     }
@@ -168,8 +168,9 @@ impl Connection {
         self.0.outbox.peak_bytes()
     }
 
-    /// Messages dropped for it under the drop-oldest policy (for an event
-    /// stream, with the room-log events its bound skipped).
+    /// Messages dropped for it under the drop-oldest policy, with the
+    /// events of a room's log its bound skipped (counted as soon as the
+    /// log drops them, before its writer tells the client).
     pub fn dropped_messages(&self) -> u64 {
         self.0.outbox.dropped()
     }

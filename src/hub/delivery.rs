@@ -19,7 +19,7 @@ impl Hub {
         let members = room.members.read();
         let mut delivered = 0;
         let mut failed: [Option<ProtocolError>; 2] = [None, None];
-        // Event-stream members read the room's logs (`session/log.rs`):
+        // Members with framed frames read the room's logs (`session/log.rs`):
         // the frame is appended once per form, then each is only woken.
         let logs = room.logs.read();
         for log in logs.iter() {

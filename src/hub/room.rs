@@ -66,7 +66,7 @@ pub(crate) struct Room {
     pub(crate) members: RwLock<MemberMap>,
     /// The stream of a recoverable room (`None`: not recoverable, no cost).
     pub(crate) stream: Option<Arc<RoomStream>>,
-    /// The logs its event-stream members read, one per wire form
+    /// The logs its members read, one per wire form read
     /// (`session/log.rs`); changed under `members`' write lock only.
     pub(crate) logs: RwLock<Vec<Arc<RoomLog>>>,
 }
@@ -96,8 +96,14 @@ impl Room {
         };
         let cursor = log.cursor();
         // Another join of the same session may have attached one meanwhile.
-        let cursor = session.outbox.attach(&cursor).then_some(cursor);
-        (wire, session.clone(), cursor)
+        if !session.outbox.attach(&cursor) {
+            if log.unread() {
+                logs.retain(|l| !Arc::ptr_eq(l, &log));
+            }
+            return (wire, session.clone(), None);
+        }
+        log.attached();
+        (wire, session.clone(), Some(cursor))
     }
 }
 
@@ -182,6 +188,10 @@ impl Rooms {
         let mut members = room.members.write();
         let (_, _, cursor) = members.remove(&id)?;
         if let Some(c) = cursor {
+            if c.log.detached() {
+                // Its last reader: no more appends (`RoomLog::readers`).
+                room.logs.write().retain(|l| !Arc::ptr_eq(l, &c.log));
+            }
             // It reads what was published while it was a member, no more.
             c.log.clone().depart(c);
         }
@@ -243,5 +253,62 @@ mod tests {
         assert!(validate_room_name("$sys").is_err());
         assert!(validate_room_name("wild*").is_err());
         assert!(validate_room_name("ünï").is_err());
+    }
+
+    /// A room keeps one log per wire form its members read, and drops a
+    /// form's log with its last reader: a form nobody reads costs no
+    /// encode and no append per publish. Real WebSocket clients on
+    /// loopback, one per form (JSON and MessagePack).
+    #[cfg(feature = "ws")]
+    #[tokio::test]
+    async fn a_room_drops_the_log_of_a_form_nobody_reads() {
+        use crate::protocol::Format;
+        use crate::Hub;
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+        let hub = Hub::builder().build();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(crate::integration::ws::serve(listener, hub.clone(), Default::default()));
+        let wait = std::time::Duration::from_secs(10);
+        let mut ids = Vec::new();
+        let mut clients = Vec::new();
+        for protocol in ["switchboard.v1.json", "switchboard.v1.msgpack"] {
+            let mut req = format!("ws://{addr}/").into_client_request().unwrap();
+            req.headers_mut().insert("sec-websocket-protocol", protocol.parse().unwrap());
+            let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+            let hello: serde_json::Value = match tokio::time::timeout(wait, ws.next()).await.unwrap().unwrap().unwrap()
+            {
+                Message::Text(t) => serde_json::from_str(&t).unwrap(),
+                Message::Binary(b) => rmp_serde::from_slice(&b).unwrap(),
+                other => panic!("hello expected, got {other:?}"),
+            };
+            ids.push(ConnectionId(hello["data"]["connection_id"].as_u64().unwrap()));
+            clients.push(ws);
+        }
+        let forms = || {
+            let room = hub.inner.rooms.get("r");
+            let logs = room.as_ref().map(|r| r.logs.read().iter().map(|l| l.wire.format).collect::<Vec<_>>());
+            logs.unwrap_or_default()
+        };
+        for id in &ids {
+            hub.join(*id, "r").await.unwrap();
+        }
+        assert_eq!(forms(), [Format::Json, Format::MsgPack], "one log per form read");
+        assert!(hub.leave(ids[1], "r"));
+        assert_eq!(forms(), [Format::Json], "the MessagePack form's last reader left");
+        hub.publish("r", "e", &1).await.unwrap();
+        let got = tokio::time::timeout(wait, clients[0].next()).await.unwrap().unwrap().unwrap();
+        assert!(got.to_text().unwrap().contains(r#""event":"e""#), "{got:?}");
+        // A reader of the form again: a new log.
+        hub.join(ids[1], "r").await.unwrap();
+        assert_eq!(forms(), [Format::Json, Format::MsgPack]);
+        hub.publish("r", "e", &2).await.unwrap();
+        let got = tokio::time::timeout(wait, clients[1].next()).await.unwrap().unwrap().unwrap();
+        let got: serde_json::Value = rmp_serde::from_slice(&got.into_data()).unwrap();
+        assert_eq!((got["event"].as_str(), got["data"].as_u64()), (Some("e"), Some(2)));
+        assert!(hub.leave(ids[0], "r") && hub.leave(ids[1], "r"));
+        assert!(forms().is_empty() && !hub.inner.rooms.contains("r"), "the room went with its last member");
     }
 }

@@ -272,8 +272,11 @@ pub struct Capabilities {
     /// in, already framed for the wire by [`Framing::frame`]: the session
     /// then calls [`Transport::use_framing`] and frames each broadcast once
     /// for all its recipients instead of once per recipient in each sink.
-    /// Control frames are never pre-framed. `None`: data frames always
-    /// carry the payload only. Default: `None`.
+    /// A framed data frame may hold **several** frames of the framing back
+    /// to back (a run of a room's events copied from the room's log in one
+    /// buffer): the sink writes it as it is, and must not read it as one
+    /// message. Control frames are never pre-framed. `None`: data frames
+    /// always carry the payload only. Default: `None`.
     pub framing: Option<Framing>,
     /// The sink carries [`Frame::Binary`]. `false` for a text-only wire
     /// (Server-Sent Events, whose sessions speak JSON): binary frames are
@@ -318,9 +321,9 @@ impl Capabilities {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Framing {
-    /// A whole final, unmasked WebSocket frame (RFC 6455 §5.2): the 2–10
-    /// byte header, then the payload unchanged. Server frames are never
-    /// masked, so one framed buffer serves every recipient.
+    /// Whole final, unmasked WebSocket frames (RFC 6455 §5.2), each the
+    /// 2–10 byte header, then the payload unchanged. Server frames are
+    /// never masked, so one framed buffer serves every recipient.
     WebSocket,
     /// A whole `text/event-stream` event (Server-Sent Events): an `event:`
     /// line naming it, then the payload as `data:` lines, then the empty

@@ -1,14 +1,17 @@
 //! The room log (issue 21): one shared list of a room's broadcast frames
-//! that the room's event-stream members read at their own positions,
-//! instead of a copy of each frame's handle pushed into every member's
-//! outbox.
+//! that the room's members read at their own positions, instead of a copy
+//! of each frame's handle pushed into every member's outbox.
 //!
-//! **Who reads a log.** A member whose session is an event stream (SSE)
-//! in a room that is not recoverable. Recoverable rooms keep the outbox
-//! path: their events carry offsets the stream writer turns into `id:`
-//! lines. WebSocket members keep the outbox path too (each frame is a
-//! message there; an event stream is a byte stream, so a reader can copy
-//! a run of events into one buffer).
+//! **Who reads a log.** A member whose frames are framed for the wire
+//! (`Framing`): an event stream (SSE) or a WebSocket connection, in a room
+//! that is not recoverable, the first such room it joins. Framed, a run
+//! of events is a run of bytes its writer can copy into one buffer and
+//! write as it is: a run of `text/event-stream` events, or of whole
+//! WebSocket frames back to back. Recoverable rooms keep the outbox path:
+//! their events carry offsets, which a drop reports as a gap and the
+//! stream writer turns into `id:` lines. So do a session's other rooms,
+//! and transports that frame nothing (the in-memory one, a host's own
+//! without `Capabilities::framing`).
 //!
 //! **Publishing** appends the frame once (one per wire form in use, under
 //! the log's write lock, with the room's member lock held for reading),
@@ -42,7 +45,7 @@ use crate::hub::OverflowPolicy;
 use bytes::{Bytes, BytesMut};
 use parking_lot::RwLock;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 /// The most bytes a writer copies out of a log in one go (one frame for
@@ -75,8 +78,9 @@ struct Inner {
     /// `end_bytes` at the last trim.
     trimmed_at: u64,
     /// Cursors of members that left and whose writers have not read up to
-    /// where they left yet: trims keep what they still read.
-    departed: Vec<Arc<Cursor>>,
+    /// where they left yet: trims keep what they still read. Weak: a
+    /// cursor holds its log, and a writer that is done (or gone) drops it.
+    departed: Vec<Weak<Cursor>>,
 }
 
 impl Inner {
@@ -95,6 +99,9 @@ pub(crate) struct RoomLog {
     end_bytes: AtomicU64,
     /// `inner.first_bytes`, readable without the lock.
     first_bytes: AtomicU64,
+    /// `inner.first`, readable without the lock (a reader's drops not yet
+    /// counted, [`Cursor::skipped`]).
+    first: AtomicU64,
     /// Appended to since the last trim.
     dirty: AtomicBool,
     limit: u64,
@@ -102,6 +109,11 @@ pub(crate) struct RoomLog {
     scan_every: u64,
     policy: OverflowPolicy,
     room: Weak<Room>,
+    /// Members reading it; changed under the room's member lock held for
+    /// writing. At 0 the room drops the log ([`RoomLog::attached`],
+    /// [`RoomLog::detached`]): a form nobody reads costs no encode and
+    /// no append per publish.
+    readers: AtomicUsize,
 }
 
 impl RoomLog {
@@ -112,12 +124,33 @@ impl RoomLog {
             end: AtomicU64::new(0),
             end_bytes: AtomicU64::new(0),
             first_bytes: AtomicU64::new(0),
+            first: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
             limit: limit as u64,
             scan_every: SCAN_EVERY.min(limit as u64 / 4).max(1),
             policy,
             room,
+            readers: AtomicUsize::new(0),
         }
+    }
+
+    /// A member now reads the log (the caller holds the room's member lock
+    /// for writing).
+    pub(crate) fn attached(&self) {
+        self.readers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A member stopped reading it (a leave, the caller holding the room's
+    /// member lock for writing): whether it was the last, so the room
+    /// drops the log. A departed reader keeps its `Arc` until it has read
+    /// up to where it left.
+    pub(crate) fn detached(&self) -> bool {
+        self.readers.fetch_sub(1, Ordering::Relaxed) == 1
+    }
+
+    /// Whether no member reads it.
+    pub(crate) fn unread(&self) -> bool {
+        self.readers.load(Ordering::Relaxed) == 0
     }
 
     /// The sequence number the next frame appended gets.
@@ -160,9 +193,9 @@ impl RoomLog {
     fn trim(&self, inner: &mut Inner, members: &MemberMap) {
         let end = inner.end();
         let mut keep_from = end;
-        inner.departed.retain(|c| !c.finished());
-        let departed = inner.departed.iter();
-        let cursors = members.values().filter_map(|(_, _, c)| c.as_ref()).chain(departed);
+        inner.departed.retain(|c| c.upgrade().is_some_and(|c| !c.finished()));
+        let departed: Vec<Arc<Cursor>> = inner.departed.iter().filter_map(Weak::upgrade).collect();
+        let cursors = members.values().filter_map(|(_, _, c)| c.as_ref()).chain(&departed);
         for c in cursors.filter(|c| std::ptr::eq(&*c.log, self) && !c.finished()) {
             keep_from = keep_from.min(c.seq.load(Ordering::Acquire));
         }
@@ -177,6 +210,7 @@ impl RoomLog {
             inner.entries.pop_front();
         }
         self.first_bytes.store(inner.first_bytes, Ordering::Release);
+        self.first.store(inner.first, Ordering::Release);
         if inner.first > keep_from && self.policy == OverflowPolicy::Disconnect {
             for (_, session, cursor) in members.values() {
                 let behind = cursor.as_ref().is_some_and(|c| {
@@ -214,8 +248,8 @@ impl RoomLog {
         cursor.stop_at_end();
         if !cursor.finished() {
             let mut inner = self.inner.write();
-            inner.departed.retain(|c| !c.finished());
-            inner.departed.push(cursor);
+            inner.departed.retain(|c| c.upgrade().is_some_and(|c| !c.finished()));
+            inner.departed.push(Arc::downgrade(&cursor));
         }
     }
 
@@ -278,6 +312,13 @@ impl Cursor {
         self.log.held_between(self.bytes.load(Ordering::Acquire), self.stop_bytes.load(Ordering::Acquire))
     }
 
+    /// Frames the bound dropped before this member read them, and that its
+    /// writer has not counted yet (it counts them when it next reads).
+    pub(crate) fn skipped(&self) -> u64 {
+        let first = self.log.first.load(Ordering::Acquire).min(self.stop.load(Ordering::Acquire));
+        first.saturating_sub(self.seq.load(Ordering::Acquire))
+    }
+
     /// Whether there is something to read below `upto`.
     fn has_more(&self, upto: u64) -> bool {
         let seq = self.seq.load(Ordering::Acquire);
@@ -324,6 +365,7 @@ impl LogReader {
     /// takes a batch, under its lock).
     pub(super) fn mark_ends(&mut self) {
         self.ends.clear();
+        self.ends.reserve_exact(self.cursors.len());
         self.ends.extend(self.cursors.iter().map(|c| c.log.end()));
     }
 
@@ -378,10 +420,14 @@ fn copy(c: &Cursor, upto: u64, session: &Session) -> Read {
             c.stop_here();
             return Read::Done;
         }
-        c.seq.store(inner.first, Ordering::Release);
-        c.bytes.store(inner.first_bytes, Ordering::Release);
+        let (first, first_bytes) = (inner.first, inner.first_bytes);
         drop(inner);
-        session.outbox.count_dropped(skipped);
+        // Moved and counted together: `Outbox::dropped` never sees the
+        // skip twice, nor not at all.
+        session.outbox.count_dropped(skipped, || {
+            c.seq.store(first, Ordering::Release);
+            c.bytes.store(first_bytes, Ordering::Release);
+        });
         return Read::Lagged(skipped);
     }
     let end = upto.min(c.stop.load(Ordering::Acquire)).min(inner.end());
@@ -473,6 +519,24 @@ mod tests {
         assert_eq!(c.queued_bytes(), 4);
         c.stop_at_end();
         assert!(c.stopped() && !c.finished(), "it still reads what came before its stop");
+    }
+
+    /// A departed reader does not keep its log alive: once its writer
+    /// drops the cursor (done, or its connection gone), the log is freed
+    /// with its room, whatever it still held.
+    #[test]
+    fn a_log_is_freed_with_its_last_cursor() {
+        let room = Arc::new(Room::default());
+        let log = log_of(&room, 1 << 20);
+        let c = log.cursor();
+        log.append(Bytes::from_static(b"unread"), 0, &MemberMap::new());
+        log.depart(c.clone());
+        assert!(!c.finished(), "left with an event still to read");
+        let weak = Arc::downgrade(&log);
+        drop(log);
+        assert!(weak.upgrade().is_some(), "its reader still reads it");
+        drop(c);
+        assert!(weak.upgrade().is_none(), "freed with the reader's cursor");
     }
 
     /// The bound holds even for a position nobody advances: the log never

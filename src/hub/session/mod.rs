@@ -184,10 +184,19 @@ impl Session {
         }
     }
 
-    /// Makes this the session of an event stream that joins `spec`'s rooms.
+    /// Makes this the session of an event stream that joins `spec`'s rooms
+    /// (`None`: of another transport), and decides whether it may read
+    /// room logs.
     pub(crate) fn with_stream(mut self, spec: Option<sse_stream::StreamSpec>) -> Session {
         self.stream = spec.map(Arc::new);
-        if self.stream.is_some() && self.caps.framing == Some(Framing::EventStream) {
+        // Framed for the wire, a run of room events is a run of bytes a
+        // writer copies as it is: an event stream's (SSE) and a WebSocket's.
+        let reads_logs = match self.caps.framing {
+            Some(Framing::EventStream) => self.stream.is_some(),
+            Some(Framing::WebSocket) => true,
+            None => false,
+        };
+        if reads_logs {
             self.outbox.allow_logs();
         }
         self
@@ -229,7 +238,7 @@ impl Session {
     }
 
     /// Whether its room events may come from room logs rather than its
-    /// outbox (an event stream: `log.rs`; decided in `with_stream`).
+    /// outbox (framed frames: `log.rs`; decided in `with_stream`).
     pub(crate) fn reads_logs(&self) -> bool {
         self.outbox.reads_logs()
     }

@@ -54,8 +54,9 @@ pub(super) struct Taken {
 pub(crate) struct Outbox {
     limit: usize,
     policy: OverflowPolicy,
-    /// The session may read room logs (an event stream): only then does a
-    /// push look at the log state, which lies past the push's lines.
+    /// The session may read room logs (its frames are framed: a WebSocket
+    /// connection, an event stream): only then does a push look at the
+    /// log state, which lies past the push's lines.
     reads_logs: bool,
     state: Mutex<OutState>,
     /// Wakes the writer (`writer.rs`) when something was queued.
@@ -176,6 +177,9 @@ impl Outbox {
             return false;
         }
         let logs = st.logs.get_or_insert_with(Box::default);
+        // Room for the one it reads (a push would make room for four):
+        // every WebSocket connection in a room keeps this list.
+        logs.cursors.reserve_exact(1);
         logs.cursors.push(cursor.clone());
         logs.generation += 1;
         drop(st);
@@ -217,6 +221,13 @@ impl Outbox {
                             if let Some((_, Tag::Offset(room, offset))) = st.tags.pop_front() {
                                 note_gap(&mut st.gaps, room, offset);
                             }
+                        }
+                    }
+                    // The fences of the frames dropped go with them.
+                    let head = st.head;
+                    if let Some(logs) = &mut st.logs {
+                        while logs.fences.front().is_some_and(|f| f.0 < head) {
+                            logs.fences.pop_front();
                         }
                     }
                     if st.bytes + len > self.limit {
@@ -329,25 +340,29 @@ impl Outbox {
     /// of the frames taken, by their index in `batch` (it must be empty).
     ///
     /// `logs`: the writer's cursors are brought up to date, and the fences
-    /// of the frames taken move there, by index in `batch`.
+    /// of the frames taken move there, by index in `batch`; its reader is
+    /// allocated once the session has read a log.
     pub(super) fn take(
         &self,
         batch: &mut VecDeque<Bytes>,
         gaps: &mut GapRanges,
         tags: Option<&mut VecDeque<(u64, Tag)>>,
-        logs: Option<&mut LogReader>,
+        logs: Option<&mut Option<Box<LogReader>>>,
     ) -> Taken {
         let mut st = self.state.lock();
         // (The writer of a session that reads no logs passes none: its take
         // does not touch the log state's line.)
-        if let (Some(logs), Some(state)) = (logs, &mut st.logs) {
+        if let (Some(reader), Some(state)) = (logs, &mut st.logs) {
+            let logs = reader.get_or_insert_with(Box::default);
             let before = state.cursors.len();
             state.cursors.retain(|c| !c.finished());
             if state.cursors.len() != before {
                 state.generation += 1;
             }
             if state.generation != logs.generation {
-                logs.cursors.clone_from(&state.cursors);
+                logs.cursors.clear();
+                logs.cursors.reserve_exact(state.cursors.len());
+                logs.cursors.extend(state.cursors.iter().cloned());
                 logs.generation = state.generation;
             }
             if !state.fences.is_empty() {
@@ -432,13 +447,19 @@ impl Outbox {
     }
 
     /// Counts frames of a room log the bound dropped before the writer
-    /// read them (`log.rs`), as this queue's own drops are counted.
-    pub(super) fn count_dropped(&self, n: u64) {
-        self.state.lock().dropped_total += n;
+    /// read them (`log.rs`), as this queue's own drops are counted, and
+    /// moves the cursor past them (`skip`) under the same lock.
+    pub(super) fn count_dropped(&self, n: u64, skip: impl FnOnce()) {
+        let mut st = self.state.lock();
+        st.dropped_total += n;
+        skip();
     }
 
+    /// Frames dropped: from the queue, and from the room logs it reads
+    /// (those its writer has not come to yet included).
     pub(crate) fn dropped(&self) -> u64 {
-        self.state.lock().dropped_total
+        let st = self.state.lock();
+        st.dropped_total + st.logs.iter().flat_map(|l| &l.cursors).map(|c| c.skipped()).sum::<u64>()
     }
 }
 
@@ -565,6 +586,37 @@ mod tests {
         outbox.push_control(Frame::Ping(Bytes::new()));
         let (batch, _, taken) = take(&outbox);
         assert!(batch.is_empty() && taken.ping.is_none() && taken.closing);
+    }
+
+    /// A session reading a room log: frames dropped under drop-oldest take
+    /// their fences with them, and the fences of the frames left still
+    /// point at them (by index in the batch).
+    #[test]
+    fn drop_oldest_drops_the_fences_of_the_frames_it_drops() {
+        use super::super::log::RoomLog;
+        let room = Arc::new(crate::hub::room::Room::default());
+        let log = Arc::new(RoomLog::new(
+            Wire::unframed(crate::protocol::Format::Json),
+            1 << 20,
+            OverflowPolicy::DropOldest,
+            Arc::downgrade(&room),
+        ));
+        let mut outbox = Outbox::new(30, OverflowPolicy::DropOldest);
+        outbox.allow_logs();
+        assert!(outbox.attach(&log.cursor()));
+        let members = crate::hub::room::MemberMap::new();
+        for n in 0..3u8 {
+            log.append(Bytes::from(vec![n]), 0, &members);
+            assert!(matches!(outbox.push_queued(b(10), None), Push::Queued));
+        }
+        // The first two make way for a 20-byte frame.
+        log.append(Bytes::from_static(b"3"), 0, &members);
+        assert!(matches!(outbox.push_queued(b(20), None), Push::Queued));
+        let (mut batch, mut gaps, mut reader) = (VecDeque::new(), Vec::new(), None);
+        let taken = outbox.take(&mut batch, &mut gaps, None, Some(&mut reader));
+        assert_eq!((batch.len(), taken.lagged), (2, 2));
+        let fences: Vec<(u64, u64)> = reader.expect("allocated").fences.iter().map(|(i, f)| (*i, f[0].1)).collect();
+        assert_eq!(fences, [(0, 3), (1, 4)], "the third frame after 3 log entries, the fourth after 4");
     }
 
     #[test]

@@ -27,12 +27,18 @@ where
         // gives each event its stream id as it writes it (`sse_stream.rs`).
         // Boxed: one word in every other connection's writer.
         let mut stream = session.stream.clone().map(|spec| Box::new(StreamWriter::new(spec)));
-        // The room logs it reads (`log.rs`): an event stream's only, so
-        // boxed (one word in a WebSocket connection's writer).
-        let mut logs = session.reads_logs().then(Box::<LogReader>::default);
+        // The room logs it reads (`log.rs`): boxed, and allocated by the
+        // take that first finds a cursor (one word in the writer of a
+        // connection that joined no room).
+        let mut logs: Option<Box<LogReader>> = None;
+        let may_read_logs = session.reads_logs();
         loop {
-            let Taken { mut ping, mut pong, bytes: batch_bytes, mut lagged, mut close, closing } =
-                session.outbox.take(&mut batch, &mut gaps, stream.as_mut().map(|s| &mut s.tags), logs.as_deref_mut());
+            let Taken { mut ping, mut pong, bytes: batch_bytes, mut lagged, mut close, closing } = session.outbox.take(
+                &mut batch,
+                &mut gaps,
+                stream.as_mut().map(|s| &mut s.tags),
+                may_read_logs.then_some(&mut logs),
+            );
             let reads_logs = logs.as_ref().is_some_and(|l| !l.cursors.is_empty());
             if let Some(l) = logs.as_deref().filter(|_| reads_logs) {
                 // Before reading them: an append after this wakes it again.
@@ -148,7 +154,7 @@ where
                             Read::Chunk(chunk) => {
                                 fed += chunk.len();
                                 log_bytes += chunk.len();
-                                Frame::Text(chunk)
+                                session.frame(chunk)
                             }
                             // The `lagged` notice goes out next, before
                             // what follows the skipped events.
