@@ -360,6 +360,9 @@ async fn slow_consumer_is_disconnected() {
     assert_eq!((id, reason), (slow_id.get(), DisconnectReason::SlowConsumer));
     assert!(peak > 0 && peak <= BOUND, "peak queued bytes {peak} outside (0, {BOUND}]");
     assert!(slow_conn.peak_queued_bytes() <= BOUND);
+    // Closed, not lagging: nothing counts as dropped, though the room's
+    // log went on without it.
+    assert_eq!(slow_conn.dropped_messages(), 0);
 
     // Reading now, the slow client gets what the kernel held, then the end.
     match expect_close(&mut slow.ws).await {

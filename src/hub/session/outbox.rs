@@ -456,7 +456,9 @@ impl Outbox {
     }
 
     /// Frames dropped: from the queue, and from the room logs it reads
-    /// (those its writer has not come to yet included).
+    /// (those its writer has not come to yet included). Under disconnect
+    /// nothing of a log counts: the reader left behind is closed and its
+    /// cursor stopped where it was.
     pub(crate) fn dropped(&self) -> u64 {
         let st = self.state.lock();
         st.dropped_total + st.logs.iter().flat_map(|l| &l.cursors).map(|c| c.skipped()).sum::<u64>()
