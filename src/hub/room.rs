@@ -263,21 +263,28 @@ mod tests {
     #[tokio::test]
     async fn a_room_drops_the_log_of_a_form_nobody_reads() {
         use crate::protocol::Format;
+        use crate::transport::{ws::WsTransport, Handshake};
         use crate::Hub;
         use futures::StreamExt;
-        use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+        use tokio_tungstenite::tungstenite::{protocol::Role, Message};
+        use tokio_tungstenite::WebSocketStream;
 
+        // Upgraded sockets without the HTTP handshake (the hub is below
+        // the listeners): the server side a `WsTransport`, the client a
+        // tokio-tungstenite stream on the other end of a loopback socket.
         let hub = Hub::builder().build();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(crate::integration::ws::serve(listener, hub.clone(), Default::default()));
         let wait = std::time::Duration::from_secs(10);
         let mut ids = Vec::new();
         let mut clients = Vec::new();
         for protocol in ["switchboard.v1.json", "switchboard.v1.msgpack"] {
-            let mut req = format!("ws://{addr}/").into_client_request().unwrap();
-            req.headers_mut().insert("sec-websocket-protocol", protocol.parse().unwrap());
-            let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+            let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            let transport = WsTransport::from_upgraded(server, &Default::default(), 64 * 1024).await;
+            let hub = hub.clone();
+            tokio::spawn(async move { hub.connect(transport, Handshake::new().with_subprotocol(protocol)).await });
+            let mut ws = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
             let hello: serde_json::Value = match tokio::time::timeout(wait, ws.next()).await.unwrap().unwrap().unwrap()
             {
                 Message::Text(t) => serde_json::from_str(&t).unwrap(),

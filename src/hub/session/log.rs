@@ -193,12 +193,21 @@ impl RoomLog {
     fn trim(&self, inner: &mut Inner, members: &MemberMap) {
         let end = inner.end();
         let mut keep_from = end;
-        inner.departed.retain(|c| c.upgrade().is_some_and(|c| !c.finished()));
-        let departed: Vec<Arc<Cursor>> = inner.departed.iter().filter_map(Weak::upgrade).collect();
-        let cursors = members.values().filter_map(|(_, _, c)| c.as_ref()).chain(&departed);
-        for c in cursors.filter(|c| std::ptr::eq(&*c.log, self) && !c.finished()) {
-            keep_from = keep_from.min(c.seq.load(Ordering::Acquire));
+        let mut keep = |c: &Cursor| keep_from = keep_from.min(c.seq.load(Ordering::Acquire));
+        for c in members.values().filter_map(|(_, _, c)| c.as_ref()) {
+            if std::ptr::eq(&*c.log, self) && !c.finished() {
+                keep(c);
+            }
         }
+        // Departed readers (all of this log): one upgrade each, and the
+        // ones done or gone are forgotten.
+        inner.departed.retain(|c| match c.upgrade() {
+            Some(c) if !c.finished() => {
+                keep(&c);
+                true
+            }
+            _ => false,
+        });
         // The bound: nothing more than `limit` bytes behind the end.
         let floor_bytes = inner.end_bytes.saturating_sub(self.limit);
         while let Some(front) = inner.entries.front() {
